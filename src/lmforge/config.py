@@ -1,0 +1,129 @@
+"""Pipeline configuration: YAML files, dotted overrides, validation before any work starts.
+
+A pipeline file has a `run:` section (name, output root, seed, device), an optional `stages:`
+list (which stages to run, in order) and one section per stage, named after it. Each stage
+section is validated by that stage's pydantic model (see `lmforge.pipeline.register_stage`);
+unknown keys, wrong types and impossible values are reported together, each with its dotted
+key, the file it came from and a "did you mean" hint for typos.
+
+Overrides use dotted keys and YAML values: `pretrain.max_steps=200`,
+`pretrain.model.n_layers=6`, `run.device=cpu`, `stages=[data,tokenizer]`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import ConfigError
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("tiny", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name")
+    root: str = Field("runs", description="folder that holds run directories")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value "
+                          f"(e.g. pretrain.max_steps=200)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, data:, ...)")
+    return data
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (for typo suggestions)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        fields = getattr(cur, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        cur = ann
+    return list(getattr(cur, "model_fields", {}) or [])
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc[-1], _known_fields(model, loc), n=1)
+            msg = "unknown key" + (f"; did you mean {'.'.join(loc[:-1] + (hint[0],))!r}?" if hint else "")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return f"{source}: invalid config\n" + "\n".join(lines)
+
+
+def pipeline_model(stage_configs: dict[str, type[BaseModel]]) -> type[BaseModel]:
+    fields: dict[str, Any] = {"run": (RunSettings, Field(default_factory=RunSettings)),
+                              "stages": (list[str] | None, None)}
+    for name, cls in stage_configs.items():
+        fields[name] = (cls, Field(default_factory=cls))
+    return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def validate(data: dict, model: type[BaseModel], source: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, model, source)) from None

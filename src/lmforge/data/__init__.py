@@ -1,0 +1,1 @@
+"""Data: readers for the user's text, the built-in offline corpus, token shards and loaders."""

@@ -1,0 +1,22 @@
+"""Errors a user can cause and fix.
+
+Anything raised as an `LMForgeError` is printed by the CLI as one line (no traceback) and the
+process exits with status 2. The message must name the file / line / config key at fault and
+say what to do about it. Internal bugs stay ordinary exceptions so their tracebacks survive.
+"""
+
+
+class LMForgeError(Exception):
+    """Base class of user-facing errors."""
+
+
+class ConfigError(LMForgeError):
+    """A config file or override is wrong (unknown key, wrong type, impossible value)."""
+
+
+class DataError(LMForgeError):
+    """Input data is missing, empty or unreadable."""
+
+
+class CheckpointError(LMForgeError):
+    """A checkpoint is missing, truncated, corrupt or does not match the model."""

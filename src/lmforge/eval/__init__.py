@@ -1,0 +1,1 @@
+"""Evaluation: perplexity family first; tasks, contamination and reports build on it."""

@@ -1,0 +1,238 @@
+"""Stages, their registry, and the runner behind `lmforge run`.
+
+A stage is a function from artifacts on disk to artifacts on disk, registered with its pydantic
+config model and the stages it reads from::
+
+    @register_stage("tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer")
+    def tokenizer_stage(ctx: StageContext) -> dict: ...
+
+The runner computes each stage's fingerprint (its resolved config, the run seed and the
+fingerprints of the stages it needs), skips stages whose manifest is complete with the same
+fingerprint, re-runs changed ones from scratch, and lets an interrupted stage resume (its
+manifest says "running" with the same fingerprint; the stage decides how, e.g. pretraining
+restores its last checkpoint). Every stage writes `manifest.json` through `StageRecord`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from pydantic import BaseModel
+from rich.console import Console
+from rich.markup import escape
+
+from .config import apply_overrides, load_yaml, pipeline_model, validate
+from .errors import ConfigError, LMForgeError
+from .runs import MANIFEST, StageRecord, atomic_write_text, fingerprint, read_manifest
+
+console = Console(highlight=False, soft_wrap=True)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "tiny"
+
+
+@dataclass
+class Stage:
+    name: str
+    config_cls: type[BaseModel]
+    fn: Callable[["StageContext"], dict | None]
+    needs: tuple[str, ...] = ()
+    help: str = ""
+    flags: tuple[tuple[str, str, str], ...] = ()  # (cli flag, config key, help)
+    produces_model: bool = False
+
+
+REGISTRY: dict[str, Stage] = {}
+# Canonical pipeline order; stages registered later (by other modules) append themselves.
+ORDER: list[str] = []
+
+
+def register_stage(name: str, config_cls: type[BaseModel], *, needs: tuple[str, ...] = (), help: str = "",
+                   flags: tuple[tuple[str, str, str], ...] = (), produces_model: bool = False,
+                   after: str | None = None):
+    def deco(fn):
+        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model)
+        if name not in ORDER:
+            ORDER.insert(ORDER.index(after) + 1 if after in ORDER else len(ORDER), name)
+        return fn
+    return deco
+
+
+def registered() -> dict[str, Stage]:
+    from . import stages  # noqa: F401  (registers the built-in stages)
+
+    return REGISTRY
+
+
+# ----------------------------------------------------------------------------- config
+def resolve_config_path(name: str | None) -> Path:
+    """A path to a YAML file, or the name of a pipeline shipped with lmforge (`tiny`)."""
+    if name is None:
+        name = DEFAULT_CONFIG
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name!r} is neither a YAML file nor a shipped pipeline ({names})")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> BaseModel:
+    stages = registered()
+    src = resolve_config_path(str(path) if path is not None else None)
+    data = apply_overrides(load_yaml(src), list(overrides))
+    model = pipeline_model({n: s.config_cls for n, s in stages.items()})
+    cfg = validate(data, model, str(src) + (" (with overrides)" if overrides else ""))
+    for name in cfg.stages or []:
+        if name not in stages:
+            raise ConfigError(f"{src}: stages: unknown stage {name!r}; known: {', '.join(ORDER)}")
+    return cfg
+
+
+def pipeline_stages(cfg: BaseModel) -> list[str]:
+    return list(cfg.stages) if cfg.stages else [n for n in ORDER if n in REGISTRY]
+
+
+# ----------------------------------------------------------------------------- context
+@dataclass
+class StageContext:
+    name: str
+    cfg: Any                      # this stage's config model
+    pipeline: Any                 # the whole PipelineConfig
+    run_dir: Path
+    dir: Path
+    record: StageRecord
+    log_file: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.pipeline.run.seed
+
+    @property
+    def device(self) -> torch.device:
+        from .train.engine import resolve_device
+
+        return resolve_device(self.pipeline.run.device)
+
+    @property
+    def dtype(self) -> str:
+        return self.pipeline.run.dtype
+
+    def log(self, msg: str) -> None:
+        console.print(f"[dim]{self.name}[/dim] " + escape(msg))
+        with open(self.log_file, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
+
+    def input_dir(self, stage: str) -> Path:
+        """Output folder of a stage this one reads; it must have completed."""
+        d = self.run_dir / stage
+        m = read_manifest(d)
+        if not m or m.get("status") != "complete":
+            raise LMForgeError(f"stage {self.name!r} needs the output of {stage!r} in {d}, which is "
+                               f"missing or incomplete; run `lmforge {stage}` (or `lmforge run`) first")
+        return d
+
+    def latest_model_dir(self) -> Path:
+        """The model folder of the last completed model-producing stage in pipeline order."""
+        for name in reversed(ORDER):
+            st = REGISTRY.get(name)
+            if st and st.produces_model:
+                d = self.run_dir / name
+                m = read_manifest(d)
+                if m and m.get("status") == "complete" and (d / "model").is_dir():
+                    return d / "model"
+        raise LMForgeError(f"no trained model in {self.run_dir}; run `lmforge pretrain` first or "
+                           f"pass --model PATH")
+
+
+# ----------------------------------------------------------------------------- running
+def stage_fingerprint(cfg: BaseModel, name: str) -> tuple[str, dict[str, str]]:
+    stage = REGISTRY[name]
+    inputs = {}
+    for dep in stage.needs:
+        m = read_manifest(cfg.run.dir / dep)
+        inputs[dep] = (m or {}).get("fingerprint", "missing")
+    fp = fingerprint({"stage": name, "config": getattr(cfg, name).model_dump(mode="json"),
+                      "seed": cfg.run.seed, "inputs": inputs})
+    return fp, inputs
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str      # ran | cached | failed
+    seconds: float
+    metrics: dict
+    dir: Path
+
+
+def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
+    stage = REGISTRY[name]
+    run_dir = cfg.run.dir
+    stage_dir = run_dir / name
+    fp, inputs = stage_fingerprint(cfg, name)
+    prev = read_manifest(stage_dir)
+    if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
+        return StageOutcome(name, "cached", prev.get("seconds", 0.0), prev.get("metrics", {}), stage_dir)
+    if stage_dir.exists() and (force or not prev or prev.get("fingerprint") != fp):
+        if prev and prev.get("fingerprint") != fp:
+            console.print(f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over")
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_cfg = getattr(cfg, name)
+    record = StageRecord(stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs)
+    ctx = StageContext(name, stage_cfg, cfg, run_dir, stage_dir, record, run_dir / "log.txt")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    console.rule(f"[bold]{name}[/bold]  [dim]{stage.help}[/dim]")
+    t0 = time.time()
+    try:
+        metrics = stage.fn(ctx) or {}
+    except LMForgeError as e:
+        record.fail(str(e))
+        raise
+    except KeyboardInterrupt:
+        record.fail("interrupted")
+        raise
+    except Exception as e:  # a bug: keep the traceback in the manifest and re-raise
+        record.fail("".join(traceback.format_exception_only(type(e), e)).strip())
+        raise
+    record.metrics.update(metrics)
+    record.complete()
+    return StageOutcome(name, "ran", time.time() - t0, record.metrics, stage_dir)
+
+
+def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+    names = pipeline_stages(cfg)
+    if only:
+        bad = [n for n in only if n not in REGISTRY]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}; known: {', '.join(ORDER)}")
+        names = [n for n in names if n in only] or list(only)
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    outcomes = []
+    for name in names:
+        outcomes.append(run_stage(cfg, name, force=force))
+    return outcomes
+
+
+def stage_status(run_dir: Path) -> dict[str, dict]:
+    out = {}
+    for d in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
+        if (d / MANIFEST).exists():
+            out[d.name] = read_manifest(d) or {}
+    return out

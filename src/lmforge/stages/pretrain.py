@@ -1,0 +1,82 @@
+"""`lmforge pretrain`: next-token pretraining (or continued pretraining) on the token shards.
+
+The model's vocabulary comes from the tokenizer and its context from `seq_len`; everything else
+is `pretrain.model.*`. Runs through the shared training engine, which checkpoints into
+`pretrain/checkpoints/` and resumes from there when the stage is re-run after a crash. The
+final weights land in `pretrain/model/` as a Hugging Face-loadable folder with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..data.shards import TokenLoader, load_shard
+from ..eval.perplexity import evaluate_shard, token_byte_lengths
+from ..model.config import ModelConfig
+from ..model.hf import load_pretrained, save_pretrained
+from ..model.transformer import Transformer
+from ..pipeline import StageContext, register_stage
+from ..tokenizer import LMTokenizer
+from ..train.engine import Trainer, TrainConfig, pretrain_objective
+
+
+class PretrainConfig(TrainConfig):
+    model: ModelConfig = Field(default_factory=ModelConfig,
+                               description="shape; vocab_size and max_seq_len are set from the tokenizer and seq_len")
+    seq_len: int = Field(256, ge=8)
+    eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each eval (0 = all)")
+    init_from: str | None = Field(None, description="start from this model folder (continued pretraining)")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU logging")
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed: int) -> Transformer:
+    if cfg.init_from:
+        model = load_pretrained(cfg.init_from, device=device)
+        if model.cfg.vocab_size < vocab_size:
+            from ..errors import ConfigError
+            raise ConfigError(f"pretrain.init_from: model vocab {model.cfg.vocab_size} < tokenizer vocab {vocab_size}")
+        return model.train()
+    mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size, "max_seq_len": cfg.seq_len})
+    mcfg = ModelConfig.model_validate(mcfg.model_dump())
+    torch.manual_seed(seed)
+    return Transformer(mcfg).to(device)
+
+
+@register_stage("pretrain", PretrainConfig, needs=("tokenizer",), produces_model=True,
+                help="pretrain the transformer on the token shards")
+def pretrain_stage(ctx: StageContext) -> dict:
+    cfg: PretrainConfig = ctx.cfg
+    tok_dir = ctx.input_dir("tokenizer")
+    tok = LMTokenizer.load(tok_dir)
+    device = ctx.device
+    model = build_model(cfg, tok.vocab_size, device, ctx.seed)
+    mcfg = model.cfg
+    train, val = load_shard(tok_dir, "train"), load_shard(tok_dir, "val")
+    loader = TokenLoader(train, cfg.seq_len, cfg.batch_size, seed=ctx.seed)
+    token_bytes = token_byte_lengths(tok)
+    n_params = model.num_params()
+    ctx.log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.non_embedding_params() / 1e6:.2f}M non-embedding), "
+            f"{mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads; device {device}")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    ctx.log(f"{cfg.max_steps} steps x {tokens_per_step:,} tokens = {cfg.max_steps * tokens_per_step / 1e6:.1f}M tokens "
+            f"({cfg.max_steps * tokens_per_step / max(train.meta['n_tokens'], 1):.2f} epochs)")
+
+    def evaluate(m):
+        return evaluate_shard(m, val, token_bytes, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                              device=device, max_tokens=cfg.eval_tokens or None)
+
+    trainer = Trainer(model, pretrain_objective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
+                      evaluate=evaluate, flops_per_token=mcfg.flops_per_token(cfg.seq_len),
+                      peak_flops=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None, log=ctx.log)
+    result = trainer.fit(resume=True)
+    save_pretrained(model, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    metrics = {"params": n_params, "non_embedding_params": mcfg.non_embedding_params(), "steps": result.step,
+               "tokens": result.tokens, "train_loss": result.final.get("loss"),
+               "val_loss": result.final.get("eval_loss"), "val_bpb": result.final.get("eval_bpb"),
+               "best_val_loss": result.best_eval_loss, "stopped_early": result.stopped_early,
+               "train_seconds": round(result.seconds, 2),
+               "flops": mcfg.flops_per_token(cfg.seq_len) * result.tokens}
+    if result.resumed_from is not None:
+        metrics["resumed_from_step"] = result.resumed_from
+    return metrics

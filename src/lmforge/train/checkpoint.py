@@ -1,0 +1,145 @@
+"""Training checkpoints: written atomically, verified on load, resumable exactly.
+
+Layout of one checkpoint::
+
+    checkpoints/step_00000400/
+      model.safetensors      trainable + frozen weights (tied duplicates dropped)
+      optimizer.pt           optimizer state (tensors and plain containers only)
+      rng.pt                 torch CPU (and CUDA) RNG states
+      trainer_state.json     step, tokens seen, data-loader position, early-stopping state
+      checksums.json         sha256 of every file above; written last
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place only once every
+file and `checksums.json` are on disk, so a crash mid-write never leaves a folder that looks
+complete. Loading verifies the checksums and names the file that does not match.
+`.pt` files are read with `torch.load(weights_only=True)`: no arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..runs import _fsync_dir, atomic_write_json, file_sha256
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied (shared-storage) duplicates removed, contiguous, on CPU."""
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    trainer_state: dict, keep: int | None = None) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    atomic_write_json(tmp / "checksums.json", sums)
+    if final.exists():  # a re-run reached the same step again: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first. Leftover temp folders of a
+    crashed save are removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    for junk in root.glob(".step_*.tmp*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    sums_file = path / "checksums.json"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no checksums.json); delete it "
+                              f"to fall back to an earlier one") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{sums_file}: corrupt ({e})") from None
+    for name, digest in sums.items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing from checkpoint {path.name}")
+        if file_sha256(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch (file truncated or corrupt); delete "
+                                  f"{path} to resume from an earlier checkpoint")
+    return sums
+
+
+def load_weights(model: torch.nn.Module, file: Path, strict: bool = True) -> None:
+    """Load a safetensors state dict into `model`, naming the file on any problem."""
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read weights ({e})") from None
+    own = model.state_dict()
+    cfg = getattr(model, "cfg", None)
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_embeddings", False) else set()
+    missing = [k for k in own if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{file}: does not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"{file}: tensor {k} has shape {tuple(v.shape)}, model expects "
+                                  f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model, optimizer and RNG from `path`; returns the trainer state."""
+    path = Path(path)
+    verify_checkpoint(path)
+    load_weights(model, path / "model.safetensors")
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,332 @@
+"""The one training loop.
+
+Pretraining, SFT, reward modelling and preference optimisation all run here; what differs is
+the *objective*, a small object that turns a micro-batch and the model into a summed loss, a
+count of the units that loss is summed over (tokens, pairs...), and metrics. The engine owns
+everything else:
+
+- batching with gradient accumulation, normalised by the total count over all micro-batches of
+  the step (so a step's gradient does not depend on how it was split into micro-batches);
+- AdamW, warmup + cosine / WSD / constant schedule, gradient-norm clipping;
+- bf16 autocast where the device supports it;
+- non-finite losses: the step is skipped and logged; too many in a row stops the run with the
+  last good checkpoint intact;
+- periodic evaluation with optional early stopping on the eval loss;
+- metrics to `metrics.jsonl`, a progress line, throughput and FLOPs utilisation;
+- atomic checkpoints (weights, optimizer, RNG, data position) and *exact* resume: a run killed
+  at any point and restarted produces the same weights as one that was never interrupted;
+- SIGINT / SIGTERM: finish the current step, checkpoint, stop.
+"""
+
+from __future__ import annotations
+
+import math
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import LMForgeError
+from ..runs import append_jsonl, atomic_write_text, read_jsonl
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .optim import build_adamw, lr_multiplier
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings shared by every training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
+    eval_every: int = Field(100, ge=0, description="0 = only at the end")
+    early_stopping_patience: int = Field(0, ge=0, description="evals without improvement; 0 = off")
+    checkpoint_every: int = Field(100, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before stopping")
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
+
+
+class Objective(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """(loss summed over `count` units, count, extra metrics as floats)."""
+
+    def count(self, batch: Any) -> int:
+        """Units the loss of `batch` is summed over (needed before backward for normalisation)."""
+
+
+class StatefulIterator(Protocol):
+    def __iter__(self) -> Iterator[Any]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingStopped(LMForgeError):
+    """Raised when a run stops on a signal or repeated bad steps (after checkpointing)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    seconds: float
+    final: dict[str, float] = field(default_factory=dict)
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype for `dtype` = auto | float32 | bfloat16 | float16 on `device`."""
+    if dtype == "float32":
+        return None
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None  # on CPU fp32 is faster than emulated bf16 matmuls for small models
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, objective: Objective, data: StatefulIterator,
+                 cfg: TrainConfig, out_dir: Path, *, device: torch.device, dtype: str = "auto",
+                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 log: Callable[[str], None] = print):
+        self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.device, self.evaluate, self.log = device, evaluate, log
+        self.amp = autocast_dtype(device, dtype)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.optimizer = build_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(cfg.beta1, cfg.beta2), device_type=device.type)
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.step = 0
+        self.tokens = 0
+        self.best_eval: float | None = None
+        self.evals_without_improvement = 0
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict(),
+                "best_eval": self.best_eval, "evals_without_improvement": self.evals_without_improvement}
+
+    def resume(self) -> int | None:
+        ckpts = list_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            return None
+        state = load_checkpoint(ckpts[-1], self.model, self.optimizer)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best_eval = state.get("best_eval")
+        self.evals_without_improvement = state.get("evals_without_improvement", 0)
+        self.data.load_state_dict(state["data"])
+        # drop metric lines logged after the checkpoint by the interrupted run
+        kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+        atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
+        return self.step
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
+                               keep=self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def _set_lr(self) -> float:
+        mult = lr_multiplier(self.step, max_steps=self.cfg.max_steps, warmup_steps=self.cfg.warmup_steps,
+                             schedule=self.cfg.schedule, min_lr_ratio=self.cfg.min_lr_ratio,
+                             decay_fraction=self.cfg.decay_fraction)
+        lr = self.cfg.lr * mult
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def _train_step(self, batches: list) -> tuple[float | None, dict[str, float]]:
+        total = sum(self.objective.count(b) for b in batches)
+        if total == 0:
+            return None, {"empty_batch": 1.0}
+        self.model.train()
+        loss_sum, extra = 0.0, {}
+        for b in batches:
+            b = to_device(b, self.device)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                loss, _, metrics = self.objective(self.forward_model, b)
+            (loss / total).backward()
+            loss_sum += float(loss.detach())
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0.0) + v / len(batches)
+        mean = loss_sum / total
+        if not math.isfinite(mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), extra
+        if self.cfg.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            extra["grad_norm"] = float(gn)
+            if not math.isfinite(extra["grad_norm"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                return float("nan"), extra
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean, extra
+
+    def _run_eval(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            res = self.evaluate(self.forward_model)
+        self.model.train()
+        return res
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        cfg = self.cfg
+        resumed = self.resume() if resume else None
+        if resumed is not None:
+            self.log(f"resumed from checkpoint at step {resumed}")
+        old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not in the main thread
+                pass
+        t0, t_log, tok_log = time.time(), time.time(), self.tokens
+        it = iter(self.data)
+        bad_streak, last_eval, stopped_early = 0, {}, False
+        last_loss = float("nan")
+        try:
+            while self.step < cfg.max_steps:
+                lr = self._set_lr()
+                batches = [next(it) for _ in range(cfg.grad_accum)]
+                loss, extra = self._train_step(batches)
+                if loss is None:
+                    self.log(f"step {self.step}: no trainable units in the batch; skipped")
+                    continue
+                if not math.isfinite(loss):
+                    bad_streak += 1
+                    self.log(f"step {self.step}: non-finite loss or gradient; step skipped "
+                             f"({bad_streak}/{cfg.max_bad_steps} in a row)")
+                    append_jsonl(self.metrics_path, {"step": self.step, "skipped": "non-finite"})
+                    if bad_streak >= cfg.max_bad_steps:
+                        raise TrainingStopped(
+                            f"{cfg.max_bad_steps} consecutive non-finite losses at step {self.step}; "
+                            f"stopped. Last good checkpoint: {_last(self.ckpt_dir)}. Lower the "
+                            f"learning rate or check the data.")
+                    continue
+                bad_streak = 0
+                last_loss = loss
+                self.step += 1
+                self.tokens += sum(self.objective.count(b) for b in batches)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    now = time.time()
+                    tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
+                    rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens": self.tokens,
+                           "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t0, 2), **extra}
+                    if self.flops_per_token:
+                        rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
+                        if self.peak_flops:
+                            rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
+                    append_jsonl(self.metrics_path, rec)
+                    self.log(f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                             f"{tps:,.0f} tok/s")
+                    t_log, tok_log = now, self.tokens
+
+                is_last = self.step == cfg.max_steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
+                    last_eval = self._run_eval()
+                    if last_eval:
+                        append_jsonl(self.metrics_path, {"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+                        self.log(f"step {self.step:>6}  eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                        ev = last_eval.get("loss")
+                        if ev is not None:
+                            if self.best_eval is None or ev < self.best_eval - 1e-4:
+                                self.best_eval, self.evals_without_improvement = ev, 0
+                            else:
+                                self.evals_without_improvement += 1
+                        if cfg.early_stopping_patience and self.evals_without_improvement >= cfg.early_stopping_patience:
+                            self.log(f"early stopping: eval loss has not improved for "
+                                     f"{cfg.early_stopping_patience} evaluations")
+                            stopped_early = True
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or is_last or stopped_early:
+                    self.save()
+                if stopped_early:
+                    break
+                if self._stop_signal is not None:
+                    path = self.save()
+                    raise TrainingStopped(f"stopped by signal {self._stop_signal} at step {self.step}; "
+                                          f"checkpoint {path}; run the same command again to resume")
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        final = {"loss": last_loss, **{f"eval_{k}": v for k, v in last_eval.items()}}
+        return TrainResult(step=self.step, tokens=self.tokens, seconds=time.time() - t0, final=final,
+                           best_eval_loss=self.best_eval, stopped_early=stopped_early, resumed_from=resumed)
+
+
+def _last(ckpt_dir: Path) -> str:
+    c = list_checkpoints(ckpt_dir)
+    return str(c[-1]) if c else "none"
+
+
+def _json_line(rec: dict) -> str:
+    return json.dumps(rec) + "\n"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError("run.device is 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
+    return torch.device(name)
+
+
+def pretrain_objective():
+    """Next-token cross-entropy over (x, y) batches; count = number of target tokens."""
+
+    class _NextToken:
+        def __call__(self, model, batch):
+            x, y = batch
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            return loss, int((y != -100).sum()), {}
+
+        def count(self, batch):
+            return int((batch[1] != -100).sum())
+
+    return _NextToken()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors inside tuples / lists / dicts to `device` (non-blocking where possible)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
