@@ -111,6 +111,7 @@ class Trainer:
                  log: Callable[[str], None] = print):
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.device, self.evaluate, self.log = device, evaluate, log

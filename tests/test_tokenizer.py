@@ -1,0 +1,194 @@
+"""Byte-level BPE: lossless round trips, digit groups, special ids, HF interop, chat template."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from lmforge.data.builtin import harvest_builtin_corpus
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer import (
+    BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, LMTokenizer, bytes_per_token, render_chat,
+    train_tokenizer,
+)
+
+GPT2_DIR = Path("/work/shared/data/gpt2-tokenizer")
+TRICKY = [
+    "",
+    "Hello, world! It's 2024; we'll see. DON'T SHOUT",
+    "  leading and trailing spaces  \n\n\ttabs\r\nwindows line\u2028sep",
+    "emoji: 😀 👩‍👩‍👧‍👦 🇫🇷 ✌🏽 and variation ❤️",
+    "中文 日本語 한국어 العربية עברית हिन्दी ελληνικά кириллица",
+    "combining e\u0301 vs \u00e9, zero\u200bwidth, BOM \ufeff, replacement \ufffd, NUL \x00 \x7f",
+    "digits 1234567890 3.14159 -0.5e-10 1,000,000",
+    "code: def f(x):\n    return x**2  # comment\n",
+    "specials in text <|bos|> <|user|> <|end|>",
+]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?\nAnswer briefly."},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 😀?"},
+]
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return [d.text for d in harvest_builtin_corpus()]
+
+
+@pytest.fixture(scope="module")
+def tok(texts) -> LMTokenizer:
+    return train_tokenizer(texts, vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def saved(tok, tmp_path_factory) -> Path:
+    return tok.save(tmp_path_factory.mktemp("tok"))
+
+
+def test_special_tokens_have_fixed_ids(tok):
+    assert SPECIAL_TOKENS == ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(7))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.end_id) == (0, 1, 2, 6)
+    assert tok.vocab_size == 1024
+    assert tok.encode("hi", add_bos=True)[0] == 0 and tok.encode("hi")[0] != 0
+    assert tok.decode(tok.encode("<|user|>hi<|end|>"), skip_special=True) == "hi"
+
+
+def test_every_byte_is_in_the_vocab(tok):
+    vocab = tok.tokenizer.get_vocab()
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(vocab)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_tricky_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_random_bytes_and_codepoints(tok):
+    rng = random.Random(0)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))).decode("utf-8", errors="replace")
+               for _ in range(200)]
+    samples += ["".join(chr(rng.choice([rng.randrange(32, 0x800), rng.randrange(0x800, 0xD800),
+                                        rng.randrange(0xE000, 0x110000)])) for _ in range(50))
+                for _ in range(100)]
+    for text, ids in zip(samples, tok.encode_batch(samples)):
+        assert tok.decode(ids) == text
+        assert ids == tok.encode(text)
+
+
+def test_digits_split_in_groups_of_at_most_three(tok):
+    pieces = [tok.decode([i]) for i in tok.encode("year 20240517 cost 1234567.891")]
+    digit_runs = [p.strip() for p in pieces if p.strip().isdigit()]
+    assert "".join(digit_runs) == "202405171234567891"
+    assert all(len(run) <= 3 for run in digit_runs)
+    vocab_pieces = (tok.decode([i]) for i in range(tok.vocab_size))
+    assert not any(p.strip().isdigit() and len(p.strip()) > 3 for p in vocab_pieces)
+
+
+def test_training_is_deterministic_and_compresses(texts, tok):
+    again = train_tokenizer(texts, vocab_size=1024)
+    assert again.tokenizer.to_str() == tok.tokenizer.to_str()
+    other = train_tokenizer(texts[:20], vocab_size=1024)
+    assert other.tokenizer.to_str() != tok.tokenizer.to_str()
+    bpt = bytes_per_token(tok, texts[:50])
+    assert 2.5 < bpt < 6.0, bpt  # English at vocab 1024: ~3 bytes per token; bytes alone would be 1
+    with pytest.raises(ConfigError, match="vocab_size=100"):
+        train_tokenizer(texts[:2], vocab_size=100)
+
+
+def test_save_and_load_round_trip(tok, saved):
+    assert {p.name for p in saved.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, PAD)
+    assert config["chat_template"] == CHAT_TEMPLATE
+    loaded = LMTokenizer.load(saved)
+    assert loaded.tokenizer.to_str() == tok.tokenizer.to_str()
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (0, 1, 2)
+    assert LMTokenizer.load(saved / "tokenizer.json").encode(TRICKY[1]) == tok.encode(TRICKY[1])
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="no tokenizer.json"):
+        LMTokenizer.load(tmp_path)
+    with pytest.raises(DataError, match="missing.json: no such tokenizer file"):
+        LMTokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"', encoding="utf-8")
+    with pytest.raises(DataError, match=r"tokenizer\.json: not a valid tokenizer\.json"):
+        LMTokenizer.load(tmp_path)
+
+
+def test_load_foreign_tokenizer_json_without_roles(tmp_path):
+    words = ["hello", "world", "[UNK]"]
+    foreign = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    foreign.pre_tokenizer = pre_tokenizers.Whitespace()
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    tok = LMTokenizer.load(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.end_id) == (None, None, None, None)
+    assert tok.encode("hello world") == [0, 1]
+    with pytest.raises(DataError, match="no BOS token"):
+        tok.encode("hello", add_bos=True)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "world"}}))
+    assert LMTokenizer.load(tmp_path).eos_id == 1
+
+
+@pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="GPT-2 tokenizer files not present")
+def test_load_original_gpt2_files():
+    tok = LMTokenizer.load(GPT2_DIR)
+    assert tok.vocab_size == 50257 and tok.eos_id == tok.bos_id == 50256 and tok.pad_id is None
+    # Reference ids of the official GPT-2 encoding.
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+    text = "Hello world, it's  12345 ünï 😀\n\n the end"
+    assert tok.decode(tok.encode(text)) == text
+    from transformers import GPT2TokenizerFast
+    if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:  # transformers >= 5
+        hf = GPT2TokenizerFast(vocab=str(GPT2_DIR / "encoder.json"), merges=str(GPT2_DIR / "vocab.bpe"))
+    else:
+        hf = GPT2TokenizerFast(vocab_file=str(GPT2_DIR / "encoder.json"), merges_file=str(GPT2_DIR / "vocab.bpe"))
+    assert hf.encode(text) == tok.encode(text)
+
+
+# ----------------------------------------------------------------------------- HF interop + chat
+def test_transformers_loads_the_same_tokenizer(tok, saved):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast.from_pretrained(saved)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)
+    for text in TRICKY:
+        assert hf.encode(text, add_special_tokens=True) == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+
+
+def test_render_chat_format():
+    assert render_chat(MESSAGES[:2], add_generation_prompt=True) == (
+        "<|bos|><|system|>\nYou are terse.<|end|>\n"
+        "<|user|>\nWhat is 2+2?\nAnswer briefly.<|end|>\n<|assistant|>\n")
+    assert render_chat([]) == BOS
+    with pytest.raises(DataError, match="message 0: unknown chat role 'tool'"):
+        render_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(DataError, match="message 0: 'content' must be a string"):
+        render_chat([{"role": "user", "content": None}])
+
+
+def test_jinja_chat_template_matches_render_chat(tok, saved):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast.from_pretrained(saved)
+    for gen in (False, True):
+        for n in range(1, len(MESSAGES) + 1):
+            msgs = MESSAGES[:n]
+            rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert rendered == render_chat(msgs, add_generation_prompt=gen)
+    ids = hf.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == tok.encode(render_chat(MESSAGES, add_generation_prompt=True))
+    assert list(ids).count(tok.token_id(END)) == len(MESSAGES) and list(ids)[0] == tok.bos_id
+    with pytest.raises(Exception, match="unknown chat role"):
+        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
