@@ -18,7 +18,8 @@ from ..tokenizer import LMTokenizer
 class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="model folder; default: the run's latest trained model")
+    model: str | None = Field(None, description="model folder or training checkpoint folder; "
+                                                "default: the run's latest trained model")
     prompts: list[str] = Field(default_factory=lambda: ["The function returns", "A list is", "This module provides"])
     num_samples: int = Field(1, ge=1)
     max_new_tokens: int = Field(48, ge=1)
@@ -35,7 +36,7 @@ def sample_stage(ctx: StageContext) -> dict:
     cfg: SampleConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
     model = load_pretrained(model_dir, device=ctx.device)
-    tok = LMTokenizer.load(model_dir)
+    tok = LMTokenizer.load(model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer"))
     stops = [t for t in (tok.eos_id, tok.end_id) if t is not None]
     params = SamplingParams(max_new_tokens=min(cfg.max_new_tokens, model.cfg.max_seq_len - 1),
                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

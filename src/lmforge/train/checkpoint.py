@@ -7,6 +7,7 @@ Layout of one checkpoint::
       optimizer.pt           optimizer state (tensors and plain containers only)
       rng.pt                 torch CPU (and CUDA) RNG states
       trainer_state.json     step, tokens seen, data-loader position, early-stopping state
+      config.json            the model's shape (HF format), so `lmforge sample --model` takes it
       checksums.json         sha256 of every file above; written last
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place only once every
@@ -63,6 +64,11 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:  # makes the checkpoint folder loadable as a model folder on its own
+        from ..model.hf import to_hf_config
+
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2))
     sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -1,0 +1,71 @@
+"""The CLI as a user meets it: help texts, bad input, one-line errors, sampling a checkpoint."""
+
+import json
+
+import pytest
+
+from conftest import tiny_args
+from lmforge.cli import main
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "data", "tokenizer", "pretrain", "eval", "sample", "config", "status"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", ["run", "data", "tokenizer", "pretrain", "eval", "sample", "config"])
+def test_subcommand_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "KEY=VALUE" in capsys.readouterr().out
+
+
+def test_unknown_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_missing_input_path_is_one_line_error(tmp_path, capsys):
+    rc = main(["data", *tiny_args(tmp_path, "x", f"data.inputs=[{tmp_path}/nope.jsonl]")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "nope.jsonl" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_corpus_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text('{"text": "   "}\n{"text": ""}\n')
+    rc = main(["data", *tiny_args(tmp_path, "x", f"data.inputs=[{tmp_path}/empty.jsonl]")])
+    assert rc == 2
+    assert "no documents" in capsys.readouterr().err
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"d{i}.txt").write_bytes(b"Plain words here, document %d. " % i * 20 + b"\xff\xfe bad bytes")
+    assert main(["data", *tiny_args(tmp_path, "x", f"data.inputs=[{src}]")]) == 0
+    m = json.loads((tmp_path / "x" / "data" / "manifest.json").read_text())
+    assert m["metrics"]["replaced_bytes"] == 8 and m["metrics"]["docs"] == 4
+
+
+def test_sample_from_a_training_checkpoint(clone_run, capsys):
+    root = clone_run("s")
+    assert main(["pretrain", *tiny_args(root, "s", "pretrain.max_steps=5")]) == 0
+    ckpt = root / "s" / "pretrain" / "checkpoints" / "step_00000005"
+    assert main(["sample", *tiny_args(root, "s"), "--model", str(ckpt), "--prompt", "The value"]) == 0
+    rows = [json.loads(l) for l in open(root / "s" / "sample" / "samples.jsonl")]
+    assert [r["prompt"] for r in rows] == ["The value"]
+    assert isinstance(rows[0]["completion"], str)
+
+
+def test_stage_needing_missing_input_says_what_to_run(tmp_path, capsys):
+    rc = main(["pretrain", *tiny_args(tmp_path, "fresh")])
+    assert rc == 2
+    assert "run `lmforge tokenizer`" in capsys.readouterr().err
