@@ -185,11 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_status)
 
-    for mod in ("lmforge.scaling.cli",):
-        try:
-            module = __import__(mod, fromlist=["add_parser"])
-        except ImportError:
-            continue
+    from .scaling import cli as scaling_cli
+
+    for module in (scaling_cli,):
         module.add_parser(sub)
     return p
 

@@ -25,14 +25,16 @@ from typing import Any, Callable
 import torch
 import yaml
 from pydantic import BaseModel
-from rich.console import Console
+from rich import get_console
 from rich.markup import escape
 
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ConfigError, LMForgeError
 from .runs import MANIFEST, StageRecord, atomic_write_text, fingerprint, read_manifest
 
-console = Console(highlight=False, soft_wrap=True)
+console = get_console()  # shared with the training progress bar
+console.highlight = False
+console.soft_wrap = True
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "tiny"

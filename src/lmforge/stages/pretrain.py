@@ -66,9 +66,14 @@ def pretrain_stage(ctx: StageContext) -> dict:
         return evaluate_shard(m, val, token_bytes, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                               device=device, max_tokens=cfg.eval_tokens or None)
 
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+    if peak is None and device.type == "cuda":
+        from ..scaling.cost import device_peak_flops
+
+        peak = device_peak_flops(torch.cuda.get_device_name(device), "bf16" if ctx.dtype in ("auto", "bfloat16") else "auto")
     trainer = Trainer(model, pretrain_objective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
                       evaluate=evaluate, flops_per_token=mcfg.flops_per_token(cfg.seq_len),
-                      peak_flops=cfg.peak_tflops * 1e12 if cfg.peak_tflops else None, log=ctx.log)
+                      peak_flops=peak, log=ctx.log)
     result = trainer.fit(resume=True)
     save_pretrained(model, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
     metrics = {"params": n_params, "non_embedding_params": mcfg.non_embedding_params(), "steps": result.step,

@@ -211,6 +211,7 @@ class Trainer:
             except ValueError:  # not in the main thread
                 pass
         t0, t_log, tok_log = time.time(), time.time(), self.tokens
+        progress = _progress_bar(cfg.max_steps, self.step)
         it = iter(self.data)
         bad_streak, last_eval, stopped_early = 0, {}, False
         last_loss = float("nan")
@@ -237,6 +238,8 @@ class Trainer:
                 last_loss = loss
                 self.step += 1
                 self.tokens += sum(self.objective.count(b) for b in batches)
+                if progress is not None:
+                    progress.update(0, completed=self.step, loss=loss)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.time()
@@ -277,11 +280,29 @@ class Trainer:
                     raise TrainingStopped(f"stopped by signal {self._stop_signal} at step {self.step}; "
                                           f"checkpoint {path}; run the same command again to resume")
         finally:
+            if progress is not None:
+                progress.stop()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
         final = {"loss": last_loss, **{f"eval_{k}": v for k, v in last_eval.items()}}
         return TrainResult(step=self.step, tokens=self.tokens, seconds=time.time() - t0, final=final,
                            best_eval_loss=self.best_eval, stopped_early=stopped_early, resumed_from=resumed)
+
+
+def _progress_bar(total: int, done: int):
+    """A live progress bar on interactive terminals; None when output is a file or pipe
+    (CI logs get the periodic log lines instead)."""
+    from rich import get_console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = get_console()
+    if not console.is_terminal:
+        return None
+    p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                 TimeRemainingColumn(), console=console, transient=True)
+    p.add_task("train", total=total, completed=done, loss=float("nan"))
+    p.start()
+    return p
 
 
 def _last(ckpt_dir: Path) -> str:
