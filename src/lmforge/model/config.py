@@ -7,6 +7,8 @@ the scaling tools and the report all use one definition of "parameters" and "FLO
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -25,6 +27,15 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = True
     qkv_bias: bool = Field(False, description="bias on q/k/v projections (Qwen2 style)")
     init_std: float = Field(0.02, gt=0)
+    # Mixture-of-Experts feed-forward (0 experts = dense SwiGLU)
+    n_experts: int = Field(0, ge=0, description="experts per MoE layer; 0 = dense model")
+    experts_top_k: int = Field(2, ge=1, description="experts each token is routed to")
+    moe_gate: Literal["softmax", "sigmoid"] = "softmax"
+    capacity_factor: float | None = Field(None, gt=0, description="None = dropless routing")
+    shared_expert: bool = Field(False, description="an always-on expert beside the routed ones")
+    moe_d_ff: int | None = Field(None, ge=1, description="expert hidden width; default = d_ff")
+    aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight")
+    z_loss_coef: float = Field(0.001, ge=0, description="router z-loss weight")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -34,6 +45,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.n_experts and self.experts_top_k > self.n_experts:
+            raise ValueError(f"experts_top_k ({self.experts_top_k}) exceeds n_experts ({self.n_experts})")
         return self
 
     # -- derived sizes
@@ -51,13 +64,26 @@ class ModelConfig(BaseModel):
             return self.d_ff
         return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
 
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_d_ff or self.ff_dim
+
+    def _ffn_params(self, active: bool) -> int:
+        """Feed-forward parameters of one layer (all experts, or those a token uses)."""
+        d = self.d_model
+        if not self.n_experts:
+            return 3 * d * self.ff_dim
+        used = self.experts_top_k if active else self.n_experts
+        return d * self.n_experts + (used + int(self.shared_expert)) * 3 * d * self.expert_dim
+
     # -- counts
-    def param_count(self, include_embeddings: bool = True) -> int:
+    def param_count(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; with `active`, only those one token uses (MoE: top-k experts)."""
         d, hd = self.d_model, self.head_dim
         attn = d * (self.n_heads * hd) + 2 * d * (self.kv_heads * hd) + (self.n_heads * hd) * d
         if self.qkv_bias:
             attn += self.n_heads * hd + 2 * self.kv_heads * hd
-        mlp = 3 * d * self.ff_dim
+        mlp = self._ffn_params(active)
         norms = 2 * d
         body = self.n_layers * (attn + mlp + norms) + d  # + final norm
         if not include_embeddings:
@@ -78,7 +104,7 @@ class ModelConfig(BaseModel):
         seq = seq_len or self.max_seq_len
         d, hd = self.d_model, self.head_dim
         matmul = self.n_layers * (
-            d * self.n_heads * hd * 2 + 2 * d * self.kv_heads * hd + 3 * d * self.ff_dim
+            d * self.n_heads * hd * 2 + 2 * d * self.kv_heads * hd + self._ffn_params(active=True)
         ) + self.vocab_size * d
         fwd = 2 * matmul + 4 * self.n_layers * seq * self.n_heads * hd
         return float(3 * fwd if training else fwd)

@@ -2,20 +2,31 @@
 
 Every model lmforge saves is a folder that `transformers.AutoModelForCausalLM.from_pretrained`
 opens as-is: `config.json` (LlamaConfig, or Qwen2Config when q/k/v have biases), weights in
-`model.safetensors` with HF parameter names (lmforge's module names are the same, so no key
-mapping is needed), and the tokenizer files beside them. Reading goes the other way and also
-accepts checkpoints made by other tools in the Llama family (Llama 2/3, Mistral, Qwen2), single
-file or sharded (`model.safetensors.index.json`).
+`model.safetensors` (or shards plus `model.safetensors.index.json`) with HF parameter names
+(lmforge's module names are the same, so no key mapping is needed), and the tokenizer files
+beside them. Reading goes the other way and also accepts checkpoints made by other tools in
+the Llama family (Llama 2/3, Mistral, Qwen2), single file or sharded.
+
+What is refused, with the reason named (never a silent approximation): other architectures,
+activations other than SiLU, RoPE scaling (Llama 3.1 "llama3", YaRN, ...), biases on a Llama,
+head_dim != hidden/heads. Mistral's sliding window is exact within the window, so an imported
+Mistral's context is capped at `sliding_window` (noted in the import report).
+
+`import_hf` / `export_hf` are the `lmforge import` / `lmforge export` commands: import copies a
+foreign checkpoint into an lmforge model folder (checking every tensor's name and shape, keeping
+the tokenizer and its chat template); export writes an lmforge model (optionally with a LoRA
+adapter merged in) in a chosen dtype and shard size.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -24,9 +35,38 @@ from .config import ModelConfig
 from .transformer import Transformer
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name in ("auto", ""):
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"dtype {name!r} not understood; use one of float32, bfloat16, float16") from None
+
+
+def parse_size(s: str | int | None) -> int | None:
+    """'5GB', '500MB', '50KB' or a byte count -> bytes (None = no sharding)."""
+    if s is None or isinstance(s, int):
+        return s
+    t = s.strip().upper()
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    raise CheckpointError(f"shard size {s!r} not understood; write e.g. 5GB, 500MB")
+
+
+# ----------------------------------------------------------------------------- config mapping
 def to_hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None,
                  dtype: str = "float32") -> dict:
     model_type = "qwen2" if cfg.qkv_bias else "llama"
@@ -43,15 +83,19 @@ def to_hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | N
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
         "torch_dtype": dtype,
+        "dtype": dtype,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
     }
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None)
     return out
 
 
@@ -61,94 +105,245 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{source}: model_type {mt!r} is not supported (supported: {sorted(SUPPORTED)})")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} not supported (need silu)")
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise CheckpointError(f"{source}: rope_scaling {rope_scaling} is not supported yet")
+    for key in ("rope_scaling", "rope_parameters"):
+        rs = hf.get(key) or {}
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind not in (None, "default"):
+            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported (plain RoPE only); "
+                                  f"Llama 3.1+/YaRN checkpoints need RoPE scaling in lmforge's model")
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise CheckpointError(f"{source}: llama with attention_bias/mlp_bias is not supported")
     d, h = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, d // h):
         raise CheckpointError(f"{source}: head_dim {hf['head_dim']} != hidden_size/heads is not supported")
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    max_len = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if window and (mt == "mistral" or hf.get("use_sliding_window")) and window < max_len:
+        warnings.warn(f"{source}: sliding_window={window} < max_position_embeddings={max_len}; lmforge "
+                      f"attends fully, which is identical within {window} tokens, so the context is "
+                      f"capped at {window}", stacklevel=2)
+        max_len = window
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=h,
         n_kv_heads=hf.get("num_key_value_heads") or h, d_ff=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=rope_theta,
+        max_seq_len=max_len, rope_theta=rope_theta,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=(mt == "qwen2"), init_std=hf.get("initializer_range", 0.02),
     )
 
 
+def read_hf_config(folder: str | Path) -> dict:
+    cfg_file = Path(folder) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{cfg_file}: not found; expected a model folder with config.json and "
+                              f"model.safetensors (or sharded model-*.safetensors + index)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- writing
+def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [state]
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None = None) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when over the shard size."""
+    shards = _shard(state, max_shard_bytes)
+    for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
+        if stale.exists():
+            stale.unlink()
+    if len(shards) == 1:
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, sh in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with atomic_path(out / name) as tmp:
+            save_file(sh, str(tmp), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in sh})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    atomic_write_json(out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+def copy_tokenizer_files(src: str | Path, out: str | Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.exists() and f.resolve() != (Path(out) / name).resolve():
+            with atomic_path(Path(out) / name) as tmp:
+                shutil.copyfile(f, tmp)
+            copied.append(name)
+    return copied
+
+
 def save_pretrained(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                    bos_id: int | None = None, eos_id: int | None = None) -> Path:
+                    bos_id: int | None = None, eos_id: int | None = None, *,
+                    dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None) -> Path:
     """Write `model` (and optionally copy tokenizer files) as a HF-loadable folder."""
     from ..train.checkpoint import model_state_for_saving
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(model)
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(out / "config.json", to_hf_config(model.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dtype))
+    tdt = parse_dtype(dtype)
+    if tdt is not None:
+        state = {k: (v.to(tdt) if v.is_floating_point() else v) for k, v in state.items()}
+    dt = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_weights(state, out, parse_size(max_shard_size))
+    atomic_write_json(out / "config.json", to_hf_config(model.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt))
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                with atomic_path(out / name) as tmp:
-                    shutil.copyfile(src, tmp)
+        copy_tokenizer_files(tokenizer_dir, out)
     return out
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------- reading
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, checking a sharded index for missing shards."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    try:
-        if single.exists():
-            return load_file(str(single))
-        if index.exists():
+    if single.exists():
+        return [single]
+    if index.exists():
+        try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                f = folder / shard
-                if not f.exists():
-                    raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-                state.update(load_file(str(f)))
-            return state
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder}: cannot read weights ({e})") from None
-    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: {len(missing)} of {len(names)} shards listed in {index.name} "
+                                  f"are missing ({', '.join(missing[:3])}); copy the complete checkpoint")
+        return [folder / n for n in names]
+    others = sorted(folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return others
+    hint = " (found .bin/.pth files: convert them to safetensors first)" if list(folder.glob("*.bin")) else ""
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> Transformer:
-    folder = Path(folder)
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{cfg_file}: not found; expected a model folder with config.json and "
-                              f"model.safetensors")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = from_hf_config(hf, str(cfg_file))
-    state = _read_weights(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not (k == "lm_head.weight" and cfg.tie_embeddings)]
-    unexpected = [k for k in state if k not in own and "rotary_emb" not in k]
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in weight_files(folder):
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read weights ({e})") from None
+    return state
+
+
+def iter_weights(folder: Path):
+    """(name, tensor) one at a time, so a caller can convert (e.g. quantise) without holding the
+    whole checkpoint in memory."""
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    yield k, fh.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read weights ({e})") from None
+
+
+def check_state(folder, state_shapes: dict[str, tuple], own: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    missing = [k for k in own if k not in state_shapes and not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    unexpected = [k for k in state_shapes if k not in own and "rotary_emb" not in k]
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
-    for k, v in state.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies "
+    for k, shape in state_shapes.items():
+        if k in own and tuple(own[k].shape) != tuple(shape):
+            raise CheckpointError(f"{folder}: {k} has shape {tuple(shape)}, config.json implies "
                                   f"{tuple(own[k].shape)}")
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def empty_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def finish_model(model: Transformer, device) -> Transformer:
+    """Re-tie embeddings and rebuild the (non-persistent) RoPE tables after a meta-device load."""
+    cfg = model.cfg
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = model.model.rotary.__class__(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(device)
+    return model
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None) -> Transformer:
+    """An lmforge or HF (llama/mistral/qwen2) model folder -> Transformer in eval mode.
+    `dtype` None keeps float32 (training precision); pass bfloat16 to halve memory."""
+    folder = Path(folder)
+    cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
+    dtype = parse_dtype(dtype)
+    state = _read_weights(folder)
+    model = empty_model(cfg)
+    own = model.state_dict()
+    check_state(folder, {k: v.shape for k, v in state.items()}, own, cfg)
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval()
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return finish_model(model, device).eval()
+
+
+# ----------------------------------------------------------------------------- import / export
+def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None,
+              max_shard_size: str | int | None = None) -> dict:
+    """Copy a Hugging Face checkpoint folder (llama/mistral/qwen2) into an lmforge model folder.
+
+    Every tensor is checked against config.json (name and shape) and the model is built, so a
+    folder that imports is one lmforge can train. Returns a small report."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder; pass the folder holding config.json and *.safetensors")
+    hf = read_hf_config(src)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_pretrained(src, dtype=dtype)
+    notes = [str(w.message) for w in caught]
+    tok = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").exists() else {}
+    save_pretrained(model, out, tokenizer_dir=src, bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
+                    max_shard_size=max_shard_size)
+    if not (src / "tokenizer.json").exists():
+        notes.append("no tokenizer.json in the source folder: copy one in before fine-tuning")
+    has_template = bool(tok.get("chat_template")) or (src / "chat_template.jinja").exists()
+    return {"source": str(src), "out": str(out), "model_type": hf.get("model_type"),
+            "params": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "chat_template": has_template, "notes": notes}
+
+
+def export_hf(model_dir: str | Path, out: str | Path, *, adapter: str | Path | None = None,
+              dtype: str | None = None, max_shard_size: str | int | None = "5GB") -> dict:
+    """Write an lmforge model folder (optionally merging a LoRA adapter) for `transformers`."""
+    model_dir, out = Path(model_dir), Path(out)
+    model = load_pretrained(model_dir)
+    if adapter is not None:
+        from ..peft.lora import load_adapter, merge_lora
+
+        load_adapter(model, adapter)
+        model = merge_lora(model)
+    hf = read_hf_config(model_dir)
+    save_pretrained(model, out, tokenizer_dir=model_dir, bos_id=hf.get("bos_token_id"),
+                    eos_id=hf.get("eos_token_id"), dtype=dtype, max_shard_size=max_shard_size)
+    files = sorted(p.name for p in out.iterdir())
+    return {"out": str(out), "params": model.num_params(), "merged_adapter": str(adapter) if adapter else None,
+            "files": files}

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -129,11 +130,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+        hidden = hidden or cfg.ff_dim
+        self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -145,7 +147,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
@@ -185,7 +187,7 @@ class Transformer(nn.Module):
                 else:
                     p.fill_(1.0)  # norm weights
                 continue
-            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else std
             nn.init.normal_(p, mean=0.0, std=s)
 
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
@@ -210,6 +212,23 @@ class Transformer(nn.Module):
         logits = self(input_ids, **kw)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=ignore_index)
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Weighted load-balancing + z-loss of the last forward (None for dense models)."""
+        if not self.cfg.n_experts:
+            return None
+        layers = [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]
+        aux = sum(m.aux_loss for m in layers) / len(layers)
+        z = sum(m.z_loss for m in layers) / len(layers)
+        return self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
+
+    def moe_stats(self) -> dict[str, float]:
+        out = {}
+        for i, l in enumerate(self.model.layers):
+            if isinstance(l.mlp, MoE):
+                for k, v in l.mlp.stats.items():
+                    out[f"moe/{k}/layer{i}"] = v
+        return out
 
     def num_params(self, trainable_only: bool = False) -> int:
         seen, n = set(), 0

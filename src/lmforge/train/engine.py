@@ -335,7 +335,17 @@ def pretrain_objective():
             logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
-            return loss, int((y != -100).sum()), {}
+            n = int((y != -100).sum())
+            core = getattr(model, "_orig_mod", model)
+            aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
+            if aux is None:
+                return loss, n, {}
+            # the router losses are means; scale by n so the engine's division by n keeps them
+            stats = core.moe_stats()
+            metrics = {"moe_aux": float(aux.detach()),
+                       "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k) / max(core.cfg.n_layers, 1),
+                       "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0)}
+            return loss + aux * n, n, metrics
 
         def count(self, batch):
             return int((batch[1] != -100).sum())
