@@ -15,6 +15,7 @@ restores its last checkpoint). Every stage writes `manifest.json` through `Stage
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import traceback
@@ -49,6 +50,7 @@ class Stage:
     help: str = ""
     flags: tuple[tuple[str, str, str], ...] = ()  # (cli flag, config key, help)
     produces_model: bool = False
+    distributed: bool = False  # runs on every torchrun rank (others run on rank 0 only)
 
 
 REGISTRY: dict[str, Stage] = {}
@@ -58,9 +60,9 @@ ORDER: list[str] = []
 
 def register_stage(name: str, config_cls: type[BaseModel], *, needs: tuple[str, ...] = (), help: str = "",
                    flags: tuple[tuple[str, str, str], ...] = (), produces_model: bool = False,
-                   after: str | None = None):
+                   distributed: bool = False, after: str | None = None):
     def deco(fn):
-        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model)
+        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model, distributed)
         if name not in ORDER:
             ORDER.insert(ORDER.index(after) + 1 if after in ORDER else len(ORDER), name)
         return fn
@@ -133,6 +135,8 @@ class StageContext:
         return self.pipeline.run.dtype
 
     def log(self, msg: str) -> None:
+        if not self.record.write:  # non-zero torchrun ranks stay quiet
+            return
         console.print(f"[dim]{self.name}[/dim] " + escape(msg))
         with open(self.log_file, "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
@@ -180,11 +184,39 @@ class StageOutcome:
     dir: Path
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _wait_for_rank0(stage_dir: Path, fp: str, complete: bool, timeout: float = 24 * 3600) -> dict:
+    """Non-zero ranks: wait until rank 0 has started (or finished) the stage with this fingerprint."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = read_manifest(stage_dir)
+        if m and m.get("fingerprint") == fp:
+            if m.get("status") == "failed":
+                raise LMForgeError(f"stage {stage_dir.name} failed on rank 0: {m.get('error')}")
+            if m.get("status") == "complete" or (not complete and m.get("status") == "running"):
+                return m
+        time.sleep(0.2)
+    raise LMForgeError(f"timed out waiting for rank 0 to run stage {stage_dir.name}")
+
+
 def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     stage = REGISTRY[name]
     run_dir = cfg.run.dir
     stage_dir = run_dir / name
     fp, inputs = stage_fingerprint(cfg, name)
+    rank = _rank()
+    if rank > 0:  # under torchrun: rank 0 owns the run directory
+        m = _wait_for_rank0(stage_dir, fp, complete=not stage.distributed)
+        if not stage.distributed or m.get("status") == "complete":
+            return StageOutcome(name, "ran on rank 0", m.get("seconds", 0.0), m.get("metrics", {}), stage_dir)
+        record = StageRecord(stage_dir, name, {}, fingerprint=fp, inputs=inputs, write=False)
+        ctx = StageContext(name, getattr(cfg, name), cfg, run_dir, stage_dir, record, run_dir / f"log.rank{rank}.txt")
+        t0 = time.time()
+        metrics = stage.fn(ctx) or {}
+        return StageOutcome(name, "ran", time.time() - t0, metrics, stage_dir)
     prev = read_manifest(stage_dir)
     if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
         return StageOutcome(name, "cached", prev.get("seconds", 0.0), prev.get("metrics", {}), stage_dir)
@@ -225,7 +257,8 @@ def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = Fa
         names = [n for n in names if n in only] or list(only)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if _rank() == 0:
+        atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     outcomes = []
     for name in names:
         outcomes.append(run_stage(cfg, name, force=force))

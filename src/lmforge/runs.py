@@ -135,7 +135,8 @@ class StageRecord:
     """
 
     def __init__(self, stage_dir: str | os.PathLike, stage: str, config: dict, *,
-                 fingerprint: str, inputs: dict[str, str] | None = None):
+                 fingerprint: str, inputs: dict[str, str] | None = None, write: bool = True):
+        self.write = write  # False on non-zero ranks of a distributed stage
         self.dir = Path(stage_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
@@ -148,6 +149,8 @@ class StageRecord:
         self._write("running")
 
     def _write(self, status: str, error: str | None = None) -> None:
+        if not self.write:
+            return
         now = time.time()
         manifest = {
             "stage": self.stage,

@@ -153,13 +153,22 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch
 
 
 class TokenLoader:
-    """Endless, resumable stream of (x, y) int64 batches [batch_size, seq_len], y = x shifted by one."""
+    """Endless, resumable stream of (x, y) int64 batches [batch_size, seq_len], y = x shifted by one.
 
-    def __init__(self, shard: Shard, seq_len: int, batch_size: int, seed: int, shuffle: bool = True):
+    Data parallel: with `world` > 1 every rank walks the same global order and takes rows
+    [rank*batch_size, (rank+1)*batch_size) of each global batch of batch_size*world windows, so
+    the position is the same on all ranks and a run resumes on a different number of ranks
+    (keeping the global batch) exactly where it stopped.
+    """
+
+    def __init__(self, shard: Shard, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of {world}")
         self.shard, self.seq_len, self.batch_size = shard, seq_len, batch_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
         self.starts = window_starts(shard, seq_len)
         if len(self.starts) == 0:
             raise DataError(f"{shard.path}: only {shard.n_tokens:,} tokens, fewer than seq_len + 1 = "
@@ -182,7 +191,7 @@ class TokenLoader:
 
     def _next_starts(self) -> np.ndarray:
         picked: list[np.ndarray] = []
-        need = self.batch_size
+        need = self.batch_size * self.world
         while need:
             order = self._epoch_order()
             take = order[self.position:self.position + need]
@@ -191,7 +200,8 @@ class TokenLoader:
             self.position += len(take)
             if self.position == len(order):
                 self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(picked)
+        rows = np.concatenate(picked)
+        return rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def __iter__(self) -> "TokenLoader":
         return self

@@ -18,6 +18,7 @@ from ..model.hf import load_pretrained, save_pretrained
 from ..model.transformer import Transformer
 from ..pipeline import StageContext, register_stage
 from ..tokenizer import LMTokenizer
+from ..train.distributed import barrier, check_batch, init_distributed, resolve_strategy, shutdown
 from ..train.engine import Trainer, TrainConfig, pretrain_objective
 
 
@@ -43,27 +44,48 @@ def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed
     return Transformer(mcfg).to(device)
 
 
-@register_stage("pretrain", PretrainConfig, needs=("tokenizer",), produces_model=True,
+def full_model(model: Transformer, strategy: str) -> Transformer:
+    """The trained model as one plain module (FSDP2 shards are gathered on every rank)."""
+    if strategy != "fsdp":
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = Transformer(model.cfg)
+    plain.load_state_dict(state, strict=False)
+    if model.cfg.tie_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain
+
+
+@register_stage("pretrain", PretrainConfig, needs=("tokenizer",), produces_model=True, distributed=True,
                 help="pretrain the transformer on the token shards")
 def pretrain_stage(ctx: StageContext) -> dict:
     cfg: PretrainConfig = ctx.cfg
     tok_dir = ctx.input_dir("tokenizer")
     tok = LMTokenizer.load(tok_dir)
     device = ctx.device
+    info = init_distributed(device.type, need_group=cfg.parallel == "fsdp")
+    local_batch = check_batch(cfg.batch_size, info.world)
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", info.local_rank)
     model = build_model(cfg, tok.vocab_size, device, ctx.seed)
     mcfg = model.cfg
     train, val = load_shard(tok_dir, "train"), load_shard(tok_dir, "val")
-    loader = TokenLoader(train, cfg.seq_len, cfg.batch_size, seed=ctx.seed)
+    loader = TokenLoader(train, cfg.seq_len, local_batch, seed=ctx.seed, rank=info.rank, world=info.world)
     token_bytes = token_byte_lengths(tok)
     n_params = model.num_params()
     ctx.log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.non_embedding_params() / 1e6:.2f}M non-embedding), "
             f"{mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads; device {device}")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    if info.world > 1:
+        ctx.log(f"data parallel over {info.world} processes ({resolve_strategy(cfg.parallel, info.world)}), "
+                f"{local_batch} sequences per rank per micro-batch")
     ctx.log(f"{cfg.max_steps} steps x {tokens_per_step:,} tokens = {cfg.max_steps * tokens_per_step / 1e6:.1f}M tokens "
             f"({cfg.max_steps * tokens_per_step / max(train.meta['n_tokens'], 1):.2f} epochs)")
 
     def evaluate(m):
-        return evaluate_shard(m, val, token_bytes, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        return evaluate_shard(m, val, token_bytes, seq_len=cfg.seq_len, batch_size=local_batch,
                               device=device, max_tokens=cfg.eval_tokens or None)
 
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
@@ -73,9 +95,15 @@ def pretrain_stage(ctx: StageContext) -> dict:
         peak = device_peak_flops(torch.cuda.get_device_name(device), "bf16" if ctx.dtype in ("auto", "bfloat16") else "auto")
     trainer = Trainer(model, pretrain_objective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
                       evaluate=evaluate, flops_per_token=mcfg.flops_per_token(cfg.seq_len),
-                      peak_flops=peak, log=ctx.log)
-    result = trainer.fit(resume=True)
-    save_pretrained(model, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+                      peak_flops=peak, log=ctx.log, dist_info=info)
+    try:
+        result = trainer.fit(resume=True)
+        final = full_model(model, trainer.strategy)
+        if info.is_main:
+            save_pretrained(final, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        barrier()
+    finally:
+        shutdown(info)
     metrics = {"params": n_params, "non_embedding_params": mcfg.non_embedding_params(), "steps": result.step,
                "tokens": result.tokens, "train_loss": result.final.get("loss"),
                "val_loss": result.final.get("eval_loss"), "val_bpb": result.final.get("eval_bpb"),

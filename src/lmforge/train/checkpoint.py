@@ -149,3 +149,63 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- sharded (FSDP2)
+def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            trainer_state: dict, *, is_main: bool, keep: int | None = None) -> Path:
+    """Collective save with `torch.distributed.checkpoint`: every rank writes its shards into
+    `dcp/`; rank 0 adds the trainer state and checksums and renames the folder into place.
+    The result loads on any number of processes (DCP reshards)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    dist.barrier()
+    if is_main:
+        rng = {"cpu": torch.get_rng_state()}
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {str(f.relative_to(tmp)): file_sha256(f) for f in files}
+        for f in files:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        atomic_write_json(tmp / "checksums.json", sums)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore a DCP checkpoint into `model` (sharded or not, any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    verify_checkpoint(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    return json.loads((path / "trainer_state.json").read_text())

@@ -33,7 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LMForgeError
 from ..runs import append_jsonl, atomic_write_text, read_jsonl
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (list_checkpoints, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
+                         save_sharded_checkpoint)
+from .distributed import (DistInfo, all_reduce_sum, apply_activation_checkpointing, barrier, grad_sync,
+                          resolve_strategy, wrap)
 from .optim import build_adamw, lr_multiplier
 
 
@@ -61,6 +64,10 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before stopping")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameters and optimizer state in CPU memory")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
 
 
 class Objective(Protocol):
@@ -108,18 +115,31 @@ class Trainer:
                  cfg: TrainConfig, out_dir: Path, *, device: torch.device, dtype: str = "auto",
                  evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, dist_info: DistInfo | None = None):
+        """`model` is the plain module; with `cfg.parallel` under torchrun it is wrapped here
+        (DDP, or sharded in place by FSDP2) before the optimizer is built. `data` must already
+        yield this rank's share of each global batch (see `TokenLoader(rank=, world=)`)."""
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
+        self.dist = dist_info or DistInfo()
+        self.strategy = resolve_strategy(cfg.parallel, self.dist.world)
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.device, self.evaluate, self.log = device, evaluate, log
+        self.device, self.evaluate = device, evaluate
+        self.log = log if self.dist.is_main else (lambda msg: None)
         self.amp = autocast_dtype(device, dtype)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        wrapped = wrap(model, self.strategy, self.dist, device=device, amp_dtype=self.amp,
+                       cpu_offload=cfg.fsdp_cpu_offload)
+        if self.strategy == "fsdp":
+            self.amp = None  # FSDP2's mixed-precision policy casts; autocast would be redundant
         self.optimizer = build_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(cfg.beta1, cfg.beta2), device_type=device.type)
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.wrapped = wrapped
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
         self.tokens = 0
         self.best_eval: float | None = None
@@ -135,19 +155,35 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_dir)
         if not ckpts:
             return None
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer)
+        if (ckpts[-1] / "dcp").is_dir():
+            state = load_sharded_checkpoint(ckpts[-1], self.model, self.optimizer)
+        else:
+            state = load_checkpoint(ckpts[-1], self.model, self.optimizer)
         self.step, self.tokens = state["step"], state["tokens"]
         self.best_eval = state.get("best_eval")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.data.load_state_dict(state["data"])
         # drop metric lines logged after the checkpoint by the interrupted run
-        kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
-        atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
+        if self.dist.is_main:
+            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
+        barrier()
         return self.step
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
-                               keep=self.cfg.keep_checkpoints)
+        if self.strategy == "fsdp":
+            return save_sharded_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
+                                           is_main=self.dist.is_main, keep=self.cfg.keep_checkpoints)
+        path = self.ckpt_dir / f"step_{self.step:08d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
+                                   keep=self.cfg.keep_checkpoints)
+        barrier()
+        return path
+
+    def _record(self, rec: dict) -> None:
+        if self.dist.is_main:
+            append_jsonl(self.metrics_path, rec)
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
@@ -159,33 +195,42 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def _train_step(self, batches: list) -> tuple[float | None, dict[str, float]]:
-        total = sum(self.objective.count(b) for b in batches)
+    def _train_step(self, batches: list) -> tuple[float | None, dict[str, float], int]:
+        local = sum(self.objective.count(b) for b in batches)
+        (total,) = all_reduce_sum([float(local)], self.device)  # units over all ranks
+        total = int(total)
         if total == 0:
-            return None, {"empty_batch": 1.0}
+            return None, {"empty_batch": 1.0}, 0
         self.model.train()
+        # DDP/FSDP average gradients over ranks; scaling by world makes the result the
+        # gradient of (sum of unit losses over all ranks) / (units over all ranks).
+        scale = self.dist.world / total
         loss_sum, extra = 0.0, {}
-        for b in batches:
+        for i, b in enumerate(batches):
             b = to_device(b, self.device)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss, _, metrics = self.objective(self.forward_model, b)
-            (loss / total).backward()
+            with grad_sync(self.wrapped, self.strategy, sync=i == len(batches) - 1):
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    loss, _, metrics = self.objective(self.forward_model, b)
+                (loss * scale).backward()
             loss_sum += float(loss.detach())
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + v / len(batches)
+        (loss_sum,) = all_reduce_sum([loss_sum], self.device)
         mean = loss_sum / total
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
-            return float("nan"), extra
+            return float("nan"), extra, total
         if self.cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                gn = gn.full_tensor()
             extra["grad_norm"] = float(gn)
             if not math.isfinite(extra["grad_norm"]):
                 self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), extra
+                return float("nan"), extra, total
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, extra
+        return mean, extra, total
 
     def _run_eval(self) -> dict[str, float]:
         if self.evaluate is None:
@@ -211,7 +256,7 @@ class Trainer:
             except ValueError:  # not in the main thread
                 pass
         t0, t_log, tok_log = time.time(), time.time(), self.tokens
-        progress = _progress_bar(cfg.max_steps, self.step)
+        progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
         it = iter(self.data)
         bad_streak, last_eval, stopped_early = 0, {}, False
         last_loss = float("nan")
@@ -219,7 +264,7 @@ class Trainer:
             while self.step < cfg.max_steps:
                 lr = self._set_lr()
                 batches = [next(it) for _ in range(cfg.grad_accum)]
-                loss, extra = self._train_step(batches)
+                loss, extra, units = self._train_step(batches)
                 if loss is None:
                     self.log(f"step {self.step}: no trainable units in the batch; skipped")
                     continue
@@ -227,7 +272,7 @@ class Trainer:
                     bad_streak += 1
                     self.log(f"step {self.step}: non-finite loss or gradient; step skipped "
                              f"({bad_streak}/{cfg.max_bad_steps} in a row)")
-                    append_jsonl(self.metrics_path, {"step": self.step, "skipped": "non-finite"})
+                    self._record({"step": self.step, "skipped": "non-finite"})
                     if bad_streak >= cfg.max_bad_steps:
                         raise TrainingStopped(
                             f"{cfg.max_bad_steps} consecutive non-finite losses at step {self.step}; "
@@ -237,7 +282,7 @@ class Trainer:
                 bad_streak = 0
                 last_loss = loss
                 self.step += 1
-                self.tokens += sum(self.objective.count(b) for b in batches)
+                self.tokens += units
                 if progress is not None:
                     progress.update(0, completed=self.step, loss=loss)
 
@@ -250,7 +295,7 @@ class Trainer:
                         rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
                         if self.peak_flops:
                             rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
-                    append_jsonl(self.metrics_path, rec)
+                    self._record(rec)
                     self.log(f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
                              f"{tps:,.0f} tok/s")
                     t_log, tok_log = now, self.tokens
@@ -259,7 +304,7 @@ class Trainer:
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
                     last_eval = self._run_eval()
                     if last_eval:
-                        append_jsonl(self.metrics_path, {"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+                        self._record({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
                         self.log(f"step {self.step:>6}  eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                         ev = last_eval.get("loss")
                         if ev is not None:
@@ -336,7 +381,7 @@ def pretrain_objective():
             loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
             n = int((y != -100).sum())
-            core = getattr(model, "_orig_mod", model)
+            core = unwrap(model)
             aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
             if aux is None:
                 return loss, n, {}
@@ -351,6 +396,12 @@ def pretrain_objective():
             return int((batch[1] != -100).sum())
 
     return _NextToken()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

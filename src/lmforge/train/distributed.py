@@ -1,0 +1,162 @@
+"""Data-parallel training through PyTorch's own machinery: DDP and FSDP2 under `torchrun`.
+
+The same config runs on one process or many: the world size comes from the environment that
+`torchrun` (or Slurm through torchrun) sets, never from the config. `batch_size` in the config
+is the *global* micro-batch; each rank takes `batch_size / world` rows of it, so a run can be
+resumed on a different number of processes and continue with the same global batches.
+
+- `ddp`: `DistributedDataParallel`; gradient all-reduce is skipped on all but the last
+  micro-batch of an accumulation step (`no_sync`).
+- `fsdp`: FSDP2 (`fully_shard` per transformer block, then the root), with a mixed-precision
+  policy (bf16 params/compute, fp32 gradient reduction when autocast is bf16), optional CPU
+  offload, and gradient sync only on the last micro-batch. Checkpoints are sharded with
+  `torch.distributed.checkpoint` and reshard on load to any world size.
+- activation checkpointing wraps each block (`torch.utils.checkpoint`), trading compute for
+  memory; it works with all three modes.
+
+Backend: NCCL on CUDA, gloo on CPU (what the tests use: two CPU processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str, need_group: bool = False) -> DistInfo:
+    """Join the process group `torchrun` describes in the environment. With `need_group`
+    (FSDP on a single process) a one-process group is created."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if world == 1 and not need_group:
+        return DistInfo()
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, initialized_here=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch(batch_size: int, world: int) -> int:
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} (the global micro-batch) is not divisible by the "
+                          f"world size {world}; use a multiple of {world}")
+    return batch_size // world
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    if strategy == "auto":
+        return "ddp" if world > 1 else "none"
+    return strategy
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.model.layers:
+        fwd = block.forward
+
+        def wrapped(*args, _fwd=fwd, **kw):
+            if torch.is_grad_enabled():
+                return checkpoint(_fwd, *args, use_reentrant=False, **kw)
+            return _fwd(*args, **kw)
+
+        block.forward = wrapped
+
+
+def wrap(model: nn.Module, strategy: str, info: DistInfo, *, device: torch.device,
+         amp_dtype: torch.dtype | None, cpu_offload: bool = False) -> nn.Module:
+    """The module the training loop calls forward on (DDP wrapper, or the FSDP2-sharded model)."""
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kw = {}
+        if amp_dtype is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
+        if cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for block in model.model.layers:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    raise ConfigError(f"unknown parallel strategy {strategy!r} (auto, none, ddp, fsdp)")
+
+
+@contextlib.contextmanager
+def grad_sync(module: nn.Module, strategy: str, sync: bool):
+    """Skip the gradient all-reduce on micro-batches that are not the last of a step."""
+    if sync or strategy == "none":
+        yield
+    elif strategy == "ddp":
+        with module.no_sync():
+            yield
+    elif strategy == "fsdp":
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
