@@ -252,6 +252,8 @@ class DataConfig(BaseModel):
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(None, description="ray cluster address; None = start/attach locally")
     task_bytes: int = Field(64 << 20, ge=1 << 10, description="input bytes per task (files are grouped)")
+    max_docs: int | None = Field(None, ge=1, description="keep at most this many output documents (the first "
+                                                          "in input order); each task reads at most ~2x that")
     examples_per_reason: int = Field(3, ge=0, description="dropped-text examples kept per step and reason")
     keep_work: bool = Field(False, description="keep the per-task intermediate files after success")
 

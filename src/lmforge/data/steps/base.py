@@ -11,14 +11,16 @@ tasks (and machines) by simple addition.
 Writing a step: subclass `Step` and implement ``apply(doc) -> str | None``: return None to keep
 the document (possibly after changing ``doc.text`` or ``doc.meta``) or a short reason to drop
 it. Filters whose config has ``mode: flag`` keep the document instead, record the reason under
-``flagged`` and append ``"<step>:<reason>"`` to ``doc.meta["flags"]``.
+``flagged`` and append ``"<step>:<reason>"`` to ``doc.meta["flags"]``. An exception raised by `apply` drops that one
+document under the reason ``step_error`` (the exception type is counted) instead of failing the
+task: bad input is reported, never fatal.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lmforge.data.readers import Document
 
@@ -152,6 +154,7 @@ class Step:
     def __init__(self, mode: str = "drop", max_examples: int = 3):
         self.mode = mode
         self.stats = StepStats(self.name, max_examples=max_examples)
+        self.on_drop: Callable[[Document, str], None] | None = None  # e.g. sample dropped text
 
     def apply(self, doc: Document) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -161,9 +164,19 @@ class Step:
         for doc in docs:
             t0 = time.perf_counter()
             nbytes = stats.add_in(doc)
-            reason = self.apply(doc)
+            try:
+                reason = self.apply(doc)
+            except Exception as e:  # one pathological document must not kill a task of thousands
+                stats.count(f"error_{type(e).__name__}")
+                reason = "step_error"
+                if self.mode != "drop":  # an erroring document is dropped even by flag-mode steps
+                    stats.drop(reason, doc, nbytes)
+                    stats.seconds += time.perf_counter() - t0
+                    continue
             if reason is not None and self.mode == "drop":
                 stats.drop(reason, doc, nbytes)
+                if self.on_drop is not None:
+                    self.on_drop(doc, reason)
                 stats.seconds += time.perf_counter() - t0
                 continue
             if reason is not None:

@@ -48,14 +48,16 @@ class QualityScorer:
         y = np.array([1] * len(positives) + [0] * len(negatives))
         vec = _vectorizer(n_features)
         X = vec.transform(texts)
-        meta: dict = {"positives": len(positives), "negatives": len(negatives)}
-        if min(len(positives), len(negatives)) >= 10:  # held-out accuracy, for the report
+        meta: dict = {"n_positives": len(positives), "n_negatives": len(negatives)}
+        model = LogisticRegression(C=4.0, solver="liblinear", class_weight="balanced", random_state=seed)
+        if min(len(positives), len(negatives)) >= 10:  # fit on 80%, report accuracy on the other 20%
             Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=seed, stratify=y)
-            probe = LogisticRegression(C=4.0, max_iter=200, class_weight="balanced", random_state=seed)
-            probe.fit(Xtr, ytr)
-            meta["heldout_accuracy"] = round(float(probe.score(Xte, yte)), 4)
-        model = LogisticRegression(C=4.0, max_iter=200, class_weight="balanced", random_state=seed)
-        model.fit(X, y)
+            model.fit(Xtr, ytr)
+            meta["heldout_accuracy"] = round(float(model.score(Xte, yte)), 4)
+            meta["trained_on"] = int(len(ytr))
+        else:
+            model.fit(X, y)
+            meta["trained_on"] = int(len(y))
         return cls(model.coef_[0], model.intercept_[0], n_features, meta)
 
     def score(self, texts: Sequence[str], max_chars: int = 20_000) -> np.ndarray:

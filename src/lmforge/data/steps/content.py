@@ -217,6 +217,9 @@ class PIIScrub(Step):
         if kinds:
             self.stats.count("docs_modified")
             doc.text = text
-            for kind in kinds:  # examples show the scrubbed text, never the PII itself
-                self.stats.example(f"replaced:{kind}", doc)
+            for kind in kinds:  # examples show the scrubbed text around the placeholder, never the PII
+                placeholder = next(r for k, _, _, r in self.replacers if k == kind)
+                at = max(0, text.find(placeholder) - 120)
+                window = ("…" if at else "") + text[at:at + 280]
+                self.stats.example(f"replaced:{kind}", Document(window, doc.source, doc.meta))
         return None

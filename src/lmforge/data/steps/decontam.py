@@ -40,7 +40,7 @@ def words_of(text: str) -> list[str]:
 
 def ngram_hashes(words: list[str], n: int) -> Iterator[int]:
     for i in range(len(words) - n + 1):
-        yield xxhash.xxh3_64_intdigest(" ".join(words[i:i + n]))
+        yield xxhash.xxh3_64_intdigest(" ".join(words[i:i + n]).encode())
 
 
 def _eval_files(spec: str) -> list[Path]:
@@ -130,7 +130,7 @@ def build_eval_ngrams(eval_sets: Iterable[str], fields: list[str] | None, n: int
 
 
 def _short_key(words: list[str]) -> int:
-    return xxhash.xxh3_64_intdigest("\x00short\x00" + " ".join(words))
+    return xxhash.xxh3_64_intdigest(("\x00short\x00" + " ".join(words)).encode())
 
 
 class Decontaminate(Step):

@@ -10,7 +10,9 @@ of each document to keep so the output's shares match the configured weights. Wi
 ``max_repeat = 1`` it only downsamples: the largest total the scarcest domain allows is
 ``min_d(have_d / w_d)``; each domain then keeps documents in hash order until it reaches
 ``w_d * total``. With ``max_repeat = k`` a domain may be repeated up to k times. Domains absent
-from `weights` are dropped when weights are given (their weight is 0).
+from `weights` are dropped when weights are given (their weight is 0); a weighted domain with no
+documents at all is left out of the computation and reported as missing (otherwise one typo in a
+domain name would empty the output).
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ def mix_plan(domains: np.ndarray, sizes: np.ndarray, order_keys: np.ndarray, wei
     if not weights or total_w <= 0:
         copies[:] = 1
         return copies, {"target": {}, "have": have, "total": float(sizes.sum())}
-    share = {d: w / total_w for d, w in weights.items() if w > 0}
+    missing = sorted(d for d, w in weights.items() if w > 0 and have.get(d, 0.0) <= 0)
+    present = {d: w for d, w in weights.items() if w > 0 and d not in missing}
+    if not present:  # nothing of any weighted domain: keep the natural mix rather than nothing
+        copies[:] = 1
+        return copies, {"target": {}, "have": have, "total": float(sizes.sum()), "missing": missing}
+    total_w = sum(present.values())
+    share = {d: w / total_w for d, w in present.items()}
     # Largest total T with share_d * T <= max_repeat * have_d for every weighted domain.
     caps = [max_repeat * have.get(d, 0.0) / s for d, s in share.items()]
     total = min(caps) if caps else 0.0
@@ -104,4 +112,4 @@ def mix_plan(domains: np.ndarray, sizes: np.ndarray, order_keys: np.ndarray, wei
             # documents until the remainder is covered (the one crossing it is kept: >= target)
             k = int(np.searchsorted(cum, rest, side="left")) + 1
             copies[idx[:k]] += 1
-    return copies, {"target": target, "have": have, "total": total}
+    return copies, {"target": target, "have": have, "total": total, "missing": missing}

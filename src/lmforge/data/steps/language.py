@@ -4,7 +4,9 @@ FineWeb uses fastText's lid.176 model, which is a download; langid.py covers 97 
 a naive-Bayes model bundled in the package, so it works with no network. We use its normalised
 probabilities as the score (0-1) and keep a document when its language is listed and the score
 reaches that language's threshold. Only the first `max_chars` characters are read: identifying
-from a few kilobytes is as accurate and keeps the step cheap on long documents.
+from a few kilobytes is as accurate and keeps the step cheap on long documents. langid's
+naive-Bayes product is computed over the document's non-zero features only (it multiplies a
+dense 7480 x 97 matrix otherwise): same numbers, ~10x faster.
 """
 
 from __future__ import annotations
@@ -17,9 +19,18 @@ from lmforge.data.steps.base import Step
 
 @functools.lru_cache(maxsize=1)
 def _identifier():
+    import numpy as np
     from langid.langid import LanguageIdentifier, model
 
-    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    ident = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    ptc, pc = ident.nb_ptc, ident.nb_pc
+
+    def sparse_classprobs(fv):  # langid's dense (7480 x 97) product, over non-zero features only
+        nz = np.flatnonzero(fv)
+        return fv[nz].astype(np.float64) @ ptc[nz].astype(np.float64) + pc
+
+    ident.nb_classprobs = sparse_classprobs
+    return ident
 
 
 def identify(text: str, max_chars: int = 3000) -> tuple[str, float]:

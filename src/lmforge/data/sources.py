@@ -1,0 +1,368 @@
+"""Inputs of the data stage: which files exist, how they group into tasks, how each is read.
+
+`readers.py` (shared by every stage) reads .txt/.jsonl/.json/.parquet, "builtin" and "hf:";
+this module adds the web formats the data stage needs -- folders of ``.html`` pages, Common
+Crawl ``.warc(.gz)`` (HTML responses) and ``.wet`` (already extracted text, the "conversion"
+records), and compressed ``.jsonl/.txt`` (``.gz``, ``.zst``) -- and splits the inputs into
+*tasks*: groups of consecutive files of about `task_bytes`, so a process pool or a cluster can
+work on them independently and a killed run redoes only unfinished tasks. The built-in corpus is
+cut into `parts` contiguous slices. Task order is input order, so concatenating task outputs
+gives the same documents in the same order whatever the number of workers.
+
+Bad input is counted in the task's `ReadStats` under a reason (binary file, truncated gzip or
+WARC record, non-HTML response, undecodable bytes replaced...), never raised, except what the
+user must fix first: a path that does not exist or matches nothing (DataError).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from lmforge.data import readers
+from lmforge.data.readers import Document, ReadStats, decode_utf8
+from lmforge.errors import DataError
+
+HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
+WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".wat", ".wat.gz", ".arc.gz")
+COMPRESSED_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".txt.gz", ".txt.zst", ".txt.zstd")
+NATIVE_SUFFIXES = tuple(readers.SUPPORTED_EXTENSIONS)
+ALL_SUFFIXES = HTML_SUFFIXES + WARC_SUFFIXES + COMPRESSED_SUFFIXES + NATIVE_SUFFIXES
+MAX_MESSAGE = 200
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    name = Path(path).name.lower()
+    for kind, suffixes in (("warc", WARC_SUFFIXES), ("html", HTML_SUFFIXES),
+                           ("compressed", COMPRESSED_SUFFIXES), ("native", NATIVE_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+@dataclass
+class Task:
+    """One unit of parallel work: some files, or one slice of a non-file source."""
+
+    index: int
+    kind: str                      # "files" | "builtin" | "hf"
+    items: list[str]               # file paths, or the spec
+    part: int = 0
+    parts: int = 1
+    bytes: int = 0
+    fingerprint: list = field(default_factory=list)  # (path, size, mtime) of its files
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Task":
+        return cls(**d)
+
+    @property
+    def name(self) -> str:
+        return f"task-{self.index:05d}"
+
+
+# ----------------------------------------------------------------------------- planning
+def resolve_inputs(specs: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """[(kind, target)] in input order, plus files that were skipped as unsupported."""
+    out: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for spec in specs:
+        s = os.fspath(spec)
+        if s == "builtin":
+            out.append(("builtin", s))
+            continue
+        if s.startswith("hf:"):
+            out.append(("hf", s))
+            continue
+        p = Path(s).expanduser()
+        if p.is_file():
+            if file_kind(p) is None:
+                raise DataError(f"{p}: unsupported file type; supported: {', '.join(ALL_SUFFIXES)}")
+            out.append(("file", str(p)))
+            continue
+        if p.is_dir():
+            candidates = _walk(p)
+        elif any(ch in s for ch in "*?["):
+            candidates = []
+            for m in sorted(glob.glob(os.path.expanduser(s), recursive=True)):
+                candidates.extend(_walk(Path(m)) if Path(m).is_dir() else [Path(m)])
+        else:
+            raise DataError(f"{s}: no such file or directory; check the path (relative paths are relative "
+                            f"to {os.getcwd()}), or use 'builtin' for the built-in corpus")
+        found = [c for c in candidates if c.is_file() and file_kind(c) is not None]
+        skipped += [str(c) for c in candidates if c.is_file() and file_kind(c) is None]
+        if not found:
+            raise DataError(f"{s}: matches no supported file; supported: {', '.join(ALL_SUFFIXES)}")
+        out.extend(("file", str(f)) for f in found)
+    return out, skipped
+
+
+def _walk(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return sorted(found)
+
+
+def plan_tasks(specs: list[str], workers: int = 1, task_bytes: int = 64 << 20) -> tuple[list[Task], list[str]]:
+    """Group the inputs into tasks (see module docstring); returns (tasks, skipped files)."""
+    sources, skipped = resolve_inputs(specs)
+    tasks: list[Task] = []
+    files = [t for k, t in sources if k == "file"]
+    total = sum(os.path.getsize(f) for f in files)
+    # at least ~2 tasks per worker when the input allows, never more than task_bytes per task
+    target = max(1, min(task_bytes, -(-total // max(1, 2 * workers))))
+    group: list[str] = []
+    group_bytes = 0
+
+    def flush():
+        nonlocal group, group_bytes
+        if group:
+            fp = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in group]
+            tasks.append(Task(len(tasks), "files", group, bytes=group_bytes, fingerprint=fp))
+            group, group_bytes = [], 0
+
+    for kind, target_item in sources:
+        if kind != "file":
+            flush()
+            parts = max(1, workers) if kind == "builtin" else 1
+            for part in range(parts):
+                tasks.append(Task(len(tasks), kind, [target_item], part=part, parts=parts))
+            continue
+        size = os.path.getsize(target_item)
+        if group and group_bytes + size > target:
+            flush()
+        group.append(target_item)
+        group_bytes += size
+    flush()
+    return tasks, skipped
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class SourceStats(ReadStats):
+    """`ReadStats` plus informational counts that are not document drops (skipped WARC records)."""
+
+    info: dict[str, int] = field(default_factory=dict)
+
+
+def iter_task_documents(task: Task, text_field: str, stats: SourceStats, max_html_bytes: int = 5_000_000,
+                        ) -> Iterator[Document]:
+    """The documents of one task, each with ``meta["id"]``; problems are counted in `stats`."""
+    if task.kind == "builtin":
+        yield from _iter_builtin_slice(task.part, task.parts, stats)
+        return
+    if task.kind == "hf":
+        yield from _with_ids(readers.iter_documents(task.items[0], text_field, stats))
+        return
+    for path in task.items:
+        kind = file_kind(path)
+        try:
+            if kind == "native":
+                yield from _with_ids(readers.iter_documents(path, text_field, stats))
+            elif kind == "html":
+                yield from _iter_html_file(Path(path), stats, max_html_bytes)
+            elif kind == "warc":
+                yield from _iter_warc(Path(path), stats, max_html_bytes)
+            elif kind == "compressed":
+                yield from _iter_compressed(Path(path), text_field, stats)
+        except DataError as e:  # e.g. a parquet file without the text column: count, go on
+            stats.files += 1
+            stats.drop("unreadable_file", path, str(e)[:MAX_MESSAGE])
+
+
+def _with_ids(docs: Iterator[Document]) -> Iterator[Document]:
+    for doc in docs:
+        doc.meta.setdefault("id", doc.meta.get("location") or doc.source)
+        yield doc
+
+
+def _iter_builtin_slice(part: int, parts: int, stats: ReadStats) -> Iterator[Document]:
+    from lmforge.data.builtin import harvest_builtin_corpus
+
+    docs = harvest_builtin_corpus()
+    lo, hi = part * len(docs) // parts, (part + 1) * len(docs) // parts
+    stats.files += 1 if part == 0 else 0
+    for doc in docs[lo:hi]:
+        stats.records_read += 1
+        if not doc.text.strip():
+            stats.drop("empty", doc.source, "empty or whitespace-only text")
+            continue
+        stats.records_kept += 1
+        doc.meta.setdefault("id", doc.source)
+        yield doc
+
+
+def _is_binary(data: bytes) -> bool:
+    head = data[:8192]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\xef\xbb\xbf")):
+        return False  # UTF-16/8 byte-order marks
+    return b"\x00" in head
+
+
+def _decode_html(data: bytes) -> str:
+    from trafilatura.utils import decode_file
+
+    return decode_file(data)
+
+
+def _iter_html_file(path: Path, stats: ReadStats, max_bytes: int) -> Iterator[Document]:
+    stats.files += 1
+    stats.records_read += 1
+    try:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        stats.drop("unreadable_file", str(path), f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
+        return
+    if not data.strip():
+        stats.drop("empty", str(path), "empty file")
+        return
+    if _is_binary(data):
+        stats.drop("binary", str(path), "NUL bytes in the first 8 KB: not an HTML page")
+        return
+    if len(data) > max_bytes:
+        stats.drop("html_too_large", str(path), f"{len(data):,} bytes > extract.max_html_bytes")
+        return
+    stats.records_kept += 1
+    yield Document(_decode_html(data), str(path), {"id": str(path), "format": "html"})
+
+
+def _iter_warc(path: Path, stats: "SourceStats", max_bytes: int) -> Iterator[Document]:
+    """HTML responses and WET conversion records; other record types are counted, not read."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    stats.files += 1
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        stats.drop("unreadable_file", str(path), f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
+        return
+    n = 0
+    with fh:
+        try:
+            for record in ArchiveIterator(fh, arc2warc=True):
+                n += 1
+                rtype = record.rec_type
+                url = record.rec_headers.get_header("WARC-Target-URI")
+                where = f"{path}#{n}"
+                if rtype not in ("response", "conversion", "resource"):
+                    key = f"warc_{rtype}_records_skipped"
+                    stats.info[key] = stats.info.get(key, 0) + 1
+                    continue
+                stats.records_read += 1
+                meta = {"id": record.rec_headers.get_header("WARC-Record-ID") or where, "url": url,
+                        "date": record.rec_headers.get_header("WARC-Date"), "location": where}
+                if rtype != "conversion":  # decide from the headers before reading the payload
+                    ctype = ""
+                    if record.http_headers is not None:
+                        status = record.http_headers.get_statuscode()
+                        if status and not status.startswith("2"):
+                            stats.drop(f"http_status_{status[0]}xx", where, f"{url}: HTTP {status}")
+                            continue
+                        ctype = (record.http_headers.get_header("Content-Type") or "").lower()
+                    ctype = ctype or (record.rec_headers.get_header("WARC-Identified-Payload-Type") or "").lower()
+                    if ctype and "html" not in ctype:
+                        stats.drop("non_html_response", where, f"{url}: {ctype[:60]}")
+                        continue
+                payload = record.content_stream().read(max_bytes + 1)
+                if len(payload) > max_bytes:
+                    stats.drop("too_large", where, f"{url}: more than {max_bytes:,} bytes")
+                    continue
+                if getattr(record.raw_stream, "limit", 0):
+                    stats.drop("truncated_record", where, f"{url}: record ends early (truncated file)")
+                    continue
+                if rtype == "conversion":
+                    text, bad = decode_utf8(payload)
+                    stats.replaced_bytes += bad
+                    meta["format"] = "text"
+                else:
+                    if _is_binary(payload):
+                        stats.drop("binary", where, f"{url}: binary payload")
+                        continue
+                    text = _decode_html(payload)
+                    meta["format"] = "html"
+                if not text.strip():
+                    stats.drop("empty", where, f"{url}: empty payload")
+                    continue
+                stats.records_kept += 1
+                yield Document(text, str(path), meta)
+        except Exception as e:  # truncated gzip member, garbage, not a WARC at all
+            stats.drop("corrupt_warc", f"{path}#{n + 1}", f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
+
+
+def _open_compressed(path: Path):
+    name = path.name.lower()
+    raw = open(path, "rb")
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    import zstandard
+
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+
+
+def _iter_compressed(path: Path, text_field: str, stats: ReadStats) -> Iterator[Document]:
+    import zstandard
+
+    stats.files += 1
+    name = path.name.lower()
+    is_txt = ".txt." in name
+    lineno = 0
+    try:
+        with _open_compressed(path) as f:
+            if is_txt:
+                data = f.read()
+                stats.records_read += 1
+                text, bad = decode_utf8(data)
+                stats.replaced_bytes += bad
+                if not text.strip():
+                    stats.drop("empty", str(path), "empty text")
+                    return
+                stats.records_kept += 1
+                yield Document(text, str(path), {"id": str(path)})
+                return
+            for raw in f:
+                lineno += 1
+                line, bad = decode_utf8(raw)
+                stats.replaced_bytes += bad
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                stats.records_read += 1
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    stats.drop("bad_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(rec, dict):
+                    stats.drop("not_object", where, f"expected a JSON object, got {type(rec).__name__}")
+                    continue
+                text = rec.get(text_field)
+                if text is None:
+                    stats.drop("missing_field", where, f"no '{text_field}' field")
+                    continue
+                if not isinstance(text, str):
+                    stats.drop("non_string_field", where, f"'{text_field}' is {type(text).__name__}")
+                    continue
+                if not text.strip():
+                    stats.drop("empty", where, "empty or whitespace-only text")
+                    continue
+                meta = {k: v for k, v in rec.items() if k != text_field}
+                meta["location"] = where
+                meta.setdefault("id", where)
+                stats.records_kept += 1
+                yield Document(text, str(path), meta)
+    except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+        stats.drop("truncated_compressed", f"{path}:{lineno + 1}", f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
