@@ -48,6 +48,8 @@ SUMMARY_KEYS = {
     "data": ["docs", "bytes", "train_docs", "val_docs"],
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "val_bytes_per_token"],
     "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
+    "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
+    "cpt": ["domain_loss_before", "domain_loss_after", "orig_loss_before", "orig_loss_after"],
     "eval": ["loss", "ppl", "bpb", "unigram_bpb"],
     "sample": ["samples"],
 }
@@ -72,8 +74,8 @@ def print_summary(cfg, outcomes, wall: float) -> None:
     ev = next((o.metrics for o in outcomes if o.name == "eval"), None)
     if ev and "bpb" in ev and "unigram_bpb" in ev:
         console.print(f"val bits-per-byte {ev['bpb']:.3f} vs unigram baseline {ev['unigram_bpb']:.3f}")
-    model = cfg.run.dir / "pretrain" / "model"
-    if model.exists():
+    model = next((cfg.run.dir / n / "model" for n in ("sft", "pretrain") if (cfg.run.dir / n / "model").exists()), None)
+    if model is not None:
         console.print(f"try: lmforge sample --model {model} --prompt 'Your prompt'")
 
 
@@ -185,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_status)
 
+    from . import hf_cli
     from .scaling import cli as scaling_cli
 
-    for module in (scaling_cli,):
+    for module in (hf_cli, scaling_cli):
         module.add_parser(sub)
     return p
 

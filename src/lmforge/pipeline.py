@@ -51,6 +51,7 @@ class Stage:
     flags: tuple[tuple[str, str, str], ...] = ()  # (cli flag, config key, help)
     produces_model: bool = False
     distributed: bool = False  # runs on every torchrun rank (others run on rank 0 only)
+    uses_model: bool = False   # reads the latest trained model (its fingerprint is an input)
 
 
 REGISTRY: dict[str, Stage] = {}
@@ -60,9 +61,9 @@ ORDER: list[str] = []
 
 def register_stage(name: str, config_cls: type[BaseModel], *, needs: tuple[str, ...] = (), help: str = "",
                    flags: tuple[tuple[str, str, str], ...] = (), produces_model: bool = False,
-                   distributed: bool = False, after: str | None = None):
+                   distributed: bool = False, uses_model: bool = False, after: str | None = None):
     def deco(fn):
-        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model, distributed)
+        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model, distributed, uses_model)
         if name not in ORDER:
             ORDER.insert(ORDER.index(after) + 1 if after in ORDER else len(ORDER), name)
         return fn
@@ -167,7 +168,10 @@ class StageContext:
 def stage_fingerprint(cfg: BaseModel, name: str) -> tuple[str, dict[str, str]]:
     stage = REGISTRY[name]
     inputs = {}
-    for dep in stage.needs:
+    deps = list(stage.needs)
+    if stage.uses_model:  # whichever model-producing stage ran last feeds this one
+        deps += [n for n in ORDER if REGISTRY[n].produces_model and n not in deps and n != name]
+    for dep in deps:
         m = read_manifest(cfg.run.dir / dep)
         inputs[dep] = (m or {}).get("fingerprint", "missing")
     fp = fingerprint({"stage": name, "config": getattr(cfg, name).model_dump(mode="json"),

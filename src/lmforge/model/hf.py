@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -249,15 +249,34 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 def iter_weights(folder: Path):
     """(name, tensor) one at a time, so a caller can convert (e.g. quantise) without holding the
-    whole checkpoint in memory."""
+    whole checkpoint in memory. Reads each tensor's bytes with plain file reads rather than a
+    memory map, so pages of tensors already consumed do not stay resident in this process."""
     for f in weight_files(folder):
         try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    yield k, fh.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+                header.pop("__metadata__", None)
+                base = 8 + n
+                for k, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    dtype = _ST_DTYPES.get(info["dtype"])
+                    if dtype is None:
+                        raise ValueError(f"tensor {k}: dtype {info['dtype']} not supported")
+                    b, e = info["data_offsets"]
+                    fh.seek(base + b)
+                    buf = bytearray(e - b)
+                    if fh.readinto(buf) != e - b:
+                        raise ValueError(f"tensor {k}: file truncated")
+                    t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+                    yield k, t.reshape(info["shape"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{f}: cannot read weights ({e})") from None
 
 

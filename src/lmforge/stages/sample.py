@@ -29,7 +29,7 @@ class SampleConfig(BaseModel):
     seed: int | None = None
 
 
-@register_stage("sample", SampleConfig, needs=("pretrain",), help="print sample completions",
+@register_stage("sample", SampleConfig, needs=("pretrain",), uses_model=True, help="print sample completions",
                 flags=(("--model", "model", "model folder to sample from"),
                        ("--prompt", "prompts", "a prompt (repeatable)")))
 def sample_stage(ctx: StageContext) -> dict:

@@ -1,0 +1,451 @@
+"""Chat data for supervised fine-tuning: validate, render, mask, pack, batch.
+
+The rules, and why:
+
+* **Records** are `{"messages": [{"role", "content"}, ...]}` (system / user / assistant,
+  multi-turn) or `{"prompt", "completion"}` (strings, or message lists as in TRL). Every
+  problem -- unknown role, empty or non-string content, no assistant turn -- is a `DataError`
+  naming the record and message, or, with `on_error="skip"`, a skip counted by reason.
+* **Rendering goes through the model's own chat template**: lmforge's template for models it
+  trained (the fast Python `render_chat`, tested identical to the Jinja one), the Jinja template
+  of `tokenizer_config.json` / `chat_template.jinja` for imported checkpoints.
+* **Loss only on assistant tokens, derived by rendering.** For assistant message i we render
+  the conversation up to i with the generation prompt (P) and up to and including i (Q). The
+  assistant's span is Q minus P, trailing whitespace dropped: the answer *and its end-of-turn
+  token* (`<|end|>`, `<|eot_id|>`, `<|im_end|>`...), so the model learns to stop, and none of the
+  role header, which the prompt supplies at inference. Tokens of the full rendering whose
+  character offset starts inside a span carry loss. A template for which this cannot work (not
+  prefix-stable, ignores `add_generation_prompt`, or drops the content) is an error, never a
+  silently wrong mask.
+* **Long sequences** are truncated (`truncation="truncate"`, keeping the start) or dropped, and
+  counted; an example with no assistant token left is dropped and counted.
+* **Packing** concatenates short examples into rows of `seq_len` tokens (best-fit decreasing).
+  Each example keeps its own positions (reset to 0) and a segment id; attention is causal *and*
+  within the segment, and targets never cross an example boundary, so a packed example's logits
+  equal its unpacked logits (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, render_chat
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- records
+def validate_messages(messages: object, where: str = "record") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} is a {type(m).__name__}, expected {{role, content}}")
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}: message {i} has unknown role {role!r}; expected one of "
+                            f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} ({role}) content must be a string, got "
+                            f"{type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"{where}: message {i} ({role}) has empty content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant turn, so nothing to learn from; add an assistant "
+                        f"message or drop the record")
+    return out
+
+
+def record_to_messages(rec: object, where: str = "record") -> list[dict]:
+    """A `messages` record or a `prompt`/`completion` record -> validated messages."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        return validate_messages(rec["messages"], where)
+    if "prompt" in rec and "completion" in rec:
+        p, c = rec["prompt"], rec["completion"]
+        p = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        c = [{"role": "assistant", "content": c}] if isinstance(c, str) else c
+        if not isinstance(p, list) or not isinstance(c, list):
+            raise DataError(f"{where}: prompt/completion must be strings or message lists")
+        return validate_messages(p + c, where)
+    raise DataError(f"{where}: needs 'messages' or 'prompt'+'completion' (keys: {sorted(rec)[:6]})")
+
+
+def read_jsonl_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) per line of a JSONL file; bad JSON is an error naming the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file; give a JSONL file of messages or prompt/completion records")
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+# ----------------------------------------------------------------------------- templates
+def find_chat_template(folder: str | Path) -> str | None:
+    """The Jinja chat template stored with a tokenizer/model folder, if any."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    cfg_file = folder / "tokenizer_config.json"
+    if cfg_file.is_file():
+        try:
+            t = json.loads(cfg_file.read_text(encoding="utf-8")).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise DataError(f"{cfg_file}: invalid JSON ({e})") from None
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            t = named.get("default") or next(iter(named.values()), None)
+        if isinstance(t, str) and t:
+            return t
+    return None
+
+
+def _jinja_renderer(template: str, specials: dict):
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover
+        raise DataError("rendering this model's Jinja chat template needs `jinja2` (pip install jinja2)") from None
+
+    def raise_exception(msg):
+        raise DataError(f"chat template: {msg}")
+
+    def strftime_now(fmt):
+        return "26 Jul 2024"  # fixed: renders must be deterministic (Llama 3 templates print a date)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as e:
+        raise DataError(f"chat template does not compile: {e}") from None
+
+    def render(messages, add_generation_prompt=False):
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        except TemplateError as e:
+            raise DataError(f"chat template failed to render: {e}") from None
+    return render
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[bool]          # True: this token is an assistant token (a loss target)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(self.mask[1:])
+
+
+class ChatFormat:
+    """A tokenizer plus the chat template that goes with it."""
+
+    def __init__(self, tok: LMTokenizer, template: str | None = None, specials: dict | None = None):
+        self.tok = tok
+        ours = all(tok.token_id(t) == i for i, t in enumerate(("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>",
+                                                               "<|user|>", "<|assistant|>", "<|end|>")))
+        if template is None and not ours:
+            raise DataError("this tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                            "or chat_template.jinja); add one, or fine-tune on plain text instead")
+        self.template = template if template is not None else CHAT_TEMPLATE
+        if self.template == CHAT_TEMPLATE:
+            self._render = render_chat
+        else:
+            sp = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "",
+                  "pad_token": tok.pad_token or "", "unk_token": ""}
+            self._render = _jinja_renderer(self.template, {**sp, **(specials or {})})
+        end = tok.token_id("<|end|>") if ours else None
+        self.stop_ids = sorted({i for i in (end, tok.eos_id) if i is not None})
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> "ChatFormat":
+        tok = LMTokenizer.load(folder)
+        template = find_chat_template(folder)
+        specials = {}
+        cfg_file = Path(folder) / "tokenizer_config.json"
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                v = cfg.get(k)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    specials[k] = v
+        fmt = cls(tok, template, specials)
+        # stop on the template's end-of-turn token too (e.g. <|eot_id|>, <|im_end|>)
+        if template is not None and template != CHAT_TEMPLATE:
+            probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+            try:
+                ex = fmt.encode(probe)
+            except DataError:  # reported when real data is encoded
+                return fmt
+            last = [i for i, m in zip(ex.ids, ex.mask) if m]
+            if last:
+                fmt.stop_ids = sorted(set(fmt.stop_ids) | {last[-1]})
+        return fmt
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return self._render(list(messages), add_generation_prompt)
+
+    def assistant_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the [start, end) character span of every assistant turn."""
+        full = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            p = self.render(messages[:i], add_generation_prompt=True) if i else self.render([], True)
+            q = self.render(messages[: i + 1])
+            if not q.startswith(p) or not full.startswith(q):
+                raise DataError(f"the chat template cannot mark assistant spans: rendering is not "
+                                f"prefix-stable at message {i} (it rewrites earlier turns); use a "
+                                f"template that renders each turn independently")
+            turn = q[len(p):].rstrip()
+            k = turn.find(m["content"].strip())
+            if k < 0:
+                raise DataError(f"the chat template does not render assistant message {i}'s content "
+                                f"verbatim; cannot locate the assistant tokens")
+            head = turn[:k]
+            if head.strip() and i and p == self.render(messages[:i]):
+                raise DataError("the chat template ignores add_generation_prompt but renders an assistant "
+                                f"header ({head.strip()!r}) that a generation prompt would have to supply; "
+                                "fix the template")
+            # the answer starts at the content, or at the whitespace just before it (the model
+            # generates that space: "[/INST] Hello" tokenises as "▁Hello"); the template's own
+            # per-turn markup before it (a header, an empty think block) carries no loss
+            spans.append((len(p) + len(head.rstrip()), len(p) + len(turn)))
+        return full, spans
+
+    def encode(self, messages: Sequence[dict]) -> Example:
+        text, spans = self.assistant_spans(messages)
+        enc = self.tok.tokenizer.encode(text, add_special_tokens=False)
+        mask = []
+        k = 0
+        for start, _end in enc.offsets:
+            while k < len(spans) and start >= spans[k][1]:
+                k += 1
+            mask.append(k < len(spans) and spans[k][0] <= start < spans[k][1])
+        for s, e in spans:  # every span must own tokens, its end-of-turn token included
+            if not any(m and s <= o[0] < e for m, o in zip(mask, enc.offsets)):
+                raise DataError("an assistant turn received no tokens after tokenisation; check the template")
+        return Example(list(enc.ids), mask)
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids to feed for generating the next assistant turn."""
+        return self.tok.encode(self.render(messages, add_generation_prompt=True))
+
+
+# ----------------------------------------------------------------------------- dataset building
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    tokens: int = 0
+    assistant_tokens: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"examples": self.examples, "tokens": self.tokens, "assistant_tokens": self.assistant_tokens,
+                "truncated": self.truncated, **{f"skipped_{k}": v for k, v in sorted(self.skipped.items())}}
+
+
+def encode_records(records: Iterable[tuple[str, object]], fmt: ChatFormat, max_len: int, *,
+                   truncation: str = "truncate", on_error: str = "raise") -> tuple[list[Example], EncodeStats]:
+    """(where, record) pairs -> examples of at most `max_len` tokens, with counted drops."""
+    if truncation not in ("truncate", "drop"):
+        raise DataError(f"truncation={truncation!r}: use 'truncate' or 'drop'")
+    out, st = [], EncodeStats()
+    for where, rec in records:
+        try:
+            ex = fmt.encode(record_to_messages(rec, where))
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            msg = str(e)
+            reason = ("unknown_role" if "unknown role" in msg else "empty_content" if "empty content" in msg
+                      else "no_assistant" if "no assistant" in msg else "template" if "template" in msg
+                      else "invalid")
+            st.skipped[reason] += 1
+            continue
+        if len(ex) > max_len:
+            if truncation == "drop":
+                st.skipped["too_long"] += 1
+                continue
+            ex = Example(ex.ids[:max_len], ex.mask[:max_len])
+            st.truncated += 1
+            if ex.n_targets == 0:
+                st.skipped["no_assistant_after_truncation"] += 1
+                continue
+        out.append(ex)
+        st.examples += 1
+        st.tokens += len(ex)
+        st.assistant_tokens += ex.n_targets
+    return out, st
+
+
+# ----------------------------------------------------------------------------- packing + batches
+@dataclass
+class Row:
+    """One training row: token ids, next-token targets (IGNORE where no loss), position ids and
+    segment ids (which example each token belongs to)."""
+    ids: list[int]
+    labels: list[int]
+    pos: list[int]
+    seg: list[int]
+
+
+def example_row(ex: Example, seg: int = 0) -> Row:
+    labels = [t if m else IGNORE for t, m in zip(ex.ids[1:], ex.mask[1:])] + [IGNORE]
+    return Row(list(ex.ids), labels, list(range(len(ex))), [seg] * len(ex))
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
+    """Best-fit-decreasing packing of examples into rows of <= seq_len tokens."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(examples[i])
+        if n > seq_len:
+            raise DataError(f"example of {n} tokens does not fit seq_len {seq_len}; encode with max_len=seq_len")
+        best = -1
+        for b, f in enumerate(free):
+            if f >= n and (best < 0 or f < free[best]):
+                best = b
+        if best < 0:
+            bins.append([i])
+            free.append(seq_len - n)
+        else:
+            bins[best].append(i)
+            free[best] -= n
+    rows = []
+    for b in bins:
+        r = Row([], [], [], [])
+        for s, i in enumerate(sorted(b)):
+            er = example_row(examples[i], s)
+            r.ids += er.ids; r.labels += er.labels; r.pos += er.pos; r.seg += er.seg  # noqa: E702
+        rows.append(r)
+    return rows
+
+
+def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
+    """Right-padded tensors. Packed rows get a document mask [B,1,T,T] (causal within segment);
+    unpacked rows need none (right padding is invisible to causal attention)."""
+    T = max(len(r.ids) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.ids)
+        ids[b, :n] = torch.tensor(r.ids)
+        labels[b, :n] = torch.tensor(r.labels)
+        pos[b, :n] = torch.tensor(r.pos)
+        seg[b, :n] = torch.tensor(r.seg)
+    out = {"input_ids": ids, "labels": labels}
+    if packed:
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        out["position_ids"] = pos
+        out["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    return out
+
+
+class RowLoader:
+    """Endless shuffled batches of rows; state {epoch, position} restores the exact stream."""
+
+    def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
+        if not rows:
+            raise DataError("no training examples left after filtering; check the data and seq_len")
+        self.rows, self.batch_size, self.pad_id, self.packed, self.seed = rows, batch_size, pad_id, packed, seed
+        self.epoch, self.position = 0, 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+
+    def __iter__(self):
+        perm = self._perm()
+        while True:
+            batch = []
+            while len(batch) < self.batch_size:
+                if self.position >= len(perm):
+                    self.epoch, self.position = self.epoch + 1, 0
+                    perm = self._perm()
+                batch.append(self.rows[perm[self.position]])
+                self.position += 1
+            yield collate(batch, self.pad_id, packed=self.packed)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ----------------------------------------------------------------------------- loss
+def _forward(model, batch):
+    return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+
+
+class SFTObjective:
+    """Cross-entropy summed over assistant targets; count = number of assistant targets.
+
+    The output projection runs only at positions that have a target: in chat data most tokens
+    are system/user/template tokens, and with a large vocabulary the [tokens, vocab] logits are
+    the biggest activation of the step (TRL and HF compute them everywhere)."""
+
+    def __call__(self, model, batch):
+        labels = batch["labels"]
+        if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+            h = model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"),
+                                    attn_mask=batch.get("attn_mask"))
+            sel = labels != IGNORE
+            logits = model.lm_head(h[sel])
+            loss = F.cross_entropy(logits.float(), labels[sel], reduction="sum")
+        else:
+            logits = _forward(model, batch)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                   reduction="sum")
+        return loss, self.count(batch), {}
+
+    def count(self, batch) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+
+@torch.no_grad()
+def assistant_loss(model, examples: Sequence[Example], pad_id: int, device, batch_size: int = 16) -> float:
+    """Mean loss per assistant token over `examples` (unpacked, in order)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    rows = [example_row(e) for e in examples]
+    obj = SFTObjective()
+    for i in range(0, len(rows), batch_size):
+        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id, packed=False).items()}
+        loss, n, _ = obj(model, b)
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
