@@ -1,0 +1,114 @@
+"""The CPU scaling sweep: 12 tiny Llama-style models trained by the real `pretrain` stage on the
+built-in corpus (the default pipeline's data and tokenizer), then the scaling-law fits.
+
+    python benchmarks/scaling_sweep.py [--out DIR] [--fresh] [-- extra `scaling sweep` args]
+
+Runs `lmforge scaling sweep` in a child process and prints a markdown report: machine, command,
+date, wall and CPU time (with the load average: on a shared machine wall time depends on what
+else runs), the run table, the fitted law with bootstrap 95% intervals, the IsoFLOP and Kaplan
+results from `fit.json`, and the plot files with their sizes.
+
+The default grid is 4 sizes (d_model x n_layers, head_dim 32, MHA) x 3 token budgets:
+sizes x tokens rather than IsoFLOP because at the compute a 2-core CPU affords in minutes
+(~1e12-1e13 FLOPs) every IsoFLOP minimum lies below the smallest model worth training with a
+4096-token vocabulary, so the parabolas would not bracket it. Peak LR = the tiny config's
+3e-3 at d_model 192 x (192 / d_model) (the sweep's default 1/width rule: 1.8e-2 at d_model 32,
+4.5e-3 at 128), WSD schedule with one warmup per size, batch 8 x 256 tokens. Re-running with
+the same --out resumes (completed points are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = "32x2,64x2,96x3,128x4"
+TOKENS = "256K,512K,1M"
+OVERRIDES = ["pretrain.batch_size=8"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/lmforge-sweep-bench", help="sweep directory (default: %(default)s)")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first (else completed points are reused)")
+    ap.add_argument("--jobs", type=int, default=2, help="points trained at once (default: %(default)s)")
+    ap.add_argument("extra", nargs="*", help="more `lmforge scaling sweep` arguments / overrides")
+    a = ap.parse_args()
+    out = Path(a.out)
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "lmforge.cli", "scaling", "sweep", "tiny", *OVERRIDES,
+           "--sizes", SIZES, "--tokens", TOKENS, "--jobs", str(a.jobs), "--out", str(out), *a.extra]
+    load0 = os.getloadavg()
+    t0 = time.time()
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load1 = os.getloadavg()
+    if rc != 0:
+        sys.exit(f"sweep failed (exit {rc}); see {out.parent / (out.name + '.log')}")
+    report(cmd, out, wall, ru.ru_utime + ru.ru_stime, load0, load1)
+
+
+def report(cmd, out: Path, wall: float, cpu: float, load0, load1) -> None:
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    fit = json.loads((out / "fit.json").read_text())
+    sweep = json.loads((out / "sweep.json").read_text())
+    print(f"machine: {os.cpu_count()}-core {platform.machine()} CPU, python {platform.python_version()}, "
+          f"torch {_torch_version()}")
+    print(f"command: {' '.join(['python -m lmforge.cli', *cmd[3:]])}")
+    print(f"date: {time.strftime('%Y-%m-%d')}")
+    tok = json.loads((out / runs[0]["name"] / "tokenizer" / "manifest.json").read_text())["metrics"]
+    print(f"corpus: built-in (default pipeline's data + tokenizer from {sweep['base_run']}), vocab "
+          f"{tok['vocab_size']:,}, {tok['train_tokens']:,} train / {tok['val_tokens']:,} val tokens")
+    trained = [p for p in sweep["points"] if p["status"] == "ran"]
+    print(f"\nwall time {wall / 60:.1f} min for {len(trained)} trained of {len(runs)} points "
+          f"(the sweep's own clock: {sweep['wall_seconds'] / 60:.1f} min; sum of per-point training "
+          f"time {sweep['train_seconds'] / 60:.1f} min); CPU time of all processes {cpu / 60:.1f} min; "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end, on {os.cpu_count()} cores\n")
+    print("| point | N | N non-emb | D | steps | peak LR | val loss | train s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['name']} | {int(r['params']):,} | {int(r['non_embedding_params']):,} | {int(r['tokens']):,} | "
+              f"{r['steps']} | {float(r['peak_lr']):.3g} | {float(r['val_loss']):.4f} | {float(r['train_seconds']):.0f} |")
+    p = fit["parametric"]
+    law, ci = p["law"], p["ci95"]
+    print(f"\nApproach 3, L = E + A/N^alpha + B/D^beta ({p['n_runs']} runs, {p['n_bootstrap_ok']}/"
+          f"{p['n_bootstrap']} bootstrap fits, RMS log residual {p['rmse_log']:.3g}):\n")
+    print("| parameter | estimate | 95% CI |\n|---|---:|---|")
+    for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        lo, hi = ci.get(k, (float("nan"), float("nan")))
+        print(f"| {k} | {law[k]:.4g} | [{lo:.4g}, {hi:.4g}] |")
+    iso = fit.get("isoflop", {})
+    print("\nApproach 2 (IsoFLOP): " + (iso["skipped"] if "skipped" in iso else
+          f"N_opt = {iso['n_opt']['coef']:.3g} C^{iso['n_opt']['exponent']:.3f}"))
+    k = fit.get("kaplan", {})
+    for name, v in k.get("laws", {}).items():
+        print(f"Kaplan L({name}) = ({v['kaplan_scale']:.3g} / {name})^{v['kaplan_alpha']:.4f}  R^2 {v['r2']:.3f}")
+    for name, why in k.get("skipped", {}).items():
+        print(f"Kaplan L({name}): skipped, {why}")
+    if fit.get("warnings"):
+        print("fit warnings: " + "; ".join(fit["warnings"]))
+    print("\nplots: " + ", ".join(f"{q} ({Path(q).stat().st_size / 1024:.0f} KB)" for q in fit.get("plots", [])))
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
