@@ -1,18 +1,52 @@
-"""`lmforge eval`: validation loss, perplexity and bits-per-byte of a trained model, next to
-a unigram baseline on the same targets. Writes `eval/results.json`."""
+"""`lmforge eval`: how good is the trained model, in numbers that mean something.
+
+1. **Perplexity family** on the validation split: loss, perplexity and bits-per-byte over the
+   token stream next to a unigram baseline on the same targets (as the pretraining evals), and
+   document-level rolling perplexity with word perplexity and bits-per-byte on the first
+   ``doc_tokens`` validation tokens (each document scored alone, every token predicted once).
+2. **Tasks** (``eval.tasks``): multiple-choice tasks scored by log-likelihood (acc, acc_norm,
+   acc_bytes with 95% intervals and the chance level) and generative tasks (exact match, pass@k).
+   The default is ``builtin``: a sentence-ending cloze built offline from the validation text, so
+   the default pipeline measures a downstream task in seconds with nothing downloaded. Name
+   others as ``mmlu:PATH``, ``arc:PATH``, ``hellaswag:PATH``, ``gsm8k:PATH`` or a task spec
+   file (see `lmforge.eval.readers`).
+
+Writes ``eval/results.json`` (top-level keys loss/ppl/bpb/unigram_bpb/tokens as before, plus
+``documents`` and ``tasks``) and ``eval/predictions/<task>.jsonl`` (per-item scores), which the
+report stage turns into tables.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import load_shard
-from ..eval.perplexity import evaluate_shard, token_byte_lengths, unigram_bpb
-from ..model.hf import load_pretrained
+from ..eval.loading import check_pair
+from ..eval.loglik import Scorer
+from ..eval.perplexity import document_metrics, evaluate_shard, shard_documents, token_byte_lengths, unigram_bpb
+from ..eval.readers import load_task
+from ..eval.report import hardware
+from ..eval.tasks import evaluate_task, headline
+from ..model.hf import load_pretrained, read_hf_config
 from ..pipeline import StageContext, register_stage
-from ..runs import atomic_write_json
+from ..runs import atomic_write_json, atomic_write_text
 from ..tokenizer import LMTokenizer
+
+
+class GenerationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_samples: int = Field(1, ge=1, description="samples per problem (pass@k needs n_samples >= k)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    pass_k: list[int] = Field(default_factory=lambda: [1], description="k values for pass@k (when n_samples > 1)")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, capped at half the context")
+    batch_size: int = Field(16, ge=1)
 
 
 class EvalConfig(BaseModel):
@@ -22,24 +56,103 @@ class EvalConfig(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="score at most this many val tokens (default: all)")
     batch_size: int = Field(16, ge=1)
     seq_len: int | None = Field(None, ge=8, description="default: the model's context length")
+    doc_tokens: int = Field(20000, ge=0, description="document-level rolling perplexity (word ppl) on up to "
+                                                     "this many val tokens; 0 = off")
+    context_len: int = Field(1, ge=1, description="rolling windows: min context of each window after the first "
+                                                  "(1 = lm-evaluation-harness; larger = sliding window)")
+    tasks: list[str] = Field(default_factory=lambda: ["builtin"],
+                             description="builtin, mmlu:PATH, mmlu_cloze:PATH, arc:PATH, hellaswag:PATH, "
+                                         "gsm8k:PATH, task.yaml, items.jsonl")
+    num_fewshot: int | None = Field(None, ge=0, description="override every task's few-shot count")
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many items per task")
+    task_seed: int = Field(1234, description="seed of few-shot sampling and of the builtin task")
+    builtin_items: int = Field(200, ge=4, description="items in the builtin cloze task")
+    on_error: Literal["raise", "skip"] = Field("raise", description="malformed task items: error, or skip and count")
+    batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
+    add_bos: bool = Field(True, description="prepend BOS to every context (lmforge models are trained with it)")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    save_predictions: bool = True
 
 
-@register_stage("eval", EvalConfig, needs=("tokenizer", "pretrain"), help="perplexity and bits-per-byte on the val split",
-                flags=(("--model", "model", "model folder to evaluate"),))
+@register_stage("eval", EvalConfig, needs=("tokenizer", "pretrain", "sft", "align"),
+                help="perplexity, bits-per-byte and benchmark tasks",
+                flags=(("--model", "model", "model folder to evaluate"),
+                       ("--task", "tasks", "task to run (repeatable): builtin, mmlu:PATH, arc:PATH, "
+                                           "hellaswag:PATH, gsm8k:PATH, spec.yaml")))
 def eval_stage(ctx: StageContext) -> dict:
     cfg: EvalConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
     tok_dir = ctx.input_dir("tokenizer")
     model = load_pretrained(model_dir, device=ctx.device)
     tok = LMTokenizer.load(model_dir if (model_dir / "tokenizer.json").exists() else tok_dir)
+    check_pair(model.cfg, tok, read_hf_config(model_dir), where=str(model_dir))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     val, train = load_shard(tok_dir, "val"), load_shard(tok_dir, "train")
+    if val.meta.get("vocab_size", 0) > model.cfg.vocab_size:
+        from ..errors import CheckpointError
+        raise CheckpointError(f"{tok_dir}: the token shards use a {val.meta['vocab_size']:,}-token vocabulary but "
+                              f"{model_dir} has {model.cfg.vocab_size:,} rows; evaluate a model trained on them")
+
+    # 1. perplexity over the token stream (as during pretraining) + unigram baseline
+    t0 = time.time()
     tb = token_byte_lengths(tok)
     res = evaluate_shard(model, val, tb, seq_len=seq_len, batch_size=cfg.batch_size, device=ctx.device,
                          max_tokens=cfg.max_tokens)
     res["unigram_bpb"] = unigram_bpb(train.tokens, val, tb, seq_len=seq_len, max_tokens=cfg.max_tokens)
     res["model"] = str(model_dir)
-    atomic_write_json(ctx.dir / "results.json", res)
+    res["hardware"] = hardware()
     ctx.log(f"val loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
-            f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens")
-    return {k: v for k, v in res.items() if k != "model"}
+            f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens [{time.time() - t0:.1f}s]")
+    metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
+
+    scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
+    # 2. whole documents, rolling windows: word perplexity and bpb that compare across tokenizers
+    val_texts: list[str] | None = None
+    if cfg.doc_tokens:
+        t0 = time.time()
+        val_texts = shard_documents(val, tok, max_tokens=cfg.doc_tokens)
+        doc = document_metrics(scorer, val_texts, context_len=min(cfg.context_len, seq_len))
+        res["documents"] = doc
+        metrics.update({"word_ppl": doc["word_ppl"], "doc_bpb": doc["bpb"]})
+        ctx.log(f"documents: {doc['docs']} docs, {doc['tokens']:,} tokens: ppl {doc['ppl']:.2f}  word ppl "
+                f"{doc['word_ppl']:.2f}  bpb {doc['bpb']:.4f} [{time.time() - t0:.1f}s]")
+
+    # 3. tasks
+    res["tasks"] = {}
+    g = cfg.generation
+    for spec in cfg.tasks:
+        builtin = None
+        if spec.strip() in ("builtin", "builtin_cloze"):
+            builtin = shard_documents(val, tok, max_docs=10**9)
+        task = load_task(spec, on_error=cfg.on_error, builtin_texts=builtin, builtin_n=cfg.builtin_items,
+                         seed=cfg.task_seed)
+        max_new = min(g.max_new_tokens or task.max_new_tokens, seq_len // 2)
+        out = evaluate_task(model, tok, task, scorer=scorer, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+                            keep_predictions=cfg.save_predictions, n_samples=g.n_samples,
+                            temperature=g.temperature, top_p=g.top_p, ks=g.pass_k, seed=ctx.seed,
+                            batch_size=g.batch_size, max_new_tokens=max_new)
+        preds = out.pop("predictions", None)
+        if preds is not None:
+            atomic_write_text(ctx.dir / "predictions" / f"{task.name}.jsonl",
+                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+        res["tasks"][task.name] = out
+        flat = headline(out)
+        metrics.update({f"{task.name}/{k}": v for k, v in flat.items()})
+        ctx.log(_task_line(out))
+    atomic_write_json(ctx.dir / "results.json", res)
+    return metrics
+
+
+def _task_line(out: dict) -> str:
+    parts = [f"{out['task']}: n={out['n']}"]
+    for k in ("acc", "acc_norm", "exact_match", "pass@1"):
+        if k in out:
+            lo, hi = out[k]["ci95"]
+            parts.append(f"{k} {out[k]['value']:.3f} [{lo:.3f}, {hi:.3f}]")
+    if "chance" in out:
+        parts.append(f"chance {out['chance']:.3f}")
+    skipped = sum(out.get("skipped", {}).values())
+    if skipped or out.get("truncated"):
+        parts.append(f"skipped {skipped} {out.get('skipped') or ''} truncated {out.get('truncated', 0)}")
+    parts.append(f"[{out['seconds']:.1f}s]")
+    return "  ".join(parts)

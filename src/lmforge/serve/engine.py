@@ -1,0 +1,457 @@
+"""The generation service: continuous batching over a slot KV cache, one worker thread.
+
+Why not just call `model.generate.generate` per request? A server sees requests arrive one by
+one, with different prompt lengths, sampling settings and budgets. This engine keeps up to
+`max_batch` requests *in flight* in fixed slots and runs one decode step for all of them at a
+time; a request that finishes frees its slot at once and a waiting one takes it on the next
+step (continuous batching), so short answers never wait for long ones.
+
+Design choices:
+- **Slot cache, no padding.** Each slot owns a row of a pre-allocated K/V buffer
+  `[max_batch, n_kv_heads, context, head_dim]` and writes its tokens from column 0, so a token's
+  column is its RoPE position. A decode step feeds each active row its last token at its own
+  position and masks the keys past each row's length; rows of equal length need no mask at all.
+  The model's attention only calls `cache.update(layer, k, v)`, so the `Transformer` of
+  model/transformer.py runs unchanged (lmforge models, imported HF Llama/Mistral/Qwen2 models
+  and models with LoRA layers patched in alike).
+- **Prefill per request** (one forward over the prompt into its slot), then the first token is
+  sampled and streamed at once: time-to-first-token is one prompt forward.
+- **Sampling per row, vectorised**: temperature (0 = greedy), top-k, top-p, repetition
+  penalty (HF/CTRL style over prompt + generated tokens), OpenAI presence/frequency penalties
+  (over generated tokens only), per-request seeds (a `torch.Generator` per request, so a seeded
+  request gives the same tokens whatever else is in the batch, up to float rounding).
+- **Stops**: stop token ids (the tokenizer's eos and chat end-of-turn by default), stop strings
+  (matched on the decoded text; text that might be the start of a stop string is held back, so
+  a streamed answer never shows half a stop string), `max_tokens`, and the context limit.
+- **Bounded**: at most `max_batch` running and `max_queue` waiting requests; `submit` raises
+  `EngineFull` beyond that (the server turns it into a 503). A cancelled request (client gone)
+  frees its slot at the next step. An exception while decoding fails the requests in flight,
+  not the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import LMForgeError
+from .request import Chunk, Completion, GenParams, Request  # noqa: F401  (re-exported)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
+
+
+class EngineFull(LMForgeError):
+    """The wait queue is full; retry later (HTTP 503)."""
+
+
+class EngineClosed(LMForgeError):
+    """The engine was shut down."""
+
+
+# ----------------------------------------------------------------------------- the cache
+class SlotCache:
+    """K/V buffers with one row per slot. Duck-types `model.transformer.KVCache` (`update`,
+    `length`): before each forward the engine says which rows and positions are written."""
+
+    def __init__(self, cfg, slots: int, context: int, device, dtype):
+        shape = (slots, cfg.kv_heads, context, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.context = context
+        self.length = 0        # the Transformer bumps this; positions are always passed explicitly
+        self._mode = None
+
+    def prefill(self, slot: int, n: int) -> "SlotCache":
+        self._mode = ("prefill", slot, n)
+        return self
+
+    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> "SlotCache":
+        self._mode = ("decode", rows, pos, k_len)
+        return self
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        mode = self._mode
+        if mode[0] == "prefill":
+            _, slot, n = mode
+            self.k[layer][slot, :, :n] = k[0]
+            self.v[layer][slot, :, :n] = v[0]
+            return k, v
+        _, rows, pos, k_len = mode   # rows: slice(0, B) (the engine keeps active slots packed)
+        kc, vc = self.k[layer][rows], self.v[layer][rows]
+        b = torch.arange(k.shape[0], device=k.device)
+        kc[b, :, pos] = k[:, :, 0]
+        vc[b, :, pos] = v[:, :, 0]
+        return kc[:, :, :k_len], vc[:, :, :k_len]
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]
+
+
+@dataclass
+class _Slot:
+    req: Request
+    length: int                        # tokens in the cache for this slot
+    last: int                          # the token to feed next
+
+
+# ----------------------------------------------------------------------------- the engine
+class Engine:
+    """Batched generation around a `Transformer` and an `LMTokenizer`.
+
+    >>> eng = Engine.from_pretrained("runs/tiny/pretrain/model")
+    >>> with eng:
+    ...     print(eng.complete("The function", GenParams(max_tokens=20, temperature=0)).text)
+    """
+
+    def __init__(self, model, tokenizer, *, chat_format=None, name: str = "lmforge", max_batch: int = 8,
+                 max_queue: int = 64, context: int | None = None, stop_token_ids: Sequence[int] | None = None,
+                 fast_path: bool = False):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.chat_format = chat_format
+        self.name = name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.vocab = model.cfg.vocab_size
+        if stop_token_ids is None:
+            stop_token_ids = sorted({i for i in (tokenizer.eos_id, tokenizer.end_id) if i is not None}
+                                    | set(getattr(chat_format, "stop_ids", []) or []))
+        self.default_stop_ids = set(stop_token_ids)
+        self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
+        self.fast = None
+        if fast_path:  # fused weights and a lean forward (fastpath.py); it changes `model` in place
+            from .fastpath import FastDecoder, self_check, use_gqa_attention
+
+            fast = FastDecoder.build(model)
+            if fast is not None and self_check(model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)):
+                self.fast = fast
+            else:
+                use_gqa_attention(model)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
+        self.waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "rejected": 0, "errors": 0,
+                         "generated_tokens": 0, "prompt_tokens": 0}
+
+    # -- construction
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, adapter: str | Path | None = None, merge: bool = False,
+                        device: str = "cpu", dtype: str | None = None, name: str | None = None, **kw) -> "Engine":
+        from .loading import load_for_inference
+
+        model, tok, fmt, label = load_for_inference(folder, adapter=adapter, merge=merge, device=device, dtype=dtype)
+        kw.setdefault("fast_path", True)  # the engine owns this model object, so it may fuse weights
+        return cls(model, tok, chat_format=fmt, name=name or label, **kw)
+
+    # -- lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._threads = torch.get_num_threads()  # the worker uses the caller's torch thread count
+            self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public API
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids for the next assistant turn of `messages` (the model's chat template)."""
+        if self.chat_format is None:
+            raise LMForgeError(f"model {self.name!r} has no chat template; use plain completions")
+        return self.chat_format.prompt_ids(messages)
+
+    def encode(self, text: str) -> list[int]:
+        bos = self.tok.bos_id is not None
+        return self.tok.encode(text, add_bos=bos)
+
+    def check_prompt(self, prompt_ids: Sequence[int], params: GenParams) -> int:
+        """The number of new tokens this request may produce; ValueError if it cannot run."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.context:
+            raise ValueError(f"the prompt has {n} tokens but the model's context is {self.context} tokens "
+                             f"(at least one must be left to generate); shorten the prompt")
+        room = self.context - n
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                             f"context of {self.context} tokens; lower max_tokens to at most {room}")
+        bad = [i for i in prompt_ids if not 0 <= int(i) < self.vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab}")
+        return params.max_tokens or room
+
+    def submit(self, prompt_ids: Sequence[int], params: GenParams | None = None, *,
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        params = (params or GenParams()).validate()
+        max_new = self.check_prompt(prompt_ids, params)
+        stops = set() if params.ignore_eos else set(self.default_stop_ids)
+        stops |= {int(i) for i in params.stop_token_ids}
+        req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop)
+        with self._cv:
+            if self._stop:
+                raise EngineClosed("the engine is shut down")
+            if self._thread is None:
+                self.start()
+            free = sum(s is None for s in self.slots)
+            if len(self.waiting) >= self.max_queue + free:
+                self.counters["rejected"] += 1
+                raise EngineFull(f"server busy: {self.max_batch} requests running and {len(self.waiting)} "
+                                 f"waiting (max_queue={self.max_queue}); retry later")
+            self.waiting.append(req)
+            self.counters["submitted"] += 1
+            self._cv.notify_all()
+        return req
+
+    def complete(self, prompt: str | Sequence[int], params: GenParams | None = None) -> Completion:
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.submit(ids, params).result()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: GenParams | None = None) -> list[Completion]:
+        """Run many prompts through the batch at once (blocking)."""
+        reqs = [self.submit(self.encode(p) if isinstance(p, str) else list(p), params) for p in prompts]
+        return [r.result() for r in reqs]
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+                    "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters}
+
+    # -- the worker
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        torch.set_num_threads(self._threads)
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and all(s is None for s in self.slots):
+                    self._cv.wait(timeout=1.0)
+                if self._stop:
+                    break
+                admit = []
+                for i, s in enumerate(self.slots):
+                    if s is None and self.waiting:  # reserve the slot now, so capacity is exact
+                        req = self.waiting.popleft()
+                        self.slots[i] = _Slot(req, 0, -1)
+                        admit.append((i, req))
+            try:
+                for i, req in admit:
+                    self._prefill(i, req)
+                if any(s is not None for s in self.slots):
+                    self._decode_step()
+            except Exception as e:  # a bug or out-of-memory: fail what is in flight, keep serving
+                self.counters["errors"] += 1
+                msg = f"{type(e).__name__}: {e}"
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        self._finish(i, FINISH_ERROR, error=msg)
+        # shutting down: tell everybody
+        with self._cv:
+            pending = list(self.waiting)
+            self.waiting.clear()
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self._finish(i, FINISH_CANCELLED, error="engine shut down")
+        for req in pending:
+            req._push(Chunk("", [], FINISH_CANCELLED, error="engine shut down"))
+
+    def _prefill(self, i: int, req: Request) -> None:
+        if req.cancelled.is_set():
+            self._finish(i, FINISH_CANCELLED)
+            return
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        n = ids.shape[1]
+        pos = torch.arange(n, device=self.device)
+        if self.fast is not None:
+            logits = self.fast.forward(ids, pos[None], self.cache, slot=i).float()
+        else:
+            logits = self.model(ids, position_ids=pos, cache=self.cache.prefill(i, n))[:, -1].float()
+        if req.penalized:
+            self.seen[i].zero_()
+            self.seen[i, ids[0]] = True
+            self.counts[i].zero_()
+        self.slots[i] = _Slot(req, n, -1)
+        self.counters["prompt_tokens"] += n
+        tok = self._sample(logits, [i])[0]
+        self._accept(i, tok)
+
+    def _decode_step(self) -> None:
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        for i in active:  # drop cancelled requests before spending compute on them
+            if self.slots[i].req.cancelled.is_set():
+                self._finish(i, FINISH_CANCELLED)
+        self._compact()
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        if not active:
+            return
+        lengths = [self.slots[i].length for i in active]
+        B = len(active)
+        rows = slice(0, B)
+        pos = torch.tensor(lengths, device=self.device)
+        k_len = max(lengths) + 1
+        inp = torch.tensor([[self.slots[i].last] for i in active], device=self.device)
+        mask = None
+        if min(lengths) != max(lengths):
+            mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        if self.fast is not None:
+            logits = self.fast.forward(inp, pos[:, None], self.cache, k_len=k_len, mask=mask).float()
+        else:
+            logits = self.model(inp, position_ids=pos[:, None], attn_mask=mask,
+                                cache=self.cache.decode(rows, pos, k_len))[:, -1].float()
+        for i in active:
+            self.slots[i].length += 1
+        for i, tok in zip(active, self._sample(logits, active)):
+            self._accept(i, tok)
+
+    def _compact(self) -> None:
+        """Move the highest running slots into free lower ones so the running rows are 0..B-1
+        and every decode step works on views (no gathers)."""
+        while True:
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            used = [i for i, s in enumerate(self.slots) if s is not None]
+            if not free or not used or free[0] > used[-1]:
+                return
+            dst, src = free[0], used[-1]
+            s = self.slots[src]
+            self.cache.move(src, dst, s.length)
+            self.seen[dst] = self.seen[src]
+            self.counts[dst] = self.counts[src]
+            self.slots[dst], self.slots[src] = s, None
+
+    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """One token per row of `logits` [B, V] (rows = the slots they belong to)."""
+        ps = [self.slots[i].req.params for i in rows]
+        x = logits[:, : self.vocab]
+        if not any(p.temperature > 0 or self.slots[i].req.penalized for i, p in zip(rows, ps)):
+            return x.argmax(dim=-1).tolist()  # all greedy, no penalties: the common fast case
+        idx = torch.tensor(rows, device=self.device)
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            rp = torch.tensor([p.repetition_penalty for p in ps], device=x.device)[:, None]
+            x = torch.where(self.seen[idx], torch.where(x > 0, x / rp, x * rp), x)
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            c = self.counts[idx]
+            fp = torch.tensor([p.frequency_penalty for p in ps], device=x.device)[:, None]
+            pp = torch.tensor([p.presence_penalty for p in ps], device=x.device)[:, None]
+            x = x - fp * c - pp * (c > 0).float()
+        out = x.argmax(dim=-1).tolist()
+        hot = [j for j, p in enumerate(ps) if p.temperature > 0]
+        if not hot:
+            return out
+        xs = x[hot] / torch.tensor([ps[j].temperature for j in hot], device=x.device)[:, None]
+        V = xs.shape[-1]
+        ks = [ps[j].top_k if ps[j].top_k and ps[j].top_k < V else V for j in hot]
+        tp = [ps[j].top_p for j in hot]
+        order = None
+        if min(ks) < V or min(tp) < 1.0:
+            xs, order = torch.sort(xs, dim=-1, descending=True)
+            if min(ks) < V:
+                rank = torch.arange(V, device=x.device)[None, :]
+                xs = xs.masked_fill(rank >= torch.tensor(ks, device=x.device)[:, None], float("-inf"))
+            if min(tp) < 1.0:
+                probs = xs.softmax(-1)
+                drop = probs.cumsum(-1) - probs >= torch.tensor(tp, device=x.device)[:, None]
+                xs = xs.masked_fill(drop, float("-inf"))
+        probs = xs.softmax(-1)
+        for n, j in enumerate(hot):
+            pick = int(torch.multinomial(probs[n], 1, generator=self.slots[rows[j]].req.generator))
+            out[j] = int(order[n, pick]) if order is not None else pick
+        return out
+
+    def _accept(self, i: int, tok: int) -> None:
+        s = self.slots[i]
+        req = s.req
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if tok in req.stop_ids:
+            self._finish(i, FINISH_STOP)
+            return
+        s.last = tok
+        req.out_ids.append(tok)
+        if req.penalized:
+            self.seen[i, tok] = True
+            self.counts[i, tok] += 1
+        self.counters["generated_tokens"] += 1
+        text = self.tok.decode(req.out_ids, skip_special=True)
+        stop_at = _find_stop(text, req.params.stop, max(0, req.sent - _longest(req.params.stop)))
+        if stop_at is not None:
+            req.text = text[:stop_at]
+            self._finish(i, FINISH_STOP, ids=[tok])
+            return
+        req.text = text
+        limit = len(req.out_ids) >= req.max_new or s.length + 1 >= self.context
+        if limit:
+            self._finish(i, FINISH_LENGTH, ids=[tok])
+            return
+        safe = len(text) - _held_back(text, req.params.stop)
+        tail = len(text) - len(text.rstrip("\ufffd"))
+        if tail:  # maybe an incomplete UTF-8 sequence: wait for the next token
+            safe = min(safe, len(text) - tail)
+        if safe > req.sent:
+            req._push(Chunk(text[req.sent:safe], [tok]))
+            req.sent = safe
+        else:
+            req._push(Chunk("", [tok]))
+
+    def _finish(self, i: int, reason: str, error: str | None = None, ids: list[int] | None = None) -> None:
+        s = self.slots[i]
+        self.slots[i] = None
+        req = s.req
+        if reason == FINISH_CANCELLED:
+            self.counters["cancelled"] += 1
+        elif reason == FINISH_ERROR:
+            pass
+        else:
+            self.counters["completed"] += 1
+        rest = req.text[req.sent:] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
+        req.sent = len(req.text)
+        req._push(Chunk(rest, ids or [], reason, error=error))
+        with self._cv:
+            self._cv.notify_all()
+
+
+def _longest(stops: Sequence[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

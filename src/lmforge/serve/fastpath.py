@@ -1,0 +1,192 @@
+"""A lean forward pass for the engine's prefill and decode steps (same math as the model).
+
+Decoding a small model on a CPU is bound by per-operation overhead, not FLOPs: a d=192, 4-layer
+model does ~2.6 MFLOP per token but ~200 tensor operations and ~50 module calls in eager
+PyTorch. This path computes exactly what `model.transformer.Transformer` computes, with fewer
+operations:
+- q/k/v projections fused into one matmul, and gate/up into one (the modules' weights become
+  views into the fused tensor, so memory is not doubled and the model stays usable as is);
+- RoPE applied to queries and keys in one go; no module hooks (`F.linear`, `F.rms_norm`);
+- K/V written into the slot cache with a slice copy when all rows are at the same position;
+- grouped-query attention by SDPA (`enable_gqa=True`), not by copying K/V heads
+  (`repeat_interleave` of the whole cache, per layer, per token);
+- the LM head only on the last position (prefill never computes logits for the prompt).
+
+It is used only when every module is exactly lmforge's own class (a LoRA-wrapped, quantised or
+future variant falls back to calling the model) and after a self-check that its logits match
+the model's on a random input. `use_gqa_attention` is the smaller switch for the fallback path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model.transformer import MLP, Attention, Block, RMSNorm, Transformer, apply_rotary
+
+
+def _has_gqa() -> bool:
+    return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class FastDecoder:
+    def __init__(self, model: Transformer):
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        self.H, self.KV, self.D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.eps = cfg.norm_eps
+        self.layers = []
+        with torch.no_grad():
+            for blk in model.model.layers:
+                a, m = blk.self_attn, blk.mlp
+                wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
+                bqkv = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
+                        if a.q_proj.bias is not None else None)
+                wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous()
+                # let the modules see views of the fused tensors: one copy of the weights
+                nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+                a.q_proj.weight = nn.Parameter(wqkv[:nq], requires_grad=False)
+                a.k_proj.weight = nn.Parameter(wqkv[nq:nq + nk], requires_grad=False)
+                a.v_proj.weight = nn.Parameter(wqkv[nq + nk:], requires_grad=False)
+                if bqkv is not None:
+                    a.q_proj.bias = nn.Parameter(bqkv[:nq], requires_grad=False)
+                    a.k_proj.bias = nn.Parameter(bqkv[nq:nq + nk], requires_grad=False)
+                    a.v_proj.bias = nn.Parameter(bqkv[nq + nk:], requires_grad=False)
+                nf = m.gate_proj.weight.shape[0]
+                m.gate_proj.weight = nn.Parameter(wgu[:nf], requires_grad=False)
+                m.up_proj.weight = nn.Parameter(wgu[nf:], requires_grad=False)
+                self.layers.append((blk.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight,
+                                    blk.post_attention_layernorm.weight, wgu, nf, m.down_proj.weight))
+        self.embed = model.model.embed_tokens.weight
+        self.norm = model.model.norm.weight
+        self.head = model.lm_head.weight
+        self.rotary = model.model.rotary
+
+    @classmethod
+    def build(cls, model) -> "FastDecoder | None":
+        """A FastDecoder for `model`, or None when the model is not plain lmforge modules."""
+        if type(model) is not Transformer or not _has_gqa():
+            return None
+        for blk in model.model.layers:
+            if (type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP
+                    or type(blk.input_layernorm) is not RMSNorm or type(blk.post_attention_layernorm) is not RMSNorm):
+                return None
+            lins = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj, blk.self_attn.o_proj,
+                    blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+            if any(type(x) is not nn.Linear for x in lins) or blk.mlp.down_proj.bias is not None:
+                return None
+        if type(model.model.norm) is not RMSNorm or type(model.lm_head) is not nn.Linear:
+            return None
+        return cls(model)
+
+    def _cos_sin(self, pos: torch.Tensor, dtype):
+        need = int(pos.max()) + 1
+        if need > self.rotary.cos.shape[0]:
+            self.rotary(pos, dtype)  # grows the tables
+        return self.rotary.cos[pos].to(dtype).unsqueeze(-2), self.rotary.sin[pos].to(dtype).unsqueeze(-2)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, *, slot: int | None = None,
+                k_len: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] of the last position. Prefill: `slot` given, ids [1, T], pos [1, T].
+        Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None."""
+        B, T = ids.shape
+        H, KV, D, eps = self.H, self.KV, self.D, self.eps
+        x = F.embedding(ids, self.embed)
+        dim = x.shape[-1]
+        cos, sin = self._cos_sin(pos, x.dtype)                       # [B, T, 1, D]
+        same = slot is None and mask is None
+        p0 = int(pos[0, 0]) if same else 0
+        gqa = KV != H
+        for li, (w_in, wqkv, bqkv, wo, w_post, wgu, nf, wdown) in enumerate(self.layers):
+            h = F.rms_norm(x, (dim,), w_in, eps)
+            qkv = F.linear(h, wqkv, bqkv).view(B, T, H + 2 * KV, D)
+            qk = _rotate(qkv[:, :, : H + KV], cos, sin)
+            q = qk[:, :, :H].transpose(1, 2)
+            k = qk[:, :, H:].transpose(1, 2)
+            v = qkv[:, :, H + KV:].transpose(1, 2)
+            kc, vc = cache.k[li], cache.v[li]
+            if slot is not None:                                      # prefill one slot
+                kc[slot, :, :T] = k[0]
+                vc[slot, :, :T] = v[0]
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            else:
+                if same:
+                    kc[:B, :, p0:p0 + 1] = k
+                    vc[:B, :, p0:p0 + 1] = v
+                else:
+                    b = torch.arange(B, device=ids.device)
+                    kc[b, :, pos[:, 0]] = k[:, :, 0]
+                    vc[b, :, pos[:, 0]] = v[:, :, 0]
+                y = F.scaled_dot_product_attention(q, kc[:B, :, :k_len], vc[:B, :, :k_len], attn_mask=mask,
+                                                   enable_gqa=gqa)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), wo)
+            h = F.rms_norm(x, (dim,), w_post, eps)
+            gu = F.linear(h, wgu)
+            x = x + F.linear(F.silu(gu[..., :nf]) * gu[..., nf:], wdown)
+        x = F.rms_norm(x[:, -1], (dim,), self.norm, eps)
+        return F.linear(x, self.head)
+
+
+def self_check(model, fast: FastDecoder, cache_factory) -> bool:
+    """Prefill + 3 decode steps through `fast` against the model's own forward."""
+    g = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 10), generator=g).to(dev)
+    with torch.no_grad():
+        ref = model(ids).float()
+        cache = cache_factory()
+        out = [fast.forward(ids[:, :7], torch.arange(7, device=dev)[None], cache, slot=0).float()]
+        for t in range(7, 10):
+            out.append(fast.forward(ids[:, t:t + 1], torch.tensor([[t]], device=dev), cache, k_len=t + 1).float())
+    got = torch.cat(out)
+    want = ref[0, 6:10]
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+
+
+# ----------------------------------------------------------------------------- fallback switch
+def _gqa_forward(self, x, cos, sin, attn_mask=None, cache=None):
+    """`Attention.forward` with grouped-query attention left to SDPA (`enable_gqa=True`) instead
+    of `repeat_interleave` copies of the K/V heads."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(self.layer_idx, k, v)
+    gqa = self.n_kv != self.n_heads
+    if attn_mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def use_gqa_attention(model) -> bool:
+    """Switch the model's grouped-query attention layers to `_gqa_forward`, after checking on a
+    random input that the logits are unchanged (else nothing is changed). Only layers of exactly
+    lmforge's `Attention` class are touched; returns whether the switch was made."""
+    layers = [m for m in model.modules() if type(m) is Attention and m.n_kv != m.n_heads]
+    if not layers or not _has_gqa():
+        return False
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g).to(next(model.parameters()).device)
+    with torch.no_grad():
+        ref = model(ids).float()
+        for m in layers:
+            m.forward = types.MethodType(_gqa_forward, m)
+        out = model(ids).float()
+    if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
+        for m in layers:
+            del m.forward
+        return False
+    return True

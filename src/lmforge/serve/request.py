@@ -1,0 +1,179 @@
+"""What a caller hands the engine and gets back: `GenParams` (validated sampling settings),
+`Request` (iterate it, or `async for` it, to receive `Chunk`s; `cancel()` it), `Completion`."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+# ----------------------------------------------------------------------------- parameters
+@dataclass
+class GenParams:
+    """Per-request generation settings (OpenAI names where there is one)."""
+
+    max_tokens: int | None = None          # None: until a stop or the context is full
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    seed: int | None = None
+    ignore_eos: bool = False               # benchmarks: generate exactly max_tokens
+
+    def validate(self) -> "GenParams":
+        """Raise ValueError naming the field and the allowed range."""
+        def bad(name, value, rule):
+            raise ValueError(f"{name}={value!r} is invalid: {rule}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not _finite(self.temperature) or not 0 <= self.temperature <= 100:
+            bad("temperature", self.temperature, "must be a number in [0, 100] (0 = greedy)")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            bad("top_k", self.top_k, "must be an integer >= 1 (0 or null = off)")
+        if not _finite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            bad("repetition_penalty", self.repetition_penalty, "must be in (0, 10] (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not -2 <= v <= 2:
+                bad(name, v, "must be in [-2, 2] (0 = off)")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if len(self.stop) > 8 or any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", self.stop, "must be at most 8 non-empty strings")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", self.seed, "must be an integer")
+        return self
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of a request's output. `finish_reason` is set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None = None            # time to first token, from submit
+    total_s: float = 0.0
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------- requests
+class Request:
+    """A submitted prompt; iterate it (or `async for`) to receive `Chunk`s; `cancel()` to stop."""
+
+    _ids = 0
+    _ids_lock = threading.Lock()
+
+    def __init__(self, prompt_ids: list[int], params: GenParams, stop_ids: set[int], max_new: int,
+                 loop: asyncio.AbstractEventLoop | None):
+        with Request._ids_lock:
+            Request._ids += 1
+            self.id = Request._ids
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stop_ids = stop_ids
+        self.max_new = max_new
+        self.loop = loop
+        self._q: queue.Queue | None = None if loop else queue.Queue()
+        self._aq: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self.cancelled = threading.Event()
+        self.done = False
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        # decoding state, owned by the worker
+        self.out_ids: list[int] = []
+        self.sent = 0                      # characters of decoded text already emitted
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                          or params.frequency_penalty != 0.0)
+        self.generator = (torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    # -- delivery (called from the worker thread)
+    def _push(self, chunk: Chunk) -> None:
+        if chunk.finish_reason is not None:
+            self.done = True
+            self.finished_at = time.perf_counter()
+        if self.loop is None:
+            self._q.put(chunk)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._aq.put_nowait, chunk)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancel()
+
+    # -- consumption
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._q is None:
+            raise RuntimeError("this request was submitted with an event loop: use `async for`")
+        while True:
+            chunk = self._q.get()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def __aiter__(self):
+        return self._agen()
+
+    async def _agen(self):
+        if self._aq is None:
+            raise RuntimeError("submit(..., loop=asyncio.get_running_loop()) to consume asynchronously")
+        while True:
+            chunk = await self._aq.get()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        """Block until finished (synchronous requests) and return the whole completion."""
+        texts, ids, last = [], [], None
+        for chunk in self:
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return self._completion("".join(texts), ids, last)
+
+    async def aresult(self) -> Completion:
+        texts, ids, last = [], [], None
+        async for chunk in self:
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return self._completion("".join(texts), ids, last)
+
+    def _completion(self, text, ids, last: Chunk) -> Completion:
+        ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
+        ids = list(self.out_ids) if self.done else ids
+        return Completion(text=text, token_ids=ids, finish_reason=last.finish_reason,
+                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(ids), ttft_s=ttft,
+                          total_s=(self.finished_at or time.perf_counter()) - self.submitted, error=last.error)
