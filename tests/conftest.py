@@ -1,8 +1,12 @@
 """Shared fixtures: a tiny run directory with data and tokenizer stages done, built once."""
 
 import shutil
+from pathlib import Path
 
 import pytest
+
+# Third-party test data kept beside the repository (never inside it, never used by the product).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 from lmforge.cli import main
 

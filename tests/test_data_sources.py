@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import SHARED_DATA
 import zstandard
 
 from lmforge.data.sources import SourceStats, Task, file_kind, iter_task_documents, plan_tasks
 from lmforge.errors import DataError
 
-SHARED = Path("/work/shared/data/html")
+SHARED = SHARED_DATA / "html"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared HTML/WARC test data not present")
 
 

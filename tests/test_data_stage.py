@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
+
 from lmforge.data import stage as stage_mod
 from lmforge.data.builtin import harvest_builtin_corpus
 from lmforge.data.config import DataConfig
@@ -16,7 +18,7 @@ from lmforge.data.output import iter_records
 from lmforge.data.stage import iter_output_texts, run_data_stage, unit_hash
 from lmforge.errors import DataError
 
-SHARED = Path("/work/shared/data/html")
+SHARED = SHARED_DATA / "html"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared HTML/WARC test data not present")
 
 

@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from conftest import SHARED_DATA
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmforge.data.builtin import harvest_builtin_corpus
@@ -17,7 +19,7 @@ from lmforge.tokenizer import (
     train_tokenizer,
 )
 
-GPT2_DIR = Path("/work/shared/data/gpt2-tokenizer")
+GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
 TRICKY = [
     "",
     "Hello, world! It's 2024; we'll see. DON'T SHOUT",
