@@ -17,6 +17,7 @@ TINY = [
     "pretrain.max_steps=20", "pretrain.warmup_steps=2", "pretrain.eval_every=10",
     "pretrain.eval_tokens=1024", "pretrain.checkpoint_every=5", "pretrain.log_every=5",
     "eval.max_tokens=4096", "sample.max_new_tokens=8", "run.device=cpu",
+    "sft.max_steps=3", "sft.batch_size=2", "sft.max_examples=64", "sft.max_val_examples=8", "sft.num_samples=1",
 ]
 
 

@@ -103,7 +103,9 @@ def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.
 
 
 def answer(model, fmt: ChatFormat, conversations: list[list[dict]], max_new: int, use_cache: bool) -> list[str]:
-    limit = model.cfg.max_seq_len - max_new - getattr(model, "n_virtual", 0)
+    room = model.cfg.max_seq_len - getattr(model, "n_virtual", 0)
+    max_new = max(1, min(max_new, room // 2))  # leave at least half the context to the prompt
+    limit = room - max_new
     prompts = [fmt.prompt_ids(c)[-limit:] for c in conversations]
     model.eval()
     outs = generate(model, prompts, SamplingParams(max_new_tokens=max_new, temperature=0.0,
