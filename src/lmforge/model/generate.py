@@ -115,7 +115,11 @@ def stream_generate(model: Transformer, prompts: Sequence[Sequence[int]], params
         pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)
         mask = _masks(pad, q_pos, cur) if padded else None
         logits = model(inp, position_ids=pos, attn_mask=mask, cache=cache)[:, -1].float()
-        nxt = sample_next(logits, params, gen, tokens[:, :cur] if params.repetition_penalty != 1.0 else None)
+        seen = None
+        if params.repetition_penalty != 1.0:  # penalise real tokens only, not the left padding
+            seen = tokens[:, :cur]
+            seen = torch.where(torch.arange(cur, device=device)[None, :] < pad[:, None], seen[:, -1:], seen)
+        nxt = sample_next(logits, params, gen, seen)
         last = tokens[:, cur - 1]
         nxt = torch.where(done, last, nxt)
         tokens[:, cur] = nxt

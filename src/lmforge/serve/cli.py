@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--context", type=int, default=None,
+                   help="cap the context (KV cache per slot) below the model's, to save memory")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
@@ -52,7 +54,10 @@ def _engine(a, **kw):
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    return Engine.from_pretrained(a.model, adapter=a.adapter, merge=a.merge, device=a.device, dtype=a.dtype, **kw)
+    if getattr(a, "context", None) is not None and a.context < 2:
+        raise ConfigError("--context must be at least 2 tokens")
+    return Engine.from_pretrained(a.model, adapter=a.adapter, merge=a.merge, device=a.device, dtype=a.dtype,
+                                  context=getattr(a, "context", None), **kw)
 
 
 def _retriever(a):
