@@ -1,7 +1,7 @@
 """Benchmark scores of a model on the shared data: MMLU dev (285), ARC-Easy val (570), HellaSwag
 val (first 500), optionally GSM8K (first N of test), with chance levels and 95% intervals.
 
-    python benchmarks/eval_tasks.py [--model runs/tiny/pretrain/model] [--num-fewshot 0] [--gsm8k 50]
+    python benchmarks/eval_tasks.py [--model runs/tiny/sft/model] [--num-fewshot 0] [--gsm8k 50]
 
 Prints a markdown table and writes the full results to --out (JSON). Tiny models sit near chance:
 the interval says whether a difference from chance is real.
@@ -23,7 +23,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="runs/tiny/pretrain/model")
+    ap.add_argument("--model", default=None, help="default: runs/tiny/sft/model, else runs/tiny/pretrain/model")
     ap.add_argument("--num-fewshot", type=int, default=0)
     ap.add_argument("--gsm8k", type=int, default=0, help="also GSM8K greedy on the first N test items")
     ap.add_argument("--threads", type=int)
@@ -37,6 +37,9 @@ def main() -> None:
     from lmforge.eval.readers import load_task
     from lmforge.eval.tasks import evaluate_task
 
+    if a.model is None:
+        a.model = next((d for d in ("runs/tiny/sft/model", "runs/tiny/pretrain/model") if Path(d).is_dir()),
+                       "runs/tiny/pretrain/model")
     model, tok = load_model_and_tokenizer(a.model)
     scorer = Scorer(model, tok)
     specs = [f"mmlu:{SHARED / 'mmlu' / 'dev'}", f"mmlu_cloze:{SHARED / 'mmlu' / 'dev'}",

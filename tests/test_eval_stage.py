@@ -10,8 +10,6 @@ from conftest import tiny_args
 
 
 def test_eval_then_report(clone_run, capsys):
-    import lmforge.stages.report  # noqa: F401  (registers the stage until stages/__init__ imports it)
-
     root = clone_run("ev")
     args = tiny_args(root, "ev", "pretrain.max_steps=5", "eval.builtin_items=40")
     run = root / "ev"

@@ -50,7 +50,8 @@ SUMMARY_KEYS = {
     "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
     "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
     "cpt": ["domain_loss_before", "domain_loss_after", "orig_loss_before", "orig_loss_after"],
-    "eval": ["loss", "ppl", "bpb", "unigram_bpb"],
+    "eval": ["loss", "ppl", "bpb", "unigram_bpb", "word_ppl", "builtin_cloze/acc_norm"],
+    "report": ["plots", "report"],
     "sample": ["samples"],
 }
 

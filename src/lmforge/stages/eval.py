@@ -74,7 +74,7 @@ class EvalConfig(BaseModel):
     save_predictions: bool = True
 
 
-@register_stage("eval", EvalConfig, needs=("tokenizer", "pretrain", "sft", "align"),
+@register_stage("eval", EvalConfig, needs=("tokenizer",), uses_model=True,
                 help="perplexity, bits-per-byte and benchmark tasks",
                 flags=(("--model", "model", "model folder to evaluate"),
                        ("--task", "tasks", "task to run (repeatable): builtin, mmlu:PATH, arc:PATH, "

@@ -37,7 +37,7 @@ def write_report(run_dir, out_dir, cfg: ReportConfig | None = None) -> dict:
             "report": str(out_dir / "report.html")}
 
 
-@register_stage("report", ReportConfig, needs=("data", "tokenizer", "pretrain", "sft", "align", "eval", "sample"),
+@register_stage("report", ReportConfig, needs=("data", "tokenizer", "eval", "sample"), uses_model=True,
                 after="sample", help="report card: report.md + report.html with plots")
 def report_stage(ctx: StageContext) -> dict:
     metrics = write_report(ctx.run_dir, ctx.dir, ctx.cfg)
