@@ -219,6 +219,21 @@ def _read_bytes(path: Path) -> bytes:
 Record = tuple[str, "dict | tuple[str, str]"]
 
 
+def record_text(rec: Any, text_field: str, where: str, stats: ReadStats) -> str | None:
+    """The text field of a JSON/Parquet record, or None after counting why the record is dropped."""
+    if not isinstance(rec, dict):
+        stats.drop("not_object", where, f"expected a JSON object, got {type(rec).__name__}")
+        return None
+    text = rec.get(text_field)
+    if text is None:
+        stats.drop("missing_field", where, f"no '{text_field}' field (has: {', '.join(map(str, rec)) or 'none'})")
+        return None
+    if not isinstance(text, str):
+        stats.drop("non_string_field", where, f"'{text_field}' is {type(text).__name__}, not a string")
+        return None
+    return text
+
+
 def _iter_records(records: Iterator[Record], source: str, text_field: str,
                   stats: ReadStats) -> Iterator[Document]:
     for where, rec in records:
@@ -226,15 +241,8 @@ def _iter_records(records: Iterator[Record], source: str, text_field: str,
         if isinstance(rec, tuple):
             stats.drop(rec[0], where, rec[1])
             continue
-        if not isinstance(rec, dict):
-            stats.drop("not_object", where, f"expected a JSON object, got {type(rec).__name__}")
-            continue
-        text = rec.get(text_field)
+        text = record_text(rec, text_field, where, stats)
         if text is None:
-            stats.drop("missing_field", where, f"no '{text_field}' field (has: {', '.join(map(str, rec)) or 'none'})")
-            continue
-        if not isinstance(text, str):
-            stats.drop("non_string_field", where, f"'{text_field}' is {type(text).__name__}, not a string")
             continue
         meta = {k: v for k, v in rec.items() if k != text_field}
         meta["location"] = where

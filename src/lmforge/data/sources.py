@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.data import readers
-from lmforge.data.readers import Document, ReadStats, decode_utf8
+from lmforge.data.readers import Document, ReadStats, decode_utf8, record_text
 from lmforge.errors import DataError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
@@ -346,15 +346,8 @@ def _iter_compressed(path: Path, text_field: str, stats: ReadStats) -> Iterator[
                 except json.JSONDecodeError as e:
                     stats.drop("bad_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
                     continue
-                if not isinstance(rec, dict):
-                    stats.drop("not_object", where, f"expected a JSON object, got {type(rec).__name__}")
-                    continue
-                text = rec.get(text_field)
+                text = record_text(rec, text_field, where, stats)
                 if text is None:
-                    stats.drop("missing_field", where, f"no '{text_field}' field")
-                    continue
-                if not isinstance(text, str):
-                    stats.drop("non_string_field", where, f"'{text_field}' is {type(text).__name__}")
                     continue
                 if not text.strip():
                     stats.drop("empty", where, "empty or whitespace-only text")
