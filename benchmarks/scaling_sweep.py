@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 SIZES = "32x2,64x2,96x3,128x4"
-TOKENS = "256K,512K,1M"
+TOKENS = "512K,1M,2M"
 OVERRIDES = ["pretrain.batch_size=8"]
 
 
@@ -55,15 +55,15 @@ def main() -> None:
     wall = time.time() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     load1 = os.getloadavg()
-    if rc != 0:
+    if not (out / "runs.csv").is_file():
         sys.exit(f"sweep failed (exit {rc}); see {out.parent / (out.name + '.log')}")
-    report(cmd, out, wall, ru.ru_utime + ru.ru_stime, load0, load1)
+    report(cmd, out, wall, ru.ru_utime + ru.ru_stime, load0, load1)  # also when only the fit failed
 
 
 def report(cmd, out: Path, wall: float, cpu: float, load0, load1) -> None:
     runs = list(csv.DictReader((out / "runs.csv").open()))
-    fit = json.loads((out / "fit.json").read_text())
     sweep = json.loads((out / "sweep.json").read_text())
+    fit = json.loads((out / "fit.json").read_text()) if sweep.get("fit") else {}
     print(f"machine: {os.cpu_count()}-core {platform.machine()} CPU, python {platform.python_version()}, "
           f"torch {_torch_version()}")
     print(f"command: {' '.join(['python -m lmforge.cli', *cmd[3:]])}")
@@ -80,6 +80,9 @@ def report(cmd, out: Path, wall: float, cpu: float, load0, load1) -> None:
     for r in runs:
         print(f"| {r['name']} | {int(r['params']):,} | {int(r['non_embedding_params']):,} | {int(r['tokens']):,} | "
               f"{r['steps']} | {float(r['peak_lr']):.3g} | {float(r['val_loss']):.4f} | {float(r['train_seconds']):.0f} |")
+    if not fit:
+        print(f"\nfit failed: {sweep.get('fit_error')}")
+        return
     p = fit["parametric"]
     law, ci = p["law"], p["ci95"]
     print(f"\nApproach 3, L = E + A/N^alpha + B/D^beta ({p['n_runs']} runs, {p['n_bootstrap_ok']}/"

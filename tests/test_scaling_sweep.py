@@ -15,9 +15,8 @@ from conftest import tiny_args
 # 3 sizes x 2 token budgets on the test corpus (vocab 512, seq 32, batch 16: 512 tokens/step,
 # 62 and 250 steps). One torch thread: tiny models gain nothing from two, and on a busy machine
 # two threads waiting on each other are many times slower. At these widths the best LR falls
-# steeply with width (measured: d_model 16 best at >= 3e-2, 64 near 5e-3), as the default
-# LR ~ 1/width rule (1e-2 at the reference width 32) has it; with one LR for all sizes, the
-# smallest model wins here.
+# steeply with width (measured: d_model 16 best at >= 3e-2, 64 near 5e-3), so LR ~ 1/width
+# (1e-2 at the reference width 32); with one LR for all sizes, the smallest model wins here.
 SIZES = ["8x1", "32x1", "64x1"]
 TOKENS = ["32K", "128K"]
 STEP = 16 * 32
@@ -34,7 +33,7 @@ def sweep_args(root):
 @pytest.fixture(scope="module")
 def micro(prepared_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "grid"
-    spec = S.SweepSpec(sizes=SIZES, tokens=TOKENS)  # default LR rule: ~ 1/width
+    spec = S.SweepSpec(sizes=SIZES, tokens=TOKENS, lr_width_exp=1.0)  # LR ~ 1/width
     res = S.run_sweep(None, sweep_args(prepared_root), spec, out, fit=False)
     return res, out, spec
 

@@ -13,8 +13,9 @@ stage as every other model (same engine, data, tokenizer, eval), not from a toy 
    `pretrain.model` gives head_dim and the fields a size does not set, its `lr` and `d_model`
    anchor the LR rule, its batch, seq_len, eval and checkpoint settings apply to every point;
    its `max_steps` is replaced by each point's budget. Peak LR
-   `lr x (d_ref / d_model)^lr_width_exp` (exponent 1 by default, the muP rule for Adam's hidden
-   weights: wider models want smaller steps; measured here too, see docs/scaling.md), and a WSD
+   `lr x (d_ref / d_model)^lr_width_exp` (exponent 0.5 by default, between muP's 1/width for
+   Adam's hidden weights and one LR for all; the best exponent differs by corpus and vocabulary,
+   see docs/scaling.md), and a WSD
    schedule (warmup, flat, linear decay to 0 over the last 20%), which anneals every run at its
    own length (Hägele et al. 2024, arXiv:2405.18392). Warmup and LR depend on the size only
    (warmup = min(warmup_steps, warmup_fraction x the size's longest run, half its shortest)),
@@ -76,7 +77,7 @@ class SweepSpec:
     tokens: list[float] = field(default_factory=list)
     isoflops: list[float] = field(default_factory=list)
     head_dim: int | None = None          # default: the config's d_model / n_heads
-    lr_width_exp: float = 1.0            # LR ~ 1/width (muP-style for Adam); 0 = one LR for all
+    lr_width_exp: float = 0.5            # LR ~ width^-0.5; 1 = muP-style 1/width; 0 = one LR
     warmup_fraction: float = 0.1
 
     @classmethod
@@ -640,9 +641,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "losses into OUT/runs.csv and fit scaling laws into OUT (fit.json, plots), as "
                     "`scaling fit` does. Completed points are skipped: re-run to resume.",
         epilog="examples:\n"
-               "  lmforge scaling sweep --sizes 64x2,96x3,128x4 --tokens 250K,500K,1M --out sweeps/grid\n"
-               "  lmforge scaling sweep tiny pretrain.batch_size=8 --sizes 32x1,64x2,96x3,128x4 "
-               "--isoflops 1e12,3e12 --out sweeps/iso\n"
+               "  lmforge scaling sweep tiny pretrain.batch_size=8 --sizes 32x2,64x2,96x3,128x4 "
+               "--tokens 512K,1M,2M --jobs 2 --out sweeps/grid\n"
+               "  lmforge scaling sweep tiny pretrain.batch_size=8 --sizes 64x2,96x3,128x4,192x4 "
+               "--isoflops 1e13,3e13,1e14 --out sweeps/iso\n"
                "  lmforge scaling sweep --spec sweep.yaml --out sweeps/x --dry-run\n"
                "Details: docs/scaling.md (Sweeps).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -661,8 +663,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="sweep directory: one run directory per point, runs.csv, fit.json, plots")
     s.add_argument("--head-dim", type=int, help="head width for DxL shapes (default: the config's)")
     s.add_argument("--lr-width-exp", type=float,
-                   help="peak LR = pretrain.lr x (config d_model / d_model)^EXP (default 1: LR ~ 1/width; "
-                        "0 = one LR for all)")
+                   help="peak LR = pretrain.lr x (config d_model / d_model)^EXP (default 0.5; 1 = muP-style "
+                        "1/width; 0 = one LR for all)")
     s.add_argument("--warmup-fraction", type=float,
                    help="warmup per size = min(pretrain.warmup_steps, FRACTION x the size's longest run, "
                         "half its shortest run) (default 0.1)")
