@@ -41,12 +41,18 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/lmforge-sweep-bench", help="sweep directory (default: %(default)s)")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (else completed points are reused)")
     ap.add_argument("--jobs", type=int, default=2, help="points trained at once (default: %(default)s)")
+    ap.add_argument("--vocab", type=int, default=4096,
+                    help="tokenizer vocabulary (default: %(default)s, the default pipeline's); another "
+                         "value trains its own tokenizer in --base-root, leaving runs/tiny alone")
+    ap.add_argument("--base-root", default="/tmp/lmforge-sweep-base",
+                    help="run root of the shared data/tokenizer when --vocab is not 4096")
     ap.add_argument("extra", nargs="*", help="more `lmforge scaling sweep` arguments / overrides")
     a = ap.parse_args()
     out = Path(a.out)
     if a.fresh and out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "lmforge.cli", "scaling", "sweep", "tiny", *OVERRIDES,
+    vocab = [] if a.vocab == 4096 else [f"tokenizer.vocab_size={a.vocab}", f"run.root={a.base_root}"]
+    cmd = [sys.executable, "-m", "lmforge.cli", "scaling", "sweep", "tiny", *OVERRIDES, *vocab,
            "--sizes", SIZES, "--tokens", TOKENS, "--jobs", str(a.jobs), "--out", str(out), *a.extra]
     load0 = os.getloadavg()
     t0 = time.time()

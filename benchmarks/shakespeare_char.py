@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
-                    "make small ops wait on each other (measured 10-17x slower steps under load)")
+                    "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--log-every", type=int, default=250)
     ap.add_argument("--compile", action="store_true")

@@ -256,7 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-hf", action="store_true", help="also time HF under torch.compile")
     ap.add_argument("--variants", default="", help=f"comma list of prototypes to time too: {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table for lmforge and HF, then exit")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
+                    "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -330,8 +332,8 @@ def main(argv=None) -> int:
 
     base = statistics.median(times["hf"])
     print()
-    print(f"| model | median step (ms) | min step (ms) | tokens/s | vs HF (speed) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| model | median step (ms) | min step (ms) | tokens/s | vs HF (speed) |")
+    print("|---|---:|---:|---:|---:|")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med*1e3:.1f} | {min(ts)*1e3:.1f} | {tok/med:,.0f} | {base/med:.3f}x |")

@@ -56,8 +56,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(position_ids.max()) + 1
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`need` = 1 + the largest position when the caller knows it on the host; then no
+        `.max()` is read back (a device sync per forward on GPU, a graph break under compile)."""
+        if need is None:  # explicit position ids (packing, padded decoding)
+            need = int(position_ids.max()) + 1
         if need > self.cos.shape[0]:
             self._build(max(need, 2 * self.cos.shape[0]))
         # position_ids: [T] or [B, T] -> cos/sin broadcastable to [B, H, T, D]
@@ -189,11 +193,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
         B, T = input_ids.shape
+        need = None
         if position_ids is None:
             start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device)
+            need = start + T
+            position_ids = torch.arange(start, need, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary(position_ids, x.dtype)
+        cos, sin = self.model.rotary(position_ids, x.dtype, need)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
