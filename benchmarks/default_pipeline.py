@@ -35,8 +35,10 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
     print(f"command: {' '.join(cmd[1:])}\n")
     print("| stage | seconds | metrics |\n|---|---:|---|")
-    for stage in ("data", "tokenizer", "pretrain", "eval", "sample"):
-        m = json.loads((run / stage / "manifest.json").read_text())
+    manifests = sorted(run.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    for path in manifests:
+        stage = path.parent.name
+        m = json.loads(path.read_text())
         keep = {k: v for k, v in m["metrics"].items() if isinstance(v, (int, float))}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(keep.items())[:8])
         print(f"| {stage} | {m['seconds']:.1f} | {shown} |")
