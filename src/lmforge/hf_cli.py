@@ -7,6 +7,9 @@
 lmforge model folders already are HF folders, so `export` is about dtype, sharding and merging
 an adapter; `import` checks a foreign checkpoint tensor by tensor (missing shards, shape
 mismatches and unsupported architectures are named) and keeps its tokenizer and chat template.
+Mixture-of-Experts models go out and come in as Mixtral; an MoE that Mixtral cannot express
+(sigmoid router, shared expert, capacity-limited routing, q/k/v bias) is refused by `export`
+with the feature named.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def cmd_merge(a) -> int:
 
 def add_parser(subparsers) -> None:
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = subparsers.add_parser("import", help="import a Hugging Face Llama/Mistral/Qwen2 checkpoint folder",
+    p = subparsers.add_parser("import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral checkpoint folder",
                               description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
                                           "index, tokenizer files) into an lmforge model folder, checking every "
                                           "tensor.", **common)
@@ -65,7 +68,8 @@ def add_parser(subparsers) -> None:
 
     e = subparsers.add_parser("export", help="export an lmforge model folder for transformers / vLLM / llama.cpp",
                               description="Write a model folder that AutoModelForCausalLM.from_pretrained loads, "
-                                          "optionally merging a LoRA adapter first.", **common)
+                                          "optionally merging a LoRA adapter first. Dense models are written as Llama "
+                                          "(Qwen2 with q/k/v biases), MoE models as Mixtral.", **common)
     e.add_argument("model", help="lmforge model folder (e.g. runs/tiny/sft/model)")
     e.add_argument("out", help="output folder")
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to merge in")

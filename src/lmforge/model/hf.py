@@ -1,11 +1,13 @@
 """Model folders in the Hugging Face layout: what lmforge writes and reads.
 
-Every model lmforge saves is a folder that `transformers.AutoModelForCausalLM.from_pretrained`
-opens as-is: `config.json` (LlamaConfig, or Qwen2Config when q/k/v have biases), weights in
-`model.safetensors` (or shards plus `model.safetensors.index.json`) with HF parameter names
-(lmforge's module names are the same, so no key mapping is needed), and the tokenizer files
-beside them. Reading goes the other way and also accepts checkpoints made by other tools in
-the Llama family (Llama 2/3, Mistral, Qwen2), single file or sharded.
+Every dense model lmforge saves is a folder that `transformers.AutoModelForCausalLM
+.from_pretrained` opens as-is: `config.json` (LlamaConfig, or Qwen2Config when q/k/v have
+biases), weights in `model.safetensors` (or shards plus `model.safetensors.index.json`) with HF
+parameter names (lmforge's module names are the same, so no key mapping is needed), and the
+tokenizer files beside them. Mixture-of-Experts models are written as Mixtral where the
+architecture matches exactly, else in lmforge's own `lmforge_moe` layout (see `hf_moe.py`).
+Reading goes the other way and also accepts checkpoints made by other tools in the Llama
+family (Llama 2/3, Mistral, Qwen2) and Mixtral, single file or sharded.
 
 What is refused, with the reason named (never a silent approximation): other architectures,
 activations other than SiLU, RoPE scaling (Llama 3.1 "llama3", YaRN, ...), biases on a Llama,
@@ -15,7 +17,8 @@ Mistral's context is capped at `sliding_window` (noted in the import report).
 `import_hf` / `export_hf` are the `lmforge import` / `lmforge export` commands: import copies a
 foreign checkpoint into an lmforge model folder (checking every tensor's name and shape, keeping
 the tokenizer and its chat template); export writes an lmforge model (optionally with a LoRA
-adapter merged in) in a chosen dtype and shard size.
+adapter merged in) in a chosen dtype and shard size, and refuses an MoE model that
+`transformers` could not load, naming the feature that stands in the way.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
+from .hf_moe import LMFORGE_MOE, from_mixtral_keys, mixtral_blockers, moe_from_hf_config, moe_hf_config, to_mixtral_keys
 from .transformer import Transformer
 
-SUPPORTED = {"llama", "mistral", "qwen2"}
+SUPPORTED = {"llama", "mistral", "qwen2", "mixtral", LMFORGE_MOE}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -69,6 +73,9 @@ def parse_size(s: str | int | None) -> int | None:
 # ----------------------------------------------------------------------------- config mapping
 def to_hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None,
                  dtype: str = "float32") -> dict:
+    if cfg.n_experts:
+        return {**moe_hf_config(cfg), "torch_dtype": dtype, "dtype": dtype,
+                "bos_token_id": bos_id, "eos_token_id": eos_id}
     model_type = "qwen2" if cfg.qkv_bias else "llama"
     out = {
         "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
@@ -103,6 +110,8 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise CheckpointError(f"{source}: model_type {mt!r} is not supported (supported: {sorted(SUPPORTED)})")
+    if mt == LMFORGE_MOE:
+        return moe_from_hf_config(hf, source, {})
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} not supported (need silu)")
     for key in ("rope_scaling", "rope_parameters"):
@@ -119,18 +128,20 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     max_len = hf.get("max_position_embeddings", 2048)
     window = hf.get("sliding_window")
-    if window and (mt == "mistral" or hf.get("use_sliding_window")) and window < max_len:
+    if window and (mt in ("mistral", "mixtral") or hf.get("use_sliding_window")) and window < max_len:
         warnings.warn(f"{source}: sliding_window={window} < max_position_embeddings={max_len}; lmforge "
                       f"attends fully, which is identical within {window} tokens, so the context is "
                       f"capped at {window}", stacklevel=2)
         max_len = window
-    return ModelConfig(
+    common = dict(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=h,
-        n_kv_heads=hf.get("num_key_value_heads") or h, d_ff=hf["intermediate_size"],
-        max_seq_len=max_len, rope_theta=rope_theta,
+        n_kv_heads=hf.get("num_key_value_heads") or h, max_seq_len=max_len, rope_theta=rope_theta,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=(mt == "qwen2"), init_std=hf.get("initializer_range", 0.02),
+        init_std=hf.get("initializer_range", 0.02),
     )
+    if mt == "mixtral":
+        return moe_from_hf_config(hf, source, common)
+    return ModelConfig(**common, d_ff=hf["intermediate_size"], qkv_bias=(mt == "qwen2"))
 
 
 def read_hf_config(folder: str | Path) -> dict:
@@ -208,8 +219,11 @@ def save_pretrained(model: Transformer, out_dir: str | Path, tokenizer_dir: str 
     if tdt is not None:
         state = {k: (v.to(tdt) if v.is_floating_point() else v) for k, v in state.items()}
     dt = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf_cfg = to_hf_config(model.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt)
+    if hf_cfg["model_type"] == "mixtral":
+        state = to_mixtral_keys(state)
     write_weights(state, out, parse_size(max_shard_size))
-    atomic_write_json(out / "config.json", to_hf_config(model.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt))
+    atomic_write_json(out / "config.json", hf_cfg)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     return out
@@ -239,13 +253,16 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path, cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a folder under lmforge's names (Mixtral's per-expert tensors stacked)."""
     state = {}
     for f in weight_files(folder):
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read weights ({e})") from None
+    if cfg is not None and cfg.n_experts:
+        state = dict(from_mixtral_keys(state.items(), cfg.n_experts, str(folder)))
     return state
 
 
@@ -255,9 +272,19 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def iter_weights(folder: Path):
-    """(name, tensor) one at a time, so a caller can convert (e.g. quantise) without holding the
-    whole checkpoint in memory. Reads each tensor's bytes with plain file reads rather than a
-    memory map, so pages of tensors already consumed do not stay resident in this process."""
+    """(name, tensor) one at a time under lmforge's names, so a caller can convert (e.g.
+    quantise) without holding the whole checkpoint in memory. Reads each tensor's bytes with
+    plain file reads rather than a memory map, so pages of tensors already consumed do not stay
+    resident in this process. A Mixtral's per-expert tensors are stacked one layer at a time."""
+    folder = Path(folder)
+    hf = read_hf_config(folder) if (folder / "config.json").exists() else {}
+    raw = _iter_raw_weights(folder)
+    if hf.get("model_type") == "mixtral":
+        return from_mixtral_keys(raw, int(hf.get("num_local_experts", 0)), str(folder))
+    return raw
+
+
+def _iter_raw_weights(folder: Path):
     for f in weight_files(folder):
         try:
             with open(f, "rb") as fh:
@@ -308,12 +335,12 @@ def finish_model(model: Transformer, device) -> Transformer:
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str | None = None) -> Transformer:
-    """An lmforge or HF (llama/mistral/qwen2) model folder -> Transformer in eval mode.
+    """An lmforge or HF (llama/mistral/qwen2/mixtral) model folder -> Transformer in eval mode.
     `dtype` None keeps float32 (training precision); pass bfloat16 to halve memory."""
     folder = Path(folder)
     cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
     dtype = parse_dtype(dtype)
-    state = _read_weights(folder)
+    state = _read_weights(folder, cfg)
     model = empty_model(cfg)
     own = model.state_dict()
     check_state(folder, {k: v.shape for k, v in state.items()}, own, cfg)
@@ -327,7 +354,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
 # ----------------------------------------------------------------------------- import / export
 def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None,
               max_shard_size: str | int | None = None) -> dict:
-    """Copy a Hugging Face checkpoint folder (llama/mistral/qwen2) into an lmforge model folder.
+    """Copy a Hugging Face checkpoint folder (llama/mistral/qwen2/mixtral) into an lmforge model folder.
 
     Every tensor is checked against config.json (name and shape) and the model is built, so a
     folder that imports is one lmforge can train. Returns a small report."""
@@ -355,6 +382,13 @@ def export_hf(model_dir: str | Path, out: str | Path, *, adapter: str | Path | N
     """Write an lmforge model folder (optionally merging a LoRA adapter) for `transformers`."""
     model_dir, out = Path(model_dir), Path(out)
     model = load_pretrained(model_dir)
+    blockers = mixtral_blockers(model.cfg) if model.cfg.n_experts else []
+    if blockers:
+        raise CheckpointError(
+            f"{model_dir}: this Mixture-of-Experts model has no transformers architecture that computes "
+            f"the same function, so it cannot be exported: {'; '.join(blockers)}. Only softmax top-k "
+            f"routing with renormalised weights, dropless, no shared expert and no q/k/v bias maps to "
+            f"Mixtral. lmforge itself loads the folder as it is (model_type {LMFORGE_MOE}).")
     if adapter is not None:
         from ..peft.lora import load_adapter, merge_lora
 
