@@ -189,11 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     from . import hf_cli
+    from .data import synth
     from .eval import cli as eval_cli
     from .scaling import cli as scaling_cli
     from .serve import cli as serve_cli
 
-    for module in (hf_cli, eval_cli, serve_cli, scaling_cli):
+    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli):
         module.add_parser(sub)
     return p
 
