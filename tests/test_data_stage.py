@@ -253,6 +253,20 @@ def test_two_workers_give_the_same_output(corpus, tmp_path):
     assert outputs(out) == outputs(ref)
 
 
+def test_ray_executor_gives_the_same_output(corpus, tmp_path):
+    """Ray on this one machine (a local cluster started by the stage): same shards as in-process."""
+    ray = pytest.importorskip("ray")
+    src, ref = corpus
+    out = tmp_path / "out"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        m = run_data_stage(small_cfg(src, executor="ray", workers=2), out, seed=3, log=quiet)
+    finally:
+        ray.shutdown()
+    assert m["tasks"] >= 4
+    assert outputs(out) == outputs(ref)
+
+
 def test_config_change_starts_over(corpus, tmp_path):
     src, ref = corpus
     out = tmp_path / "out"
