@@ -15,6 +15,14 @@ resumed on a different number of processes and continue with the same global bat
   memory; it works with all three modes.
 
 Backend: NCCL on CUDA, gloo on CPU (what the tests use: two CPU processes).
+
+When a rank dies: `torchrun` notices the dead worker, stops the others and exits non-zero; a
+survivor blocked in a collective also gets an error as soon as the dead peer's socket closes.
+For the cases nothing closes (a hung rank, a lost node), every collective has a timeout,
+`LMFORGE_DIST_TIMEOUT_S` seconds (default 900; torch's own default is 30 minutes), after which
+the process group raises instead of waiting forever. Raise it if a rank legitimately waits
+longer at a barrier (rank 0 writing a very large unsharded checkpoint, a long `torch.compile`).
+Re-running the same command resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,6 +54,21 @@ class DistInfo:
     @property
     def active(self) -> bool:
         return dist.is_available() and dist.is_initialized()
+
+
+DEFAULT_TIMEOUT_S = 900.0
+
+
+def dist_timeout() -> timedelta:
+    """How long a collective may wait for the other ranks (`LMFORGE_DIST_TIMEOUT_S`)."""
+    raw = os.environ.get("LMFORGE_DIST_TIMEOUT_S", "")
+    try:
+        secs = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"LMFORGE_DIST_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if secs <= 0:
+        raise ConfigError(f"LMFORGE_DIST_TIMEOUT_S={raw!r} must be > 0")
+    return timedelta(seconds=secs)
 
 
 def _free_port() -> int:
@@ -70,7 +94,7 @@ def init_distributed(device_type: str, need_group: bool = False) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=dist_timeout())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, initialized_here=True)
 
 
