@@ -27,6 +27,11 @@ class AlignConfig(TrainConfig):
     max_examples: int | None = Field(None, ge=1)
     max_val_examples: int = Field(128, ge=1)
     seq_len: int | None = Field(None, ge=8, description="prompt + completion tokens; default: the model's context")
+    max_prompt_len: int | None = Field(None, ge=1, description="over-long pairs: keep the last N prompt tokens "
+                                                               "(default: never cut the prompt)")
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="over-long pairs: cut the completions "
+                                                                           "to fit seq_len, or drop the pair")
+    eval_batch_size: int = Field(16, ge=1, description="pairs per forward when scoring held-out pairs / the reference")
     peft: Literal["full", "lora", "qlora"] = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
@@ -39,6 +44,38 @@ class AlignConfig(TrainConfig):
     max_steps: int = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(25, ge=0)
+
+    @field_validator("data", "val_data", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class RewardConfig(TrainConfig):
+    """`lmforge reward`: a Bradley-Terry reward model on preference pairs."""
+
+    model: str | None = Field(None, description="model whose trunk the reward model starts from; default: the "
+                                                "run's latest model before this stage (sft)")
+    data: list[str] = Field(default_factory=lambda: ["builtin"], description="preference JSONL files, or 'builtin'")
+    val_data: list[str] | None = Field(None, description="held-out files; default: a hashed split of `data`")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_examples: int | None = Field(None, ge=1)
+    max_val_examples: int = Field(256, ge=1)
+    seq_len: int | None = Field(None, ge=8, description="prompt + completion tokens; default: the model's context")
+    max_prompt_len: int | None = Field(None, ge=1)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    eval_batch_size: int = Field(16, ge=1)
+    use_margin: bool = Field(True, description="subtract each pair's 'margin' field inside the Bradley-Terry loss")
+    peft: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+    max_steps: int = Field(50, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(0, ge=0)

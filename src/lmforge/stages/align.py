@@ -1,0 +1,318 @@
+"""`lmforge reward` and `lmforge align`: preference alignment after SFT.
+
+`reward` trains a reward model (the SFT model's trunk + a scalar head, Bradley-Terry loss) on
+preference pairs and reports held-out pairwise accuracy with a 95% interval; output
+`reward/model/` (a Hugging Face `LlamaForSequenceClassification` folder) for PPO, best-of-n and
+evaluation.
+
+`align --method dpo|ipo|hinge|orpo` optimises the policy directly on the pairs; `--method
+ppo|grpo` hands over to the on-policy RL loop (`lmforge.align.rl.run_rl`). Both start from the
+run's latest model before them (the SFT model) unless `--model` is given, train through the one
+engine (`Trainer`: checkpoints, exact resume, clipping, non-finite steps skipped), with full
+weights, LoRA or QLoRA (`align.peft`). The reference of DPO/IPO/hinge is the starting policy (or
+`align.ref_model`); with `precompute_ref` (default) it scores every pair once before training,
+the numbers go to `ref_logps.safetensors` and no second model stays in memory.
+
+Both stages log and record the held-out figures before and after training: preference accuracy
+(chosen more likely than rejected), mean margin, and for `align` the implicit-reward accuracy and
+the KL to the reference; dropped pairs are counted by reason (see `align/preference.py`).
+Outputs in `align/`: `model/` (HF folder; LoRA/QLoRA merged), `adapter/` (PEFT, for LoRA/QLoRA),
+`before.json`, `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from ..align.config import RL_METHODS, AlignConfig, RewardConfig
+from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
+from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
+from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
+from ..align.reward import RewardModel, RewardObjective, evaluate_reward, save_reward_model
+from ..chat import ChatFormat
+from ..data.builtin import split_train_val
+from ..errors import ConfigError, LMForgeError
+from ..eval.stats import wilson
+from ..model.hf import load_pretrained, read_hf_config, save_pretrained
+from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
+from ..peft.qlora import dequantize_model, load_quantized
+from ..pipeline import ORDER, REGISTRY, StageContext, register_stage
+from ..runs import atomic_write_json, read_manifest
+from ..train.engine import Trainer
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def model_before(ctx: StageContext, stage: str) -> Path:
+    """The model folder of the last completed model-producing stage *before* `stage` in pipeline
+    order. (`ctx.latest_model_dir()` would also see models of stages after this one -- e.g. an
+    earlier RL run -- and a re-run of `align` must start from SFT, not from its own successors.)"""
+    idx = ORDER.index(stage) if stage in ORDER else len(ORDER)
+    for name in reversed(ORDER[:idx]):
+        st = REGISTRY.get(name)
+        if st and st.produces_model:
+            d = ctx.run_dir / name
+            m = read_manifest(d)
+            if m and m.get("status") == "complete" and (d / "model" / "config.json").is_file():
+                return d / "model"
+    raise LMForgeError(f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
+                       f"`lmforge run`) first, or pass --model PATH")
+
+
+def _log_stats(ctx: StageContext, split: str, st: PairStats) -> None:
+    ctx.log(f"{split}: {st.line()}")
+    for note in st.notes:
+        ctx.log(f"  dropped {note}")
+
+
+def prepare_pairs(ctx: StageContext, cfg, fmt: ChatFormat, seq_len: int):
+    """Train / held-out pairs (a hashed split of `cfg.data` unless `cfg.val_data`), with stats."""
+    records = load_preference_records(cfg.data, cfg.max_examples)
+    if cfg.val_data:
+        train_recs, val_recs = records, load_preference_records(cfg.val_data)
+    else:  # a record's side depends only on its content and the seed: reward and align agree
+        keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
+        _, va = split_train_val(keys, cfg.val_fraction, ctx.seed)
+        va_set = set(va)
+        train_recs = [wr for wr, k in zip(records, keys) if k not in va_set]
+        val_recs = [wr for wr, k in zip(records, keys) if k in va_set]
+    if cfg.max_examples:
+        train_recs = train_recs[: cfg.max_examples]
+    kw = dict(max_prompt_len=cfg.max_prompt_len, truncation=cfg.truncation)
+    train, tst = encode_pairs(train_recs, fmt, seq_len, **kw)
+    val, vst = encode_pairs(val_recs[: cfg.max_val_examples], fmt, seq_len, **kw)
+    _log_stats(ctx, "train", tst)
+    _log_stats(ctx, "held-out", vst)
+    if not train:
+        raise ConfigError(f"{ctx.name}: no usable training pairs in {cfg.data} ({tst.line()}); check the data "
+                          f"format (docs/alignment.md) and {ctx.name}.seq_len")
+    return train, val, tst, vst
+
+
+def _pad_id(fmt: ChatFormat) -> int:
+    tok = fmt.tok
+    return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+
+
+def _context(model_dir: Path, seq_len: int | None) -> int:
+    return seq_len or read_hf_config(model_dir).get("max_position_embeddings", 2048)
+
+
+def load_lm(cfg, model_dir: Path, device: torch.device, *, trainable: bool, seed: int = 0):
+    """The causal LM for `cfg.peft`: full weights; frozen fp32 base + LoRA; NF4 base + LoRA.
+    With trainable=False: the same base, frozen, without adapters (a reference model)."""
+    torch.manual_seed(seed)
+    if cfg.peft == "qlora":
+        model = load_quantized(model_dir, cfg.qlora, device=device)
+    else:
+        model = load_pretrained(model_dir, device=device)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval(), "frozen reference"
+    model.train()
+    if cfg.peft == "full":
+        return model, "full weights"
+    names = apply_lora(model, cfg.lora)
+    base = "NF4 base" if cfg.peft == "qlora" else "frozen base"
+    return model, f"{cfg.peft.upper() if cfg.peft == 'qlora' else 'LoRA'} r={cfg.lora.r} on {len(names)} layers ({base})"
+
+
+def _save_policy(cfg, model, out: Path, model_dir: Path) -> None:
+    hf = read_hf_config(model_dir)
+    ids = dict(bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"))
+    if cfg.peft == "full":
+        save_pretrained(model, out / "model", tokenizer_dir=model_dir, **ids)
+        return
+    save_adapter(model, out / "adapter", base_model=str(model_dir.resolve()))
+    merged = merge_lora(model)
+    if cfg.peft == "qlora":
+        merged = dequantize_model(merged, torch.float32)
+    save_pretrained(merged, out / "model", tokenizer_dir=model_dir, **ids)
+
+
+def _free(model) -> None:
+    """Drop a model's tensors now (the caller drops its own reference right after)."""
+    model.to("meta") if hasattr(model, "to") else None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+# ----------------------------------------------------------------------------- reward
+@register_stage("reward", RewardConfig, needs=("sft",), after="sft",
+                help="reward model (Bradley-Terry) on preference pairs",
+                flags=(("--model", "model", "model whose trunk starts the reward model (default: the SFT model)"),
+                       ("--data", "data", "preference JSONL file (prompt/chosen/rejected, messages, HH-RLHF), "
+                                          "or 'builtin'")))
+def reward_stage(ctx: StageContext) -> dict:
+    cfg: RewardConfig = ctx.cfg
+    model_dir = Path(cfg.model) if cfg.model else model_before(ctx, "reward")
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"reward.model: {model_dir} is not a model folder (no config.json)")
+    fmt = ChatFormat.from_dir(model_dir)
+    seq_len = _context(model_dir, cfg.seq_len)
+    device = ctx.device
+    train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
+    pad = _pad_id(fmt)
+
+    lm, note = load_lm(cfg, model_dir, device, trainable=True, seed=ctx.seed)
+    rm = RewardModel.from_causal_lm(lm, seed=ctx.seed)
+    rm.score.weight.requires_grad_(True)  # the head always trains (PEFT's modules_to_save)
+    del lm
+    summary = trainable_summary(rm)
+    ctx.log(f"reward model on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
+            f"{summary['total_params']:,} parameters")
+
+    def evaluate(m):
+        return evaluate_reward(m, val, pad, device, cfg.eval_batch_size, cfg.use_margin)
+
+    before_file = ctx.dir / "before.json"
+    if before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(rm) if val else {}
+        atomic_write_json(before_file, before)
+    if before:
+        ctx.log(f"held-out accuracy before: {before['accuracy']:.3f} (untrained head; chance is 0.5)")
+    loader = PairLoader(train, cfg.batch_size, pad, seed=ctx.seed)
+    result = Trainer(rm, RewardObjective(cfg.use_margin), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
+                     evaluate=evaluate if val else None, log=ctx.log).fit(resume=True)
+    after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
+    if val and "accuracy" not in after:  # resumed at the last step: the engine did not evaluate
+        after = evaluate(rm)
+
+    if cfg.peft != "full":
+        rm = merge_lora(rm)
+        if cfg.peft == "qlora":
+            rm = dequantize_model(rm, torch.float32)
+    hf = read_hf_config(model_dir)
+    save_reward_model(rm, ctx.dir / "model", tokenizer_dir=model_dir, bos_id=hf.get("bos_token_id"),
+                      eos_id=hf.get("eos_token_id"), pad_id=pad)
+    if after:
+        ctx.log(f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+                f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs); "
+                f"mean score margin {after['margin']:.3f}")
+    metrics = {"val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
+               "val_accuracy_ci_low": after.get("accuracy_ci_low"), "val_accuracy_ci_high": after.get("accuracy_ci_high"),
+               "val_pairs": len(val), "val_margin_after": after.get("margin"), "val_loss_before": before.get("loss"),
+               "val_loss_after": after.get("loss"), "train_pairs": len(train), "peft": cfg.peft,
+               "steps": result.step, "train_loss": result.final.get("loss"),
+               "train_seconds": round(result.seconds, 2), "trainable_params": summary["trainable_params"],
+               **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
+               **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")}}
+    if result.resumed_from is not None:
+        metrics["resumed_from_step"] = result.resumed_from
+    return metrics
+
+
+# ----------------------------------------------------------------------------- align
+@register_stage("align", AlignConfig, needs=("sft", "reward"), produces_model=True, after="reward",
+                help="preference alignment: DPO / IPO / hinge / ORPO, or PPO / GRPO",
+                flags=(("--model", "model", "policy to align (default: the SFT model)"),
+                       ("--data", "data", "preference JSONL (dpo/ipo/hinge/orpo) or prompts (ppo/grpo), or 'builtin'"),
+                       ("--method", "method", "dpo | ipo | hinge | orpo | ppo | grpo")))
+def align_stage(ctx: StageContext) -> dict:
+    cfg: AlignConfig = ctx.cfg
+    if cfg.method in RL_METHODS:
+        from ..align.rl import run_rl
+
+        return run_rl(ctx, cfg)
+    return run_preference(ctx, cfg)
+
+
+def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
+    model_dir = Path(cfg.model) if cfg.model else model_before(ctx, "align")
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"align.model: {model_dir} is not a model folder (no config.json)")
+    ref_dir = Path(cfg.ref_model) if cfg.ref_model else model_dir
+    if not (ref_dir / "config.json").exists():
+        raise ConfigError(f"align.ref_model: {ref_dir} is not a model folder (no config.json)")
+    fmt = ChatFormat.from_dir(model_dir)
+    seq_len = _context(model_dir, cfg.seq_len)
+    device = ctx.device
+    train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
+    pad = _pad_id(fmt)
+
+    policy, note = load_lm(cfg, model_dir, device, trainable=True, seed=ctx.seed)
+    summary = trainable_summary(policy)
+    ctx.log(f"{cfg.method} (beta {cfg.beta}) on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
+            f"{summary['total_params']:,} parameters")
+
+    # The reference: log-probs of held-out pairs always (KL, implicit rewards), of training pairs
+    # too when cached. When it is the starting policy, the policy itself scores them before any
+    # update (LoRA starts with B = 0), so no second model is loaded at all.
+    uses_ref = cfg.method in REFERENCE_METHODS
+    live = uses_ref and not cfg.precompute_ref
+    same = ref_dir.resolve() == model_dir.resolve()
+    ref_model = None if same and not live else load_lm(cfg, ref_dir, device, trainable=False)[0]
+    scorer = policy if same else ref_model
+    to_score = (train + val) if uses_ref and not live else val
+    table = precompute_reference(scorer, to_score, ctx.dir / CACHE_FILE, pad, device,
+                                 batch_size=cfg.eval_batch_size, note=str(ref_dir), log=ctx.log)
+    scorer = None
+    if not live and ref_model is not None:
+        _free(ref_model)
+        ref_model = None
+    elif live and ref_model is None:
+        ref_model = load_lm(cfg, ref_dir, device, trainable=False)[0]
+    ref_c = torch.tensor([table[p.key()][0] for p in val])
+    ref_r = torch.tensor([table[p.key()][1] for p in val])
+
+    def evaluate(m):
+        if not val:
+            return {}
+        pc, pr, nc, nr = pair_logps(m, val, pad, device, cfg.eval_batch_size)
+        return preference_eval_metrics(pc, pr, nc, nr, ref_c, ref_r, cfg.method, cfg.beta, cfg.label_smoothing)
+
+    before_file = ctx.dir / "before.json"
+    if before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(policy)
+        atomic_write_json(before_file, before)
+    if before:
+        ctx.log(f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats")
+
+    loader = PairLoader(train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None)
+    objective = PreferenceObjective(cfg.method, cfg.beta, cfg.label_smoothing, ref_model=ref_model)
+    result = Trainer(policy, objective, loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
+                     evaluate=evaluate if val else None, log=ctx.log).fit(resume=True)
+    after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
+    if val and "accuracy" not in after:
+        after = evaluate(policy)
+    if ref_model is not None:
+        _free(ref_model)
+    _save_policy(cfg, policy, ctx.dir, model_dir)
+
+    if after:
+        lo, hi = wilson(after["accuracy"] * len(val), len(val))
+        ctx.log(f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+                f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
+                f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
+                f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token")
+    metrics = {"method": cfg.method,
+               "val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
+               "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
+               "val_kl_after": after.get("kl"),
+               "val_reward_accuracy_after": after.get("reward_accuracy"),
+               "val_reward_margin_after": after.get("reward_margin"),
+               "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
+               "val_pairs": len(val), "train_pairs": len(train), "beta": cfg.beta, "peft": cfg.peft,
+               "reference": "none" if not uses_ref else "live" if live else "cached",
+               "steps": result.step, "train_loss": result.final.get("loss"),
+               "train_seconds": round(result.seconds, 2), "trainable_params": summary["trainable_params"],
+               **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
+               **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")}}
+    if after:
+        metrics["val_accuracy_ci_low"], metrics["val_accuracy_ci_high"] = lo, hi
+    if result.resumed_from is not None:
+        metrics["resumed_from_step"] = result.resumed_from
+    return metrics

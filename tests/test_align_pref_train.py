@@ -1,0 +1,127 @@
+"""`lmforge align` end to end on a tiny model and an easy synthetic preference set: held-out
+preference accuracy rises for DPO / IPO / ORPO, LoRA works, and a cached reference gives the
+same losses as a live one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lmforge.stages.align  # noqa: F401  (registers the stages)
+from lmforge.align.losses import PreferenceObjective
+from lmforge.align.preference import collate_pairs, encode_pairs, load_preference_records
+from lmforge.align.reference import CACHE_FILE, load_cache, precompute_reference
+from lmforge.chat import ChatFormat
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf import load_pretrained, save_pretrained
+from lmforge.model.transformer import Transformer
+from lmforge.peft.lora import load_adapter
+from lmforge.pipeline import load_config, run_stage
+from lmforge.runs import read_jsonl
+from lmforge.tokenizer import train_tokenizer
+
+WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window dragon pepper "
+         "castle violin marble island orange falcon meadow harbor engine basket comet desert feather glacier hammer "
+         "jungle kettle ladder mirror needle oyster pillow quartz saddle temple valley walnut yogurt zebra anchor").split()
+
+
+def synthetic_pairs(words=WORDS) -> list[dict]:
+    """Chosen: a friendly sentence; rejected: a rude one a token shorter -- so an untrained model
+    (which prefers fewer tokens) starts below chance and learning the preference is easy to see."""
+    return [{"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.",
+             "rejected": f"The {w} bad."} for w in words]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("align")
+    recs = synthetic_pairs()
+    data = d / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    texts = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs]
+    tok = train_tokenizer(texts * 4, vocab_size=400)
+    model_dir = d / "base"
+    tok.save(model_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=64))
+    save_pretrained(model, model_dir, tokenizer_dir=model_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return model_dir, data
+
+
+def _run(tmp_path, setup, *overrides):
+    model_dir, data = setup
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.device=cpu", f"align.model={model_dir}",
+                             f"align.data={data}", "align.val_fraction=0.2", "align.max_steps=20",
+                             "align.batch_size=4", "align.lr=3e-3", "align.warmup_steps=2", "align.log_every=1",
+                             "align.checkpoint_every=0", *overrides])
+    return run_stage(cfg, "align", force=True)
+
+
+@pytest.mark.parametrize("method,beta", [("dpo", 0.1), ("ipo", 0.05), ("orpo", 0.5)])
+def test_heldout_preference_accuracy_rises(tmp_path, setup, method, beta):
+    o = _run(tmp_path, setup, f"align.method={method}", f"align.beta={beta}")
+    m = o.metrics
+    assert m["method"] == method and m["steps"] == 20 and m["val_pairs"] >= 5
+    assert m["val_accuracy_before"] < 0.5 and m["val_accuracy_after"] > 0.8, m
+    assert m["val_margin_after"] > m["val_margin_before"]
+    assert m["val_kl_after"] is not None and m["val_reward_accuracy_after"] > 0.8
+    assert m["reference"] == ("none" if method == "orpo" else "cached")
+    assert (o.dir / "model" / "config.json").exists() and (o.dir / "before.json").exists()
+    recs = [r for r in read_jsonl(o.dir / "metrics.jsonl") if "loss" in r]
+    assert "rewards/margins" in recs[0] and "rewards/accuracies" in recs[0]
+    if method == "dpo":
+        assert recs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
+    if method == "orpo":
+        assert "nll_loss" in recs[0] and "log_odds_ratio" in recs[0]
+
+
+def test_lora_align_writes_adapter_and_merged_model(tmp_path, setup):
+    o = _run(tmp_path, setup, "align.method=dpo", "align.peft=lora", "align.lora.r=4", "align.lr=1e-2")
+    m = o.metrics
+    assert m["peft"] == "lora" and m["trainable_params"] < 20_000
+    assert m["val_reward_accuracy_after"] > 0.8 and m["val_margin_after"] > m["val_margin_before"]
+    merged = load_pretrained(o.dir / "model")
+    base = load_pretrained(setup[0])
+    load_adapter(base, o.dir / "adapter")
+    x = torch.randint(0, merged.cfg.vocab_size, (2, 12))
+    assert torch.allclose(merged(x), base(x), atol=1e-4)
+
+
+def test_cached_reference_equals_live_reference(tmp_path, setup):
+    model_dir, data = setup
+    fmt = ChatFormat.from_dir(model_dir)
+    pairs, _ = encode_pairs(load_preference_records([str(data)]), fmt, 64)
+    ref = load_pretrained(model_dir)
+    policy = load_pretrained(model_dir)
+    with torch.no_grad():  # a policy that differs from the reference
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    table = precompute_reference(ref, pairs, tmp_path / CACHE_FILE, fmt.tok.pad_id, "cpu", batch_size=5, log=lambda m: None)
+    assert load_cache(tmp_path / CACHE_FILE) == table and len(table) == len(pairs)
+    batch = pairs[3:11]
+    cached = collate_pairs(batch, fmt.tok.pad_id, table)
+    live = collate_pairs(batch, fmt.tok.pad_id)
+    a = PreferenceObjective("dpo", 0.1)(policy, cached)
+    b = PreferenceObjective("dpo", 0.1, ref_model=ref)(policy, live)
+    assert a[1] == b[1] == 8
+    assert a[0].item() == pytest.approx(b[0].item(), abs=1e-5)
+    assert a[2]["rewards/margins"] == pytest.approx(b[2]["rewards/margins"], abs=1e-5)
+    # and through the stage: the same step losses with precompute_ref on and off
+    o1 = _run(tmp_path / "c", setup, "align.max_steps=3", "align.precompute_ref=true")
+    o2 = _run(tmp_path / "l", setup, "align.max_steps=3", "align.precompute_ref=false")
+    assert o1.metrics["reference"] == "cached" and o2.metrics["reference"] == "live"
+    l1 = [r["loss"] for r in read_jsonl(o1.dir / "metrics.jsonl") if "loss" in r]
+    l2 = [r["loss"] for r in read_jsonl(o2.dir / "metrics.jsonl") if "loss" in r]
+    assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
+    assert o1.metrics["val_loss_after"] == pytest.approx(o2.metrics["val_loss_after"], abs=1e-4)
