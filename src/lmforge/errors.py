@@ -20,3 +20,12 @@ class DataError(LMForgeError):
 
 class CheckpointError(LMForgeError):
     """A checkpoint is missing, truncated, corrupt or does not match the model."""
+
+
+class StorageError(LMForgeError):
+    """The disk is full, a file size or quota limit was hit, or the run directory is read-only.
+
+    Raised by the write layer (`lmforge.runs`) with the path being written, so the user sees
+    "disk full ... while writing runs/x/pretrain/checkpoints/..." instead of an OSError from
+    deep inside safetensors or numpy. Writes are atomic, so the previous file is intact.
+    """

@@ -15,8 +15,11 @@ restores its last checkpoint). Every stage writes `manifest.json` through `Stage
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -31,13 +34,15 @@ from rich.markup import escape
 
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ConfigError, LMForgeError
-from .runs import MANIFEST, StageRecord, atomic_write_text, fingerprint, read_manifest
+from .runs import MANIFEST, StageRecord, atomic_write_text, fingerprint, read_manifest, remove_stale_temps, storage_error, \
+    translate_storage_errors
 
 console = get_console()  # shared with the training progress bar
 console.highlight = False
 console.soft_wrap = True
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 DEFAULT_CONFIG = "tiny"
 
 
@@ -139,8 +144,11 @@ class StageContext:
         if not self.record.write:  # non-zero torchrun ranks stay quiet
             return
         console.print(f"[dim]{self.name}[/dim] " + escape(msg))
-        with open(self.log_file, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
+        try:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
+        except OSError:  # a full or read-only disk: the console has the line; the next
+            pass         # artifact write reports the fault with its path
 
     def input_dir(self, stage: str) -> Path:
         """Output folder of a stage this one reads; it must have completed."""
@@ -206,6 +214,26 @@ def _wait_for_rank0(stage_dir: Path, fp: str, complete: bool, timeout: float = 2
     raise LMForgeError(f"timed out waiting for rank 0 to run stage {stage_dir.name}")
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Treat SIGTERM like Ctrl-C while a stage runs: the stage unwinds (atomic writers drop
+    their temporary files), its manifest records "interrupted" and the CLI exits with 130;
+    running the same command again resumes. The training engine installs its own handlers
+    for both signals (finish the step, checkpoint, stop) for the duration of a fit."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     stage = REGISTRY[name]
     run_dir = cfg.run.dir
@@ -224,25 +252,37 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     prev = read_manifest(stage_dir)
     if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
         return StageOutcome(name, "cached", prev.get("seconds", 0.0), prev.get("metrics", {}), stage_dir)
-    if stage_dir.exists() and (force or not prev or prev.get("fingerprint") != fp):
-        if prev and prev.get("fingerprint") != fp:
-            console.print(f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over")
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
     stage_cfg = getattr(cfg, name)
-    record = StageRecord(stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs)
+    with translate_storage_errors(stage_dir):
+        if stage_dir.exists() and (force or not prev or prev.get("fingerprint") != fp):
+            if prev and prev.get("fingerprint") != fp:
+                console.print(f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over")
+            shutil.rmtree(stage_dir)
+        elif prev and prev.get("status") != "complete":
+            for junk in remove_stale_temps(stage_dir):  # left by a killed writer of the same stage
+                console.print(f"[dim]{name}: removed leftover temporary {junk.relative_to(stage_dir)}[/dim]")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        record = StageRecord(stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs)
     ctx = StageContext(name, stage_cfg, cfg, run_dir, stage_dir, record, run_dir / "log.txt")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     console.rule(f"[bold]{name}[/bold]  [dim]{stage.help}[/dim]")
     t0 = time.time()
     try:
-        metrics = stage.fn(ctx) or {}
+        with _sigterm_interrupts():
+            metrics = stage.fn(ctx) or {}
     except LMForgeError as e:
         record.fail(str(e))
         raise
     except KeyboardInterrupt:
         record.fail("interrupted")
+        raise
+    except OSError as e:
+        # a write outside the atomic helpers (EACCES is left alone: it may come from reading input)
+        err = storage_error(e, e.filename or stage_dir) if e.errno in _WRITE_ERRNOS else None
+        record.fail(str(err or "".join(traceback.format_exception_only(type(e), e)).strip()))
+        if err is not None:
+            raise err from e
         raise
     except Exception as e:  # a bug: keep the traceback in the manifest and re-raise
         record.fail("".join(traceback.format_exception_only(type(e), e)).strip())
@@ -260,7 +300,8 @@ def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = Fa
             raise ConfigError(f"unknown stage(s) {bad}; known: {', '.join(ORDER)}")
         names = [n for n in names if n in only] or list(only)
     run_dir = cfg.run.dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with translate_storage_errors(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     if _rank() == 0:
         atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     outcomes = []

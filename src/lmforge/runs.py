@@ -14,23 +14,164 @@ stage itself decides how to resume (pretraining restores its last checkpoint).
 
 Every file that another step reads is written atomically: to a temporary file in the same
 directory, fsynced, then `os.replace`d over the target, so a crash leaves either the old file
-or the new one and never half of one.
+or the new one and never half of one. A temporary file orphaned by a SIGKILL is swept when its
+stage is resumed (`remove_stale_temps`).
+
+Storage faults (disk full, quota, file-size limit, read-only file system) surface as
+`StorageError` naming the file being written, raised by this write layer, so no stage has to
+handle OSError itself; the previous version of the file is untouched.
+
+`fault_point(name)` marks the moments a crash is most harmful (a temporary file complete but
+not yet renamed, a checkpoint folder assembled but not yet in place). It does nothing unless
+the environment variable ``LMFORGE_FAULT`` names the point, in which case the process
+SIGKILLs itself there: the crash harness (`benchmarks/crash_harness.py`) and the fault tests
+use it to hit those windows deterministically instead of hoping a random kill lands in them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import StorageError
+
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+# ----------------------------------------------------------------------------- storage faults
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+_ERRNO_TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+               "file too large": errno.EFBIG, "read-only file system": errno.EROFS}
+
+
+def _storage_oserror(exc: BaseException | None) -> OSError | None:
+    """The storage OSError behind `exc`: itself, one in its cause/context chain (torch.save
+    to a file object wraps it in a RuntimeError), or one named in the message of a library
+    that does its own I/O (safetensors: "... (os error 28)", arrow: "No space left on device")."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        text = str(exc)
+        m = re.search(r"\(os error (\d+)\)", text)
+        if m:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+        low = text.lower()
+        for phrase, code in _ERRNO_TEXT.items():
+            if phrase in low:
+                return OSError(code, os.strerror(code))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """The user-facing error for a failure while writing `path`, or None when `exc` is not a
+    storage fault (it is then re-raised unchanged: a bug or a different problem).
+
+    Permission errors count only when they concern `path` (or its temporary file / folder),
+    so a write helper does not relabel an unrelated EACCES raised inside its body.
+    """
+    if isinstance(exc, StorageError):
+        return None
+    exc = _storage_oserror(exc)
+    if exc is None or exc.errno not in _NO_SPACE + _READ_ONLY:
+        return None
+    path = Path(path)
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is not None:
+        f = Path(os.fsdecode(exc.filename))
+        if f != path and f.parent != path.parent and f != path.parent:
+            return None
+    if exc.errno == errno.ENOSPC:
+        what = "disk full (no space left on device)"
+    elif exc.errno == errno.EDQUOT:
+        what = "disk quota exceeded"
+    elif exc.errno == errno.EFBIG:
+        what = "file size limit exceeded (ulimit -f / RLIMIT_FSIZE, or the file system's maximum)"
+    elif exc.errno == errno.EROFS:
+        what = "read-only file system"
+    else:
+        what = "permission denied"
+    if exc.errno in _NO_SPACE:
+        fix = ("free some space (or set run.root to a bigger disk) and run the same command again; "
+               "completed files and the last checkpoint are intact")
+    else:
+        fix = "make the run directory writable (or set run.root to a writable folder) and run again"
+    return StorageError(f"{what} while writing {path}: {fix}")
+
+
+@contextlib.contextmanager
+def translate_storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise storage OSErrors inside the block as `StorageError` naming `path`."""
+    try:
+        yield
+    except Exception as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from e
+
+
+FAULT_ENV = "LMFORGE_FAULT"
+_fault_hits = 0
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here if ``$LMFORGE_FAULT`` matches `name` (testing hook).
+
+    ``LMFORGE_FAULT=PATTERN[@N]``: an fnmatch pattern over point names and the 1-based hit to
+    die on (default the first). Point names: ``atomic:<file name>`` (temporary file written and
+    closed, target not yet replaced), ``tokens:<split>.bin`` (after each batch of a token shard),
+    ``checkpoint:<step>:weights`` / ``:assembled`` / ``:renamed`` (see `train.checkpoint`).
+    Unset (always, outside tests and the crash harness), it costs one dictionary lookup.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    pattern, _, nth = spec.partition("@")
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    global _fault_hits
+    _fault_hits += 1
+    if _fault_hits >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files and folders that a killed writer left under `directory`.
+
+    Only names this module and `train.checkpoint` create are touched: ``.<name>.<random>.tmp``
+    files from `atomic_path` and ``.step_<n>.tmp*`` checkpoint folders. Call it only when no
+    writer is running in `directory` (the pipeline does, before resuming a stage).
+    """
+    removed = []
+    root = Path(directory)
+    if not root.is_dir():
+        return removed
+    for p in sorted(root.rglob(".*.tmp*")):
+        name = p.name
+        if p.is_file() and name.endswith(".tmp") and name.count(".") >= 3:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        elif p.is_dir() and name.startswith(".step_") and ".tmp" in name:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -42,20 +183,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed and the target is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+    with translate_storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fault_point(f"atomic:{path.name}")
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        err = storage_error(e, path)
+        if err is not None:
+            raise err from e
         raise
 
 
@@ -138,7 +284,8 @@ class StageRecord:
                  fingerprint: str, inputs: dict[str, str] | None = None, write: bool = True):
         self.write = write  # False on non-zero ranks of a distributed stage
         self.dir = Path(stage_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with translate_storage_errors(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.config = config
         self.fingerprint = fingerprint
@@ -171,13 +318,16 @@ class StageRecord:
         self._write("complete")
 
     def fail(self, error: str) -> None:
-        self._write("failed", error)
+        """Record the failure; best effort, so that on a full or read-only disk the original
+        error reaches the user (the manifest then still says "running", which resumes too)."""
+        with contextlib.suppress(OSError, StorageError):
+            self._write("failed", error)
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (metrics logs). Appends of one short line are effectively atomic;
     a torn last line from a crash is tolerated by `read_jsonl`."""
-    with open(path, "a", encoding="utf-8") as f:
+    with translate_storage_errors(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
         f.flush()
 

@@ -14,6 +14,11 @@ A checkpoint is assembled in a hidden temporary folder and renamed into place on
 file and `checksums.json` are on disk, so a crash mid-write never leaves a folder that looks
 complete. Loading verifies the checksums and names the file that does not match.
 `.pt` files are read with `torch.load(weights_only=True)`: no arbitrary unpickling.
+
+A save that fails on a full disk, a file-size limit or a read-only file system removes its
+temporary folder and raises `StorageError` naming the file; the older checkpoints are pruned
+only after the new one is in place, so the last good one always survives. The crash harness
+kills the process at the points marked `fault_point("checkpoint:<step>:...")`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..runs import _fsync_dir, atomic_write_json, file_sha256
+from ..runs import _fsync_dir, atomic_write_json, fault_point, file_sha256, storage_error
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -50,38 +55,62 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict, keep: int | None = None) -> Path:
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None:  # makes the checkpoint folder loadable as a model folder on its own
-        from ..model.hf import to_hf_config
+    current = tmp
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        current = tmp / "model.safetensors"
+        save_file(model_state_for_saving(model), str(current))
+        fault_point(f"checkpoint:{step}:weights")
+        if optimizer is not None:
+            current = tmp / "optimizer.pt"
+            _torch_save(optimizer.state_dict(), current)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        current = tmp / "rng.pt"
+        _torch_save(rng, current)
+        current = tmp / "trainer_state.json"
+        current.write_text(json.dumps(trainer_state, indent=2))
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:  # makes the checkpoint folder loadable as a model folder on its own
+            from ..model.hf import to_hf_config
 
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2))
-    sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    atomic_write_json(tmp / "checksums.json", sums)
+            current = tmp / "config.json"
+            current.write_text(json.dumps(to_hf_config(cfg), indent=2))
+        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        current = tmp / "checksums.json"
+        atomic_write_json(current, sums)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; older checkpoints are untouched
+        err = storage_error(e, current)
+        if err is not None:
+            raise err from e
+        raise
+    fault_point(f"checkpoint:{step}:assembled")
     if final.exists():  # a re-run reached the same step again: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
+    fault_point(f"checkpoint:{step}:renamed")
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file object, so a full disk raises an OSError (chained
+    to torch's RuntimeError) that names the errno instead of only "unexpected pos 704 vs 598"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -175,7 +204,7 @@ def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optim
     dist.barrier()
     if is_main:
         rng = {"cpu": torch.get_rng_state()}
-        torch.save(rng, tmp / "rng.pt")
+        _torch_save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         sums = {str(f.relative_to(tmp)): file_sha256(f) for f in files}

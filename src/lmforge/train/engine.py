@@ -9,8 +9,12 @@ everything else:
   the step (so a step's gradient does not depend on how it was split into micro-batches);
 - AdamW, warmup + cosine / WSD / constant schedule, gradient-norm clipping;
 - bf16 autocast where the device supports it;
-- non-finite losses: the step is skipped and logged; too many in a row stops the run with the
-  last good checkpoint intact;
+- bad steps -- a non-finite loss or gradient norm, or a loss spike over `spike_factor` x the
+  median of the last `spike_window` good losses -- are skipped (no update) and logged; after
+  `rollback_after` in a row the run rolls back to its last checkpoint (weights, optimizer,
+  RNG) but keeps its data position, so the offending batches are never replayed; once
+  `max_rollbacks` are spent, `max_bad_steps` in a row stop it with the last good checkpoint
+  intact (see `_on_bad_step` for why spike detection is on by default);
 - periodic evaluation with optional early stopping on the eval loss;
 - metrics to `metrics.jsonl`, a progress line, throughput and FLOPs utilisation;
 - atomic checkpoints (weights, optimizer, RNG, data position) and *exact* resume: a run killed
@@ -20,9 +24,10 @@ everything else:
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import signal
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +67,12 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
-    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite losses before stopping")
+    max_bad_steps: int = Field(5, ge=1, description="consecutive bad steps (non-finite or spiking loss) before stopping")
+    spike_factor: float = Field(4.0, ge=0, description="a loss over this x the running median is a bad step; 0 = off")
+    spike_window: int = Field(32, ge=2, description="good steps in the running median (detection starts once full)")
+    rollback_after: int = Field(3, ge=0, description="consecutive bad steps before rolling back to the last "
+                                                    "checkpoint, past the offending batches; 0 = never")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks per run before bad steps stop it")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
     parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1")
@@ -86,6 +96,17 @@ class StatefulIterator(Protocol):
 
 class TrainingStopped(LMForgeError):
     """Raised when a run stops on a signal or repeated bad steps (after checkpointing)."""
+
+
+@dataclass
+class StepOutcome:
+    """What `_train_step` did: `loss` is the mean over the step's units (None: nothing to
+    train on); `bad` says why no update was applied ("non-finite", "spike") or is None."""
+
+    loss: float | None
+    extra: dict[str, float]
+    units: int
+    bad: str | None = None
 
 
 @dataclass
@@ -144,14 +165,19 @@ class Trainer:
         self.tokens = 0
         self.best_eval: float | None = None
         self.evals_without_improvement = 0
+        self.rollbacks = 0
+        self.recent_losses: list[float] = []  # the last spike_window good losses, oldest first
+        self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict(),
-                "best_eval": self.best_eval, "evals_without_improvement": self.evals_without_improvement}
+                "best_eval": self.best_eval, "evals_without_improvement": self.evals_without_improvement,
+                "rollbacks": self.rollbacks, "recent_losses": list(self.recent_losses)}
 
-    def resume(self) -> int | None:
+    def _load_last(self, restore_data: bool = True) -> dict | None:
+        """Restore model, optimizer, RNG and trainer state from the newest checkpoint."""
         ckpts = list_checkpoints(self.ckpt_dir)
         if not ckpts:
             return None
@@ -162,13 +188,19 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.best_eval = state.get("best_eval")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
-        self.data.load_state_dict(state["data"])
-        # drop metric lines logged after the checkpoint by the interrupted run
+        self.rollbacks = state.get("rollbacks", 0)
+        self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
+        if restore_data:
+            self.data.load_state_dict(state["data"])
+        # drop metric lines logged after the checkpoint by the interrupted (or rolled back) run
         if self.dist.is_main:
             kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(_json_line(r) for r in kept))
         barrier()
-        return self.step
+        return state
+
+    def resume(self) -> int | None:
+        return self.step if self._load_last() is not None else None
 
     def save(self) -> Path:
         if self.strategy == "fsdp":
@@ -195,12 +227,18 @@ class Trainer:
             g["lr"] = lr
         return lr
 
-    def _train_step(self, batches: list) -> tuple[float | None, dict[str, float], int]:
+    def _spike_limit(self) -> float | None:
+        """The loss above which a step counts as a spike, once the window of good losses is full."""
+        if not self.cfg.spike_factor or len(self.recent_losses) < self.cfg.spike_window:
+            return None
+        return self.cfg.spike_factor * statistics.median(self.recent_losses)
+
+    def _train_step(self, batches: list) -> StepOutcome:
         local = sum(self.objective.count(b) for b in batches)
         (total,) = all_reduce_sum([float(local)], self.device)  # units over all ranks
         total = int(total)
         if total == 0:
-            return None, {"empty_batch": 1.0}, 0
+            return StepOutcome(None, {"empty_batch": 1.0}, 0)
         self.model.train()
         # DDP/FSDP average gradients over ranks; scaling by world makes the result the
         # gradient of (sum of unit losses over all ranks) / (units over all ranks).
@@ -216,10 +254,14 @@ class Trainer:
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + v / len(batches)
         (loss_sum,) = all_reduce_sum([loss_sum], self.device)
-        mean = loss_sum / total
+        mean = loss_sum / total  # identical on every rank, so every rank takes the same decision
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
-            return float("nan"), extra, total
+            return StepOutcome(mean, extra, total, "non-finite")
+        limit = self._spike_limit()
+        if limit is not None and mean > limit:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(mean, extra, total, "spike")
         if self.cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor holding the global norm
@@ -227,10 +269,12 @@ class Trainer:
             extra["grad_norm"] = float(gn)
             if not math.isfinite(extra["grad_norm"]):
                 self.optimizer.zero_grad(set_to_none=True)
-                return float("nan"), extra, total
+                return StepOutcome(mean, extra, total, "non-finite")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, extra, total
+        if self.cfg.spike_factor:
+            self.recent_losses = (self.recent_losses + [mean])[-self.cfg.spike_window:]
+        return StepOutcome(mean, extra, total)
 
     def _run_eval(self) -> dict[str, float]:
         if self.evaluate is None:
@@ -243,6 +287,59 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
+
+    def _on_bad_step(self, out: StepOutcome) -> None:
+        """Skip, then roll back, then stop: the escalation for steps that applied no update.
+
+        Why spike detection is on by default (`spike_factor` 4, over the median of the last 32
+        good steps, only once that window is full): in healthy training the loss never jumps to
+        4x its recent median -- even early on, the median lags a *falling* loss -- while such a
+        step is how most divergences start, and letting it update the weights can wreck them in
+        one step. Skipping costs one batch; a false positive is practically impossible at 4x.
+
+        Why roll back *and keep the data position*: a streak of bad steps usually means the
+        weights or optimizer moments are already damaged (restoring fixes that) or a stretch of
+        the data is poisonous (replaying it would fail again forever). Restoring the checkpoint
+        but not the loader position skips every batch drawn since that checkpoint (PaLM's
+        recipe); the checkpoint is then rewritten with the new position so a crash after the
+        rollback cannot replay them either.
+        """
+        cfg = self.cfg
+        self._bad.append(out.bad)
+        n = len(self._bad)
+        what = ("non-finite loss or gradient" if out.bad == "non-finite" else
+                f"loss {out.loss:.4g} is over {cfg.spike_factor:g}x the median of the last "
+                f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g})")
+        self.log(f"step {self.step}: {what}; step skipped ({n}/{cfg.max_bad_steps} in a row)")
+        self._record({"step": self.step, "skipped": out.bad,
+                      **({"loss": round(out.loss, 5)} if math.isfinite(out.loss) else {})})
+        if n >= cfg.max_bad_steps:
+            kinds = ("non-finite losses" if set(self._bad) == {"non-finite"} else
+                     "bad steps (non-finite or spiking loss)")
+            raise TrainingStopped(
+                f"{n} consecutive {kinds} at step {self.step}"
+                + (f" after {self.rollbacks} rollback(s)" if self.rollbacks else "")
+                + f"; stopped. Last good checkpoint: {_last(self.ckpt_dir)}. Lower the learning "
+                  f"rate (or raise warmup / grad_clip) or check the data.")
+        if cfg.rollback_after and n >= cfg.rollback_after and self.rollbacks < cfg.max_rollbacks:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if not list_checkpoints(self.ckpt_dir):
+            self.log(f"step {self.step}: no checkpoint to roll back to yet; still skipping bad steps")
+            return
+        bad_at, bad_steps = self.step, len(self._bad)
+        data_state = self.data.state_dict()  # past the offending batches
+        rollbacks = self.rollbacks + 1
+        self._load_last(restore_data=False)
+        self.rollbacks = rollbacks
+        self.data.load_state_dict(data_state)
+        self._bad = []
+        self._record({"step": self.step, "rollback": rollbacks, "from_step": bad_at, "bad_steps": bad_steps})
+        self.log(f"rolled back to the checkpoint at step {self.step} after {bad_steps} bad steps at step "
+                 f"{bad_at} (rollback {rollbacks}/{self.cfg.max_rollbacks}); the batches drawn since "
+                 f"that checkpoint are skipped")
+        self.save()  # the same step, with the new data position: a crash now cannot replay them
 
     def fit(self, resume: bool = True) -> TrainResult:
         cfg = self.cfg
@@ -258,28 +355,22 @@ class Trainer:
         t0, t_log, tok_log = time.time(), time.time(), self.tokens
         progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
         it = iter(self.data)
-        bad_streak, last_eval, stopped_early = 0, {}, False
+        self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
+        last_eval, stopped_early = {}, False
         last_loss = float("nan")
         try:
             while self.step < cfg.max_steps:
                 lr = self._set_lr()
                 batches = [next(it) for _ in range(cfg.grad_accum)]
-                loss, extra, units = self._train_step(batches)
+                out = self._train_step(batches)
+                loss, extra, units = out.loss, out.extra, out.units
                 if loss is None:
                     self.log(f"step {self.step}: no trainable units in the batch; skipped")
                     continue
-                if not math.isfinite(loss):
-                    bad_streak += 1
-                    self.log(f"step {self.step}: non-finite loss or gradient; step skipped "
-                             f"({bad_streak}/{cfg.max_bad_steps} in a row)")
-                    self._record({"step": self.step, "skipped": "non-finite"})
-                    if bad_streak >= cfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{cfg.max_bad_steps} consecutive non-finite losses at step {self.step}; "
-                            f"stopped. Last good checkpoint: {_last(self.ckpt_dir)}. Lower the "
-                            f"learning rate or check the data.")
+                if out.bad is not None:
+                    self._on_bad_step(out)
                     continue
-                bad_streak = 0
+                self._bad = []
                 last_loss = loss
                 self.step += 1
                 self.tokens += units
