@@ -125,3 +125,45 @@ def test_cached_reference_equals_live_reference(tmp_path, setup):
     l2 = [r["loss"] for r in read_jsonl(o2.dir / "metrics.jsonl") if "loss" in r]
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
     assert o1.metrics["val_loss_after"] == pytest.approx(o2.metrics["val_loss_after"], abs=1e-4)
+
+
+def test_qlora_align_runs_and_saves_dequantised_model(tmp_path, setup):
+    o = _run(tmp_path, setup, "align.method=orpo", "align.peft=qlora", "align.lora.r=4", "align.max_steps=3",
+             "align.qlora.compute_dtype=float32")
+    assert o.metrics["peft"] == "qlora" and o.metrics["steps"] == 3
+    assert (o.dir / "adapter" / "adapter_config.json").exists()
+    model = load_pretrained(o.dir / "model")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_bad_pairs_are_skipped_and_reported_by_the_stage(tmp_path, setup):
+    model_dir, data = setup
+    bad = tmp_path / "mixed.jsonl"
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps({"prompt": "Hi.", "chosen": "Same.", "rejected": "Same."})
+    lines[4] = json.dumps({"prompt": "Hi.", "chosen": "", "rejected": "No."})
+    lines[6] = json.dumps({"prompt": "word " * 80, "chosen": "Yes.", "rejected": "No."})
+    lines[8] = "{\"prompt\": \"Hi.\", \"chosen\": 3, \"rejected\": \"No.\"}"
+    bad.write_text("\n".join(lines) + "\n")
+    o = _run(tmp_path, (model_dir, bad), "align.max_steps=2", "align.val_fraction=0.01")
+    m = o.metrics
+    dropped = {k: v for k, v in m.items() if k.startswith(("train_dropped", "val_dropped")) and v}
+    assert sum(v for k, v in dropped.items() if k.endswith("dropped")) == 4, dropped
+    for reason in ("identical", "empty_completion", "prompt_too_long", "malformed"):
+        assert m.get(f"train_dropped_{reason}", 0) + m.get(f"val_dropped_{reason}", 0) == 1, (reason, m)
+    log = (tmp_path / "tiny" / "log.txt").read_text()
+    assert f"{bad}:9: field 'chosen'" in log
+
+
+def test_report_shows_alignment_before_after(tmp_path, setup):
+    from lmforge.stages.report import ReportConfig, alignment_rows, write_report
+
+    _run(tmp_path, setup, "align.max_steps=2")
+    run_dir = tmp_path / "tiny"
+    rows = alignment_rows(run_dir)
+    acc = next(r for r in rows if r[1] == "val_accuracy")
+    assert acc[0] == "align (dpo)" and acc[2] is not None and acc[3] is not None
+    assert any(r[1] == "val_kl" for r in rows)
+    write_report(run_dir, tmp_path / "report", ReportConfig(plots=False))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Alignment: before / after" in md and "| align (dpo) | val_accuracy |" in md

@@ -202,7 +202,8 @@ def reward_stage(ctx: StageContext) -> dict:
                 f"mean score margin {after['margin']:.3f}")
     metrics = {"val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
                "val_accuracy_ci_low": after.get("accuracy_ci_low"), "val_accuracy_ci_high": after.get("accuracy_ci_high"),
-               "val_pairs": len(val), "val_margin_after": after.get("margin"), "val_loss_before": before.get("loss"),
+               "val_pairs": len(val), "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
+               "val_loss_before": before.get("loss"),
                "val_loss_after": after.get("loss"), "train_pairs": len(train), "peft": cfg.peft,
                "steps": result.step, "train_loss": result.final.get("loss"),
                "train_seconds": round(result.seconds, 2), "trainable_params": summary["trainable_params"],
