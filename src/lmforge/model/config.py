@@ -1,7 +1,8 @@
 """Model shape: the handful of knobs that size a Llama-style decoder.
 
 `ModelConfig` is what a checkpoint's `config.json` (lmforge flavour) holds and what the HF
-converters map to and from `LlamaConfig`. Counting helpers live here so that the trainer,
+converters map to and from `LlamaConfig` / `Qwen2Config`, and for MoE models `MixtralConfig`
+(`model/hf_moe.py`). Counting helpers live here so that the trainer,
 the scaling tools and the report all use one definition of "parameters" and "FLOPs".
 """
 

@@ -98,10 +98,10 @@ def moe_from_hf_config(hf: dict, source: str, common: dict) -> ModelConfig:
     extra = hf.get("lmforge") or {}
     try:
         n_exp, top_k = int(hf["num_local_experts"]), int(hf["num_experts_per_tok"])
+        ff = int(hf["intermediate_size"])
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{source}: a mixtral config needs num_local_experts and "
-                              f"num_experts_per_tok") from None
-    ff = hf["intermediate_size"]
+        raise CheckpointError(f"{source}: a mixtral config needs integer num_local_experts, "
+                              f"num_experts_per_tok and intermediate_size") from None
     d_ff = extra.get("d_ff")
     try:
         return ModelConfig(**dict(
