@@ -112,8 +112,6 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-@pytest.mark.xfail(strict=True, reason="needs train/checkpoint.py: list_checkpoints must keep only folders "
-                                       "with checksums.json (the completion marker); see the issue 9 report")
 def test_partial_sharded_checkpoint_is_never_picked(tmp_path):
     """A `step_*` folder without checksums.json (a DCP save cut short, or a crash while an older
     copy of the same step was being deleted) must not be the one a resume picks."""

@@ -403,3 +403,25 @@ def test_remove_stale_temps_only_touches_our_temporaries(tmp_path):
     removed = remove_stale_temps(tmp_path)
     assert len(removed) == 3
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".hidden", "notes.tmp", "sub"]
+
+
+def test_replacing_a_checkpoint_never_loses_the_step(tmp_path):
+    """Re-saving a step (a re-run or a rollback) renames the old copy aside first; a crash
+    between the renames is repaired by list_checkpoints, and half-deleted folders are ignored."""
+    from lmforge.train.checkpoint import save_checkpoint
+
+    m = _model()
+    first = save_checkpoint(tmp_path, 5, m, None, {"step": 5, "v": 1})
+    # simulate the crash window: old copy renamed aside, the new one never renamed in
+    aside = tmp_path / ".step_00000005.old999"
+    os.replace(first, aside)
+    assert list_checkpoints(tmp_path) == [first]
+    assert json.loads((first / "trainer_state.json").read_text())["v"] == 1
+    save_checkpoint(tmp_path, 5, m, None, {"step": 5, "v": 2})
+    assert json.loads((first / "trainer_state.json").read_text())["v"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+    # a folder whose deletion (or save) was cut short has no checksums.json: never picked
+    half = tmp_path / "step_00000010"
+    half.mkdir()
+    (half / "trainer_state.json").write_text("{}")
+    assert list_checkpoints(tmp_path) == [first]

@@ -95,15 +95,36 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             raise err from e
         raise
     fault_point(f"checkpoint:{step}:assembled")
-    if final.exists():  # a re-run reached the same step again: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    _put_in_place(tmp, final)
     fault_point(f"checkpoint:{step}:renamed")
     if keep:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return final
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    """Rename the assembled folder to `final`. When `final` exists (a re-run, or a rollback,
+    reached the same step again) it is first renamed aside to ``.step_<n>.old<pid>`` and
+    deleted only after the new one is in place; `list_checkpoints` puts it back if a crash
+    falls between the two renames, so some complete copy of the step always survives."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint; its completion marker goes first, so a crash mid-delete leaves a
+    folder that `list_checkpoints` ignores rather than a half-deleted one that looks complete."""
+    (path / "checksums.json").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -114,14 +135,24 @@ def _torch_save(obj, path: Path) -> None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first. Leftover temp folders of a
-    crashed save are removed."""
+    """Complete checkpoints, oldest first: ``step_<n>`` folders holding ``checksums.json``, the
+    marker written last (a folder without it is a save or a delete cut short, and is never
+    picked). Leftovers of a crashed save are removed; a complete copy renamed aside while its
+    step was being replaced is put back when the replacement never arrived."""
     root = Path(root)
     if not root.is_dir():
         return []
     for junk in root.glob(".step_*.tmp*"):
         shutil.rmtree(junk, ignore_errors=True)
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    for aside in root.glob(".step_*.old*"):
+        final = root / aside.name[1:].split(".old")[0]
+        if not (final / "checksums.json").exists() and (aside / "checksums.json").exists():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "checksums.json").is_file()]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
@@ -212,13 +243,10 @@ def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optim
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         atomic_write_json(tmp / "checksums.json", sums)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _put_in_place(tmp, final)
         if keep:
             for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
     dist.barrier()
     return final
 
