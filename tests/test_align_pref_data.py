@@ -158,11 +158,19 @@ def test_builtin_preferences_are_deterministic_and_plausible(tmp_path):
         'class Basket:\n    """A basket that holds some apples."""\n')
     a = builtin_preferences(stdlib_dir=str(lib))
     assert a == builtin_preferences(stdlib_dir=str(lib)) and len(a) == 6
-    by = {r["source"]: r for r in a}
-    r = by["stdlib:pkg.fruit.count"]
-    assert r["chosen"] == "Count the apples in a basket."
-    assert r["rejected"] in ("Weigh the whole basket of apples.", "Peel one apple with a small knife.")  # same module+kind
-    assert r["prompt"][-1]["role"] == "user" and "pkg.fruit.count" in r["prompt"][-1]["content"]
-    assert all(x["chosen"] != x["rejected"] for x in a)
+    summaries = {"Count the apples in a basket.", "Weigh the whole basket of apples.",
+                 "Peel one apple with a small knife.", "A basket that holds some apples.",
+                 "Fruit helpers for the basket module.", "Tools for counting apples in baskets."}
+    for r in a:
+        name = r["source"].split(":", 1)[1]
+        assert r["chosen"] in summaries and r["chosen"] != r["rejected"]
+        assert r["prompt"][-1]["role"] == "user" and name in r["prompt"][-1]["content"]
+        if r["kind"] == "swap":
+            assert r["rejected"] in summaries
+        elif r["kind"] == "truncated":
+            assert r["chosen"].startswith(r["rejected"]) and not r["rejected"].endswith(".")
+        else:
+            assert r["kind"] == "evasive" and f"`{name}`" in r["rejected"]
+    assert {r["kind"] for r in a} >= {"swap", "evasive"}
     with pytest.raises(DataError, match="no such preference file"):
         load_preference_records([str(tmp_path / "missing.jsonl")])

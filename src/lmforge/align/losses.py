@@ -188,6 +188,7 @@ def preference_eval_metrics(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor
 
     * `accuracy`: the model's own preference, log pi(chosen) > log pi(rejected) (ties count half)
       -- defined for any model, so it is what "before" and "after" compare;
+    * `accuracy_norm`: the same with per-token mean log-probs (length-normalised, ORPO's view);
     * `margin`: mean log pi(chosen) - log pi(rejected), in nats;
     * `reward_accuracy`, `reward_margin`: the DPO implicit reward beta*(log pi - log ref), i.e.
       how much training moved chosen above rejected relative to the reference (0.5 and 0 at the start);
@@ -203,6 +204,7 @@ def preference_eval_metrics(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor
     def acc(x):
         return float(((x > 0).double() + 0.5 * (x == 0).double()).mean())
 
-    return {"loss": float(out.losses.mean()), "accuracy": acc(d), "margin": float(d.mean()),
+    return {"loss": float(out.losses.mean()), "accuracy": acc(d), "accuracy_norm": acc(pc / nc - pr / nr),
+            "margin": float(d.mean()),
             "reward_accuracy": acc(h), "reward_margin": float(beta * h.mean()),
             "kl": float((pc - rc).sum() / nc.sum())}

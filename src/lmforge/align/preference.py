@@ -287,14 +287,26 @@ def encode_pairs(records: Iterable[tuple[str, object]], fmt: ChatFormat, seq_len
 
 
 # ----------------------------------------------------------------------------- sources
+EVASIVE = ("I am not sure what `{name}` does.", "Sorry, I cannot say anything about `{name}`.",
+           "That is a good question; `{name}` is hard to explain.")
+
+
 def builtin_preferences(max_examples: int | None = None, stdlib_dir: str | None = None) -> list[dict]:
     """Offline preference pairs from the standard library, deterministic.
 
     The prompt is the first question of each built-in instruction conversation (with its system
-    prompt when it has one); chosen is the right answer (the name's docstring summary); rejected
-    is a plausible wrong one: the summary of another documented name of the same module and kind
-    (else of the same module, else of the same kind), picked by hashing the name. Telling them
-    apart needs what SFT taught -- which name goes with which description."""
+    prompt when it has one); chosen is the right answer (the name's docstring summary). The
+    rejected answer is, by a hash of the name (field `kind`):
+
+    * `swap` (half): a plausible wrong answer -- the summary of another documented name of the
+      same module and kind (else the same module, else the same kind). Telling these apart needs
+      knowledge of which name does what; the default pipeline's tiny model is at chance here;
+    * `truncated` (a quarter): the right answer cut off after half its words -- incomplete;
+    * `evasive` (a quarter): a non-answer ("I am not sure what `json.dumps` does.").
+
+    The last two are the helpfulness preferences a small model can learn and generalise from a
+    few dozen pairs, so the default pipeline can show held-out accuracy move; a benchmark reports
+    each kind separately."""
     import sysconfig
 
     from ..data.instruct import _items, builtin_instructions
@@ -313,12 +325,23 @@ def builtin_preferences(max_examples: int | None = None, stdlib_dir: str | None 
         first = next(i for i, m in enumerate(rec["messages"]) if m["role"] == "assistant")
         chosen = rec["messages"][first]["content"]
         h = int.from_bytes(hashlib.sha1(("rejected:" + name).encode()).digest()[:4], "big")
-        for pool in (by_mod_kind[module, kind], by_mod[module], by_kind[kind]):
-            wrong = [s for s in pool if s != chosen]
-            if wrong:
-                out.append({"prompt": rec["messages"][:first], "chosen": chosen, "rejected": wrong[h % len(wrong)],
-                            "source": rec["source"]})
-                break
+        rejected, how = None, ("swap", "swap", "truncated", "evasive")[h % 4]
+        if how == "swap":
+            for pool in (by_mod_kind[module, kind], by_mod[module], by_kind[kind]):
+                wrong = [s for s in pool if s != chosen]
+                if wrong:
+                    rejected = wrong[(h >> 2) % len(wrong)]
+                    break
+            else:
+                how = "truncated"
+        if how == "truncated":
+            words = chosen.rstrip(".").split()
+            rejected = " ".join(words[: max(2, len(words) // 2)])
+        elif how == "evasive":
+            rejected = EVASIVE[(h >> 2) % len(EVASIVE)].format(name=name)
+        if rejected and rejected.strip() != chosen.strip():
+            out.append({"prompt": rec["messages"][:first], "chosen": chosen, "rejected": rejected,
+                        "kind": how, "source": rec["source"]})
     return out
 
 

@@ -177,7 +177,7 @@ def evaluate_reward(rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, b
     wins = float((d > 0).sum()) + 0.5 * float((d == 0).sum())
     lo, hi = wilson(wins, len(pairs))
     return {"loss": float(bradley_terry_loss(c, r, m).mean()), "accuracy": wins / len(pairs),
-            "accuracy_ci_low": lo, "accuracy_ci_high": hi, "margin": float(d.mean()), "pairs": len(pairs)}
+            "accuracy_ci_low": lo, "accuracy_ci_high": hi, "margin": float(d.mean())}
 
 
 # ----------------------------------------------------------------------------- scoring API

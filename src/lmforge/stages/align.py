@@ -134,9 +134,8 @@ def _save_policy(cfg, model, out: Path, model_dir: Path) -> None:
     save_pretrained(merged, out / "model", tokenizer_dir=model_dir, **ids)
 
 
-def _free(model) -> None:
-    """Drop a model's tensors now (the caller drops its own reference right after)."""
-    model.to("meta") if hasattr(model, "to") else None
+def _free() -> None:
+    """Return freed model memory now (call after dropping the last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -260,8 +259,8 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
                                  batch_size=cfg.eval_batch_size, note=str(ref_dir), log=ctx.log)
     scorer = None
     if not live and ref_model is not None:
-        _free(ref_model)
-        ref_model = None
+        ref_model = None  # the reference is no longer needed: its numbers are in the cache
+        _free()
     elif live and ref_model is None:
         ref_model = load_lm(cfg, ref_dir, device, trainable=False)[0]
     ref_c = torch.tensor([table[p.key()][0] for p in val])
@@ -290,7 +289,8 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
     if val and "accuracy" not in after:
         after = evaluate(policy)
     if ref_model is not None:
-        _free(ref_model)
+        ref_model = objective.ref_model = None
+        _free()
     _save_policy(cfg, policy, ctx.dir, model_dir)
 
     if after:
@@ -299,11 +299,16 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
                 f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
                 f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
                 f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token")
+    # the first five numbers are what `lmforge run`'s summary table shows for this stage
     metrics = {"method": cfg.method,
-               "val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
-               "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
-               "val_kl_after": after.get("kl"),
+               "val_reward_accuracy_before": before.get("reward_accuracy"),
                "val_reward_accuracy_after": after.get("reward_accuracy"),
+               "val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
+               "val_kl_after": after.get("kl"),
+               "val_accuracy_norm_before": before.get("accuracy_norm"),
+               "val_accuracy_norm_after": after.get("accuracy_norm"),
+               "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
+               "val_reward_margin_before": before.get("reward_margin"),
                "val_reward_margin_after": after.get("reward_margin"),
                "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
                "val_pairs": len(val), "train_pairs": len(train), "beta": cfg.beta, "peft": cfg.peft,
