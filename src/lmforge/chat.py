@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.readers import loads_json
 from .errors import DataError
 from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, render_chat
 
@@ -92,10 +93,10 @@ def read_jsonl_records(path: str | Path) -> Iterator[tuple[str, dict]]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield f"{p}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            rec, err = loads_json(line)  # deep nesting and 5000-digit ints too, not only syntax
+            if err is not None:
+                raise DataError(f"{p}:{n}: {err.replace('malformed', 'invalid', 1)}")
+            yield f"{p}:{n}", rec
 
 
 # ----------------------------------------------------------------------------- templates

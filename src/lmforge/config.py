@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import ConfigError
 
@@ -31,6 +31,15 @@ class RunSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        """The name is one path component that cannot climb out of `root`: the pattern already
+        excludes "/" and "\\"; names made only of dots ("..") are refused here."""
+        if set(v) == {"."}:
+            raise ValueError(f"{v!r} is not a run name (it would point outside run.root)")
+        return v
 
     @property
     def dir(self) -> Path:
@@ -47,8 +56,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: empty key segment")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or hostile YAML): a string
         value = raw
+    if _too_big(value):
+        raise ConfigError(f"override {key}: the value expands to more than {MAX_YAML_VALUES:,} values")
     return key.split("."), value
 
 
@@ -67,18 +78,57 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+MAX_YAML_VALUES = 100_000  # a real config has hundreds; a YAML "billion laughs" has billions
+
+
+def _too_big(data: Any, limit: int = MAX_YAML_VALUES) -> bool:
+    """Whether `data` holds more than `limit` values once YAML aliases are expanded. Aliases
+    make the parsed object a DAG whose expansion can be exponential (9 levels of 9 aliases
+    = 387M strings); validating that would hang, so count with an early exit instead."""
+    stack, seen = [data], 0
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return False
+
+
+def parse_yaml(text: str, where: str, error: type[Exception] = ConfigError) -> Any:
+    """`yaml.safe_load` with every failure as `error` naming `where` (and line:column when
+    known): syntax errors, nesting deeper than the parser's recursion limit, integers over
+    Python's 4300-digit limit, alias bombs. safe_load never constructs Python objects."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise error(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise error(f"{where}: invalid YAML (nested too deeply)") from None
+    except ValueError as e:  # e.g. int('9' * 5000)
+        raise error(f"{where}: invalid YAML ({e})") from None
+    if _too_big(data):
+        raise error(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases?); "
+                    f"a config never needs that many")
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = parse_yaml(p.read_text(encoding="utf-8"), str(p))
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

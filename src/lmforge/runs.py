@@ -128,18 +128,25 @@ def translate_storage_errors(path: str | os.PathLike) -> Iterator[None]:
 
 
 FAULT_ENV = "LMFORGE_FAULT"
+FAULT_TRACE_ENV = "LMFORGE_FAULT_TRACE"
 _fault_hits = 0
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, path: str | os.PathLike | None = None) -> None:
     """SIGKILL this process here if ``$LMFORGE_FAULT`` matches `name` (testing hook).
 
     ``LMFORGE_FAULT=PATTERN[@N]``: an fnmatch pattern over point names and the 1-based hit to
     die on (default the first). Point names: ``atomic:<file name>`` (temporary file written and
     closed, target not yet replaced), ``tokens:<split>.bin`` (after each batch of a token shard),
     ``checkpoint:<step>:weights`` / ``:assembled`` / ``:renamed`` (see `train.checkpoint`).
-    Unset (always, outside tests and the crash harness), it costs one dictionary lookup.
+    ``LMFORGE_FAULT_TRACE=FILE`` appends every point passed, with `path`, to FILE (the crash
+    harness records a reference run's points this way and then picks where to kill).
+    Unset (always, outside tests and the crash harness), it costs two dictionary lookups.
     """
+    trace = os.environ.get(FAULT_TRACE_ENV)
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{name}\t{os.fspath(path) if path is not None else ''}\n")
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -191,7 +198,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        fault_point(f"atomic:{path.name}")
+        fault_point(f"atomic:{path.name}", path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

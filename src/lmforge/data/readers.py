@@ -98,6 +98,21 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     return text, _replaced.n
 
 
+def loads_json(text: str | bytes) -> tuple[Any, str | None]:
+    """`json.loads`, with every way a record can fail to parse turned into a message:
+    (value, None) or (None, "malformed JSON (...)"). Besides syntax errors, json.loads raises
+    RecursionError on deeply nested input ("[" * 5000) and a plain ValueError on an integer
+    literal over Python's 4300-digit limit; one hostile line must not crash a whole read."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
+    except ValueError as e:
+        return None, f"malformed JSON ({e})"
+
+
 # ----------------------------------------------------------------------------- spec resolution
 def iter_documents(spec: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = "text",
                    stats: ReadStats | None = None) -> Iterator[Document]:
@@ -264,20 +279,17 @@ def _json_records(path: Path, stats: ReadStats) -> Iterator[Record]:
             stats.replaced_bytes += bad
             if not line.strip():
                 continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", ("bad_json", f"malformed JSON ({e.msg} at column {e.colno})")
+            rec, err = loads_json(line)
+            yield f"{path}:{lineno}", (rec if err is None else ("bad_json", err))
 
 
 def _json_array_records(path: Path, data: bytes, stats: ReadStats) -> Iterator[Record]:
     text, bad = decode_utf8(data)
     stats.replaced_bytes += bad
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON array ({e.msg}); fix the file or "
-                        f"convert it to JSON lines (one object per line) so bad records are skipped") from e
+    items, err = loads_json(text)
+    if err is not None:
+        raise DataError(f"{path}: {err.replace('malformed JSON', 'malformed JSON array', 1)}; fix the file or "
+                        f"convert it to JSON lines (one object per line) so bad records are skipped")
     for i, item in enumerate(items):
         yield f"{path}:item {i}", item
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import DataError
-from lmforge.runs import atomic_path, atomic_write_json
+from lmforge.runs import atomic_path, atomic_write_json, fault_point
 from lmforge.tokenizer import LMTokenizer
 
 
@@ -64,6 +64,7 @@ def write_token_shards(docs: Iterable, tok: LMTokenizer, out_dir: str | os.PathL
                 n_tokens += len(ids)
             f.write(np.concatenate([np.asarray(ids, dtype=dtype) for ids in encoded]).tobytes())
             n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+            fault_point(f"tokens:{split}.bin", bin_path)  # crash-harness hook: a half-written shard
         if not starts:
             raise DataError(f"no non-empty documents to write for split '{split}'; check the data spec")
     with atomic_path(idx_path) as tmp, open(tmp, "wb") as f:

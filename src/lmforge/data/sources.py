@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import json
 import os
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.data import readers
-from lmforge.data.readers import Document, ReadStats, decode_utf8, record_text
+from lmforge.data.readers import Document, ReadStats, decode_utf8, loads_json, record_text
 from lmforge.errors import DataError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
@@ -341,10 +340,9 @@ def _iter_compressed(path: Path, text_field: str, stats: ReadStats) -> Iterator[
                     continue
                 where = f"{path}:{lineno}"
                 stats.records_read += 1
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    stats.drop("bad_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+                rec, err = loads_json(line)
+                if err is not None:
+                    stats.drop("bad_json", where, err)
                     continue
                 text = record_text(rec, text_field, where, stats)
                 if text is None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 import re
 import string
@@ -46,8 +45,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import yaml
 
+from ..config import parse_yaml
+from ..data.readers import loads_json
 from ..errors import DataError
 from .tasks import Doc, Task
 
@@ -121,20 +121,18 @@ def iter_records(path: Path, problems: _Problems) -> Iterator[tuple[str, dict]]:
             yield f"{path}:{reader.line_num}", dict(row)
         return
     if name.endswith(".json") and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON ({e})") from None
+        items, err = loads_json(text)
+        if err is not None:
+            raise DataError(f"{path}: {err}")
         for i, rec in enumerate(items):
             yield f"{path}[{i}]", rec
         return
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems(f"{path}:{n}", "invalid_json", f"invalid JSON ({e.msg})")
+        rec, err = loads_json(line)
+        if err is not None:
+            problems(f"{path}:{n}", "invalid_json", err)
             continue
         if not isinstance(rec, dict):
             problems(f"{path}:{n}", "not_an_object", "each line must be a JSON object")
@@ -400,10 +398,7 @@ def _resolve_answer(ans: Any, choices: list[str], labels: list[str] | None) -> i
 def read_spec(path: str | Path, *, on_error: str = "raise") -> Task:
     """A YAML/JSON task spec (see the module docstring)."""
     path = Path(path)
-    try:
-        spec = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: invalid YAML ({e})") from None
+    spec = parse_yaml(_read_text(path), str(path), DataError)
     if not isinstance(spec, dict):
         raise DataError(f"{path}: a task spec must be a mapping (name:, data:, prompt:, ...)")
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -412,13 +407,61 @@ def read_spec(path: str | Path, *, on_error: str = "raise") -> Task:
     kind = spec.get("type", "multiple_choice")
     if kind not in ("multiple_choice", "generate"):
         raise DataError(f"{path}: type must be multiple_choice or generate, got {kind!r}")
+    kw = _spec_settings(path, spec)
+    for key in ("prompt", "target"):
+        if key in spec and not isinstance(spec[key], str):
+            raise DataError(f"{path}: `{key}` must be a template string, got {type(spec[key]).__name__}")
     p = _Problems(on_error)
     build = _spec_builder(spec, kind)
     docs = _spec_items(path, spec, "data", "examples", p, build, required=True)
     shots = _spec_items(path, spec, "fewshot_data", None, _Problems("skip"), build, required=False)
-    kw: dict = {k: spec[k] for k in ("num_fewshot", "seed", "description", "target_delimiter",
-                                      "fewshot_delimiter", "until", "max_new_tokens", "extract") if k in spec}
     return _task(str(spec.get("name") or path.stem), kind, docs, p, path, fewshot_docs=shots, **kw)
+
+
+def _spec_settings(path: Path, spec: dict) -> dict:
+    """The prompting / generation settings of a spec, type-checked here so that a wrong value
+    is an error naming the file and key now, not a TypeError in the middle of an evaluation."""
+    kw: dict = {}
+
+    def bad(key: str, rule: str):
+        raise DataError(f"{path}: `{key}` {rule}, got {spec[key]!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "num_fewshot" in spec:
+        if not is_int(spec["num_fewshot"]) or spec["num_fewshot"] < 0:
+            bad("num_fewshot", "must be an integer >= 0")
+        kw["num_fewshot"] = spec["num_fewshot"]
+    if "seed" in spec:
+        if not is_int(spec["seed"]):
+            bad("seed", "must be an integer")
+        kw["seed"] = spec["seed"]
+    for key in ("description", "target_delimiter", "fewshot_delimiter"):
+        if key in spec:
+            if not isinstance(spec[key], str):
+                bad(key, "must be a string")
+            kw[key] = spec[key]
+    if "until" in spec:
+        until = [spec["until"]] if isinstance(spec["until"], str) else spec["until"]
+        if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
+            bad("until", "must be a non-empty string or a list of them")
+        kw["until"] = until
+    if "max_new_tokens" in spec:
+        if not is_int(spec["max_new_tokens"]) or spec["max_new_tokens"] < 1:
+            bad("max_new_tokens", "must be an integer >= 1")
+        kw["max_new_tokens"] = spec["max_new_tokens"]
+    if "extract" in spec:
+        ex = spec["extract"]
+        if not isinstance(ex, str) or not (ex in ("text", "number") or ex.startswith("regex:")):
+            bad("extract", "must be text, number or regex:PATTERN")
+        if ex.startswith("regex:"):
+            try:
+                re.compile(ex[len("regex:"):])
+            except re.error as e:
+                raise DataError(f"{path}: `extract` {ex!r}: invalid regular expression ({e})") from None
+        kw["extract"] = ex
+    return kw
 
 
 def _spec_items(path: Path, spec: dict, key: str, inline: str | None, p: _Problems, build,

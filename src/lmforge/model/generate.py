@@ -52,7 +52,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         picked = torch.gather(logits, 1, seen)
         picked = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         logits = logits.scatter(1, seen, picked)
-    if p.temperature == 0:
+    if p.temperature < 1e-5:  # greedy; also keeps logits / 1e-80 from overflowing to inf (NaN softmax)
         return logits.argmax(dim=-1)
     logits = logits / p.temperature
     if p.top_k is not None and p.top_k < logits.size(-1):

@@ -102,6 +102,11 @@ class _Slot:
     last: int                          # the token to feed next
 
 
+# Below this temperature sampling is greedy: the distribution is the argmax up to float precision,
+# and logits / 1e-80 overflow to inf, whose softmax is NaN (found by fuzzing the server).
+MIN_TEMPERATURE = 1e-5
+
+
 # ----------------------------------------------------------------------------- the engine
 class Engine:
     """Batched generation around a `Transformer` and an `LMTokenizer`.
@@ -350,7 +355,7 @@ class Engine:
         """One token per row of `logits` [B, V] (rows = the slots they belong to)."""
         ps = [self.slots[i].req.params for i in rows]
         x = logits[:, : self.vocab]
-        if not any(p.temperature > 0 or self.slots[i].req.penalized for i, p in zip(rows, ps)):
+        if not any(p.temperature >= MIN_TEMPERATURE or self.slots[i].req.penalized for i, p in zip(rows, ps)):
             return x.argmax(dim=-1).tolist()  # all greedy, no penalties: the common fast case
         idx = torch.tensor(rows, device=self.device)
         if any(p.repetition_penalty != 1.0 for p in ps):
@@ -362,7 +367,7 @@ class Engine:
             pp = torch.tensor([p.presence_penalty for p in ps], device=x.device)[:, None]
             x = x - fp * c - pp * (c > 0).float()
         out = x.argmax(dim=-1).tolist()
-        hot = [j for j, p in enumerate(ps) if p.temperature > 0]
+        hot = [j for j, p in enumerate(ps) if p.temperature >= MIN_TEMPERATURE]
         if not hot:
             return out
         xs = x[hot] / torch.tensor([ps[j].temperature for j in hot], device=x.device)[:, None]

@@ -30,7 +30,7 @@ class _Req(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator accepts
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream_options: dict | None = None

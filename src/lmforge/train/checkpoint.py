@@ -65,7 +65,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         tmp.mkdir()
         current = tmp / "model.safetensors"
         save_file(model_state_for_saving(model), str(current))
-        fault_point(f"checkpoint:{step}:weights")
+        fault_point(f"checkpoint:{step}:weights", final)
         if optimizer is not None:
             current = tmp / "optimizer.pt"
             _torch_save(optimizer.state_dict(), current)
@@ -94,9 +94,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         if err is not None:
             raise err from e
         raise
-    fault_point(f"checkpoint:{step}:assembled")
+    fault_point(f"checkpoint:{step}:assembled", final)
     _put_in_place(tmp, final)
-    fault_point(f"checkpoint:{step}:renamed")
+    fault_point(f"checkpoint:{step}:renamed", final)
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             _remove_checkpoint(old)
