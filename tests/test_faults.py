@@ -425,3 +425,50 @@ def test_replacing_a_checkpoint_never_loses_the_step(tmp_path):
     half.mkdir()
     (half / "trainer_state.json").write_text("{}")
     assert list_checkpoints(tmp_path) == [first]
+
+
+def test_spike_detection_ignores_small_and_signed_losses(tmp_path):
+    """Near-zero losses (DPO-like) wobbling by 5x are not spikes; a median <= 0 disables the test."""
+    tr, _, _ = _trainer(tmp_path, max_steps=2)
+    tr.recent_losses = [0.01] * 4
+    assert tr._spike_limit() == pytest.approx(1.01)  # 4x would be 0.04: the 1-nat margin rules
+    tr.recent_losses = [-0.2, 0.1, -0.05, 0.0]
+    assert tr._spike_limit() is None
+    tr.recent_losses = [3.0] * 4
+    assert tr._spike_limit() == pytest.approx(12.0)
+
+
+def test_sharded_checkpoint_metadata_is_never_plainly_unpickled(tmp_path):
+    """A DCP checkpoint round-trips through the restricted metadata unpickler, and a .metadata
+    file carrying a pickle that would run code is refused with a CheckpointError."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.errors import CheckpointError
+    from lmforge.train.checkpoint import _safe_dcp_reader
+
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randint(0, 50, (2, 8))).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(m, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "dcp"))
+    m2 = _model(seed=9)
+    opt2 = torch.optim.AdamW(m2.parameters())
+    msd2, osd2 = get_state_dict(m2, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, storage_reader=_safe_dcp_reader(tmp_path / "dcp"))
+    for k, v in msd.items():
+        assert torch.equal(v, state["model"][k]), k
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refused to load .*posix.system|refused to load .*os.system"):
+        dcp.load(state, storage_reader=_safe_dcp_reader(tmp_path / "dcp"))
+    assert not (tmp_path / "pwned").exists()

@@ -13,7 +13,8 @@ Layout of one checkpoint::
 A checkpoint is assembled in a hidden temporary folder and renamed into place only once every
 file and `checksums.json` are on disk, so a crash mid-write never leaves a folder that looks
 complete. Loading verifies the checksums and names the file that does not match.
-`.pt` files are read with `torch.load(weights_only=True)`: no arbitrary unpickling.
+`.pt` files are read with `torch.load(weights_only=True)` and the metadata of sharded (DCP)
+checkpoints with an allow-list unpickler: no arbitrary unpickling anywhere.
 
 A save that fails on a full disk, a file-size limit or a read-only file system removes its
 temporary folder and raises `StorageError` naming the file; the older checkpoints are pruned
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -251,8 +253,65 @@ def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optim
     return final
 
 
+_DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING", "_StorageInfo"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch DCP writes a checkpoint's ``.metadata`` with pickle and its reader loads it with
+    plain `pickle.load`, i.e. arbitrary code execution for whoever can write that file. This
+    unpickler admits only the plain data classes DCP's metadata is made of (checked against
+    torch 2.4-2.13), torch sizes / dtypes / layouts and paths; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        ok = ((module.startswith("torch.distributed.checkpoint.") and name in _DCP_CLASSES)
+              or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+              or (module == "collections" and name == "OrderedDict")
+              or (module == "torch.serialization" and name == "_get_layout"))  # maps "torch.strided" to a layout
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            ok = name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+        if not ok:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's DCP metadata")
+        return super().find_class(module, name)
+
+
+def _load_dcp_metadata(file) -> object:
+    try:
+        return _MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{getattr(file, 'name', 'DCP metadata')}: refused to load ({e}); this is not "
+                              f"a checkpoint lmforge wrote") from None
+
+
+def _safe_dcp_reader(folder: Path):
+    """A DCP `FileSystemReader` whose metadata goes through `_MetadataUnpickler`. The metadata
+    is also checked up front, because `dcp.load` swallows a failing `read_metadata()` and retries
+    with per-rank metadata, which would hide the refusal behind a FileNotFoundError."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    meta = Path(folder) / ".metadata"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            _load_dcp_metadata(f)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _load_dcp_metadata(f)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
 def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore a DCP checkpoint into `model` (sharded or not, any world size)."""
+    """Restore a DCP checkpoint into `model` (sharded or not, any world size); its metadata is
+    read with a restricted unpickler (`_MetadataUnpickler`), never plain pickle."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -260,7 +319,7 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    dcp.load(state, storage_reader=_safe_dcp_reader(path / "dcp"))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optim", {}))
     rng = torch.load(path / "rng.pt", weights_only=True)

@@ -70,6 +70,8 @@ class TrainConfig(BaseModel):
     max_bad_steps: int = Field(5, ge=1, description="consecutive bad steps (non-finite or spiking loss) before stopping")
     spike_factor: float = Field(4.0, ge=0, description="a loss over this x the running median is a bad step; 0 = off")
     spike_window: int = Field(32, ge=2, description="good steps in the running median (detection starts once full)")
+    spike_min_excess: float = Field(1.0, ge=0, description="a spike must also exceed the median by this much (nats), "
+                                                           "so losses near 0 (DPO, reward models) never trip it")
     rollback_after: int = Field(3, ge=0, description="consecutive bad steps before rolling back to the last "
                                                     "checkpoint, past the offending batches; 0 = never")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks per run before bad steps stop it")
@@ -228,10 +230,16 @@ class Trainer:
         return lr
 
     def _spike_limit(self) -> float | None:
-        """The loss above which a step counts as a spike, once the window of good losses is full."""
+        """The loss above which a step counts as a spike, once the window of good losses is full:
+        `spike_factor` x the median *and* `spike_min_excess` above it. A ratio alone is
+        meaningless for losses that approach or cross 0 (preference and RL objectives), so a
+        median <= 0 turns detection off and the absolute margin guards small positive ones."""
         if not self.cfg.spike_factor or len(self.recent_losses) < self.cfg.spike_window:
             return None
-        return self.cfg.spike_factor * statistics.median(self.recent_losses)
+        med = statistics.median(self.recent_losses)
+        if med <= 0:
+            return None
+        return max(self.cfg.spike_factor * med, med + self.cfg.spike_min_excess)
 
     def _train_step(self, batches: list) -> StepOutcome:
         local = sum(self.objective.count(b) for b in batches)
@@ -291,11 +299,14 @@ class Trainer:
     def _on_bad_step(self, out: StepOutcome) -> None:
         """Skip, then roll back, then stop: the escalation for steps that applied no update.
 
-        Why spike detection is on by default (`spike_factor` 4, over the median of the last 32
-        good steps, only once that window is full): in healthy training the loss never jumps to
-        4x its recent median -- even early on, the median lags a *falling* loss -- while such a
-        step is how most divergences start, and letting it update the weights can wreck them in
-        one step. Skipping costs one batch; a false positive is practically impossible at 4x.
+        Why spike detection is on by default (`spike_factor` 4 over the median of the last 32
+        good steps, only once that window is full, and at least `spike_min_excess` = 1 nat
+        above it): in healthy language-model training the loss never jumps to 4x its recent
+        median -- even early on, the median lags a *falling* loss -- while such a step is how
+        most divergences start, and letting it update the weights can wreck them in one step.
+        Skipping costs one batch. The absolute margin keeps objectives whose losses sit near 0
+        (DPO, reward models) from tripping it on ordinary noise; RL, whose loss changes sign,
+        turns it off (`spike_factor: 0`).
 
         Why roll back *and keep the data position*: a streak of bad steps usually means the
         weights or optimizer moments are already damaged (restoring fixes that) or a stretch of
@@ -309,7 +320,7 @@ class Trainer:
         n = len(self._bad)
         what = ("non-finite loss or gradient" if out.bad == "non-finite" else
                 f"loss {out.loss:.4g} is over {cfg.spike_factor:g}x the median of the last "
-                f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g})")
+                f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g}); a spike")
         self.log(f"step {self.step}: {what}; step skipped ({n}/{cfg.max_bad_steps} in a row)")
         self._record({"step": self.step, "skipped": out.bad,
                       **({"loss": round(out.loss, 5)} if math.isfinite(out.loss) else {})})
