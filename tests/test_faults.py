@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import resource
 import shutil
@@ -317,9 +318,10 @@ def test_read_only_run_directory_fails_clearly(clone_run, tmp_path):
 
 # ----------------------------------------------------------------------------- kills and signals
 def _cli(args, env=None, **kw):
+    # SIGINT back to its default: a test run started in the background inherits it ignored
     return subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC, **(env or {})},
-                            **kw)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def test_kill_at_checkpoint_and_shard_write_points_then_resume(clone_run):
@@ -472,3 +474,32 @@ def test_sharded_checkpoint_metadata_is_never_plainly_unpickled(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load .*posix.system|refused to load .*os.system"):
         dcp.load(state, storage_reader=_safe_dcp_reader(tmp_path / "dcp"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_at_the_end_reports_the_same_final_metrics(tmp_path):
+    """Killed after the last checkpoint but before the stage finished: the re-run restores the
+    final loss and evaluation from the checkpoint instead of reporting NaN / nothing (the crash
+    harness found sft's val_loss_after missing after such a resume)."""
+    def trainer():
+        data = Rows()
+        return Trainer(_model(), pretrain_objective(), data, TrainConfig(max_steps=6, batch_size=2, warmup_steps=0,
+                                                                          checkpoint_every=3, eval_every=3),
+                       tmp_path, device=torch.device("cpu"), log=lambda s: None,
+                       evaluate=lambda m: {"loss": 1.25, "acc": 0.5})
+    first = trainer().fit()
+    again = trainer().fit()
+    assert again.resumed_from == 6 and again.final == first.final and math.isfinite(again.final["loss"])
+
+
+def test_a_signal_that_arrives_too_late_to_stop_training_is_handed_on(tmp_path):
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    try:
+        tr, _, _ = _trainer(tmp_path, max_steps=3, checkpoint_every=3)
+        tr.fit()
+        tr2, _, _ = _trainer(tmp_path, max_steps=3, checkpoint_every=3)
+        tr2._stop_signal = signal.SIGUSR1  # as if it came during the final save, after the last check
+        tr2.fit()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert got == [signal.SIGUSR1]

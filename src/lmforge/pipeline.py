@@ -268,14 +268,19 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
         torch.set_num_threads(cfg.run.threads)
     console.rule(f"[bold]{name}[/bold]  [dim]{stage.help}[/dim]")
     t0 = time.time()
+    completed = False
     try:
         with _sigterm_interrupts():
             metrics = stage.fn(ctx) or {}
+            record.metrics.update(metrics)
+            record.complete()
+            completed = True
     except LMForgeError as e:
         record.fail(str(e))
         raise
     except KeyboardInterrupt:
-        record.fail("interrupted")
+        if not completed:  # an interrupt just after the manifest said "complete" keeps it so
+            record.fail("interrupted")
         raise
     except OSError as e:
         # a write outside the atomic helpers (EACCES is left alone: it may come from reading input)
@@ -287,8 +292,6 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     except Exception as e:  # a bug: keep the traceback in the manifest and re-raise
         record.fail("".join(traceback.format_exception_only(type(e), e)).strip())
         raise
-    record.metrics.update(metrics)
-    record.complete()
     return StageOutcome(name, "ran", time.time() - t0, record.metrics, stage_dir)
 
 
@@ -305,8 +308,9 @@ def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = Fa
     if _rank() == 0:
         atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     outcomes = []
-    for name in names:
-        outcomes.append(run_stage(cfg, name, force=force))
+    with _sigterm_interrupts():  # between stages too: a SIGTERM is an interrupt, never a hard kill
+        for name in names:
+            outcomes.append(run_stage(cfg, name, force=force))
     return outcomes
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 import time
@@ -170,13 +171,16 @@ class Trainer:
         self.rollbacks = 0
         self.recent_losses: list[float] = []  # the last spike_window good losses, oldest first
         self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
+        self.last_loss = float("nan")  # the loss of the last step and the last evaluation: kept in
+        self.last_eval: dict[str, float] = {}  # checkpoints so a run resumed at its end reports them
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict(),
                 "best_eval": self.best_eval, "evals_without_improvement": self.evals_without_improvement,
-                "rollbacks": self.rollbacks, "recent_losses": list(self.recent_losses)}
+                "rollbacks": self.rollbacks, "recent_losses": list(self.recent_losses),
+                "last_loss": self.last_loss, "last_eval": dict(self.last_eval)}
 
     def _load_last(self, restore_data: bool = True) -> dict | None:
         """Restore model, optimizer, RNG and trainer state from the newest checkpoint."""
@@ -192,6 +196,8 @@ class Trainer:
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.rollbacks = state.get("rollbacks", 0)
         self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
+        self.last_loss = float(state.get("last_loss", float("nan")))
+        self.last_eval = dict(state.get("last_eval", {}))
         if restore_data:
             self.data.load_state_dict(state["data"])
         # drop metric lines logged after the checkpoint by the interrupted (or rolled back) run
@@ -367,8 +373,7 @@ class Trainer:
         progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
         it = iter(self.data)
         self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
-        last_eval, stopped_early = {}, False
-        last_loss = float("nan")
+        stopped_early = False
         try:
             while self.step < cfg.max_steps:
                 lr = self._set_lr()
@@ -382,7 +387,7 @@ class Trainer:
                     self._on_bad_step(out)
                     continue
                 self._bad = []
-                last_loss = loss
+                self.last_loss = loss
                 self.step += 1
                 self.tokens += units
                 if progress is not None:
@@ -406,6 +411,7 @@ class Trainer:
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
                     last_eval = self._run_eval()
                     if last_eval:
+                        self.last_eval = last_eval
                         self._record({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
                         self.log(f"step {self.step:>6}  eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                         ev = last_eval.get("loss")
@@ -431,7 +437,12 @@ class Trainer:
                 progress.stop()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-        final = {"loss": last_loss, **{f"eval_{k}": v for k, v in last_eval.items()}}
+        if self._stop_signal is not None:
+            # it arrived after the last check (during the final save or evaluation): training is
+            # complete and checkpointed, so hand the signal on to whoever handled it before fit
+            # (the pipeline turns it into an interrupt) instead of swallowing the user's Ctrl-C
+            os.kill(os.getpid(), self._stop_signal)
+        final = {"loss": self.last_loss, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
         return TrainResult(step=self.step, tokens=self.tokens, seconds=time.time() - t0, final=final,
                            best_eval_loss=self.best_eval, stopped_early=stopped_early, resumed_from=resumed)
 
