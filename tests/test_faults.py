@@ -503,3 +503,15 @@ def test_a_signal_that_arrives_too_late_to_stop_training_is_handed_on(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert got == [signal.SIGUSR1]
+
+
+def test_a_model_index_cannot_point_outside_its_folder(tmp_path):
+    """Security: the shard names in model.safetensors.index.json (a downloaded file) are plain
+    file names in the model folder; '../x' or an absolute path is refused, not followed."""
+    from lmforge.errors import CheckpointError
+    from lmforge.model.hf import weight_files
+
+    for name in ("../../etc/passwd", "/etc/passwd", "sub/dir.safetensors", ".."):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+        with pytest.raises(CheckpointError, match="not a file name inside"):
+            weight_files(tmp_path)

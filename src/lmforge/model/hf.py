@@ -241,6 +241,11 @@ def weight_files(folder: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         names = sorted(set(weight_map.values()))
+        # a downloaded index names the shard files: they must be plain file names in this folder
+        escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if escaping:
+            raise CheckpointError(f"{index}: shard name {escaping[0]!r} is not a file name inside {folder}; "
+                                  f"refusing to read outside the model folder")
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
             raise CheckpointError(f"{folder}: {len(missing)} of {len(names)} shards listed in {index.name} "
