@@ -260,8 +260,9 @@ _DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "Ch
 class _MetadataUnpickler(pickle.Unpickler):
     """torch DCP writes a checkpoint's ``.metadata`` with pickle and its reader loads it with
     plain `pickle.load`, i.e. arbitrary code execution for whoever can write that file. This
-    unpickler admits only the plain data classes DCP's metadata is made of (checked against
-    torch 2.4-2.13), torch sizes / dtypes / layouts and paths; anything else is refused."""
+    unpickler admits only the plain data classes DCP's metadata is made of (as of torch 2.13;
+    a newer torch that adds one gets a clear refusal, not a silent load), torch sizes, dtypes,
+    layouts and paths; anything else is refused."""
 
     def find_class(self, module: str, name: str):
         ok = ((module.startswith("torch.distributed.checkpoint.") and name in _DCP_CLASSES)
