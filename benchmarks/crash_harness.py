@@ -408,7 +408,7 @@ def _first_json_diff(a, b, path: str = "") -> str:
     return f"{path or '(top)'}: {str(a)[:80]!r} vs {str(b)[:80]!r}"
 
 
-NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?")  # 705.1, 1,566, 9.12e+07
 
 
 def _text_diff(rel: str, pa: Path, pb: Path, learned: Learned, roots: list[str]) -> str | None:
