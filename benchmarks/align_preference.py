@@ -34,7 +34,7 @@ HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base_test_first1312
 PREF_METHODS = {  # method -> overrides chosen for the tiny model (lr, beta)
     "dpo": ["align.lr=5e-4", "align.beta=0.1"],
     "ipo": ["align.lr=5e-4", "align.beta=0.05"],
-    "orpo": ["align.lr=5e-4", "align.beta=1.0"],
+    "orpo": ["align.lr=2e-4", "align.beta=1.0"],
 }
 
 
@@ -72,7 +72,8 @@ def length_baselines(data: Path, val_fraction: float, seed: int, max_prompt_len:
 
 
 def per_kind(model_before: Path, model_after: Path, max_examples: int, val_fraction: float, seed: int, seq_len: int):
-    """Held-out accuracy (summed log-probs) before/after for each kind of rejected answer."""
+    """Held-out accuracy before/after for each kind of rejected answer: summed log-probs (`before`,
+    `after`) and per-token mean log-probs (`before_norm`, `after_norm`)."""
     import torch
 
     from lmforge.align.preference import encode_pairs, load_preference_records
@@ -96,9 +97,9 @@ def per_kind(model_before: Path, model_after: Path, max_examples: int, val_fract
         pairs, _ = encode_pairs(rs, fmt, seq_len)
         row = {"pairs": len(pairs)}
         for tag, m in models.items():
-            pc, pr, _, _ = pair_logps(m, pairs, fmt.tok.pad_id, torch.device("cpu"), 32)
-            d = pc - pr
-            row[tag] = float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
+            pc, pr, nc, nr = pair_logps(m, pairs, fmt.tok.pad_id, torch.device("cpu"), 32)
+            for suffix, d in (("", pc - pr), ("_norm", pc / nc - pr / nr)):
+                row[tag + suffix] = float(((d > 0).double() + 0.5 * (d == 0).double()).mean())
         out[kind] = row
     return out
 
@@ -129,7 +130,7 @@ def main() -> int:
                  "python": sys.version.split()[0], "torch": torch.__version__, "model": str(a.model)}
 
     # 1. reward model on HH-RLHF
-    hh_common = [f"reward.data={a.hh}", "reward.val_fraction=0.2", "reward.max_val_examples=1000",
+    hh_common = [f"reward.data={a.hh}", "reward.max_examples=null", "reward.val_fraction=0.2", "reward.max_val_examples=1000",
                  "reward.seq_len=256", "reward.max_prompt_len=160", "reward.batch_size=8"]
     if a.hh.exists():
         o, cmd, wall, cpu = run("reward", a.root, "rm-hh", seed + [f"reward.model={a.model}", *hh_common,
@@ -163,9 +164,9 @@ def main() -> int:
 
     # 3. DPO on HH
     if a.hh_dpo and a.hh.exists():
-        ov = seed + [f"align.model={a.model}", "align.method=dpo", f"align.data={a.hh}", "align.val_fraction=0.2",
+        ov = seed + [f"align.model={a.model}", "align.method=dpo", f"align.data={a.hh}", "align.max_examples=null", "align.val_fraction=0.2",
                      "align.max_val_examples=1000", "align.seq_len=256", "align.max_prompt_len=160",
-                     f"align.max_steps={a.hh_dpo_steps}", "align.batch_size=8", "align.lr=5e-4", "align.beta=0.1",
+                     f"align.max_steps={a.hh_dpo_steps}", "align.batch_size=8", "align.lr=2e-4", "align.beta=0.1",
                      "align.checkpoint_every=0"]
         o, cmd, wall, cpu = run("align", a.root, "dpo-hh", ov, a.threads)
         m = o.metrics

@@ -64,7 +64,7 @@ def _run(tmp_path, setup, *overrides):
     cfg = load_config(None, [f"run.root={tmp_path}", "run.device=cpu", f"align.model={model_dir}",
                              f"align.data={data}", "align.val_fraction=0.2", "align.max_steps=20",
                              "align.batch_size=4", "align.lr=3e-3", "align.warmup_steps=2", "align.log_every=1",
-                             "align.checkpoint_every=0", *overrides])
+                             "align.checkpoint_every=0", "align.seq_len=64", "align.max_examples=null", *overrides])
     return run_stage(cfg, "align", force=True)
 
 

@@ -108,7 +108,7 @@ def _run(tmp_path, setup, *overrides):
     cfg = load_config(None, [f"run.root={tmp_path}", "run.device=cpu", f"reward.model={model_dir}",
                              f"reward.data={data}", "reward.val_fraction=0.3", "reward.max_steps=25",
                              "reward.batch_size=4", "reward.lr=3e-3", "reward.warmup_steps=2",
-                             "reward.checkpoint_every=0", *overrides])
+                             "reward.checkpoint_every=0", "reward.seq_len=64", "reward.max_examples=null", *overrides])
     return run_stage(cfg, "reward", force=True)
 
 
@@ -125,3 +125,5 @@ def test_reward_stage_learns_heldout_preferences(tmp_path, setup, peft):
     s = scorer.score([[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}],
                       [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]])
     assert s[0] > s[1] and rm.cfg.d_model == 32
+    best, scores = scorer.best_of([{"role": "user", "content": r["prompt"]}], [r["rejected"], r["chosen"]])
+    assert best == 1 and torch.allclose(scores, s.flip(0))

@@ -226,6 +226,14 @@ class RewardScorer:
     def score(self, items: Sequence[str | Sequence[dict]]) -> torch.Tensor:
         return self.score_ids([self.encode(it) for it in items])
 
+    def best_of(self, prompt: Sequence[dict], candidates: Sequence[str]) -> tuple[int, torch.Tensor]:
+        """Best-of-n: the index of the highest-scoring candidate answer to `prompt` (the
+        conversation so far), and every candidate's score."""
+        if not candidates:
+            raise DataError("best_of: no candidate answers to rank")
+        scores = self.score([[*prompt, {"role": "assistant", "content": c}] for c in candidates])
+        return int(scores.argmax()), scores
+
 
 __all__ = ["RewardModel", "RewardObjective", "RewardScorer", "evaluate_reward", "load_reward_model",
            "pair_batch", "pair_scores", "save_reward_model"]
