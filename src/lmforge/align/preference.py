@@ -35,6 +35,7 @@ completions from the right to fit `seq_len`.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -143,8 +144,12 @@ def record_to_preference(rec: object, where: str = "record") -> PrefRecord:
     margin = rec.get("margin", 0.0)
     if margin is None:
         margin = 0.0
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not np.isfinite(margin):
-        raise PairError("malformed", f"{where}: field 'margin' must be a finite number, got {margin!r}")
+    try:  # JSON integers can exceed a float (10**400): that is bad data, not a crash
+        ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(float(margin))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise PairError("malformed", f"{where}: field 'margin' must be a finite number, got {str(margin)[:40]}")
     prompt_key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
     chosen = _messages(rec["chosen"], where, "chosen", "assistant")
     rejected = _messages(rec["rejected"], where, "rejected", "assistant")
