@@ -12,6 +12,11 @@ from ..train.engine import TrainConfig
 from .rl import GRPOSettings, PPOSettings
 
 PREFERENCE_METHODS = ("dpo", "ipo", "hinge", "orpo")
+# Loss-spike skipping is off for alignment: a pairwise loss several times its running median is
+# a batch of hard pairs (IPO's squared loss varies by 5x between batches of 8), not a numerical
+# blow-up; skipping those steps would quietly train on the easy pairs only. NaN/inf steps are
+# still skipped by the engine.
+SPIKE_NOTE = "skip steps whose loss exceeds this x the running median; 0 = off (the alignment default)"
 RL_METHODS = ("ppo", "grpo")
 
 
@@ -48,6 +53,7 @@ class AlignConfig(TrainConfig):
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(25, ge=0)
+    spike_factor: float = Field(0.0, ge=0, description=SPIKE_NOTE)
 
     @field_validator("data", "val_data", mode="before")
     @classmethod
@@ -80,6 +86,7 @@ class RewardConfig(TrainConfig):
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(0, ge=0)
     checkpoint_every: int = Field(25, ge=0)
+    spike_factor: float = Field(0.0, ge=0, description=SPIKE_NOTE)
 
     @field_validator("data", "val_data", mode="before")
     @classmethod
