@@ -49,6 +49,9 @@ SUMMARY_KEYS = {
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "val_bytes_per_token"],
     "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
     "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
+    "reward": ["val_accuracy_before", "val_accuracy_after", "train_pairs", "val_pairs"],
+    "align": ["method", "val_accuracy_before", "val_accuracy_after", "val_reward_accuracy_after", "val_kl_after"],
+    "rl": ["method", "accuracy_before", "accuracy_after", "reward_before", "reward_after", "kl_after"],
     "cpt": ["domain_loss_before", "domain_loss_after", "orig_loss_before", "orig_loss_after"],
     "eval": ["loss", "ppl", "bpb", "unigram_bpb", "word_ppl", "builtin_cloze/acc_norm"],
     "report": ["plots", "report"],
@@ -75,9 +78,13 @@ def print_summary(cfg, outcomes, wall: float) -> None:
     ev = next((o.metrics for o in outcomes if o.name == "eval"), None)
     if ev and "bpb" in ev and "unigram_bpb" in ev:
         console.print(f"val bits-per-byte {ev['bpb']:.3f} vs unigram baseline {ev['unigram_bpb']:.3f}")
-    model = next((cfg.run.dir / n / "model" for n in ("sft", "pretrain") if (cfg.run.dir / n / "model").exists()), None)
+    from .serve.loading import model_stages
+
+    model = next((cfg.run.dir / n / "model" for n in model_stages() if (cfg.run.dir / n / "model").exists()), None)
     if model is not None:
         console.print(f"try: lmforge sample --model {model} --prompt 'Your prompt'")
+        if model.parent.name != "pretrain":
+            console.print(f"     lmforge chat {model}")
 
 
 def cmd_run(a) -> int:

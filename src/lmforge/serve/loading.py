@@ -7,8 +7,15 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-# Stages whose `model/` folder a run directory may hold, most fine-tuned first.
-STAGE_ORDER = ("rl", "grpo", "ppo", "dpo", "orpo", "sft", "pretrain")
+
+
+def model_stages() -> list[str]:
+    """Stages whose `model/` folder a run directory may hold, most fine-tuned first (the
+    pipeline's model-producing stages in reverse order: rl, align, sft, cpt, pretrain)."""
+    from ..pipeline import ORDER, registered
+
+    reg = registered()
+    return [n for n in reversed(ORDER) if n in reg and reg[n].produces_model]
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -19,14 +26,15 @@ def resolve_model_dir(path: str | Path) -> Path:
                               f"model.safetensors (e.g. runs/tiny/pretrain/model) or a run directory")
     if (p / "config.json").is_file():
         return p
-    for stage in STAGE_ORDER:
+    stages = model_stages()
+    for stage in stages:
         for cand in (p / stage / "model", p / stage / "merged"):
             if (cand / "config.json").is_file():
                 return cand
     if (p / "model" / "config.json").is_file():
         return p / "model"
     raise CheckpointError(f"{p}: neither a model folder (no config.json) nor a run directory with a "
-                          f"trained model (looked for {', '.join(s + '/model' for s in STAGE_ORDER)})")
+                          f"trained model (looked for {', '.join(s + '/model' for s in stages)})")
 
 
 def load_for_inference(path: str | Path, *, adapter: str | Path | None = None, merge: bool = False,
