@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(c["passing"] + c["failing"] for c in stats.values())
     print(f"\nscale {args.scale:g}: {total} examples over {len(stats)} targets in {wall:.0f} s; "
           f"{'no failures' if proc.returncode == 0 else 'FAILED: ' + ', '.join(failed)}")
-    if proc.returncode != 0:
-        print(proc.stdout[-8000:])
+    if proc.returncode != 0:  # the failures with their minimal examples, not the statistics
+        out = proc.stdout
+        start = out.find("= FAILURES =")
+        end = out.find("= Hypothesis Statistics =")
+        print(out[start:end if end > start else None][-20000:] if start >= 0 else out[-8000:])
         print(proc.stderr[-2000:], file=sys.stderr)
     if args.out:
         Path(args.out).write_text(json.dumps({"scale": args.scale, "seconds": round(wall, 1), "targets": stats,
