@@ -43,7 +43,7 @@ from .checkpoint import (list_checkpoints, load_checkpoint, load_sharded_checkpo
                          save_sharded_checkpoint)
 from .distributed import (DistInfo, all_reduce_sum, apply_activation_checkpointing, barrier, grad_sync,
                           resolve_strategy, wrap)
-from .optim import build_adamw, lr_multiplier
+from .optim import build_optimizer, lr_multiplier
 
 
 class TrainConfig(BaseModel):
@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the hidden-layer matrices, AdamW for embeddings, head, norms, router")
+    muon_lr: float | None = Field(None, gt=0, description="muon: peak learning rate of the Muon matrices (default: lr)")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
     eval_every: int = Field(100, ge=0, description="0 = only at the end")
     early_stopping_patience: int = Field(0, ge=0, description="evals without improvement; 0 = off")
@@ -160,8 +163,7 @@ class Trainer:
                        cpu_offload=cfg.fsdp_cpu_offload)
         if self.strategy == "fsdp":
             self.amp = None  # FSDP2's mixed-precision policy casts; autocast would be redundant
-        self.optimizer = build_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(cfg.beta1, cfg.beta2), device_type=device.type)
+        self.optimizer = build_optimizer(model, cfg)
         self.wrapped = wrapped
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
@@ -232,7 +234,7 @@ class Trainer:
                              decay_fraction=self.cfg.decay_fraction)
         lr = self.cfg.lr * mult
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
     def _spike_limit(self) -> float | None:
