@@ -158,9 +158,9 @@ def test_lora_grpo_uses_the_base_as_reference(tmp_path, base_dir):
 def test_resume_mid_rollout_equals_uninterrupted(tmp_path, base_dir):
     args = ["rl.max_steps=6", "rl.grpo.epochs=2", "rl.checkpoint_every=3", f"rl.grpo.rewards=[{ME}:crashing]"]
     straight = run_stage(_cfg(tmp_path / "a", base_dir, *args), "rl")
-    # calls: held-out eval before training, rollouts 0 and 1 (steps 1-4, checkpoint at 3 inside
-    # rollout 1), then crash while making rollout 2
-    CRASH.update(calls=0, at=4)
+    # calls: held-out eval before training (greedy, sampled), rollouts 0 and 1 (steps 1-4,
+    # checkpoint at 3 inside rollout 1), then crash while making rollout 2
+    CRASH.update(calls=0, at=5)
     with pytest.raises(KeyboardInterrupt):
         run_stage(_cfg(tmp_path / "b", base_dir, *args), "rl")
     assert json.loads((tmp_path / "b" / "tiny" / "rl" / "manifest.json").read_text())["status"] == "failed"
@@ -195,3 +195,11 @@ def test_bad_input_is_counted_not_fatal(tmp_path, base_dir):
         run_stage(_cfg(tmp_path, base_dir, "rl.grpo.group_size=3"), "rl")
     with pytest.raises(ConfigError, match="max_new_tokens=200 leaves no room"):
         run_stage(_cfg(tmp_path, base_dir, "rl.grpo.max_new_tokens=200"), "rl")
+
+
+def test_align_stage_hands_rl_methods_to_the_rl_loop(tmp_path, base_dir):
+    cfg = load_config(None, [f"run.root={tmp_path}", f"align.model={base_dir}", "run.device=cpu", "align.method=grpo",
+                             "align.max_steps=2", "align.batch_size=8", "align.max_val_examples=4",
+                             "align.grpo.max_new_tokens=8", f"align.grpo.rewards=[{ME}:even_tokens]"])
+    o = run_stage(cfg, "align")
+    assert o.metrics["method"] == "grpo" and o.metrics["steps"] == 2 and (o.dir / "model" / "config.json").exists()

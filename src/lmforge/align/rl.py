@@ -260,8 +260,10 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     b, a = before["metrics"], after
     metrics: dict = {"method": method}
     if "exact_match" in rewards.names:
-        metrics.update(accuracy_before=b.get("accuracy"), accuracy_after=a.get("accuracy"))
-    metrics.update(reward_before=b.get("reward"), reward_after=a.get("reward"))
+        metrics.update(accuracy_before=b.get("accuracy"), accuracy_after=a.get("accuracy"),
+                       sampled_accuracy_before=b.get("sampled_accuracy"), sampled_accuracy_after=a.get("sampled_accuracy"))
+    metrics.update(reward_before=b.get("reward"), reward_after=a.get("reward"),
+                   sampled_reward_before=b.get("sampled_reward"), sampled_reward_after=a.get("sampled_reward"))
     if "kl" in a or "kl" in b:
         metrics.update(kl_before=b.get("kl"), kl_after=a.get("kl"))
     if method == "ppo":
@@ -388,10 +390,12 @@ def save_policy(policy, cfg, out: Path, model_dir: Path, hf: dict) -> None:
 
 class HeldOutEval:
     """Greedy completions of the held-out prompts scored by the run's reward functions
-    (`reward`, and `accuracy` = exact-match when it is one of them); with a reference model,
-    also `kl`: the mean sequence KL(policy || reference) of *sampled* completions (seeded, so
-    every evaluation uses the same random draws), summed per token with the k3 estimator
-    (unbiased like log(pi/ref) but never negative, so small KLs do not read as < 0)."""
+    (`reward`, and `accuracy` = exact-match when it is one of them); the same for one sampled
+    completion per prompt at the rollout temperature (`sampled_reward`, `sampled_accuracy`:
+    what RL optimises directly, seeded so every evaluation uses the same random draws); with a
+    reference model, also `kl`: the mean sequence KL(policy || reference) of those sampled
+    completions, summed per token with the k3 estimator (unbiased like log(pi/ref) but never
+    negative, so small KLs do not read as < 0)."""
 
     def __init__(self, method, s, val, rewards, backend, decode, stop_ids, pad, policy, ref, ref_is_base,
                  batch_size, device, amp, seed, max_new):
@@ -399,47 +403,51 @@ class HeldOutEval:
         del self.__dict__["self"]
         self.last_answers: list[str] = []
 
-    def run(self) -> dict[str, float]:
+    def _score(self, comps: list[list[int]], prefix: str) -> tuple[dict[str, float], list[str]]:
         import torch
 
+        texts = [self.decode([t for t in c if t not in self.stop_ids]) for c in comps]
+        res = self.rewards([v.item.text for v in self.val], texts, [v.item.answer for v in self.val],
+                           messages=[v.item.chat for v in self.val], completion_ids=comps)
+        out: dict[str, float] = {}
+        tot = torch.tensor(res.total)
+        ok = torch.isfinite(tot)
+        out[prefix + "reward"] = float(tot[ok].mean()) if ok.any() else float("nan")
+        for name, vals in res.terms.items():
+            v = torch.tensor(vals)
+            g = torch.isfinite(v)
+            out[prefix + ("accuracy" if name == "exact_match" else f"reward_{name}")] = \
+                float(v[g].mean()) if g.any() else float("nan")
+        if sum(res.failures.values()):
+            out[prefix + "failed_rewards"] = float(sum(not x for x in ok.tolist()))
+        return out, texts
+
+    def run(self) -> dict[str, float]:
         from ..model.generate import SamplingParams
-        from .rollout import build_sequences
 
         if not self.val:
             return {}
         self.backend.sync(self.policy)
         prompts = [v.ids for v in self.val]
         greedy = SamplingParams(max_new_tokens=self.max_new, temperature=0.0, stop_token_ids=self.stop_ids)
-        comps = self.backend.generate(prompts, 1, greedy)
-        texts = [self.decode([t for t in c if t not in self.stop_ids]) for c in comps]
+        out, texts = self._score(self.backend.generate(prompts, 1, greedy), "")
         self.last_answers = texts[: self.s.num_samples]
-        res = self.rewards([v.item.text for v in self.val], texts, [v.item.answer for v in self.val],
-                           messages=[v.item.chat for v in self.val], completion_ids=comps)
-        out: dict[str, float] = {}
-        tot = torch.tensor(res.total)
-        ok = torch.isfinite(tot)
-        out["reward"] = float(tot[ok].mean()) if ok.any() else float("nan")
-        for name, vals in res.terms.items():
-            v = torch.tensor(vals)
-            g = torch.isfinite(v)
-            m = float(v[g].mean()) if g.any() else float("nan")
-            out["accuracy" if name == "exact_match" else f"reward_{name}"] = m
-        if sum(res.failures.values()):
-            out["failed_rewards"] = float(sum(not x for x in ok.tolist()))
+        # one sample per prompt at the rollout temperature (seeded: the same draws every time):
+        # what RL optimises directly, and the completions the KL is measured on
+        sampled = SamplingParams(max_new_tokens=self.max_new, temperature=self.s.temperature, top_k=self.s.top_k,
+                                 top_p=self.s.top_p, stop_token_ids=self.stop_ids, seed=self.seed + 99991)
+        comps = self.backend.generate(prompts, 1, sampled)
+        out.update(self._score(comps, "sampled_")[0])
         if self.ref is not None or self.ref_is_base:
-            out["kl"] = self._kl(prompts, build_sequences)
+            out["kl"] = self._kl(prompts, comps)
         return out
 
-    def _kl(self, prompts, build_sequences) -> float:
+    def _kl(self, prompts, comps) -> float:
         import torch
 
-        from ..model.generate import SamplingParams
         from .rl_math import k3_kl, policy_forward
-        from .rollout import adapters_off, micro_batch
+        from .rollout import adapters_off, build_sequences, micro_batch
 
-        p = SamplingParams(max_new_tokens=self.max_new, temperature=self.s.temperature, top_k=self.s.top_k,
-                           top_p=self.s.top_p, stop_token_ids=self.stop_ids, seed=self.seed + 99991)
-        comps = self.backend.generate(prompts, 1, p)
         buf = build_sequences(prompts, comps, self.pad)
         total, n = 0.0, 0
         was = self.policy.training
