@@ -12,7 +12,9 @@ dotted keys with YAML values: `pretrain.max_steps=200 run.name=exp2`.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import LMForgeError
@@ -206,12 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if not getattr(a, "func", None):
         parser.print_help()
         return 0
+    # SIGTERM (schedulers, `kill`) stops like Ctrl-C for the whole command, also between
+    # stages and while the summary prints: exit 130, never a hard kill mid-write
+    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(a.func(a) or 0)
     except LMForgeError as e:
@@ -220,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
