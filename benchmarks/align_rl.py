@@ -71,7 +71,7 @@ def main() -> None:
     from lmforge.align.tasks import arithmetic_sft_records, arithmetic_split
 
     # 1. pretrain (cached by the pipeline when already done with the same settings)
-    t = lmforge(["run", "--only", "data,tokenizer,pretrain", *common, f"pretrain.max_steps={a.pretrain_steps}"], log)
+    t_pre = lmforge(["run", "--only", "data,tokenizer,pretrain", *common, f"pretrain.max_steps={a.pretrain_steps}"], log)
     # 2. SFT on arithmetic worked answers
     train, _ = arithmetic_split()
     sft_file = root / "arithmetic_sft.jsonl"
@@ -90,7 +90,7 @@ def main() -> None:
     say(f"Machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, CPU only, "
         f"2 shared cores (other jobs running: wall times are upper bounds). Date: 2026-11-22.\n")
     say("Base: the default tiny model (d_model 192, 4 layers, 2.4M parameters) pretrained "
-        f"{a.pretrain_steps} steps, then SFT {a.sft_steps} steps on the 1,801 built-in arithmetic train "
+        f"{a.pretrain_steps} steps ({t_pre:.0f} s with data and tokenizer), then SFT {a.sft_steps} steps on the 1,801 built-in arithmetic train "
         f"problems with worked answers ({t_sft:.0f} s).\n")
     say("### GRPO on built-in arithmetic (exact-match reward)\n")
     say("```\npython benchmarks/align_rl.py " + " ".join(sys.argv[1:]) + "\nlmforge " + " ".join(grpo_args) + "\n```\n")

@@ -110,7 +110,8 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     from ..train.engine import Trainer, autocast_dtype
     from .rewards import RewardModelScorer, build_rewards
     from .rl_math import GRPOObjective, PPOObjective
-    from .rollout import EncodedPrompt, RolloutLoader, make_backend, make_kl_controller
+    from .rl_math import FixedKLController
+    from .rollout import RolloutLoader, make_backend, make_kl_controller
     from .tasks import load_prompt_sets
 
     method = cfg.method
@@ -212,7 +213,7 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
                            batch_size=s.gen_batch_size, log=ctx.log)
     decode = lambda ids: fmt.tok.decode(ids, skip_special=True).strip()  # noqa: E731
     pad = fmt.tok.pad_id if fmt.tok.pad_id is not None else (fmt.tok.eos_id or 0)
-    kl_ctl = make_kl_controller(s) if method == "ppo" else make_kl_controller(None)
+    kl_ctl = make_kl_controller(s) if method == "ppo" else FixedKLController(0.0)
     loader = RolloutLoader(method=method, settings=s, policy=policy, backend=backend, prompts=train, rewards=rewards,
                            decode=decode, stop_ids=fmt.stop_ids, pad_id=pad, batch_size=cfg.batch_size,
                            grad_accum=cfg.grad_accum, seed=ctx.seed, device=device, amp=amp, ref=ref,

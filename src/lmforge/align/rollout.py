@@ -201,10 +201,6 @@ def adapters_off(model: torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- the buffer
-FIELDS = ("input_ids", "idx", "targets", "mask", "advantages", "old_logp", "ref_logp", "old_values", "returns",
-          "seq_end")
-
-
 def micro_batch(buf: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Rows of the buffer, trimmed to the longest sequence / completion among them. The same
     function builds the no-grad behaviour pass and the training pass, so their shapes match."""
@@ -506,6 +502,7 @@ class RolloutLoader:
 
 
 def make_kl_controller(s) -> FixedKLController | AdaptiveKLController:
-    if getattr(s, "adaptive_kl", False):
+    """PPO's KL coefficient: adaptive (Ziegler et al.) or fixed."""
+    if s.adaptive_kl:
         return AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon)
-    return FixedKLController(getattr(s, "kl_coef", 0.0))
+    return FixedKLController(s.kl_coef)
