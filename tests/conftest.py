@@ -18,6 +18,9 @@ TINY = [
     "pretrain.eval_tokens=1024", "pretrain.checkpoint_every=5", "pretrain.log_every=5",
     "eval.max_tokens=4096", "sample.max_new_tokens=8", "run.device=cpu",
     "sft.max_steps=3", "sft.batch_size=2", "sft.max_examples=64", "sft.max_val_examples=8", "sft.num_samples=1",
+    "reward.max_steps=2", "reward.max_examples=40", "reward.max_val_examples=8",
+    "align.max_steps=2", "align.max_examples=40", "align.max_val_examples=8",
+    "rl.max_steps=2", "rl.batch_size=4", "rl.max_val_examples=4", "rl.eval_every=0", "rl.ppo.max_new_tokens=4",
 ]
 
 

@@ -11,6 +11,8 @@ help?" is answered by held-out exact-match accuracy rather than by another model
   the style GRPO then rewards ("3 + 4 = 7. The answer is 7.").
   Split: a problem is held out when a hash of its text says so (`split_train_val`), so the two
   sets never share a question.
+* **Built-in questions** (`questions`): the stdlib questions of the built-in preference pairs,
+  no answers; open-ended prompts for PPO against the reward model (the default pipeline's `rl`).
 * **JSONL** records, one per line, in any of these shapes (the answer may be omitted when the
   rewards do not need one, e.g. a reward model):
   `{"prompt": str | messages, "answer": ...}` (lmforge/TRL), `{"question", "answer"}` (GSM8K:
@@ -166,7 +168,7 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file; give a JSONL file of prompt/answer (or GSM8K question/answer) "
-                        f"records, or 'builtin'")
+                        f"records, 'builtin' (arithmetic) or 'questions' (stdlib questions)")
     out = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -182,11 +184,20 @@ def read_prompt_file(path: str | Path) -> list[PromptItem]:
     return out
 
 
+def question_prompts(max_examples: int | None = None) -> list[PromptItem]:
+    """The built-in stdlib questions (the prompts of the built-in preference pairs), without
+    answers: open-ended prompts for PPO against a reward model."""
+    from .preference import builtin_preferences
+
+    return [_item(p["prompt"], None, f"builtin:questions:{p['source']}")
+            for p in builtin_preferences(max_examples=max_examples)]
+
+
 def _source(src: str, split: str, val_fraction: float, seed: int) -> list[PromptItem]:
     """Prompts of one source; split = train | val (a hashed split of the source) | all."""
     if src in BUILTIN_SOURCES:
         return builtin_prompts("val" if split == "val" else "train", val_fraction)
-    recs = read_prompt_file(src)
+    recs = question_prompts() if src == "questions" else read_prompt_file(src)
     if split == "all":
         return recs
     keys = [json.dumps([r.messages, r.answer]) for r in recs]
