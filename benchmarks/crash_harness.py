@@ -90,8 +90,8 @@ SHRINK_IF_PRESENT = {
                "reward.seq_len=64", "reward.checkpoint_every=5"],
     "align": ["align.max_examples=200", "align.max_val_examples=32", "align.max_steps=10", "align.batch_size=4",
               "align.seq_len=64", "align.checkpoint_every=5"],
-    "rl": ["rl.max_steps=4", "rl.batch_size=8", "rl.grpo.max_new_tokens=8", "rl.ppo.max_new_tokens=8", "rl.max_examples=64",
-           "rl.max_val_examples=8", "rl.checkpoint_every=2", "rl.eval_every=0"],
+    "rl": ["rl.max_steps=4", "rl.batch_size=8", "rl.grpo.max_new_tokens=8", "rl.ppo.max_new_tokens=8",
+           "rl.max_examples=64", "rl.max_val_examples=8", "rl.checkpoint_every=2", "rl.eval_every=0"],
 }
 TIMING_KEYS = {"seconds", "started_at", "elapsed_s", "tokens_per_s", "tflops", "mfu", "requests_per_s"}
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time_s", "_wall_s")
