@@ -72,7 +72,10 @@ def base_dir(tmp_path_factory):
 
 
 def _cfg(root, base_dir, *overrides):
+    # rl.method / rl.data: the shipped config runs PPO on the built-in questions; these tests
+    # start from GRPO on built-in arithmetic prompts and say so explicitly
     return load_config(None, [f"run.root={root}", f"rl.model={base_dir}", "run.device=cpu", "rl.lr=1e-2",
+                              "rl.method=grpo", "rl.data=[builtin]",
                               "rl.batch_size=8", "rl.max_val_examples=8", "rl.log_every=1", "rl.eval_every=0",
                               "rl.grpo.max_new_tokens=8", "rl.ppo.max_new_tokens=8",
                               f"rl.grpo.rewards=[{ME}:even_tokens]", f"rl.ppo.rewards=[{ME}:even_tokens]",
