@@ -243,7 +243,9 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
         ctx.log(f"optimizer: {opt_note}")
     result = trainer.fit(resume=True)
     after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
-    if val and not after:
+    if val and (not after or (s.num_samples and not evaluator.last_answers)):
+        # no eval ran in this process (a run resumed at its last step): score the final policy
+        # again (deterministic) so the metrics and the sample answers are those of a clean run
         after = evaluator.run()
 
     # ------------------------------------------------------------------ outputs
