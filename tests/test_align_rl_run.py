@@ -178,6 +178,23 @@ def test_resume_mid_rollout_equals_uninterrupted(tmp_path, base_dir):
     assert steps == [1, 3, 5]
 
 
+def test_resume_at_the_last_step_keeps_the_after_answers(tmp_path, base_dir):
+    """A kill after the last checkpoint: the re-run trains nothing, and still reports the final
+    policy's held-out metrics and answers exactly as the uninterrupted run did."""
+    args = ["rl.max_steps=2", "rl.checkpoint_every=2", "rl.grpo.num_samples=2"]
+    straight = run_stage(_cfg(tmp_path, base_dir, *args), "rl")
+    samples = (straight.dir / "samples.jsonl").read_text()
+    assert '"after": null' not in samples
+    man = straight.dir / "manifest.json"
+    m = json.loads(man.read_text())
+    man.write_text(json.dumps({**m, "status": "failed"}))  # as if killed before the manifest was written
+    (straight.dir / "samples.jsonl").unlink()
+    again = run_stage(_cfg(tmp_path, base_dir, *args), "rl")
+    assert again.metrics["resumed_from_step"] == 2
+    assert (again.dir / "samples.jsonl").read_text() == samples
+    assert again.metrics["reward_after"] == straight.metrics["reward_after"]
+
+
 def test_bad_input_is_counted_not_fatal(tmp_path, base_dir):
     data = tmp_path / "prompts.jsonl"
     rows = [{"prompt": p["question"], "answer": p["answer"]} for p in arithmetic_problems(40)]
