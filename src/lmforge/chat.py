@@ -374,17 +374,19 @@ def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
     return out
 
 
-class RowLoader:
-    """Endless shuffled batches of rows; state {epoch, position} restores the exact stream."""
+class ShuffledBatches:
+    """Endless shuffled batches of in-memory items, collated by `collate_fn`; one permutation per
+    epoch seeded by (seed, epoch), so the state {epoch, position} restores the exact stream.
+    The engine's resumable loader for every list-of-examples stage (SFT rows, preference pairs)."""
 
-    def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
-        if not rows:
-            raise DataError("no training examples left after filtering; check the data and seq_len")
-        self.rows, self.batch_size, self.pad_id, self.packed, self.seed = rows, batch_size, pad_id, packed, seed
+    def __init__(self, items: Sequence, batch_size: int, collate_fn, *, seed: int, empty: str):
+        if not items:
+            raise DataError(empty)
+        self.items, self.batch_size, self.collate_fn, self.seed = items, batch_size, collate_fn, seed
         self.epoch, self.position = 0, 0
 
     def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.items))
 
     def __iter__(self):
         perm = self._perm()
@@ -394,15 +396,23 @@ class RowLoader:
                 if self.position >= len(perm):
                     self.epoch, self.position = self.epoch + 1, 0
                     perm = self._perm()
-                batch.append(self.rows[perm[self.position]])
+                batch.append(self.items[perm[self.position]])
                 self.position += 1
-            yield collate(batch, self.pad_id, packed=self.packed)
+            yield self.collate_fn(batch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class RowLoader(ShuffledBatches):
+    """Shuffled batches of SFT rows (packed or one example per row)."""
+
+    def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
+        super().__init__(rows, batch_size, lambda b: collate(b, pad_id, packed=packed), seed=seed,
+                         empty="no training examples left after filtering; check the data and seq_len")
 
 
 # ----------------------------------------------------------------------------- loss

@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..chat import IGNORE, ChatFormat, read_jsonl_records
+from ..chat import IGNORE, ChatFormat, ShuffledBatches, read_jsonl_records
 from ..errors import DataError
 from ..tokenizer import CHAT_ROLES
 
@@ -396,33 +396,11 @@ def collate_pairs(pairs: Sequence[Pair], pad_id: int, ref: dict[bytes, tuple[flo
     return out
 
 
-class PairLoader:
-    """Endless shuffled batches of pairs; state {epoch, position} restores the exact stream."""
+class PairLoader(ShuffledBatches):
+    """Shuffled batches of pairs (chosen and rejected collated together, with cached reference
+    log-probs when given); resumable like every engine loader."""
 
     def __init__(self, pairs: Sequence[Pair], batch_size: int, pad_id: int, *, seed: int,
                  ref: dict[bytes, tuple[float, float]] | None = None):
-        if not pairs:
-            raise DataError("no preference pairs left after filtering; check the data and seq_len")
-        self.pairs, self.batch_size, self.pad_id, self.seed, self.ref = pairs, batch_size, pad_id, seed, ref
-        self.epoch, self.position = 0, 0
-
-    def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
-
-    def __iter__(self):
-        perm = self._perm()
-        while True:
-            batch = []
-            while len(batch) < self.batch_size:
-                if self.position >= len(perm):
-                    self.epoch, self.position = self.epoch + 1, 0
-                    perm = self._perm()
-                batch.append(self.pairs[perm[self.position]])
-                self.position += 1
-            yield collate_pairs(batch, self.pad_id, self.ref)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        super().__init__(pairs, batch_size, lambda b: collate_pairs(b, pad_id, ref), seed=seed,
+                         empty="no preference pairs left after filtering; check the data and seq_len")
