@@ -24,6 +24,16 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster (and steadier on a busy machine) on one torch thread; modules opt in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    from lmforge.eval.testing import one_thread as single_thread
+
+    with single_thread():
+        yield
+
+
 def tiny_args(root, name="t", *extra):
     return ["tiny", f"run.root={root}", f"run.name={name}", *TINY, *extra]
 

@@ -34,12 +34,7 @@ def synthetic_pairs(words=WORDS) -> list[dict]:
              "rejected": f"The {w} bad."} for w in words]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,10 @@ from lmforge.errors import DataError
 from lmforge.eval.contamination import ngram_overlap, permutation_test, task_texts
 from lmforge.eval.loglik import Scorer
 from lmforge.eval.tasks import Doc, Task
-from lmforge.eval.testing import one_thread, random_sentences, tiny_model, tiny_tokenizer, train_on
+from lmforge.eval.testing import random_sentences, tiny_model, tiny_tokenizer, train_on
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def test_ngram_overlap_finds_leaked_items():

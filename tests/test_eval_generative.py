@@ -11,13 +11,10 @@ from lmforge.errors import ConfigError
 from lmforge.eval.generative import answers_match, cut_at_stop, evaluate_generative, extract_answer, generate_texts
 from lmforge.eval.stats import pass_at_k, wilson
 from lmforge.eval.tasks import Doc, Task
-from lmforge.eval.testing import WORDS, one_thread, tiny_model, tiny_tokenizer, train_on
+from lmforge.eval.testing import WORDS, tiny_model, tiny_tokenizer, train_on
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def test_pass_at_k_is_unbiased():

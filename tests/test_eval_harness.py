@@ -15,13 +15,10 @@ from lmforge.eval.loading import load_model_and_tokenizer  # noqa: E402
 from lmforge.eval.loglik import Scorer  # noqa: E402
 from lmforge.eval.readers import load_task  # noqa: E402
 from lmforge.eval.tasks import evaluate_multiple_choice  # noqa: E402
-from lmforge.eval.testing import WORDS, one_thread, tiny_tokenizer  # noqa: E402
+from lmforge.eval.testing import WORDS, tiny_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def _items(n=24, seed=3):

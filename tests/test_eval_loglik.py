@@ -10,7 +10,7 @@ from lmforge.errors import CheckpointError, DataError
 from lmforge.eval.loading import load_model_and_tokenizer
 from lmforge.eval.loglik import Scorer, rolling_windows
 from lmforge.eval.perplexity import document_metrics
-from lmforge.eval.testing import PARAGRAPH, one_thread, tiny_model, tiny_tokenizer
+from lmforge.eval.testing import PARAGRAPH, tiny_model, tiny_tokenizer
 
 REQUESTS = [
     ("The quick brown", " fox"),
@@ -23,10 +23,7 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")

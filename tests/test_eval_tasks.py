@@ -12,16 +12,13 @@ from lmforge.errors import DataError
 from lmforge.eval.loglik import Scorer
 from lmforge.eval.readers import builtin_cloze_task, load_task
 from lmforge.eval.tasks import Doc, Task, evaluate_multiple_choice
-from lmforge.eval.testing import PARAGRAPH, one_thread, tiny_model, tiny_tokenizer
+from lmforge.eval.testing import PARAGRAPH, tiny_model, tiny_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @needs_shared

@@ -20,12 +20,7 @@ from lmforge.model.hf import export_hf, import_hf, iter_weights, load_pretrained
 from lmforge.model.transformer import Transformer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 def _moe(**kw) -> Transformer:

@@ -18,13 +18,7 @@ from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
 from lmforge.tokenizer import train_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 

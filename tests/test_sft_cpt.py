@@ -24,12 +24,7 @@ DOMAIN = ["The quokka hops across Rottnest Island at dawn, looking for leaves an
           "Rottnest Island rangers count every quokka each spring and log the numbers."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
