@@ -20,13 +20,13 @@ SPIKE_NOTE = "skip steps whose loss exceeds this x the running median; 0 = off (
 RL_METHODS = ("ppo", "grpo")
 
 
-class AlignConfig(TrainConfig):
-    method: Literal["dpo", "ipo", "hinge", "orpo", "ppo", "grpo"] = "dpo"
-    model: str | None = Field(None, description="policy to start from; default: the run's latest model (sft)")
-    ref_model: str | None = Field(None, description="frozen reference; default: the starting policy")
-    reward_model: str | None = Field(None, description="reward model folder (ppo); default: this run's reward/model")
-    data: list[str] = Field(default_factory=lambda: ["builtin"],
-                            description="preference JSONL (dpo/ipo/hinge/orpo) or prompt sources (ppo/grpo)")
+class PairTrainConfig(TrainConfig):
+    """What the reward and alignment stages share: the model to start from, preference / prompt
+    data and its held-out split, sequence limits, full / LoRA / QLoRA, alignment-sized defaults."""
+
+    model: str | None = Field(None, description="model to start from; default: the run's latest model before "
+                                                "this stage (sft)")
+    data: list[str] = Field(default_factory=lambda: ["builtin"], description="preference JSONL files, or 'builtin'")
     val_data: list[str] | None = Field(None, description="held-out files; default: a hashed split of `data`")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     max_examples: int | None = Field(None, ge=1)
@@ -40,11 +40,6 @@ class AlignConfig(TrainConfig):
     peft: Literal["full", "lora", "qlora"] = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
-    beta: float = Field(0.1, gt=0, description="strength of the KL-style regulariser (DPO beta, ORPO lambda)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-noise rate")
-    precompute_ref: bool = Field(True, description="score the reference once and cache its log-probs on disk")
-    ppo: PPOSettings = Field(default_factory=PPOSettings)
-    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     # alignment-sized defaults for the shared optimisation settings
     max_steps: int = Field(50, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -61,34 +56,25 @@ class AlignConfig(TrainConfig):
         return [v] if isinstance(v, str) else v
 
 
-class RewardConfig(TrainConfig):
+class AlignConfig(PairTrainConfig):
+    method: Literal["dpo", "ipo", "hinge", "orpo", "ppo", "grpo"] = "dpo"
+    model: str | None = Field(None, description="policy to start from; default: the run's latest model (sft)")
+    ref_model: str | None = Field(None, description="frozen reference; default: the starting policy")
+    reward_model: str | None = Field(None, description="reward model folder (ppo); default: this run's reward/model")
+    data: list[str] = Field(default_factory=lambda: ["builtin"],
+                            description="preference JSONL (dpo/ipo/hinge/orpo) or prompt sources (ppo/grpo)")
+    beta: float = Field(0.1, gt=0, description="strength of the KL-style regulariser (DPO beta, ORPO lambda)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: assumed label-noise rate")
+    precompute_ref: bool = Field(True, description="score the reference once and cache its log-probs on disk")
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
+    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+
+
+class RewardConfig(PairTrainConfig):
     """`lmforge reward`: a Bradley-Terry reward model on preference pairs."""
 
     model: str | None = Field(None, description="model whose trunk the reward model starts from; default: the "
                                                 "run's latest model before this stage (sft)")
-    data: list[str] = Field(default_factory=lambda: ["builtin"], description="preference JSONL files, or 'builtin'")
-    val_data: list[str] | None = Field(None, description="held-out files; default: a hashed split of `data`")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    max_examples: int | None = Field(None, ge=1)
     max_val_examples: int = Field(256, ge=1)
-    seq_len: int | None = Field(None, ge=8, description="prompt + completion tokens; default: the model's context")
-    max_prompt_len: int | None = Field(None, ge=1)
-    truncation: Literal["truncate", "drop"] = "truncate"
-    eval_batch_size: int = Field(16, ge=1)
     use_margin: bool = Field(True, description="subtract each pair's 'margin' field inside the Bradley-Terry loss")
-    peft: Literal["full", "lora", "qlora"] = "full"
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
-    max_steps: int = Field(50, ge=1)
-    batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    eval_every: int = Field(0, ge=0)
-    checkpoint_every: int = Field(25, ge=0)
-    spike_factor: float = Field(0.0, ge=0, description=SPIKE_NOTE)
-
-    @field_validator("data", "val_data", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
