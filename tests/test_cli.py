@@ -31,6 +31,18 @@ def test_unknown_flag_is_rejected(capsys):
     assert e.value.code == 2
 
 
+def test_overrides_may_follow_flags(tmp_path, capsys):
+    """`lmforge <stage> --flag V KEY=VALUE`: the late override is applied, not rejected."""
+    assert main(["sft", "--force", "--model", str(tmp_path / "nomodel"), f"run.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "nomodel" in err and "unrecognized" not in err
+    assert main(["sft", "--model", str(tmp_path / "nomodel"), f"run.root={tmp_path}", "sft.max_step=1"]) == 2
+    assert "sft.max_step: unknown key; did you mean 'sft.max_steps'?" in capsys.readouterr().err  # it was applied
+    with pytest.raises(SystemExit):
+        main(["synth", "m", "--seeds", "s", "--out", "o", "sft.lr=1"])  # synth takes no overrides
+    assert "unrecognized arguments: sft.lr=1" in capsys.readouterr().err
+
+
 def test_missing_input_path_is_one_line_error(tmp_path, capsys):
     rc = main(["data", *tiny_args(tmp_path, "x", f"data.inputs=[{tmp_path}/nope.jsonl]")])
     err = capsys.readouterr().err

@@ -214,7 +214,14 @@ def _sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    # KEY=VALUE overrides may also follow the flags (`lmforge sft --model M sft.lr=1e-4`), which
+    # argparse alone refuses once a positional list has been closed by an option
+    a, extra = parser.parse_known_args(argv)
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if extra and (len(late) < len(extra) or not hasattr(a, "args")):
+        parser.error("unrecognized arguments: " + " ".join(x for x in extra if x not in late or not hasattr(a, "args")))
+    if late:
+        a.args = list(a.args or []) + late
     if not getattr(a, "func", None):
         parser.print_help()
         return 0
