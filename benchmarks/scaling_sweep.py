@@ -1,5 +1,5 @@
-"""The CPU scaling sweep: 12 tiny Llama-style models trained by the real `pretrain` stage on the
-built-in corpus (the default pipeline's data and tokenizer), then the scaling-law fits.
+"""The CPU scaling sweep: 20 tiny Llama-style models trained by the real `pretrain` stage on the
+built-in corpus, then the scaling-law fits.
 
     python benchmarks/scaling_sweep.py [--out DIR] [--fresh] [-- extra `scaling sweep` args]
 
@@ -8,13 +8,16 @@ date, wall and CPU time (with the load average: on a shared machine wall time de
 else runs), the run table, the fitted law with bootstrap 95% intervals, the IsoFLOP and Kaplan
 results from `fit.json`, and the plot files with their sizes.
 
-The default grid is 4 sizes (d_model x n_layers, head_dim 32, MHA) x 3 token budgets:
-sizes x tokens rather than IsoFLOP because at the compute a 2-core CPU affords in minutes
-(~1e12-1e13 FLOPs) every IsoFLOP minimum lies below the smallest model worth training with a
-4096-token vocabulary, so the parabolas would not bracket it. Peak LR = the tiny config's
-3e-3 at d_model 192 x (192 / d_model) (the sweep's default 1/width rule: 1.8e-2 at d_model 32,
-4.5e-3 at 128), WSD schedule with one warmup per size, batch 8 x 256 tokens. Re-running with
-the same --out resumes (completed points are skipped).
+The default grid is 5 sizes (d_model x n_layers, head_dim 32, MHA) x 4 token budgets, 20 runs,
+on the built-in corpus with its own 1,024-token BPE vocabulary (trained once in --base-root;
+the default pipeline's runs/tiny is left alone). Sizes x tokens rather than IsoFLOP because at
+the compute a 2-core CPU affords in minutes (~1e11-1e13 FLOPs) the IsoFLOP minima lie below the
+smallest model worth training, so the parabolas would not bracket them. Vocabulary 1,024 rather
+than the pipeline's 4,096: at 4,096 the two smallest sizes are 80% and 71% embedding table, the
+64x2 model ended worse than the 32x2 at every budget and the parametric fit was degenerate (see
+RESULTS.md, "Scaling: the CPU sweep"). Peak LR = the tiny config's 3e-3 at d_model 192 x
+(192 / d_model)^0.5 (the sweep's default width rule), WSD schedule with one warmup per size,
+batch 8 x 256 tokens. Re-running with the same --out resumes (completed points are skipped).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-SIZES = "32x2,64x2,96x3,128x4"
-TOKENS = "512K,1M,2M"
+SIZES = "32x2,64x2,96x3,128x4,192x4"
+TOKENS = "256K,512K,1M,2M"
 OVERRIDES = ["pretrain.batch_size=8"]
 
 
@@ -41,9 +44,10 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/lmforge-sweep-bench", help="sweep directory (default: %(default)s)")
     ap.add_argument("--fresh", action="store_true", help="delete --out first (else completed points are reused)")
     ap.add_argument("--jobs", type=int, default=2, help="points trained at once (default: %(default)s)")
-    ap.add_argument("--vocab", type=int, default=4096,
-                    help="tokenizer vocabulary (default: %(default)s, the default pipeline's); another "
-                         "value trains its own tokenizer in --base-root, leaving runs/tiny alone")
+    ap.add_argument("--vocab", type=int, default=1024,
+                    help="tokenizer vocabulary (default: %(default)s); any value but the default "
+                         "pipeline's 4096 trains its own data + tokenizer in --base-root, leaving "
+                         "runs/tiny alone")
     ap.add_argument("--base-root", default="/tmp/lmforge-sweep-base",
                     help="run root of the shared data/tokenizer when --vocab is not 4096")
     ap.add_argument("extra", nargs="*", help="more `lmforge scaling sweep` arguments / overrides")
@@ -86,6 +90,7 @@ def report(cmd, out: Path, wall: float, cpu: float, load0, load1) -> None:
     for r in runs:
         print(f"| {r['name']} | {int(r['params']):,} | {int(r['non_embedding_params']):,} | {int(r['tokens']):,} | "
               f"{r['steps']} | {float(r['peak_lr']):.3g} | {float(r['val_loss']):.4f} | {float(r['train_seconds']):.0f} |")
+    print("\n" + monotonicity(runs))
     if not fit:
         print(f"\nfit failed: {sweep.get('fit_error')}")
         return
@@ -106,8 +111,20 @@ def report(cmd, out: Path, wall: float, cpu: float, load0, load1) -> None:
     for name, why in k.get("skipped", {}).items():
         print(f"Kaplan L({name}): skipped, {why}")
     if fit.get("warnings"):
-        print("fit warnings: " + "; ".join(fit["warnings"]))
+        print("\nfit warnings: " + "; ".join(fit["warnings"]))
     print("\nplots: " + ", ".join(f"{q} ({Path(q).stat().st_size / 1024:.0f} KB)" for q in fit.get("plots", [])))
+
+
+def monotonicity(runs: list[dict]) -> str:
+    """Whether loss falls with N at every D and with D at every N: the precondition of a law."""
+    loss = {(int(r["params"]), int(r["tokens"])): float(r["val_loss"]) for r in runs}
+    ns, ds = sorted({n for n, _ in loss}), sorted({d for _, d in loss})
+    bad = [f"N {a:,} -> {b:,} at D {d:,}" for d in ds for a, b in zip(ns, ns[1:])
+           if (a, d) in loss and (b, d) in loss and loss[b, d] >= loss[a, d]]
+    bad += [f"D {a:,} -> {b:,} at N {n:,}" for n in ns for a, b in zip(ds, ds[1:])
+            if (n, a) in loss and (n, b) in loss and loss[n, b] >= loss[n, a]]
+    return ("loss falls with N at every D and with D at every N" if not bad else
+            "loss does NOT fall at: " + "; ".join(bad))
 
 
 def _torch_version() -> str:

@@ -107,6 +107,20 @@ def test_plan_isoflop_points_share_compute(prepared_root):
     assert all(p.warmup_steps <= 2 for p in pts)  # min(config warmup, 10% of steps)
 
 
+def test_plan_notes_name_embedding_heavy_sizes_and_repeated_data(prepared_root):
+    cfg = load_config(None, sweep_args(prepared_root))
+    spec = S.SweepSpec(sizes=["8x1", "64x2"], tokens=["4K", "1M"])
+    pts = S.plan_points(cfg, spec, vocab_size=512, train_tokens=200_000)
+    notes = S._plan_notes(pts)
+    # d8-l1: 4,096 of ~5k parameters are the (tied) embedding table; d64-l2 is mostly blocks
+    heavy = [n for n in notes if "mostly embedding table" in n]
+    assert len(heavy) == 1 and "d8-l1" in heavy[0] and "d64-l2" not in heavy[0]
+    assert any("repeat the training data (up to 5.0 epochs" in n for n in notes)
+    assert any("fewer than 20 steps" in n and "d8-l1-t4K" in n for n in notes)
+    assert not S._plan_notes(S.plan_points(cfg, S.SweepSpec(sizes=["64x2"], tokens=["64K"]),
+                                           vocab_size=512, train_tokens=200_000))
+
+
 @pytest.mark.parametrize("spec, message", [
     (dict(sizes=[], tokens=["4K"]), "no model sizes"),
     (dict(sizes=["32x2"], tokens=[]), "exactly one of them"),

@@ -637,6 +637,15 @@ def _fit_parametric(table: RunTable, n_bootstrap: int, seed: int, n_starts: int,
             lo, hi = np.percentile(v, [2.5, 97.5])
             ci[k] = (float(lo), float(hi))
             se[k] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        # A resample that ends on a bound means the interval is cut by the box, not by the data.
+        for i, k in enumerate(("A", "B", "E", "alpha", "beta")):
+            lo, hi = bounds[i]
+            hit = int(np.sum((s[:, i] <= lo + 5e-3) | (s[:, i] >= hi - 5e-3)))
+            if hit > 0.025 * len(s):
+                warnings.append(f"bootstrap: {k} ended on its bound in {hit} of {len(s)} resamples, "
+                                f"so its 95% interval is open on that side: the runs do not pin "
+                                f"{k} down" + (" (the loss floor); predictions far beyond the runs "
+                                               "are uncertain" if k == "E" else ""))
     if n_bootstrap and len(samples) < max(10, n_bootstrap // 2):
         warnings.append(f"bootstrap: only {len(samples)} of {n_bootstrap} resamples usable "
                         f"({skipped} had < 3 distinct N or D); intervals are unreliable")
@@ -758,6 +767,15 @@ def _frontier(x: np.ndarray, loss: np.ndarray, pareto: bool) -> tuple[np.ndarray
     return xs[keep], best[keep]
 
 
+_KAPLAN_AXES = {"N": ("n", False), "D": ("d", False), "C": ("compute", True)}
+
+
+def kaplan_frontier(table: RunTable, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The points `fit_kaplan` fits for `key` ("N", "D" or "C"): x values and their losses."""
+    attr, pareto = _KAPLAN_AXES[key]
+    return _frontier(getattr(table, attr), table.loss, pareto)
+
+
 def fit_kaplan(table: RunTable) -> KaplanFit:
     """L(N), L(D), L(C) = (X_c / X)^alpha_X (Kaplan et al. 2020, Eqs. 1.1-1.3).
 
@@ -765,8 +783,8 @@ def fit_kaplan(table: RunTable) -> KaplanFit:
     "trained to convergence"/"large enough model"); L(C) the compute-efficient frontier.
     """
     laws, skipped = {}, {}
-    for key, x, pareto in (("N", table.n, False), ("D", table.d, False), ("C", table.compute, True)):
-        xs, ys = _frontier(x, table.loss, pareto)
+    for key in _KAPLAN_AXES:
+        xs, ys = kaplan_frontier(table, key)
         if len(xs) < 3:
             skipped[key] = f"needs 3+ distinct {key} values on the frontier, found {len(xs)}"
             continue

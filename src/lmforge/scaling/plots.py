@@ -9,7 +9,7 @@ import numpy as np
 
 from lmforge.errors import LMForgeError
 from lmforge.runs import atomic_path
-from lmforge.scaling.laws import IsoFlopFit, KaplanFit, ParametricLaw, RunTable
+from lmforge.scaling.laws import IsoFlopFit, KaplanFit, ParametricLaw, RunTable, kaplan_frontier
 
 
 def _figure(ncols: int):
@@ -29,6 +29,28 @@ def _save(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return path
+
+
+def _log(ax, which: str = "x") -> None:
+    """Log scale on `which` ("x", "y" or "xy") with minor ticks labelled at 2 and 5 only ("2e5"):
+    matplotlib's default labels every minor tick of an axis spanning about a decade, and they
+    overlap. A log loss axis (a fraction of a decade) gets plain numbers ("4", "5") instead."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(x, _pos):
+        e = int(np.floor(np.log10(x) + 1e-9))
+        m = round(x / 10.0 ** e)
+        return f"{m}e{e}" if m in (2, 5) else ""
+
+    for name in which:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        (ax.set_xscale if name == "x" else ax.set_yscale)("log")
+        if name == "y":
+            plain = FuncFormatter(lambda x, _pos: f"{x:g}")
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
+        else:
+            axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _levels(values: np.ndarray, k: int = 4) -> np.ndarray:
@@ -53,7 +75,7 @@ def plot_parametric(table: RunTable, law: ParametricLaw, path: str | Path) -> Pa
             y = law.loss(grid, lv) if ol == "D" else law.loss(lv, grid)
             ax.plot(grid, y, color=colour, lw=1.2, label=f"{ol}={lv:.2g}")
         ax.axhline(law.E, color="grey", ls=":", lw=1, label=f"E={law.E:.3g}")
-        ax.set_xscale("log")
+        _log(ax)
         ax.set_xlabel(xl)
         ax.set_ylabel("final loss")
         ax.legend(fontsize=7)
@@ -81,7 +103,7 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
         if g.used:
             ax.scatter([g.n_opt], [g.loss_opt], marker="*", s=110, color=colour,
                        edgecolor="k", zorder=4)
-    ax.set_xscale("log")
+    _log(ax)
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel("final loss")
     ax.set_title("IsoFLOP profiles (dashed: minimum not bracketed)")
@@ -95,7 +117,7 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
     ax2.scatter(c, [g.d_opt for g in used], color="C1", zorder=3)
     ax2.plot(grid, iso.d_opt(grid), color="C1",
              label=f"D_opt = {iso.d_opt.coef:.3g} C^{iso.d_opt.exponent:.3f}")
-    ax2.set_xscale("log")
+    _log(ax2, "x")
     ax2.set_yscale("log")
     ax2.set_xlabel("C (FLOPs)")
     ax2.legend(fontsize=8)
@@ -109,6 +131,9 @@ def plot_kaplan(table: RunTable, kaplan: KaplanFit, path: str | Path) -> Path:
                                           ("D", table.d, "D (tokens)"),
                                           ("C", table.compute, "C (FLOPs)"))):
         ax.scatter(x, table.loss, s=10, color="0.6", label="runs")
+        fx, fy = kaplan_frontier(table, key)
+        ax.scatter(fx, fy, s=22, color="C0", zorder=3,
+                   label="frontier (fitted)" if key == "C" else f"best run per {key} (fitted)")
         law = kaplan.laws.get(key)
         if law is not None:
             grid = np.logspace(np.log10(x.min()), np.log10(x.max()), 100)
@@ -116,8 +141,7 @@ def plot_kaplan(table: RunTable, kaplan: KaplanFit, path: str | Path) -> Path:
                     label=f"L = ({law.kaplan_scale:.3g}/{key})^{-law.exponent:.3f}")
         else:
             ax.set_title(f"L({key}): {kaplan.skipped.get(key, 'not fitted')}", fontsize=8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log(ax, "xy")
         ax.set_xlabel(label)
         ax.set_ylabel("final loss")
         ax.legend(fontsize=7)

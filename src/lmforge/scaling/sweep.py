@@ -65,6 +65,7 @@ POINT_DEFAULTS = {"schedule": "wsd", "decay_fraction": 0.2, "min_lr_ratio": 0.0,
 # The sweep trains every point from scratch; continued pretraining would ignore the shapes.
 REFUSED_KEYS = ("pretrain.init_from",)
 FEW_STEPS = 20
+EMBEDDING_HEAVY = 2 / 3  # share of N in the embedding table above which a size gets a note
 
 
 # ----------------------------------------------------------------------------- spec
@@ -490,6 +491,14 @@ def _plan_notes(points: list[SweepPoint]) -> list[str]:
         notes.append(f"{len(rep)} point(s) repeat the training data (up to {worst.epochs:.1f} epochs, "
                      f"{worst.name}); up to ~4 epochs costs little (Muennighoff et al. 2023, "
                      "arXiv:2305.16264), beyond that the law bends")
+    heavy = {p.name.rsplit("-", 1)[0]: 1 - p.non_embedding_params / p.params for p in points
+             if p.non_embedding_params < (1 - EMBEDDING_HEAVY) * p.params}
+    if heavy:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in list(heavy.items())[:4])
+        notes.append(f"{len(heavy)} size(s) are mostly embedding table ({shares} of N): their loss "
+                     "depends on the vocabulary more than on N, which can make loss non-monotone "
+                     "in N and the N term of the fit degenerate; use wider sizes or a smaller "
+                     "tokenizer.vocab_size (see docs/scaling.md, Sweeps)")
     return notes
 
 
@@ -641,8 +650,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "losses into OUT/runs.csv and fit scaling laws into OUT (fit.json, plots), as "
                     "`scaling fit` does. Completed points are skipped: re-run to resume.",
         epilog="examples:\n"
-               "  lmforge scaling sweep tiny pretrain.batch_size=8 --sizes 32x2,64x2,96x3,128x4 "
-               "--tokens 512K,1M,2M --jobs 2 --out sweeps/grid\n"
+               "  lmforge scaling sweep tiny pretrain.batch_size=8 tokenizer.vocab_size=1024 "
+               "run.root=sweeps/base \\\n      --sizes 32x2,64x2,96x3,128x4,192x4 "
+               "--tokens 256K,512K,1M,2M --jobs 2 --out sweeps/grid\n"
                "  lmforge scaling sweep tiny pretrain.batch_size=8 --sizes 64x2,96x3,128x4,192x4 "
                "--isoflops 1e13,3e13,1e14 --out sweeps/iso\n"
                "  lmforge scaling sweep --spec sweep.yaml --out sweeps/x --dry-run\n"
