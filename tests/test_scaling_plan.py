@@ -123,6 +123,17 @@ def test_plan_with_fitted_law_file(tmp_path):
     # alpha == beta and A/B = 1/3: N_opt = (A/B)^(1/0.6) (C/6)^0.5
     assert p.optimal.n_params == pytest.approx((300 / 900) ** (1 / 0.6) * (1e21 / 6) ** 0.5)
     assert not any("Chinchilla's published fit" in w for w in p.warnings)
+    assert not any(w.startswith("your fit") for w in p.warnings)  # no runs, no warnings listed
+    # a real fit.json carries its runs and warnings: the plan repeats them and measures the
+    # extrapolation in decades of compute
+    runs = [{"params": 1e6, "tokens": 2e7, "compute": 1.2e14}, {"params": 4e6, "tokens": 4e7, "compute": 9.6e14}]
+    (tmp_path / "fit.json").write_text(json.dumps({"runs": runs, "parametric": {
+        "law": law.to_dict(), "warnings": ["bootstrap: E ended on its bound in 9 of 40 resamples"],
+        "ci95": {"alpha": [0.2, 0.4], "beta": [0.25, 0.35]}}}))
+    w = P.make_plan(9.6e16, law=str(tmp_path / "fit.json")).warnings
+    assert "your fit: bootstrap: E ended on its bound in 9 of 40 resamples" in w
+    assert any("C = 9.6e+16 is 2.0 decade(s) beyond its runs" in x and "alpha in [0.2, 0.4]" in x for x in w)
+    assert not any("beyond its runs" in x for x in P.make_plan(5e14, law=str(tmp_path / "fit.json")).warnings)
     (tmp_path / "skipped.json").write_text(json.dumps({"parametric": {"skipped": "too few runs"}}))
     with pytest.raises(ConfigError, match="too few runs"):
         P.make_plan(1e21, law=str(tmp_path / "skipped.json"))

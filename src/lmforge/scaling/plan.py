@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from lmforge.errors import ConfigError
 from lmforge.scaling.cost import (DEFAULT_CARBON_INTENSITY, DEFAULT_MFU, DEFAULT_PUE,
                                   CostEstimate, estimate_cost, get_accelerator, peak_flops)
-from lmforge.scaling.laws import CHINCHILLA, ParametricLaw, PowerLaw, load_law
+from lmforge.scaling.laws import CHINCHILLA, PUBLISHED_LAWS, ParametricLaw, PowerLaw, load_fit_json, load_law
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3 (70B params, 1.4T tokens)
 
@@ -204,6 +205,7 @@ def make_plan(budget_flops: float | None = None, *, gpu_hours: float | None = No
          hparam_laws: dict[str, PowerLaw] | None = None, pue: float = DEFAULT_PUE,
          carbon_intensity: float = DEFAULT_CARBON_INTENSITY) -> Plan:
     """Plan a run for a budget (FLOPs, GPU-hours, money) or a target loss. See module doc."""
+    law_spec = law
     law = load_law(law) if law is not None else CHINCHILLA
     given = sum(x is not None for x in (budget_flops, gpu_hours, money, target_loss))
     if given != 1:
@@ -241,12 +243,31 @@ def make_plan(budget_flops: float | None = None, *, gpu_hours: float | None = No
             for w in threshold_warnings(a.train_flops, f"{a.label}: training"):
                 if w not in warnings:
                     warnings.append(w)
+    if isinstance(law_spec, (str, Path)) and str(law_spec).strip().lower() not in PUBLISHED_LAWS:
+        warnings.extend(fit_caveats(law_spec, budget))
     if law.name == CHINCHILLA.name:
         warnings.append("law: Chinchilla's published fit (MassiveText data, its tokenizer); "
                         "losses on your data differ; fit your own with `lmforge scaling fit`")
     hp = recommend_hparams(budget, seq_len, hparam_laws)
     warnings.extend(hp.notes)
     return Plan(budget, law, optimal, rule, inf_alloc, hp, float(inference_tokens), warnings)
+
+
+def fit_caveats(fit_json: str | Path, budget: float) -> list[str]:
+    """What a plan from your own fit should say about it: the fit's own warnings (e.g. a
+    parameter its bootstrap could not pin down) and how far `budget` lies beyond its runs."""
+    data = load_fit_json(fit_json)
+    out = [f"your fit: {w}" for w in (data.get("parametric") or {}).get("warnings", [])]
+    compute = [float(r["compute"]) for r in data.get("runs", []) if r.get("compute")]
+    if compute and not (min(compute) <= budget <= max(compute)):
+        far = budget / max(compute) if budget > max(compute) else min(compute) / budget
+        ci = (data.get("parametric") or {}).get("ci95", {})
+        spread = ", ".join(f"{k} in [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" for k in ("alpha", "beta") if k in ci)
+        out.append(f"your fit: C = {budget:.3g} is {math.log10(far):.1f} decade(s) "
+                   f"{'beyond' if budget > max(compute) else 'below'} its runs (C = "
+                   f"{min(compute):.3g} to {max(compute):.3g}); the prediction is an extrapolation"
+                   + (f" (bootstrap 95%: {spread})" if spread else ""))
+    return out
 
 
 def _pos(name: str, v: float) -> float:
