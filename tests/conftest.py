@@ -34,6 +34,27 @@ def one_thread():
         yield
 
 
+def save_base_model(d, texts, vocab_size, *, seed=0, **model):
+    """Train a BPE tokenizer on `texts` and save it with a fresh random Transformer (default
+    init, seeded; 32 wide, 2 layers, 4 heads, 2 KV heads, 64 positions unless `model` says
+    otherwise) as an HF-format model in `d`: the base the SFT / align / RL stage tests start
+    from. Returns the tokenizer and the model."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.hf import save_pretrained
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    tok.save(d)
+    torch.manual_seed(seed)
+    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, **model}
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, **shape))
+    save_pretrained(model, d, tokenizer_dir=d, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return tok, model
+
+
 def tiny_args(root, name="t", *extra):
     return ["tiny", f"run.root={root}", f"run.name={name}", *TINY, *extra]
 

@@ -14,13 +14,12 @@ from lmforge.align.losses import PreferenceObjective
 from lmforge.align.preference import collate_pairs, encode_pairs, load_preference_records
 from lmforge.align.reference import CACHE_FILE, load_cache, precompute_reference
 from lmforge.chat import ChatFormat
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import load_pretrained, save_pretrained
-from lmforge.model.transformer import Transformer
+from lmforge.model.hf import load_pretrained
 from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
-from lmforge.tokenizer import train_tokenizer
+
+from conftest import save_base_model
 
 WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window dragon pepper "
          "castle violin marble island orange falcon meadow harbor engine basket comet desert feather glacier hammer "
@@ -44,13 +43,8 @@ def setup(tmp_path_factory):
     data = d / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     texts = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs]
-    tok = train_tokenizer(texts * 4, vocab_size=400)
     model_dir = d / "base"
-    tok.save(model_dir)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    max_seq_len=64))
-    save_pretrained(model, model_dir, tokenizer_dir=model_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    save_base_model(model_dir, texts * 4, 400)
     return model_dir, data
 
 

@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 from lmforge.align.tasks import arithmetic_problems
 from lmforge.errors import ConfigError, DataError
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import load_pretrained, save_pretrained
-from lmforge.model.transformer import Transformer
+from lmforge.model.hf import load_pretrained
 from lmforge.pipeline import load_config, run_stage
-from lmforge.tokenizer import train_tokenizer
+
+from conftest import save_base_model
 
 ME = "test_align_rl_run"
 CRASH = {"calls": 0, "at": None}
@@ -56,13 +55,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on o
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     texts = [p["question"] + " " + p["solution"] for p in arithmetic_problems(400)]
-    tok = train_tokenizer(texts, vocab_size=300)
     d = tmp_path_factory.mktemp("rlbase")
-    tok.save(d)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    max_seq_len=96))
-    save_pretrained(model, d, tokenizer_dir=d, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    save_base_model(d, texts, 300, max_seq_len=96)
     return d
 
 

@@ -15,11 +15,9 @@ from lmforge.align.reward import (RewardModel, RewardObjective, RewardScorer, lo
                                   pair_scores, save_reward_model)
 from lmforge.chat import ChatFormat
 from lmforge.errors import CheckpointError
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import save_pretrained
-from lmforge.model.transformer import Transformer
 from lmforge.pipeline import load_config, run_stage
-from lmforge.tokenizer import train_tokenizer
+
+from conftest import save_base_model
 
 WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window dragon pepper "
          "castle violin marble island orange falcon meadow harbor engine basket comet desert feather glacier hammer "
@@ -40,13 +38,8 @@ def setup(tmp_path_factory):
     recs = synthetic_pairs()
     data = d / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tok = train_tokenizer([r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs] * 4, vocab_size=400)
     model_dir = d / "base"
-    tok.save(model_dir)
-    torch.manual_seed(0)
-    lm = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                 max_seq_len=64))
-    save_pretrained(lm, model_dir, tokenizer_dir=model_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    tok, lm = save_base_model(model_dir, [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs] * 4, 400)
     return model_dir, data, lm, tok
 
 

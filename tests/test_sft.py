@@ -11,12 +11,11 @@ import torch
 import lmforge.stages.sft  # noqa: F401  (registers the stage)
 from lmforge.data.instruct import builtin_instructions, split_instructions, summary_sentence
 from lmforge.errors import DataError
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import load_pretrained, save_pretrained
-from lmforge.model.transformer import Transformer
+from lmforge.model.hf import load_pretrained
 from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
-from lmforge.tokenizer import train_tokenizer
+
+from conftest import save_base_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -26,13 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on o
 def base_dir(tmp_path_factory):
     recs = builtin_instructions(max_examples=400)
     texts = [m["content"] for r in recs for m in r["messages"]]
-    tok = train_tokenizer(texts, vocab_size=512)
     d = tmp_path_factory.mktemp("base")
-    tok.save(d)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    max_seq_len=128))
-    save_pretrained(model, d, tokenizer_dir=d, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    save_base_model(d, texts, 512, d_model=48, max_seq_len=128)
     return d
 
 

@@ -12,12 +12,11 @@ import lmforge.stages.sft  # noqa: F401  (registers the stages)
 from lmforge.data.instruct import builtin_instructions
 from lmforge.data.shards import load_shard, write_token_shards
 from lmforge.errors import ConfigError
-from lmforge.model.config import ModelConfig
-from lmforge.model.hf import save_pretrained
-from lmforge.model.transformer import Transformer
 from lmforge.pipeline import load_config, run_stage
 from lmforge.stages.sft import CPTConfig, _mix
 from lmforge.tokenizer import train_tokenizer
+
+from conftest import save_base_model
 
 DOMAIN = ["The quokka hops across Rottnest Island at dawn, looking for leaves and shade.",
           "A quokka can climb small trees; quokkas live on Rottnest Island near Perth.",
@@ -31,14 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on o
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpt")
     orig = [" ".join(m["content"] for m in r["messages"]) for r in builtin_instructions(max_examples=300)]
-    tok = train_tokenizer(orig + DOMAIN * 5, vocab_size=400)
-    tok.save(root / "base")
+    tok, _ = save_base_model(root / "base", orig + DOMAIN * 5, 400, d_model=48, n_kv_heads=None)
     tok.save(root / "replay")
     write_token_shards(orig[:250], tok, root / "replay", "train")
     write_token_shards(orig[250:], tok, root / "replay", "val")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=48, n_layers=2, n_heads=4, max_seq_len=64))
-    save_pretrained(model, root / "base", tokenizer_dir=root / "base", bos_id=tok.bos_id, eos_id=tok.eos_id)
     (root / "domain.txt").write_text("\n\n".join(DOMAIN * 40))
     return root
 
