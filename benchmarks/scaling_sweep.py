@@ -11,8 +11,10 @@ results from `fit.json`, and the plot files with their sizes.
 The default grid is 5 sizes (d_model x n_layers, head_dim 32, MHA) x 4 token budgets, 20 runs,
 on the built-in corpus with its own 1,024-token BPE vocabulary (trained once in --base-root;
 the default pipeline's runs/tiny is left alone). Sizes x tokens rather than IsoFLOP because at
-the compute a 2-core CPU affords in minutes (~1e11-1e13 FLOPs) the IsoFLOP minima lie below the
-smallest model worth training, so the parabolas would not bracket them. Vocabulary 1,024 rather
+the compute a 2-core CPU affords in minutes (~1e11-1e13 FLOPs) the compute-optimal models are
+50K-300K parameters (by this sweep's own fit) trained on 1-6M tokens, i.e. 2-10 epochs of the
+608K-token corpus: bracketing the minima would need sizes below 32x2 trained for many epochs,
+where repetition, not the law, shapes the loss. Vocabulary 1,024 rather
 than the pipeline's 4,096: at 4,096 the two smallest sizes are 80% and 71% embedding table, the
 64x2 model ended worse than the 32x2 at every budget and the parametric fit was degenerate (see
 RESULTS.md, "Scaling: the CPU sweep"). Peak LR = the tiny config's 3e-3 at d_model 192 x
