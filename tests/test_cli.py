@@ -25,6 +25,21 @@ def test_subcommand_help(cmd, capsys):
     assert "KEY=VALUE" in capsys.readouterr().out
 
 
+def test_tool_commands_parse_without_torch():
+    # `lmforge scaling cost`, `lmforge tasks ...` build only the torch-free tool parsers; a stage
+    # command (or run/config/status, or top-level help) loads the stage registry, and so torch
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules, rc)")
+    def torch_loaded(*argv):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True).stdout
+        return out.strip().splitlines()[-1]
+    assert torch_loaded("scaling", "cost", "--params", "1e9", "--tokens", "2e10", "--gpu", "H100-SXM") == "TORCH False 0"
+    assert torch_loaded("config", "tiny") == "TORCH True 0"
+
+
 def test_unknown_flag_is_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", "--no-such-flag"])

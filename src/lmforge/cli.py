@@ -156,10 +156,10 @@ def cmd_status(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import ORDER, registered
-
-    stages = registered()
+def build_parser(stages: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; with `stages=False` only the tool commands (scaling, eval, serve,
+    hf, synth), whose modules do not import torch: `lmforge scaling cost ...` then parses in a
+    fraction of a second instead of paying torch's ~2 s import through the stage registry."""
     p = argparse.ArgumentParser(prog="lmforge", description="The LLM training pipeline, from raw text to an "
                                 "evaluated model. Every stage is a subcommand and a step of `lmforge run`.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -169,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  lmforge <command> --help\n")
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    if stages:
+        _add_stage_commands(sub)
+
+    from . import hf_cli
+    from .data import synth
+    from .eval import cli as eval_cli
+    from .scaling import cli as scaling_cli
+    from .serve import cli as serve_cli
+
+    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli):
+        module.add_parser(sub)
+    p.commands = set(sub.choices)
+    return p
+
+
+def _add_stage_commands(sub) -> None:
+    from .pipeline import ORDER, registered
+
+    stages = registered()
 
     r = sub.add_parser("run", help="run the pipeline's stages in order, skipping completed ones",
                        description="Run every stage of the pipeline in order. Stages whose manifest matches "
@@ -197,26 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(func=cmd_status)
 
-    from . import hf_cli
-    from .data import synth
-    from .eval import cli as eval_cli
-    from .scaling import cli as scaling_cli
-    from .serve import cli as serve_cli
-
-    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli):
-        module.add_parser(sub)
-    return p
-
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((x for x in args if not x.startswith("-")), None)
+    parser = build_parser(stages=False)
+    if command not in parser.commands:  # a stage, run/config/status, a typo, or top-level help
+        parser = build_parser()
     # KEY=VALUE overrides may also follow the flags (`lmforge sft --model M sft.lr=1e-4`), which
     # argparse alone refuses once a positional list has been closed by an option
-    a, extra = parser.parse_known_args(argv)
+    a, extra = parser.parse_known_args(args)
     late = [x for x in extra if "=" in x and not x.startswith("-")]
     if extra and (len(late) < len(extra) or not hasattr(a, "args")):
         parser.error("unrecognized arguments: " + " ".join(x for x in extra if x not in late or not hasattr(a, "args")))
