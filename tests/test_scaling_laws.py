@@ -171,16 +171,33 @@ def test_kaplan_power_laws():
     assert "C" in k.laws
 
 
+def lr_search_runs():
+    """isoflop_runs() where every size trains at the best LR 0.3 C^-0.125 and the compute-optimal
+    size also at half and twice it (loss +2% per squared octave off): an LR search per budget."""
+    rows = []
+    for r in isoflop_runs():
+        lr_opt = 0.3 * (6 * r["params"] * r["tokens"]) ** -0.125
+        searched = abs(r["lr"] / lr_opt - 1) < 1e-9  # isoflop_runs marks the optimal size so
+        for f in ((0.5, 1.0, 2.0) if searched else (1.0,)):
+            rows.append({**r, "lr": lr_opt * f, "loss": r["loss"] * (1 + 0.02 * np.log2(f) ** 2)})
+    return rows
+
+
 def test_hparam_laws_from_sweep():
-    rows = isoflop_runs()
+    rows = lr_search_runs()
     table = L.RunTable.from_arrays([r["params"] for r in rows], [r["tokens"] for r in rows],
                                    [r["loss"] for r in rows], lr=[r["lr"] for r in rows])
+    assert len(table) == 4 * (7 + 2)
     hp = L.fit_hparam_laws(table)
     assert set(hp) == {"lr"}
     assert hp["lr"].exponent == pytest.approx(-0.125, abs=0.01)
     # one LR everywhere is not a sweep: no law (it would claim the LR does not scale)
     same = L.RunTable.from_arrays(table.n, table.d, table.loss, lr=[3e-4] * len(table))
     assert L.fit_hparam_laws(same) == {}
+    # nor is an LR set by a width rule (one LR per size): the best run's LR is just the LR of
+    # the best size, and a law fitted to it would restate the rule
+    rule = L.RunTable.from_arrays(table.n, table.d, table.loss, lr=list(0.01 * (1e8 / table.n) ** 0.5))
+    assert L.fit_hparam_laws(rule) == {}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -288,7 +305,7 @@ def test_cli_fit_refuses_bad_tables(tmp_path):
 
 
 def test_cli_fit_writes_fit_json_and_plots(tmp_path, capsys):
-    csv = write_csv(tmp_path / "runs.csv", isoflop_runs())
+    csv = write_csv(tmp_path / "runs.csv", lr_search_runs())
     out = tmp_path / "fit"
     ap = argparse.ArgumentParser(prog="lmforge")
     add_parser(ap.add_subparsers(dest="cmd", required=True))
@@ -298,7 +315,7 @@ def test_cli_fit_writes_fit_json_and_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Approach 3" in text and "IsoFLOP" in text and "lr_opt" in text
     report = json.loads((out / "fit.json").read_text())
-    assert report["n_runs"] == 28
+    assert report["n_runs"] == 36
     assert report["parametric"]["law"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
     assert report["isoflop"]["n_opt"]["exponent"] == pytest.approx(TRUE.a, abs=0.02)
     assert "lr" in report["hparams"]

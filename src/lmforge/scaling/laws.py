@@ -800,8 +800,8 @@ def fit_kaplan(table: RunTable) -> KaplanFit:
 def fit_hparam_laws(table: RunTable, rel_tol: float = 0.25) -> dict[str, PowerLaw]:
     """Power laws of the best run's lr and batch_tokens vs compute, from the user's sweep
     (DeepSeek LLM 2024, arXiv:2401.02954, Sec. 3.1, does the same on its grid).
-    Empty when the table has no lr / batch_tokens columns, never varies them within a
-    compute budget, or has fewer than 2 budgets."""
+    Empty when the table has no lr / batch_tokens columns, never tries two values for one
+    model size at one compute budget, or has fewer than 2 budgets."""
     out = {}
     groups = group_by_compute(table, rel_tol)
     for key in ("lr", "batch_tokens"):
@@ -811,8 +811,13 @@ def fit_hparam_laws(table: RunTable, rel_tol: float = 0.25) -> dict[str, PowerLa
             if cand:
                 best = min(cand, key=lambda i: table.runs[i].loss)
                 pts.append((comp, getattr(table.runs[best], key)))
-                searched |= len({getattr(table.runs[i], key) for i in cand}) > 1
-        # only a sweep that tried several values at some budget says which one is best
+                tried: dict[float, set] = {}
+                for i in cand:
+                    tried.setdefault(table.runs[i].n, set()).add(getattr(table.runs[i], key))
+                searched |= any(len(v) > 1 for v in tried.values())
+        # only a sweep that tried several values for one model at some budget says which is
+        # best; values that differ only between sizes (an LR set by a width rule, as
+        # `scaling sweep` does) would make the "law" restate that rule
         if searched and len({c for c, _ in pts}) >= 2:
             c, v = zip(*pts)
             out[key] = fit_power_law(c, v, f"{key}_opt(C)", "C", key,
