@@ -186,6 +186,21 @@ def test_cli_flops_from_config_yaml(tmp_path, capsys):
     assert rc == 0 and "backward FLOPs / token" in out
 
 
+def test_cli_flops_from_pipeline_config(tmp_path, capsys):
+    # a pipeline YAML (or a shipped pipeline's name): the model its pretrain stage builds, with
+    # the tokenizer's vocabulary and pretrain.seq_len as the context
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text("tokenizer:\n  vocab_size: 1000\npretrain:\n  seq_len: 128\n  model:\n"
+                    "    d_model: 64\n    n_layers: 2\n    n_heads: 2\n")
+    rc, out = run_cli(["flops", str(pipe), "--json"], capsys)
+    expected = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=2, max_seq_len=128)
+    assert rc == 0 and json.loads(out)["per_token"]["n_params"] == expected.param_count()
+    assert json.loads(out)["per_token"]["training"] == pytest.approx(expected.flops_per_token(128))
+    rc, out = run_cli(["flops", "tiny", "--json"], capsys)  # 192 wide, 4 layers, vocab 4096
+    tiny = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256)
+    assert json.loads(out)["per_token"]["n_params"] == tiny.param_count()
+
+
 def test_cli_flops_params_and_errors(tmp_path, capsys):
     rc, out = run_cli(["flops", "--params", "175B", "--tokens", "300B", "--json"], capsys)
     assert json.loads(out)["train_flops"] == pytest.approx(3.15e23)

@@ -118,7 +118,9 @@ def _load_model_config(path: str):
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: no such model config file")
+        if p.suffix or "/" in path:
+            raise ConfigError(f"{path}: no such model config file")
+        return _pipeline_model_config(path)  # a shipped pipeline name, e.g. `tiny`
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix.lower() == ".json":
@@ -129,8 +131,10 @@ def _load_model_config(path: str):
             data = yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError / JSONDecodeError
         raise ConfigError(f"{path}: cannot parse ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("pretrain"), dict):
+        return _pipeline_model_config(path)  # a pipeline config: the model `pretrain` builds
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]  # a pipeline/stage config with a `model:` section
+        data = data["model"]  # a stage config with a `model:` section
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of ModelConfig fields")
     try:
@@ -138,6 +142,18 @@ def _load_model_config(path: str):
     except ValidationError as e:
         errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'model'}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"{path}: invalid model config: {errs}") from None
+
+
+def _pipeline_model_config(path: str):
+    """The model a pipeline config's `pretrain` stage trains: its `pretrain.model` with the
+    tokenizer's vocabulary and `pretrain.seq_len` as the context, as `plan_points` builds it."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.pipeline import load_config
+
+    cfg = load_config(path)
+    pt = cfg.pretrain
+    return ModelConfig(**{**pt.model.model_dump(), "vocab_size": cfg.tokenizer.vocab_size,
+                          "max_seq_len": pt.seq_len})
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -394,7 +410,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    "approximation; with --tokens, the run's total.",
                        epilog=_EPILOG_SOURCES)
     f.add_argument("config", nargs="?", help="model config YAML/JSON (ModelConfig fields, or a "
-                                             "file with a `model:` section)")
+                                             "file with a `model:` section), or a pipeline config "
+                                             "(file or shipped name, e.g. tiny): the model its "
+                                             "pretrain stage builds")
     f.add_argument("--params", type=_quantity, metavar="N",
                    help="parameter count instead of a config (e.g. 175B): 6N per token")
     f.add_argument("--n-layers", type=int, help="with --params: depth, adds the attention term")
