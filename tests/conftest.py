@@ -55,6 +55,58 @@ def save_base_model(d, texts, vocab_size, *, seed=0, **model):
     return tok, model
 
 
+PAIR_WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window "
+              "dragon pepper castle violin marble island orange falcon meadow harbor engine basket comet "
+              "desert feather glacier hammer jungle kettle ladder mirror needle oyster pillow quartz saddle "
+              "temple valley walnut yogurt zebra anchor").split()
+
+
+def synthetic_pairs(words=PAIR_WORDS) -> list[dict]:
+    """Chosen: a friendly sentence; rejected: a rude one a token shorter -- so an untrained model
+    (which prefers fewer tokens) starts below chance and learning the preference is easy to see."""
+    return [{"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.",
+             "rejected": f"The {w} bad."} for w in words]
+
+
+def save_pairs_and_base(d):
+    """`d/prefs.jsonl` of `synthetic_pairs()` and a base model in `d/base` whose tokenizer was
+    trained on them: what the reward and align stage tests start from. Returns (model_dir,
+    data, tokenizer, model)."""
+    import json
+
+    recs = synthetic_pairs()
+    data = d / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok, model = save_base_model(d / "base", [r["prompt"] + " " + r["chosen"] + " " + r["rejected"]
+                                               for r in recs] * 4, 400)
+    return d / "base", data, tok, model
+
+
+class TokenRows:
+    """A deterministic stateful iterator of random (input, target) token batches over a 50-token
+    vocabulary; batch i depends on (seed, i) alone, and `state_dict` resumes it exactly."""
+
+    def __init__(self, batch=2, seed=0):
+        self.batch, self.seed, self.i = batch, seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.i)
+        self.i += 1
+        x = torch.randint(0, 50, (self.batch, 9), generator=g)
+        return x[:, :-1], x[:, 1:]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]
+
+
 def tiny_args(root, name="t", *extra):
     return ["tiny", f"run.root={root}", f"run.name={name}", *TINY, *extra]
 

@@ -19,32 +19,14 @@ from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
 
-from conftest import save_base_model
-
-WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window dragon pepper "
-         "castle violin marble island orange falcon meadow harbor engine basket comet desert feather glacier hammer "
-         "jungle kettle ladder mirror needle oyster pillow quartz saddle temple valley walnut yogurt zebra anchor").split()
-
-
-def synthetic_pairs(words=WORDS) -> list[dict]:
-    """Chosen: a friendly sentence; rejected: a rude one a token shorter -- so an untrained model
-    (which prefers fewer tokens) starts below chance and learning the preference is easy to see."""
-    return [{"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.",
-             "rejected": f"The {w} bad."} for w in words]
-
+from conftest import save_pairs_and_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("align")
-    recs = synthetic_pairs()
-    data = d / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    texts = [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs]
-    model_dir = d / "base"
-    save_base_model(model_dir, texts * 4, 400)
+    model_dir, data, _, _ = save_pairs_and_base(tmp_path_factory.mktemp("align"))
     return model_dir, data
 
 

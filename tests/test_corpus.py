@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.builtin import harvest_builtin_corpus, split_train_val
+from lmforge.data.builtin import harvest_builtin_corpus, split_by_key, split_train_val
 from lmforge.data.readers import Document, ReadStats, format_read_stats, iter_documents
 from lmforge.errors import ConfigError, DataError
 
@@ -101,6 +101,15 @@ def test_split_small_inputs_never_empty():
     assert split_train_val(["only"], 0.5, seed=0)[0] + split_train_val(["only"], 0.5, seed=0)[1] == ["only"]
     with pytest.raises(ConfigError, match="val_fraction"):
         split_train_val(["a", "b"], 0.0, seed=0)
+
+
+def test_split_by_key_follows_the_keys():
+    keys = [f"record {i}" for i in range(40)] + ["record 3"]  # a duplicate key
+    items = [{"i": i} for i in range(len(keys))]
+    train, val = split_by_key(items, keys, 0.25, seed=7)
+    key_train, key_val = split_train_val(keys, 0.25, seed=7)
+    assert [keys[x["i"]] for x in train] == key_train and [keys[x["i"]] for x in val] == key_val
+    assert (items[3] in val) == (items[40] in val)  # equal keys land on the same side
 
 
 # ----------------------------------------------------------------------------- readers

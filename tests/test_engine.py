@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_args
+from conftest import TokenRows, tiny_args
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
 from lmforge.model import ModelConfig, Transformer
@@ -86,28 +86,6 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         verify_checkpoint(path)
 
 
-class _Rows:
-    """A deterministic stateful iterator of random token batches."""
-
-    def __init__(self, batch, seed=0):
-        self.batch, self.seed, self.i = batch, seed, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        g = torch.Generator().manual_seed(self.seed * 1000 + self.i)
-        self.i += 1
-        x = torch.randint(0, 50, (self.batch, 9), generator=g)
-        return x[:, :-1], x[:, 1:]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = s["i"]
-
-
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     class Poisoned:
         def __init__(self):
@@ -123,7 +101,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
             return self.inner.count(batch)
 
     cfg = TrainConfig(max_steps=20, batch_size=2, checkpoint_every=1, max_bad_steps=3, warmup_steps=0)
-    tr = Trainer(_small_model(), Poisoned(), _Rows(2), cfg, tmp_path, device=torch.device("cpu"), log=lambda s: None)
+    tr = Trainer(_small_model(), Poisoned(), TokenRows(2), cfg, tmp_path, device=torch.device("cpu"), log=lambda s: None)
     with pytest.raises(TrainingStopped, match="3 consecutive non-finite losses at step 2"):
         tr.fit()
     assert (tmp_path / "checkpoints" / "step_00000002").exists()
@@ -136,7 +114,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         cfg = TrainConfig(max_steps=3, batch_size=batch, grad_accum=accum, warmup_steps=0, lr=1e-2,
                           checkpoint_every=0, eval_every=0)
 
-        class Big(_Rows):  # the same 8 rows per step however they are split
+        class Big(TokenRows):  # the same 8 rows per step however they are split
             def __next__(self):
                 step, part = divmod(self.i, accum)
                 g = torch.Generator().manual_seed(step)
@@ -155,7 +133,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
-    class Signalling(_Rows):
+    class Signalling(TokenRows):
         def __next__(self):
             if self.i == 4:
                 os.kill(os.getpid(), signal.SIGTERM)

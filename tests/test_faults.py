@@ -9,7 +9,6 @@ import errno
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_args
+from conftest import TokenRows as Rows, tiny_args
 from lmforge.errors import StorageError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes, read_manifest, remove_stale_temps, storage_error
@@ -36,28 +34,6 @@ TESTS = str(Path(__file__).resolve().parent)
 def _model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
-
-
-class Rows:
-    """Deterministic stateful batches; batch i is a function of i alone."""
-
-    def __init__(self, batch: int = 2):
-        self.batch, self.i = batch, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        g = torch.Generator().manual_seed(self.i)
-        self.i += 1
-        x = torch.randint(0, 50, (self.batch, 9), generator=g)
-        return x[:, :-1], x[:, 1:]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, s):
-        self.i = s["i"]
 
 
 class Faulty:

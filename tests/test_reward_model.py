@@ -17,29 +17,14 @@ from lmforge.chat import ChatFormat
 from lmforge.errors import CheckpointError
 from lmforge.pipeline import load_config, run_stage
 
-from conftest import save_base_model
-
-WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window dragon pepper "
-         "castle violin marble island orange falcon meadow harbor engine basket comet desert feather glacier hammer "
-         "jungle kettle ladder mirror needle oyster pillow quartz saddle temple valley walnut yogurt zebra anchor").split()
-
-
-def synthetic_pairs() -> list[dict]:
-    return [{"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.", "rejected": f"The {w} bad."}
-            for w in WORDS]
-
+from conftest import save_pairs_and_base, synthetic_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reward")
-    recs = synthetic_pairs()
-    data = d / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    model_dir = d / "base"
-    tok, lm = save_base_model(model_dir, [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs] * 4, 400)
+    model_dir, data, tok, lm = save_pairs_and_base(tmp_path_factory.mktemp("reward"))
     return model_dir, data, lm, tok
 
 

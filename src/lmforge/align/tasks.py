@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..chat import CHAT_ROLES
-from ..data.builtin import split_train_val
+from ..data.builtin import split_by_key, split_train_val
 from ..errors import DataError
 
 BUILTIN_SOURCES = ("builtin", "arithmetic")
@@ -200,10 +200,8 @@ def _source(src: str, split: str, val_fraction: float, seed: int) -> list[Prompt
     recs = question_prompts() if src == "questions" else read_prompt_file(src)
     if split == "all":
         return recs
-    keys = [json.dumps([r.messages, r.answer]) for r in recs]
-    _, va = split_train_val(keys, val_fraction, seed)
-    va_set = set(va)
-    return [r for r, k in zip(recs, keys) if (k in va_set) == (split == "val")]
+    train, val = split_by_key(recs, [json.dumps([r.messages, r.answer]) for r in recs], val_fraction, seed)
+    return val if split == "val" else train
 
 
 def load_prompt_sets(data: Sequence[str], val_data: Sequence[str] | None, val_fraction: float,

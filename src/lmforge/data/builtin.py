@@ -148,6 +148,16 @@ def split_train_val(docs: Sequence[T], val_fraction: float, seed: int) -> tuple[
     return train, val
 
 
+def split_by_key(items: Sequence[T], keys: Sequence[str], val_fraction: float,
+                 seed: int) -> tuple[list[T], list[T]]:
+    """`split_train_val` for any items: each goes to the side its key (e.g. the record's JSON)
+    hashes to, so items with equal keys land together. Input order is kept."""
+    _, va = split_train_val(list(keys), val_fraction, seed)
+    va_set = set(va)
+    return ([x for x, k in zip(items, keys) if k not in va_set],
+            [x for x, k in zip(items, keys) if k in va_set])
+
+
 def _text_of(doc: object) -> str:
     return doc if isinstance(doc, str) else doc.text  # type: ignore[attr-defined]
 

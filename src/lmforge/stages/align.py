@@ -34,7 +34,7 @@ from ..align.preference import PairLoader, PairStats, encode_pairs, load_prefere
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
 from ..align.reward import RewardModel, RewardObjective, evaluate_reward, save_reward_model
 from ..chat import ChatFormat
-from ..data.builtin import split_train_val
+from ..data.builtin import split_by_key
 from ..errors import ConfigError, LMForgeError
 from ..eval.stats import wilson
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
@@ -75,10 +75,7 @@ def prepare_pairs(ctx: StageContext, cfg, fmt: ChatFormat, seq_len: int):
         train_recs, val_recs = records, load_preference_records(cfg.val_data)
     else:  # a record's side depends only on its content and the seed: reward and align agree
         keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
-        _, va = split_train_val(keys, cfg.val_fraction, ctx.seed)
-        va_set = set(va)
-        train_recs = [wr for wr, k in zip(records, keys) if k not in va_set]
-        val_recs = [wr for wr, k in zip(records, keys) if k in va_set]
+        train_recs, val_recs = split_by_key(records, keys, cfg.val_fraction, ctx.seed)
     if cfg.max_examples:
         train_recs = train_recs[: cfg.max_examples]
     kw = dict(max_prompt_len=cfg.max_prompt_len, truncation=cfg.truncation)

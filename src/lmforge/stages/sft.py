@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 
 from ..chat import ChatFormat, EncodeStats, RowLoader, SFTObjective, assistant_loss, encode_records, example_row, \
     pack, read_jsonl_records, record_to_messages
-from ..data.builtin import split_train_val
+from ..data.builtin import split_by_key, split_train_val
 from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
 from ..model.generate import SamplingParams, generate
@@ -141,10 +141,7 @@ def sft_stage(ctx: StageContext) -> dict:
         train_recs, val_recs = records, load_records(cfg.val_data)
     else:  # a hashed split: a record's side depends only on its own content and the seed
         keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
-        _, va = split_train_val(keys, cfg.val_fraction, ctx.seed)
-        va_set = set(va)
-        train_recs = [wr for wr, k in zip(records, keys) if k not in va_set]
-        val_recs = [wr for wr, k in zip(records, keys) if k in va_set]
+        train_recs, val_recs = split_by_key(records, keys, cfg.val_fraction, ctx.seed)
     if cfg.max_examples:
         train_recs = train_recs[: cfg.max_examples]
     on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
