@@ -145,15 +145,11 @@ def _load_model_config(path: str):
 
 
 def _pipeline_model_config(path: str):
-    """The model a pipeline config's `pretrain` stage trains: its `pretrain.model` with the
-    tokenizer's vocabulary and `pretrain.seq_len` as the context, as `plan_points` builds it."""
-    from lmforge.model.config import ModelConfig
+    """The model a pipeline config's `pretrain` stage trains (with the configured vocabulary)."""
     from lmforge.pipeline import load_config
 
     cfg = load_config(path)
-    pt = cfg.pretrain
-    return ModelConfig(**{**pt.model.model_dump(), "vocab_size": cfg.tokenizer.vocab_size,
-                          "max_seq_len": pt.seq_len})
+    return cfg.pretrain.shape_for(cfg.tokenizer.vocab_size)
 
 
 def cmd_flops(args: argparse.Namespace) -> int:

@@ -30,6 +30,11 @@ class PretrainConfig(TrainConfig):
     init_from: str | None = Field(None, description="start from this model folder (continued pretraining)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU logging")
 
+    def shape_for(self, vocab_size: int) -> ModelConfig:
+        """The shape trained from scratch: `model` with the tokenizer's vocabulary and seq_len."""
+        return ModelConfig.model_validate({**self.model.model_dump(), "vocab_size": vocab_size,
+                                           "max_seq_len": self.seq_len})
+
 
 def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed: int) -> Transformer:
     if cfg.init_from:
@@ -38,8 +43,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed
             from ..errors import ConfigError
             raise ConfigError(f"pretrain.init_from: model vocab {model.cfg.vocab_size} < tokenizer vocab {vocab_size}")
         return model.train()
-    mcfg = cfg.model.model_copy(update={"vocab_size": vocab_size, "max_seq_len": cfg.seq_len})
-    mcfg = ModelConfig.model_validate(mcfg.model_dump())
+    mcfg = cfg.shape_for(vocab_size)
     torch.manual_seed(seed)
     return Transformer(mcfg).to(device)
 
