@@ -54,7 +54,9 @@ def run(stage: str, root: Path, name: str, overrides: list[str], threads: int):
     return o, cmd, round(time.time() - t, 1), round(cpu_s() - c, 1)
 
 
-def length_baselines(data: Path, val_fraction: float, seed: int, max_prompt_len: int, seq_len: int, model: Path):
+def length_baselines(
+    data: Path, val_fraction: float, seed: int, max_prompt_len: int, seq_len: int, model: Path
+):
     """Accuracy of 'prefer the shorter answer' and 'prefer the longer answer' on the held-out pairs."""
     from lmforge.align.preference import encode_pairs, load_preference_records
     from lmforge.chat import ChatFormat
@@ -71,7 +73,9 @@ def length_baselines(data: Path, val_fraction: float, seed: int, max_prompt_len:
     return {"pairs": n, "prefer_shorter": shorter / n, "prefer_longer": 1 - shorter / n}
 
 
-def per_kind(model_before: Path, model_after: Path, max_examples: int, val_fraction: float, seed: int, seq_len: int):
+def per_kind(
+    model_before: Path, model_after: Path, max_examples: int, val_fraction: float, seed: int, seq_len: int
+):
     """Held-out accuracy before/after for each kind of rejected answer: summed log-probs (`before`,
     `after`) and per-token mean log-probs (`before_norm`, `after_norm`)."""
     import torch
@@ -126,24 +130,64 @@ def main() -> int:
 
     torch.set_num_threads(a.threads)
     seed = [f"run.seed={a.seed}"]
-    res: dict = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {a.threads}",
-                 "python": sys.version.split()[0], "torch": torch.__version__, "model": str(a.model)}
+    res: dict = {
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {a.threads}",
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "model": str(a.model),
+    }
 
     # 1. reward model on HH-RLHF
-    hh_common = [f"reward.data={a.hh}", "reward.max_examples=null", "reward.val_fraction=0.2", "reward.max_val_examples=1000",
-                 "reward.seq_len=256", "reward.max_prompt_len=160", "reward.batch_size=8"]
+    hh_common = [
+        f"reward.data={a.hh}",
+        "reward.max_examples=null",
+        "reward.val_fraction=0.2",
+        "reward.max_val_examples=1000",
+        "reward.seq_len=256",
+        "reward.max_prompt_len=160",
+        "reward.batch_size=8",
+    ]
     if a.hh.exists():
-        o, cmd, wall, cpu = run("reward", a.root, "rm-hh", seed + [f"reward.model={a.model}", *hh_common,
-                                f"reward.max_steps={a.rm_steps}", "reward.lr=3e-4", "reward.warmup_steps=10",
-                                "reward.checkpoint_every=0"], a.threads)
+        o, cmd, wall, cpu = run(
+            "reward",
+            a.root,
+            "rm-hh",
+            seed
+            + [
+                f"reward.model={a.model}",
+                *hh_common,
+                f"reward.max_steps={a.rm_steps}",
+                "reward.lr=3e-4",
+                "reward.warmup_steps=10",
+                "reward.checkpoint_every=0",
+            ],
+            a.threads,
+        )
         m = o.metrics
-        res["reward_hh"] = {"command": cmd, "wall_s": wall, "cpu_s": cpu,
-                            **{k: m.get(k) for k in ("val_pairs", "train_pairs", "val_accuracy_before",
-                                                     "val_accuracy_after", "val_accuracy_ci_low",
-                                                     "val_accuracy_ci_high", "val_margin_after", "val_loss_after",
-                                                     "train_dropped", "train_dropped_empty_completion",
-                                                     "train_dropped_identical", "train_truncated", "val_dropped")},
-                            "baselines": length_baselines(a.hh, 0.2, a.seed, 160, 256, a.model)}
+        res["reward_hh"] = {
+            "command": cmd,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            **{
+                k: m.get(k)
+                for k in (
+                    "val_pairs",
+                    "train_pairs",
+                    "val_accuracy_before",
+                    "val_accuracy_after",
+                    "val_accuracy_ci_low",
+                    "val_accuracy_ci_high",
+                    "val_margin_after",
+                    "val_loss_after",
+                    "train_dropped",
+                    "train_dropped_empty_completion",
+                    "train_dropped_identical",
+                    "train_truncated",
+                    "val_dropped",
+                )
+            },
+            "baselines": length_baselines(a.hh, 0.2, a.seed, 160, 256, a.model),
+        }
         print(json.dumps(res["reward_hh"], indent=1), flush=True)
     else:
         print(f"{a.hh}: not found; skipping the HH reward model")
@@ -151,27 +195,53 @@ def main() -> int:
     # 2. DPO / IPO / ORPO on the built-in preference set
     res["builtin"] = {}
     for method in a.methods.split(","):
-        ov = seed + [f"align.model={a.model}", f"align.method={method}", f"align.max_steps={a.pref_steps}",
-                     f"align.max_examples={a.pref_examples}", "align.batch_size=8", "align.seq_len=256",
-                     "align.checkpoint_every=0", *PREF_METHODS[method]]
+        ov = seed + [
+            f"align.model={a.model}",
+            f"align.method={method}",
+            f"align.max_steps={a.pref_steps}",
+            f"align.max_examples={a.pref_examples}",
+            "align.batch_size=8",
+            "align.seq_len=256",
+            "align.checkpoint_every=0",
+            *PREF_METHODS[method],
+        ]
         o, cmd, wall, cpu = run("align", a.root, f"pref-{method}", ov, a.threads)
         m = o.metrics
-        row = {"command": cmd, "wall_s": wall, "cpu_s": cpu,
-               **{k: m.get(k) for k in m if k.startswith("val_") or k in ("steps", "train_pairs")}}
+        row = {
+            "command": cmd,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            **{k: m.get(k) for k in m if k.startswith("val_") or k in ("steps", "train_pairs")},
+        }
         row["per_kind"] = per_kind(a.model, o.dir / "model", a.pref_examples, 0.1, a.seed, 256)
         res["builtin"][method] = row
         print(json.dumps(row, indent=1), flush=True)
 
     # 3. DPO on HH
     if a.hh_dpo and a.hh.exists():
-        ov = seed + [f"align.model={a.model}", "align.method=dpo", f"align.data={a.hh}", "align.max_examples=null", "align.val_fraction=0.2",
-                     "align.max_val_examples=1000", "align.seq_len=256", "align.max_prompt_len=160",
-                     f"align.max_steps={a.hh_dpo_steps}", "align.batch_size=8", "align.lr=2e-4", "align.beta=0.1",
-                     "align.checkpoint_every=0"]
+        ov = seed + [
+            f"align.model={a.model}",
+            "align.method=dpo",
+            f"align.data={a.hh}",
+            "align.max_examples=null",
+            "align.val_fraction=0.2",
+            "align.max_val_examples=1000",
+            "align.seq_len=256",
+            "align.max_prompt_len=160",
+            f"align.max_steps={a.hh_dpo_steps}",
+            "align.batch_size=8",
+            "align.lr=2e-4",
+            "align.beta=0.1",
+            "align.checkpoint_every=0",
+        ]
         o, cmd, wall, cpu = run("align", a.root, "dpo-hh", ov, a.threads)
         m = o.metrics
-        res["dpo_hh"] = {"command": cmd, "wall_s": wall, "cpu_s": cpu,
-                         **{k: m.get(k) for k in m if k.startswith("val_") or k in ("steps", "train_pairs")}}
+        res["dpo_hh"] = {
+            "command": cmd,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            **{k: m.get(k) for k in m if k.startswith("val_") or k in ("steps", "train_pairs")},
+        }
         print(json.dumps(res["dpo_hh"], indent=1), flush=True)
 
     if a.json:

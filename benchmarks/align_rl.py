@@ -71,40 +71,79 @@ def main() -> None:
     from lmforge.align.tasks import arithmetic_sft_records, arithmetic_split
 
     # 1. pretrain (cached by the pipeline when already done with the same settings)
-    t_pre = lmforge(["run", "--only", "data,tokenizer,pretrain", *common, f"pretrain.max_steps={a.pretrain_steps}"], log)
+    t_pre = lmforge(
+        ["run", "--only", "data,tokenizer,pretrain", *common, f"pretrain.max_steps={a.pretrain_steps}"], log
+    )
     # 2. SFT on arithmetic worked answers
     train, _ = arithmetic_split()
     sft_file = root / "arithmetic_sft.jsonl"
     sft_file.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_sft_records(train)))
-    sft_args = ["sft", *common, f"sft.data=[{sft_file}]",
-                f"sft.max_steps={a.sft_steps}", "sft.num_samples=0"]
+    sft_args = ["sft", *common, f"sft.data=[{sft_file}]", f"sft.max_steps={a.sft_steps}", "sft.num_samples=0"]
     t_sft = lmforge(sft_args, log)
     # 3. GRPO
     # explicit start model: a stale align/ (later in the pipeline order) must not be picked up
-    grpo_args = ["rl", *common, f"rl.model={run / 'sft' / 'model'}", "rl.method=grpo", f"rl.max_steps={a.grpo_steps}",
-                 "rl.lr=2e-5", "rl.batch_size=32", "rl.grpo.group_size=8", "rl.grpo.max_new_tokens=24",
-                 "rl.eval_every=10", "rl.max_val_examples=199", "rl.log_every=10"]
+    grpo_args = [
+        "rl",
+        *common,
+        f"rl.model={run / 'sft' / 'model'}",
+        "rl.method=grpo",
+        f"rl.max_steps={a.grpo_steps}",
+        "rl.lr=2e-5",
+        "rl.batch_size=32",
+        "rl.grpo.group_size=8",
+        "rl.grpo.max_new_tokens=24",
+        "rl.eval_every=10",
+        "rl.max_val_examples=199",
+        "rl.log_every=10",
+    ]
     t_grpo = lmforge(grpo_args, log)
     g = manifest(run, "rl")["metrics"]
 
-    say(f"Machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, CPU only, "
-        f"2 shared cores (other jobs running: wall times are upper bounds). Date: 2026-11-22.\n")
-    say("Base: the default tiny model (d_model 192, 4 layers, 2.4M parameters) pretrained "
+    say(
+        f"Machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, CPU only, "
+        f"2 shared cores (other jobs running: wall times are upper bounds). Date: 2026-11-22.\n"
+    )
+    say(
+        "Base: the default tiny model (d_model 192, 4 layers, 2.4M parameters) pretrained "
         f"{a.pretrain_steps} steps ({t_pre:.0f} s with data and tokenizer), then SFT {a.sft_steps} steps on the 1,801 built-in arithmetic train "
-        f"problems with worked answers ({t_sft:.0f} s).\n")
+        f"problems with worked answers ({t_sft:.0f} s).\n"
+    )
     say("### GRPO on built-in arithmetic (exact-match reward)\n")
-    say("```\npython benchmarks/align_rl.py " + " ".join(sys.argv[1:]) + "\nlmforge " + " ".join(grpo_args) + "\n```\n")
-    say(f"Held-out exact-match accuracy (greedy, {g['val_prompts']} held-out problems), every 10 steps "
-        f"(rollout: 4 prompts x 8 samples per step, {a.grpo_steps} steps, {t_grpo:.0f} s):\n")
+    say(
+        "```\npython benchmarks/align_rl.py "
+        + " ".join(sys.argv[1:])
+        + "\nlmforge "
+        + " ".join(grpo_args)
+        + "\n```\n"
+    )
+    say(
+        f"Held-out exact-match accuracy (greedy, {g['val_prompts']} held-out problems), every 10 steps "
+        f"(rollout: 4 prompts x 8 samples per step, {a.grpo_steps} steps, {t_grpo:.0f} s):\n"
+    )
     say("| step | " + " | ".join(str(c["step"]) for c in [{"step": 0}] + g.get("eval_curve", [])) + " |")
     say("|---|" + "---:|" * (1 + len(g.get("eval_curve", []))))
-    say("| accuracy (greedy) | " + " | ".join(f"{x:.3f}" for x in [g["accuracy_before"]] +
-                                              [c.get("accuracy", float("nan")) for c in g.get("eval_curve", [])]) + " |")
-    say("| accuracy (1 sample, T=1) | " + " | ".join(
-        f"{x:.3f}" for x in [g["sampled_accuracy_before"]] +
-        [c.get("sampled_accuracy", float("nan")) for c in g.get("eval_curve", [])]) + " |\n")
-    say(f"Accuracy {g['accuracy_before']:.3f} -> {g['accuracy_after']:.3f}; share of zero-variance groups over the "
-        f"run {g.get('zero_std_group_frac', 0):.2f}; {g['failed_reward_samples']} failed reward samples.\n")
+    say(
+        "| accuracy (greedy) | "
+        + " | ".join(
+            f"{x:.3f}"
+            for x in [g["accuracy_before"]]
+            + [c.get("accuracy", float("nan")) for c in g.get("eval_curve", [])]
+        )
+        + " |"
+    )
+    say(
+        "| accuracy (1 sample, T=1) | "
+        + " | ".join(
+            f"{x:.3f}"
+            for x in [g["sampled_accuracy_before"]]
+            + [c.get("sampled_accuracy", float("nan")) for c in g.get("eval_curve", [])]
+        )
+        + " |\n"
+    )
+    say(
+        f"Accuracy {g['accuracy_before']:.3f} -> {g['accuracy_after']:.3f}; share of zero-variance groups over the "
+        f"run {g.get('zero_std_group_frac', 0):.2f}; {g['failed_reward_samples']} failed reward samples.\n"
+    )
 
     if not a.skip_ppo:
         # 4. reward model + PPO on its prompts
@@ -116,28 +155,53 @@ def main() -> None:
         rm = manifest(run, "reward")["metrics"]
         # PPO through the align stage (align.method=ppo hands over to the same RL code), so the
         # GRPO result in rl/ stays; both start from sft/model
-        ppo_args = ["align", *common, f"align.model={run / 'sft' / 'model'}", "align.method=ppo", f"align.data=[{prompts}]", "align.max_val_examples=64",
-                    f"align.max_steps={a.ppo_steps}", "align.batch_size=16", "align.lr=2e-5", "align.warmup_steps=0",
-                    "align.ppo.epochs=2", "align.ppo.max_new_tokens=24", "align.ppo.adaptive_kl=true",
-                    "align.ppo.kl_coef=0.1", "align.ppo.target_kl=2.0", "align.ppo.kl_horizon=200",
-                    "align.eval_every=6", "align.log_every=6"]
+        ppo_args = [
+            "align",
+            *common,
+            f"align.model={run / 'sft' / 'model'}",
+            "align.method=ppo",
+            f"align.data=[{prompts}]",
+            "align.max_val_examples=64",
+            f"align.max_steps={a.ppo_steps}",
+            "align.batch_size=16",
+            "align.lr=2e-5",
+            "align.warmup_steps=0",
+            "align.ppo.epochs=2",
+            "align.ppo.max_new_tokens=24",
+            "align.ppo.adaptive_kl=true",
+            "align.ppo.kl_coef=0.1",
+            "align.ppo.target_kl=2.0",
+            "align.ppo.kl_horizon=200",
+            "align.eval_every=6",
+            "align.log_every=6",
+        ]
         t_ppo = lmforge(ppo_args, log)
         p = manifest(run, "align")["metrics"]
         say("### PPO against the reward model\n")
         say("```\nlmforge " + " ".join(rm_args) + "\nlmforge " + " ".join(ppo_args) + "\n```\n")
-        say(f"Reward model: `lmforge reward` on the built-in preference pairs ({a.reward_steps} steps, {t_rm:.0f} s), "
-            f"held-out pair accuracy {rm.get('val_accuracy_before', float('nan')):.3f} -> {rm.get('val_accuracy_after', float('nan')):.3f} ({rm.get('val_pairs')} pairs).\n")
+        say(
+            f"Reward model: `lmforge reward` on the built-in preference pairs ({a.reward_steps} steps, {t_rm:.0f} s), "
+            f"held-out pair accuracy {rm.get('val_accuracy_before', float('nan')):.3f} -> {rm.get('val_accuracy_after', float('nan')):.3f} ({rm.get('val_pairs')} pairs).\n"
+        )
         curve = p.get("eval_curve", [])
-        say(f"PPO: {a.ppo_steps} steps (16 prompts per rollout, 2 epochs), adaptive KL towards target_kl = "
+        say(
+            f"PPO: {a.ppo_steps} steps (16 prompts per rollout, 2 epochs), adaptive KL towards target_kl = "
             f"{p['kl_target']} nats, {t_ppo:.0f} s. Held-out ({p['val_prompts']} prompts): mean reward-model score "
-            f"of greedy answers, and KL(policy || reference) of sampled answers (nats per answer):\n")
+            f"of greedy answers, and KL(policy || reference) of sampled answers (nats per answer):\n"
+        )
         say("| step | " + " | ".join(str(c["step"]) for c in [{"step": 0}] + curve) + " |")
         say("|---|" + "---:|" * (1 + len(curve)))
-        say("| mean RM score | " + " | ".join(f"{x:.3f}" for x in [p["reward_before"]] + [c["reward"] for c in curve]) + " |")
+        say(
+            "| mean RM score | "
+            + " | ".join(f"{x:.3f}" for x in [p["reward_before"]] + [c["reward"] for c in curve])
+            + " |"
+        )
         say("| KL | " + " | ".join(f"{x:.3f}" for x in [p["kl_before"]] + [c["kl"] for c in curve]) + " |\n")
-        say(f"Score {p['reward_before']:.3f} -> {p['reward_after']:.3f}; KL {p['kl_after']:.3f} vs bound "
+        say(
+            f"Score {p['reward_before']:.3f} -> {p['reward_after']:.3f}; KL {p['kl_after']:.3f} vs bound "
             f"{p['kl_target']} ({'under' if p['kl_after'] <= p['kl_target'] else 'OVER'}); final kl_coef "
-            f"{p['kl_coef_final']:.4f}.\n")
+            f"{p['kl_coef_final']:.4f}.\n"
+        )
     print("\n".join(out))
 
 

@@ -76,22 +76,59 @@ from pathlib import Path
 RUN_NAME = "tiny"
 # The default pipeline, shrunk: same stages and code paths, minutes instead of tens of minutes.
 SHRINK = [
-    "run.device=cpu", "run.threads=1", "data.max_docs=300", "tokenizer.vocab_size=512",
-    "pretrain.model.d_model=32", "pretrain.model.n_layers=2", "pretrain.model.n_heads=4",
-    "pretrain.model.n_kv_heads=2", "pretrain.seq_len=64", "pretrain.batch_size=8", "pretrain.max_steps=40",
-    "pretrain.warmup_steps=4", "pretrain.eval_every=20", "pretrain.eval_tokens=2048",
-    "pretrain.checkpoint_every=10", "pretrain.log_every=5",
-    "sft.max_steps=10", "sft.batch_size=4", "sft.max_examples=64", "sft.max_val_examples=8",
-    "sft.num_samples=1", "sft.checkpoint_every=5", "eval.max_tokens=4096", "sample.max_new_tokens=8",
+    "run.device=cpu",
+    "run.threads=1",
+    "data.max_docs=300",
+    "tokenizer.vocab_size=512",
+    "pretrain.model.d_model=32",
+    "pretrain.model.n_layers=2",
+    "pretrain.model.n_heads=4",
+    "pretrain.model.n_kv_heads=2",
+    "pretrain.seq_len=64",
+    "pretrain.batch_size=8",
+    "pretrain.max_steps=40",
+    "pretrain.warmup_steps=4",
+    "pretrain.eval_every=20",
+    "pretrain.eval_tokens=2048",
+    "pretrain.checkpoint_every=10",
+    "pretrain.log_every=5",
+    "sft.max_steps=10",
+    "sft.batch_size=4",
+    "sft.max_examples=64",
+    "sft.max_val_examples=8",
+    "sft.num_samples=1",
+    "sft.checkpoint_every=5",
+    "eval.max_tokens=4096",
+    "sample.max_new_tokens=8",
 ]
 # Applied only when the pipeline has these stages (they arrived after the harness).
 SHRINK_IF_PRESENT = {
-    "reward": ["reward.max_examples=200", "reward.max_val_examples=32", "reward.max_steps=10", "reward.batch_size=4",
-               "reward.seq_len=64", "reward.checkpoint_every=5"],
-    "align": ["align.max_examples=200", "align.max_val_examples=32", "align.max_steps=10", "align.batch_size=4",
-              "align.seq_len=64", "align.checkpoint_every=5"],
-    "rl": ["rl.max_steps=4", "rl.batch_size=8", "rl.grpo.max_new_tokens=8", "rl.ppo.max_new_tokens=8",
-           "rl.max_examples=64", "rl.max_val_examples=8", "rl.checkpoint_every=2", "rl.eval_every=0"],
+    "reward": [
+        "reward.max_examples=200",
+        "reward.max_val_examples=32",
+        "reward.max_steps=10",
+        "reward.batch_size=4",
+        "reward.seq_len=64",
+        "reward.checkpoint_every=5",
+    ],
+    "align": [
+        "align.max_examples=200",
+        "align.max_val_examples=32",
+        "align.max_steps=10",
+        "align.batch_size=4",
+        "align.seq_len=64",
+        "align.checkpoint_every=5",
+    ],
+    "rl": [
+        "rl.max_steps=4",
+        "rl.batch_size=8",
+        "rl.grpo.max_new_tokens=8",
+        "rl.ppo.max_new_tokens=8",
+        "rl.max_examples=64",
+        "rl.max_val_examples=8",
+        "rl.checkpoint_every=2",
+        "rl.eval_every=0",
+    ],
 }
 TIMING_KEYS = {"seconds", "started_at", "elapsed_s", "tokens_per_s", "tflops", "mfu", "requests_per_s"}
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time_s", "_wall_s")
@@ -102,7 +139,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- running
 def command(root: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lmforge.cli", "run", "tiny", f"run.root={root}", f"run.name={RUN_NAME}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "run",
+        "tiny",
+        f"run.root={root}",
+        f"run.name={RUN_NAME}",
+        *overrides,
+    ]
 
 
 def _env(**extra: str) -> dict:
@@ -165,10 +211,10 @@ def _poll_windows(run_dir: Path, windows: dict, now: float) -> None:
 
 @dataclass
 class Kill:
-    mode: str              # time | write | sigint | sigterm
-    stage: str             # the stage aimed at
+    mode: str  # time | write | sigint | sigterm
+    stage: str  # the stage aimed at
     fraction: float = 0.0  # time/signal: share of the stage's reference duration to wait
-    point: str = ""        # write: LMFORGE_FAULT value
+    point: str = ""  # write: LMFORGE_FAULT value
     # filled in by the attempt
     rc: int | None = None
     landed_in: str = ""
@@ -177,8 +223,9 @@ class Kill:
     stop_problems: list[str] = field(default_factory=list)
 
 
-def attempt(root: Path, overrides: list[str], kill: Kill, ref_seconds: dict[str, float], log: Path,
-            timeout: float) -> None:
+def attempt(
+    root: Path, overrides: list[str], kill: Kill, ref_seconds: dict[str, float], log: Path, timeout: float
+) -> None:
     run_dir = root / RUN_NAME
     target = run_dir / kill.stage / "manifest.json"
     before = _mtime(target)
@@ -187,8 +234,14 @@ def attempt(root: Path, overrides: list[str], kill: Kill, ref_seconds: dict[str,
     with open(log, "a") as out:
         out.write(f"\n===== attempt: {kill.mode} {kill.stage} {kill.point or kill.fraction}\n")
         out.flush()
-        proc = subprocess.Popen(command(root, overrides), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_default_sigint)
+        proc = subprocess.Popen(
+            command(root, overrides),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        )
         if kill.mode != "write":
             while proc.poll() is None and time.time() - t0 < timeout:
                 m = _manifest(run_dir / kill.stage)
@@ -227,7 +280,11 @@ def attempt(root: Path, overrides: list[str], kill: Kill, ref_seconds: dict[str,
 
 
 def _running_stage(run_dir: Path) -> str:
-    for d in sorted(run_dir.iterdir(), key=lambda p: _mtime(p / "manifest.json"), reverse=True) if run_dir.is_dir() else []:
+    for d in (
+        sorted(run_dir.iterdir(), key=lambda p: _mtime(p / "manifest.json"), reverse=True)
+        if run_dir.is_dir()
+        else []
+    ):
         m = _manifest(d)
         if m and m.get("status") in ("running", "failed"):
             return d.name
@@ -266,8 +323,11 @@ def _is_timing(key: str, learned: set[str]) -> bool:
 
 def _strip(obj, learned: set[str], drop_resume: bool = True):
     if isinstance(obj, dict):
-        return {k: _strip(v, learned, drop_resume) for k, v in obj.items()
-                if not _is_timing(k, learned) and not (drop_resume and k in RESUME_ONLY_KEYS)}
+        return {
+            k: _strip(v, learned, drop_resume)
+            for k, v in obj.items()
+            if not _is_timing(k, learned) and not (drop_resume and k in RESUME_ONLY_KEYS)
+        }
     if isinstance(obj, list):
         return [_strip(v, learned, drop_resume) for v in obj]
     return obj
@@ -298,8 +358,11 @@ def _json_diff_keys(a, b, out: set[str], key: str = "") -> None:
 
 
 def _files(run_dir: Path) -> dict[str, Path]:
-    return {str(p.relative_to(run_dir)): p for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name not in SKIP_FILES}
+    return {
+        str(p.relative_to(run_dir)): p
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in SKIP_FILES
+    }
 
 
 @dataclass
@@ -336,7 +399,11 @@ def _tensors_equal(a: Path, b: Path) -> str | None:
     ta, tb = load_file(str(a)), load_file(str(b))
     if ta.keys() != tb.keys():
         return f"tensor names differ: {sorted(set(ta) ^ set(tb))[:3]}"
-    bad = [k for k in ta if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])]
+    bad = [
+        k
+        for k in ta
+        if ta[k].dtype != tb[k].dtype or ta[k].shape != tb[k].shape or not torch.equal(ta[k], tb[k])
+    ]
     return f"{len(bad)} tensor(s) differ, e.g. {bad[:3]}" if bad else None
 
 
@@ -372,12 +439,18 @@ def compare(ref: Path, other: Path, learned: Learned, roots: list[str]) -> tuple
                     err = f"status {ma.get('status')} / {mb.get('status')}"
                 elif _strip(ma, learned.keys) != _strip(mb, learned.keys):
                     err = _first_json_diff(_strip(ma, learned.keys), _strip(mb, learned.keys))
-                elif set(_strip(mb, learned.keys, False).get("metrics", {})) - set(
-                        _strip(ma, learned.keys, False).get("metrics", {})) - RESUME_ONLY_KEYS:
+                elif (
+                    set(_strip(mb, learned.keys, False).get("metrics", {}))
+                    - set(_strip(ma, learned.keys, False).get("metrics", {}))
+                    - RESUME_ONLY_KEYS
+                ):
                     err = "extra metrics"
             elif pa.suffix in (".json", ".jsonl"):
                 counts["json_files"] += 1
-                ja, jb = _strip(_load_json(pa, roots), learned.keys), _strip(_load_json(pb, roots), learned.keys)
+                ja, jb = (
+                    _strip(_load_json(pa, roots), learned.keys),
+                    _strip(_load_json(pb, roots), learned.keys),
+                )
                 if ja != jb:
                     err = _first_json_diff(ja, jb)
             elif pa.suffix in (".md", ".html", ".yaml", ".txt"):
@@ -450,8 +523,9 @@ def read_trace(trace: Path, run_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
-def plan_trials(n_kill: int, n_signal: int, stages: list[str], trace: list[tuple[str, str]],
-                rng: random.Random) -> list[list[Kill]]:
+def plan_trials(
+    n_kill: int, n_signal: int, stages: list[str], trace: list[tuple[str, str]], rng: random.Random
+) -> list[list[Kill]]:
     """SIGKILL trials cycle over the stages; on the k-th pass over them a stage gets a time
     kill (k % 3 == 0), a write-point kill (k % 3 == 1: a checkpoint or shard write point when
     the stage has one, 60% of the time) or two time kills, the second while it resumes."""
@@ -461,10 +535,17 @@ def plan_trials(n_kill: int, n_signal: int, stages: list[str], trace: list[tuple
         stage, cycle = stages[i % n], (i // n) % 3
         points = [(j, name) for j, (name, st) in enumerate(trace) if st == stage]
         if cycle == 1 and points:
-            heavy = [p for p in points if p[1].startswith(("checkpoint:", "tokens:", "atomic:shard", "atomic:train",
-                                                           "atomic:model"))]
+            heavy = [
+                p
+                for p in points
+                if p[1].startswith(("checkpoint:", "tokens:", "atomic:shard", "atomic:train", "atomic:model"))
+            ]
             j, name = rng.choice(heavy if heavy and rng.random() < 0.6 else points)
-            kills = [Kill("write", stage, point=f"{name}@{_nth_hit(trace, j, name, stages[:stages.index(stage)])}")]
+            kills = [
+                Kill(
+                    "write", stage, point=f"{name}@{_nth_hit(trace, j, name, stages[: stages.index(stage)])}"
+                )
+            ]
         else:
             kills = [Kill("time", stage, fraction=round(rng.random(), 3))]
             if cycle == 2:  # killed again while resuming
@@ -473,7 +554,11 @@ def plan_trials(n_kill: int, n_signal: int, stages: list[str], trace: list[tuple
     # and for every training stage, the riskiest moment: its last checkpoint is in place but the
     # stage (final model, samples, manifest) is not finished
     for stage in stages:
-        last = [name for name, st in trace if st == stage and name.startswith("checkpoint:") and name.endswith(":renamed")]
+        last = [
+            name
+            for name, st in trace
+            if st == stage and name.startswith("checkpoint:") and name.endswith(":renamed")
+        ]
         if last:
             trials.append([Kill("write", stage, point=f"{last[-1]}@1")])
     for i in range(n_signal):
@@ -487,12 +572,14 @@ def _nth_hit(trace: list[tuple[str, str]], j: int, name: str, skipped_stages: li
     return sum(1 for k in range(j + 1) if trace[k][0] == name and trace[k][1] not in skipped_stages)
 
 
-def run_trial(idx: int, kills: list[Kill], args, overrides, stages, ref_dir, ref_seconds, learned, roots) -> dict:
+def run_trial(
+    idx: int, kills: list[Kill], args, overrides, stages, ref_dir, ref_seconds, learned, roots
+) -> dict:
     root = Path(args.root) / f"trial-{idx:02d}"
     shutil.rmtree(root, ignore_errors=True)
     run_dir = root / RUN_NAME
     run_dir.mkdir(parents=True)
-    for st in stages[:stages.index(kills[0].stage)]:
+    for st in stages[: stages.index(kills[0].stage)]:
         shutil.copytree(ref_dir / st, run_dir / st)
     roots.append(str(root))
     log = root / "attempts.log"
@@ -503,24 +590,37 @@ def run_trial(idx: int, kills: list[Kill], args, overrides, stages, ref_dir, ref
     with open(log, "a") as out:
         out.write("\n===== final run\n")
         out.flush()
-        proc = subprocess.run(command(root, overrides), stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            command(root, overrides), stdout=out, stderr=subprocess.STDOUT, env=_env(), timeout=args.timeout
+        )
     final.rc = proc.returncode
-    problems, notes, counts = (compare(ref_dir, run_dir, learned, roots) if final.rc == 0
-                               else ([f"final run failed with exit {final.rc}; see {log}"], [], {}))
+    problems, notes, counts = (
+        compare(ref_dir, run_dir, learned, roots)
+        if final.rc == 0
+        else ([f"final run failed with exit {final.rc}; see {log}"], [], {})
+    )
     for k in kills:
         if k.mode in ("sigint", "sigterm") and k.clean_stop is False:
             problems += [f"unclean {k.mode} stop: {p}" for p in k.stop_problems]
-    res = {"trial": idx, "kills": [asdict(k) for k in kills], "final_rc": final.rc, "identical": not problems,
-           "problems": problems, "notes": notes, "compared": counts, "seconds": round(time.time() - t0, 1)}
+    res = {
+        "trial": idx,
+        "kills": [asdict(k) for k in kills],
+        "final_rc": final.rc,
+        "identical": not problems,
+        "problems": problems,
+        "notes": notes,
+        "compared": counts,
+        "seconds": round(time.time() - t0, 1),
+    }
     if not problems and not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for `lmforge run tiny`")
     ap.add_argument("--root", default="/tmp/lmforge-crash", help="scratch folder (wiped)")
     ap.add_argument("--trials", type=int, default=24, help="SIGKILL trials")
@@ -538,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
         from lmforge.pipeline import registered
 
         wanted = args.stages.split(",") if args.stages else list(registered())
-        overrides += [o for st, extra in SHRINK_IF_PRESENT.items() if st in registered() and st in wanted
-                      for o in extra]
+        overrides += [
+            o for st, extra in SHRINK_IF_PRESENT.items() if st in registered() and st in wanted for o in extra
+        ]
     overrides += list(args.overrides)
     if args.stages:
         overrides.append(f"stages=[{args.stages}]")
@@ -554,17 +655,25 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir = root / "reference" / RUN_NAME
     stages = sorted(windows, key=lambda s: windows[s][0])
     ref_seconds = {s: float((_manifest(ref_dir / s) or {}).get("seconds", 0.0)) for s in stages}
-    print(f"reference run: {ref_wall:.0f} s; stages " + ", ".join(f"{s} {ref_seconds[s]:.1f}s" for s in stages), flush=True)
+    print(
+        f"reference run: {ref_wall:.0f} s; stages " + ", ".join(f"{s} {ref_seconds[s]:.1f}s" for s in stages),
+        flush=True,
+    )
     _, control_wall = reference_run(root / "control", overrides, None, root / "control.log")
     control_dir = root / "control" / RUN_NAME
     for s in stages:  # the faster of two measurements: a loaded machine stretches one of them
-        ref_seconds[s] = min(ref_seconds[s], float((_manifest(control_dir / s) or {}).get("seconds", ref_seconds[s])))
+        ref_seconds[s] = min(
+            ref_seconds[s], float((_manifest(control_dir / s) or {}).get("seconds", ref_seconds[s]))
+        )
     roots = [str(root / "reference"), str(root / "control")]
     learned = learn_nondeterminism(ref_dir, control_dir, roots)
     control_problems, _, control_counts = compare(ref_dir, control_dir, learned, roots)
-    print(f"control run: {control_wall:.0f} s; {'identical' if not control_problems else control_problems}; "
-          f"fields learned as wall-clock: {sorted(learned.keys)}; report lines differing between reference and control: "
-          f"{ {k: len(v) for k, v in learned.lines.items()} }", flush=True)
+    print(
+        f"control run: {control_wall:.0f} s; {'identical' if not control_problems else control_problems}; "
+        f"fields learned as wall-clock: {sorted(learned.keys)}; report lines differing between reference and control: "
+        f"{ {k: len(v) for k, v in learned.lines.items()} }",
+        flush=True,
+    )
 
     points = read_trace(trace, ref_dir)
     trials = plan_trials(args.trials, args.signal_trials, stages, points, rng)
@@ -573,21 +682,31 @@ def main(argv: list[str] | None = None) -> int:
         res = run_trial(i, kills, args, overrides, stages, ref_dir, ref_seconds, learned, roots)
         results.append(res)
         k = res["kills"]
-        what = "; ".join(f"{x['mode']} {x['point'] or x['fraction']} -> {x['landed_in']} rc={x['rc']}" for x in k)
-        print(f"trial {i:2d} [{kills[0].stage}] {what}: {'IDENTICAL' if res['identical'] else 'DIFFERENT'} "
-              f"({res['seconds']} s){'' if res['identical'] else ' ' + '; '.join(res['problems'][:4])}", flush=True)
+        what = "; ".join(
+            f"{x['mode']} {x['point'] or x['fraction']} -> {x['landed_in']} rc={x['rc']}" for x in k
+        )
+        print(
+            f"trial {i:2d} [{kills[0].stage}] {what}: {'IDENTICAL' if res['identical'] else 'DIFFERENT'} "
+            f"({res['seconds']} s){'' if res['identical'] else ' ' + '; '.join(res['problems'][:4])}",
+            flush=True,
+        )
 
     kill_res = [r for r in results if r["kills"][0]["mode"] in ("time", "write")]
     sig_res = [r for r in results if r["kills"][0]["mode"] in ("sigint", "sigterm")]
     summary = {
         "command": " ".join(command(Path("<root>"), overrides)[1:]),
-        "stages": stages, "reference_seconds": ref_seconds, "control_identical": not control_problems,
-        "control_problems": control_problems, "control_compared": control_counts,
+        "stages": stages,
+        "reference_seconds": ref_seconds,
+        "control_identical": not control_problems,
+        "control_problems": control_problems,
+        "control_compared": control_counts,
         "learned_wallclock_fields": sorted(learned.keys),
         "masked_report_lines": {k: sorted(v) for k, v in learned.lines.items()},
-        "sigkill_trials": len(kill_res), "sigkill_identical": sum(r["identical"] for r in kill_res),
+        "sigkill_trials": len(kill_res),
+        "sigkill_identical": sum(r["identical"] for r in kill_res),
         "sigkill_kills": sum(len(r["kills"]) for r in kill_res),
-        "signal_trials": len(sig_res), "signal_identical": sum(r["identical"] for r in sig_res),
+        "signal_trials": len(sig_res),
+        "signal_identical": sum(r["identical"] for r in sig_res),
         "signal_clean_stops": sum(all(k["clean_stop"] is not False for k in r["kills"]) for r in sig_res),
         "trials": results,
     }
@@ -597,12 +716,16 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for r in results:
         for j, k in enumerate(r["kills"]):
-            print(f"| {r['trial'] if j == 0 else ''} | {k['stage']} | {k['mode']} {k['point'] or k['fraction']} | "
-                  f"{k['landed_in']} | {k['rc']} | {('yes' if r['identical'] else 'NO') if j == 0 else ''} |")
-    print(f"\nSIGKILL: {summary['sigkill_identical']}/{summary['sigkill_trials']} trials identical "
-          f"({summary['sigkill_kills']} kills); SIGINT/SIGTERM: {summary['signal_clean_stops']}/{len(sig_res)} "
-          f"clean stops, {summary['signal_identical']}/{len(sig_res)} identical after re-run; "
-          f"results: {root / 'results.json'}")
+            print(
+                f"| {r['trial'] if j == 0 else ''} | {k['stage']} | {k['mode']} {k['point'] or k['fraction']} | "
+                f"{k['landed_in']} | {k['rc']} | {('yes' if r['identical'] else 'NO') if j == 0 else ''} |"
+            )
+    print(
+        f"\nSIGKILL: {summary['sigkill_identical']}/{summary['sigkill_trials']} trials identical "
+        f"({summary['sigkill_kills']} kills); SIGINT/SIGTERM: {summary['signal_clean_stops']}/{len(sig_res)} "
+        f"clean stops, {summary['signal_identical']}/{len(sig_res)} identical after re-run; "
+        f"results: {root / 'results.json'}"
+    )
     return 0 if all(r["identical"] for r in results) and not control_problems else 1
 
 

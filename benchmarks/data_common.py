@@ -19,8 +19,10 @@ def cpu_name() -> str:
 
 def machine() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"machine: {cpu_name()}, {cpus} CPUs, python {platform.python_version()}, "
-            f"load average at start {os.getloadavg()[0]:.1f}")
+    return (
+        f"machine: {cpu_name()}, {cpus} CPUs, python {platform.python_version()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}"
+    )
 
 
 def cpu_seconds() -> float:

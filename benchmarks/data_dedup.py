@@ -39,14 +39,16 @@ from lmforge.data.steps.dedup import MinHasher, UnionFind, lsh_clusters, normali
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_common import cpu_seconds, machine  # noqa: E402
 
-BOILER = ("Share this page on social media. Subscribe to our newsletter for updates. Copyright all rights "
-          "reserved. Terms of use and privacy policy apply. Contact us for more information. ")
+BOILER = (
+    "Share this page on social media. Subscribe to our newsletter for updates. Copyright all rights "
+    "reserved. Terms of use and privacy policy apply. Contact us for more information. "
+)
 HASHER = MinHasher(5, 14, 8)
 
 
 def shingle_set(text: str) -> set[str]:
     w = normalize(text).split()
-    return {" ".join(w[i:i + 5]) for i in range(len(w) - 4)} or {" ".join(w)}
+    return {" ".join(w[i : i + 5]) for i in range(len(w) - 4)} or {" ".join(w)}
 
 
 def edit(text: str, kind: str, rng: random.Random) -> str:
@@ -59,7 +61,7 @@ def edit(text: str, kind: str, rng: random.Random) -> str:
     elif kind == "span10":
         k = max(1, n // 10)
         start = rng.randrange(0, max(1, n - k))
-        words[start:start + k] = ["replaced"] * k
+        words[start : start + k] = ["replaced"] * k
     elif kind == "boiler":
         lines = text.split("\n")
         text = "\n".join(lines[1:]) if len(lines) > 2 else text
@@ -121,7 +123,7 @@ def _ds_sig(text: str):
 
 def _shingles(text: str) -> list[str]:
     w = normalize(text).split()
-    return [" ".join(w[i:i + 5]) for i in range(len(w) - 4)] or [" ".join(w)]
+    return [" ".join(w[i : i + 5]) for i in range(len(w) - 4)] or [" ".join(w)]
 
 
 def datasketch(docs: list[str], procs: int = 1, bands: int = 14, rows: int = 8) -> tuple[np.ndarray, float]:
@@ -152,8 +154,12 @@ def pair_scores(roots: np.ndarray, group: list[int], kinds: list[str]) -> dict:
 
     pred, true = pairs(roots), pairs(group)
     tp = len(pred & true)
-    out = {"precision": tp / len(pred) if pred else 1.0, "recall": tp / len(true) if true else 1.0,
-           "pred_pairs": len(pred), "true_pairs": len(true)}
+    out = {
+        "precision": tp / len(pred) if pred else 1.0,
+        "recall": tp / len(true) if true else 1.0,
+        "pred_pairs": len(pred),
+        "true_pairs": len(true),
+    }
     for kind in ("words5", "words10", "span10", "boiler"):
         tk = {(a, b) for a, b in true if kind in (kinds[a], kinds[b])}
         out[f"recall_{kind}"] = len(tk & pred) / len(tk) if tk else float("nan")
@@ -167,8 +173,10 @@ def main() -> None:
     args = ap.parse_args()
     docs, group, kinds, removed = build_corpus(args.copies_frac, args.seed)
     planted = sum(k != "orig" for k in kinds)
-    print(f"# near-dedup benchmark: {len(docs)} docs ({planted} planted near-duplicates, {removed} natural "
-          f"near-duplicates removed from the base); {machine()}")
+    print(
+        f"# near-dedup benchmark: {len(docs)} docs ({planted} planted near-duplicates, {removed} natural "
+        f"near-duplicates removed from the base); {machine()}"
+    )
     print(f"command: python benchmarks/data_dedup.py --copies-frac {args.copies_frac} --seed {args.seed}")
     print("shingles: word 5-grams of normalised text; LSH 14 bands x 8 rows (112 permutations)")
     print()
@@ -179,14 +187,21 @@ def main() -> None:
         if k != "orig":
             a, b = shingle_set(docs[first[g]]), shingle_set(docs[i])
             jac.setdefault(k, []).append(len(a & b) / len(a | b))
-    print("true 5-gram Jaccard of planted copies with their original (mean): "
-          + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(jac.items())))
+    print(
+        "true 5-gram Jaccard of planted copies with their original (mean): "
+        + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in sorted(jac.items()))
+    )
     print()
-    print("| method | LSH | procs | docs/s wall (best of 3) | docs per CPU-second | precision | recall | "
-          "recall words5 | recall words10 | recall span10 | recall boiler |")
+    print(
+        "| method | LSH | procs | docs/s wall (best of 3) | docs per CPU-second | precision | recall | "
+        "recall words5 | recall words10 | recall span10 | recall boiler |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    runs = [("lmforge (numpy MinHash)", ours, 14, 8, (1, 2)), ("datasketch 2.0", datasketch, 14, 8, (1, 2)),
-            ("lmforge (numpy MinHash)", ours, 20, 5, (1,))]
+    runs = [
+        ("lmforge (numpy MinHash)", ours, 14, 8, (1, 2)),
+        ("datasketch 2.0", datasketch, 14, 8, (1, 2)),
+        ("lmforge (numpy MinHash)", ours, 20, 5, (1,)),
+    ]
     for name, fn, b, r, procs_list in runs:
         for procs in procs_list:
             best, best_cpu = float("inf"), float("inf")
@@ -195,14 +210,18 @@ def main() -> None:
                 roots, dt = fn(docs, procs, b, r)
                 best, best_cpu = min(best, dt), min(best_cpu, cpu_seconds() - c0)
             s = pair_scores(roots, group, kinds)
-            print(f"| {name} | {b}x{r} | {procs} | {len(docs) / best:,.0f} | {len(docs) / best_cpu:,.0f} | "
-                  f"{s['precision']:.3f} | {s['recall']:.3f} | "
-                  f"{s['recall_words5']:.3f} | {s['recall_words10']:.3f} | {s['recall_span10']:.3f} | "
-                  f"{s['recall_boiler']:.3f} |")
+            print(
+                f"| {name} | {b}x{r} | {procs} | {len(docs) / best:,.0f} | {len(docs) / best_cpu:,.0f} | "
+                f"{s['precision']:.3f} | {s['recall']:.3f} | "
+                f"{s['recall_words5']:.3f} | {s['recall_words10']:.3f} | {s['recall_span10']:.3f} | "
+                f"{s['recall_boiler']:.3f} |"
+            )
     print()
-    print("(14x8 LSH makes a pair a candidate with probability 1-(1-J^8)^14: 0.92 at J=0.75, 0.05 at J=0.5; "
-          "scattered 5-10% word edits bring 5-gram Jaccard below that, so FineWeb's setting misses them by "
-          "design; 20x5 fires from J~0.5)")
+    print(
+        "(14x8 LSH makes a pair a candidate with probability 1-(1-J^8)^14: 0.92 at J=0.75, 0.05 at J=0.5; "
+        "scattered 5-10% word edits bring 5-gram Jaccard below that, so FineWeb's setting misses them by "
+        "design; 20x5 fires from J~0.5)"
+    )
 
 
 if __name__ == "__main__":

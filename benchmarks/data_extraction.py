@@ -61,7 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     anns = [json.loads(line) for line in Path(args.annotations).read_text().splitlines() if line.strip()]
     files = [str(Path(args.pages) / a["file"]) for a in anns]
-    raw = {Path(d.source).name: d for d in iter_task_documents(Task(0, "files", files), "text", SourceStats())}
+    raw = {
+        Path(d.source).name: d for d in iter_task_documents(Task(0, "files", files), "text", SourceStats())
+    }
     print(f"# extraction benchmark: {len(anns)} pages; {machine()}")
     first = next(iter(raw.values()))
     list(HtmlExtract()([type(first)(first.text, first.source, dict(first.meta))]))  # imports, caches
@@ -77,8 +79,15 @@ def main() -> None:
         out = {Path(d.source).name: d.text for d in step(docs)}
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         wf, woa, nw, nwo = score(out, anns)
-        rows.append((f"trafilatura favor={favor}" + (" (default)" if favor == "precision" else ""), wf, woa,
-                     len(anns) / dt, len(anns) / cpu))
+        rows.append(
+            (
+                f"trafilatura favor={favor}" + (" (default)" if favor == "precision" else ""),
+                wf,
+                woa,
+                len(anns) / dt,
+                len(anns) / cpu,
+            )
+        )
     t0, c0 = time.perf_counter(), time.process_time()
     naive = {name: naive_text(d.text) for name, d in raw.items()}
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0

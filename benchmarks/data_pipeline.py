@@ -39,8 +39,10 @@ def bench(name: str, cfg: DataConfig) -> dict:
         m = run_data_stage(cfg, Path(tmp) / "data", seed=0, log=lambda s: None)
         dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     mb = m["bytes_in"] / 1e6
-    print(f"| {name} | {cfg.workers} | {mb:.2f} | {m['docs_in']:,} | {m['docs_out']:,} | {dt:.1f} | {cpu:.1f} | "
-          f"{mb / dt:.3f} | {mb / cpu:.3f} |")
+    print(
+        f"| {name} | {cfg.workers} | {mb:.2f} | {m['docs_in']:,} | {m['docs_out']:,} | {dt:.1f} | {cpu:.1f} | "
+        f"{mb / dt:.3f} | {mb / cpu:.3f} |"
+    )
     return m
 
 
@@ -57,7 +59,9 @@ def main() -> None:
     print(f"command: python benchmarks/data_pipeline.py --html {args.html}")
     print(f"(built-in corpus harvest: {harvest:.1f}s, cached, excluded below)")
     print()
-    print("| input | workers | input MB | docs in | docs out | wall s | CPU s | MB/s (wall) | MB per CPU-second |")
+    print(
+        "| input | workers | input MB | docs in | docs out | wall s | CPU s | MB/s (wall) | MB per CPU-second |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports, language model, sklearn
         warm = Path(tmp) / "warm.jsonl"
@@ -68,8 +72,10 @@ def main() -> None:
     html = Path(args.html)
     if html.is_dir():
         for workers in (1, 2):
-            bench("HTML pages + WARC/WET (default config)",
-                  DataConfig(inputs=[str(html / "pages"), str(html / "warc")], workers=workers))
+            bench(
+                "HTML pages + WARC/WET (default config)",
+                DataConfig(inputs=[str(html / "pages"), str(html / "warc")], workers=workers),
+            )
 
 
 if __name__ == "__main__":

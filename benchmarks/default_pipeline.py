@@ -40,12 +40,16 @@ def main() -> None:
         stage = path.parent.name
         m = json.loads(path.read_text())
         keep = {k: v for k, v in m["metrics"].items() if isinstance(v, (int, float))}
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(keep.items())[:8])
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(keep.items())[:8]
+        )
         print(f"| {stage} | {m['seconds']:.1f} | {shown} |")
     ev = json.loads((run / "eval" / "results.json").read_text())
     print(f"\ntotal wall time: {wall:.0f} s")
-    print(f"val bits-per-byte: model {ev['bpb']:.3f}, unigram baseline {ev['unigram_bpb']:.3f} "
-          f"(ratio {ev['bpb'] / ev['unigram_bpb']:.2f}) on {ev['tokens']:,} val tokens")
+    print(
+        f"val bits-per-byte: model {ev['bpb']:.3f}, unigram baseline {ev['unigram_bpb']:.3f} "
+        f"(ratio {ev['bpb'] / ev['unigram_bpb']:.2f}) on {ev['tokens']:,} val tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ def build_requests(n_items: int):
     from lmforge.eval.readers import load_task
 
     reqs = []
-    for spec in (f"arc:{SHARED / 'arc' / 'arc_easy_validation.jsonl'}",
-                 f"hellaswag:{SHARED / 'hellaswag' / 'hellaswag_val_first500.jsonl'}"):
+    for spec in (
+        f"arc:{SHARED / 'arc' / 'arc_easy_validation.jsonl'}",
+        f"hellaswag:{SHARED / 'hellaswag' / 'hellaswag_val_first500.jsonl'}",
+    ):
         task = load_task(spec)
         for d in task.docs[:n_items]:
             for c in d.choices:
@@ -53,8 +55,11 @@ def default_model(tmp: Path) -> Path:
 
     tok = LMTokenizer.load(SHARED / "gpt2-tokenizer")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2,
-                                    max_seq_len=256))
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tok.vocab_size, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256
+        )
+    )
     save_pretrained(model, tmp, bos_id=tok.bos_id, eos_id=tok.eos_id)
     tok.save(tmp)
     return tmp
@@ -66,7 +71,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=150, help="items per task (ARC-Easy, HellaSwag)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--hf-batch-size", type=int, default=32, help="harness HF backend batch size (its CLI default is 1)")
+    ap.add_argument(
+        "--hf-batch-size", type=int, default=32, help="harness HF backend batch size (its CLI default is 1)"
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -100,21 +107,31 @@ def main() -> None:
     diff = max(abs(x[0] - y[0]) for x, y in zip(out["lmforge"], out[f"harness-hf (batch {a.hf_batch_size})"]))
     agree = sum(x[1] == y[1] for x, y in zip(out["lmforge"], out[f"harness-hf (batch {a.hf_batch_size})"]))
     ntok = sum(len(ours.tok_encode(r.args[0] + r.args[1])) for r in reqs)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
-    print(f"model: {model_dir} ({sum(p.numel() for p in hf_model.parameters()) / 1e6:.2f}M params, context "
-          f"{ours.max_length}); {len(reqs)} requests ({ntok:,} tokens) from {a.items} ARC-Easy + {a.items} "
-          f"HellaSwag items; {a.repeats} interleaved repeats\n")
-    print("| backend | median wall s | requests/s (wall) | ratio (wall) | median CPU s | requests/CPU-s | ratio (CPU) |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"model: {model_dir} ({sum(p.numel() for p in hf_model.parameters()) / 1e6:.2f}M params, context "
+        f"{ours.max_length}); {len(reqs)} requests ({ntok:,} tokens) from {a.items} ARC-Easy + {a.items} "
+        f"HellaSwag items; {a.repeats} interleaved repeats\n"
+    )
+    print(
+        "| backend | median wall s | requests/s (wall) | ratio (wall) | median CPU s | requests/CPU-s | ratio (CPU) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
+    )
     key = f"harness-hf (batch {a.hf_batch_size})"
     base, cbase = statistics.median(times[key]), statistics.median(cpu[key])
     for name, ts in times.items():
         m, c = statistics.median(ts), statistics.median(cpu[name])
-        print(f"| {name} | {m:.2f} | {len(reqs) / m:,.1f} | {base / m:.2f}x | {c:.2f} | {len(reqs) / c:,.1f} | "
-              f"{cbase / c:.2f}x |")
-    print(f"| harness-hf (batch 1, its CLI default; 1/4 of the requests, x4) | {t_b1:.2f} | {len(reqs) / t_b1:,.1f} | "
-          f"{base / t_b1:.2f}x | {c_b1:.2f} | {len(reqs) / c_b1:,.1f} | {cbase / c_b1:.2f}x |")
+        print(
+            f"| {name} | {m:.2f} | {len(reqs) / m:,.1f} | {base / m:.2f}x | {c:.2f} | {len(reqs) / c:,.1f} | "
+            f"{cbase / c:.2f}x |"
+        )
+    print(
+        f"| harness-hf (batch 1, its CLI default; 1/4 of the requests, x4) | {t_b1:.2f} | {len(reqs) / t_b1:,.1f} | "
+        f"{base / t_b1:.2f}x | {c_b1:.2f} | {len(reqs) / c_b1:,.1f} | {cbase / c_b1:.2f}x |"
+    )
     print(f"\nmax |log-likelihood difference| {diff:.2e}; is-greedy agrees on {agree}/{len(reqs)}")
 
 

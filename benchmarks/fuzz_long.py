@@ -52,30 +52,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the per-target counts as JSON here")
     args = ap.parse_args(argv)
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_fuzz_*.py"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-           "--hypothesis-show-statistics", *files] + (["-k", args.k] if args.k else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:warnings",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-show-statistics",
+        *files,
+    ] + (["-k", args.k] if args.k else [])
     env = {**os.environ, "LMFORGE_FUZZ_SCALE": str(args.scale)}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     stats = parse_statistics(proc.stdout)
     failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M)
-    print(f"| target | passing | failing | invalid |\n|---|---|---|---|")
+    print("| target | passing | failing | invalid |\n|---|---|---|---|")
     for name, c in sorted(stats.items()):
-        print(f"| {name.split('::', 1)[1]} ({Path(name.split('::')[0]).stem.removeprefix('test_fuzz_')}) | "
-              f"{c['passing']} | {c['failing']} | {c['invalid']} |")
+        print(
+            f"| {name.split('::', 1)[1]} ({Path(name.split('::')[0]).stem.removeprefix('test_fuzz_')}) | "
+            f"{c['passing']} | {c['failing']} | {c['invalid']} |"
+        )
     total = sum(c["passing"] + c["failing"] for c in stats.values())
-    print(f"\nscale {args.scale:g}: {total} examples over {len(stats)} targets in {wall:.0f} s; "
-          f"{'no failures' if proc.returncode == 0 else 'FAILED: ' + ', '.join(failed)}")
+    print(
+        f"\nscale {args.scale:g}: {total} examples over {len(stats)} targets in {wall:.0f} s; "
+        f"{'no failures' if proc.returncode == 0 else 'FAILED: ' + ', '.join(failed)}"
+    )
     if proc.returncode != 0:  # the failures with their minimal examples, not the statistics
         out = proc.stdout
         start = out.find("= FAILURES =")
         end = out.find("= Hypothesis Statistics =")
-        print(out[start:end if end > start else None][-20000:] if start >= 0 else out[-8000:])
+        print(out[start : end if end > start else None][-20000:] if start >= 0 else out[-8000:])
         print(proc.stderr[-2000:], file=sys.stderr)
     if args.out:
-        Path(args.out).write_text(json.dumps({"scale": args.scale, "seconds": round(wall, 1), "targets": stats,
-                                              "failed": failed}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {"scale": args.scale, "seconds": round(wall, 1), "targets": stats, "failed": failed}, indent=2
+            )
+        )
     return proc.returncode
 
 

@@ -34,8 +34,8 @@ def build_model(folder: Path):
     from lmforge.model.config import ModelConfig
     from lmforge.model.hf import save_pretrained
     from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer import train_tokenizer
     from lmforge.serve.testing import CORPUS
+    from lmforge.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer(CORPUS * 4, vocab_size=400)
@@ -47,10 +47,16 @@ def build_model(folder: Path):
 
 
 def prompts_for(tok, batch: int, vocab: int) -> list[list[int]]:
-    texts = ["The function returns the value of", "A socket is one endpoint of a two-way communication link",
-             "This module provides regular expression", "Return the absolute value of a number. The argument",
-             "Open the file and return a stream", "The quick brown fox", "Paris is the capital of",
-             "In the beginning the interpreter reads the source file and"]
+    texts = [
+        "The function returns the value of",
+        "A socket is one endpoint of a two-way communication link",
+        "This module provides regular expression",
+        "Return the absolute value of a number. The argument",
+        "Open the file and return a stream",
+        "The quick brown fox",
+        "Paris is the capital of",
+        "In the beginning the interpreter reads the source file and",
+    ]
     out = []
     for i in range(batch):
         ids = tok.encode(texts[i % len(texts)] * (1 + i % 3))[:40]
@@ -71,7 +77,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)"
+    )
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
     if a.threads:
@@ -92,7 +100,7 @@ def main() -> None:
         from lmforge.model.hf import load_pretrained
         from lmforge.serve.fastpath import use_gqa_attention
 
-        plain = load_pretrained(folder)            # the model as model/generate.py gets it
+        plain = load_pretrained(folder)  # the model as model/generate.py gets it
         gqa_model = load_pretrained(folder)
         assert use_gqa_attention(gqa_model)
         prompts = prompts_for(tok, B, model.cfg.vocab_size)
@@ -101,13 +109,20 @@ def main() -> None:
         ids = torch.full((B, P), pad, dtype=torch.long)
         att = torch.zeros((B, P), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p)
-            att[i, P - len(p):] = 1
+            ids[i, P - len(p) :] = torch.tensor(p)
+            att[i, P - len(p) :] = 1
 
         def run_hf(n):
             with torch.inference_mode():
-                hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=pad, eos_token_id=None)
+                hf.generate(
+                    input_ids=ids,
+                    attention_mask=att,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=None,
+                )
 
         def run_gen(n):
             generate(plain, prompts, SamplingParams(max_new_tokens=n, temperature=0))
@@ -125,7 +140,7 @@ def main() -> None:
         tn = {k: [] for k in systems}
         for r in range(a.rounds):  # interleaved (order rotating), so background load hits every system alike
             order = list(systems.items())
-            order = order[r % len(order):] + order[: r % len(order)]
+            order = order[r % len(order) :] + order[: r % len(order)]
             for k, fn in order:
                 t1[k].append(timed(lambda: fn(1)))
                 tn[k].append(timed(lambda: fn(N)))
@@ -147,18 +162,26 @@ def main() -> None:
             r[f"decode_vs_hf_{label}"] = round(r[f"decode_tok_s_{label}"] / base[f"decode_tok_s_{label}"], 2)
             r[f"ttft_vs_hf_{label}"] = round(base[f"ttft_ms_{label}"] / r[f"ttft_ms_{label}"], 2)
     print("CPU time (median of rounds) | wall time (best round); ratios: x faster than HF")
-    print(f"{'system':<9}{'batch':>6} | {'TTFT ms':>8}{'tok/s':>9}{'xHF tok/s':>10}{'xHF TTFT':>9} |"
-          f" {'TTFT ms':>8}{'tok/s':>9}{'xHF tok/s':>10}{'xHF TTFT':>9}")
+    print(
+        f"{'system':<9}{'batch':>6} | {'TTFT ms':>8}{'tok/s':>9}{'xHF tok/s':>10}{'xHF TTFT':>9} |"
+        f" {'TTFT ms':>8}{'tok/s':>9}{'xHF tok/s':>10}{'xHF TTFT':>9}"
+    )
     for r in results:
         line = f"{r['system']:<9}{r['batch']:>6} |"
         for label in ("cpu", "wall"):
-            line += (f" {r[f'ttft_ms_{label}']:>8.1f}{r[f'decode_tok_s_{label}']:>9.1f}"
-                     f"{r[f'decode_vs_hf_{label}']:>10.2f}{r[f'ttft_vs_hf_{label}']:>9.2f} |")
+            line += (
+                f" {r[f'ttft_ms_{label}']:>8.1f}{r[f'decode_tok_s_{label}']:>9.1f}"
+                f"{r[f'decode_vs_hf_{label}']:>10.2f}{r[f'ttft_vs_hf_{label}']:>9.2f} |"
+            )
         print(line)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "model": str(a.model or "random weights, tiny pipeline shape (d192 L4 H6 KV2 V4096)"),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "model": str(a.model or "random weights, tiny pipeline shape (d192 L4 H6 KV2 V4096)"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     print(json.dumps(meta))
     if a.json:
         Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -75,7 +75,9 @@ class Contender:
     peak_bytes: int | None = None
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 20) -> float:
+def measure_peak_flops(
+    device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 20
+) -> float:
     """Best FLOP/s of an n x n x n matmul (8192 in bf16 on GPU, 1024 in fp32 on CPU)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     g = torch.Generator(device=device).manual_seed(0)
@@ -92,7 +94,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None =
             a @ b
         _sync(device)
         best = min(best, (time.perf_counter() - t0) / (5 if device.type == "cuda" else 1))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _fmt(flops: float) -> str:
@@ -115,7 +117,9 @@ def build_models(cfg: ModelConfig, device: torch.device, seed: int):
     missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
     missing = [k for k in missing if "rotary" not in k and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
-        raise SystemExit(f"weight copy into the HF model failed: missing {missing[:4]} unexpected {unexpected[:4]}")
+        raise SystemExit(
+            f"weight copy into the HF model failed: missing {missing[:4]} unexpected {unexpected[:4]}"
+        )
     return lm, hf
 
 
@@ -171,27 +175,46 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="124m")
     ap.add_argument("--tiny", action="store_true", help="= --shape tiny (CPU smoke test)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 for 124m, 8 for 350m)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="sequences per step (default: 16 for 124m, 8 for 350m)"
+    )
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the shape's, 1024)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                    help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--compile", choices=["off", "on", "both"], default=None,
-                    help="torch.compile the models (default: both on CUDA, off on CPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="autocast dtype (default bf16 on CUDA, fp32 on CPU)",
+    )
+    ap.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default=None,
+        help="torch.compile the models (default: both on CUDA, off on CPU)",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers contenders")
     ap.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (compilation happens here)")
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per contender (compilation happens here)"
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed steps per contender per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU torch threads (default 1 on CPU: on a small shared machine OpenMP threads wait "
-                         "on each other; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU torch threads (default 1 on CPU: on a small shared machine OpenMP threads wait "
+        "on each other; 0 = torch's default)",
+    )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     shape = "tiny" if a.tiny else a.shape
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
+    device = torch.device(
+        "cuda"
+        if a.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if a.device == "auto" else a.device)
+    )
     amp = {"bf16": torch.bfloat16, "fp32": None}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     compile_mode = a.compile or ("both" if device.type == "cuda" else "off")
     threads = a.threads if a.threads is not None else (1 if device.type == "cpu" else 0)
@@ -209,32 +232,50 @@ def main(argv=None) -> dict:
 
     import transformers
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# gpu_train  torch {torch.__version__}  transformers {transformers.__version__}  device {dev_name}")
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"# gpu_train  torch {torch.__version__}  transformers {transformers.__version__}  device {dev_name}"
+    )
     measured = measure_peak_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     sheet = device_peak_flops(dev_name, "bf16") if device.type == "cuda" else None
-    print(f"peak: measured {_fmt(measured)} ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'}"
-          f" matmul, best of several)"
-          + (f"; datasheet {_fmt(sheet)} dense bf16" if sheet else "; datasheet: device not in the catalogue")
-          + f"  [reference: H100 SXM datasheet {H100_SXM_BF16 / 1e12:.0f} TFLOPS dense bf16]")
-    print(f"shape {shape}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.ff_dim}, "
-          f"vocab {cfg.vocab_size}, seq {seq}, batch {batch} ({batch * seq:,} tokens/step), "
-          f"{cfg.param_count() / 1e6:.1f}M params; {fpt.training / 1e9:.3f} GFLOP/token (training, with attention; "
-          f"6N = {fpt.approx_6n / 1e9:.3f}); autocast {amp or 'off (fp32)'}; optimizer {a.optimizer}")
+    print(
+        f"peak: measured {_fmt(measured)} ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'}"
+        f" matmul, best of several)"
+        + (f"; datasheet {_fmt(sheet)} dense bf16" if sheet else "; datasheet: device not in the catalogue")
+        + f"  [reference: H100 SXM datasheet {H100_SXM_BF16 / 1e12:.0f} TFLOPS dense bf16]"
+    )
+    print(
+        f"shape {shape}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.ff_dim}, "
+        f"vocab {cfg.vocab_size}, seq {seq}, batch {batch} ({batch * seq:,} tokens/step), "
+        f"{cfg.param_count() / 1e6:.1f}M params; {fpt.training / 1e9:.3f} GFLOP/token (training, with attention; "
+        f"6N = {fpt.approx_6n / 1e9:.3f}); autocast {amp or 'off (fp32)'}; optimizer {a.optimizer}"
+    )
 
     lm, hf = build_models(cfg, device, a.seed)
-    ocfg = SimpleNamespace(optimizer=a.optimizer, lr=a.lr, muon_lr=None, weight_decay=0.1, beta1=0.9, beta2=0.95)
+    ocfg = SimpleNamespace(
+        optimizer=a.optimizer, lr=a.lr, muon_lr=None, weight_decay=0.1, beta1=0.9, beta2=0.95
+    )
     compiles = {"off": [False], "on": [True], "both": [False, True]}[compile_mode]
     contenders: list[Contender] = []
-    for kind in (["lmforge"] if a.no_hf else ["lmforge", "hf"]):
+    for kind in ["lmforge"] if a.no_hf else ["lmforge", "hf"]:
         for comp in compiles:
             base = lm if kind == "lmforge" else hf
-            m = base if not any(c.model is base for c in contenders) else (
-                clone_lmforge(lm, device) if kind == "lmforge" else clone_hf(hf, device))
+            m = (
+                base
+                if not any(c.model is base for c in contenders)
+                else (clone_lmforge(lm, device) if kind == "lmforge" else clone_hf(hf, device))
+            )
             m.train()
             fwd = torch.compile(m) if comp else m
-            contenders.append(Contender(f"{kind}{'+compile' if comp else ''}", m, fwd, build_optimizer(m, ocfg),
-                                        hf=kind == "hf"))
+            contenders.append(
+                Contender(
+                    f"{kind}{'+compile' if comp else ''}", m, fwd, build_optimizer(m, ocfg), hf=kind == "hf"
+                )
+            )
     data = make_batches(cfg, batch, seq, max(a.warmup, 4), device, a.seed)
 
     # warm-up (compilation), one contender at a time: sanity losses and peak memory
@@ -257,8 +298,10 @@ def main(argv=None) -> dict:
     tol = 5e-2 if amp is not None else 1e-3
     for c in contenders:
         ok = abs(c.first_losses[0] - ref) <= tol
-        print(f"sanity: first-step loss {c.name:<16} {c.first_losses[0]:.4f}  "
-              f"[{'OK' if ok else 'MISMATCH'} vs {contenders[0].name}]  warm-up {c.compile_s:.1f}s")
+        print(
+            f"sanity: first-step loss {c.name:<16} {c.first_losses[0]:.4f}  "
+            f"[{'OK' if ok else 'MISMATCH'} vs {contenders[0].name}]  warm-up {c.compile_s:.1f}s"
+        )
 
     for r in range(a.rounds):
         order = contenders if r % 2 == 0 else contenders[::-1]
@@ -272,30 +315,55 @@ def main(argv=None) -> dict:
 
     tokens = batch * seq
     rows = []
-    print("\n| model | step (ms) | tokens/s | model TFLOPS | MFU (measured peak) | MFU (datasheet) | peak mem (GB) |")
+    print(
+        "\n| model | step (ms) | tokens/s | model TFLOPS | MFU (measured peak) | MFU (datasheet) | peak mem (GB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for c in contenders:
         med = statistics.median(c.step_s)
         tps = tokens / med
         achieved = tps * fpt.training
-        row = {"model": c.name, "step_ms": med * 1e3, "tokens_per_s": tps, "tflops": achieved / 1e12,
-               "mfu_measured": achieved / measured, "mfu_datasheet": achieved / sheet if sheet else None,
-               "peak_mem_gb": c.peak_bytes / 1e9 if c.peak_bytes is not None else None,
-               "first_loss": c.first_losses[0], "warmup_s": c.compile_s, "rounds_ms": [s * 1e3 for s in c.step_s]}
+        row = {
+            "model": c.name,
+            "step_ms": med * 1e3,
+            "tokens_per_s": tps,
+            "tflops": achieved / 1e12,
+            "mfu_measured": achieved / measured,
+            "mfu_datasheet": achieved / sheet if sheet else None,
+            "peak_mem_gb": c.peak_bytes / 1e9 if c.peak_bytes is not None else None,
+            "first_loss": c.first_losses[0],
+            "warmup_s": c.compile_s,
+            "rounds_ms": [s * 1e3 for s in c.step_s],
+        }
         rows.append(row)
         mem = f"{row['peak_mem_gb']:.2f}" if row["peak_mem_gb"] is not None else "n/a"
         sheet_mfu = f"{row['mfu_datasheet']:.1%}" if sheet else "n/a"
-        print(f"| {c.name} | {med * 1e3:.1f} | {tps:,.0f} | {achieved / 1e12:.3g} | {row['mfu_measured']:.1%} | "
-              f"{sheet_mfu} | {mem} |")
+        print(
+            f"| {c.name} | {med * 1e3:.1f} | {tps:,.0f} | {achieved / 1e12:.3g} | {row['mfu_measured']:.1%} | "
+            f"{sheet_mfu} | {mem} |"
+        )
     base = {r["model"]: r for r in rows}
     for name in ("lmforge", "lmforge+compile"):
         other = "hf" + name.removeprefix("lmforge")
         if name in base and other in base:
-            print(f"{name} vs {other}: {base[name]['tokens_per_s'] / base[other]['tokens_per_s']:.3f}x tokens/s")
-    result = {"device": dev_name, "torch": torch.__version__, "transformers": transformers.__version__,
-              "shape": shape, "batch": batch, "seq": seq, "params": cfg.param_count(),
-              "flops_per_token": fpt.training, "measured_peak_flops": measured, "datasheet_peak_flops": sheet,
-              "autocast": str(amp), "optimizer": a.optimizer, "rows": rows}
+            print(
+                f"{name} vs {other}: {base[name]['tokens_per_s'] / base[other]['tokens_per_s']:.3f}x tokens/s"
+            )
+    result = {
+        "device": dev_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "params": cfg.param_count(),
+        "flops_per_token": fpt.training,
+        "measured_peak_flops": measured,
+        "datasheet_peak_flops": sheet,
+        "autocast": str(amp),
+        "optimizer": a.optimizer,
+        "rows": rows,
+    }
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

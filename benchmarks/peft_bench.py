@@ -46,8 +46,9 @@ def worker(a) -> dict:
 
         baseline = rss_mib()
         model = transformers.AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=TARGETS,
-                                                           lora_dropout=0.0))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=a.r, lora_alpha=2 * a.r, target_modules=TARGETS, lora_dropout=0.0)
+        )
         model.train()
 
         def loss_fn(ids):
@@ -82,6 +83,7 @@ def worker(a) -> dict:
                 labels[:, : k - 1] = IGNORE  # the same targets HF's internal shift gives
             loss, n, _ = objective(model, {"input_ids": ids, "labels": labels})
             return loss / n
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -95,18 +97,44 @@ def worker(a) -> dict:
         opt.zero_grad(set_to_none=True)
         if step:
             times.append(time.perf_counter() - t0)
-    state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                      if torch.is_tensor(t))
-    return {"method": a.method, "step_s": statistics.median(times), "step_s_all": [round(t, 3) for t in times],
-            "peak_rss_mib": round(rss_mib(), 1), "baseline_rss_mib": round(baseline, 1),
-            "trainable_params": sum(p.numel() for p in params), "optimizer_state_mib": round(state_bytes / 2**20, 2),
-            "loss": float(loss.detach())}
+    state_bytes = sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    return {
+        "method": a.method,
+        "step_s": statistics.median(times),
+        "step_s_all": [round(t, 3) for t in times],
+        "peak_rss_mib": round(rss_mib(), 1),
+        "baseline_rss_mib": round(baseline, 1),
+        "trainable_params": sum(p.numel() for p in params),
+        "optimizer_state_mib": round(state_bytes / 2**20, 2),
+        "loss": float(loss.detach()),
+    }
 
 
 def run(method: str, a, model_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--model-dir", str(model_dir), "--steps", str(a.steps),
-           "--batch", str(a.batch), "--seq", str(a.seq), "--r", str(a.r), "--threads", str(a.threads),
-           "--vocab", str(a.vocab), "--assistant-fraction", str(a.assistant_fraction)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(a.steps),
+        "--batch",
+        str(a.batch),
+        "--seq",
+        str(a.seq),
+        "--r",
+        str(a.r),
+        "--threads",
+        str(a.threads),
+        "--vocab",
+        str(a.vocab),
+        "--assistant-fraction",
+        str(a.assistant_fraction),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if out.returncode:
         raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -127,9 +155,15 @@ def main() -> None:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=2, help="alternating lmforge/peft LoRA runs")
-    p.add_argument("--methods", default="full,lora,qlora,prompt", help="comma-separated; '' = only the peft comparison")
-    p.add_argument("--assistant-fraction", type=float, default=1.0,
-                   help="share of each sequence (its end) that carries loss, as in SFT data; 1.0 = every token")
+    p.add_argument(
+        "--methods", default="full,lora,qlora,prompt", help="comma-separated; '' = only the peft comparison"
+    )
+    p.add_argument(
+        "--assistant-fraction",
+        type=float,
+        default=1.0,
+        help="share of each sequence (its end) that carries loss, as in SFT data; 1.0 = every token",
+    )
     p.add_argument("--out", default=None, help="write the JSON results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -145,15 +179,26 @@ def main() -> None:
     from lmforge.model.hf import save_pretrained
     from lmforge.model.transformer import Transformer
 
-    cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
-                      n_kv_heads=a.kv_heads, d_ff=a.d_ff, max_seq_len=max(a.seq, 256), tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=a.vocab,
+        d_model=a.d_model,
+        n_layers=a.layers,
+        n_heads=a.heads,
+        n_kv_heads=a.kv_heads,
+        d_ff=a.d_ff,
+        max_seq_len=max(a.seq, 256),
+        tie_embeddings=False,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         save_pretrained(Transformer(cfg), tmp)
-        print(f"model: {cfg.param_count() / 1e6:.1f}M params (d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}, "
-              f"untied); batch {a.batch} x seq {a.seq}; LoRA r={a.r} alpha={2 * a.r} on all 7 linears; "
-              f"{a.threads} threads; loss on the last {a.assistant_fraction:.0%} of each sequence; "
-              f"{platform.processor() or platform.machine()}", flush=True)
+        print(
+            f"model: {cfg.param_count() / 1e6:.1f}M params (d_model {a.d_model}, {a.layers} layers, vocab {a.vocab}, "
+            f"untied); batch {a.batch} x seq {a.seq}; LoRA r={a.r} alpha={2 * a.r} on all 7 linears; "
+            f"{a.threads} threads; loss on the last {a.assistant_fraction:.0%} of each sequence; "
+            f"{platform.processor() or platform.machine()}",
+            flush=True,
+        )
         results = {}
         for m in [m for m in a.methods.split(",") if m]:
             results[m] = run(m, a, Path(tmp))
@@ -163,23 +208,33 @@ def main() -> None:
             lo, pe = run("lora", a, Path(tmp)), run("peft", a, Path(tmp))
             ours.append(lo["step_s"])
             theirs.append(pe["step_s"])
-            print(f"lora step {ours[-1]:.3f}s (loss {lo['loss']:.5f})  peft step {theirs[-1]:.3f}s "
-                  f"(loss {pe['loss']:.5f})", flush=True)
+            print(
+                f"lora step {ours[-1]:.3f}s (loss {lo['loss']:.5f})  peft step {theirs[-1]:.3f}s "
+                f"(loss {pe['loss']:.5f})",
+                flush=True,
+            )
     full = results.get("full")
     if results:
-        print("\n| method | step (s) | peak RSS (MiB) | peak - baseline (MiB) | vs full | trainable params | optimizer state (MiB) |")
+        print(
+            "\n| method | step (s) | peak RSS (MiB) | peak - baseline (MiB) | vs full | trainable params | optimizer state (MiB) |"
+        )
         print("|---|---|---|---|---|---|---|")
     for m, r in results.items():
         d = r["peak_rss_mib"] - r["baseline_rss_mib"]
         rel = f"{d / (full['peak_rss_mib'] - full['baseline_rss_mib']):.2f}x" if full else "-"
-        print(f"| {m} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | {d:.0f} | {rel} | {r['trainable_params']:,} | "
-              f"{r['optimizer_state_mib']:.1f} |")
+        print(
+            f"| {m} | {r['step_s']:.2f} | {r['peak_rss_mib']:.0f} | {d:.0f} | {rel} | {r['trainable_params']:,} | "
+            f"{r['optimizer_state_mib']:.1f} |"
+        )
     ratio = min(theirs) / min(ours)
-    print(f"\nLoRA step time, best of {a.repeats}: lmforge {min(ours):.3f}s, peft+transformers {min(theirs):.3f}s, "
-          f"ratio peft/lmforge = {ratio:.2f}x")
+    print(
+        f"\nLoRA step time, best of {a.repeats}: lmforge {min(ours):.3f}s, peft+transformers {min(theirs):.3f}s, "
+        f"ratio peft/lmforge = {ratio:.2f}x"
+    )
     if a.out:
-        Path(a.out).write_text(json.dumps({"results": results, "lora_s": ours, "peft_s": theirs, "ratio": ratio},
-                                          indent=2))
+        Path(a.out).write_text(
+            json.dumps({"results": results, "lora_s": ours, "peft_s": theirs, "ratio": ratio}, indent=2)
+        )
 
 
 if __name__ == "__main__":

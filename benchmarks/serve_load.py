@@ -38,9 +38,15 @@ def pct(xs, p):
 
 async def client(http, url, model, n, args, stats):
     for i in range(n):
-        body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}: tell me about files."}],
-                "max_tokens": args.max_tokens, "temperature": 0.7, "seed": i, "ignore_eos": args.ignore_eos,
-                "stream": args.stream}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": f"Request {i}: tell me about files."}],
+            "max_tokens": args.max_tokens,
+            "temperature": 0.7,
+            "seed": i,
+            "ignore_eos": args.ignore_eos,
+            "stream": args.stream,
+        }
         t0 = time.perf_counter()
         try:
             if args.stream:
@@ -73,7 +79,9 @@ async def run_load(url, model, args):
     limits = httpx.Limits(max_connections=args.clients + 5, max_keepalive_connections=args.clients + 5)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(http, url, model, args.requests, args, stats) for _ in range(args.clients)))
+        await asyncio.gather(
+            *(client(http, url, model, args.requests, args, stats) for _ in range(args.clients))
+        )
         wall = time.perf_counter() - t0
         health = (await http.get(url + "/health")).json()
     return stats, wall, health
@@ -85,8 +93,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=20, help="per client")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--stop-at-eos", dest="ignore_eos", action="store_false",
-                    help="let answers end early (default: exactly --max-tokens tokens each)")
+    ap.add_argument(
+        "--stop-at-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="let answers end early (default: exactly --max-tokens tokens each)",
+    )
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=64)
@@ -102,9 +114,23 @@ def main() -> None:
         from lmforge.serve.testing import make_tiny_model
 
         model_dir = make_tiny_model(Path(tmp.name) / "tiny", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2)
-    cmd = [sys.executable, "-m", "lmforge.serve.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(args.port), "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-           "--name", "bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.serve.cli",
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        str(args.max_queue),
+        "--name",
+        "bench",
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{args.port}"
     try:
@@ -133,17 +159,28 @@ def main() -> None:
     ok = stats["status"].get(200, 0)
     lat = stats["lat"]
     res = {
-        "clients": args.clients, "requests_per_client": args.requests, "total": total,
-        "max_tokens": args.max_tokens, "stream": args.stream, "max_batch": args.max_batch, "max_queue": args.max_queue,
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "total": total,
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
         "status": {str(k): v for k, v in stats["status"].items()},
         "errors_other_than_503": total - ok - stats["status"].get(503, 0),
-        "wall_s": round(wall, 2), "ok_requests_per_s": round(ok / wall, 2),
-        "latency_s": {"p50": round(pct(lat, 50), 3), "p90": round(pct(lat, 90), 3), "p99": round(pct(lat, 99), 3),
-                      "mean": round(statistics.fmean(lat), 3) if lat else None},
+        "wall_s": round(wall, 2),
+        "ok_requests_per_s": round(ok / wall, 2),
+        "latency_s": {
+            "p50": round(pct(lat, 50), 3),
+            "p90": round(pct(lat, 90), 3),
+            "p99": round(pct(lat, 99), 3),
+            "mean": round(statistics.fmean(lat), 3) if lat else None,
+        },
         "generated_tokens_per_s": round(stats["tokens"] / wall, 1) if not args.stream else None,
         "ttft_s_p50": round(pct(stats["ttft"], 50), 3) if stats["ttft"] else None,
         "health_after": {k: health.get(k) for k in ("running", "waiting", "rejected", "cancelled", "errors")},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(json.dumps(res, indent=2))
     if args.json:

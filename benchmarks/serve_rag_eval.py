@@ -29,9 +29,44 @@ import tempfile
 import time
 from pathlib import Path
 
-SYL = ["var", "no", "li", "zor", "bi", "quen", "tal", "mox", "pel", "ra", "dun", "ke", "sha", "vel", "tor", "mi",
-       "gal", "ek", "sor", "an", "bel", "ur", "fen", "do"]
-EXPORTS = ["copper", "purple wool", "salt", "glass beads", "rice", "timber", "silver", "olive oil", "tea", "amber"]
+SYL = [
+    "var",
+    "no",
+    "li",
+    "zor",
+    "bi",
+    "quen",
+    "tal",
+    "mox",
+    "pel",
+    "ra",
+    "dun",
+    "ke",
+    "sha",
+    "vel",
+    "tor",
+    "mi",
+    "gal",
+    "ek",
+    "sor",
+    "an",
+    "bel",
+    "ur",
+    "fen",
+    "do",
+]
+EXPORTS = [
+    "copper",
+    "purple wool",
+    "salt",
+    "glass beads",
+    "rice",
+    "timber",
+    "silver",
+    "olive oil",
+    "tea",
+    "amber",
+]
 ANIMALS = ["otter", "heron", "lynx", "ibex", "falcon", "tortoise", "badger", "crane", "marten", "gecko"]
 
 
@@ -47,22 +82,31 @@ def fact_sheets(n=60, seed=0):
         if country in seen:
             continue
         seen.add(country)
-        f = {"country": country, "capital": name(rng, 2) + rng.choice(["ville", "port", "grad", "ton"]),
-             "river": "the " + name(rng, 2), "export": rng.choice(EXPORTS), "animal": rng.choice(ANIMALS),
-             "year": str(rng.randint(1200, 1950))}
-        f["text"] = (f"{country} is a small nation in the northern hills. Its capital is {f['capital']}, a city "
-                     f"built on both banks of {f['river']} river. {country} was founded in {f['year']}. The economy "
-                     f"of {country} depends mostly on {f['export']}, which merchants carry to the coast. The national "
-                     f"animal of {country} is the {f['animal']}, shown on its flag.")
+        f = {
+            "country": country,
+            "capital": name(rng, 2) + rng.choice(["ville", "port", "grad", "ton"]),
+            "river": "the " + name(rng, 2),
+            "export": rng.choice(EXPORTS),
+            "animal": rng.choice(ANIMALS),
+            "year": str(rng.randint(1200, 1950)),
+        }
+        f["text"] = (
+            f"{country} is a small nation in the northern hills. Its capital is {f['capital']}, a city "
+            f"built on both banks of {f['river']} river. {country} was founded in {f['year']}. The economy "
+            f"of {country} depends mostly on {f['export']}, which merchants carry to the coast. The national "
+            f"animal of {country} is the {f['animal']}, shown on its flag."
+        )
         out.append(f)
     return out
 
 
 def questions(f):
     c = f["country"]
-    return [(f"Which city is the seat of government of {c}?", f["capital"]),
-            (f"What product does {c} mainly sell abroad?", f["export"]),
-            (f"In which year did {c} come into existence?", f["year"])]
+    return [
+        (f"Which city is the seat of government of {c}?", f["capital"]),
+        (f"What product does {c} mainly sell abroad?", f["export"]),
+        (f"In which year did {c} come into existence?", f["year"]),
+    ]
 
 
 def recall_at(ranks, k):
@@ -96,17 +140,27 @@ def main() -> None:
     (docs / "haystack.jsonl").write_text("\n".join(rows) + "\n")
     rng = random.Random(1)
     # sentence -> chunk queries over the haystack (chunked as the index will chunk it)
-    hay_chunks = [(f"{docs / 'haystack.jsonl'}#{n}", j, c) for n, d in enumerate(hay)
-                  for j, c in enumerate(chunk_text(d.text, 120, 20))]
+    hay_chunks = [
+        (f"{docs / 'haystack.jsonl'}#{n}", j, c)
+        for n, d in enumerate(hay)
+        for j, c in enumerate(chunk_text(d.text, 120, 20))
+    ]
     sent_q = []
     for src, j, c in rng.sample(hay_chunks, min(100, len(hay_chunks))):
         sents = [s for s in re.split(r"(?<=[.!?])\s+", c) if len(s.split()) >= 8]
         if sents:
             sent_q.append((rng.choice(sents), src, j))
-    fact_q = [(q, str(docs / f"fact_{i:03d}.txt"), 0, gold) for i, f in enumerate(sheets) for q, gold in questions(f)]
+    fact_q = [
+        (q, str(docs / f"fact_{i:03d}.txt"), 0, gold)
+        for i, f in enumerate(sheets)
+        for q, gold in questions(f)
+    ]
 
-    report = {"corpus": {"fact_sheets": len(sheets), "haystack_docs": len(hay), "haystack_chunks": len(hay_chunks)},
-              "retrieval": {}, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report = {
+        "corpus": {"fact_sheets": len(sheets), "haystack_docs": len(hay), "haystack_chunks": len(hay_chunks)},
+        "retrieval": {},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     retrievers = {}
     for spec in a.embedders.split(","):
         emb = get_embedder(spec)
@@ -121,9 +175,12 @@ def main() -> None:
             for q, src, j in qs:
                 hits = r.search(q, a.k)
                 ranks.append(next((n for n, h in enumerate(hits) if h.source == src and h.chunk == j), None))
-            res[label] = {"n": len(qs), "recall@1": round(recall_at(ranks, 1), 3),
-                          f"recall@{a.k}": round(recall_at(ranks, a.k), 3),
-                          "ms_per_query": round((time.perf_counter() - t0) / len(qs) * 1000, 2)}
+            res[label] = {
+                "n": len(qs),
+                "recall@1": round(recall_at(ranks, 1), 3),
+                f"recall@{a.k}": round(recall_at(ranks, a.k), 3),
+                "ms_per_query": round((time.perf_counter() - t0) / len(qs) * 1000, 2),
+            }
         report["retrieval"][spec] = res
         print(spec, json.dumps(res))
 
@@ -152,16 +209,22 @@ def main() -> None:
 
                 ctx = format_sources(hits) + "\n\n"
                 for key, prompt in (("cloze_with", ctx + cloze), ("cloze_without", cloze)):
-                    ids = eng.encode(prompt)[-(eng.context - 12):]
+                    ids = eng.encode(prompt)[-(eng.context - 12) :]
                     out = eng.submit(ids, params).result().text
                     acc[key] += f["capital"].lower() in out.lower()
         n, nc = len(fact_q), len(caps)
-        report["answers"] = {"model": a.model, "embedder": spec, "sources_in_prompt": a.answer_k,
-                             "qa_accuracy_with_retrieval": round(acc["with_retrieval"] / n, 3),
-                             "qa_accuracy_without_retrieval": round(acc["without_retrieval"] / n, 3),
-                             "cloze_capital_accuracy_with_retrieval": round(acc["cloze_with"] / nc, 3),
-                             "cloze_capital_accuracy_without_retrieval": round(acc["cloze_without"] / nc, 3),
-                             "n_questions": n, "n_cloze": nc, "examples": examples}
+        report["answers"] = {
+            "model": a.model,
+            "embedder": spec,
+            "sources_in_prompt": a.answer_k,
+            "qa_accuracy_with_retrieval": round(acc["with_retrieval"] / n, 3),
+            "qa_accuracy_without_retrieval": round(acc["without_retrieval"] / n, 3),
+            "cloze_capital_accuracy_with_retrieval": round(acc["cloze_with"] / nc, 3),
+            "cloze_capital_accuracy_without_retrieval": round(acc["cloze_without"] / nc, 3),
+            "n_questions": n,
+            "n_cloze": nc,
+            "examples": examples,
+        }
         print(json.dumps(report["answers"], indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))

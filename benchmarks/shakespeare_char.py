@@ -45,8 +45,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ class RandomWindows:
     def batch_at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         ix = torch.randint(len(self.data) - self.block, (self.batch,), generator=g)
-        win = torch.stack([self.data[j:j + self.block + 1] for j in ix.tolist()])
+        win = torch.stack([self.data[j : j + self.block + 1] for j in ix.tolist()])
         return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
     def __iter__(self):
@@ -101,15 +101,25 @@ class Evaluator:
     """Callable for Trainer(evaluate=...): returns {"loss": val_full, "est": val_est} and keeps
     a history with the training wall time at each evaluation (evaluations excluded)."""
 
-    def __init__(self, val: torch.Tensor, block: int, eval_iters: int = 200, eval_batch: int = 12,
-                 seed: int = 4242, chunk: int = 256, est_every_eval: bool = False,
-                 wanted: Callable[[int], bool] | None = None):
+    def __init__(
+        self,
+        val: torch.Tensor,
+        block: int,
+        eval_iters: int = 200,
+        eval_batch: int = 12,
+        seed: int = 4242,
+        chunk: int = 256,
+        est_every_eval: bool = False,
+        wanted: Callable[[int], bool] | None = None,
+    ):
         self.wanted = wanted
         self.est_every_eval = est_every_eval
-        self.est_batches = [RandomWindows(val, block, eval_batch, seed).batch_at(i) for i in range(eval_iters)]
+        self.est_batches = [
+            RandomWindows(val, block, eval_batch, seed).batch_at(i) for i in range(eval_iters)
+        ]
         n = (len(val) - 1) // block
         self.full_x = val[: n * block].view(n, block)
-        self.full_y = val[1: n * block + 1].view(n, block)
+        self.full_y = val[1 : n * block + 1].view(n, block)
         self.chunk = chunk
         self.eval_seconds = 0.0
         self.t_start: float | None = None
@@ -121,14 +131,21 @@ class Evaluator:
         tot, cnt = 0.0, 0
         for x, y in zip(xs, ys):
             logits = model(x)
-            tot += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+            tot += float(
+                F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            )
             cnt += y.numel()
         return tot / cnt
 
     def __call__(self, model) -> dict[str, float]:
         t0 = time.perf_counter()
         final = self.trainer is None or self.trainer.step >= self.trainer.cfg.max_steps
-        if not final and self.wanted is not None and self.trainer is not None and not self.wanted(self.trainer.step):
+        if (
+            not final
+            and self.wanted is not None
+            and self.trainer is not None
+            and not self.wanted(self.trainer.step)
+        ):
             return {}  # not an evaluation step of this run (saves wall time on a slow machine)
         est = float("nan")
         if final or self.est_every_eval:  # 153,600 tokens: only at the end unless asked
@@ -144,14 +161,24 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- runs
 NANOGPT_MODEL = dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_seq_len=64, tie_embeddings=True)
-NANOGPT_TRAIN = dict(max_steps=2000, batch_size=12, lr=1e-3, min_lr_ratio=0.1, warmup_steps=100,
-                     schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0)
+NANOGPT_TRAIN = dict(
+    max_steps=2000,
+    batch_size=12,
+    lr=1e-3,
+    min_lr_ratio=0.1,
+    warmup_steps=100,
+    schedule="cosine",
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,
+)
 
 
 @dataclass
 class Run:
-    model: dict = field(default_factory=dict)   # overrides of NANOGPT_MODEL
-    train: dict = field(default_factory=dict)   # overrides of NANOGPT_TRAIN
+    model: dict = field(default_factory=dict)  # overrides of NANOGPT_MODEL
+    train: dict = field(default_factory=dict)  # overrides of NANOGPT_TRAIN
     note: str = ""
     # Evaluations: every `eval_every` steps inside `eval_window` (fractions of max_steps, where
     # the target is crossed), every `sparse_every` steps elsewhere (0 = none), and at the end.
@@ -163,50 +190,139 @@ class Run:
 RUNS: dict[str, Run] = {
     "nanogpt": Run(note="nanoGPT shakespeare_char CPU config", eval_every=50, eval_window=(0.3, 0.5)),
     # lmforge's recommendation for small char-level models (chosen from the sweep below):
-    "recommended": Run(train=dict(max_steps=700, batch_size=12, lr=2e-3, warmup_steps=50, schedule="wsd",
-                                  decay_fraction=0.4, min_lr_ratio=0.0, weight_decay=0.1, beta1=0.9, beta2=0.99),
-                       note="lr 2e-3, warmup 50, WSD (last 40% linear to 0), batch 12, 700 steps",
-                       eval_every=50, eval_window=(0.6, 1.0)),
+    "recommended": Run(
+        train=dict(
+            max_steps=700,
+            batch_size=12,
+            lr=2e-3,
+            warmup_steps=50,
+            schedule="wsd",
+            decay_fraction=0.4,
+            min_lr_ratio=0.0,
+            weight_decay=0.1,
+            beta1=0.9,
+            beta2=0.99,
+        ),
+        note="lr 2e-3, warmup 50, WSD (last 40% linear to 0), batch 12, 700 steps",
+        eval_every=50,
+        eval_window=(0.6, 1.0),
+    ),
     # sweep candidates, round 1 (`--runs sweep`)
     "lr3e-3_1000": Run(train=dict(lr=3e-3, max_steps=1000, warmup_steps=50), note="lr 3e-3, 1000 steps"),
-    "lr6e-3_wsd_1000": Run(train=dict(lr=6e-3, max_steps=1000, warmup_steps=50, schedule="wsd",
-                                      decay_fraction=0.4, min_lr_ratio=0.0), note="lr 6e-3 WSD 1000 steps"),
-    "lr1e-2_wsd_1000": Run(train=dict(lr=1e-2, max_steps=1000, warmup_steps=50, schedule="wsd",
-                                      decay_fraction=0.4, min_lr_ratio=0.0), note="lr 1e-2 WSD 1000 steps"),
-    "b24_lr6e-3_wsd_800": Run(train=dict(batch_size=24, lr=6e-3, max_steps=800, warmup_steps=50, schedule="wsd",
-                                         decay_fraction=0.4, min_lr_ratio=0.0), note="batch 24, lr 6e-3 WSD 800"),
-    "b48_lr8e-3_wsd_500": Run(train=dict(batch_size=48, lr=8e-3, max_steps=500, warmup_steps=30, schedule="wsd",
-                                         decay_fraction=0.4, min_lr_ratio=0.0), note="batch 48, lr 8e-3 WSD 500"),
+    "lr6e-3_wsd_1000": Run(
+        train=dict(
+            lr=6e-3, max_steps=1000, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 6e-3 WSD 1000 steps",
+    ),
+    "lr1e-2_wsd_1000": Run(
+        train=dict(
+            lr=1e-2, max_steps=1000, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 1e-2 WSD 1000 steps",
+    ),
+    "b24_lr6e-3_wsd_800": Run(
+        train=dict(
+            batch_size=24,
+            lr=6e-3,
+            max_steps=800,
+            warmup_steps=50,
+            schedule="wsd",
+            decay_fraction=0.4,
+            min_lr_ratio=0.0,
+        ),
+        note="batch 24, lr 6e-3 WSD 800",
+    ),
+    "b48_lr8e-3_wsd_500": Run(
+        train=dict(
+            batch_size=48,
+            lr=8e-3,
+            max_steps=500,
+            warmup_steps=30,
+            schedule="wsd",
+            decay_fraction=0.4,
+            min_lr_ratio=0.0,
+        ),
+        note="batch 48, lr 8e-3 WSD 500",
+    ),
     # round 2 (`--runs sweep2`: small batch, lr ~3e-3, schedules that end at the target)
     "lr3e-3_600": Run(train=dict(lr=3e-3, max_steps=600, warmup_steps=50), note="lr 3e-3 cosine 600"),
     "lr3e-3_500": Run(train=dict(lr=3e-3, max_steps=500, warmup_steps=50), note="lr 3e-3 cosine 500"),
-    "lr3e-3_wsd_600": Run(train=dict(lr=3e-3, max_steps=600, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                     min_lr_ratio=0.0), note="lr 3e-3 WSD 600"),
-    "lr4e-3_b2.95_600": Run(train=dict(lr=4e-3, beta2=0.95, max_steps=600, warmup_steps=50),
-                            note="lr 4e-3 beta2 0.95 cosine 600"),
-    "b8_lr3e-3_800": Run(train=dict(batch_size=8, lr=3e-3, max_steps=800, warmup_steps=50),
-                         note="batch 8, lr 3e-3 cosine 800"),
+    "lr3e-3_wsd_600": Run(
+        train=dict(
+            lr=3e-3, max_steps=600, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 3e-3 WSD 600",
+    ),
+    "lr4e-3_b2.95_600": Run(
+        train=dict(lr=4e-3, beta2=0.95, max_steps=600, warmup_steps=50), note="lr 4e-3 beta2 0.95 cosine 600"
+    ),
+    "b8_lr3e-3_800": Run(
+        train=dict(batch_size=8, lr=3e-3, max_steps=800, warmup_steps=50), note="batch 8, lr 3e-3 cosine 800"
+    ),
     # round 3 (`--runs sweep3`: ~700 steps; untied head; longer decay)
-    "wsd_700": Run(train=dict(lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                              min_lr_ratio=0.0), note="lr 3e-3 WSD 700"),
-    "wsd_700_untied": Run(model=dict(tie_embeddings=False),
-                          train=dict(lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                     min_lr_ratio=0.0), note="lr 3e-3 WSD 700, untied head"),
-    "wsd_700_d0.6": Run(train=dict(lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.6,
-                                   min_lr_ratio=0.0), note="lr 3e-3 WSD 700, decay 60%"),
-    "wsd_700_lr2e-3": Run(train=dict(lr=2e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                     min_lr_ratio=0.0), note="lr 2e-3 WSD 700"),
-    "wsd_700_wd0": Run(train=dict(lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                  min_lr_ratio=0.0, weight_decay=0.0), note="lr 3e-3 WSD 700, no weight decay"),
+    "wsd_700": Run(
+        train=dict(
+            lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 3e-3 WSD 700",
+    ),
+    "wsd_700_untied": Run(
+        model=dict(tie_embeddings=False),
+        train=dict(
+            lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 3e-3 WSD 700, untied head",
+    ),
+    "wsd_700_d0.6": Run(
+        train=dict(
+            lr=3e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.6, min_lr_ratio=0.0
+        ),
+        note="lr 3e-3 WSD 700, decay 60%",
+    ),
+    "wsd_700_lr2e-3": Run(
+        train=dict(
+            lr=2e-3, max_steps=700, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 2e-3 WSD 700",
+    ),
+    "wsd_700_wd0": Run(
+        train=dict(
+            lr=3e-3,
+            max_steps=700,
+            warmup_steps=50,
+            schedule="wsd",
+            decay_fraction=0.4,
+            min_lr_ratio=0.0,
+            weight_decay=0.0,
+        ),
+        note="lr 3e-3 WSD 700, no weight decay",
+    ),
     # round 4 (`--runs sweep4`: lr 1.5e-3..2e-3, 600-650 steps)
-    "wsd_600_lr2e-3": Run(train=dict(lr=2e-3, max_steps=600, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                     min_lr_ratio=0.0), note="lr 2e-3 WSD 600"),
-    "wsd_650_lr2e-3": Run(train=dict(lr=2e-3, max_steps=650, warmup_steps=50, schedule="wsd", decay_fraction=0.4,
-                                     min_lr_ratio=0.0), note="lr 2e-3 WSD 650"),
-    "wsd_650_lr1.5e-3": Run(train=dict(lr=1.5e-3, max_steps=650, warmup_steps=50, schedule="wsd",
-                                       decay_fraction=0.4, min_lr_ratio=0.0), note="lr 1.5e-3 WSD 650"),
-    "wsd_650_lr2e-3_d0.5": Run(train=dict(lr=2e-3, max_steps=650, warmup_steps=50, schedule="wsd",
-                                          decay_fraction=0.5, min_lr_ratio=0.0), note="lr 2e-3 WSD 650, decay 50%"),
+    "wsd_600_lr2e-3": Run(
+        train=dict(
+            lr=2e-3, max_steps=600, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 2e-3 WSD 600",
+    ),
+    "wsd_650_lr2e-3": Run(
+        train=dict(
+            lr=2e-3, max_steps=650, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 2e-3 WSD 650",
+    ),
+    "wsd_650_lr1.5e-3": Run(
+        train=dict(
+            lr=1.5e-3, max_steps=650, warmup_steps=50, schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.0
+        ),
+        note="lr 1.5e-3 WSD 650",
+    ),
+    "wsd_650_lr2e-3_d0.5": Run(
+        train=dict(
+            lr=2e-3, max_steps=650, warmup_steps=50, schedule="wsd", decay_fraction=0.5, min_lr_ratio=0.0
+        ),
+        note="lr 2e-3 WSD 650, decay 50%",
+    ),
 }
 SWEEP = ["lr3e-3_1000", "lr6e-3_wsd_1000", "lr1e-2_wsd_1000", "b24_lr6e-3_wsd_800", "b48_lr8e-3_wsd_500"]
 SWEEP2 = ["lr3e-3_600", "lr3e-3_500", "lr3e-3_wsd_600", "lr4e-3_b2.95_600", "b8_lr3e-3_800"]
@@ -228,20 +344,38 @@ def run_one(name: str, run: Run, train: torch.Tensor, val: torch.Tensor, args) -
         return (lo * steps <= step <= hi * steps and step % every == 0) or bool(sparse and step % sparse == 0)
 
     eval_every = math.gcd(every, sparse) if sparse else every
-    tcfg = TrainConfig(**tkw, eval_every=eval_every, checkpoint_every=0, keep_checkpoints=1,
-                       log_every=args.log_every, compile=args.compile)
+    tcfg = TrainConfig(
+        **tkw,
+        eval_every=eval_every,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        log_every=args.log_every,
+        compile=args.compile,
+    )
     torch.manual_seed(args.seed)
     model = Transformer(mcfg)
     loader = RandomWindows(train, mcfg.max_seq_len, tcfg.batch_size, seed=args.seed)
     ev = Evaluator(val, mcfg.max_seq_len, wanted=wanted)
     out = Path(tempfile.mkdtemp(prefix=f"lmforge_shk_{name}_"))
     log = print if args.verbose else (lambda s: None)
-    tr = Trainer(model, pretrain_objective(), loader, tcfg, out, device=torch.device("cpu"), dtype="float32",
-                 evaluate=ev, log=log)
+    tr = Trainer(
+        model,
+        pretrain_objective(),
+        loader,
+        tcfg,
+        out,
+        device=torch.device("cpu"),
+        dtype="float32",
+        evaluate=ev,
+        log=log,
+    )
     ev.trainer = tr
-    print(f"[{name}] {run.note or ''}: steps {tcfg.max_steps} batch {tcfg.batch_size} lr {tcfg.lr} "
-          f"{tcfg.schedule} params {model.num_params()/1e6:.3f}M  eval every {every} in steps "
-          f"{int(lo * steps)}-{int(hi * steps)}" + (f", every {sparse} elsewhere" if sparse else ""), flush=True)
+    print(
+        f"[{name}] {run.note or ''}: steps {tcfg.max_steps} batch {tcfg.batch_size} lr {tcfg.lr} "
+        f"{tcfg.schedule} params {model.num_params() / 1e6:.3f}M  eval every {every} in steps "
+        f"{int(lo * steps)}-{int(hi * steps)}" + (f", every {sparse} elsewhere" if sparse else ""),
+        flush=True,
+    )
     t0 = time.perf_counter()
     ev.t_start = t0
     res = tr.fit(resume=False)
@@ -249,16 +383,34 @@ def run_one(name: str, run: Run, train: torch.Tensor, val: torch.Tensor, args) -
     shutil.rmtree(out, ignore_errors=True)
     hit = next((h for h in ev.history if h["val_full"] <= args.target), None)
     final = ev.history[-1]
-    row = {"name": name, "note": run.note, "steps": tcfg.max_steps, "batch": tcfg.batch_size, "lr": tcfg.lr,
-           "schedule": tcfg.schedule, "val_full": final["val_full"], "val_est": final["val_est"],
-           "train_loss": res.final.get("loss"), "wall_s": wall, "eval_s": ev.eval_seconds,
-           "train_s": wall - ev.eval_seconds, "hit_step": hit["step"] if hit else None,
-           "hit_train_s": hit["train_s"] if hit else None, "history": ev.history}
+    row = {
+        "name": name,
+        "note": run.note,
+        "steps": tcfg.max_steps,
+        "batch": tcfg.batch_size,
+        "lr": tcfg.lr,
+        "schedule": tcfg.schedule,
+        "val_full": final["val_full"],
+        "val_est": final["val_est"],
+        "train_loss": res.final.get("loss"),
+        "wall_s": wall,
+        "eval_s": ev.eval_seconds,
+        "train_s": wall - ev.eval_seconds,
+        "hit_step": hit["step"] if hit else None,
+        "hit_train_s": hit["train_s"] if hit else None,
+        "history": ev.history,
+    }
     for h in ev.history:
-        print(f"    step {h['step']:>5}  val_full {h['val_full']:.4f}  val_est {h['val_est']:.4f}  "
-              f"train {h['train_s']:.1f}s", flush=True)
-    print(f"  -> val_full {row['val_full']:.4f} val_est {row['val_est']:.4f}  train {row['train_s']:.1f}s "
-          f"(+ eval {row['eval_s']:.1f}s)  {_fmt_hit(row)}", flush=True)
+        print(
+            f"    step {h['step']:>5}  val_full {h['val_full']:.4f}  val_est {h['val_est']:.4f}  "
+            f"train {h['train_s']:.1f}s",
+            flush=True,
+        )
+    print(
+        f"  -> val_full {row['val_full']:.4f} val_est {row['val_est']:.4f}  train {row['train_s']:.1f}s "
+        f"(+ eval {row['eval_s']:.1f}s)  {_fmt_hit(row)}",
+        flush=True,
+    )
     return row
 
 
@@ -271,15 +423,29 @@ def _fmt_hit(r: dict) -> str:
 def main(argv=None) -> int:
     global TARGET
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="nanogpt,recommended", help=f"comma list of {sorted(RUNS)} or 'sweep' .. 'sweep4'")
-    ap.add_argument("--eval-every", type=int, default=None,
-                    help="evaluate every N steps (0 = only at the end); default: each run's own (RUNS)")
-    ap.add_argument("--eval-from", type=float, default=None,
-                    help="sweeps: evaluate only from this fraction of each run's steps on (and at the end)")
+    ap.add_argument(
+        "--runs", default="nanogpt,recommended", help=f"comma list of {sorted(RUNS)} or 'sweep' .. 'sweep4'"
+    )
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="evaluate every N steps (0 = only at the end); default: each run's own (RUNS)",
+    )
+    ap.add_argument(
+        "--eval-from",
+        type=float,
+        default=None,
+        help="sweeps: evaluate only from this fraction of each run's steps on (and at the end)",
+    )
     ap.add_argument("--target", type=float, default=TARGET)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
-                    "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
+        "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)",
+    )
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--log-every", type=int, default=250)
     ap.add_argument("--compile", action="store_true")
@@ -297,23 +463,28 @@ def main(argv=None) -> int:
         ap.error(f"unknown run(s) {unknown}; choose from {sorted(RUNS)} or 'sweep' .. 'sweep4'")
 
     train, val, chars = load_char_data()
-    print(f"# shakespeare_char  torch {torch.__version__}  threads {torch.get_num_threads()}  vocab {len(chars)}  "
-          f"train {len(train):,} val {len(val):,} chars  target val <= {TARGET}")
+    print(
+        f"# shakespeare_char  torch {torch.__version__}  threads {torch.get_num_threads()}  vocab {len(chars)}  "
+        f"train {len(train):,} val {len(val):,} chars  target val <= {TARGET}"
+    )
     rows = [run_one(n, RUNS[n], train, val, args) for n in names]
 
     step_ms = calibrate(names, train, args) if args.calibrate else {}
 
-    print("\n| run | settings | steps | batch | final val (full) | final val (est, 200x12) | train wall (s) "
-          "| eval wall (s) | first eval <= %.2f: step / train wall (s) | interleaved ms/step | projected train s to target |"
-          % TARGET)
+    print(
+        "\n| run | settings | steps | batch | final val (full) | final val (est, 200x12) | train wall (s) "
+        f"| eval wall (s) | first eval <= {TARGET:.2f}: step / train wall (s) | interleaved ms/step | projected train s to target |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hit = "no" if r["hit_step"] is None else f"{r['hit_step']} / {r['hit_train_s']:.1f}"
         ms = step_ms.get(r["name"])
         proj = "-" if ms is None or r["hit_step"] is None else f"{r['hit_step'] * ms / 1e3:.1f}"
-        print(f"| {r['name']} | {r['note']} | {r['steps']} | {r['batch']} | {r['val_full']:.4f} | "
-              f"{r['val_est']:.4f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | {hit} | "
-              f"{'-' if ms is None else f'{ms:.1f}'} | {proj} |")
+        print(
+            f"| {r['name']} | {r['note']} | {r['steps']} | {r['batch']} | {r['val_full']:.4f} | "
+            f"{r['val_est']:.4f} | {r['train_s']:.1f} | {r['eval_s']:.1f} | {hit} | "
+            f"{'-' if ms is None else f'{ms:.1f}'} | {proj} |"
+        )
     return 0
 
 
@@ -328,7 +499,9 @@ def calibrate(names: list[str], train: torch.Tensor, args, warmup: int = 5) -> d
     for n in dict.fromkeys(names):
         run = RUNS[n]
         tkw = {**NANOGPT_TRAIN, **run.train}
-        key = repr((sorted({**NANOGPT_MODEL, **run.model}.items()), tkw["batch_size"], tkw.get("grad_accum", 1)))
+        key = repr(
+            (sorted({**NANOGPT_MODEL, **run.model}.items()), tkw["batch_size"], tkw.get("grad_accum", 1))
+        )
         groups.setdefault(key, []).append(n)
     trainers = {}
     for key, members in groups.items():
@@ -336,9 +509,16 @@ def calibrate(names: list[str], train: torch.Tensor, args, warmup: int = 5) -> d
         mcfg = ModelConfig(**{**NANOGPT_MODEL, **run.model})
         tcfg = TrainConfig(**{**NANOGPT_TRAIN, **run.train}, compile=args.compile)
         torch.manual_seed(args.seed)
-        tr = Trainer(Transformer(mcfg), pretrain_objective(), None, tcfg,
-                     Path(tempfile.mkdtemp(prefix="lmforge_cal_")), device=torch.device("cpu"),
-                     dtype="float32", log=lambda s: None)
+        tr = Trainer(
+            Transformer(mcfg),
+            pretrain_objective(),
+            None,
+            tcfg,
+            Path(tempfile.mkdtemp(prefix="lmforge_cal_")),
+            device=torch.device("cpu"),
+            dtype="float32",
+            log=lambda s: None,
+        )
         tr._set_lr()
         loader = RandomWindows(train, mcfg.max_seq_len, tcfg.batch_size, seed=args.seed)
         trainers[key] = (tr, loader)
@@ -358,8 +538,10 @@ def calibrate(names: list[str], train: torch.Tensor, args, warmup: int = 5) -> d
         ms = statistics.median(times[k]) * 1e3
         for n in members:
             out[n] = ms
-    print(f"\ninterleaved engine-step time (median of {args.calibrate}, one timing per distinct model+batch): "
-          + "  ".join(f"{'/'.join(m)} {out[m[0]]:.1f} ms" for m in groups.values()))
+    print(
+        f"\ninterleaved engine-step time (median of {args.calibrate}, one timing per distinct model+batch): "
+        + "  ".join(f"{'/'.join(m)} {out[m[0]]:.1f} ms" for m in groups.values())
+    )
     return out
 
 

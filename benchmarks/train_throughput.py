@@ -57,8 +57,9 @@ class HFNextToken:
     def __call__(self, model, batch):
         x, y = batch
         logits = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         return loss, int((y != -100).sum()), {}
 
     def count(self, batch):
@@ -69,6 +70,7 @@ class HFNextToken:
 # Candidate changes to transformer.py, measured as monkeypatched variants of the same module
 # tree. Parameter names stay HF-compatible (q_proj/k_proj/v_proj/gate_proj/up_proj), the
 # fused matrices are views into one storage so no copy happens per step.
+
 
 def _attn_fused_forward(self, x, cos, sin, attn_mask=None, cache=None):
     B, T, _ = x.shape
@@ -116,7 +118,9 @@ def make_fused(model: Transformer) -> Transformer:
         w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach().clone()
         a._qkv_weight = nn.Parameter(w)
         if a.q_proj.bias is not None:
-            a._qkv_bias = nn.Parameter(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach().clone())
+            a._qkv_bias = nn.Parameter(
+                torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach().clone()
+            )
         else:
             a._qkv_bias = None
         del a.q_proj, a.k_proj, a.v_proj
@@ -182,14 +186,24 @@ VARIANTS = {"fused": make_fused, "gqa": make_gqa, "nosync": make_nosync}
 def build(args) -> tuple[ModelConfig, Transformer, nn.Module]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, max_seq_len=args.seq, tie_embeddings=not args.untied)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        max_seq_len=args.seq,
+        tie_embeddings=not args.untied,
+    )
     torch.manual_seed(args.seed)
     lm = Transformer(cfg)
     hf_cfg = LlamaConfig(**to_hf_config(cfg))
     hf_cfg.use_cache = False
-    hf = LlamaForCausalLM(hf_cfg, attn_implementation="sdpa") if _accepts_attn_kw() else \
-        LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+    hf = (
+        LlamaForCausalLM(hf_cfg, attn_implementation="sdpa")
+        if _accepts_attn_kw()
+        else LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa")
+    )
     hf.config._attn_implementation = "sdpa"
     sd = {k: v for k, v in lm.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -207,18 +221,41 @@ def build(args) -> tuple[ModelConfig, Transformer, nn.Module]:
 def _accepts_attn_kw() -> bool:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-        LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                     num_attention_heads=2), attn_implementation="sdpa")
+
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2
+            ),
+            attn_implementation="sdpa",
+        )
         return True
     except TypeError:
         return False
 
 
 def trainer_for(model, objective, args, out: Path, compile_: bool = False) -> Trainer:
-    tc = TrainConfig(max_steps=10**6, batch_size=args.batch, lr=args.lr, warmup_steps=0, schedule="constant",
-                     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, compile=compile_)
-    t = Trainer(model, objective, data=None, cfg=tc, out_dir=out, device=torch.device("cpu"), dtype="float32",
-                log=lambda s: None)
+    tc = TrainConfig(
+        max_steps=10**6,
+        batch_size=args.batch,
+        lr=args.lr,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.95,
+        grad_clip=1.0,
+        compile=compile_,
+    )
+    t = Trainer(
+        model,
+        objective,
+        data=None,
+        cfg=tc,
+        out_dir=out,
+        device=torch.device("cpu"),
+        dtype="float32",
+        log=lambda s: None,
+    )
     t._set_lr()
     return t
 
@@ -251,20 +288,31 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per contender")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--untied", action="store_true", help="separate lm_head (default: tied, lmforge's default)")
+    ap.add_argument(
+        "--untied", action="store_true", help="separate lm_head (default: tied, lmforge's default)"
+    )
     ap.add_argument("--compile", action="store_true", help="also time lmforge under torch.compile")
     ap.add_argument("--compile-hf", action="store_true", help="also time HF under torch.compile")
-    ap.add_argument("--variants", default="", help=f"comma list of prototypes to time too: {','.join(VARIANTS)}")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table for lmforge and HF, then exit")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
-                    "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)")
+    ap.add_argument(
+        "--variants", default="", help=f"comma list of prototypes to time too: {','.join(VARIANTS)}"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="torch.profiler table for lmforge and HF, then exit"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default). 1: on a loaded 2-core machine two OpenMP threads "
+        "wait on each other at every op (measured 3-40x slower steps; RESULTS_foundation.md)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import transformers
+
     cfg, lm, hf = build(args)
     data = batches(args)
     tmp = Path(tempfile.mkdtemp(prefix="lmforge_tp_"))
@@ -284,17 +332,24 @@ def main(argv=None) -> int:
         for p in parts:
             if p != "compile":
                 m = VARIANTS[p](m)
-        contenders[f"lmforge+{name}"] = trainer_for(m, pretrain_objective(), args, tmp / name.replace("+", "_"),
-                                                   compile_="compile" in parts)
+        contenders[f"lmforge+{name}"] = trainer_for(
+            m, pretrain_objective(), args, tmp / name.replace("+", "_"), compile_="compile" in parts
+        )
     if args.compile_hf:
-        contenders["hf+compile"] = trainer_for(copy.deepcopy(hf), HFNextToken(), args, tmp / "d", compile_=True)
+        contenders["hf+compile"] = trainer_for(
+            copy.deepcopy(hf), HFNextToken(), args, tmp / "d", compile_=True
+        )
 
     tok = args.batch * args.seq
-    print(f"# train_throughput  torch {torch.__version__}  transformers {transformers.__version__}  "
-          f"threads {torch.get_num_threads()}  {platform.machine()}")
-    print(f"shape: layers={cfg.n_layers} d_model={cfg.d_model} heads={cfg.n_heads} kv_heads={cfg.kv_heads} "
-          f"d_ff={cfg.ff_dim} vocab={cfg.vocab_size} seq={args.seq} batch={args.batch} tied={cfg.tie_embeddings} "
-          f"fp32  params={lm.num_params()/1e6:.2f}M  tokens/step={tok}")
+    print(
+        f"# train_throughput  torch {torch.__version__}  transformers {transformers.__version__}  "
+        f"threads {torch.get_num_threads()}  {platform.machine()}"
+    )
+    print(
+        f"shape: layers={cfg.n_layers} d_model={cfg.d_model} heads={cfg.n_heads} kv_heads={cfg.kv_heads} "
+        f"d_ff={cfg.ff_dim} vocab={cfg.vocab_size} seq={args.seq} batch={args.batch} tied={cfg.tie_embeddings} "
+        f"fp32  params={lm.num_params() / 1e6:.2f}M  tokens/step={tok}"
+    )
 
     # Sanity: the first warm-up steps see the same batches from the same weights.
     losses: dict[str, list[float]] = {k: [] for k in contenders}
@@ -311,8 +366,10 @@ def main(argv=None) -> int:
         d0 = abs(losses[name][0] - losses["lmforge"][0])
         dmax = max(abs(a - b) for a, b in zip(losses[name], losses["lmforge"]))
         ok = "OK" if d0 <= 1e-4 else "MISMATCH"
-        print(f"sanity: first-step loss lmforge {losses['lmforge'][0]:.6f}  {name} {losses[name][0]:.6f}  "
-              f"|diff| {d0:.2e} [{ok}]  (max |diff| over {args.warmup} warm-up steps {dmax:.2e})")
+        print(
+            f"sanity: first-step loss lmforge {losses['lmforge'][0]:.6f}  {name} {losses[name][0]:.6f}  "
+            f"|diff| {d0:.2e} [{ok}]  (max |diff| over {args.warmup} warm-up steps {dmax:.2e})"
+        )
     if any("compile" in k for k in contenders):
         print("first step (incl. compile): " + "  ".join(f"{k} {v:.1f}s" for k, v in t_first.items()))
 
@@ -336,17 +393,20 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {med*1e3:.1f} | {min(ts)*1e3:.1f} | {tok/med:,.0f} | {base/med:.3f}x |")
+        print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {tok / med:,.0f} | {base / med:.3f}x |")
     # per-pair ratio: each lmforge step against the HF step right next to it, a noise-robust estimate
     pair = [h / a for a, h in zip(times["lmforge"], times["hf"])]
     q = statistics.quantiles(pair, n=4)
-    print(f"\npaired ratio HF_time/lmforge_time: median {statistics.median(pair):.3f}x "
-          f"(IQR {q[0]:.3f}-{q[2]:.3f}) over {len(pair)} interleaved pairs")
+    print(
+        f"\npaired ratio HF_time/lmforge_time: median {statistics.median(pair):.3f}x "
+        f"(IQR {q[0]:.3f}-{q[2]:.3f}) over {len(pair)} interleaved pairs"
+    )
     return 0
 
 
 def profile(contenders: dict[str, Trainer], data, args, steps: int = 5) -> None:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     for name in ("lmforge", "hf"):
         tr = contenders[name]
@@ -354,7 +414,9 @@ def profile(contenders: dict[str, Trainer], data, args, steps: int = 5) -> None:
             for i in range(steps):
                 tr._train_step([data[i % len(data)]])[0]
         print(f"\n## profile: {name} ({steps} steps)")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48))
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48)
+        )
 
 
 if __name__ == "__main__":

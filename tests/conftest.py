@@ -8,19 +8,42 @@ import pytest
 # Third-party test data kept beside the repository (never inside it, never used by the product).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-from lmforge.cli import main
+from lmforge.cli import main  # noqa: E402
 
 TINY = [
-    "data.max_docs=60", "tokenizer.vocab_size=512",
-    "pretrain.model.d_model=32", "pretrain.model.n_layers=2", "pretrain.model.n_heads=4",
-    "pretrain.model.n_kv_heads=2", "pretrain.seq_len=32", "pretrain.batch_size=4",
-    "pretrain.max_steps=20", "pretrain.warmup_steps=2", "pretrain.eval_every=10",
-    "pretrain.eval_tokens=1024", "pretrain.checkpoint_every=5", "pretrain.log_every=5",
-    "eval.max_tokens=4096", "sample.max_new_tokens=8", "run.device=cpu",
-    "sft.max_steps=3", "sft.batch_size=2", "sft.max_examples=64", "sft.max_val_examples=8", "sft.num_samples=1",
-    "reward.max_steps=2", "reward.max_examples=40", "reward.max_val_examples=8",
-    "align.max_steps=2", "align.max_examples=40", "align.max_val_examples=8",
-    "rl.max_steps=2", "rl.batch_size=4", "rl.max_val_examples=4", "rl.eval_every=0", "rl.ppo.max_new_tokens=4",
+    "data.max_docs=60",
+    "tokenizer.vocab_size=512",
+    "pretrain.model.d_model=32",
+    "pretrain.model.n_layers=2",
+    "pretrain.model.n_heads=4",
+    "pretrain.model.n_kv_heads=2",
+    "pretrain.seq_len=32",
+    "pretrain.batch_size=4",
+    "pretrain.max_steps=20",
+    "pretrain.warmup_steps=2",
+    "pretrain.eval_every=10",
+    "pretrain.eval_tokens=1024",
+    "pretrain.checkpoint_every=5",
+    "pretrain.log_every=5",
+    "eval.max_tokens=4096",
+    "sample.max_new_tokens=8",
+    "run.device=cpu",
+    "sft.max_steps=3",
+    "sft.batch_size=2",
+    "sft.max_examples=64",
+    "sft.max_val_examples=8",
+    "sft.num_samples=1",
+    "reward.max_steps=2",
+    "reward.max_examples=40",
+    "reward.max_val_examples=8",
+    "align.max_steps=2",
+    "align.max_examples=40",
+    "align.max_val_examples=8",
+    "rl.max_steps=2",
+    "rl.batch_size=4",
+    "rl.max_val_examples=4",
+    "rl.eval_every=0",
+    "rl.ppo.max_new_tokens=4",
 ]
 
 
@@ -55,17 +78,21 @@ def save_base_model(d, texts, vocab_size, *, seed=0, **model):
     return tok, model
 
 
-PAIR_WORDS = ("apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window "
-              "dragon pepper castle violin marble island orange falcon meadow harbor engine basket comet "
-              "desert feather glacier hammer jungle kettle ladder mirror needle oyster pillow quartz saddle "
-              "temple valley walnut yogurt zebra anchor").split()
+PAIR_WORDS = (
+    "apple river stone cloud tiger lemon piano candle forest bridge rocket garden silver window "
+    "dragon pepper castle violin marble island orange falcon meadow harbor engine basket comet "
+    "desert feather glacier hammer jungle kettle ladder mirror needle oyster pillow quartz saddle "
+    "temple valley walnut yogurt zebra anchor"
+).split()
 
 
 def synthetic_pairs(words=PAIR_WORDS) -> list[dict]:
     """Chosen: a friendly sentence; rejected: a rude one a token shorter -- so an untrained model
     (which prefers fewer tokens) starts below chance and learning the preference is easy to see."""
-    return [{"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.",
-             "rejected": f"The {w} bad."} for w in words]
+    return [
+        {"prompt": f"Tell me about the {w}.", "chosen": f"The {w} is nice.", "rejected": f"The {w} bad."}
+        for w in words
+    ]
 
 
 def save_pairs_and_base(d):
@@ -77,8 +104,9 @@ def save_pairs_and_base(d):
     recs = synthetic_pairs()
     data = d / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tok, model = save_base_model(d / "base", [r["prompt"] + " " + r["chosen"] + " " + r["rejected"]
-                                               for r in recs] * 4, 400)
+    tok, model = save_base_model(
+        d / "base", [r["prompt"] + " " + r["chosen"] + " " + r["rejected"] for r in recs] * 4, 400
+    )
     return d / "base", data, tok, model
 
 
@@ -122,7 +150,9 @@ def prepared_root(tmp_path_factory):
 @pytest.fixture
 def clone_run(prepared_root, tmp_path):
     """Copy the prepared run to a fresh root under a new name; returns the new root."""
+
     def make(name):
         shutil.copytree(prepared_root / "base", tmp_path / name)
         return tmp_path
+
     return make

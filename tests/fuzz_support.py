@@ -11,7 +11,8 @@ fixed (derandomised) number of examples so the whole set stays under a minute;
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 
@@ -23,10 +24,18 @@ SCALE = float(os.environ.get("LMFORGE_FUZZ_SCALE", "1"))
 def fuzz(examples: int, deadline_ms: int = 20_000) -> settings:
     """Bounded settings: `examples` x SCALE examples; a generous per-example deadline (a hang
     is caught, a slow shared CI machine is not); no example database written into the repo."""
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=deadline_ms, derandomize=SCALE == 1,
-                    database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                          HealthCheck.function_scoped_fixture,
-                                                          HealthCheck.filter_too_much])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=deadline_ms,
+        derandomize=SCALE == 1,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 def documented(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, LMForgeError | None]:

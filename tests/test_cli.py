@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import tiny_args
 from lmforge.cli import main
+from tests.conftest import tiny_args
 
 
 def test_help_lists_every_stage(capsys):
@@ -31,12 +31,19 @@ def test_tool_commands_parse_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
-            "print('TORCH', 'torch' in sys.modules, rc)")
+    code = (
+        "import sys; from lmforge.cli import main; rc = main(sys.argv[1:]); "
+        "print('TORCH', 'torch' in sys.modules, rc)"
+    )
+
     def torch_loaded(*argv):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True).stdout
         return out.strip().splitlines()[-1]
-    assert torch_loaded("scaling", "cost", "--params", "1e9", "--tokens", "2e10", "--gpu", "H100-SXM") == "TORCH False 0"
+
+    assert (
+        torch_loaded("scaling", "cost", "--params", "1e9", "--tokens", "2e10", "--gpu", "H100-SXM")
+        == "TORCH False 0"
+    )
     assert torch_loaded("config", "tiny") == "TORCH True 0"
 
 
@@ -52,7 +59,9 @@ def test_overrides_may_follow_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nomodel" in err and "unrecognized" not in err
     assert main(["sft", "--model", str(tmp_path / "nomodel"), f"run.root={tmp_path}", "sft.max_step=1"]) == 2
-    assert "sft.max_step: unknown key; did you mean 'sft.max_steps'?" in capsys.readouterr().err  # it was applied
+    assert (
+        "sft.max_step: unknown key; did you mean 'sft.max_steps'?" in capsys.readouterr().err
+    )  # it was applied
     with pytest.raises(SystemExit):
         main(["synth", "m", "--seeds", "s", "--out", "o", "sft.lr=1"])  # synth takes no overrides
     assert "unrecognized arguments: sft.lr=1" in capsys.readouterr().err

@@ -14,21 +14,26 @@ def test_default_config_loads():
 
 
 def test_override_sets_nested_values_with_yaml_types():
-    cfg = load_config("tiny", ["pretrain.max_steps=7", "pretrain.model.n_layers=3", "run.name=x1",
-                               "data.inputs=[a.txt, b.jsonl]"])
+    cfg = load_config(
+        "tiny",
+        ["pretrain.max_steps=7", "pretrain.model.n_layers=3", "run.name=x1", "data.inputs=[a.txt, b.jsonl]"],
+    )
     assert cfg.pretrain.max_steps == 7 and cfg.pretrain.model.n_layers == 3
     assert cfg.run.name == "x1" and cfg.data.inputs == ["a.txt", "b.jsonl"]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("pretrain.max_step=3", "pretrain.max_step: unknown key; did you mean 'pretrain.max_steps'"),
-    ("pretrain.lr=abc", "pretrain.lr"),
-    ("pretrain.lr=-1", "pretrain.lr"),
-    ("pretrain.model.n_heads=5", "n_heads (5) must divide d_model"),
-    ("pretrain.model.n_kv_heads=4", "n_kv_heads (4) must divide n_heads"),
-    ("run.device=tpu", "run.device"),
-    ("nosuchstage.x=1", "nosuchstage: unknown key"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("pretrain.max_step=3", "pretrain.max_step: unknown key; did you mean 'pretrain.max_steps'"),
+        ("pretrain.lr=abc", "pretrain.lr"),
+        ("pretrain.lr=-1", "pretrain.lr"),
+        ("pretrain.model.n_heads=5", "n_heads (5) must divide d_model"),
+        ("pretrain.model.n_kv_heads=4", "n_kv_heads (4) must divide n_heads"),
+        ("run.device=tpu", "run.device"),
+        ("nosuchstage.x=1", "nosuchstage: unknown key"),
+    ],
+)
 def test_bad_values_are_named(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", [override])

@@ -12,21 +12,48 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzz_support import documented, fuzz
 from lmforge.errors import ConfigError
 from lmforge.pipeline import load_config, registered
+from tests.fuzz_support import documented, fuzz
 
 STAGES = sorted(registered())
-KEYS = ["run", "stages", *STAGES, "name", "seed", "device", "max_steps", "lr", "model", "d_model", "n_layers",
-        "inputs", "vocab_size", "batch_size", "seq_len", "method", "lora", "r", "typo_key", "dtype", "threads"]
+KEYS = [
+    "run",
+    "stages",
+    *STAGES,
+    "name",
+    "seed",
+    "device",
+    "max_steps",
+    "lr",
+    "model",
+    "d_model",
+    "n_layers",
+    "inputs",
+    "vocab_size",
+    "batch_size",
+    "seq_len",
+    "method",
+    "lora",
+    "r",
+    "typo_key",
+    "dtype",
+    "threads",
+]
 
-scalars = st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=12)
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(KEYS), c, max_size=3),
-                      max_leaves=10)
+scalars = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=12)
+values = st.recursive(
+    scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(KEYS), c, max_size=3),
+    max_leaves=10,
+)
 documents = st.dictionaries(st.sampled_from(KEYS), values, max_size=4)
 
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "data: {inputs: *i}\n"
+ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    + "data: {inputs: *i}\n"
+)
 
 
 def _load(text: str, overrides=()):
@@ -67,8 +94,15 @@ override_keys = st.lists(st.sampled_from(KEYS + ["", " ", "a..b"]), min_size=1, 
 
 
 @fuzz(60)
-@given(st.lists(st.one_of(st.tuples(override_keys, st.text(max_size=15)).map(lambda kv: f"{kv[0]}={kv[1]}"),
-                          st.text(max_size=20)), max_size=4))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(override_keys, st.text(max_size=15)).map(lambda kv: f"{kv[0]}={kv[1]}"),
+            st.text(max_size=20),
+        ),
+        max_size=4,
+    )
+)
 @example(["pretrain.max_steps=[" * 10])
 @example(["run.name=.."])
 @example(["run=3", "run.seed=1"])

@@ -39,7 +39,9 @@ def test_import_export_merge_roundtrip(tmp_path, capsys):
     assert _cli("merge", tmp_path / "base", tmp_path / "ad", tmp_path / "merged") == 0
     ids = torch.arange(10)[None]
     with torch.no_grad():
-        torch.testing.assert_close(load_pretrained(tmp_path / "merged")(ids), model(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            load_pretrained(tmp_path / "merged")(ids), model(ids), atol=1e-5, rtol=1e-5
+        )
     PromptTuned(Transformer(cfg), 2).save_adapter(tmp_path / "pt")
     with pytest.raises(CheckpointError, match="PROMPT_TUNING adapter cannot be merged"):
         _cli("merge", tmp_path / "base", tmp_path / "pt", tmp_path / "m2")

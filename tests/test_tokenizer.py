@@ -8,16 +8,23 @@ import random
 from pathlib import Path
 
 import pytest
-
-from conftest import SHARED_DATA
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lmforge.data.builtin import harvest_builtin_corpus
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import (
-    BOS, CHAT_TEMPLATE, END, EOS, PAD, SPECIAL_TOKENS, LMTokenizer, bytes_per_token, render_chat,
+    BOS,
+    CHAT_TEMPLATE,
+    END,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    LMTokenizer,
+    bytes_per_token,
+    render_chat,
     train_tokenizer,
 )
+from tests.conftest import SHARED_DATA
 
 GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
 TRICKY = [
@@ -55,7 +62,15 @@ def saved(tok, tmp_path_factory) -> Path:
 
 
 def test_special_tokens_have_fixed_ids(tok):
-    assert SPECIAL_TOKENS == ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    assert SPECIAL_TOKENS == (
+        "<|bos|>",
+        "<|eos|>",
+        "<|pad|>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+    )
     assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(7))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.end_id) == (0, 1, 2, 6)
     assert tok.vocab_size == 1024
@@ -75,11 +90,21 @@ def test_round_trip_tricky_unicode(tok, text):
 
 def test_round_trip_random_bytes_and_codepoints(tok):
     rng = random.Random(0)
-    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))).decode("utf-8", errors="replace")
-               for _ in range(200)]
-    samples += ["".join(chr(rng.choice([rng.randrange(32, 0x800), rng.randrange(0x800, 0xD800),
-                                        rng.randrange(0xE000, 0x110000)])) for _ in range(50))
-                for _ in range(100)]
+    samples = [
+        bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))).decode("utf-8", errors="replace")
+        for _ in range(200)
+    ]
+    samples += [
+        "".join(
+            chr(
+                rng.choice(
+                    [rng.randrange(32, 0x800), rng.randrange(0x800, 0xD800), rng.randrange(0xE000, 0x110000)]
+                )
+            )
+            for _ in range(50)
+        )
+        for _ in range(100)
+    ]
     for text, ids in zip(samples, tok.encode_batch(samples)):
         assert tok.decode(ids) == text
         assert ids == tok.encode(text)
@@ -106,7 +131,11 @@ def test_training_is_deterministic_and_compresses(texts, tok):
 
 
 def test_save_and_load_round_trip(tok, saved):
-    assert {p.name for p in saved.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in saved.iterdir()} >= {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     config = json.loads((saved / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, PAD)
@@ -150,10 +179,13 @@ def test_load_original_gpt2_files():
     text = "Hello world, it's  12345 ünï 😀\n\n the end"
     assert tok.decode(tok.encode(text)) == text
     from transformers import GPT2TokenizerFast
+
     if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:  # transformers >= 5
         hf = GPT2TokenizerFast(vocab=str(GPT2_DIR / "encoder.json"), merges=str(GPT2_DIR / "vocab.bpe"))
     else:
-        hf = GPT2TokenizerFast(vocab_file=str(GPT2_DIR / "encoder.json"), merges_file=str(GPT2_DIR / "vocab.bpe"))
+        hf = GPT2TokenizerFast(
+            vocab_file=str(GPT2_DIR / "encoder.json"), merges_file=str(GPT2_DIR / "vocab.bpe")
+        )
     assert hf.encode(text) == tok.encode(text)
 
 
@@ -171,7 +203,8 @@ def test_transformers_loads_the_same_tokenizer(tok, saved):
 def test_render_chat_format():
     assert render_chat(MESSAGES[:2], add_generation_prompt=True) == (
         "<|bos|><|system|>\nYou are terse.<|end|>\n"
-        "<|user|>\nWhat is 2+2?\nAnswer briefly.<|end|>\n<|assistant|>\n")
+        "<|user|>\nWhat is 2+2?\nAnswer briefly.<|end|>\n<|assistant|>\n"
+    )
     assert render_chat([]) == BOS
     with pytest.raises(DataError, match="message 0: unknown chat role 'tool'"):
         render_chat([{"role": "tool", "content": "x"}])

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,17 +54,21 @@ def validate_messages(messages: object, where: str = "record") -> list[dict]:
             raise DataError(f"{where}: message {i} is a {type(m).__name__}, expected {{role, content}}")
         role, content = m.get("role"), m.get("content")
         if role not in CHAT_ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {role!r}; expected one of "
-                            f"{', '.join(CHAT_ROLES)}")
+            raise DataError(
+                f"{where}: message {i} has unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} ({role}) content must be a string, got "
-                            f"{type(content).__name__}")
+            raise DataError(
+                f"{where}: message {i} ({role}) content must be a string, got {type(content).__name__}"
+            )
         if not content.strip():
             raise DataError(f"{where}: message {i} ({role}) has empty content")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: no assistant turn, so nothing to learn from; add an assistant "
-                        f"message or drop the record")
+        raise DataError(
+            f"{where}: no assistant turn, so nothing to learn from; add an assistant "
+            f"message or drop the record"
+        )
     return out
 
 
@@ -124,7 +128,9 @@ def _jinja_renderer(template: str, specials: dict):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # pragma: no cover
-        raise DataError("rendering this model's Jinja chat template needs `jinja2` (pip install jinja2)") from None
+        raise DataError(
+            "rendering this model's Jinja chat template needs `jinja2` (pip install jinja2)"
+        ) from None
 
     def raise_exception(msg):
         raise DataError(f"chat template: {msg}")
@@ -132,7 +138,9 @@ def _jinja_renderer(template: str, specials: dict):
     def strftime_now(fmt):
         return "26 Jul 2024"  # fixed: renders must be deterministic (Llama 3 templates print a date)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
@@ -145,13 +153,14 @@ def _jinja_renderer(template: str, specials: dict):
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
         except TemplateError as e:
             raise DataError(f"chat template failed to render: {e}") from None
+
     return render
 
 
 @dataclass
 class Example:
     ids: list[int]
-    mask: list[bool]          # True: this token is an assistant token (a loss target)
+    mask: list[bool]  # True: this token is an assistant token (a loss target)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -166,23 +175,33 @@ class ChatFormat:
 
     def __init__(self, tok: LMTokenizer, template: str | None = None, specials: dict | None = None):
         self.tok = tok
-        ours = all(tok.token_id(t) == i for i, t in enumerate(("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>",
-                                                               "<|user|>", "<|assistant|>", "<|end|>")))
+        ours = all(
+            tok.token_id(t) == i
+            for i, t in enumerate(
+                ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+            )
+        )
         if template is None and not ours:
-            raise DataError("this tokenizer has no chat template (no chat_template in tokenizer_config.json "
-                            "or chat_template.jinja); add one, or fine-tune on plain text instead")
+            raise DataError(
+                "this tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                "or chat_template.jinja); add one, or fine-tune on plain text instead"
+            )
         self.template = template if template is not None else CHAT_TEMPLATE
         if self.template == CHAT_TEMPLATE:
             self._render = render_chat
         else:
-            sp = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "",
-                  "pad_token": tok.pad_token or "", "unk_token": ""}
+            sp = {
+                "bos_token": tok.bos_token or "",
+                "eos_token": tok.eos_token or "",
+                "pad_token": tok.pad_token or "",
+                "unk_token": "",
+            }
             self._render = _jinja_renderer(self.template, {**sp, **(specials or {})})
         end = tok.token_id("<|end|>") if ours else None
         self.stop_ids = sorted({i for i in (end, tok.eos_id) if i is not None})
 
     @classmethod
-    def from_dir(cls, folder: str | Path) -> "ChatFormat":
+    def from_dir(cls, folder: str | Path) -> ChatFormat:
         tok = LMTokenizer.load(folder)
         template = find_chat_template(folder)
         specials = {}
@@ -220,19 +239,25 @@ class ChatFormat:
             p = self.render(messages[:i], add_generation_prompt=True) if i else self.render([], True)
             q = self.render(messages[: i + 1])
             if not q.startswith(p) or not full.startswith(q):
-                raise DataError(f"the chat template cannot mark assistant spans: rendering is not "
-                                f"prefix-stable at message {i} (it rewrites earlier turns); use a "
-                                f"template that renders each turn independently")
-            turn = q[len(p):].rstrip()
+                raise DataError(
+                    f"the chat template cannot mark assistant spans: rendering is not "
+                    f"prefix-stable at message {i} (it rewrites earlier turns); use a "
+                    f"template that renders each turn independently"
+                )
+            turn = q[len(p) :].rstrip()
             k = turn.find(m["content"].strip())
             if k < 0:
-                raise DataError(f"the chat template does not render assistant message {i}'s content "
-                                f"verbatim; cannot locate the assistant tokens")
+                raise DataError(
+                    f"the chat template does not render assistant message {i}'s content "
+                    f"verbatim; cannot locate the assistant tokens"
+                )
             head = turn[:k]
             if head.strip() and i and p == self.render(messages[:i]):
-                raise DataError("the chat template ignores add_generation_prompt but renders an assistant "
-                                f"header ({head.strip()!r}) that a generation prompt would have to supply; "
-                                "fix the template")
+                raise DataError(
+                    "the chat template ignores add_generation_prompt but renders an assistant "
+                    f"header ({head.strip()!r}) that a generation prompt would have to supply; "
+                    "fix the template"
+                )
             # the answer starts at the content, or at the whitespace just before it (the model
             # generates that space: "[/INST] Hello" tokenises as "▁Hello"); the template's own
             # per-turn markup before it (a header, an empty think block) carries no loss
@@ -268,12 +293,23 @@ class EncodeStats:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"examples": self.examples, "tokens": self.tokens, "assistant_tokens": self.assistant_tokens,
-                "truncated": self.truncated, **{f"skipped_{k}": v for k, v in sorted(self.skipped.items())}}
+        return {
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "assistant_tokens": self.assistant_tokens,
+            "truncated": self.truncated,
+            **{f"skipped_{k}": v for k, v in sorted(self.skipped.items())},
+        }
 
 
-def encode_records(records: Iterable[tuple[str, object]], fmt: ChatFormat, max_len: int, *,
-                   truncation: str = "truncate", on_error: str = "raise") -> tuple[list[Example], EncodeStats]:
+def encode_records(
+    records: Iterable[tuple[str, object]],
+    fmt: ChatFormat,
+    max_len: int,
+    *,
+    truncation: str = "truncate",
+    on_error: str = "raise",
+) -> tuple[list[Example], EncodeStats]:
     """(where, record) pairs -> examples of at most `max_len` tokens, with counted drops."""
     if truncation not in ("truncate", "drop"):
         raise DataError(f"truncation={truncation!r}: use 'truncate' or 'drop'")
@@ -285,9 +321,17 @@ def encode_records(records: Iterable[tuple[str, object]], fmt: ChatFormat, max_l
             if on_error != "skip":
                 raise
             msg = str(e)
-            reason = ("unknown_role" if "unknown role" in msg else "empty_content" if "empty content" in msg
-                      else "no_assistant" if "no assistant" in msg else "template" if "template" in msg
-                      else "invalid")
+            reason = (
+                "unknown_role"
+                if "unknown role" in msg
+                else "empty_content"
+                if "empty content" in msg
+                else "no_assistant"
+                if "no assistant" in msg
+                else "template"
+                if "template" in msg
+                else "invalid"
+            )
             st.skipped[reason] += 1
             continue
         if len(ex) > max_len:
@@ -311,6 +355,7 @@ def encode_records(records: Iterable[tuple[str, object]], fmt: ChatFormat, max_l
 class Row:
     """One training row: token ids, next-token targets (IGNORE where no loss), position ids and
     segment ids (which example each token belongs to)."""
+
     ids: list[int]
     labels: list[int]
     pos: list[int]
@@ -330,7 +375,9 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
     for i in order:
         n = len(examples[i])
         if n > seq_len:
-            raise DataError(f"example of {n} tokens does not fit seq_len {seq_len}; encode with max_len=seq_len")
+            raise DataError(
+                f"example of {n} tokens does not fit seq_len {seq_len}; encode with max_len=seq_len"
+            )
         best = -1
         for b, f in enumerate(free):
             if f >= n and (best < 0 or f < free[best]):
@@ -346,7 +393,10 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
         r = Row([], [], [], [])
         for s, i in enumerate(sorted(b)):
             er = example_row(examples[i], s)
-            r.ids += er.ids; r.labels += er.labels; r.pos += er.pos; r.seg += er.seg  # noqa: E702
+            r.ids += er.ids
+            r.labels += er.labels
+            r.pos += er.pos
+            r.seg += er.seg  # noqa: E702
         rows.append(r)
     return rows
 
@@ -411,8 +461,13 @@ class RowLoader(ShuffledBatches):
     """Shuffled batches of SFT rows (packed or one example per row)."""
 
     def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
-        super().__init__(rows, batch_size, lambda b: collate(b, pad_id, packed=packed), seed=seed,
-                         empty="no training examples left after filtering; check the data and seq_len")
+        super().__init__(
+            rows,
+            batch_size,
+            lambda b: collate(b, pad_id, packed=packed),
+            seed=seed,
+            empty="no training examples left after filtering; check the data and seq_len",
+        )
 
 
 # ----------------------------------------------------------------------------- loss
@@ -430,15 +485,17 @@ class SFTObjective:
     def __call__(self, model, batch):
         labels = batch["labels"]
         if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
-            h = model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                    attn_mask=batch.get("attn_mask"))
+            h = model.hidden_states(
+                batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask")
+            )
             sel = labels != IGNORE
             logits = model.lm_head(h[sel])
             loss = F.cross_entropy(logits.float(), labels[sel], reduction="sum")
         else:
             logits = _forward(model, batch)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                   reduction="sum")
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+            )
         return loss, self.count(batch), {}
 
     def count(self, batch) -> int:
@@ -454,7 +511,7 @@ def assistant_loss(model, examples: Sequence[Example], pad_id: int, device, batc
     rows = [example_row(e) for e in examples]
     obj = SFTObjective()
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id, packed=False).items()}
+        b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id, packed=False).items()}
         loss, n, _ = obj(model, b)
         total += float(loss)
         count += n

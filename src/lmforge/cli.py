@@ -33,9 +33,13 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs="*", metavar="CONFIG|KEY=VALUE",
-                   help="pipeline YAML (or shipped name, default 'tiny') and dotted overrides, "
-                        "e.g. pretrain.max_steps=200")
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="CONFIG|KEY=VALUE",
+        help="pipeline YAML (or shipped name, default 'tiny') and dotted overrides, "
+        "e.g. pretrain.max_steps=200",
+    )
 
 
 def _fmt(v) -> str:
@@ -52,7 +56,13 @@ SUMMARY_KEYS = {
     "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
     "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
     "reward": ["val_accuracy_before", "val_accuracy_after", "train_pairs", "val_pairs"],
-    "align": ["method", "val_accuracy_before", "val_accuracy_after", "val_reward_accuracy_after", "val_kl_after"],
+    "align": [
+        "method",
+        "val_accuracy_before",
+        "val_accuracy_after",
+        "val_reward_accuracy_after",
+        "val_kl_after",
+    ],
     "rl": ["method", "accuracy_before", "accuracy_after", "reward_before", "reward_after", "kl_after"],
     "cpt": ["domain_loss_before", "domain_loss_after", "orig_loss_before", "orig_loss_after"],
     "eval": ["loss", "ppl", "bpb", "unigram_bpb", "word_ppl", "builtin_cloze/acc_norm"],
@@ -72,7 +82,9 @@ def print_summary(cfg, outcomes, wall: float) -> None:
     table.add_column("time", justify="right")
     table.add_column("results")
     for o in outcomes:
-        keys = SUMMARY_KEYS.get(o.name) or [k for k, v in o.metrics.items() if isinstance(v, (int, float))][:5]
+        keys = (
+            SUMMARY_KEYS.get(o.name) or [k for k, v in o.metrics.items() if isinstance(v, (int, float))][:5]
+        )
         res = "  ".join(f"{k}={_fmt(o.metrics[k])}" for k in keys if o.metrics.get(k) is not None)
         table.add_row(o.name, o.status, f"{o.seconds:.1f}s", res)
     console.print(table)
@@ -82,7 +94,9 @@ def print_summary(cfg, outcomes, wall: float) -> None:
         console.print(f"val bits-per-byte {ev['bpb']:.3f} vs unigram baseline {ev['unigram_bpb']:.3f}")
     from .serve.loading import model_stages
 
-    model = next((cfg.run.dir / n / "model" for n in model_stages() if (cfg.run.dir / n / "model").exists()), None)
+    model = next(
+        (cfg.run.dir / n / "model" for n in model_stages() if (cfg.run.dir / n / "model").exists()), None
+    )
     if model is not None:
         console.print(f"try: lmforge sample --model {model} --prompt 'Your prompt'")
         if model.parent.name != "pretrain":
@@ -104,17 +118,20 @@ def cmd_run(a) -> int:
 
 
 def cmd_stage(a) -> int:
-    from .pipeline import REGISTRY, load_config, run_stage
-
     import yaml
+
+    from .pipeline import REGISTRY, load_config, run_stage
 
     config, overrides = _split_args(a.args)
     stage = REGISTRY[a.command]
     for flag, key, _ in stage.flags:
         val = getattr(a, _dest(flag))
         if val is not None:
-            overrides.append(f"{a.command}.{key}={yaml.safe_dump(val, default_flow_style=True).strip()}"
-                             if isinstance(val, list) else f"{a.command}.{key}={_quote(val)}")
+            overrides.append(
+                f"{a.command}.{key}={yaml.safe_dump(val, default_flow_style=True).strip()}"
+                if isinstance(val, list)
+                else f"{a.command}.{key}={_quote(val)}"
+            )
     cfg = load_config(config, overrides)
     o = run_stage(cfg, a.command, force=a.force)
     print_summary(cfg, [o], o.seconds)
@@ -152,7 +169,9 @@ def cmd_status(a) -> int:
         console.print(f"{cfg.run.dir}: nothing run yet")
         return 0
     for name, m in st.items():
-        console.print(f"{name:<10} {m.get('status', '?'):<9} {m.get('seconds', 0):8.1f}s  {m.get('fingerprint', '')}")
+        console.print(
+            f"{name:<10} {m.get('status', '?'):<9} {m.get('seconds', 0):8.1f}s  {m.get('fingerprint', '')}"
+        )
     return 0
 
 
@@ -160,13 +179,16 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
     """The whole command line; with `stages=False` only the tool commands (scaling, eval, serve,
     hf, synth), whose modules do not import torch: `lmforge scaling cost ...` then parses in a
     fraction of a second instead of paying torch's ~2 s import through the stage registry."""
-    p = argparse.ArgumentParser(prog="lmforge", description="The LLM training pipeline, from raw text to an "
-                                "evaluated model. Every stage is a subcommand and a step of `lmforge run`.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  lmforge run                       # tiny pipeline on the built-in corpus\n"
-                                       "  lmforge run tiny pretrain.max_steps=200 run.name=longer\n"
-                                       "  lmforge sample --prompt 'The function'\n"
-                                       "  lmforge <command> --help\n")
+    p = argparse.ArgumentParser(
+        prog="lmforge",
+        description="The LLM training pipeline, from raw text to an "
+        "evaluated model. Every stage is a subcommand and a step of `lmforge run`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  lmforge run                       # tiny pipeline on the built-in corpus\n"
+        "  lmforge run tiny pretrain.max_steps=200 run.name=longer\n"
+        "  lmforge sample --prompt 'The function'\n"
+        "  lmforge <command> --help\n",
+    )
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     if stages:
@@ -189,9 +211,12 @@ def _add_stage_commands(sub) -> None:
 
     stages = registered()
 
-    r = sub.add_parser("run", help="run the pipeline's stages in order, skipping completed ones",
-                       description="Run every stage of the pipeline in order. Stages whose manifest matches "
-                                   "their config and inputs are skipped; an interrupted stage resumes.")
+    r = sub.add_parser(
+        "run",
+        help="run the pipeline's stages in order, skipping completed ones",
+        description="Run every stage of the pipeline in order. Stages whose manifest matches "
+        "their config and inputs are skipped; an interrupted stage resumes.",
+    )
     _add_common(r)
     r.add_argument("--only", help="comma-separated stages to run (their inputs must exist)")
     r.add_argument("--force", action="store_true", help="re-run stages even if complete")
@@ -199,14 +224,22 @@ def _add_stage_commands(sub) -> None:
 
     for name in ORDER:
         st = stages[name]
-        sp = sub.add_parser(name, help=st.help, description=f"{st.help}. Runs the '{name}' stage of the pipeline "
-                            f"config into its run directory" + (f"; needs: {', '.join(st.needs)}" if st.needs else "") + ".")
+        sp = sub.add_parser(
+            name,
+            help=st.help,
+            description=f"{st.help}. Runs the '{name}' stage of the pipeline "
+            f"config into its run directory" + (f"; needs: {', '.join(st.needs)}" if st.needs else "") + ".",
+        )
         _add_common(sp)
         sp.add_argument("--force", action="store_true", help="re-run even if complete")
         for flag, key, hlp in st.flags:
             is_list = key.endswith("s") and key != "model"
-            sp.add_argument(flag, dest=_dest(flag), action="append" if is_list else "store",
-                            help=f"{hlp} (sets {name}.{key})")
+            sp.add_argument(
+                flag,
+                dest=_dest(flag),
+                action="append" if is_list else "store",
+                help=f"{hlp} (sets {name}.{key})",
+            )
         sp.set_defaults(func=cmd_stage)
 
     c = sub.add_parser("config", help="validate a pipeline config and print it resolved")
@@ -232,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     a, extra = parser.parse_known_args(args)
     late = [x for x in extra if "=" in x and not x.startswith("-")]
     if extra and (len(late) < len(extra) or not hasattr(a, "args")):
-        parser.error("unrecognized arguments: " + " ".join(x for x in extra if x not in late or not hasattr(a, "args")))
+        parser.error(
+            "unrecognized arguments: " + " ".join(x for x in extra if x not in late or not hasattr(a, "args"))
+        )
     if late:
         a.args = list(a.args or []) + late
     if not getattr(a, "func", None):
@@ -240,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM (schedulers, `kill`) stops like Ctrl-C for the whole command, also between
     # stages and while the summary prints: exit 130, never a hard kill mid-write
-    old = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() else None
+    old = (
+        signal.signal(signal.SIGTERM, _sigterm)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
     try:
         return int(a.func(a) or 0)
     except LMForgeError as e:
@@ -256,4 +295,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

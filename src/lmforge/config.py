@@ -48,8 +48,9 @@ class RunSettings(BaseModel):
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key.path=value "
-                          f"(e.g. pretrain.max_steps=200)")
+        raise ConfigError(
+            f"override {item!r} is not of the form key.path=value (e.g. pretrain.max_steps=200)"
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
@@ -114,8 +115,10 @@ def parse_yaml(text: str, where: str, error: type[Exception] = ConfigError) -> A
     except ValueError as e:  # e.g. int('9' * 5000)
         raise error(f"{where}: invalid YAML ({e})") from None
     if _too_big(data):
-        raise error(f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases?); "
-                    f"a config never needs that many")
+        raise error(
+            f"{where}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases?); "
+            f"a config never needs that many"
+        )
     return data
 
 
@@ -165,8 +168,10 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
 
 
 def pipeline_model(stage_configs: dict[str, type[BaseModel]]) -> type[BaseModel]:
-    fields: dict[str, Any] = {"run": (RunSettings, Field(default_factory=RunSettings)),
-                              "stages": (list[str] | None, None)}
+    fields: dict[str, Any] = {
+        "run": (RunSettings, Field(default_factory=RunSettings)),
+        "stages": (list[str] | None, None),
+    }
     for name, cls in stage_configs.items():
         fields[name] = (cls, Field(default_factory=cls))
     return create_model("PipelineConfig", __config__=ConfigDict(extra="forbid"), **fields)

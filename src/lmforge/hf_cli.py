@@ -46,8 +46,10 @@ def cmd_merge(a) -> int:
 
     kind = read_adapter_config(a.adapter).get("peft_type")
     if kind != "LORA":
-        raise CheckpointError(f"{a.adapter}: a {kind} adapter cannot be merged into weights (only LoRA can); "
-                              f"load it alongside the base model instead")
+        raise CheckpointError(
+            f"{a.adapter}: a {kind} adapter cannot be merged into weights (only LoRA can); "
+            f"load it alongside the base model instead"
+        )
     if not Path(a.base, "config.json").exists():
         raise CheckpointError(f"{a.base}: not a model folder (no config.json)")
     _print(export_hf(a.base, a.out, adapter=a.adapter, dtype=a.dtype, max_shard_size=a.shard_size))
@@ -56,20 +58,28 @@ def cmd_merge(a) -> int:
 
 def add_parser(subparsers) -> None:
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = subparsers.add_parser("import", help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral checkpoint folder",
-                              description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
-                                          "index, tokenizer files) into an lmforge model folder, checking every "
-                                          "tensor.", **common)
+    p = subparsers.add_parser(
+        "import",
+        help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral checkpoint folder",
+        description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
+        "index, tokenizer files) into an lmforge model folder, checking every "
+        "tensor.",
+        **common,
+    )
     p.add_argument("source", help="folder with config.json and model*.safetensors")
     p.add_argument("out", help="output model folder")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--shard-size", default="5GB", help="max shard size, e.g. 5GB (default 5GB)")
     p.set_defaults(func=cmd_import)
 
-    e = subparsers.add_parser("export", help="export an lmforge model folder for transformers / vLLM / llama.cpp",
-                              description="Write a model folder that AutoModelForCausalLM.from_pretrained loads, "
-                                          "optionally merging a LoRA adapter first. Dense models are written as Llama "
-                                          "(Qwen2 with q/k/v biases), MoE models as Mixtral.", **common)
+    e = subparsers.add_parser(
+        "export",
+        help="export an lmforge model folder for transformers / vLLM / llama.cpp",
+        description="Write a model folder that AutoModelForCausalLM.from_pretrained loads, "
+        "optionally merging a LoRA adapter first. Dense models are written as Llama "
+        "(Qwen2 with q/k/v biases), MoE models as Mixtral.",
+        **common,
+    )
     e.add_argument("model", help="lmforge model folder (e.g. runs/tiny/sft/model)")
     e.add_argument("out", help="output folder")
     e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder to merge in")
@@ -77,10 +87,13 @@ def add_parser(subparsers) -> None:
     e.add_argument("--shard-size", default="5GB", help="max shard size (default 5GB)")
     e.set_defaults(func=cmd_export)
 
-    m = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model",
-                              description="base model folder + PEFT LoRA adapter folder -> one full model folder "
-                                          "(DoRA included). For a QLoRA adapter pass the full-precision base.",
-                              **common)
+    m = subparsers.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model",
+        description="base model folder + PEFT LoRA adapter folder -> one full model folder "
+        "(DoRA included). For a QLoRA adapter pass the full-precision base.",
+        **common,
+    )
     m.add_argument("base", help="base model folder the adapter was trained on")
     m.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("out", help="output model folder")

@@ -22,9 +22,10 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -34,8 +35,16 @@ from rich.markup import escape
 
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ConfigError, LMForgeError
-from .runs import MANIFEST, StageRecord, atomic_write_text, fingerprint, read_manifest, remove_stale_temps, storage_error, \
-    translate_storage_errors
+from .runs import (
+    MANIFEST,
+    StageRecord,
+    atomic_write_text,
+    fingerprint,
+    read_manifest,
+    remove_stale_temps,
+    storage_error,
+    translate_storage_errors,
+)
 
 console = get_console()  # shared with the training progress bar
 console.highlight = False
@@ -50,13 +59,13 @@ DEFAULT_CONFIG = "tiny"
 class Stage:
     name: str
     config_cls: type[BaseModel]
-    fn: Callable[["StageContext"], dict | None]
+    fn: Callable[[StageContext], dict | None]
     needs: tuple[str, ...] = ()
     help: str = ""
     flags: tuple[tuple[str, str, str], ...] = ()  # (cli flag, config key, help)
     produces_model: bool = False
     distributed: bool = False  # runs on every torchrun rank (others run on rank 0 only)
-    uses_model: bool = False   # reads the latest trained model (its fingerprint is an input)
+    uses_model: bool = False  # reads the latest trained model (its fingerprint is an input)
 
 
 REGISTRY: dict[str, Stage] = {}
@@ -64,14 +73,26 @@ REGISTRY: dict[str, Stage] = {}
 ORDER: list[str] = []
 
 
-def register_stage(name: str, config_cls: type[BaseModel], *, needs: tuple[str, ...] = (), help: str = "",
-                   flags: tuple[tuple[str, str, str], ...] = (), produces_model: bool = False,
-                   distributed: bool = False, uses_model: bool = False, after: str | None = None):
+def register_stage(
+    name: str,
+    config_cls: type[BaseModel],
+    *,
+    needs: tuple[str, ...] = (),
+    help: str = "",
+    flags: tuple[tuple[str, str, str], ...] = (),
+    produces_model: bool = False,
+    distributed: bool = False,
+    uses_model: bool = False,
+    after: str | None = None,
+):
     def deco(fn):
-        REGISTRY[name] = Stage(name, config_cls, fn, needs, help, flags, produces_model, distributed, uses_model)
+        REGISTRY[name] = Stage(
+            name, config_cls, fn, needs, help, flags, produces_model, distributed, uses_model
+        )
         if name not in ORDER:
             ORDER.insert(ORDER.index(after) + 1 if after in ORDER else len(ORDER), name)
         return fn
+
     return deco
 
 
@@ -118,8 +139,8 @@ def pipeline_stages(cfg: BaseModel) -> list[str]:
 @dataclass
 class StageContext:
     name: str
-    cfg: Any                      # this stage's config model
-    pipeline: Any                 # the whole PipelineConfig
+    cfg: Any  # this stage's config model
+    pipeline: Any  # the whole PipelineConfig
     run_dir: Path
     dir: Path
     record: StageRecord
@@ -148,15 +169,17 @@ class StageContext:
             with open(self.log_file, "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
         except OSError:  # a full or read-only disk: the console has the line; the next
-            pass         # artifact write reports the fault with its path
+            pass  # artifact write reports the fault with its path
 
     def input_dir(self, stage: str) -> Path:
         """Output folder of a stage this one reads; it must have completed."""
         d = self.run_dir / stage
         m = read_manifest(d)
         if not m or m.get("status") != "complete":
-            raise LMForgeError(f"stage {self.name!r} needs the output of {stage!r} in {d}, which is "
-                               f"missing or incomplete; run `lmforge {stage}` (or `lmforge run`) first")
+            raise LMForgeError(
+                f"stage {self.name!r} needs the output of {stage!r} in {d}, which is "
+                f"missing or incomplete; run `lmforge {stage}` (or `lmforge run`) first"
+            )
         return d
 
     def latest_model_dir(self) -> Path:
@@ -168,8 +191,9 @@ class StageContext:
                 m = read_manifest(d)
                 if m and m.get("status") == "complete" and (d / "model").is_dir():
                     return d / "model"
-        raise LMForgeError(f"no trained model in {self.run_dir}; run `lmforge pretrain` first or "
-                           f"pass --model PATH")
+        raise LMForgeError(
+            f"no trained model in {self.run_dir}; run `lmforge pretrain` first or pass --model PATH"
+        )
 
 
 # ----------------------------------------------------------------------------- running
@@ -182,15 +206,21 @@ def stage_fingerprint(cfg: BaseModel, name: str) -> tuple[str, dict[str, str]]:
     for dep in deps:
         m = read_manifest(cfg.run.dir / dep)
         inputs[dep] = (m or {}).get("fingerprint", "missing")
-    fp = fingerprint({"stage": name, "config": getattr(cfg, name).model_dump(mode="json"),
-                      "seed": cfg.run.seed, "inputs": inputs})
+    fp = fingerprint(
+        {
+            "stage": name,
+            "config": getattr(cfg, name).model_dump(mode="json"),
+            "seed": cfg.run.seed,
+            "inputs": inputs,
+        }
+    )
     return fp, inputs
 
 
 @dataclass
 class StageOutcome:
     name: str
-    status: str      # ran | cached | failed
+    status: str  # ran | cached | failed
     seconds: float
     metrics: dict
     dir: Path
@@ -220,6 +250,7 @@ def _sigterm_interrupts():
     their temporary files), its manifest records "interrupted" and the CLI exits with 130;
     running the same command again resumes. The training engine installs its own handlers
     for both signals (finish the step, checkpoint, stop) for the duration of a fit."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -245,7 +276,9 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
         if not stage.distributed or m.get("status") == "complete":
             return StageOutcome(name, "ran on rank 0", m.get("seconds", 0.0), m.get("metrics", {}), stage_dir)
         record = StageRecord(stage_dir, name, {}, fingerprint=fp, inputs=inputs, write=False)
-        ctx = StageContext(name, getattr(cfg, name), cfg, run_dir, stage_dir, record, run_dir / f"log.rank{rank}.txt")
+        ctx = StageContext(
+            name, getattr(cfg, name), cfg, run_dir, stage_dir, record, run_dir / f"log.rank{rank}.txt"
+        )
         t0 = time.time()
         metrics = stage.fn(ctx) or {}
         return StageOutcome(name, "ran", time.time() - t0, metrics, stage_dir)
@@ -256,13 +289,17 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     with translate_storage_errors(stage_dir):
         if stage_dir.exists() and (force or not prev or prev.get("fingerprint") != fp):
             if prev and prev.get("fingerprint") != fp:
-                console.print(f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over")
+                console.print(
+                    f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over"
+                )
             shutil.rmtree(stage_dir)
         elif prev and prev.get("status") != "complete":
             for junk in remove_stale_temps(stage_dir):  # left by a killed writer of the same stage
                 console.print(f"[dim]{name}: removed leftover temporary {junk.relative_to(stage_dir)}[/dim]")
         stage_dir.mkdir(parents=True, exist_ok=True)
-        record = StageRecord(stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs)
+        record = StageRecord(
+            stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs
+        )
     ctx = StageContext(name, stage_cfg, cfg, run_dir, stage_dir, record, run_dir / "log.txt")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -306,7 +343,9 @@ def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = Fa
     with translate_storage_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     if _rank() == 0:
-        atomic_write_text(run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(
+            run_dir / "pipeline.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
     outcomes = []
     with _sigterm_interrupts():  # between stages too: a SIGTERM is an interrupt, never a hard kill
         for name in names:

@@ -41,8 +41,9 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import StorageError
 
@@ -56,8 +57,12 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-_ERRNO_TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
-               "file too large": errno.EFBIG, "read-only file system": errno.EROFS}
+_ERRNO_TEXT = {
+    "no space left on device": errno.ENOSPC,
+    "disk quota exceeded": errno.EDQUOT,
+    "file too large": errno.EFBIG,
+    "read-only file system": errno.EROFS,
+}
 
 
 def _storage_oserror(exc: BaseException | None) -> OSError | None:
@@ -108,8 +113,10 @@ def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError |
     else:
         what = "permission denied"
     if exc.errno in _NO_SPACE:
-        fix = ("free some space (or set run.root to a bigger disk) and run the same command again; "
-               "completed files and the last checkpoint are intact")
+        fix = (
+            "free some space (or set run.root to a bigger disk) and run the same command again; "
+            "completed files and the last checkpoint are intact"
+        )
     else:
         fix = "make the run directory writable (or set run.root to a writable folder) and run again"
     return StorageError(f"{what} while writing {path}: {fix}")
@@ -287,8 +294,16 @@ class StageRecord:
     such; `fail(msg)` records the error.
     """
 
-    def __init__(self, stage_dir: str | os.PathLike, stage: str, config: dict, *,
-                 fingerprint: str, inputs: dict[str, str] | None = None, write: bool = True):
+    def __init__(
+        self,
+        stage_dir: str | os.PathLike,
+        stage: str,
+        config: dict,
+        *,
+        fingerprint: str,
+        inputs: dict[str, str] | None = None,
+        write: bool = True,
+    ):
         self.write = write  # False on non-zero ranks of a distributed stage
         self.dir = Path(stage_dir)
         with translate_storage_errors(self.dir):

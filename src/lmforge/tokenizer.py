@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -45,8 +45,10 @@ BOS_ID, EOS_ID, PAD_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID, END_ID = range(len(SPE
 CHAT_ROLES = ("system", "user", "assistant")
 
 # cl100k_base (GPT-4) pre-tokenisation pattern.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Must render exactly what `render_chat` does (tested). HF renders with trim_blocks/lstrip_blocks,
 # so the template is one line with every newline inside a string literal.
@@ -71,7 +73,9 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
-            raise DataError(f"message {i}: unknown chat role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            raise DataError(
+                f"message {i}: unknown chat role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(content, str):
             raise DataError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
         parts.append(f"<|{role}|>\n{content}{END}\n")
@@ -84,8 +88,14 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
 class LMTokenizer:
     """A `tokenizers.Tokenizer` plus the special-token roles lmforge needs (bos/eos/pad)."""
 
-    def __init__(self, tokenizer: Tokenizer, bos_token: str | None = BOS, eos_token: str | None = EOS,
-                 pad_token: str | None = PAD, model_max_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        bos_token: str | None = BOS,
+        eos_token: str | None = EOS,
+        pad_token: str | None = PAD,
+        model_max_length: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.model_max_length = model_max_length
@@ -132,8 +142,10 @@ class LMTokenizer:
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:
-            raise DataError("this tokenizer has no BOS token (none set in its tokenizer_config.json); "
-                            "encode without add_bos or use a tokenizer trained by lmforge")
+            raise DataError(
+                "this tokenizer has no BOS token (none set in its tokenizer_config.json); "
+                "encode without add_bos or use a tokenizer trained by lmforge"
+            )
         return [self.bos_id, *ids]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -144,8 +156,15 @@ class LMTokenizer:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json atomically."""
         d = Path(directory)
         atomic_write_text(d / "tokenizer.json", self.tokenizer.to_str(pretty=False))
-        roles = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
-                                   ("pad_token", self.pad_token)) if v is not None}
+        roles = {
+            k: v
+            for k, v in (
+                ("bos_token", self.bos_token),
+                ("eos_token", self.eos_token),
+                ("pad_token", self.pad_token),
+            )
+            if v is not None
+        }
         extra = [t for t in (SYSTEM, USER, ASSISTANT, END) if self.token_id(t) is not None]
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -158,19 +177,23 @@ class LMTokenizer:
         if all(self.token_id(t) == i for i, t in enumerate(SPECIAL_TOKENS)):  # ours: template applies
             config["chat_template"] = CHAT_TEMPLATE
         atomic_write_json(d / "tokenizer_config.json", config)
-        atomic_write_json(d / "special_tokens_map.json",
-                          {**roles, **({"additional_special_tokens": extra} if extra else {})})
+        atomic_write_json(
+            d / "special_tokens_map.json",
+            {**roles, **({"additional_special_tokens": extra} if extra else {})},
+        )
         return d
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LMTokenizer":
+    def load(cls, path: str | os.PathLike) -> LMTokenizer:
         """Load a saved tokenizer dir, a tokenizer.json file, or a GPT-2 encoder.json/vocab.bpe dir."""
         p = Path(path)
         if p.is_dir() and not (p / "tokenizer.json").is_file():
             if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():
                 return _load_gpt2_files(p / "encoder.json", p / "vocab.bpe")
-            raise DataError(f"{p}: no tokenizer.json (nor GPT-2 encoder.json + vocab.bpe) in this folder; "
-                            f"train one with `lmforge tokenizer` or point at a tokenizer folder")
+            raise DataError(
+                f"{p}: no tokenizer.json (nor GPT-2 encoder.json + vocab.bpe) in this folder; "
+                f"train one with `lmforge tokenizer` or point at a tokenizer folder"
+            )
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
             raise DataError(f"{file}: no such tokenizer file; train one or fix the path")
@@ -229,10 +252,12 @@ def _load_gpt2_files(encoder: Path, merges: Path) -> LMTokenizer:
 def new_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE with lmforge's pre-tokenizer and decoder."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -240,8 +265,10 @@ def new_tokenizer() -> Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> LMTokenizer:
     """Train byte-level BPE on `texts`; the same texts give the same tokenizer."""
     if vocab_size < MIN_VOCAB:
-        raise ConfigError(f"vocab_size={vocab_size}: must be at least {MIN_VOCAB} "
-                          f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise ConfigError(
+            f"vocab_size={vocab_size}: must be at least {MIN_VOCAB} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

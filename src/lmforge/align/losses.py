@@ -25,8 +25,8 @@ Rewards (TRL's names): DPO family ``beta (pi - ref)``; ORPO ``beta * mean log-pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,8 @@ LOG2 = math.log(2.0)
 
 @dataclass
 class PrefLoss:
-    losses: torch.Tensor            # [B] per-pair loss
-    chosen_rewards: torch.Tensor    # [B] detached
+    losses: torch.Tensor  # [B] per-pair loss
+    chosen_rewards: torch.Tensor  # [B] detached
     rejected_rewards: torch.Tensor  # [B] detached
     extra: dict[str, torch.Tensor] | None = None  # further per-pair terms worth logging (detached)
 
@@ -47,8 +47,14 @@ def _rewards(pc, pr, rc, rr, beta) -> tuple[torch.Tensor, torch.Tensor]:
     return (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
 
 
-def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0) -> PrefLoss:
+def dpo_loss(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> PrefLoss:
     """Sigmoid DPO; `label_smoothing` > 0 is conservative DPO (robust to flipped labels)."""
     h = (pc - rc) - (pr - rr)
     losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
@@ -60,7 +66,9 @@ def ipo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
     return PrefLoss((h - 1 / (2 * beta)) ** 2, *_rewards(pc, pr, rc, rr, beta))
 
 
-def hinge_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float) -> PrefLoss:
+def hinge_loss(
+    pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float
+) -> PrefLoss:
     h = (pc - rc) - (pr - rr)
     return PrefLoss(torch.relu(1 - beta * h), *_rewards(pc, pr, rc, rr, beta))
 
@@ -77,11 +85,17 @@ def orpo_loss(mean_c: torch.Tensor, mean_r: torch.Tensor, beta: float) -> PrefLo
     log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
     ratio = F.logsigmoid(log_odds)
     nll = -mean_c
-    return PrefLoss(nll - beta * ratio, (beta * mean_c).detach(), (beta * mean_r).detach(),
-                    {"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()})
+    return PrefLoss(
+        nll - beta * ratio,
+        (beta * mean_c).detach(),
+        (beta * mean_r).detach(),
+        {"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()},
+    )
 
 
-def bradley_terry_loss(r_c: torch.Tensor, r_r: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    r_c: torch.Tensor, r_r: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-pair reward-model loss; `margin` (how much better chosen is, when the data says) as in
     Llama 2's reward models: the chosen score must beat the rejected one by at least that."""
     d = r_c - r_r
@@ -109,16 +123,24 @@ def preference_loss(method: str, beta: float, label_smoothing: float = 0.0) -> C
 def reward_metrics(out: PrefLoss) -> dict[str, float]:
     """TRL's logged names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies."""
     c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
-    m = {"rewards/chosen": float(c.mean()), "rewards/rejected": float(r.mean()),
-         "rewards/margins": float((c - r).mean()), "rewards/accuracies": float((c > r).float().mean())}
+    m = {
+        "rewards/chosen": float(c.mean()),
+        "rewards/rejected": float(r.mean()),
+        "rewards/margins": float((c - r).mean()),
+        "rewards/accuracies": float((c > r).float().mean()),
+    }
     for k, v in (out.extra or {}).items():
         m[k] = float(v.float().mean())
     return m
 
 
 # ----------------------------------------------------------------------------- log-probs
-def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                     attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of the labelled tokens, number of them) per row.
 
     `labels[b, t]` is the token expected after position t, or IGNORE; only completion tokens are
@@ -146,8 +168,9 @@ class PreferenceObjective:
     go through the policy in one forward pass. The reference log-probs come precomputed in the
     batch (`ref_logps`, from the on-disk cache) or from a live frozen `ref_model`."""
 
-    def __init__(self, method: str, beta: float, label_smoothing: float = 0.0,
-                 ref_model: torch.nn.Module | None = None):
+    def __init__(
+        self, method: str, beta: float, label_smoothing: float = 0.0, ref_model: torch.nn.Module | None = None
+    ):
         self.method = method
         self.fn = preference_loss(method, beta, label_smoothing)
         self.ref_model = ref_model
@@ -174,16 +197,26 @@ class PreferenceObjective:
         if ref is None:
             ref = torch.zeros_like(logps)
         mean = logps / counts.clamp(min=1)
-        out = self.fn(logps[:B], logps[B:], ref[:B].to(logps.dtype), ref[B:].to(logps.dtype), mean[:B], mean[B:])
+        out = self.fn(
+            logps[:B], logps[B:], ref[:B].to(logps.dtype), ref[B:].to(logps.dtype), mean[:B], mean[B:]
+        )
         return out, logps
 
     def count(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0] // 2)
 
 
-def preference_eval_metrics(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor, nr: torch.Tensor,
-                            rc: torch.Tensor, rr: torch.Tensor, method: str, beta: float,
-                            label_smoothing: float = 0.0) -> dict[str, float]:
+def preference_eval_metrics(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    nc: torch.Tensor,
+    nr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    method: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
     """Held-out figures from per-pair summed log-probs (policy pc/pr over nc/nr tokens, reference rc/rr):
 
     * `accuracy`: the model's own preference, log pi(chosen) > log pi(rejected) (ties count half)
@@ -204,7 +237,12 @@ def preference_eval_metrics(pc: torch.Tensor, pr: torch.Tensor, nc: torch.Tensor
     def acc(x):
         return float(((x > 0).double() + 0.5 * (x == 0).double()).mean())
 
-    return {"loss": float(out.losses.mean()), "accuracy": acc(d), "accuracy_norm": acc(pc / nc - pr / nr),
-            "margin": float(d.mean()),
-            "reward_accuracy": acc(h), "reward_margin": float(beta * h.mean()),
-            "kl": float((pc - rc).sum() / nc.sum())}
+    return {
+        "loss": float(out.losses.mean()),
+        "accuracy": acc(d),
+        "accuracy_norm": acc(pc / nc - pr / nr),
+        "margin": float(d.mean()),
+        "reward_accuracy": acc(h),
+        "reward_margin": float(beta * h.mean()),
+        "kl": float((pc - rc).sum() / nc.sum()),
+    }

@@ -38,9 +38,9 @@ import hashlib
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 def is_hh(text: object) -> bool:
     """Does this string look like an HH-RLHF dialogue?"""
-    return isinstance(text, str) and ("\n\nHuman:" in text or text.startswith("Human:")) and "Assistant:" in text
+    return (
+        isinstance(text, str) and ("\n\nHuman:" in text or text.startswith("Human:")) and "Assistant:" in text
+    )
 
 
 def hh_to_messages(text: str, where: str = "record") -> list[dict]:
@@ -76,7 +78,9 @@ def hh_to_messages(text: str, where: str = "record") -> list[dict]:
     t = text if text.startswith("\n\n") else "\n\n" + text
     parts = _HH_TURN.split(t)
     if parts[0].strip():
-        raise PairError("malformed", f"{where}: text before the first '\\n\\nHuman:' marker: {parts[0][:40]!r}")
+        raise PairError(
+            "malformed", f"{where}: text before the first '\\n\\nHuman:' marker: {parts[0][:40]!r}"
+        )
     msgs: list[dict] = []
     for role, content in zip(parts[1::2], parts[2::2]):
         r, c = _HH_ROLE[role], content.strip()
@@ -93,6 +97,7 @@ def hh_to_messages(text: str, where: str = "record") -> list[dict]:
 @dataclass
 class PrefRecord:
     """A normalised preference: the conversation so far and two candidate assistant answers."""
+
     prompt: list[dict]
     chosen: str
     rejected: str
@@ -105,13 +110,23 @@ def _messages(x: object, where: str, key: str, str_role: str) -> list[dict]:
     if isinstance(x, dict) and "role" in x:
         x = [x]
     if not isinstance(x, list) or not x:
-        raise PairError("malformed", f"{where}: field '{key}' must be a string or a non-empty list of "
-                                     f"{{role, content}} messages, got {type(x).__name__}")
+        raise PairError(
+            "malformed",
+            f"{where}: field '{key}' must be a string or a non-empty list of "
+            f"{{role, content}} messages, got {type(x).__name__}",
+        )
     out = []
     for i, m in enumerate(x):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise PairError("malformed", f"{where}: field '{key}' message {i} must be {{role: "
-                                         f"{'|'.join(CHAT_ROLES)}, content: string}}, got {str(m)[:60]}")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in CHAT_ROLES
+            or not isinstance(m.get("content"), str)
+        ):
+            raise PairError(
+                "malformed",
+                f"{where}: field '{key}' message {i} must be {{role: "
+                f"{'|'.join(CHAT_ROLES)}, content: string}}, got {str(m)[:60]}",
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -124,9 +139,12 @@ def _completion(rest: list[dict], where: str, key: str) -> str:
     if not rest:
         raise PairError("empty_completion", f"{where}: '{key}' has no answer after the prompt")
     if len(rest) > 1 or rest[0]["role"] != "assistant":
-        raise PairError("malformed", f"{where}: '{key}' must continue the prompt with exactly one assistant turn "
-                                     f"(got roles {[m['role'] for m in rest]}); chosen and rejected may only "
-                                     f"differ in their last assistant turn")
+        raise PairError(
+            "malformed",
+            f"{where}: '{key}' must continue the prompt with exactly one assistant turn "
+            f"(got roles {[m['role'] for m in rest]}); chosen and rejected may only "
+            f"differ in their last assistant turn",
+        )
     c = rest[0]["content"].strip()
     if not c:
         raise PairError("empty_completion", f"{where}: '{key}' is empty")
@@ -139,17 +157,24 @@ def record_to_preference(rec: object, where: str = "record") -> PrefRecord:
         raise PairError("malformed", f"{where}: expected a JSON object, got {type(rec).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in rec]
     if missing:
-        raise PairError("malformed", f"{where}: missing field(s) {missing}; a preference record needs "
-                                     f"'chosen' and 'rejected' (and optionally 'prompt' or 'messages')")
+        raise PairError(
+            "malformed",
+            f"{where}: missing field(s) {missing}; a preference record needs "
+            f"'chosen' and 'rejected' (and optionally 'prompt' or 'messages')",
+        )
     margin = rec.get("margin", 0.0)
     if margin is None:
         margin = 0.0
     try:  # JSON integers can exceed a float (10**400): that is bad data, not a crash
-        ok = not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(float(margin))
+        ok = (
+            not isinstance(margin, bool) and isinstance(margin, (int, float)) and math.isfinite(float(margin))
+        )
     except OverflowError:
         ok = False
     if not ok:
-        raise PairError("malformed", f"{where}: field 'margin' must be a finite number, got {str(margin)[:40]}")
+        raise PairError(
+            "malformed", f"{where}: field 'margin' must be a finite number, got {str(margin)[:40]}"
+        )
     prompt_key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
     chosen = _messages(rec["chosen"], where, "chosen", "assistant")
     rejected = _messages(rec["rejected"], where, "rejected", "assistant")
@@ -158,9 +183,9 @@ def record_to_preference(rec: object, where: str = "record") -> PrefRecord:
         if prompt and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"].strip():
             prompt = prompt[:-1]  # HH explicit form: "...\n\nAssistant:" awaiting the answer
         # completions that repeat the prompt's turns
-        for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        for _name, msgs in (("chosen", chosen), ("rejected", rejected)):
             if len(msgs) > len(prompt) and all(_same(a, b) for a, b in zip(prompt, msgs)):
-                msgs[:] = msgs[len(prompt):]
+                msgs[:] = msgs[len(prompt) :]
     else:
         k = 0
         while k < min(len(chosen), len(rejected)) and _same(chosen[k], rejected[k]):
@@ -169,15 +194,23 @@ def record_to_preference(rec: object, where: str = "record") -> PrefRecord:
             raise PairError("identical", f"{where}: chosen and rejected are the same conversation")
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
     if not prompt:
-        raise PairError("malformed", f"{where}: no prompt: give 'prompt' (or 'messages'), or chosen/rejected "
-                                     f"conversations that share their opening turns")
+        raise PairError(
+            "malformed",
+            f"{where}: no prompt: give 'prompt' (or 'messages'), or chosen/rejected "
+            f"conversations that share their opening turns",
+        )
     if prompt[-1]["role"] == "assistant":
-        raise PairError("malformed", f"{where}: the prompt ends with an assistant turn; the answer must follow a "
-                                     f"user (or system) turn")
+        raise PairError(
+            "malformed",
+            f"{where}: the prompt ends with an assistant turn; the answer must follow a "
+            f"user (or system) turn",
+        )
     for i, m in enumerate(prompt):
         if not m["content"].strip():
-            raise PairError("malformed", f"{where}: field '{prompt_key or 'chosen'}' message {i} ({m['role']}) "
-                                         f"has empty content")
+            raise PairError(
+                "malformed",
+                f"{where}: field '{prompt_key or 'chosen'}' message {i} ({m['role']}) has empty content",
+            )
     c, r = _completion(chosen, where, "chosen"), _completion(rejected, where, "rejected")
     if c == r:
         raise PairError("identical", f"{where}: chosen and rejected answers are identical")
@@ -211,16 +244,26 @@ def _split(fmt: ChatFormat, prompt: list[dict], answer: str) -> tuple[str, str]:
     return full[:s], full[s:e]
 
 
-def encode_preference(fmt: ChatFormat, pr: PrefRecord, seq_len: int, *, max_prompt_len: int | None = None,
-                      truncation: str = "truncate", where: str = "record") -> Pair:
+def encode_preference(
+    fmt: ChatFormat,
+    pr: PrefRecord,
+    seq_len: int,
+    *,
+    max_prompt_len: int | None = None,
+    truncation: str = "truncate",
+    where: str = "record",
+) -> Pair:
     try:
         p_text, c_text = _split(fmt, pr.prompt, pr.chosen)
         p_text_r, r_text = _split(fmt, pr.prompt, pr.rejected)
     except DataError as e:
         raise PairError("malformed", f"{where}: {e}") from None
     if p_text != p_text_r:  # e.g. a template that renders the answer into the header
-        raise PairError("malformed", f"{where}: the chat template renders the prompt differently for chosen and "
-                                     f"rejected; cannot share prompt tokens")
+        raise PairError(
+            "malformed",
+            f"{where}: the chat template renders the prompt differently for chosen and "
+            f"rejected; cannot share prompt tokens",
+        )
     tok = fmt.tok
     p, c, r = tok.encode(p_text), tok.encode(c_text), tok.encode(r_text)
     if not c or not r:
@@ -228,19 +271,25 @@ def encode_preference(fmt: ChatFormat, pr: PrefRecord, seq_len: int, *, max_prom
     truncated = False
     if len(p) + max(len(c), len(r)) > seq_len:
         if truncation == "drop":
-            raise PairError("too_long", f"{where}: {len(p)} prompt + {max(len(c), len(r))} completion tokens "
-                                        f"> seq_len {seq_len}")
+            raise PairError(
+                "too_long",
+                f"{where}: {len(p)} prompt + {max(len(c), len(r))} completion tokens > seq_len {seq_len}",
+            )
         truncated = True
         if max_prompt_len is not None and len(p) > max_prompt_len:
             p = p[-max_prompt_len:]
         room = seq_len - len(p)
         if room < 1:
-            raise PairError("prompt_too_long", f"{where}: prompt of {len(p)} tokens leaves no room for an answer in "
-                                               f"seq_len {seq_len}")
+            raise PairError(
+                "prompt_too_long",
+                f"{where}: prompt of {len(p)} tokens leaves no room for an answer in seq_len {seq_len}",
+            )
         c, r = c[:room], r[:room]
         if c == r:
-            raise PairError("identical", f"{where}: chosen and rejected are identical after truncation to "
-                                         f"{room} completion tokens")
+            raise PairError(
+                "identical",
+                f"{where}: chosen and rejected are identical after truncation to {room} completion tokens",
+            )
     return Pair(p, c, r, pr.margin, where, truncated)
 
 
@@ -255,20 +304,32 @@ class PairStats:
     notes: list[str] = field(default_factory=list)  # the first few drop messages, for the log
 
     def as_dict(self) -> dict:
-        return {"records": self.records, "pairs": self.pairs, "truncated": self.truncated,
-                "dropped": sum(self.dropped.values()),
-                **{f"dropped_{k}": self.dropped.get(k, 0) for k in REASONS if self.dropped.get(k)}}
+        return {
+            "records": self.records,
+            "pairs": self.pairs,
+            "truncated": self.truncated,
+            "dropped": sum(self.dropped.values()),
+            **{f"dropped_{k}": self.dropped.get(k, 0) for k in REASONS if self.dropped.get(k)},
+        }
 
     def line(self) -> str:
         d = sum(self.dropped.values())
-        s = (f"{self.pairs} pairs from {self.records} records ({self.prompt_tokens:,} prompt + "
-             f"{self.completion_tokens:,} completion tokens); {self.truncated} truncated, {d} dropped")
+        s = (
+            f"{self.pairs} pairs from {self.records} records ({self.prompt_tokens:,} prompt + "
+            f"{self.completion_tokens:,} completion tokens); {self.truncated} truncated, {d} dropped"
+        )
         return s + (f" {dict(self.dropped)}" if d else "")
 
 
-def encode_pairs(records: Iterable[tuple[str, object]], fmt: ChatFormat, seq_len: int, *,
-                 max_prompt_len: int | None = None, truncation: str = "truncate",
-                 max_notes: int = 5) -> tuple[list[Pair], PairStats]:
+def encode_pairs(
+    records: Iterable[tuple[str, object]],
+    fmt: ChatFormat,
+    seq_len: int,
+    *,
+    max_prompt_len: int | None = None,
+    truncation: str = "truncate",
+    max_notes: int = 5,
+) -> tuple[list[Pair], PairStats]:
     """(where, record) -> tokenised pairs; every record that cannot be used is counted by reason."""
     if truncation not in ("truncate", "drop"):
         raise DataError(f"truncation={truncation!r}: use 'truncate' or 'drop'")
@@ -276,8 +337,14 @@ def encode_pairs(records: Iterable[tuple[str, object]], fmt: ChatFormat, seq_len
     for where, rec in records:
         st.records += 1
         try:
-            pair = encode_preference(fmt, record_to_preference(rec, where), seq_len, max_prompt_len=max_prompt_len,
-                                     truncation=truncation, where=where)
+            pair = encode_preference(
+                fmt,
+                record_to_preference(rec, where),
+                seq_len,
+                max_prompt_len=max_prompt_len,
+                truncation=truncation,
+                where=where,
+            )
         except PairError as e:
             st.dropped[e.reason] += 1
             if len(st.notes) < max_notes:
@@ -292,8 +359,11 @@ def encode_pairs(records: Iterable[tuple[str, object]], fmt: ChatFormat, seq_len
 
 
 # ----------------------------------------------------------------------------- sources
-EVASIVE = ("I am not sure what `{name}` does.", "Sorry, I cannot say anything about `{name}`.",
-           "That is a good question; `{name}` is hard to explain.")
+EVASIVE = (
+    "I am not sure what `{name}` does.",
+    "Sorry, I cannot say anything about `{name}`.",
+    "That is a good question; `{name}` is hard to explain.",
+)
 
 
 def builtin_preferences(max_examples: int | None = None, stdlib_dir: str | None = None) -> list[dict]:
@@ -345,12 +415,21 @@ def builtin_preferences(max_examples: int | None = None, stdlib_dir: str | None 
         elif how == "evasive":
             rejected = EVASIVE[(h >> 2) % len(EVASIVE)].format(name=name)
         if rejected and rejected.strip() != chosen.strip():
-            out.append({"prompt": rec["messages"][:first], "chosen": chosen, "rejected": rejected,
-                        "kind": how, "source": rec["source"]})
+            out.append(
+                {
+                    "prompt": rec["messages"][:first],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "kind": how,
+                    "source": rec["source"],
+                }
+            )
     return out
 
 
-def load_preference_records(sources: Sequence[str], max_examples: int | None = None) -> list[tuple[str, object]]:
+def load_preference_records(
+    sources: Sequence[str], max_examples: int | None = None
+) -> list[tuple[str, object]]:
     """'builtin' and/or JSONL files -> (where, record) with file:line locations."""
     out: list[tuple[str, object]] = []
     for src in sources:
@@ -358,8 +437,10 @@ def load_preference_records(sources: Sequence[str], max_examples: int | None = N
             out += [(f"builtin:{r['source']}", r) for r in builtin_preferences(max_examples=max_examples)]
         else:
             if not Path(src).is_file():
-                raise DataError(f"{src}: no such preference file; give a JSONL file of prompt/chosen/rejected "
-                                f"records, or 'builtin'")
+                raise DataError(
+                    f"{src}: no such preference file; give a JSONL file of prompt/chosen/rejected "
+                    f"records, or 'builtin'"
+                )
             out += list(read_jsonl_records(src))
     return out
 
@@ -367,8 +448,9 @@ def load_preference_records(sources: Sequence[str], max_examples: int | None = N
 # ----------------------------------------------------------------------------- batches
 def pair_rows(pairs: Sequence[Pair]) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) rows: every chosen, then every rejected."""
-    return [(p.prompt + p.chosen, len(p.prompt)) for p in pairs] + \
-           [(p.prompt + p.rejected, len(p.prompt)) for p in pairs]
+    return [(p.prompt + p.chosen, len(p.prompt)) for p in pairs] + [
+        (p.prompt + p.rejected, len(p.prompt)) for p in pairs
+    ]
 
 
 def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
@@ -380,12 +462,14 @@ def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
     for b, (row, plen) in enumerate(rows):
         t = torch.tensor(row, dtype=torch.long)
         ids[b, : len(row)] = t
-        labels[b, plen - 1: len(row) - 1] = t[plen:]
+        labels[b, plen - 1 : len(row) - 1] = t[plen:]
     lengths = torch.tensor([len(row) for row, _ in rows], dtype=torch.long)
     return {"input_ids": ids, "labels": labels, "lengths": lengths}
 
 
-def collate_pairs(pairs: Sequence[Pair], pad_id: int, ref: dict[bytes, tuple[float, float]] | None = None) -> dict:
+def collate_pairs(
+    pairs: Sequence[Pair], pad_id: int, ref: dict[bytes, tuple[float, float]] | None = None
+) -> dict:
     """A batch of B pairs as 2B rows (chosen rows first), the margins, and the reference's
     cached log-probs when `ref` (key -> (chosen, rejected)) is given."""
     out = collate_rows(pair_rows(pairs), pad_id)
@@ -400,7 +484,19 @@ class PairLoader(ShuffledBatches):
     """Shuffled batches of pairs (chosen and rejected collated together, with cached reference
     log-probs when given); resumable like every engine loader."""
 
-    def __init__(self, pairs: Sequence[Pair], batch_size: int, pad_id: int, *, seed: int,
-                 ref: dict[bytes, tuple[float, float]] | None = None):
-        super().__init__(pairs, batch_size, lambda b: collate_pairs(b, pad_id, ref), seed=seed,
-                         empty="no preference pairs left after filtering; check the data and seq_len")
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        batch_size: int,
+        pad_id: int,
+        *,
+        seed: int,
+        ref: dict[bytes, tuple[float, float]] | None = None,
+    ):
+        super().__init__(
+            pairs,
+            batch_size,
+            lambda b: collate_pairs(b, pad_id, ref),
+            seed=seed,
+            empty="no preference pairs left after filtering; check the data and seq_len",
+        )

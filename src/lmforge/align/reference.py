@@ -10,8 +10,8 @@ template or truncation misses the cache instead of reusing stale numbers), `chos
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -27,15 +27,16 @@ RefTable = dict[bytes, tuple[float, float]]
 
 
 @torch.no_grad()
-def pair_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logp, rejected logp, chosen tokens, rejected tokens) per pair, summed over the
     completion; the model is run in eval mode, `batch_size` pairs at a time, in order."""
     was = model.training
     model.eval()
     outs: list[list[torch.Tensor]] = [[], [], [], []]
     for i in range(0, len(pairs), batch_size):
-        b = collate_pairs(pairs[i:i + batch_size], pad_id)
+        b = collate_pairs(pairs[i : i + batch_size], pad_id)
         lp, n = completion_logps(model, b["input_ids"].to(device), b["labels"].to(device))
         k = lp.shape[0] // 2
         for j, t in enumerate((lp[:k], lp[k:], n[:k], n[k:])):
@@ -54,20 +55,33 @@ def load_cache(path: Path) -> RefTable:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable reference cache ({e}); delete it to recompute") from None
     keys = t["keys"].numpy()
-    return {bytes(k): (float(c), float(r)) for k, c, r in zip(keys, t["chosen"].tolist(), t["rejected"].tolist())}
+    return {
+        bytes(k): (float(c), float(r)) for k, c, r in zip(keys, t["chosen"].tolist(), t["rejected"].tolist())
+    }
 
 
 def save_cache(path: Path, table: RefTable, note: str = "") -> None:
     keys = list(table)
-    tensors = {"keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 16),
-               "chosen": torch.tensor([table[k][0] for k in keys], dtype=torch.float32),
-               "rejected": torch.tensor([table[k][1] for k in keys], dtype=torch.float32)}
+    tensors = {
+        "keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 16),
+        "chosen": torch.tensor([table[k][0] for k in keys], dtype=torch.float32),
+        "rejected": torch.tensor([table[k][1] for k in keys], dtype=torch.float32),
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "lmforge-ref-logps", "reference": note})
 
 
-def precompute_reference(model: torch.nn.Module, pairs: Sequence[Pair], path: Path, pad_id: int, device, *,
-                         batch_size: int = 16, note: str = "", log: Callable[[str], None] = print) -> RefTable:
+def precompute_reference(
+    model: torch.nn.Module,
+    pairs: Sequence[Pair],
+    path: Path,
+    pad_id: int,
+    device,
+    *,
+    batch_size: int = 16,
+    note: str = "",
+    log: Callable[[str], None] = print,
+) -> RefTable:
     """Score every pair not yet in the cache at `path` with `model`, save, return the table
     (rounded to float32, the same numbers the file holds)."""
     table = load_cache(path)
@@ -77,5 +91,7 @@ def precompute_reference(model: torch.nn.Module, pairs: Sequence[Pair], path: Pa
         for p, a, b in zip(todo, c.tolist(), r.tolist()):
             table[p.key()] = (a, b)
         save_cache(path, table, note)
-    log(f"reference log-probs: {len(todo)} pair(s) scored, {len(pairs) - len(todo)} from the cache {path.name}")
+    log(
+        f"reference log-probs: {len(todo)} pair(s) scored, {len(pairs) - len(todo)} from the cache {path.name}"
+    )
     return table

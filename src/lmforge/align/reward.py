@@ -18,8 +18,8 @@ training) or raw strings; `score_ids` takes token ids directly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,14 @@ from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
 from ..eval.stats import wilson
 from ..model.config import ModelConfig
-from ..model.hf import _read_weights, copy_tokenizer_files, from_hf_config, read_hf_config, to_hf_config, \
-    write_weights
+from ..model.hf import (
+    _read_weights,
+    copy_tokenizer_files,
+    from_hf_config,
+    read_hf_config,
+    to_hf_config,
+    write_weights,
+)
 from ..model.transformer import Decoder, Transformer
 from ..runs import atomic_write_json
 from .losses import bradley_terry_loss
@@ -48,12 +54,12 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(cfg.d_model, 1, bias=False)
 
     @classmethod
-    def from_causal_lm(cls, lm: Transformer, seed: int = 0) -> "RewardModel":
+    def from_causal_lm(cls, lm: Transformer, seed: int = 0) -> RewardModel:
         """Reuse a language model's trunk (its lm_head is dropped); the head starts small and
         random (seeded) so the initial scores are near zero but the trunk gets gradients."""
         rm = cls(lm.cfg, lm.model)
         g = torch.Generator().manual_seed(seed)
-        w = torch.randn(1, lm.cfg.d_model, generator=g) / lm.cfg.d_model ** 0.5
+        w = torch.randn(1, lm.cfg.d_model, generator=g) / lm.cfg.d_model**0.5
         rm.score.weight.data = w.to(lm.model.embed_tokens.weight.device)  # fp32 even over a bf16 trunk
         return rm
 
@@ -68,8 +74,15 @@ class RewardModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- save / load
-def save_reward_model(rm: RewardModel, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
-                      bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> Path:
+def save_reward_model(
+    rm: RewardModel,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> Path:
     """An HF `LlamaForSequenceClassification` folder (num_labels 1) with the tokenizer files."""
     from ..train.checkpoint import model_state_for_saving
 
@@ -80,8 +93,13 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, tokenizer_dir: str |
     write_weights(state, out)
     cfg = to_hf_config(rm.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt)
     arch = "Qwen2ForSequenceClassification" if rm.cfg.qkv_bias else "LlamaForSequenceClassification"
-    cfg.update(architectures=[arch], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
-               pad_token_id=pad_id if pad_id is not None else eos_id)
+    cfg.update(
+        architectures=[arch],
+        num_labels=1,
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        pad_token_id=pad_id if pad_id is not None else eos_id,
+    )
     atomic_write_json(out / "config.json", cfg)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
@@ -97,11 +115,14 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     folder = Path(folder)
     hf = read_hf_config(folder)
     if not is_reward_model(folder):
-        raise CheckpointError(f"{folder / 'config.json'}: architectures {hf.get('architectures')} is not a "
-                              f"sequence-classification (reward) model; train one with `lmforge reward`")
+        raise CheckpointError(
+            f"{folder / 'config.json'}: architectures {hf.get('architectures')} is not a "
+            f"sequence-classification (reward) model; train one with `lmforge reward`"
+        )
     if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
-        raise CheckpointError(f"{folder / 'config.json'}: a reward model has num_labels 1, this one "
-                              f"{hf.get('num_labels')}")
+        raise CheckpointError(
+            f"{folder / 'config.json'}: a reward model has num_labels 1, this one {hf.get('num_labels')}"
+        )
     cfg = from_hf_config(hf, str(folder / "config.json"))
     with torch.device("meta"):
         rm = RewardModel(cfg)
@@ -110,12 +131,15 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and "rotary" not in k]
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match a reward model of this config (missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{folder}: weights do not match a reward model of this config (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for k, v in state.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies "
-                                  f"{tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{folder}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}"
+            )
     rm = rm.to_empty(device=device)
     rm.load_state_dict({k: v for k, v in state.items() if k in own})
     rm.model.rotary = type(rm.model.rotary)(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(device)
@@ -140,23 +164,31 @@ class RewardObjective:
         rc, rr = r[:B], r[B:]
         losses = bradley_terry_loss(rc, rr, batch["margin"].to(r.device) if self.use_margin else None)
         d = (rc - rr).detach()
-        return losses.sum(), B, {"accuracy": float((d > 0).float().mean()), "margin": float(d.mean()),
-                                 "rewards/chosen": float(rc.detach().mean()),
-                                 "rewards/rejected": float(rr.detach().mean())}
+        return (
+            losses.sum(),
+            B,
+            {
+                "accuracy": float((d > 0).float().mean()),
+                "margin": float(d.mean()),
+                "rewards/chosen": float(rc.detach().mean()),
+                "rewards/rejected": float(rr.detach().mean()),
+            },
+        )
 
     def count(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0] // 2)
 
 
 @torch.no_grad()
-def pair_scores(rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of chosen and rejected for every pair, in order."""
     was = rm.training
     rm.eval()
     cs, rs = [], []
     for i in range(0, len(pairs), batch_size):
-        b = pair_batch(pairs[i:i + batch_size], pad_id)
+        b = pair_batch(pairs[i : i + batch_size], pad_id)
         r = rm(b["input_ids"].to(device), b["lengths"].to(device)).float().cpu()
         n = r.shape[0] // 2
         cs.append(r[:n])
@@ -165,8 +197,9 @@ def pair_scores(rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch
     return (torch.cat(cs), torch.cat(rs)) if cs else (torch.zeros(0), torch.zeros(0))
 
 
-def evaluate_reward(rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16,
-                    use_margin: bool = True) -> dict[str, float]:
+def evaluate_reward(
+    rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, batch_size: int = 16, use_margin: bool = True
+) -> dict[str, float]:
     """Held-out pairwise accuracy (ties count half) with its Wilson 95% interval, mean score
     margin and Bradley-Terry loss."""
     if not pairs:
@@ -176,16 +209,27 @@ def evaluate_reward(rm: nn.Module, pairs: Sequence[Pair], pad_id: int, device, b
     d = c - r
     wins = float((d > 0).sum()) + 0.5 * float((d == 0).sum())
     lo, hi = wilson(wins, len(pairs))
-    return {"loss": float(bradley_terry_loss(c, r, m).mean()), "accuracy": wins / len(pairs),
-            "accuracy_ci_low": lo, "accuracy_ci_high": hi, "margin": float(d.mean())}
+    return {
+        "loss": float(bradley_terry_loss(c, r, m).mean()),
+        "accuracy": wins / len(pairs),
+        "accuracy_ci_low": lo,
+        "accuracy_ci_high": hi,
+        "margin": float(d.mean()),
+    }
 
 
 # ----------------------------------------------------------------------------- scoring API
 class RewardScorer:
     """Score conversations (or raw strings, or token ids) with a trained reward model."""
 
-    def __init__(self, rm: RewardModel, fmt: ChatFormat, device: str | torch.device = "cpu",
-                 max_len: int | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        rm: RewardModel,
+        fmt: ChatFormat,
+        device: str | torch.device = "cpu",
+        max_len: int | None = None,
+        batch_size: int = 16,
+    ):
         self.rm, self.fmt, self.device = rm.to(device).eval(), fmt, torch.device(device)
         self.max_len = max_len or rm.cfg.max_seq_len
         self.batch_size = batch_size
@@ -193,7 +237,7 @@ class RewardScorer:
         self.pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
     @classmethod
-    def from_dir(cls, folder: str | Path, device: str | torch.device = "cpu", **kw) -> "RewardScorer":
+    def from_dir(cls, folder: str | Path, device: str | torch.device = "cpu", **kw) -> RewardScorer:
         return cls(load_reward_model(folder, device), ChatFormat.from_dir(folder), device, **kw)
 
     def encode(self, item: str | Sequence[dict]) -> list[int]:
@@ -214,7 +258,7 @@ class RewardScorer:
         """Scores [N] (float32, CPU); over-long inputs keep their last `max_len` tokens."""
         out = []
         for i in range(0, len(ids), self.batch_size):
-            rows = [list(x)[-self.max_len:] or [self.pad_id] for x in ids[i:i + self.batch_size]]
+            rows = [list(x)[-self.max_len :] or [self.pad_id] for x in ids[i : i + self.batch_size]]
             T = max(len(r) for r in rows)
             x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
             for b, r in enumerate(rows):
@@ -235,5 +279,13 @@ class RewardScorer:
         return int(scores.argmax()), scores
 
 
-__all__ = ["RewardModel", "RewardObjective", "RewardScorer", "evaluate_reward", "load_reward_model",
-           "pair_batch", "pair_scores", "save_reward_model"]
+__all__ = [
+    "RewardModel",
+    "RewardObjective",
+    "RewardScorer",
+    "evaluate_reward",
+    "load_reward_model",
+    "pair_batch",
+    "pair_scores",
+    "save_reward_model",
+]

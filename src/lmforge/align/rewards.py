@@ -38,9 +38,10 @@ import inspect
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -106,8 +107,9 @@ def import_callable(spec: str, key: str = "rewards") -> RewardFn:
     """`package.module:function` or `path/to/file.py:function` -> the callable (imports it)."""
     mod_name, sep, attr = spec.rpartition(":")
     if not sep or not mod_name or not attr:
-        raise ConfigError(f"{key}: {spec!r} is not a known reward ({', '.join(BUILTIN)}) nor "
-                          f"'module:function'")
+        raise ConfigError(
+            f"{key}: {spec!r} is not a known reward ({', '.join(BUILTIN)}) nor 'module:function'"
+        )
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
@@ -125,8 +127,10 @@ def import_callable(spec: str, key: str = "rewards") -> RewardFn:
     except ConfigError:
         raise
     except Exception as e:  # an import error in user code is the user's to fix
-        raise ConfigError(f"{key}: cannot import {mod_name!r} for reward {spec!r} ({type(e).__name__}: {e}); "
-                          f"is it on PYTHONPATH?") from None
+        raise ConfigError(
+            f"{key}: cannot import {mod_name!r} for reward {spec!r} ({type(e).__name__}: {e}); "
+            f"is it on PYTHONPATH?"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"{key}: {mod_name!r} has no callable {attr!r}")
@@ -141,8 +145,11 @@ def _accepted(fn: Callable) -> set[str] | None:
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                  inspect.Parameter.KEYWORD_ONLY)}
+    return {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
 
 
 # ----------------------------------------------------------------------------- the reward set
@@ -155,9 +162,9 @@ class RewardTerm:
 
 @dataclass
 class RewardResult:
-    total: list[float]                      # weighted sum; NaN for failed samples
-    terms: dict[str, list[float]]           # per function; NaN where it failed
-    failures: dict[str, int]                # failed samples per function
+    total: list[float]  # weighted sum; NaN for failed samples
+    terms: dict[str, list[float]]  # per function; NaN where it failed
+    failures: dict[str, int]  # failed samples per function
     errors: dict[str, str] = field(default_factory=dict)  # first error message per function
 
     @property
@@ -181,13 +188,22 @@ class RewardSet:
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None],
-                 messages: Sequence[list[dict]] | None = None,
-                 completion_ids: Sequence[list[int]] | None = None) -> RewardResult:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        answers: Sequence[str | None],
+        messages: Sequence[list[dict]] | None = None,
+        completion_ids: Sequence[list[int]] | None = None,
+    ) -> RewardResult:
         n = len(completions)
-        kwargs = {"prompts": list(prompts), "completions": list(completions), "answers": list(answers),
-                  "messages": list(messages) if messages is not None else [None] * n,
-                  "completion_ids": list(completion_ids) if completion_ids is not None else [None] * n}
+        kwargs = {
+            "prompts": list(prompts),
+            "completions": list(completions),
+            "answers": list(answers),
+            "messages": list(messages) if messages is not None else [None] * n,
+            "completion_ids": list(completion_ids) if completion_ids is not None else [None] * n,
+        }
         terms, failures, errors = {}, {}, {}
         total = [0.0] * n
         for term in self.terms:
@@ -232,7 +248,7 @@ def _call_isolated(fn: RewardFn, kwargs: dict, n: int) -> tuple[list[float], str
         return [math.nan], first
     out = []
     for i in range(n):
-        one = {k: v[i:i + 1] for k, v in kw.items()}
+        one = {k: v[i : i + 1] for k, v in kw.items()}
         try:
             vals, err = _clean(fn(**one), 1)
         except Exception as e:  # noqa: BLE001
@@ -253,9 +269,14 @@ def parse_spec(spec: str, key: str) -> tuple[float, str]:
     return float(m["w"]) if m["w"] else 1.0, m["name"]
 
 
-def build_rewards(specs: Sequence[str], *, key: str = "rewards", format_pattern: str = DEFAULT_FORMAT_PATTERN,
-                  reward_model: Callable[[], RewardFn] | None = None,
-                  extra: dict[str, RewardFn] | None = None) -> RewardSet:
+def build_rewards(
+    specs: Sequence[str],
+    *,
+    key: str = "rewards",
+    format_pattern: str = DEFAULT_FORMAT_PATTERN,
+    reward_model: Callable[[], RewardFn] | None = None,
+    extra: dict[str, RewardFn] | None = None,
+) -> RewardSet:
     """A `RewardSet` from config specs. `reward_model` is a factory called only when a spec
     names `reward_model` (loading a model is expensive); `extra` maps names to callables
     (the Python API's way to pass functions without a module path)."""
@@ -270,8 +291,10 @@ def build_rewards(specs: Sequence[str], *, key: str = "rewards", format_pattern:
             fn = FormatReward(format_pattern)
         elif name == "reward_model":
             if reward_model is None:
-                raise ConfigError(f"{key}[{i}]: reward_model needs a reward model folder (reward_model=PATH or "
-                                  f"this run's reward stage)")
+                raise ConfigError(
+                    f"{key}[{i}]: reward_model needs a reward model folder (reward_model=PATH or "
+                    f"this run's reward stage)"
+                )
             fn = reward_model()
         else:
             fn = import_callable(name, f"{key}[{i}]")
@@ -292,6 +315,8 @@ class RewardModelScorer:
         self.scorer = RewardScorer.from_dir(folder, device, batch_size=batch_size)
         self.__name__ = "reward_model"
 
-    def __call__(self, completions: Sequence[str], messages: Sequence[list[dict] | None], **_: Any) -> list[float]:
+    def __call__(
+        self, completions: Sequence[str], messages: Sequence[list[dict] | None], **_: Any
+    ) -> list[float]:
         convs = [list(m or []) + [{"role": "assistant", "content": c}] for c, m in zip(completions, messages)]
         return self.scorer.score(convs).tolist()

@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,21 +43,33 @@ class RolloutSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rewards: list[str] = Field(default_factory=lambda: ["exact_match"],
-                               description="reward terms: exact_match, format, reward_model, module:function; "
-                                           "'W*name' weights a term")
+    rewards: list[str] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="reward terms: exact_match, format, reward_model, module:function; "
+        "'W*name' weights a term",
+    )
     format_pattern: str = Field(DEFAULT_FORMAT_PATTERN, description="regex of the `format` reward")
     max_new_tokens: int = Field(32, ge=1, description="completion budget per sample")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts (and of the log-probs)")
+    temperature: float = Field(
+        1.0, gt=0, description="sampling temperature of rollouts (and of the log-probs)"
+    )
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    epochs: int = Field(1, ge=1, description="optimisation passes over each rollout (PPO epochs / GRPO iterations)")
+    epochs: int = Field(
+        1, ge=1, description="optimisation passes over each rollout (PPO epochs / GRPO iterations)"
+    )
     num_minibatches: int = Field(1, ge=1, description="optimizer steps per pass over a rollout")
-    mask_truncated: bool = Field(False, description="drop completions that hit max_new_tokens without stopping")
+    mask_truncated: bool = Field(
+        False, description="drop completions that hit max_new_tokens without stopping"
+    )
     backend: Literal["lmforge", "vllm", "auto"] = Field(
-        "lmforge", description="rollout generation: lmforge (KV cache), vllm, auto (vllm when importable + CUDA)")
+        "lmforge",
+        description="rollout generation: lmforge (KV cache), vllm, auto (vllm when importable + CUDA)",
+    )
     gen_batch_size: int = Field(64, ge=1, description="sequences per generation call")
-    eval_max_new_tokens: int | None = Field(None, ge=1, description="held-out completion budget; default max_new_tokens")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="held-out completion budget; default max_new_tokens"
+    )
     num_samples: int = Field(4, ge=0, description="held-out answers shown before/after in samples.jsonl")
 
     @model_validator(mode="after")
@@ -71,8 +84,11 @@ class PPOSettings(RolloutSettings):
     epochs: int = Field(4, ge=1, description="PPO epochs per rollout")
     kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty against the reference")
     adaptive_kl: bool = Field(False, description="adapt kl_coef so the KL tracks target_kl (Ziegler et al.)")
-    target_kl: float = Field(6.0, gt=0, description="adaptive_kl: KL per sequence (nats) to aim for; "
-                                                    "also the bound the summary checks")
+    target_kl: float = Field(
+        6.0,
+        gt=0,
+        description="adaptive_kl: KL per sequence (nats) to aim for; also the bound the summary checks",
+    )
     kl_horizon: int = Field(10000, ge=1, description="adaptive_kl: horizon in sequences")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
@@ -80,20 +96,26 @@ class PPOSettings(RolloutSettings):
     cliprange_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     whiten_rewards: bool = False
-    missing_eos_penalty: float | None = Field(None, ge=0, description="subtracted from the score of "
-                                                                       "completions that never stop")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of completions that never stop"
+    )
 
 
 class GRPOSettings(RolloutSettings):
     group_size: int = Field(4, ge=2, description="samples per prompt")
     scale: Literal["group", "batch", "none"] = "group"
     epsilon: float = Field(0.2, gt=0, description="lower clip of the ratio (1 - epsilon)")
-    epsilon_high: float | None = Field(None, gt=0, description="upper clip (1 + epsilon_high); default epsilon "
-                                                               "(DAPO's clip-higher uses e.g. 0.28)")
+    epsilon_high: float | None = Field(
+        None,
+        gt=0,
+        description="upper clip (1 + epsilon_high); default epsilon (DAPO's clip-higher uses e.g. 0.28)",
+    )
     beta: float = Field(0.0, ge=0, description="k3 KL coefficient; 0 = no reference model is loaded")
     loss_type: Literal["seq", "token", "dr_grpo"] = Field(
-        "token", description="seq: per-sequence mean then mean; token: over all tokens; "
-                             "dr_grpo: sum / (sequences * max_new_tokens)")
+        "token",
+        description="seq: per-sequence mean then mean; token: over all tokens; "
+        "dr_grpo: sum / (sequences * max_new_tokens)",
+    )
 
 
 # ============================================================================= the run
@@ -109,8 +131,7 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     from ..runs import atomic_write_json
     from ..train.engine import Trainer, autocast_dtype
     from .rewards import RewardModelScorer, build_rewards
-    from .rl_math import GRPOObjective, PPOObjective
-    from .rl_math import FixedKLController
+    from .rl_math import FixedKLController, GRPOObjective, PPOObjective
     from .rollout import RolloutLoader, make_backend, make_kl_controller
     from .tasks import load_prompt_sets
 
@@ -119,7 +140,9 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     if method not in ("ppo", "grpo"):
         raise ConfigError(f"{key}.method={method!r}: run_rl trains ppo or grpo")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{key}: PPO/GRPO run in one process (rollouts are not sharded yet); run without torchrun")
+        raise ConfigError(
+            f"{key}: PPO/GRPO run in one process (rollouts are not sharded yet); run without torchrun"
+        )
     s = cfg.ppo if method == "ppo" else cfg.grpo
     if getattr(cfg, "spike_factor", 0):
         # RL losses hover around zero and change sign, so "N x the running median" means nothing
@@ -133,12 +156,16 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     seq_len = min(cfg.seq_len or context, context)
     eval_new = s.eval_max_new_tokens or s.max_new_tokens
     if max(s.max_new_tokens, eval_new) >= seq_len:
-        raise ConfigError(f"{key}.{method}.max_new_tokens={max(s.max_new_tokens, eval_new)} leaves no room for a "
-                          f"prompt in {seq_len} tokens ({key}.seq_len / the model's context)")
+        raise ConfigError(
+            f"{key}.{method}.max_new_tokens={max(s.max_new_tokens, eval_new)} leaves no room for a "
+            f"prompt in {seq_len} tokens ({key}.seq_len / the model's context)"
+        )
     n_seq = cfg.batch_size * cfg.grad_accum * s.num_minibatches
     if method == "grpo" and n_seq % s.group_size:
-        raise ConfigError(f"{key}: a rollout holds batch_size * grad_accum * grpo.num_minibatches = {n_seq} "
-                          f"sequences, not a multiple of grpo.group_size={s.group_size}; change one of them")
+        raise ConfigError(
+            f"{key}: a rollout holds batch_size * grad_accum * grpo.num_minibatches = {n_seq} "
+            f"sequences, not a multiple of grpo.group_size={s.group_size}; change one of them"
+        )
     device = ctx.device
 
     # ------------------------------------------------------------------ prompts
@@ -149,25 +176,40 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     limit = seq_len - s.max_new_tokens
     train, too_long = _encode(train_items, fmt, limit)
     val, val_too_long = _encode(val_items, fmt, seq_len - eval_new)
-    ctx.log(f"prompts: {len(train)} train, {len(val)} held-out"
-            + (f"; skipped as longer than {limit} tokens (context {seq_len} - max_new_tokens): "
-               f"{too_long} train, {val_too_long} held-out" if too_long or val_too_long else ""))
+    ctx.log(
+        f"prompts: {len(train)} train, {len(val)} held-out"
+        + (
+            f"; skipped as longer than {limit} tokens (context {seq_len} - max_new_tokens): "
+            f"{too_long} train, {val_too_long} held-out"
+            if too_long or val_too_long
+            else ""
+        )
+    )
     if not train:
-        raise ConfigError(f"{key}: no training prompt fits {limit} tokens; lower {key}.{method}.max_new_tokens, "
-                          f"raise {key}.seq_len or check {key}.data")
+        raise ConfigError(
+            f"{key}: no training prompt fits {limit} tokens; lower {key}.{method}.max_new_tokens, "
+            f"raise {key}.seq_len or check {key}.data"
+        )
 
     # ------------------------------------------------------------------ rewards
     def reward_model_factory():
         folder = Path(cfg.reward_model) if cfg.reward_model else ctx.run_dir / "reward" / "model"
         if not (folder / "config.json").exists():
-            raise ConfigError(f"{key}.reward_model: {folder} is not a reward model folder; train one with "
-                              f"`lmforge reward` or set {key}.reward_model=PATH (or use reward functions: "
-                              f"{key}.{method}.rewards=[...])")
+            raise ConfigError(
+                f"{key}.reward_model: {folder} is not a reward model folder; train one with "
+                f"`lmforge reward` or set {key}.reward_model=PATH (or use reward functions: "
+                f"{key}.{method}.rewards=[...])"
+            )
         ctx.log(f"reward model: {folder}")
         return RewardModelScorer(folder, device, batch_size=s.gen_batch_size)
 
-    rewards = build_rewards(s.rewards, key=f"{key}.{method}.rewards", format_pattern=s.format_pattern,
-                            reward_model=reward_model_factory, extra=reward_fns)
+    rewards = build_rewards(
+        s.rewards,
+        key=f"{key}.{method}.rewards",
+        format_pattern=s.format_pattern,
+        reward_model=reward_model_factory,
+        extra=reward_fns,
+    )
 
     # ------------------------------------------------------------------ models
     policy, note = build_policy(cfg, model_dir, device, ctx.seed)
@@ -197,31 +239,71 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     else:
         ref_note = "no reference model (grpo.beta = 0)"
     summary = trainable_summary(policy)
-    ctx.log(f"{method.upper()} on {model_dir}: {note}; {ref_note}; trainable {summary['trainable_params']:,} of "
-            f"{summary['total_params']:,} parameters")
+    ctx.log(
+        f"{method.upper()} on {model_dir}: {note}; {ref_note}; trainable {summary['trainable_params']:,} of "
+        f"{summary['total_params']:,} parameters"
+    )
     steps_per_rollout = s.epochs * s.num_minibatches
     n_rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
     prompts_per = n_seq // (s.group_size if method == "grpo" else 1)
-    ctx.log(f"{n_rollouts} rollouts of {prompts_per} prompts x {s.group_size if method == 'grpo' else 1} "
-            f"sample(s), {steps_per_rollout} optimizer step(s) each ({cfg.max_steps} steps)")
+    ctx.log(
+        f"{n_rollouts} rollouts of {prompts_per} prompts x {s.group_size if method == 'grpo' else 1} "
+        f"sample(s), {steps_per_rollout} optimizer step(s) each ({cfg.max_steps} steps)"
+    )
     if cfg.checkpoint_every and cfg.checkpoint_every % steps_per_rollout:
-        ctx.log(f"note: checkpoint_every={cfg.checkpoint_every} is not a multiple of the {steps_per_rollout} steps "
-                f"per rollout; checkpoints inside a rollout store its buffer (larger trainer_state.json)")
+        ctx.log(
+            f"note: checkpoint_every={cfg.checkpoint_every} is not a multiple of the {steps_per_rollout} steps "
+            f"per rollout; checkpoints inside a rollout store its buffer (larger trainer_state.json)"
+        )
 
     amp = autocast_dtype(device, ctx.dtype)
-    backend = make_backend(s.backend, policy, model_dir=str(model_dir), seed=ctx.seed,
-                           batch_size=s.gen_batch_size, log=ctx.log)
+    backend = make_backend(
+        s.backend, policy, model_dir=str(model_dir), seed=ctx.seed, batch_size=s.gen_batch_size, log=ctx.log
+    )
     decode = lambda ids: fmt.tok.decode(ids, skip_special=True).strip()  # noqa: E731
     pad = fmt.tok.pad_id if fmt.tok.pad_id is not None else (fmt.tok.eos_id or 0)
     kl_ctl = make_kl_controller(s) if method == "ppo" else FixedKLController(0.0)
-    loader = RolloutLoader(method=method, settings=s, policy=policy, backend=backend, prompts=train, rewards=rewards,
-                           decode=decode, stop_ids=fmt.stop_ids, pad_id=pad, batch_size=cfg.batch_size,
-                           grad_accum=cfg.grad_accum, seed=ctx.seed, device=device, amp=amp, ref=ref,
-                           ref_is_base=ref_is_base, kl_ctl=kl_ctl, max_bad_rollouts=cfg.max_bad_steps, log=ctx.log,
-                           log_every=max(1, cfg.log_every // steps_per_rollout))
+    loader = RolloutLoader(
+        method=method,
+        settings=s,
+        policy=policy,
+        backend=backend,
+        prompts=train,
+        rewards=rewards,
+        decode=decode,
+        stop_ids=fmt.stop_ids,
+        pad_id=pad,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=ctx.seed,
+        device=device,
+        amp=amp,
+        ref=ref,
+        ref_is_base=ref_is_base,
+        kl_ctl=kl_ctl,
+        max_bad_rollouts=cfg.max_bad_steps,
+        log=ctx.log,
+        log_every=max(1, cfg.log_every // steps_per_rollout),
+    )
 
-    evaluator = HeldOutEval(method, s, val, rewards, backend, decode, fmt.stop_ids, pad, policy, ref, ref_is_base,
-                            cfg.batch_size, device, amp, ctx.seed, eval_new)
+    evaluator = HeldOutEval(
+        method,
+        s,
+        val,
+        rewards,
+        backend,
+        decode,
+        fmt.stop_ids,
+        pad,
+        policy,
+        ref,
+        ref_is_base,
+        cfg.batch_size,
+        device,
+        amp,
+        ctx.seed,
+        eval_new,
+    )
     before_file = ctx.dir / "before.json"
     if before_file.exists():
         before = json.loads(before_file.read_text())
@@ -232,17 +314,27 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
         ctx.log("held-out before: " + _fmt(before["metrics"]))
 
     objective = PPOObjective(s, s.temperature) if method == "ppo" else GRPOObjective(s, s.temperature)
-    trainer = Trainer(policy, objective, loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                      evaluate=(lambda m: evaluator.run()) if val else None, log=ctx.log)
+    trainer = Trainer(
+        policy,
+        objective,
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=(lambda m: evaluator.run()) if val else None,
+        log=ctx.log,
+    )
     loader.bind(trainer)
     if cfg.peft == "qlora" and cfg.qlora.optimizer != "adamw":
         from ..peft.qlora import build_optimizer
 
-        trainer.optimizer, opt_note = build_optimizer(policy.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay,
-                                                      (cfg.beta1, cfg.beta2))
+        trainer.optimizer, opt_note = build_optimizer(
+            policy.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+        )
         ctx.log(f"optimizer: {opt_note}")
     result = trainer.fit(resume=True)
-    after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
+    after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
     if val and (not after or (s.num_samples and not evaluator.last_answers)):
         # no eval ran in this process (a run resumed at its last step): score the final policy
         # again (deterministic) so the metrics and the sample answers are those of a clean run
@@ -252,45 +344,79 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
     samples = []
     b_ans, a_ans = before.get("answers") or [], evaluator.last_answers
     for i, it in enumerate(val[: s.num_samples]):
-        samples.append({"prompt": it.item.text, "reference": it.item.answer,
-                        "before": b_ans[i] if i < len(b_ans) else None, "after": a_ans[i] if i < len(a_ans) else None})
+        samples.append(
+            {
+                "prompt": it.item.text,
+                "reference": it.item.answer,
+                "before": b_ans[i] if i < len(b_ans) else None,
+                "after": a_ans[i] if i < len(a_ans) else None,
+            }
+        )
     from ..runs import atomic_write_text
 
-    atomic_write_text(ctx.dir / "samples.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
+    atomic_write_text(
+        ctx.dir / "samples.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples)
+    )
     save_policy(policy, cfg, ctx.dir, model_dir, hf)
-    curve = [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
-             for r in _read_jsonl(ctx.dir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+    curve = [
+        {"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+        for r in _read_jsonl(ctx.dir / "metrics.jsonl")
+        if any(k.startswith("eval/") for k in r)
+    ]
     b, a = before["metrics"], after
     metrics: dict = {"method": method}
     if "exact_match" in rewards.names:
-        metrics.update(accuracy_before=b.get("accuracy"), accuracy_after=a.get("accuracy"),
-                       sampled_accuracy_before=b.get("sampled_accuracy"), sampled_accuracy_after=a.get("sampled_accuracy"))
-    metrics.update(reward_before=b.get("reward"), reward_after=a.get("reward"),
-                   sampled_reward_before=b.get("sampled_reward"), sampled_reward_after=a.get("sampled_reward"))
+        metrics.update(
+            accuracy_before=b.get("accuracy"),
+            accuracy_after=a.get("accuracy"),
+            sampled_accuracy_before=b.get("sampled_accuracy"),
+            sampled_accuracy_after=a.get("sampled_accuracy"),
+        )
+    metrics.update(
+        reward_before=b.get("reward"),
+        reward_after=a.get("reward"),
+        sampled_reward_before=b.get("sampled_reward"),
+        sampled_reward_after=a.get("sampled_reward"),
+    )
     if "kl" in a or "kl" in b:
         metrics.update(kl_before=b.get("kl"), kl_after=a.get("kl"))
     if method == "ppo":
         metrics.update(kl_target=s.target_kl, kl_coef_final=loader.kl_ctl.value)
-    metrics.update({"steps": result.step, "rollouts": loader.rollouts, "train_prompts": len(train),
-                    "val_prompts": len(val), "skipped_long_prompts": too_long + val_too_long,
-                    "samples_generated": loader.totals["samples"],
-                    "failed_reward_samples": loader.totals["failed_samples"],
-                    "truncated_completions": loader.totals["truncated"],
-                    **{f"failures_{k}": v for k, v in loader.failures.items() if v},
-                    "train_seconds": round(result.seconds, 2), "peft": cfg.peft, **summary})
+    metrics.update(
+        {
+            "steps": result.step,
+            "rollouts": loader.rollouts,
+            "train_prompts": len(train),
+            "val_prompts": len(val),
+            "skipped_long_prompts": too_long + val_too_long,
+            "samples_generated": loader.totals["samples"],
+            "failed_reward_samples": loader.totals["failed_samples"],
+            "truncated_completions": loader.totals["truncated"],
+            **{f"failures_{k}": v for k, v in loader.failures.items() if v},
+            "train_seconds": round(result.seconds, 2),
+            "peft": cfg.peft,
+            **summary,
+        }
+    )
     if method == "grpo":
-        metrics.update(zero_std_group_frac=round(loader.totals["zero_std_groups"] / max(loader.totals["groups"], 1), 4),
-                       dropped_groups=loader.totals["dropped_groups"],
-                       zero_signal_rollouts=loader.zero_std_rollouts)
+        metrics.update(
+            zero_std_group_frac=round(loader.totals["zero_std_groups"] / max(loader.totals["groups"], 1), 4),
+            dropped_groups=loader.totals["dropped_groups"],
+            zero_signal_rollouts=loader.zero_std_rollouts,
+        )
     if curve:
         metrics["eval_curve"] = curve
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    ctx.log("held-out: " + "  ".join(f"{k} {_v(b.get(k))} -> {_v(a.get(k))}" for k in sorted(set(a) | set(b))))
+    ctx.log(
+        "held-out: " + "  ".join(f"{k} {_v(b.get(k))} -> {_v(a.get(k))}" for k in sorted(set(a) | set(b)))
+    )
     if loader.totals["failed_samples"]:
-        ctx.log(f"{loader.totals['failed_samples']} of {loader.totals['samples']} samples had a failed reward "
-                f"({dict(loader.failures)}); they were left out of the updates")
+        ctx.log(
+            f"{loader.totals['failed_samples']} of {loader.totals['samples']} samples had a failed reward "
+            f"({dict(loader.failures)}); they were left out of the updates"
+        )
     return metrics
 
 
@@ -308,10 +434,16 @@ def model_before(ctx) -> Path:
         st = REGISTRY.get(name)
         if st and st.produces_model:
             m = read_manifest(ctx.run_dir / name)
-            if m and m.get("status") == "complete" and (ctx.run_dir / name / "model" / "config.json").is_file():
+            if (
+                m
+                and m.get("status") == "complete"
+                and (ctx.run_dir / name / "model" / "config.json").is_file()
+            ):
                 return ctx.run_dir / name / "model"
-    raise LMForgeError(f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
-                       f"`lmforge run`) first, or pass --model PATH")
+    raise LMForgeError(
+        f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
+        f"`lmforge run`) first, or pass --model PATH"
+    )
 
 
 def _encode(items, fmt, limit: int):
@@ -400,8 +532,25 @@ class HeldOutEval:
     completions, summed per token with the k3 estimator (unbiased like log(pi/ref) but never
     negative, so small KLs do not read as < 0)."""
 
-    def __init__(self, method, s, val, rewards, backend, decode, stop_ids, pad, policy, ref, ref_is_base,
-                 batch_size, device, amp, seed, max_new):
+    def __init__(
+        self,
+        method,
+        s,
+        val,
+        rewards,
+        backend,
+        decode,
+        stop_ids,
+        pad,
+        policy,
+        ref,
+        ref_is_base,
+        batch_size,
+        device,
+        amp,
+        seed,
+        max_new,
+    ):
         self.__dict__.update(locals())
         del self.__dict__["self"]
         self.last_answers: list[str] = []
@@ -410,8 +559,13 @@ class HeldOutEval:
         import torch
 
         texts = [self.decode([t for t in c if t not in self.stop_ids]) for c in comps]
-        res = self.rewards([v.item.text for v in self.val], texts, [v.item.answer for v in self.val],
-                           messages=[v.item.chat for v in self.val], completion_ids=comps)
+        res = self.rewards(
+            [v.item.text for v in self.val],
+            texts,
+            [v.item.answer for v in self.val],
+            messages=[v.item.chat for v in self.val],
+            completion_ids=comps,
+        )
         out: dict[str, float] = {}
         tot = torch.tensor(res.total)
         ok = torch.isfinite(tot)
@@ -419,8 +573,9 @@ class HeldOutEval:
         for name, vals in res.terms.items():
             v = torch.tensor(vals)
             g = torch.isfinite(v)
-            out[prefix + ("accuracy" if name == "exact_match" else f"reward_{name}")] = \
+            out[prefix + ("accuracy" if name == "exact_match" else f"reward_{name}")] = (
                 float(v[g].mean()) if g.any() else float("nan")
+            )
         if sum(res.failures.values()):
             out[prefix + "failed_rewards"] = float(sum(not x for x in ok.tolist()))
         return out, texts
@@ -437,8 +592,14 @@ class HeldOutEval:
         self.last_answers = texts[: self.s.num_samples]
         # one sample per prompt at the rollout temperature (seeded: the same draws every time):
         # what RL optimises directly, and the completions the KL is measured on
-        sampled = SamplingParams(max_new_tokens=self.max_new, temperature=self.s.temperature, top_k=self.s.top_k,
-                                 top_p=self.s.top_p, stop_token_ids=self.stop_ids, seed=self.seed + 99991)
+        sampled = SamplingParams(
+            max_new_tokens=self.max_new,
+            temperature=self.s.temperature,
+            top_k=self.s.top_k,
+            top_p=self.s.top_p,
+            stop_token_ids=self.stop_ids,
+            seed=self.seed + 99991,
+        )
         comps = self.backend.generate(prompts, 1, sampled)
         out.update(self._score(comps, "sampled_")[0])
         if self.ref is not None or self.ref_is_base:

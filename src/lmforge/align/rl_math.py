@@ -68,8 +68,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 # ----------------------------------------------------------------------------- PPO
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over completion-aligned [N, L] tensors. The value after
     the last token is 0 (the episode ends). Returns (advantages, returns = advantages + values)."""
     rewards, values = rewards * mask, values * mask
@@ -85,8 +86,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def kl_penalty_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                       kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty_rewards(
+    logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards -kl_coef * (logp - ref) with each sequence's score added at its last
     token; returns (rewards, per-token kl)."""
     kl = (logp - ref_logp) * mask
@@ -121,8 +123,9 @@ class AdaptiveKLController:
         self.value *= 1.0 + err * n_steps / self.horizon
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                    cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate loss; also (ratio, clipped) for the logs."""
     ratio = torch.exp(logp - old_logp)
     l1 = -adv * ratio
@@ -130,8 +133,9 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     return torch.maximum(l1, l2), ratio, (l2 > l1).float()
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2); also `clipped`."""
     clipped_v = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     l1, l2 = (values - returns) ** 2, (clipped_v - returns) ** 2
@@ -139,8 +143,12 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 
 # ----------------------------------------------------------------------------- GRPO
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"],
-                     valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: Literal["group", "batch", "none"],
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Advantages for rewards [P * G] laid out prompt-major (the G samples of prompt p are
     rows p*G .. p*G+G-1). `valid` marks samples whose reward is usable: the mean and std of a
     group are over its valid samples only, and a group with fewer than two is dropped.
@@ -176,8 +184,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float,
-                    eps_high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grpo_token_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token clipped loss with per-sequence advantages adv [N]; also (ratio, clipped low/high)."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
@@ -188,8 +197,9 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     return loss, ratio, clipped_low + clipped_high
 
 
-def normalized_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
-                    max_new_tokens: int) -> tuple[torch.Tensor, int]:
+def normalized_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int
+) -> tuple[torch.Tensor, int]:
     """(summed loss, count) such that sum / count is the loss under `loss_type` (see above).
     Sequences with no kept token count for nothing."""
     seq_tokens = mask.sum(1)
@@ -208,8 +218,9 @@ def grpo_count(mask: torch.Tensor, loss_type: str) -> int:
 
 
 # ----------------------------------------------------------------------------- forward
-def policy_forward(model: torch.nn.Module, batch: dict, temperature: float, *, values: bool = False,
-                   entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def policy_forward(
+    model: torch.nn.Module, batch: dict, temperature: float, *, values: bool = False, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(log-probs [b, L] of the completion tokens, entropy [b, L] or None, values [b, L] or
     None). The vocabulary projection runs only at completion positions."""
     core = unwrap(model)
@@ -243,15 +254,17 @@ class PPOObjective:
         vf, vf_clip = ppo_value_loss(values, b["old_values"], b["returns"], self.s.cliprange_value)
         loss = masked_sum(pg + self.s.vf_coef * vf, m)
         with torch.no_grad():
-            metrics = {"policy/clipfrac": _f(masked_mean(pg_clip, m)),
-                       "policy/approxkl": _f(masked_mean(0.5 * (logp - b["old_logp"]) ** 2, m)),
-                       "policy/ratio": _f(masked_mean(ratio, m)),
-                       "policy/entropy": _f(masked_mean(ent, m)),
-                       "loss/policy": _f(masked_mean(pg, m)),
-                       "loss/value": _f(masked_mean(vf, m)),
-                       "val/clipfrac": _f(masked_mean(vf_clip, m)),
-                       "val/error": _f(masked_mean((values - b["returns"]) ** 2, m)),
-                       "val/mean": _f(masked_mean(values, m))}
+            metrics = {
+                "policy/clipfrac": _f(masked_mean(pg_clip, m)),
+                "policy/approxkl": _f(masked_mean(0.5 * (logp - b["old_logp"]) ** 2, m)),
+                "policy/ratio": _f(masked_mean(ratio, m)),
+                "policy/entropy": _f(masked_mean(ent, m)),
+                "loss/policy": _f(masked_mean(pg, m)),
+                "loss/value": _f(masked_mean(vf, m)),
+                "val/clipfrac": _f(masked_mean(vf_clip, m)),
+                "val/error": _f(masked_mean((values - b["returns"]) ** 2, m)),
+                "val/mean": _f(masked_mean(values, m)),
+            }
         return loss, self.count(b), metrics
 
     def count(self, b) -> int:
@@ -277,8 +290,13 @@ class GRPOObjective:
             metrics["kl"] = _f(masked_mean(kl, m))
         loss, n = normalized_loss(per_tok, m, self.s.loss_type, self.s.max_new_tokens)
         with torch.no_grad():
-            metrics.update({"clip_ratio": _f(masked_mean(clipped, m)), "policy/ratio": _f(masked_mean(ratio, m)),
-                            "policy/entropy": _f(masked_mean(ent, m))})
+            metrics.update(
+                {
+                    "clip_ratio": _f(masked_mean(clipped, m)),
+                    "policy/ratio": _f(masked_mean(ratio, m)),
+                    "policy/entropy": _f(masked_mean(ent, m)),
+                }
+            )
         return loss, n, metrics
 
     def count(self, b) -> int:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,8 +38,16 @@ from ..errors import ConfigError, DataError
 from ..model.generate import SamplingParams, stream_generate
 from ..runs import append_jsonl
 from .rewards import RewardSet
-from .rl_math import (AdaptiveKLController, FixedKLController, gae, group_advantages, kl_penalty_rewards,
-                      masked_mean, masked_whiten, policy_forward)
+from .rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    group_advantages,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    policy_forward,
+)
 from .tasks import PromptItem
 
 _MIX = 1_000_003
@@ -82,9 +91,10 @@ class LmforgeBackend:
         self.model.eval()
         try:
             for c, i in enumerate(range(0, len(seqs), self.batch_size)):
-                chunk = seqs[i:i + self.batch_size]
-                p = SamplingParams(**{**params.__dict__,
-                                      "seed": None if params.seed is None else _seed(params.seed, c)})
+                chunk = seqs[i : i + self.batch_size]
+                p = SamplingParams(
+                    **{**params.__dict__, "seed": None if params.seed is None else _seed(params.seed, c)}
+                )
                 got: list[list[int]] = [[] for _ in chunk]
                 done = [False] * len(chunk)
                 for step in stream_generate(self.model, chunk, p, use_cache=True):
@@ -105,11 +115,17 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, model: torch.nn.Module, seed: int, gpu_memory_utilization: float = 0.3):
+    def __init__(
+        self, model_dir: str, model: torch.nn.Module, seed: int, gpu_memory_utilization: float = 0.3
+    ):
         from vllm import LLM  # noqa: F401  (guarded by make_backend)
 
-        self.llm = LLM(model=str(model_dir), seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_prefix_caching=True)
+        self.llm = LLM(
+            model=str(model_dir),
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=True,
+        )
         self.sync(model)
 
     def sync(self, model: torch.nn.Module) -> None:
@@ -118,8 +134,10 @@ class VLLMBackend:
 
     def _load_weights(self, items) -> None:
         eng = self.llm.llm_engine
-        paths = (lambda: eng.model_executor.driver_worker.model_runner.model,
-                 lambda: eng.model_executor.driver_worker.worker.model_runner.model)
+        paths = (
+            lambda: eng.model_executor.driver_worker.model_runner.model,
+            lambda: eng.model_executor.driver_worker.worker.model_runner.model,
+        )
         for get in paths:
             try:
                 target = get()
@@ -130,15 +148,24 @@ class VLLMBackend:
         if hasattr(self.llm, "collective_rpc"):
             self.llm.collective_rpc(lambda self_: self_.model_runner.model.load_weights(items))
             return
-        raise ConfigError("rl backend vllm: this vLLM version offers no known way to load updated weights; "
-                          "use backend=lmforge")
+        raise ConfigError(
+            "rl backend vllm: this vLLM version offers no known way to load updated weights; "
+            "use backend=lmforge"
+        )
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[int]]:
         from vllm import SamplingParams as VSP
 
-        vp = VSP(n=n, temperature=params.temperature, top_p=params.top_p or 1.0, top_k=params.top_k or -1,
-                 max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids), seed=params.seed,
-                 skip_special_tokens=False)
+        vp = VSP(
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p or 1.0,
+            top_k=params.top_k or -1,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids),
+            seed=params.seed,
+            skip_special_tokens=False,
+        )
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], vp, use_tqdm=False)
         stops = set(params.stop_token_ids)
         res = []
@@ -174,8 +201,15 @@ def vllm_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(kind: str, model: torch.nn.Module, *, model_dir: str, seed: int, batch_size: int,
-                 log: Callable[[str], None]) -> GenerationBackend:
+def make_backend(
+    kind: str,
+    model: torch.nn.Module,
+    *,
+    model_dir: str,
+    seed: int,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> GenerationBackend:
     if kind == "vllm" or (kind == "auto" and vllm_available()):
         if not vllm_available():
             raise ConfigError("backend=vllm needs the `vllm` package and a CUDA GPU; use backend=lmforge")
@@ -213,8 +247,9 @@ def micro_batch(buf: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, t
     return out
 
 
-def build_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-                    ) -> dict[str, torch.Tensor]:
+def build_sequences(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion rows and completion-aligned gather indices."""
     N = len(completions)
     ends = [len(p) + len(c) for p, c in zip(prompts, completions)]
@@ -224,23 +259,38 @@ def build_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequ
     targets = torch.full((N, L), pad_id, dtype=torch.long)
     mask = torch.zeros((N, L))
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c))
+        ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c))
         k = len(c)
         if k:
             idx[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
             targets[i, :k] = torch.tensor(list(c))
             mask[i, :k] = 1.0
-    return {"input_ids": ids, "idx": idx, "targets": targets, "mask": mask,
-            "seq_end": torch.tensor(ends), "mask_len": mask.sum(1).long()}  # mask_len: completion lengths
+    return {
+        "input_ids": ids,
+        "idx": idx,
+        "targets": targets,
+        "mask": mask,
+        "seq_end": torch.tensor(ends),
+        "mask_len": mask.sum(1).long(),
+    }  # mask_len: completion lengths
 
 
 def _to_state(buf: dict[str, torch.Tensor]) -> dict:
-    return {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape), "data": v.reshape(-1).tolist()}
-            for k, v in buf.items()}
+    return {
+        k: {
+            "dtype": str(v.dtype).removeprefix("torch."),
+            "shape": list(v.shape),
+            "data": v.reshape(-1).tolist(),
+        }
+        for k, v in buf.items()
+    }
 
 
 def _from_state(state: dict) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])).reshape(v["shape"]) for k, v in state.items()}
+    return {
+        k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])).reshape(v["shape"])
+        for k, v in state.items()
+    }
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -253,18 +303,41 @@ class EncodedPrompt:
 class RolloutLoader:
     """The engine's data iterator for PPO / GRPO (see the module docstring)."""
 
-    def __init__(self, *, method: str, settings, policy: torch.nn.Module, backend: GenerationBackend,
-                 prompts: list[EncodedPrompt], rewards: RewardSet, decode: Callable[[list[int]], str],
-                 stop_ids: Sequence[int], pad_id: int, batch_size: int, grad_accum: int, seed: int,
-                 device: torch.device, amp: torch.dtype | None, ref: torch.nn.Module | None,
-                 ref_is_base: bool, kl_ctl, max_bad_rollouts: int, log: Callable[[str], None],
-                 log_every: int = 10):
+    def __init__(
+        self,
+        *,
+        method: str,
+        settings,
+        policy: torch.nn.Module,
+        backend: GenerationBackend,
+        prompts: list[EncodedPrompt],
+        rewards: RewardSet,
+        decode: Callable[[list[int]], str],
+        stop_ids: Sequence[int],
+        pad_id: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        device: torch.device,
+        amp: torch.dtype | None,
+        ref: torch.nn.Module | None,
+        ref_is_base: bool,
+        kl_ctl,
+        max_bad_rollouts: int,
+        log: Callable[[str], None],
+        log_every: int = 10,
+    ):
         self.method, self.s, self.policy, self.backend = method, settings, policy, backend
         self.prompts, self.rewards, self.decode = prompts, rewards, decode
         self.stop_ids, self.pad_id = list(stop_ids), pad_id
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.amp, self.ref, self.ref_is_base = device, amp, ref, ref_is_base
-        self.kl_ctl, self.max_bad_rollouts, self.log, self.log_every = kl_ctl, max_bad_rollouts, log, log_every
+        self.kl_ctl, self.max_bad_rollouts, self.log, self.log_every = (
+            kl_ctl,
+            max_bad_rollouts,
+            log,
+            log_every,
+        )
         self.G = settings.group_size if method == "grpo" else 1
         self.n_seq = batch_size * grad_accum * settings.num_minibatches
         self.n_prompts = self.n_seq // self.G
@@ -278,8 +351,14 @@ class RolloutLoader:
         self.schedule: list[torch.Tensor] = []
         self.bad_rollouts = 0
         self.zero_std_rollouts = 0
-        self.totals = {"samples": 0, "failed_samples": 0, "dropped_groups": 0, "zero_std_groups": 0, "groups": 0,
-                       "truncated": 0}
+        self.totals = {
+            "samples": 0,
+            "failed_samples": 0,
+            "dropped_groups": 0,
+            "zero_std_groups": 0,
+            "groups": 0,
+            "truncated": 0,
+        }
         self.failures: dict[str, int] = {}
         self.reported_errors: set[str] = set()
         self.step_fn: Callable[[], int] = lambda: 0
@@ -293,16 +372,26 @@ class RolloutLoader:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        st = {"rollouts": self.rollouts, "prompt_pos": self.prompt_pos, "cursor": self.cursor,
-              "kl_coef": self.kl_ctl.value, "bad_rollouts": self.bad_rollouts,
-              "zero_std_rollouts": self.zero_std_rollouts, "totals": dict(self.totals),
-              "failures": dict(self.failures)}
+        st = {
+            "rollouts": self.rollouts,
+            "prompt_pos": self.prompt_pos,
+            "cursor": self.cursor,
+            "kl_coef": self.kl_ctl.value,
+            "bad_rollouts": self.bad_rollouts,
+            "zero_std_rollouts": self.zero_std_rollouts,
+            "totals": dict(self.totals),
+            "failures": dict(self.failures),
+        }
         if self.buf is not None and self.cursor < len(self.schedule):
             st["buffer"] = _to_state(self.buf)  # mid-buffer: it cannot be regenerated
         return st
 
     def load_state_dict(self, st: dict) -> None:
-        self.rollouts, self.prompt_pos, self.cursor = int(st["rollouts"]), int(st["prompt_pos"]), int(st["cursor"])
+        self.rollouts, self.prompt_pos, self.cursor = (
+            int(st["rollouts"]),
+            int(st["prompt_pos"]),
+            int(st["cursor"]),
+        )
         self.kl_ctl.value = float(st["kl_coef"])
         self.bad_rollouts = int(st.get("bad_rollouts", 0))
         self.zero_std_rollouts = int(st.get("zero_std_rollouts", 0))
@@ -334,7 +423,7 @@ class RolloutLoader:
             else:
                 g = torch.Generator().manual_seed(_seed(self.seed, rollout, e, 7))
                 order = torch.randperm(self.n_seq, generator=g)
-            out += [order[i:i + self.batch_size] for i in range(0, self.n_seq, self.batch_size)]
+            out += [order[i : i + self.batch_size] for i in range(0, self.n_seq, self.batch_size)]
         return out
 
     def _draw_prompts(self) -> list[EncodedPrompt]:
@@ -377,15 +466,26 @@ class RolloutLoader:
         self.cursor = 0
         self.backend.sync(self.policy)
         batch = self._draw_prompts()
-        params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p, stop_token_ids=self.stop_ids, seed=_seed(self.seed, r, 3))
+        params = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_token_ids=self.stop_ids,
+            seed=_seed(self.seed, r, 3),
+        )
         comps = self.backend.generate([p.ids for p in batch], self.G, params)
         items = [p for p in batch for _ in range(self.G)]
         prompt_ids = [p.ids for p in items]
         texts = [self.decode([t for t in c if t not in self.stop_ids]) for c in comps]
         truncated = torch.tensor([not c or c[-1] not in self.stop_ids for c in comps])
-        res = self.rewards([p.item.text for p in items], texts, [p.item.answer for p in items],
-                           messages=[p.item.chat for p in items], completion_ids=comps)
+        res = self.rewards(
+            [p.item.text for p in items],
+            texts,
+            [p.item.answer for p in items],
+            messages=[p.item.chat for p in items],
+            completion_ids=comps,
+        )
         rewards = torch.tensor(res.total, dtype=torch.float32)
         valid = torch.isfinite(rewards)
         for name, n in res.failures.items():
@@ -393,8 +493,10 @@ class RolloutLoader:
         for name, err in res.errors.items():
             if name not in self.reported_errors:
                 self.reported_errors.add(name)
-                self.log(f"reward {name!r} failed on some samples ({err}); those samples are dropped from the "
-                         f"update and counted (failures_{name} in the metrics); further errors are not shown")
+                self.log(
+                    f"reward {name!r} failed on some samples ({err}); those samples are dropped from the "
+                    f"update and counted (failures_{name} in the metrics); further errors are not shown"
+                )
         buf = build_sequences(prompt_ids, comps, self.pad_id)
         if s.mask_truncated:
             valid &= ~truncated
@@ -417,8 +519,12 @@ class RolloutLoader:
             buf["advantages"] = adv
             n_groups = self.n_prompts
             groups_kept = int(kept.reshape(-1, self.G).any(1).sum())
-            rec.update({"frac_zero_std_groups": float(zero_std.sum()) / max(groups_kept, 1),
-                        "groups_dropped": n_groups - groups_kept})
+            rec.update(
+                {
+                    "frac_zero_std_groups": float(zero_std.sum()) / max(groups_kept, 1),
+                    "groups_dropped": n_groups - groups_kept,
+                }
+            )
             self.totals["zero_std_groups"] += int(zero_std.sum())
             self.totals["groups"] += groups_kept
             self.totals["dropped_groups"] += n_groups - groups_kept
@@ -426,11 +532,13 @@ class RolloutLoader:
                 self.zero_std_rollouts += 1
                 vals_seen = sorted({round(float(x), 4) for x in rewards[kept]})
                 note = " (the KL term alone moves the policy)" if s.beta > 0 else ""
-                self.log(f"rollout {r}: every group's {self.G} samples got the same reward "
-                         f"({', '.join(map(str, vals_seen[:4]))}), so every advantage is 0 and the policy loss of "
-                         f"the next {len(self._schedule(r))} micro-batch(es) is exactly 0{note}: not a bug, no "
-                         f"learning signal. Easier prompts, a larger group_size or a higher temperature help "
-                         f"({self.zero_std_rollouts} such rollout(s) so far).")
+                self.log(
+                    f"rollout {r}: every group's {self.G} samples got the same reward "
+                    f"({', '.join(map(str, vals_seen[:4]))}), so every advantage is 0 and the policy loss of "
+                    f"the next {len(self._schedule(r))} micro-batch(es) is exactly 0{note}: not a bug, no "
+                    f"learning signal. Easier prompts, a larger group_size or a higher temperature help "
+                    f"({self.zero_std_rollouts} such rollout(s) so far)."
+                )
         else:
             keep = valid.float()
             buf["mask"] = buf["mask"] * keep[:, None]
@@ -438,7 +546,9 @@ class RolloutLoader:
             if s.missing_eos_penalty is not None:
                 scores = torch.where(truncated & valid, scores - s.missing_eos_penalty, scores)
             m = buf["mask"]
-            tok_rewards, kl = kl_penalty_rewards(buf["old_logp"], buf["ref_logp"], scores, m, self.kl_ctl.value)
+            tok_rewards, kl = kl_penalty_rewards(
+                buf["old_logp"], buf["ref_logp"], scores, m, self.kl_ctl.value
+            )
             if s.whiten_rewards:
                 tok_rewards = masked_whiten(tok_rewards, m, shift_mean=False)
             adv, ret = gae(tok_rewards, buf["old_values"], m, s.gamma, s.lam)
@@ -447,29 +557,48 @@ class RolloutLoader:
             live = m.sum(1) > 0
             seq_kl = kl.sum(1)[live]
             mean_kl = float(seq_kl.mean()) if live.any() else float("nan")
-            rec.update({"objective/kl": mean_kl, "objective/kl_coef": self.kl_ctl.value,
-                        "objective/non_score_reward": float((-self.kl_ctl.value * seq_kl).mean()) if live.any() else 0.0,
-                        "objective/rlhf_reward": float((scores[live] - self.kl_ctl.value * seq_kl).mean())
-                        if live.any() else 0.0,
-                        "val/ret_mean": float(masked_mean(ret, m))})
+            rec.update(
+                {
+                    "objective/kl": mean_kl,
+                    "objective/kl_coef": self.kl_ctl.value,
+                    "objective/non_score_reward": float((-self.kl_ctl.value * seq_kl).mean())
+                    if live.any()
+                    else 0.0,
+                    "objective/rlhf_reward": float((scores[live] - self.kl_ctl.value * seq_kl).mean())
+                    if live.any()
+                    else 0.0,
+                    "val/ret_mean": float(masked_mean(ret, m)),
+                }
+            )
             self.kl_ctl.update(mean_kl, int(live.sum()))
         if "ref_logp" in buf and self.method == "grpo" and "old_logp" in buf:
             m = buf["mask"]
-            rec["objective/kl"] = float(((buf["old_logp"] - buf["ref_logp"]) * m).sum(1)[m.sum(1) > 0].mean()) \
-                if m.sum() else 0.0
+            rec["objective/kl"] = (
+                float(((buf["old_logp"] - buf["ref_logp"]) * m).sum(1)[m.sum(1) > 0].mean())
+                if m.sum()
+                else 0.0
+            )
         self.buf = buf
         self.schedule = self._schedule(r)
 
         n_failed = int((~torch.isfinite(rewards)).sum())
         lens = torch.tensor([len(c) for c in comps], dtype=torch.float32)
         ok = torch.isfinite(rewards)
-        rec.update({"reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
-                    "reward_std": float(rewards[ok].std()) if int(ok.sum()) > 1 else 0.0,
-                    "completion_length": float(lens.mean()), "truncated_frac": float(truncated.float().mean()),
-                    "failed_samples": n_failed, "kept_samples": int((buf["mask"].sum(1) > 0).sum())})
+        rec.update(
+            {
+                "reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
+                "reward_std": float(rewards[ok].std()) if int(ok.sum()) > 1 else 0.0,
+                "completion_length": float(lens.mean()),
+                "truncated_frac": float(truncated.float().mean()),
+                "failed_samples": n_failed,
+                "kept_samples": int((buf["mask"].sum(1) > 0).sum()),
+            }
+        )
         if self.needs_old:
             m = buf["mask"]
-            rec["objective/entropy"] = float((-buf["old_logp"] * m).sum(1)[m.sum(1) > 0].mean()) if m.sum() else 0.0
+            rec["objective/entropy"] = (
+                float((-buf["old_logp"] * m).sum(1)[m.sum(1) > 0].mean()) if m.sum() else 0.0
+            )
         for name, vals in res.terms.items():
             v = torch.tensor(vals)
             good = torch.isfinite(v)
@@ -479,24 +608,46 @@ class RolloutLoader:
         self.totals["truncated"] += int(truncated.sum())
         self.last = rec
         if self.metrics_path is not None:
-            append_jsonl(self.metrics_path, {"step": self.step_fn() + 1, "rollout": r,
-                                             **{k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                                                for k, v in rec.items()}})
+            append_jsonl(
+                self.metrics_path,
+                {
+                    "step": self.step_fn() + 1,
+                    "rollout": r,
+                    **{
+                        k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                        for k, v in rec.items()
+                    },
+                },
+            )
         if r == 0 or (r + 1) % self.log_every == 0:
-            extra = f", kl {rec['objective/kl']:.3f} (coef {self.kl_ctl.value:.4f})" if "objective/kl" in rec else ""
-            zs = f", zero-std groups {rec['frac_zero_std_groups']:.0%}" if "frac_zero_std_groups" in rec else ""
-            self.log(f"rollout {r}: reward {rec['reward']:.3f} +- {rec['reward_std']:.3f}, "
-                     f"length {rec['completion_length']:.1f}{zs}{extra}"
-                     + (f", {n_failed} failed reward(s)" if n_failed else ""))
+            extra = (
+                f", kl {rec['objective/kl']:.3f} (coef {self.kl_ctl.value:.4f})"
+                if "objective/kl" in rec
+                else ""
+            )
+            zs = (
+                f", zero-std groups {rec['frac_zero_std_groups']:.0%}"
+                if "frac_zero_std_groups" in rec
+                else ""
+            )
+            self.log(
+                f"rollout {r}: reward {rec['reward']:.3f} +- {rec['reward_std']:.3f}, "
+                f"length {rec['completion_length']:.1f}{zs}{extra}"
+                + (f", {n_failed} failed reward(s)" if n_failed else "")
+            )
         if not int(buf["mask"].sum()):
             self.bad_rollouts += 1
             self.buf = None
-            self.log(f"rollout {r}: no sample is usable (every reward failed or every group was dropped); "
-                     f"drawing the next prompts ({self.bad_rollouts}/{self.max_bad_rollouts})")
+            self.log(
+                f"rollout {r}: no sample is usable (every reward failed or every group was dropped); "
+                f"drawing the next prompts ({self.bad_rollouts}/{self.max_bad_rollouts})"
+            )
             if self.bad_rollouts >= self.max_bad_rollouts:
-                raise DataError(f"{self.bad_rollouts} rollouts in a row had no usable sample; the reward "
-                                f"functions fail on everything ({dict(self.failures)}): fix them (the first "
-                                f"error is in the log) and run again to resume")
+                raise DataError(
+                    f"{self.bad_rollouts} rollouts in a row had no usable sample; the reward "
+                    f"functions fail on everything ({dict(self.failures)}): fix them (the first "
+                    f"error is in the log) and run again to resume"
+                )
         else:
             self.bad_rollouts = 0
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..chat import CHAT_ROLES
 from ..data.builtin import split_by_key, split_train_val
@@ -40,9 +40,9 @@ TASK_SEED = 20261122  # fixed: the built-in problem set does not change with the
 class PromptItem:
     """One RL prompt: the conversation to continue, and the reference answer if there is one."""
 
-    messages: tuple[tuple[str, str], ...]   # ((role, content), ...), hashable
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...), hashable
     answer: str | None
-    where: str                              # file:line or builtin:index, for error messages
+    where: str  # file:line or builtin:index, for error messages
 
     @property
     def chat(self) -> list[dict]:
@@ -55,8 +55,9 @@ class PromptItem:
 
 
 def _item(messages: Sequence[dict], answer, where: str) -> PromptItem:
-    return PromptItem(tuple((m["role"], m["content"]) for m in messages),
-                      None if answer is None else str(answer), where)
+    return PromptItem(
+        tuple((m["role"], m["content"]) for m in messages), None if answer is None else str(answer), where
+    )
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -69,15 +70,23 @@ def _problem(rng: random.Random, max_operand: int, ops: Sequence[str]) -> tuple[
     name, item, op = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(list(ops))
     if op == "add":
         a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
-        q = rng.choice((f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
-                        f"{name} finds {a} {item} in the morning and {b} {item} in the afternoon. "
-                        f"How many {item} did {name} find?"))
+        q = rng.choice(
+            (
+                f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+                f"{name} finds {a} {item} in the morning and {b} {item} in the afternoon. "
+                f"How many {item} did {name} find?",
+            )
+        )
         return q, a + b, f"{a} + {b} = {a + b}"
     if op == "sub":
         a = rng.randint(2, max_operand)
         b = rng.randint(1, a - 1)
-        q = rng.choice((f"{name} has {a} {item} and gives {b} to a friend. How many {item} does {name} have left?",
-                        f"There are {a} {item} on a table. {name} takes {b}. How many {item} are still on the table?"))
+        q = rng.choice(
+            (
+                f"{name} has {a} {item} and gives {b} to a friend. How many {item} does {name} have left?",
+                f"There are {a} {item} on a table. {name} takes {b}. How many {item} are still on the table?",
+            )
+        )
         return q, a - b, f"{a} - {b} = {a - b}"
     if op == "mul":
         a, b = rng.randint(2, max(2, min(max_operand, 5))), rng.randint(2, max(2, min(max_operand, 5)))
@@ -86,8 +95,9 @@ def _problem(rng: random.Random, max_operand: int, ops: Sequence[str]) -> tuple[
     raise DataError(f"arithmetic: unknown operation {op!r}; use add, sub, mul")
 
 
-def arithmetic_problems(n: int = 2000, *, max_operand: int = 9, ops: Sequence[str] = ("add", "sub"),
-                        seed: int = TASK_SEED) -> list[dict]:
+def arithmetic_problems(
+    n: int = 2000, *, max_operand: int = 9, ops: Sequence[str] = ("add", "sub"), seed: int = TASK_SEED
+) -> list[dict]:
     """`n` distinct problems `{"question", "answer", "solution"}`, the same on every call."""
     rng = random.Random(seed)
     seen, out = set(), []
@@ -118,8 +128,10 @@ def arithmetic_sft_records(problems: Iterable[dict]) -> list[dict]:
 def builtin_prompts(split: str, val_fraction: float = 0.1, n: int = 2000) -> list[PromptItem]:
     tr, va = arithmetic_split(n, val_fraction)
     probs = tr if split == "train" else va
-    return [_item([{"role": "user", "content": p["question"]}], p["answer"], f"builtin:arithmetic:{split}:{i}")
-            for i, p in enumerate(probs)]
+    return [
+        _item([{"role": "user", "content": p["question"]}], p["answer"], f"builtin:arithmetic:{split}:{i}")
+        for i, p in enumerate(probs)
+    ]
 
 
 # ----------------------------------------------------------------------------- JSONL / GSM8K
@@ -144,18 +156,28 @@ def record_to_prompt(rec: object, where: str) -> PromptItem:
         msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
     elif "messages" in rec:
         msgs = rec["messages"]
-        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+        if (
+            isinstance(msgs, list)
+            and msgs
+            and isinstance(msgs[-1], dict)
+            and msgs[-1].get("role") == "assistant"
+        ):
             if answer is None:
                 answer = msgs[-1].get("content")
             msgs = msgs[:-1]
     else:
-        raise DataError(f"{where}: an RL prompt record needs 'prompt', 'question' or 'messages' "
-                        f"(keys: {sorted(rec)[:6]})")
+        raise DataError(
+            f"{where}: an RL prompt record needs 'prompt', 'question' or 'messages' (keys: {sorted(rec)[:6]})"
+        )
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: the prompt must be a string or a non-empty list of messages")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str) \
-                or not m["content"].strip():
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in CHAT_ROLES
+            or not isinstance(m.get("content"), str)
+            or not m["content"].strip()
+        ):
             raise DataError(f"{where}: prompt message {i} needs a role in {CHAT_ROLES} and non-empty content")
     if msgs[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt ends with an assistant turn; RL continues after a user turn")
@@ -167,8 +189,10 @@ def record_to_prompt(rec: object, where: str) -> PromptItem:
 def read_prompt_file(path: str | Path) -> list[PromptItem]:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: no such file; give a JSONL file of prompt/answer (or GSM8K question/answer) "
-                        f"records, 'builtin' (arithmetic) or 'questions' (stdlib questions)")
+        raise DataError(
+            f"{p}: no such file; give a JSONL file of prompt/answer (or GSM8K question/answer) "
+            f"records, 'builtin' (arithmetic) or 'questions' (stdlib questions)"
+        )
     out = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -189,8 +213,10 @@ def question_prompts(max_examples: int | None = None) -> list[PromptItem]:
     answers: open-ended prompts for PPO against a reward model."""
     from .preference import builtin_preferences
 
-    return [_item(p["prompt"], None, f"builtin:questions:{p['source']}")
-            for p in builtin_preferences(max_examples=max_examples)]
+    return [
+        _item(p["prompt"], None, f"builtin:questions:{p['source']}")
+        for p in builtin_preferences(max_examples=max_examples)
+    ]
 
 
 def _source(src: str, split: str, val_fraction: float, seed: int) -> list[PromptItem]:
@@ -204,15 +230,24 @@ def _source(src: str, split: str, val_fraction: float, seed: int) -> list[Prompt
     return val if split == "val" else train
 
 
-def load_prompt_sets(data: Sequence[str], val_data: Sequence[str] | None, val_fraction: float,
-                     seed: int) -> tuple[list[PromptItem], list[PromptItem]]:
+def load_prompt_sets(
+    data: Sequence[str], val_data: Sequence[str] | None, val_fraction: float, seed: int
+) -> tuple[list[PromptItem], list[PromptItem]]:
     """(train, held-out) prompts from the config's `data` / `val_data` sources. Without
     `val_data` every source is split by hashing; with it, files are used whole on their side
     (built-in arithmetic always keeps its own split, so `data` and `val_data` can both say
     `builtin`)."""
     if val_data:
-        train = [p for s in data for p in _source(s, "train" if s in BUILTIN_SOURCES else "all", val_fraction, seed)]
-        val = [p for s in val_data for p in _source(s, "val" if s in BUILTIN_SOURCES else "all", val_fraction, seed)]
+        train = [
+            p
+            for s in data
+            for p in _source(s, "train" if s in BUILTIN_SOURCES else "all", val_fraction, seed)
+        ]
+        val = [
+            p
+            for s in val_data
+            for p in _source(s, "val" if s in BUILTIN_SOURCES else "all", val_fraction, seed)
+        ]
     else:
         train = [p for s in data for p in _source(s, "train", val_fraction, seed)]
         val = [p for s in data for p in _source(s, "val", val_fraction, seed)]

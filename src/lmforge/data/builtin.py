@@ -31,18 +31,23 @@ import inspect
 import os
 import sysconfig
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from lmforge.data.readers import Document
 from lmforge.errors import ConfigError, DataError
 
-SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"})
+SKIP_DIRS = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+)
 MIN_DOCSTRING_CHARS = 16  # drop "XXX"-style fragments inside a module's text
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def harvest_builtin_corpus(min_chars: int = 200, stdlib_dir: str | os.PathLike | None = None) -> list[Document]:
+def harvest_builtin_corpus(
+    min_chars: int = 200, stdlib_dir: str | os.PathLike | None = None
+) -> list[Document]:
     """All built-in documents (stdlib docstrings per module + pydoc topics), deduplicated, sorted.
 
     Parsing is cached per process (it takes a few seconds); each call returns fresh `Document`
@@ -51,8 +56,10 @@ def harvest_builtin_corpus(min_chars: int = 200, stdlib_dir: str | os.PathLike |
     root = str(stdlib_dir) if stdlib_dir is not None else sysconfig.get_paths()["stdlib"]
     cached = _harvest(int(min_chars), root)
     if not cached:
-        raise DataError(f"{root}: found no standard-library docstrings or pydoc topics to build the "
-                        f"built-in corpus from; point the data spec at your own text files instead")
+        raise DataError(
+            f"{root}: found no standard-library docstrings or pydoc topics to build the "
+            f"built-in corpus from; point the data spec at your own text files instead"
+        )
     return [Document(text, source, dict(meta)) for text, source, meta in cached]
 
 
@@ -148,14 +155,17 @@ def split_train_val(docs: Sequence[T], val_fraction: float, seed: int) -> tuple[
     return train, val
 
 
-def split_by_key(items: Sequence[T], keys: Sequence[str], val_fraction: float,
-                 seed: int) -> tuple[list[T], list[T]]:
+def split_by_key(
+    items: Sequence[T], keys: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
     """`split_train_val` for any items: each goes to the side its key (e.g. the record's JSON)
     hashes to, so items with equal keys land together. Input order is kept."""
     _, va = split_train_val(list(keys), val_fraction, seed)
     va_set = set(va)
-    return ([x for x, k in zip(items, keys) if k not in va_set],
-            [x for x, k in zip(items, keys) if k in va_set])
+    return (
+        [x for x, k in zip(items, keys) if k not in va_set],
+        [x for x, k in zip(items, keys) if k in va_set],
+    )
 
 
 def _text_of(doc: object) -> str:

@@ -30,7 +30,8 @@ class ExtractConfig(_Step):
     """HTML -> main text with trafilatura (documents that are already text pass through)."""
 
     favor: Literal["precision", "balanced", "recall"] = Field(
-        "precision", description="trafilatura trade-off; FineWeb uses precision")
+        "precision", description="trafilatura trade-off; FineWeb uses precision"
+    )
     include_tables: bool = True
     include_comments: bool = False
     timeout_s: float = Field(10.0, gt=0, description="per page; a page that takes longer is dropped")
@@ -43,19 +44,25 @@ class SanityConfig(_Step):
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(1_000_000, ge=1, description="length outliers above this are dropped")
     max_line_chars: int = Field(100_000, ge=1, description="a single line longer than this drops the doc")
-    max_garbled_ratio: float = Field(0.01, ge=0, le=1,
-                                     description="share of U+FFFD / control characters tolerated")
+    max_garbled_ratio: float = Field(
+        0.01, ge=0, le=1, description="share of U+FFFD / control characters tolerated"
+    )
 
 
 class UrlFilterConfig(_Step):
     """Block by URL: user domains/files plus datatrove's (FineWeb's) banned URL word lists."""
 
     blocked_domains: list[str] = Field(default_factory=list, description="a domain blocks its subdomains too")
-    blocklist_files: list[str] = Field(default_factory=list,
-                                       description="text files, one domain per line (UT1 format); '#' comments")
-    banned_url_words: bool = Field(True, description="datatrove's banned words / subwords / soft words on URLs")
+    blocklist_files: list[str] = Field(
+        default_factory=list, description="text files, one domain per line (UT1 format); '#' comments"
+    )
+    banned_url_words: bool = Field(
+        True, description="datatrove's banned words / subwords / soft words on URLs"
+    )
     soft_word_threshold: int = Field(2, ge=1)
-    datatrove_domain_list: bool = Field(False, description="also load datatrove's 4M-domain UT1 list (slow, ~1 GB RAM)")
+    datatrove_domain_list: bool = Field(
+        False, description="also load datatrove's 4M-domain UT1 list (slow, ~1 GB RAM)"
+    )
 
 
 class LanguageConfig(_Step):
@@ -63,7 +70,9 @@ class LanguageConfig(_Step):
 
     languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1; empty = keep all")
     min_score: float = Field(0.65, ge=0, le=1, description="FineWeb's 0.65 (for its fastText model)")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="per-language override of min_score")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="per-language override of min_score"
+    )
     max_chars: int = Field(3000, ge=100, description="characters of each doc the identifier reads")
     mode: Mode = "drop"
 
@@ -92,7 +101,8 @@ class GopherRepetitionConfig(_Step):
     dup_para_char_frac: float | None = 0.2
     top_n_grams: list[tuple[int, float]] = Field(default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)])
     dup_n_grams: list[tuple[int, float]] = Field(
-        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)])
+        default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+    )
     mode: Mode = "drop"
 
 
@@ -108,8 +118,11 @@ class C4Config(_Step):
     filter_javascript: bool = True
     filter_curly_bracket: bool = True
     filter_policy: bool = True
-    mode: Mode = Field("flag", description="published rules, but flag-only by default: they delete "
-                                           "75% of the bytes of hard-wrapped text such as the built-in corpus")
+    mode: Mode = Field(
+        "flag",
+        description="published rules, but flag-only by default: they delete "
+        "75% of the bytes of hard-wrapped text such as the built-in corpus",
+    )
 
 
 class FineWebConfig(_Step):
@@ -161,11 +174,16 @@ class PIIConfig(_Step):
 class DecontamConfig(_Step):
     """Drop or flag documents sharing an n-gram with an evaluation set."""
 
-    eval_sets: list[str] = Field(default_factory=list,
-                                 description="files/folders/globs: .jsonl .json .csv .txt .parquet")
-    eval_fields: list[str] = Field(default_factory=list, description="fields to read; empty = every string field")
+    eval_sets: list[str] = Field(
+        default_factory=list, description="files/folders/globs: .jsonl .json .csv .txt .parquet"
+    )
+    eval_fields: list[str] = Field(
+        default_factory=list, description="fields to read; empty = every string field"
+    )
     ngram: int = Field(13, ge=3)
-    min_item_words: int = Field(8, ge=1, description="items shorter than ngram but at least this long count whole")
+    min_item_words: int = Field(
+        8, ge=1, description="items shorter than ngram but at least this long count whole"
+    )
     mode: Mode = "drop"
 
 
@@ -178,8 +196,12 @@ class DedupConfig(_Step):
     bands: int = Field(14, ge=1)
     rows: int = Field(8, ge=1)
     verify_threshold: float | None = Field(
-        None, ge=0, le=1, description="if set, a candidate pair counts only when its signature "
-                                      "Jaccard estimate reaches this (fewer false positives)")
+        None,
+        ge=0,
+        le=1,
+        description="if set, a candidate pair counts only when its signature "
+        "Jaccard estimate reaches this (fewer false positives)",
+    )
     cluster_examples: int = Field(200, ge=0, description="clusters written in full to dedup_clusters.jsonl")
 
 
@@ -193,15 +215,27 @@ class DomainRule(BaseModel):
 
 
 def _default_domain_rules() -> list[DomainRule]:
-    code_line = (r"^\s*(>>>|\.\.\.\s|def |class |import |from \S+ import |return\b|if .*:$|for .*:$|"
-                 r"[{}]\s*$|.*;\s*$|#include|\$ |[A-Za-z_][\w.]*\(.*\)\s*$)")
+    code_line = (
+        r"^\s*(>>>|\.\.\.\s|def |class |import |from \S+ import |return\b|if .*:$|for .*:$|"
+        r"[{}]\s*$|.*;\s*$|#include|\$ |[A-Za-z_][\w.]*\(.*\)\s*$)"
+    )
     return [
-        DomainRule(domain="encyclopedia", url_regex=r"(^|\.)(wikipedia|wiktionary|wikibooks|britannica)\.(org|com)"),
-        DomainRule(domain="code", url_regex=r"(^|\.)(github|gitlab|stackoverflow|stackexchange|readthedocs)\.|/docs?/"),
-        DomainRule(domain="academic", url_regex=r"(^|\.)(arxiv\.org|doi\.org|ncbi\.nlm\.nih\.gov|[\w-]+\.edu)"),
+        DomainRule(
+            domain="encyclopedia", url_regex=r"(^|\.)(wikipedia|wiktionary|wikibooks|britannica)\.(org|com)"
+        ),
+        DomainRule(
+            domain="code",
+            url_regex=r"(^|\.)(github|gitlab|stackoverflow|stackexchange|readthedocs)\.|/docs?/",
+        ),
+        DomainRule(
+            domain="academic", url_regex=r"(^|\.)(arxiv\.org|doi\.org|ncbi\.nlm\.nih\.gov|[\w-]+\.edu)"
+        ),
         DomainRule(domain="forum", url_regex=r"(^|\.)(reddit|quora)\.com|forum|/board/|/thread"),
-        DomainRule(domain="news", url_regex=r"news|(^|\.)(bbc|cnn|reuters|nytimes|theguardian|spiegel|"
-                                            r"zeit|lemonde|elpais)\.|/20\d\d/\d\d/"),
+        DomainRule(
+            domain="news",
+            url_regex=r"news|(^|\.)(bbc|cnn|reuters|nytimes|theguardian|spiegel|"
+            r"zeit|lemonde|elpais)\.|/20\d\d/\d\d/",
+        ),
         DomainRule(domain="code", text_regex=code_line, min_line_ratio=0.2),
         DomainRule(domain="reference", source_regex=r"^(stdlib|pydoc):"),
     ]
@@ -213,8 +247,9 @@ class DomainConfig(_Step):
     rules: list[DomainRule] = Field(default_factory=_default_domain_rules)
     web_domain: str = Field("web", description="label for documents with a URL that no rule matched")
     default_domain: str = Field("prose", description="label for the rest")
-    weights: dict[str, float] = Field(default_factory=dict,
-                                      description="target share per domain; empty = keep the natural mix")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="target share per domain; empty = keep the natural mix"
+    )
     mix_by: Literal["tokens", "docs"] = "tokens"
     max_repeat: int = Field(1, ge=1, description="upsampling cap (1 = only downsample)")
 
@@ -222,19 +257,24 @@ class DomainConfig(_Step):
 class QualityClassifierConfig(_Step):
     """A fast linear classifier (scikit-learn, hashed word 1-2 grams): reference vs random web text."""
 
-    reference: list[str] = Field(default_factory=list,
-                                 description="positive class (e.g. Wikipedia, books); empty = documents "
-                                             "that passed every heuristic filter")
-    negatives: list[str] = Field(default_factory=list,
-                                 description="negative class; empty = documents the heuristic filters dropped "
-                                             "(with a reference set: a random sample of this run's input)")
+    reference: list[str] = Field(
+        default_factory=list,
+        description="positive class (e.g. Wikipedia, books); empty = documents "
+        "that passed every heuristic filter",
+    )
+    negatives: list[str] = Field(
+        default_factory=list,
+        description="negative class; empty = documents the heuristic filters dropped "
+        "(with a reference set: a random sample of this run's input)",
+    )
     text_field: str = "text"
     mode: Literal["score", "weight", "filter"] = Field(
-        "score", description="score: annotate; weight: also write meta.weight; filter: drop below threshold")
+        "score", description="score: annotate; weight: also write meta.weight; filter: drop below threshold"
+    )
     threshold: float = Field(0.5, ge=0, le=1)
     max_train_docs: int = Field(2000, ge=10, description="per class")
     min_class_docs: int = Field(20, ge=2, description="fewer examples of a class: skip training, say so")
-    n_features: int = Field(2 ** 18, ge=1024)
+    n_features: int = Field(2**18, ge=1024)
 
 
 class DataConfig(BaseModel):
@@ -242,8 +282,9 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[str] = Field(default_factory=lambda: ["builtin"],
-                              description="files, folders, globs, 'builtin' or 'hf:NAME'")
+    inputs: list[str] = Field(
+        default_factory=lambda: ["builtin"], description="files, folders, globs, 'builtin' or 'hf:NAME'"
+    )
     text_field: str = "text"
     val_fraction: float = Field(0.05, gt=0, lt=1)
     output_format: Literal["jsonl", "parquet"] = "jsonl"
@@ -252,8 +293,12 @@ class DataConfig(BaseModel):
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(None, description="ray cluster address; None = start/attach locally")
     task_bytes: int = Field(64 << 20, ge=1 << 10, description="input bytes per task (files are grouped)")
-    max_docs: int | None = Field(None, ge=1, description="keep at most this many output documents (the first "
-                                                          "in input order); each task reads at most ~2x that")
+    max_docs: int | None = Field(
+        None,
+        ge=1,
+        description="keep at most this many output documents (the first "
+        "in input order); each task reads at most ~2x that",
+    )
     examples_per_reason: int = Field(3, ge=0, description="dropped-text examples kept per step and reason")
     keep_work: bool = Field(False, description="keep the per-task intermediate files after success")
 
@@ -273,7 +318,7 @@ class DataConfig(BaseModel):
     quality_classifier: QualityClassifierConfig = Field(default_factory=QualityClassifierConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if not self.inputs:
             raise ValueError("data.inputs is empty; give at least one path, glob or 'builtin'")
         return self

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
-from typing import Callable
+from collections.abc import Callable
 
 from lmforge.errors import ConfigError
 
 
-def run_tasks(fn: Callable[..., dict], task_args: list[tuple], *, executor: str = "local", workers: int = 1,
-              ray_address: str | None = None, on_done: Callable[[int, dict], None] | None = None) -> None:
+def run_tasks(
+    fn: Callable[..., dict],
+    task_args: list[tuple],
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    ray_address: str | None = None,
+    on_done: Callable[[int, dict], None] | None = None,
+) -> None:
     """Run ``fn(*args)`` for every args tuple; `on_done(i, result)` is called in the driver."""
     if not task_args:
         return
@@ -59,8 +66,9 @@ def _run_ray(fn, task_args, workers, ray_address, on_done) -> None:
     try:
         import ray
     except ImportError as e:
-        raise ConfigError("data.executor='ray' needs Ray: `pip install 'ray[default]'`, or use "
-                          "executor: local") from e
+        raise ConfigError(
+            "data.executor='ray' needs Ray: `pip install 'ray[default]'`, or use executor: local"
+        ) from e
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(fn)

@@ -27,8 +27,16 @@ from lmforge.runs import atomic_path, atomic_write_json, atomic_write_text
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skipped: list[str], seed: int,
-             log, t0: float) -> tuple[dict, list[str]]:
+def finalize(
+    cfg: DataConfig,
+    out_dir: Path,
+    work: Path,
+    tasks: list[Task],
+    skipped: list[str],
+    seed: int,
+    log,
+    t0: float,
+) -> tuple[dict, list[str]]:
     from lmforge.data.stage import unit_hash
 
     tdir = work / "tasks"
@@ -39,7 +47,9 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
     for s in summaries:
         read.merge(StepStats.from_dict(s["read"]))
         for st in s["steps"]:
-            doc_steps.setdefault(st["name"], StepStats(st["name"], max_examples=ex_n)).merge(StepStats.from_dict(st))
+            doc_steps.setdefault(st["name"], StepStats(st["name"], max_examples=ex_n)).merge(
+                StepStats.from_dict(st)
+            )
 
     # ---------------------------------------------------------------- the index of all survivors
     idx = [np.load(tdir / f"{t.name}.index.npz", allow_pickle=False) for t in tasks]
@@ -60,7 +70,10 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
     alive = np.ones(n, dtype=bool)
     clusters: list[tuple[str, np.ndarray]] = []
     dd = cfg.dedup
-    exact_stats, near_stats = StepStats("exact_dedup", max_examples=ex_n), StepStats("near_dedup", max_examples=ex_n)
+    exact_stats, near_stats = (
+        StepStats("exact_dedup", max_examples=ex_n),
+        StepStats("near_dedup", max_examples=ex_n),
+    )
     if dd.enabled and dd.exact:
         before = alive.copy()
         for members in _groups(exact, np.arange(n)):
@@ -72,16 +85,22 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
 
         before = alive.copy()
         surv = np.flatnonzero(alive)
-        sub_sigs = np.stack([sig_of(int(i)) for i in surv]) if dd.verify_threshold is not None and len(surv) else None
+        sub_sigs = (
+            np.stack([sig_of(int(i)) for i in surv])
+            if dd.verify_threshold is not None and len(surv)
+            else None
+        )
         roots = lsh_clusters(bands[surv], sub_sigs, dd.verify_threshold)
         for members in _groups(roots.astype(np.uint64), surv):
             alive[members[1:]] = False
             clusters.append(("near", members))
         _set_counts(near_stats, before, alive, nbytes, "near_duplicate")
     clusters.sort(key=lambda c: (-len(c[1]), int(c[1][0])))
-    shown = {int(i) for _, m in clusters[:dd.cluster_examples] for i in m}
-    log(f"data: dedup over {n:,} docs: {sum(1 for c in clusters if c[0] == 'exact'):,} exact and "
-        f"{sum(1 for c in clusters if c[0] == 'near'):,} near-duplicate clusters")
+    shown = {int(i) for _, m in clusters[: dd.cluster_examples] for i in m}
+    log(
+        f"data: dedup over {n:,} docs: {sum(1 for c in clusters if c[0] == 'exact'):,} exact and "
+        f"{sum(1 for c in clusters if c[0] == 'near'):,} near-duplicate clusters"
+    )
 
     # ---------------------------------------------------------------- quality classifier: train
     qc = cfg.quality_classifier
@@ -106,8 +125,12 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
 
     for i, rec in enumerate(_all_docs(tdir, tasks)):
         if i in shown:
-            texts[i] = {"id": rec["id"], "source": rec["source"], "url": rec["meta"].get("url"),
-                        "text": snippet(rec["text"])}
+            texts[i] = {
+                "id": rec["id"],
+                "source": rec["source"],
+                "url": rec["meta"].get("url"),
+                "text": snippet(rec["text"]),
+            }
         if alive[i]:
             u[i] = unit_hash(seed, rec["text"])
             if scorer is not None:
@@ -141,7 +164,9 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
     sizes = tokens[live] if dm.mix_by == "tokens" else np.ones(len(live), dtype=np.int64)
     order_keys = (exact[live] ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * _GOLDEN
     weights = dm.weights if dm.enabled else {}
-    copies_live, mix_summary = mix_plan(domains[live], sizes.astype(np.float64), order_keys, weights, dm.max_repeat)
+    copies_live, mix_summary = mix_plan(
+        domains[live], sizes.astype(np.float64), order_keys, weights, dm.max_repeat
+    )
     copies = np.zeros(n, dtype=np.int64)
     copies[live] = copies_live
     mix_stats.docs_in, mix_stats.bytes_in = len(live), int(nbytes[live].sum())
@@ -155,9 +180,13 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
         mix_stats.counters["extra_copies"] = int((copies[copies > 1] - 1).sum())
     if mix_summary.get("missing"):
         log(f"data: mixing weights name domains with no documents: {mix_summary['missing']}")
-    domain_mix = {"by": dm.mix_by, "weights": dict(weights), "missing": mix_summary.get("missing", []),
-                  "before": _mix_table(domains[live], tokens[live], np.ones(len(live), np.int64)),
-                  "after": _mix_table(domains, tokens, copies)}
+    domain_mix = {
+        "by": dm.mix_by,
+        "weights": dict(weights),
+        "missing": mix_summary.get("missing", []),
+        "before": _mix_table(domains[live], tokens[live], np.ones(len(live), np.int64)),
+        "after": _mix_table(domains, tokens, copies),
+    }
 
     # ---------------------------------------------------------------- max_docs: the first N, in input order
     cap_stats = None
@@ -169,8 +198,10 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
             setattr(cap_stats, f"{attr}_in", int((before * arr).sum()))
             setattr(cap_stats, f"{attr}_out", int((copies * arr).sum()))
         if cap_stats.docs_out < cap_stats.docs_in:
-            cap_stats.dropped["over_max_docs"] = {"docs": cap_stats.docs_in - cap_stats.docs_out,
-                                                  "bytes": cap_stats.bytes_in - cap_stats.bytes_out}
+            cap_stats.dropped["over_max_docs"] = {
+                "docs": cap_stats.docs_in - cap_stats.docs_out,
+                "bytes": cap_stats.bytes_in - cap_stats.bytes_out,
+            }
 
     # ---------------------------------------------------------------- split + pass B: write shards
     final = np.flatnonzero(copies > 0)
@@ -201,9 +232,17 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
 
     # ---------------------------------------------------------------- funnel, reports, side files
     steps = [read] + [doc_steps[name] for name in DOC_STEP_ORDER if name in doc_steps]
-    steps += [st for st, on in ((exact_stats, dd.enabled and dd.exact), (near_stats, dd.enabled and dd.near),
-                                (clf_stats, scorer is not None), (mix_stats, True), (cap_stats, cap_stats))
-              if on]
+    steps += [
+        st
+        for st, on in (
+            (exact_stats, dd.enabled and dd.exact),
+            (near_stats, dd.enabled and dd.near),
+            (clf_stats, scorer is not None),
+            (mix_stats, True),
+            (cap_stats, cap_stats),
+        )
+        if on
+    ]
     hist = {}
     for st in steps + [out_stats]:
         for name, h in st.hist.items():
@@ -212,14 +251,27 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
     bytes_in = read.bytes_in
     funnel = {
         "steps": [st.to_dict() for st in steps],
-        "train": {"docs": writers["train"].docs, "bytes": writers["train"].bytes, "shards": shard_names["train"]},
+        "train": {
+            "docs": writers["train"].docs,
+            "bytes": writers["train"].bytes,
+            "shards": shard_names["train"],
+        },
         "val": {"docs": writers["val"].docs, "bytes": writers["val"].bytes, "shards": shard_names["val"]},
-        "dedup": {"exact_clusters": sum(1 for c in clusters if c[0] == "exact"),
-                  "near_clusters": sum(1 for c in clusters if c[0] == "near"),
-                  "ngram": dd.ngram, "bands": dd.bands, "rows": dd.rows},
-        "classifier": clf_info, "domain_mix": domain_mix, "histograms": hist,
-        "skipped_files": skipped[:100], "skipped_files_count": len(skipped), "tasks": len(tasks),
-        "seconds": round(seconds, 3), "input_mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 3),
+        "dedup": {
+            "exact_clusters": sum(1 for c in clusters if c[0] == "exact"),
+            "near_clusters": sum(1 for c in clusters if c[0] == "near"),
+            "ngram": dd.ngram,
+            "bands": dd.bands,
+            "rows": dd.rows,
+        },
+        "classifier": clf_info,
+        "domain_mix": domain_mix,
+        "histograms": hist,
+        "skipped_files": skipped[:100],
+        "skipped_files_count": len(skipped),
+        "tasks": len(tasks),
+        "seconds": round(seconds, 3),
+        "input_mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 3),
         "token_estimate": "UTF-8 bytes / 4",
     }
     atomic_write_json(out_dir / "funnel.json", funnel)
@@ -232,11 +284,15 @@ def finalize(cfg: DataConfig, out_dir: Path, work: Path, tasks: list[Task], skip
 
     docs_out = writers["train"].docs + writers["val"].docs
     if docs_out == 0:
-        raise DataError(f"data: no documents survived the pipeline ({read.docs_in:,} read); see "
-                        f"{out_dir / 'report.md'} for what each step dropped, and relax or disable it")
+        raise DataError(
+            f"data: no documents survived the pipeline ({read.docs_in:,} read); see "
+            f"{out_dir / 'report.md'} for what each step dropped, and relax or disable it"
+        )
     metrics = _flat_metrics(funnel, steps, read, docs_out)
-    log(f"data: {read.docs_in:,} docs in -> {docs_out:,} out (train {writers['train'].docs:,}, "
-        f"val {writers['val'].docs:,}) in {seconds:.1f}s; report: {out_dir / 'report.md'}")
+    log(
+        f"data: {read.docs_in:,} docs in -> {docs_out:,} out (train {writers['train'].docs:,}, "
+        f"val {writers['val'].docs:,}) in {seconds:.1f}s; report: {out_dir / 'report.md'}"
+    )
     shards = [f"{s}/{name}" for s in ("train", "val") for name in shard_names[s]]
     return metrics, shards
 
@@ -268,10 +324,20 @@ def _groups(keys: np.ndarray, ids: np.ndarray):
             yield np.sort(ids[order[a:b]])
 
 
-def _set_counts(st: StepStats, before: np.ndarray, after: np.ndarray, nbytes: np.ndarray, reason: str) -> None:
+def _set_counts(
+    st: StepStats, before: np.ndarray, after: np.ndarray, nbytes: np.ndarray, reason: str
+) -> None:
     tok = (nbytes + 3) // 4
-    st.docs_in, st.bytes_in, st.tokens_in = int(before.sum()), int(nbytes[before].sum()), int(tok[before].sum())
-    st.docs_out, st.bytes_out, st.tokens_out = int(after.sum()), int(nbytes[after].sum()), int(tok[after].sum())
+    st.docs_in, st.bytes_in, st.tokens_in = (
+        int(before.sum()),
+        int(nbytes[before].sum()),
+        int(tok[before].sum()),
+    )
+    st.docs_out, st.bytes_out, st.tokens_out = (
+        int(after.sum()),
+        int(nbytes[after].sum()),
+        int(tok[after].sum()),
+    )
     gone = before & ~after
     if gone.any():
         st.dropped[reason] = {"docs": int(gone.sum()), "bytes": int(nbytes[gone].sum())}
@@ -283,8 +349,12 @@ def _mix_table(domains: np.ndarray, tokens: np.ndarray, copies: np.ndarray) -> d
     for d in sorted(set(domains[copies > 0].tolist())):
         m = domains == d
         docs, tok = int(copies[m].sum()), int((copies[m] * tokens[m]).sum())
-        out[d or "(unlabelled)"] = {"docs": docs, "tokens": tok, "doc_share": round(docs / total_docs, 4),
-                                    "token_share": round(tok / total_tok, 4)}
+        out[d or "(unlabelled)"] = {
+            "docs": docs,
+            "tokens": tok,
+            "doc_share": round(docs / total_docs, 4),
+            "token_share": round(tok / total_tok, 4),
+        }
     return out
 
 
@@ -310,16 +380,20 @@ def _train_classifier(cfg: DataConfig, tasks, tdir: Path, out_dir: Path, seed: i
     info["n_positives"], info["n_negatives"] = len(pos), len(neg)
     if min(len(pos), len(neg)) < qc.min_class_docs:
         info["trained"] = False
-        info["note"] = (f"not trained: {len(pos)} positive / {len(neg)} negative examples, need "
-                        f"{qc.min_class_docs} of each; give quality_classifier.reference (and negatives)")
+        info["note"] = (
+            f"not trained: {len(pos)} positive / {len(neg)} negative examples, need "
+            f"{qc.min_class_docs} of each; give quality_classifier.reference (and negatives)"
+        )
         log(f"data: quality classifier {info['note']}")
         return None
     scorer = QualityScorer.train(pos, neg, qc.n_features, seed)
     scorer.save(out_dir / "quality_classifier.npz")
     info["trained"] = True
     info.update(scorer.meta)
-    log(f"data: quality classifier trained on {len(pos)} + {len(neg)} docs "
-        f"(held-out accuracy {scorer.meta.get('heldout_accuracy', 'n/a')})")
+    log(
+        f"data: quality classifier trained on {len(pos)} + {len(neg)} docs "
+        f"(held-out accuracy {scorer.meta.get('heldout_accuracy', 'n/a')})"
+    )
     return scorer
 
 
@@ -371,22 +445,35 @@ def _write_dropped(path: Path, steps: list[StepStats]) -> None:
                 for reason, exs in st.examples.items():
                     kind = example_kind(reason)
                     for ex in exs:
-                        rec = {"step": st.name, "kind": kind, "reason": reason.split(":", 1)[-1] if kind != "dropped"
-                               else reason, **ex}
+                        rec = {
+                            "step": st.name,
+                            "kind": kind,
+                            "reason": reason.split(":", 1)[-1] if kind != "dropped" else reason,
+                            **ex,
+                        }
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def _flat_metrics(funnel: dict, steps: list[StepStats], read: StepStats, docs_out: int) -> dict:
     m: dict = {
-        "docs_in": read.docs_in, "docs_out": docs_out,
-        "docs": docs_out, "bytes": funnel["train"]["bytes"] + funnel["val"]["bytes"],  # short names
+        "docs_in": read.docs_in,
+        "docs_out": docs_out,
+        "docs": docs_out,
+        "bytes": funnel["train"]["bytes"] + funnel["val"]["bytes"],  # short names
         "replaced_bytes": read.counters.get("replaced_bytes", 0),
-        "bytes_in": read.bytes_in, "bytes_out": funnel["train"]["bytes"] + funnel["val"]["bytes"],
-        "tokens_in_est": next((st.tokens_out for st in steps if st.name == "extract"), read.tokens_out), "tokens_out_est": (funnel["train"]["bytes"] + funnel["val"]["bytes"] + 3) // 4,
-        "train_docs": funnel["train"]["docs"], "val_docs": funnel["val"]["docs"],
-        "train_bytes": funnel["train"]["bytes"], "val_bytes": funnel["val"]["bytes"],
-        "train_shards": len(funnel["train"]["shards"]), "val_shards": len(funnel["val"]["shards"]),
-        "tasks": funnel["tasks"], "seconds": funnel["seconds"], "input_mb_per_s": funnel["input_mb_per_s"],
+        "bytes_in": read.bytes_in,
+        "bytes_out": funnel["train"]["bytes"] + funnel["val"]["bytes"],
+        "tokens_in_est": next((st.tokens_out for st in steps if st.name == "extract"), read.tokens_out),
+        "tokens_out_est": (funnel["train"]["bytes"] + funnel["val"]["bytes"] + 3) // 4,
+        "train_docs": funnel["train"]["docs"],
+        "val_docs": funnel["val"]["docs"],
+        "train_bytes": funnel["train"]["bytes"],
+        "val_bytes": funnel["val"]["bytes"],
+        "train_shards": len(funnel["train"]["shards"]),
+        "val_shards": len(funnel["val"]["shards"]),
+        "tasks": funnel["tasks"],
+        "seconds": funnel["seconds"],
+        "input_mb_per_s": funnel["input_mb_per_s"],
         "dedup_exact_clusters": funnel["dedup"]["exact_clusters"],
         "dedup_near_clusters": funnel["dedup"]["near_clusters"],
         "quality_classifier_trained": bool(funnel["classifier"].get("trained", False)),

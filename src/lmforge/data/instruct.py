@@ -25,8 +25,12 @@ from pathlib import Path
 from lmforge.data.builtin import _stdlib_files, split_train_val
 
 SYSTEM = "You are a concise assistant who knows the Python standard library."
-FUNC_Q = ("What does `{name}` do?", "Explain `{name}` in one sentence.", "What is `{name}` for?",
-          "Briefly, what does the function `{name}` do?")
+FUNC_Q = (
+    "What does `{name}` do?",
+    "Explain `{name}` in one sentence.",
+    "What is `{name}` for?",
+    "Briefly, what does the function `{name}` do?",
+)
 CLASS_Q = ("What is `{name}`?", "Describe the class `{name}` in one sentence.")
 MODULE_Q = ("What is the `{name}` module for?", "What does the Python module `{name}` provide?")
 FOLLOW_UP = ("And `{name}`?", "What about `{name}`?")
@@ -66,7 +70,11 @@ def _items(root: str) -> tuple[tuple[str, str, str, str], ...]:
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        if not parts or any(p.startswith("_") for p in parts) or parts[0] in ("encodings", "ensurepip", "turtledemo"):
+        if (
+            not parts
+            or any(p.startswith("_") for p in parts)
+            or parts[0] in ("encodings", "ensurepip", "turtledemo")
+        ):
             continue
         module = ".".join(parts)
         try:
@@ -79,7 +87,9 @@ def _items(root: str) -> tuple[tuple[str, str, str, str], ...]:
         if doc and (s := summary_sentence(doc)):
             out.append((module, module, "module", s))
         for node in tree.body:
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+            if not isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            ) or node.name.startswith("_"):
                 continue
             kind = "class" if isinstance(node, ast.ClassDef) else "function"
             doc = ast.get_docstring(node)
@@ -87,7 +97,9 @@ def _items(root: str) -> tuple[tuple[str, str, str, str], ...]:
                 out.append((module, f"{module}.{node.name}", kind, s))
             if kind == "class":
                 for sub in node.body:
-                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith("_"):
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith(
+                        "_"
+                    ):
                         d = ast.get_docstring(sub)
                         if d and (s := summary_sentence(d)):
                             out.append((module, f"{module}.{node.name}.{sub.name}", "function", s))
@@ -116,8 +128,10 @@ def builtin_instructions(stdlib_dir: str | None = None, max_examples: int | None
             msgs.insert(0, {"role": "system", "content": SYSTEM})
         nxt = items[i + 1] if i + 1 < len(items) else None
         if h % 5 == 0 and nxt and nxt[0] == module:
-            msgs += [{"role": "user", "content": _pick(FOLLOW_UP, nxt[1]).format(name=nxt[1])},
-                     {"role": "assistant", "content": nxt[3]}]
+            msgs += [
+                {"role": "user", "content": _pick(FOLLOW_UP, nxt[1]).format(name=nxt[1])},
+                {"role": "assistant", "content": nxt[3]},
+            ]
         records.append({"messages": msgs, "source": f"stdlib:{name}"})
     if max_examples is not None and len(records) > max_examples:
         # an even spread over the alphabet of modules, not the first N

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.runs import atomic_path
 
@@ -51,12 +51,16 @@ class ShardWriter:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pa.table({
-                "text": [r["text"] for r in self.buffer],
-                "id": [str(r.get("id", "")) for r in self.buffer],
-                "source": [str(r.get("source", "")) for r in self.buffer],
-                "meta": [json.dumps(r.get("meta", {}), ensure_ascii=False, default=str) for r in self.buffer],
-            })
+            table = pa.table(
+                {
+                    "text": [r["text"] for r in self.buffer],
+                    "id": [str(r.get("id", "")) for r in self.buffer],
+                    "source": [str(r.get("source", "")) for r in self.buffer],
+                    "meta": [
+                        json.dumps(r.get("meta", {}), ensure_ascii=False, default=str) for r in self.buffer
+                    ],
+                }
+            )
             with atomic_path(path) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
         else:
@@ -78,8 +82,11 @@ class ShardWriter:
 
 
 def list_shards(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).glob(SHARD_GLOB)
-                  if p.suffix in (".jsonl", ".parquet") and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in Path(folder).glob(SHARD_GLOB)
+        if p.suffix in (".jsonl", ".parquet") and not p.name.startswith(".")
+    )
 
 
 def iter_records(folder: Path) -> Iterator[dict]:
@@ -121,8 +128,9 @@ def read_jsonl_zst(path: Path) -> Iterator[dict]:
     import zstandard
 
     with open(path, "rb") as raw:
-        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8",
-                                  errors="surrogatepass")
+        reader = io.TextIOWrapper(
+            zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8", errors="surrogatepass"
+        )
         for line in reader:
             if line.strip():
                 yield json.loads(line)

@@ -24,9 +24,10 @@ import glob
 import json
 import os
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from lmforge.errors import DataError
 
@@ -64,8 +65,10 @@ class ReadStats:
 def format_read_stats(stats: ReadStats) -> str:
     """A short human summary: one line of totals, then one line per drop reason."""
     n_dropped = sum(stats.dropped.values())
-    line = (f"read {stats.records_read:,} records from {stats.files:,} files, "
-            f"kept {stats.records_kept:,}, dropped {n_dropped:,}")
+    line = (
+        f"read {stats.records_read:,} records from {stats.files:,} files, "
+        f"kept {stats.records_kept:,}, dropped {n_dropped:,}"
+    )
     if stats.replaced_bytes:
         line += f", replaced {stats.replaced_bytes:,} undecodable bytes"
     lines = [line]
@@ -114,8 +117,11 @@ def loads_json(text: str | bytes) -> tuple[Any, str | None]:
 
 
 # ----------------------------------------------------------------------------- spec resolution
-def iter_documents(spec: str | os.PathLike | Iterable[str | os.PathLike], text_field: str = "text",
-                   stats: ReadStats | None = None) -> Iterator[Document]:
+def iter_documents(
+    spec: str | os.PathLike | Iterable[str | os.PathLike],
+    text_field: str = "text",
+    stats: ReadStats | None = None,
+) -> Iterator[Document]:
     """Stream the documents `spec` names (see module docstring); drops are counted in `stats`."""
     stats = stats if stats is not None else ReadStats()
     sources = resolve_spec(spec)  # eager: a bad path fails now, not on first next()
@@ -139,8 +145,10 @@ def resolve_spec(spec: Any) -> list[tuple[str, str]]:
     path = Path(s).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; "
-                            f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}")
+            raise DataError(
+                f"{path}: unsupported file type '{path.suffix}'; "
+                f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
+            )
         return [("file", str(path))]
     if path.is_dir():
         if _is_saved_hf_dataset(path):
@@ -152,9 +160,11 @@ def resolve_spec(spec: Any) -> list[tuple[str, str]]:
             p = Path(match)
             files.extend(_files_under(p) if p.is_dir() else [p] if _supported(p) else [])
         return _files_or_error(files, s)
-    raise DataError(f"{s}: no such file or directory; check the path (relative paths are relative "
-                    f"to {os.getcwd()}), or use 'builtin' for the built-in corpus or 'hf:NAME' for a "
-                    f"Hugging Face dataset")
+    raise DataError(
+        f"{s}: no such file or directory; check the path (relative paths are relative "
+        f"to {os.getcwd()}), or use 'builtin' for the built-in corpus or 'hf:NAME' for a "
+        f"Hugging Face dataset"
+    )
 
 
 def _supported(p: Path) -> bool:
@@ -171,14 +181,18 @@ def _files_under(folder: Path) -> list[Path]:
 
 def _files_or_error(files: list[Path], spec: str) -> list[tuple[str, str]]:
     if not files:
-        raise DataError(f"{spec}: matches no supported file; supported extensions: "
-                        f"{', '.join(SUPPORTED_EXTENSIONS)}")
+        raise DataError(
+            f"{spec}: matches no supported file; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
     return [("file", str(f)) for f in files]
 
 
 def _is_saved_hf_dataset(folder: Path) -> bool:
-    return (folder / "dataset_info.json").is_file() or (folder / "state.json").is_file() \
+    return (
+        (folder / "dataset_info.json").is_file()
+        or (folder / "state.json").is_file()
         or (folder / "dataset_dict.json").is_file()
+    )
 
 
 # ----------------------------------------------------------------------------- iteration
@@ -241,7 +255,9 @@ def record_text(rec: Any, text_field: str, where: str, stats: ReadStats) -> str 
         return None
     text = rec.get(text_field)
     if text is None:
-        stats.drop("missing_field", where, f"no '{text_field}' field (has: {', '.join(map(str, rec)) or 'none'})")
+        stats.drop(
+            "missing_field", where, f"no '{text_field}' field (has: {', '.join(map(str, rec)) or 'none'})"
+        )
         return None
     if not isinstance(text, str):
         stats.drop("non_string_field", where, f"'{text_field}' is {type(text).__name__}, not a string")
@@ -249,8 +265,9 @@ def record_text(rec: Any, text_field: str, where: str, stats: ReadStats) -> str 
     return text
 
 
-def _iter_records(records: Iterator[Record], source: str, text_field: str,
-                  stats: ReadStats) -> Iterator[Document]:
+def _iter_records(
+    records: Iterator[Record], source: str, text_field: str, stats: ReadStats
+) -> Iterator[Document]:
     for where, rec in records:
         stats.records_read += 1
         if isinstance(rec, tuple):
@@ -288,8 +305,10 @@ def _json_array_records(path: Path, data: bytes, stats: ReadStats) -> Iterator[R
     stats.replaced_bytes += bad
     items, err = loads_json(text)
     if err is not None:
-        raise DataError(f"{path}: {err.replace('malformed JSON', 'malformed JSON array', 1)}; fix the file or "
-                        f"convert it to JSON lines (one object per line) so bad records are skipped")
+        raise DataError(
+            f"{path}: {err.replace('malformed JSON', 'malformed JSON array', 1)}; fix the file or "
+            f"convert it to JSON lines (one object per line) so bad records are skipped"
+        )
     for i, item in enumerate(items):
         yield f"{path}:item {i}", item
 
@@ -304,8 +323,9 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
         raise DataError(f"{path}: not a readable parquet file ({e})") from e
     columns = pf.schema_arrow.names
     if text_field not in columns:
-        raise DataError(f"{path}: no column '{text_field}'; it has columns {columns}; "
-                        f"pass the right text_field")
+        raise DataError(
+            f"{path}: no column '{text_field}'; it has columns {columns}; pass the right text_field"
+        )
     row = 0
     for group in range(pf.num_row_groups):
         try:
@@ -314,7 +334,10 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
             raise DataError(f"{path}: row group {group} is unreadable ({e})") from e
         for value in values:
             where = f"{path}:row {row}"
-            yield where, ({text_field: value} if value is not None else ("missing_field", f"'{text_field}' is null"))
+            yield (
+                where,
+                ({text_field: value} if value is not None else ("missing_field", f"'{text_field}' is null")),
+            )
             row += 1
 
 
@@ -333,8 +356,10 @@ def _import_datasets(what: str):
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{what}: reading Hugging Face datasets needs the 'datasets' package; "
-                        f"install it with `pip install datasets` (or `pip install lmforge[hf]`)") from e
+        raise DataError(
+            f"{what}: reading Hugging Face datasets needs the 'datasets' package; "
+            f"install it with `pip install datasets` (or `pip install lmforge[hf]`)"
+        ) from e
     return datasets
 
 
@@ -344,12 +369,18 @@ def _hf_records(target: str) -> Iterator[Record]:
     parts = target.split(":")
     if len(parts) > 3 or not parts[0]:
         raise DataError(f"hf:{target}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
-    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
+    name, config, split = (
+        parts[0],
+        (parts[1] if len(parts) == 3 else None),
+        (parts[-1] if len(parts) > 1 else "train"),
+    )
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # network, auth, unknown name: all user-fixable
-        raise DataError(f"hf:{target}: could not load the dataset ({type(e).__name__}: {e}); "
-                        f"check the name and split and that you are online") from e
+        raise DataError(
+            f"hf:{target}: could not load the dataset ({type(e).__name__}: {e}); "
+            f"check the name and split and that you are online"
+        ) from e
     for i, rec in enumerate(ds):
         yield f"hf:{target}:row {i}", rec
 
@@ -359,13 +390,17 @@ def _hf_disk_records(folder: str) -> Iterator[Record]:
     try:
         ds = datasets.load_from_disk(folder)
     except Exception as e:
-        raise DataError(f"{folder}: looks like a saved Hugging Face dataset but cannot be loaded "
-                        f"({type(e).__name__}: {e})") from e
+        raise DataError(
+            f"{folder}: looks like a saved Hugging Face dataset but cannot be loaded "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if isinstance(ds, datasets.DatasetDict):
         splits = sorted(ds)
         if "train" not in ds and len(splits) != 1:
-            raise DataError(f"{folder}: a dataset dict with splits {splits} and no 'train'; "
-                            f"point at one split's folder instead")
+            raise DataError(
+                f"{folder}: a dataset dict with splits {splits} and no 'train'; "
+                f"point at one split's folder instead"
+            )
         ds = ds["train" if "train" in ds else splits[0]]
     for i, rec in enumerate(ds):
         yield f"{folder}:row {i}", rec

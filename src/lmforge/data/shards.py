@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,8 +47,9 @@ def shard_paths(out_dir: str | os.PathLike, split: str) -> tuple[Path, Path, Pat
     return d / f"{split}.bin", d / f"{split}.idx.npy", d / f"{split}.json"
 
 
-def write_token_shards(docs: Iterable, tok: LMTokenizer, out_dir: str | os.PathLike, split: str,
-                       batch_docs: int = 512) -> dict:
+def write_token_shards(
+    docs: Iterable, tok: LMTokenizer, out_dir: str | os.PathLike, split: str, batch_docs: int = 512
+) -> dict:
     """Tokenise `docs` (strings or Documents) into `{split}.bin/.idx.npy/.json`; return the index."""
     if tok.bos_id is None:
         raise DataError("the tokenizer has no BOS token; token shards need one to mark document starts")
@@ -69,8 +70,15 @@ def write_token_shards(docs: Iterable, tok: LMTokenizer, out_dir: str | os.PathL
             raise DataError(f"no non-empty documents to write for split '{split}'; check the data spec")
     with atomic_path(idx_path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(starts, dtype=np.int64))
-    meta = {"split": split, "dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_docs": len(starts),
-            "n_bytes": n_bytes, "bos_id": tok.bos_id, "vocab_size": tok.vocab_size}
+    meta = {
+        "split": split,
+        "dtype": np.dtype(dtype).name,
+        "n_tokens": n_tokens,
+        "n_docs": len(starts),
+        "n_bytes": n_bytes,
+        "bos_id": tok.bos_id,
+        "vocab_size": tok.vocab_size,
+    }
     atomic_write_json(json_path, meta)
     return meta
 
@@ -119,8 +127,10 @@ def load_shard(directory: str | os.PathLike, split: str) -> Shard:
         raise DataError(f"{bin_path}: missing token file; {hint}")
     size = bin_path.stat().st_size
     if size != expected or expected == 0:
-        raise DataError(f"{bin_path}: truncated or corrupt: {size:,} bytes, expected {expected:,} "
-                        f"({meta['n_tokens']:,} {dtype.name} tokens); {hint}")
+        raise DataError(
+            f"{bin_path}: truncated or corrupt: {size:,} bytes, expected {expected:,} "
+            f"({meta['n_tokens']:,} {dtype.name} tokens); {hint}"
+        )
     try:
         doc_starts = np.load(idx_path, allow_pickle=False)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -162,8 +172,16 @@ class TokenLoader:
     (keeping the global batch) exactly where it stopped.
     """
 
-    def __init__(self, shard: Shard, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        shard: Shard,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
         if not 0 <= rank < world:
@@ -172,8 +190,10 @@ class TokenLoader:
         self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
         self.starts = window_starts(shard, seq_len)
         if len(self.starts) == 0:
-            raise DataError(f"{shard.path}: only {shard.n_tokens:,} tokens, fewer than seq_len + 1 = "
-                            f"{seq_len + 1}; lower seq_len or add data")
+            raise DataError(
+                f"{shard.path}: only {shard.n_tokens:,} tokens, fewer than seq_len + 1 = "
+                f"{seq_len + 1}; lower seq_len or add data"
+            )
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order = -1, self.starts
 
@@ -195,16 +215,16 @@ class TokenLoader:
         need = self.batch_size * self.world
         while need:
             order = self._epoch_order()
-            take = order[self.position:self.position + need]
+            take = order[self.position : self.position + need]
             picked.append(take)
             need -= len(take)
             self.position += len(take)
             if self.position == len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         rows = np.concatenate(picked)
-        return rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
-    def __iter__(self) -> "TokenLoader":
+    def __iter__(self) -> TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,13 +236,16 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.n_windows:
-            raise DataError(f"loader state {state} does not fit this shard ({self.n_windows} windows "
-                            f"per epoch at seq_len {self.seq_len}); was the data or seq_len changed?")
+            raise DataError(
+                f"loader state {state} does not fit this shard ({self.n_windows} windows "
+                f"per epoch at seq_len {self.seq_len}); was the data or seq_len changed?"
+            )
         self.epoch, self.position = epoch, position
 
 
-def iter_eval_windows(shard: Shard, seq_len: int, batch_size: int,
-                      max_tokens: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_windows(
+    shard: Shard, seq_len: int, batch_size: int, max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping contiguous windows from token 0, in order: every token predicted once.
 
     `max_tokens` caps the predicted tokens (rounded down to whole windows, at least one).
@@ -232,8 +255,10 @@ def iter_eval_windows(shard: Shard, seq_len: int, batch_size: int,
     if max_tokens is not None:
         n_windows = min(n_windows, max(1, max_tokens // seq_len))
     if n_windows < 1:
-        raise DataError(f"{shard.path}: only {shard.n_tokens:,} tokens, fewer than seq_len + 1 = "
-                        f"{seq_len + 1}; lower seq_len or add validation data")
+        raise DataError(
+            f"{shard.path}: only {shard.n_tokens:,} tokens, fewer than seq_len + 1 = "
+            f"{seq_len + 1}; lower seq_len or add validation data"
+        )
     starts = np.arange(n_windows, dtype=np.int64) * seq_len
     for i in range(0, n_windows, batch_size):
-        yield _gather(shard.tokens, starts[i:i + batch_size], seq_len)
+        yield _gather(shard.tokens, starts[i : i + batch_size], seq_len)

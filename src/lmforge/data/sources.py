@@ -21,9 +21,9 @@ import gzip
 import io
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.data import readers
 from lmforge.data.readers import Document, ReadStats, decode_utf8, loads_json, record_text
@@ -31,7 +31,15 @@ from lmforge.errors import DataError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".wat", ".wat.gz", ".arc.gz")
-COMPRESSED_SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".txt.gz", ".txt.zst", ".txt.zstd")
+COMPRESSED_SUFFIXES = (
+    ".jsonl.gz",
+    ".jsonl.zst",
+    ".jsonl.zstd",
+    ".json.gz",
+    ".txt.gz",
+    ".txt.zst",
+    ".txt.zstd",
+)
 NATIVE_SUFFIXES = tuple(readers.SUPPORTED_EXTENSIONS)
 ALL_SUFFIXES = HTML_SUFFIXES + WARC_SUFFIXES + COMPRESSED_SUFFIXES + NATIVE_SUFFIXES
 MAX_MESSAGE = 200
@@ -39,8 +47,12 @@ MAX_MESSAGE = 200
 
 def file_kind(path: str | os.PathLike) -> str | None:
     name = Path(path).name.lower()
-    for kind, suffixes in (("warc", WARC_SUFFIXES), ("html", HTML_SUFFIXES),
-                           ("compressed", COMPRESSED_SUFFIXES), ("native", NATIVE_SUFFIXES)):
+    for kind, suffixes in (
+        ("warc", WARC_SUFFIXES),
+        ("html", HTML_SUFFIXES),
+        ("compressed", COMPRESSED_SUFFIXES),
+        ("native", NATIVE_SUFFIXES),
+    ):
         if name.endswith(suffixes):
             return kind
     return None
@@ -51,8 +63,8 @@ class Task:
     """One unit of parallel work: some files, or one slice of a non-file source."""
 
     index: int
-    kind: str                      # "files" | "builtin" | "hf"
-    items: list[str]               # file paths, or the spec
+    kind: str  # "files" | "builtin" | "hf"
+    items: list[str]  # file paths, or the spec
     part: int = 0
     parts: int = 1
     bytes: int = 0
@@ -62,7 +74,7 @@ class Task:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Task":
+    def from_dict(cls, d: dict) -> Task:
         return cls(**d)
 
     @property
@@ -96,8 +108,10 @@ def resolve_inputs(specs: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
             for m in sorted(glob.glob(os.path.expanduser(s), recursive=True)):
                 candidates.extend(_walk(Path(m)) if Path(m).is_dir() else [Path(m)])
         else:
-            raise DataError(f"{s}: no such file or directory; check the path (relative paths are relative "
-                            f"to {os.getcwd()}), or use 'builtin' for the built-in corpus")
+            raise DataError(
+                f"{s}: no such file or directory; check the path (relative paths are relative "
+                f"to {os.getcwd()}), or use 'builtin' for the built-in corpus"
+            )
         found = [c for c in candidates if c.is_file() and file_kind(c) is not None]
         skipped += [str(c) for c in candidates if c.is_file() and file_kind(c) is None]
         if not found:
@@ -114,7 +128,9 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def plan_tasks(specs: list[str], workers: int = 1, task_bytes: int = 64 << 20) -> tuple[list[Task], list[str]]:
+def plan_tasks(
+    specs: list[str], workers: int = 1, task_bytes: int = 64 << 20
+) -> tuple[list[Task], list[str]]:
     """Group the inputs into tasks (see module docstring); returns (tasks, skipped files)."""
     sources, skipped = resolve_inputs(specs)
     tasks: list[Task] = []
@@ -156,8 +172,12 @@ class SourceStats(ReadStats):
     info: dict[str, int] = field(default_factory=dict)
 
 
-def iter_task_documents(task: Task, text_field: str, stats: SourceStats, max_html_bytes: int = 5_000_000,
-                        ) -> Iterator[Document]:
+def iter_task_documents(
+    task: Task,
+    text_field: str,
+    stats: SourceStats,
+    max_html_bytes: int = 5_000_000,
+) -> Iterator[Document]:
     """The documents of one task, each with ``meta["id"]``; problems are counted in `stats`."""
     if task.kind == "builtin":
         yield from _iter_builtin_slice(task.part, task.parts, stats)
@@ -239,7 +259,7 @@ def _iter_html_file(path: Path, stats: ReadStats, max_bytes: int) -> Iterator[Do
     yield Document(_decode_html(data), str(path), {"id": str(path), "format": "html"})
 
 
-def _iter_warc(path: Path, stats: "SourceStats", max_bytes: int) -> Iterator[Document]:
+def _iter_warc(path: Path, stats: SourceStats, max_bytes: int) -> Iterator[Document]:
     """HTML responses and WET conversion records; other record types are counted, not read."""
     from warcio.archiveiterator import ArchiveIterator
 
@@ -262,8 +282,12 @@ def _iter_warc(path: Path, stats: "SourceStats", max_bytes: int) -> Iterator[Doc
                     stats.info[key] = stats.info.get(key, 0) + 1
                     continue
                 stats.records_read += 1
-                meta = {"id": record.rec_headers.get_header("WARC-Record-ID") or where, "url": url,
-                        "date": record.rec_headers.get_header("WARC-Date"), "location": where}
+                meta = {
+                    "id": record.rec_headers.get_header("WARC-Record-ID") or where,
+                    "url": url,
+                    "date": record.rec_headers.get_header("WARC-Date"),
+                    "location": where,
+                }
                 if rtype != "conversion":  # decide from the headers before reading the payload
                     ctype = ""
                     if record.http_headers is not None:
@@ -272,7 +296,9 @@ def _iter_warc(path: Path, stats: "SourceStats", max_bytes: int) -> Iterator[Doc
                             stats.drop(f"http_status_{status[0]}xx", where, f"{url}: HTTP {status}")
                             continue
                         ctype = (record.http_headers.get_header("Content-Type") or "").lower()
-                    ctype = ctype or (record.rec_headers.get_header("WARC-Identified-Payload-Type") or "").lower()
+                    ctype = (
+                        ctype or (record.rec_headers.get_header("WARC-Identified-Payload-Type") or "").lower()
+                    )
                     if ctype and "html" not in ctype:
                         stats.drop("non_html_response", where, f"{url}: {ctype[:60]}")
                         continue

@@ -27,8 +27,8 @@ import itertools
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import xxhash
@@ -57,35 +57,47 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
     work = out_dir / "work"
     tasks = [Task.from_dict(t) for t in plan["tasks"]]
     pending = [t for t in tasks if not _task_done(work, t)]
-    log(f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s); "
-        f"{len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}")
+    log(
+        f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s); "
+        f"{len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}"
+    )
     finished = [0]
 
     def on_done(i: int, result: dict) -> None:
         finished[0] += 1
-        log(f"data: [{finished[0]}/{len(pending)}] {result['task']}: {result['docs_in']:,} docs read, "
-            f"{result['docs_out']:,} kept ({result['seconds']:.1f}s)")
+        log(
+            f"data: [{finished[0]}/{len(pending)}] {result['task']}: {result['docs_in']:,} docs read, "
+            f"{result['docs_out']:,} kept ({result['seconds']:.1f}s)"
+        )
 
     from lmforge.data.executors import run_tasks
 
     if pending and cfg.executor == "local" and cfg.workers > 1:
         _warm_up(cfg)  # forked workers inherit the imports and the language model
     cfg_dict = cfg.model_dump(mode="json")
-    run_tasks(run_task, [(t.to_dict(), cfg_dict, str(work), seed) for t in pending], executor=cfg.executor,
-              workers=cfg.workers, ray_address=cfg.ray_address, on_done=on_done)
+    run_tasks(
+        run_task,
+        [(t.to_dict(), cfg_dict, str(work), seed) for t in pending],
+        executor=cfg.executor,
+        workers=cfg.workers,
+        ray_address=cfg.ray_address,
+        on_done=on_done,
+    )
 
     from lmforge.data.finalize import finalize
 
     metrics, shards = finalize(cfg, out_dir, work, tasks, plan.get("skipped_files", []), seed, log, t0)
-    atomic_write_json(out_dir / "done.json", {"fingerprint": plan["fingerprint"], "metrics": metrics,
-                                              "shards": shards})
+    atomic_write_json(
+        out_dir / "done.json", {"fingerprint": plan["fingerprint"], "metrics": metrics, "shards": shards}
+    )
     if not cfg.keep_work:
         shutil.rmtree(work / "tasks", ignore_errors=True)
     return metrics
 
 
-def prepare_stage(cfg: DataConfig, out_dir: Path, *, seed: int,
-                  log: Callable[[str], None] = print) -> tuple[dict, dict | None]:
+def prepare_stage(
+    cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[str], None] = print
+) -> tuple[dict, dict | None]:
     """Plan the tasks into ``out_dir/work/plan.json`` (kept if still valid) and build the
     decontamination index. Returns (plan, metrics-if-the-stage-is-already-complete).
 
@@ -99,7 +111,11 @@ def prepare_stage(cfg: DataConfig, out_dir: Path, *, seed: int,
     done = _read_json(out_dir / "done.json")
     work = out_dir / "work"
     plan = _read_json(work / "plan.json")
-    if done and done.get("fingerprint") == fp and all((out_dir / s).is_file() for s in done.get("shards", [])):
+    if (
+        done
+        and done.get("fingerprint") == fp
+        and all((out_dir / s).is_file() for s in done.get("shards", []))
+    ):
         log(f"data: already complete in {out_dir} (fingerprint {fp})")
         return plan or {"fingerprint": fp, "tasks": []}, done["metrics"]
     if plan is None or plan.get("fingerprint") != fp:
@@ -107,8 +123,13 @@ def prepare_stage(cfg: DataConfig, out_dir: Path, *, seed: int,
             log("data: config, seed or inputs changed since the last attempt; starting over")
             shutil.rmtree(work)
         (out_dir / "done.json").unlink(missing_ok=True)
-        plan = {"fingerprint": fp, "seed": seed, "cfg": cfg.model_dump(mode="json"),
-                "tasks": [t.to_dict() for t in tasks], "skipped_files": skipped}
+        plan = {
+            "fingerprint": fp,
+            "seed": seed,
+            "cfg": cfg.model_dump(mode="json"),
+            "tasks": [t.to_dict() for t in tasks],
+            "skipped_files": skipped,
+        }
         atomic_write_json(work / "plan.json", plan)
     _prepare_decontam(cfg, work, log)
     return plan, None
@@ -194,32 +215,56 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
             index["domain"].append(str(doc.meta.get("domain", "")))
             if "kept" in samples:
                 samples["kept"].add(doc.text)
-            yield {"text": doc.text, "id": str(doc.meta.get("id", doc.source)), "source": doc.source,
-                   "meta": _jsonable(doc.meta)}
+            yield {
+                "text": doc.text,
+                "id": str(doc.meta.get("id", doc.source)),
+                "source": doc.source,
+                "meta": _jsonable(doc.meta),
+            }
 
     n = write_jsonl_zst(tdir / f"{task.name}.docs.jsonl.zst", records())
     P, B = hasher.num_perm, cfg.dedup.bands
     with atomic_path(tdir / f"{task.name}.index.npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, exact=np.array(index["exact"], dtype=np.uint64),
-                     bands=np.array(index["bands"], dtype=np.uint64).reshape(n, B),
-                     bytes=np.array(index["bytes"], dtype=np.int64),
-                     domain=np.array(index["domain"], dtype=str))
+            np.savez(
+                f,
+                exact=np.array(index["exact"], dtype=np.uint64),
+                bands=np.array(index["bands"], dtype=np.uint64).reshape(n, B),
+                bytes=np.array(index["bytes"], dtype=np.int64),
+                domain=np.array(index["domain"], dtype=str),
+            )
     with atomic_path(tdir / f"{task.name}.sig.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.array(index["sig"], dtype=np.uint32).reshape(n, P))
-    write_jsonl_zst(tdir / f"{task.name}.samples.jsonl.zst",
-                    ({"kind": k, "key": key, "text": text} for k, s in sorted(samples.items()) for key, text in s.items()))
+    write_jsonl_zst(
+        tdir / f"{task.name}.samples.jsonl.zst",
+        (
+            {"kind": k, "key": key, "text": text}
+            for k, s in sorted(samples.items())
+            for key, text in s.items()
+        ),
+    )
 
     read_text.name = "read"
     read_text.docs_in = read.records_read
     read_text.bytes_in = task.bytes if task.kind == "files" else read_text.bytes_out
     read_text.dropped = {r: {"docs": c, "bytes": 0} for r, c in read.dropped.items()}
-    read_text.examples = {r: [{"id": ex.split(": ", 1)[0], "source": None, "url": None,
-                               "text": ex.split(": ", 1)[-1]} for ex in exs] for r, exs in read.examples.items()}
+    read_text.examples = {
+        r: [
+            {"id": ex.split(": ", 1)[0], "source": None, "url": None, "text": ex.split(": ", 1)[-1]}
+            for ex in exs
+        ]
+        for r, exs in read.examples.items()
+    }
     read_text.counters = {"files": read.files, "replaced_bytes": read.replaced_bytes, **read.info}
-    summary = {"task": task.name, "docs_in": read.records_read, "docs_out": n, "seconds": time.time() - t0,
-               "read": read_text.to_dict(), "steps": [s.stats.to_dict() for s in steps]}
+    summary = {
+        "task": task.name,
+        "docs_in": read.records_read,
+        "docs_out": n,
+        "seconds": time.time() - t0,
+        "read": read_text.to_dict(),
+        "steps": [s.stats.to_dict() for s in steps],
+    }
     atomic_write_json(tdir / f"{task.name}.stats.json", summary)  # the completion marker: last
     return {k: summary[k] for k in ("task", "docs_in", "docs_out", "seconds")}
 
@@ -243,7 +288,7 @@ def _warm_up(cfg: DataConfig) -> None:
         harvest_builtin_corpus()
 
 
-def _tap(stream: Iterable[Document], sample: "BottomK") -> Iterator[Document]:
+def _tap(stream: Iterable[Document], sample: BottomK) -> Iterator[Document]:
     for doc in stream:
         sample.add(doc.text)
         yield doc
@@ -269,7 +314,9 @@ class BottomK:
 
     def add(self, text: str, key: int | None = None) -> None:
         if key is None:
-            key = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"), seed=self.seed & 0xFFFFFFFFFFFFFFFF)
+            key = xxhash.xxh3_64_intdigest(
+                text.encode("utf-8", "surrogatepass"), seed=self.seed & 0xFFFFFFFFFFFFFFFF
+            )
         if len(self.heap) < self.k:
             heapq.heappush(self.heap, (-key, text[:SAMPLE_CHARS]))
         elif key < -self.heap[0][0]:
@@ -303,7 +350,7 @@ def _spec_files(spec: str) -> list:
     paths = [Path(spec)] if Path(spec).exists() else [Path(p) for p in glob.glob(spec, recursive=True)]
     out = []
     for p in paths:
-        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())):
+        for f in [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()):
             out.append((str(f), f.stat().st_size, int(os.path.getmtime(f))))
     return out
 
@@ -317,8 +364,10 @@ def _read_json(path: Path) -> dict | None:
 
 def _task_done(work: Path, task: Task) -> bool:
     tdir = work / "tasks"
-    return all((tdir / f"{task.name}.{suffix}").is_file()
-               for suffix in ("stats.json", "docs.jsonl.zst", "index.npz", "sig.npy"))
+    return all(
+        (tdir / f"{task.name}.{suffix}").is_file()
+        for suffix in ("stats.json", "docs.jsonl.zst", "index.npz", "sig.npy")
+    )
 
 
 def _prepare_decontam(cfg: DataConfig, work: Path, log) -> None:
@@ -346,4 +395,4 @@ def _load_decontam(work: Path):
 def unit_hash(seed: int, text: str) -> float:
     """A number in [0, 1) from sha256(seed, text); same formula as builtin.split_train_val."""
     digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", errors="surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64

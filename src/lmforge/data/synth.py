@@ -26,16 +26,35 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from ..errors import ConfigError, DataError
 from ..runs import atomic_write_json, atomic_write_text
 
 # the self-instruct paper's blacklist: tasks a language model cannot do with text alone
-BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-             "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+BLACKLIST = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+)
 HEADER = "Come up with a series of tasks. Each task has an instruction, an optional input and an output.\n"
 
 
@@ -51,8 +70,10 @@ class Task:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": self.output}]
 
     def render(self, i: int) -> str:
-        return (f"{i}. Instruction: {self.instruction}\n{i}. Input: {self.input or '<noinput>'}\n"
-                f"{i}. Output: {self.output}\n")
+        return (
+            f"{i}. Instruction: {self.instruction}\n{i}. Input: {self.input or '<noinput>'}\n"
+            f"{i}. Output: {self.output}\n"
+        )
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -89,7 +110,9 @@ def load_seed_tasks(path: str | Path) -> list[Task]:
             elif "prompt" in rec and "completion" in rec:
                 inst, inp, out = rec["prompt"], "", rec["completion"]
             else:
-                raise DataError(f"{where}: need 'instruction' (+ 'instances' or 'output') or 'prompt'+'completion'")
+                raise DataError(
+                    f"{where}: need 'instruction' (+ 'instances' or 'output') or 'prompt'+'completion'"
+                )
             if not isinstance(inp, str) or not isinstance(out, str):
                 raise DataError(f"{where}: 'input' and 'output' must be strings")
             tasks.append(Task(inst.strip(), inp.strip(), out.strip(), "seed"))
@@ -133,7 +156,11 @@ def rouge_l(a: str, b: str) -> float:
 
 # ----------------------------------------------------------------------------- prompt / parse
 def build_prompt(examples: Sequence[Task]) -> str:
-    return HEADER + "".join(t.render(i) for i, t in enumerate(examples, 1)) + f"{len(examples) + 1}. Instruction:"
+    return (
+        HEADER
+        + "".join(t.render(i) for i, t in enumerate(examples, 1))
+        + f"{len(examples) + 1}. Instruction:"
+    )
 
 
 _FIELD = re.compile(r"^\s*(\d+)\.\s*(Instruction|Input|Output)\s*:\s?(.*)$", re.IGNORECASE)
@@ -165,8 +192,15 @@ def parse_tasks(first_number: int, continuation: str) -> list[Task]:
     return out
 
 
-def reject_reason(task: Task, pool_instructions: Sequence[str], *, require_output: bool = True,
-                  max_similarity: float = 0.7, min_words: int = 3, max_words: int = 150) -> str | None:
+def reject_reason(
+    task: Task,
+    pool_instructions: Sequence[str],
+    *,
+    require_output: bool = True,
+    max_similarity: float = 0.7,
+    min_words: int = 3,
+    max_words: int = 150,
+) -> str | None:
     """Why `task` is rejected, or None if it is kept."""
     inst = task.instruction.strip()
     if not inst:
@@ -192,8 +226,15 @@ def reject_reason(task: Task, pool_instructions: Sequence[str], *, require_outpu
 Generate = Callable[[list[str], int], list[str]]
 
 
-def lmforge_backend(model_dir: str | Path, *, temperature: float, top_p: float, max_new_tokens: int,
-                    seed: int, device: str = "cpu") -> Generate:
+def lmforge_backend(
+    model_dir: str | Path,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    device: str = "cpu",
+) -> Generate:
     """Sampling with lmforge's own model and KV-cache generation (any model `load_pretrained` reads)."""
     from ..model.generate import SamplingParams, generate
     from ..model.hf import load_pretrained
@@ -207,9 +248,14 @@ def lmforge_backend(model_dir: str | Path, *, temperature: float, top_p: float, 
 
     def run(prompts: list[str], max_new: int) -> list[str]:
         max_new = min(max_new, max_new_tokens, context // 2)
-        ids = [tok.encode(p, add_bos=True)[-(context - max_new):] for p in prompts]
-        params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                                stop_token_ids=stop, seed=seed + calls[0])
+        ids = [tok.encode(p, add_bos=True)[-(context - max_new) :] for p in prompts]
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=stop,
+            seed=seed + calls[0],
+        )
         calls[0] += 1
         outs = generate(model, ids, params)
         return [tok.decode(o, skip_special=True) for o in outs]
@@ -217,8 +263,15 @@ def lmforge_backend(model_dir: str | Path, *, temperature: float, top_p: float, 
     return run
 
 
-def hf_backend(model_dir: str | Path, *, temperature: float, top_p: float, max_new_tokens: int,
-               seed: int, device: str = "cpu") -> Generate:
+def hf_backend(
+    model_dir: str | Path,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    device: str = "cpu",
+) -> Generate:
     """Sampling with `transformers` (any causal LM it can load from a local folder)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,10 +286,15 @@ def hf_backend(model_dir: str | Path, *, temperature: float, top_p: float, max_n
         enc = tok(prompts, return_tensors="pt", padding=True).to(device)
         torch.manual_seed(seed)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature or None,
-                                 top_p=top_p, max_new_tokens=min(max_new, max_new_tokens),
-                                 pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
+                top_p=top_p,
+                max_new_tokens=min(max_new, max_new_tokens),
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return run
 
@@ -259,15 +317,30 @@ class SynthReport:
     rejected: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"requested": self.requested, "prompts": self.prompts, "candidates": self.candidates,
-                "kept": self.kept, "rejected": dict(self.rejected)}
+        return {
+            "requested": self.requested,
+            "prompts": self.prompts,
+            "candidates": self.candidates,
+            "kept": self.kept,
+            "rejected": dict(self.rejected),
+        }
 
 
-def self_instruct(seeds: Sequence[Task], generate: Generate, num_tasks: int, *, seed: int = 0,
-                  num_seed_examples: int = 3, num_machine_examples: int = 2, batch_size: int = 4,
-                  max_new_tokens: int = 256, max_prompts: int | None = None, require_output: bool = True,
-                  max_similarity: float = 0.7, log: Callable[[str], None] = lambda s: None
-                  ) -> tuple[list[Task], SynthReport]:
+def self_instruct(
+    seeds: Sequence[Task],
+    generate: Generate,
+    num_tasks: int,
+    *,
+    seed: int = 0,
+    num_seed_examples: int = 3,
+    num_machine_examples: int = 2,
+    batch_size: int = 4,
+    max_new_tokens: int = 256,
+    max_prompts: int | None = None,
+    require_output: bool = True,
+    max_similarity: float = 0.7,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[list[Task], SynthReport]:
     """Grow a pool of `num_tasks` machine tasks from `seeds`. Stops after `max_prompts` prompts
     (default 20 per requested task) even if the target is not reached, and says so."""
     if not seeds:
@@ -290,8 +363,9 @@ def self_instruct(seeds: Sequence[Task], generate: Generate, num_tasks: int, *, 
         for first, text in zip(firsts, generate(batch, max_new_tokens)):
             for task in parse_tasks(first, text):
                 report.candidates += 1
-                why = reject_reason(task, instructions, require_output=require_output,
-                                    max_similarity=max_similarity)
+                why = reject_reason(
+                    task, instructions, require_output=require_output, max_similarity=max_similarity
+                )
                 if why is None and len(pool) >= num_tasks:
                     why = "over_target"
                 if why:
@@ -302,17 +376,33 @@ def self_instruct(seeds: Sequence[Task], generate: Generate, num_tasks: int, *, 
                 report.kept += 1
         log(f"synth: {report.prompts} prompts, {report.candidates} candidates, {report.kept} kept")
     if len(pool) < num_tasks:
-        log(f"synth: stopped after {report.prompts} prompts with {len(pool)} of {num_tasks} tasks "
-            f"(rejected: {dict(report.rejected)})")
+        log(
+            f"synth: stopped after {report.prompts} prompts with {len(pool)} of {num_tasks} tasks "
+            f"(rejected: {dict(report.rejected)})"
+        )
     return pool, report
 
 
-def write_tasks(tasks: Sequence[Task], out: str | Path, report: SynthReport, extra: dict | None = None) -> Path:
+def write_tasks(
+    tasks: Sequence[Task], out: str | Path, report: SynthReport, extra: dict | None = None
+) -> Path:
     """JSONL of {messages, instruction, input, output, source} + `<out>.report.json`, atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"messages": t.messages(), "instruction": t.instruction, "input": t.input,
-                         "output": t.output, "source": t.source}, ensure_ascii=False) + "\n" for t in tasks]
+    lines = [
+        json.dumps(
+            {
+                "messages": t.messages(),
+                "instruction": t.instruction,
+                "input": t.input,
+                "output": t.output,
+                "source": t.source,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+        for t in tasks
+    ]
     atomic_write_text(out, "".join(lines))
     atomic_write_json(out.with_name(out.name + ".report.json"), {**report.as_dict(), **(extra or {})})
     return out
@@ -320,17 +410,28 @@ def write_tasks(tasks: Sequence[Task], out: str | Path, report: SynthReport, ext
 
 # ----------------------------------------------------------------------------- CLI
 def add_parser(sub) -> None:
-    p = sub.add_parser("synth", help="generate instruction data from seed tasks with a model (self-instruct)",
-                       description=__doc__.split("\n\n")[0].rstrip(".") + ". Writes JSONL in the messages form that "
-                                   "`lmforge sft --data FILE` reads, and FILE.report.json with every "
-                                   "rejected candidate counted by reason.")
+    p = sub.add_parser(
+        "synth",
+        help="generate instruction data from seed tasks with a model (self-instruct)",
+        description=__doc__.split("\n\n")[0].rstrip(".") + ". Writes JSONL in the messages form that "
+        "`lmforge sft --data FILE` reads, and FILE.report.json with every "
+        "rejected candidate counted by reason.",
+    )
     p.add_argument("model", help="model folder: an lmforge model or any Hugging Face causal LM folder")
-    p.add_argument("--seeds", required=True, help="seed tasks JSONL (self-instruct seed_tasks.jsonl format, "
-                                                  "{instruction,input,output} or {prompt,completion})")
+    p.add_argument(
+        "--seeds",
+        required=True,
+        help="seed tasks JSONL (self-instruct seed_tasks.jsonl format, "
+        "{instruction,input,output} or {prompt,completion})",
+    )
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("-n", "--num-tasks", type=int, default=100, help="machine tasks to keep (default 100)")
-    p.add_argument("--backend", choices=("auto", "lmforge", "hf"), default="auto",
-                   help="generation backend (auto: lmforge for Llama-family folders, else transformers)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "lmforge", "hf"),
+        default="auto",
+        help="generation backend (auto: lmforge for Llama-family folders, else transformers)",
+    )
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.5, help="nucleus sampling (the paper uses 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -353,12 +454,29 @@ def cmd_synth(a) -> int:
     if not Path(a.model, "config.json").exists():
         raise ConfigError(f"{a.model}: not a model folder (no config.json)")
     seeds = load_seed_tasks(a.seeds)
-    gen = make_backend(a.backend, a.model, temperature=a.temperature, top_p=a.top_p,
-                       max_new_tokens=a.max_new_tokens, seed=a.seed, device=a.device)
-    tasks, report = self_instruct(seeds, gen, a.num_tasks, seed=a.seed, batch_size=a.batch_size,
-                                  max_new_tokens=a.max_new_tokens, max_prompts=a.max_prompts,
-                                  require_output=not a.no_require_output, max_similarity=a.max_similarity,
-                                  log=lambda s: print(s, file=sys.stderr))
-    write_tasks(tasks, a.out, report, {"model": str(a.model), "seeds": str(a.seeds), "seed_tasks": len(seeds)})
+    gen = make_backend(
+        a.backend,
+        a.model,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+        device=a.device,
+    )
+    tasks, report = self_instruct(
+        seeds,
+        gen,
+        a.num_tasks,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        max_new_tokens=a.max_new_tokens,
+        max_prompts=a.max_prompts,
+        require_output=not a.no_require_output,
+        max_similarity=a.max_similarity,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    write_tasks(
+        tasks, a.out, report, {"model": str(a.model), "seeds": str(a.seeds), "seed_tasks": len(seeds)}
+    )
     print(json.dumps({"out": str(a.out), **report.as_dict()}, indent=2))
     return 0

@@ -56,10 +56,20 @@ def cmd_tasks(a) -> int:
     results = {}
     for spec in a.task:
         task = load_task(spec, on_error=a.on_error, seed=a.seed)
-        res = evaluate_task(model, tok, task, scorer=scorer, limit=a.limit, num_fewshot=a.num_fewshot,
-                            keep_predictions=False, n_samples=a.n_samples, temperature=a.temperature,
-                            ks=a.pass_k or [1], seed=a.seed,
-                            max_new_tokens=min(a.max_new_tokens or task.max_new_tokens, model.cfg.max_seq_len // 2))
+        res = evaluate_task(
+            model,
+            tok,
+            task,
+            scorer=scorer,
+            limit=a.limit,
+            num_fewshot=a.num_fewshot,
+            keep_predictions=False,
+            n_samples=a.n_samples,
+            temperature=a.temperature,
+            ks=a.pass_k or [1],
+            seed=a.seed,
+            max_new_tokens=min(a.max_new_tokens or task.max_new_tokens, model.cfg.max_seq_len // 2),
+        )
         results[task.name] = res
         parts = [f"{task.name:<14} n={res['n']:<5}"]
         for k in ("acc", "acc_norm", "exact_match", *[f"pass@{k}" for k in (a.pass_k or [])]):
@@ -82,13 +92,18 @@ def cmd_perplexity(a) -> int:
     model, tok = _load(a)
     texts = [d.text for d in iter_documents(a.files, text_field=a.text_field)]
     if a.max_docs:
-        texts = texts[:a.max_docs]
+        texts = texts[: a.max_docs]
     if not texts:
         raise DataError(f"{a.files}: no documents")
-    res = document_metrics(Scorer(model, tok, batch_tokens=a.batch_tokens), texts,
-                           context_len=min(a.context_len, model.cfg.max_seq_len))
-    print(f"{res['docs']} docs, {res['tokens']:,} tokens, {res['words']:,} words: loss {res['loss']:.4f}  "
-          f"ppl {res['ppl']:.3f}  word ppl {res['word_ppl']:.3f}  bits/byte {res['bpb']:.4f}")
+    res = document_metrics(
+        Scorer(model, tok, batch_tokens=a.batch_tokens),
+        texts,
+        context_len=min(a.context_len, model.cfg.max_seq_len),
+    )
+    print(
+        f"{res['docs']} docs, {res['tokens']:,} tokens, {res['words']:,} words: loss {res['loss']:.4f}  "
+        f"ppl {res['ppl']:.3f}  word ppl {res['word_ppl']:.3f}  bits/byte {res['bpb']:.4f}"
+    )
     _save(a, res)
     return 0
 
@@ -99,14 +114,24 @@ def cmd_ngram(a) -> int:
     from .readers import load_task
 
     task = load_task(a.task, on_error="skip")
-    res = ngram_overlap(iter_corpus(a.train), task_texts(task), n=a.n, min_words=a.min_words,
-                        threshold=a.threshold, ids=[d.id for d in task.docs])
-    print(f"{task.name}: {res['contaminated']:,} of {res['judged']:,} items share a {a.n}-gram with the "
-          f"{res['train_docs']:,} training documents ({100 * res['contaminated_fraction']:.2f}%); mean overlap "
-          f"{res['mean_overlap']:.4f}; {res['too_short']} items too short to judge")
+    res = ngram_overlap(
+        iter_corpus(a.train),
+        task_texts(task),
+        n=a.n,
+        min_words=a.min_words,
+        threshold=a.threshold,
+        ids=[d.id for d in task.docs],
+    )
+    print(
+        f"{task.name}: {res['contaminated']:,} of {res['judged']:,} items share a {a.n}-gram with the "
+        f"{res['train_docs']:,} training documents ({100 * res['contaminated_fraction']:.2f}%); mean overlap "
+        f"{res['mean_overlap']:.4f}; {res['too_short']} items too short to judge"
+    )
     for ex in res["examples"][:5]:
-        print(f"  {ex['item']}: {100 * ex['overlap']:.0f}% of n-grams seen, e.g. training doc "
-              f"{ex['first_train_doc']}: {ex['text'][:80]!r}")
+        print(
+            f"  {ex['item']}: {100 * ex['overlap']:.0f}% of n-grams seen, e.g. training doc "
+            f"{ex['first_train_doc']}: {ex['text'][:80]!r}"
+        )
     _save(a, res)
     return 0
 
@@ -119,12 +144,19 @@ def cmd_permutation(a) -> int:
     model, tok = _load(a)
     task = load_task(a.task, on_error="skip")
     ex = task_texts(task)[: a.limit] if a.limit else task_texts(task)
-    res = permutation_test(Scorer(model, tok, batch_tokens=a.batch_tokens), ex, shard_size=a.shard_size,
-                           n_permutations=a.permutations, seed=a.seed)
+    res = permutation_test(
+        Scorer(model, tok, batch_tokens=a.batch_tokens),
+        ex,
+        shard_size=a.shard_size,
+        n_permutations=a.permutations,
+        seed=a.seed,
+    )
     verdict = "evidence of contamination" if res["p_value"] < a.alpha else "no evidence of contamination"
-    print(f"{task.name}: p = {res['p_value']:.3g} ({verdict} at alpha {a.alpha}); {res['shards']} shards of "
-          f"{res['shard_size']}, {res['n_permutations']} permutations each; canonical order beats "
-          f"{100 * res['canonical_rank_mean']:.0f}% of shuffles on average")
+    print(
+        f"{task.name}: p = {res['p_value']:.3g} ({verdict} at alpha {a.alpha}); {res['shards']} shards of "
+        f"{res['shard_size']}, {res['n_permutations']} permutations each; canonical order beats "
+        f"{100 * res['canonical_rank_mean']:.0f}% of shuffles on average"
+    )
     _save(a, res)
     return 0
 
@@ -186,19 +218,34 @@ def cmd_judge_compare(a) -> int:
     prompts = _read_prompts(a.prompts)
     ans_a, ans_b = _answers(a.a, prompts, a), _answers(a.b, prompts, a)
     if bool(a.judge_model) == bool(a.reward_model):
-        raise DataError("pass exactly one of --judge-model DIR (an LM asked which answer is better) or "
-                        "--reward-model DIR (a sequence-classification reward model)")
+        raise DataError(
+            "pass exactly one of --judge-model DIR (an LM asked which answer is better) or "
+            "--reward-model DIR (a sequence-classification reward model)"
+        )
     if a.reward_model:
         judge = RewardModelJudge.from_pretrained(a.reward_model, device=a.device)
     else:
         model, tok = load_model_and_tokenizer(a.judge_model, device=a.device)
         judge = LMJudge(model, tok)
-    res = compare(prompts, ans_a, ans_b, judge, swap=not a.no_swap, tie_margin=a.tie_margin,
-                  names=(Path(a.a).name, Path(a.b).name))
-    print(f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} "
-          f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] over {res['n']} prompts "
-          f"({res['wins']} wins, {res['ties']} ties, {res['losses']} losses)"
-          + (f"; judge's first-position bias {res['first_position_bias']:+.3f}" if "first_position_bias" in res else ""))
+    res = compare(
+        prompts,
+        ans_a,
+        ans_b,
+        judge,
+        swap=not a.no_swap,
+        tie_margin=a.tie_margin,
+        names=(Path(a.a).name, Path(a.b).name),
+    )
+    print(
+        f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} "
+        f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] over {res['n']} prompts "
+        f"({res['wins']} wins, {res['ties']} ties, {res['losses']} losses)"
+        + (
+            f"; judge's first-position bias {res['first_position_bias']:+.3f}"
+            if "first_position_bias" in res
+            else ""
+        )
+    )
     _save(a, res)
     return 0
 
@@ -207,8 +254,14 @@ def cmd_judge_export(a) -> int:
     from .judge import export_sheet
 
     prompts = _read_prompts(a.prompts)
-    res = export_sheet(prompts, _answers(a.a, prompts, a), _answers(a.b, prompts, a), a.out,
-                       names=(Path(a.a).name, Path(a.b).name), seed=a.seed)
+    res = export_sheet(
+        prompts,
+        _answers(a.a, prompts, a),
+        _answers(a.b, prompts, a),
+        a.out,
+        names=(Path(a.a).name, Path(a.b).name),
+        seed=a.seed,
+    )
     print(f"wrote {res['sheet']} ({res['items']} items) and the key {res['key']} (keep it from the raters)")
     return 0
 
@@ -217,9 +270,11 @@ def cmd_judge_import(a) -> int:
     from .judge import import_verdicts
 
     res = import_verdicts(a.sheet, a.key)
-    print(f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} [{res['ci95'][0]:.3f}, "
-          f"{res['ci95'][1]:.3f}] from {res['n']} verdicts ({res['wins']} wins, {res['ties']} ties, "
-          f"{res['losses']} losses; {res['unrated']} unrated)")
+    print(
+        f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} [{res['ci95'][0]:.3f}, "
+        f"{res['ci95'][1]:.3f}] from {res['n']} verdicts ({res['wins']} wins, {res['ties']} ties, "
+        f"{res['losses']} losses; {res['unrated']} unrated)"
+    )
     if a.json:
         _print(res)
     return 0
@@ -231,9 +286,18 @@ def cmd_harness(a) -> int:
         from .harness import run_harness
     except ImportError as e:  # pragma: no cover
         raise DataError("lmforge harness needs lm-eval: pip install lm-eval") from e
-    res = run_harness(a.model, [t.strip() for t in a.tasks.split(",") if t.strip()], tokenizer=a.tokenizer,
-                      include_path=a.include_path, num_fewshot=a.num_fewshot, limit=a.limit,
-                      batch_tokens=a.batch_tokens, device=a.device, seed=a.seed, add_bos=not a.no_bos)
+    res = run_harness(
+        a.model,
+        [t.strip() for t in a.tasks.split(",") if t.strip()],
+        tokenizer=a.tokenizer,
+        include_path=a.include_path,
+        num_fewshot=a.num_fewshot,
+        limit=a.limit,
+        batch_tokens=a.batch_tokens,
+        device=a.device,
+        seed=a.seed,
+        add_bos=not a.no_bos,
+    )
     if res is None:
         return 1
     for task, metrics in res["results"].items():
@@ -255,14 +319,21 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `tasks`, `perplexity`, `contamination`, `judge` and `harness` to the main CLI."""
-    t = subparsers.add_parser("tasks", help="benchmark tasks on a model folder (MMLU, ARC, HellaSwag, GSM8K, specs)",
-                              description="Evaluate a model folder on tasks: multiple choice by log-likelihood "
-                                          "(acc, acc_norm, acc_bytes) or generative (exact match, pass@k).",
-                              epilog=EPILOG)
+    t = subparsers.add_parser(
+        "tasks",
+        help="benchmark tasks on a model folder (MMLU, ARC, HellaSwag, GSM8K, specs)",
+        description="Evaluate a model folder on tasks: multiple choice by log-likelihood "
+        "(acc, acc_norm, acc_bytes) or generative (exact match, pass@k).",
+        epilog=EPILOG,
+    )
     _model_args(t)
-    t.add_argument("--task", action="append", required=True,
-                   help="mmlu:PATH, mmlu_cloze:PATH, arc:PATH, hellaswag:PATH, gsm8k:PATH, spec.yaml, items.jsonl "
-                        "(repeatable)")
+    t.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help="mmlu:PATH, mmlu_cloze:PATH, arc:PATH, hellaswag:PATH, gsm8k:PATH, spec.yaml, items.jsonl "
+        "(repeatable)",
+    )
     t.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
     t.add_argument("--limit", type=int, help="at most this many items per task")
     t.add_argument("--seed", type=int, default=1234, help="few-shot / sampling seed")
@@ -275,34 +346,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", help="write the full results JSON here")
     t.set_defaults(func=cmd_tasks)
 
-    pp = subparsers.add_parser("perplexity", help="token/word perplexity and bits-per-byte of documents",
-                               description="Score whole documents with rolling windows (every token predicted "
-                                           "once): loss, perplexity, word perplexity, bits-per-byte.", epilog=EPILOG)
+    pp = subparsers.add_parser(
+        "perplexity",
+        help="token/word perplexity and bits-per-byte of documents",
+        description="Score whole documents with rolling windows (every token predicted "
+        "once): loss, perplexity, word perplexity, bits-per-byte.",
+        epilog=EPILOG,
+    )
     _model_args(pp)
     pp.add_argument("files", nargs="+", help="text/JSONL/Parquet files, folders or globs")
     pp.add_argument("--text-field", default="text")
-    pp.add_argument("--context-len", type=int, default=1, help="min context per window (1 = harness; more = sliding)")
+    pp.add_argument(
+        "--context-len", type=int, default=1, help="min context per window (1 = harness; more = sliding)"
+    )
     pp.add_argument("--max-docs", type=int)
     pp.add_argument("--out")
     pp.set_defaults(func=cmd_perplexity)
 
-    c = subparsers.add_parser("contamination", help="was the eval set in the training data? (n-gram, permutation)",
-                              epilog=EPILOG)
+    c = subparsers.add_parser(
+        "contamination", help="was the eval set in the training data? (n-gram, permutation)", epilog=EPILOG
+    )
     cs = c.add_subparsers(dest="contamination_command", metavar="COMMAND", required=True)
-    ng = cs.add_parser("ngram", help="n-gram overlap between a training corpus and an eval set",
-                       description="Share of each eval item's word n-grams found in the training corpus.",
-                       epilog=EPILOG)
-    ng.add_argument("--train", required=True, help="training corpus: files/folder/glob, 'builtin', or a run's "
-                                                   "tokenizer folder (token shards)")
+    ng = cs.add_parser(
+        "ngram",
+        help="n-gram overlap between a training corpus and an eval set",
+        description="Share of each eval item's word n-grams found in the training corpus.",
+        epilog=EPILOG,
+    )
+    ng.add_argument(
+        "--train",
+        required=True,
+        help="training corpus: files/folder/glob, 'builtin', or a run's tokenizer folder (token shards)",
+    )
     ng.add_argument("--task", required=True, help="eval set as a task spec (arc:PATH, ...)")
     ng.add_argument("-n", type=int, default=13, help="n-gram length in words (default 13)")
     ng.add_argument("--min-words", type=int, default=8, help="shorter items are not judged")
-    ng.add_argument("--threshold", type=float, default=0.0, help="overlap fraction that flags an item (0 = any)")
+    ng.add_argument(
+        "--threshold", type=float, default=0.0, help="overlap fraction that flags an item (0 = any)"
+    )
     ng.add_argument("--out")
     ng.set_defaults(func=cmd_ngram)
-    pm = cs.add_parser("permutation", help="Oren et al. permutation test on a model (no training data needed)",
-                       description="Is the canonical order of the eval examples more likely than shuffled "
-                                   "orders? One-sided t-test over shards; small p = contamination.", epilog=EPILOG)
+    pm = cs.add_parser(
+        "permutation",
+        help="Oren et al. permutation test on a model (no training data needed)",
+        description="Is the canonical order of the eval examples more likely than shuffled "
+        "orders? One-sided t-test over shards; small p = contamination.",
+        epilog=EPILOG,
+    )
     _model_args(pm)
     pm.add_argument("--task", required=True, help="eval set (in its published order) as a task spec")
     pm.add_argument("--shard-size", type=int, help="examples per shard (default: about n/4 shards, <= 50)")
@@ -313,18 +403,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pm.add_argument("--out")
     pm.set_defaults(func=cmd_permutation)
 
-    j = subparsers.add_parser("judge", help="pairwise comparison of two models' answers (judge / reward model / humans)",
-                              epilog=EPILOG)
+    j = subparsers.add_parser(
+        "judge",
+        help="pairwise comparison of two models' answers (judge / reward model / humans)",
+        epilog=EPILOG,
+    )
     js = j.add_subparsers(dest="judge_command", metavar="COMMAND", required=True)
 
     def _pair_args(p):
-        p.add_argument("--prompts", required=True, help="JSONL with 'prompt' (or messages), or TXT one per line")
-        p.add_argument("--a", required=True, help="model A: a model folder (answers generated) or answers JSONL/TXT")
+        p.add_argument(
+            "--prompts", required=True, help="JSONL with 'prompt' (or messages), or TXT one per line"
+        )
+        p.add_argument(
+            "--a", required=True, help="model A: a model folder (answers generated) or answers JSONL/TXT"
+        )
         p.add_argument("--b", required=True, help="model B: a model folder or answers JSONL/TXT")
         p.add_argument("--max-new-tokens", type=int, default=64, help="when generating answers")
         p.add_argument("--device", default="cpu")
 
-    jc = js.add_parser("compare", help="win rate of A over B by a judge model or a reward model", epilog=EPILOG)
+    jc = js.add_parser(
+        "compare", help="win rate of A over B by a judge model or a reward model", epilog=EPILOG
+    )
     _pair_args(jc)
     jc.add_argument("--judge-model", help="LM folder asked 'which response is better' (both orders)")
     jc.add_argument("--reward-model", help="HF sequence-classification reward model folder")
@@ -337,16 +436,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     je.add_argument("--out", required=True, help="sheet.csv or sheet.html (the key goes to <out>.key.json)")
     je.add_argument("--seed", type=int, default=0)
     je.set_defaults(func=cmd_judge_export)
-    ji = js.add_parser("import", help="read raters' verdicts back: win rate with a 95% interval", epilog=EPILOG)
+    ji = js.add_parser(
+        "import", help="read raters' verdicts back: win rate with a 95% interval", epilog=EPILOG
+    )
     ji.add_argument("sheet", help="the filled CSV (id, verdict = 1 | 2 | tie)")
     ji.add_argument("--key", help="the key file (default: <sheet>.key.json)")
     ji.add_argument("--json", action="store_true")
     ji.set_defaults(func=cmd_judge_import)
 
-    h = subparsers.add_parser("harness", help="run lm-evaluation-harness tasks on an lmforge model",
-                              description="lm-evaluation-harness with lmforge as the model backend (needs "
-                                          "`pip install lm-eval`; tasks that download data need the network).",
-                              epilog=EPILOG)
+    h = subparsers.add_parser(
+        "harness",
+        help="run lm-evaluation-harness tasks on an lmforge model",
+        description="lm-evaluation-harness with lmforge as the model backend (needs "
+        "`pip install lm-eval`; tasks that download data need the network).",
+        epilog=EPILOG,
+    )
     _model_args(h)
     h.add_argument("--tasks", required=True, help="comma-separated harness task names")
     h.add_argument("--include-path", help="folder of extra task YAMLs")

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -39,14 +39,26 @@ def task_texts(task: Task) -> list[str]:
     """The text an eval item leaks through: its prompt and its correct answer."""
     out = []
     for d in task.docs:
-        ans = d.choices[d.gold] if d.choices is not None and d.gold is not None else (d.target or d.answer or "")
+        ans = (
+            d.choices[d.gold]
+            if d.choices is not None and d.gold is not None
+            else (d.target or d.answer or "")
+        )
         out.append(f"{d.query} {ans}".strip())
     return out
 
 
 # ----------------------------------------------------------------------------- n-gram overlap
-def ngram_overlap(train_texts: Iterable[str], eval_items: Sequence[str], *, n: int = 13, min_words: int = 8,
-                  threshold: float = 0.0, ids: Sequence[str] | None = None, max_examples: int = 20) -> dict:
+def ngram_overlap(
+    train_texts: Iterable[str],
+    eval_items: Sequence[str],
+    *,
+    n: int = 13,
+    min_words: int = 8,
+    threshold: float = 0.0,
+    ids: Sequence[str] | None = None,
+    max_examples: int = 20,
+) -> dict:
     """Overlap of each eval item's word n-grams with a training corpus (streamed once)."""
     item_grams: list[set[int]] = []
     owners: dict[int, list[int]] = defaultdict(list)
@@ -82,12 +94,24 @@ def ngram_overlap(train_texts: Iterable[str], eval_items: Sequence[str], *, n: i
     name = (lambda i: ids[i]) if ids is not None else (lambda i: str(i))
     examples = sorted(flagged, key=lambda i: -frac[i])[:max_examples]
     return {
-        "n": n, "threshold": threshold, "items": len(eval_items), "judged": len(judged), "too_short": too_short,
-        "contaminated": len(flagged), "contaminated_fraction": len(flagged) / len(judged) if judged else 0.0,
+        "n": n,
+        "threshold": threshold,
+        "items": len(eval_items),
+        "judged": len(judged),
+        "too_short": too_short,
+        "contaminated": len(flagged),
+        "contaminated_fraction": len(flagged) / len(judged) if judged else 0.0,
         "mean_overlap": float(np.mean([frac[i] for i in judged])) if judged else 0.0,
         "train_docs": n_docs,
-        "examples": [{"item": name(i), "overlap": round(frac[i], 4), "first_train_doc": first_doc.get(i),
-                      "text": eval_items[i][:200]} for i in examples],
+        "examples": [
+            {
+                "item": name(i),
+                "overlap": round(frac[i], 4),
+                "first_train_doc": first_doc.get(i),
+                "text": eval_items[i][:200],
+            }
+            for i in examples
+        ],
         "per_item": [round(frac[i], 4) for i in range(len(eval_items))],
     }
 
@@ -108,9 +132,17 @@ def iter_corpus(spec: str | Path) -> Iterable[str]:
 
 
 # ----------------------------------------------------------------------------- permutation test
-def permutation_test(scorer: Scorer, examples: Sequence[str], *, shard_size: int | None = None,
-                     n_shards: int | None = None, n_permutations: int = 20, separator: str = "\n",
-                     seed: int = 0, context_len: int = 1) -> dict:
+def permutation_test(
+    scorer: Scorer,
+    examples: Sequence[str],
+    *,
+    shard_size: int | None = None,
+    n_shards: int | None = None,
+    n_permutations: int = 20,
+    separator: str = "\n",
+    seed: int = 0,
+    context_len: int = 1,
+) -> dict:
     """Oren et al.'s sharded likelihood comparison: p-value of "the canonical order is more likely
     than random orders" (one-sided t-test over shards)."""
     from scipy import stats
@@ -123,10 +155,12 @@ def permutation_test(scorer: Scorer, examples: Sequence[str], *, shard_size: int
         shard_size = max(2, len(ex) // n_shards)
     if shard_size < 2:
         raise DataError("permutation test: shard_size must be >= 2 (one example has only one order)")
-    shards = [ex[i:i + shard_size] for i in range(0, len(ex) - shard_size + 1, shard_size)]
+    shards = [ex[i : i + shard_size] for i in range(0, len(ex) - shard_size + 1, shard_size)]
     if len(shards) < 2:
-        raise DataError(f"permutation test: {len(ex)} examples make {len(shards)} shard(s) of {shard_size}; "
-                        f"need >= 2 shards for a t-test (lower shard_size)")
+        raise DataError(
+            f"permutation test: {len(ex)} examples make {len(shards)} shard(s) of {shard_size}; "
+            f"need >= 2 shards for a t-test (lower shard_size)"
+        )
     rng = random.Random(seed)
     docs, owner = [], []
     for s, shard in enumerate(shards):
@@ -134,7 +168,7 @@ def permutation_test(scorer: Scorer, examples: Sequence[str], *, shard_size: int
         owner.append((s, True))
         for _ in range(n_permutations):
             perm = shard[:]
-            for _ in range(100):   # a shard of identical examples has only one order
+            for _ in range(100):  # a shard of identical examples has only one order
                 rng.shuffle(perm)
                 if perm != shard:
                     break
@@ -152,8 +186,14 @@ def permutation_test(scorer: Scorer, examples: Sequence[str], *, shard_size: int
     quantile = np.array([np.mean(np.array(p) < c) for p, c in zip(perms, canon)])
     t = stats.ttest_1samp(diffs, 0.0, alternative="greater")
     p = float(t.pvalue) if np.isfinite(t.pvalue) else 1.0
-    return {"p_value": p, "t_statistic": float(t.statistic) if np.isfinite(t.statistic) else 0.0,
-            "shards": len(shards), "shard_size": shard_size, "n_permutations": n_permutations,
-            "examples_used": len(shards) * shard_size, "mean_logprob_gain": float(diffs.mean()),
-            "canonical_rank_mean": float(quantile.mean()),
-            "per_shard_gain": [round(float(d), 4) for d in diffs]}
+    return {
+        "p_value": p,
+        "t_statistic": float(t.statistic) if np.isfinite(t.statistic) else 0.0,
+        "shards": len(shards),
+        "shard_size": shard_size,
+        "n_permutations": n_permutations,
+        "examples_used": len(shards) * shard_size,
+        "mean_logprob_gain": float(diffs.mean()),
+        "canonical_rank_mean": float(quantile.mean()),
+        "per_shard_gain": [round(float(d), 4) for d in diffs],
+    }

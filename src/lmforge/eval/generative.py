@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,15 +39,27 @@ _STRICT = re.compile(r"####\s*(-?\$?\d[\d,]*(?:\.\d+)?)")
 
 
 # ----------------------------------------------------------------------------- generation
-def generate_texts(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 128,
-                   until: Sequence[str] = (), temperature: float = 0.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int = 0, batch_size: int = 16,
-                   add_bos: bool = True) -> tuple[list[str], dict]:
+def generate_texts(
+    model,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    until: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    add_bos: bool = True,
+) -> tuple[list[str], dict]:
     """Completions of `prompts` (cut at the first stop string) and counts (truncated prompts)."""
     ctx = model.cfg.max_seq_len
     if max_new_tokens >= ctx:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                          f"{ctx}-token context; lower it")
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"{ctx}-token context; lower it"
+        )
     budget = ctx - max_new_tokens
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     encoded, truncated = [], 0
@@ -61,9 +73,15 @@ def generate_texts(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, stop_token_ids=stops, seed=seed * 1_000_003 + b)
+        idx = order[start : start + batch_size]
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_token_ids=stops,
+            seed=seed * 1_000_003 + b,
+        )
         new: list[list[int]] = [[] for _ in idx]
         done = [False] * len(idx)
         for step in stream_generate(model, [encoded[i] for i in idx], params):
@@ -112,7 +130,7 @@ def extract_answer(text: str, mode: str = "text") -> str | None:
         nums = _NUM.findall(text)
         return nums[-1] if nums else None
     if mode.startswith("regex:"):
-        m = re.search(mode[len("regex:"):], text)
+        m = re.search(mode[len("regex:") :], text)
         if not m:
             return None
         return m.group(1) if m.groups() else m.group(0)
@@ -135,18 +153,32 @@ def answers_match(pred: str | None, gold: str | None, mode: str = "text") -> boo
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_generative(model, tok, task: Task, *, limit: int | None = None, num_fewshot: int | None = None,
-                        n_samples: int = 1, temperature: float = 0.0, top_k: int | None = None,
-                        top_p: float | None = None, ks: Sequence[int] = (1,), seed: int = 0,
-                        batch_size: int = 16, max_new_tokens: int | None = None,
-                        keep_predictions: bool = False) -> dict:
+def evaluate_generative(
+    model,
+    tok,
+    task: Task,
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    n_samples: int = 1,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    ks: Sequence[int] = (1,),
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    keep_predictions: bool = False,
+) -> dict:
     """exact_match (first sample; greedy at temperature 0) with a 95% interval, and pass@k for
     each k <= n_samples when sampling."""
     if n_samples < 1:
         raise ConfigError(f"n_samples must be >= 1, got {n_samples}")
     if temperature == 0 and n_samples > 1:
-        raise ConfigError("n_samples > 1 with temperature 0 draws the same greedy answer n times; "
-                          "set a temperature > 0 for pass@k")
+        raise ConfigError(
+            "n_samples > 1 with temperature 0 draws the same greedy answer n times; "
+            "set a temperature > 0 for pass@k"
+        )
     bad = [k for k in ks if k > n_samples]
     if bad:
         raise ConfigError(f"pass@{bad[0]} needs n_samples >= {bad[0]} (n_samples={n_samples})")
@@ -155,12 +187,21 @@ def evaluate_generative(model, tok, task: Task, *, limit: int | None = None, num
     docs = task.docs[:n_docs]
     prompts = [task.prompt(i, num_fewshot) for i in range(n_docs)]
     flat = [p for p in prompts for _ in range(n_samples)]
-    texts, gstats = generate_texts(model, tok, flat, max_new_tokens=max_new_tokens or task.max_new_tokens,
-                                   until=task.until, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed, batch_size=batch_size)
+    texts, gstats = generate_texts(
+        model,
+        tok,
+        flat,
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
+        until=task.until,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
     correct, strict, per_problem, preds = [], [], [], []
     for i, doc in enumerate(docs):
-        outs = texts[i * n_samples:(i + 1) * n_samples]
+        outs = texts[i * n_samples : (i + 1) * n_samples]
         answers = [extract_answer(o, task.extract) for o in outs]
         hits = [answers_match(a, doc.answer, task.extract) for a in answers]
         correct.append(float(hits[0]))
@@ -168,13 +209,25 @@ def evaluate_generative(model, tok, task: Task, *, limit: int | None = None, num
             strict.append(float(answers_match(strict_number(outs[0]), doc.answer, "number")))
         per_problem.append(sum(hits))
         if keep_predictions:
-            preds.append({"id": doc.id, "answer": doc.answer, "completions": outs, "extracted": answers,
-                          "correct": hits})
+            preds.append(
+                {
+                    "id": doc.id,
+                    "answer": doc.answer,
+                    "completions": outs,
+                    "extracted": answers,
+                    "correct": hits,
+                }
+            )
     n = len(docs)
-    out = {"task": task.name, "kind": "generate", "n": n,
-           "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
-           "n_samples": n_samples, "temperature": temperature,
-           "exact_match": _prop(correct)}
+    out = {
+        "task": task.name,
+        "kind": "generate",
+        "n": n,
+        "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
+        "n_samples": n_samples,
+        "temperature": temperature,
+        "exact_match": _prop(correct),
+    }
     if strict:
         out["exact_match_strict"] = _prop(strict)
     if n_samples > 1:
@@ -184,8 +237,14 @@ def evaluate_generative(model, tok, task: Task, *, limit: int | None = None, num
             half = 1.959963984540054 * se if se == se else float("nan")
             out[f"pass@{k}"] = {"value": m, "ci95": [max(0.0, m - half), min(1.0, m + half)]}
     seconds = time.time() - t0
-    out.update({"skipped": dict(Counter(task.skipped)), "truncated": gstats["truncated"],
-                "seconds": round(seconds, 3), "source": task.source})
+    out.update(
+        {
+            "skipped": dict(Counter(task.skipped)),
+            "truncated": gstats["truncated"],
+            "seconds": round(seconds, 3),
+            "source": task.source,
+        }
+    )
     if keep_predictions:
         out["predictions"] = preds
     return out

@@ -29,7 +29,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the optional dependency
     from ..errors import LMForgeError
 
-    raise LMForgeError("the lm-evaluation-harness adapter needs the `lm-eval` package: pip install lm-eval") from e
+    raise LMForgeError(
+        "the lm-evaluation-harness adapter needs the `lm-eval` package: pip install lm-eval"
+    ) from e
 
 from ..tokenizer import LMTokenizer
 from .generative import generate_texts
@@ -47,9 +49,19 @@ class LMForgeLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, pretrained=None, tokenizer=None, device: str = "cpu", batch_size=None,
-                 batch_tokens: int | str = 8192, max_length: int | str | None = None,
-                 max_gen_toks: int | str = 256, add_bos_token=True, dtype: str | None = None, **kwargs):
+    def __init__(
+        self,
+        pretrained=None,
+        tokenizer=None,
+        device: str = "cpu",
+        batch_size=None,
+        batch_tokens: int | str = 8192,
+        max_length: int | str | None = None,
+        max_gen_toks: int | str = 256,
+        add_bos_token=True,
+        dtype: str | None = None,
+        **kwargs,
+    ):
         super().__init__()
         if pretrained is None:
             raise ValueError("lmforge: pass pretrained=MODEL_FOLDER (model_args='pretrained=...')")
@@ -57,14 +69,23 @@ class LMForgeLM(TemplateLM):
             model, tok = load_model_and_tokenizer(pretrained, tokenizer, device=device, dtype=dtype)
         else:
             model = pretrained
-            tok = tokenizer if isinstance(tokenizer, LMTokenizer) or tokenizer is None else LMTokenizer.load(tokenizer)
+            tok = (
+                tokenizer
+                if isinstance(tokenizer, LMTokenizer) or tokenizer is None
+                else LMTokenizer.load(tokenizer)
+            )
             if tok is None:
                 raise ValueError("lmforge: pass tokenizer= with a model object")
         self.model, self.tok = model.eval(), tok
         bs = None if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
-        self.scorer = Scorer(model, tok, max_len=int(max_length) if max_length else None,
-                             batch_tokens=int(batch_tokens), max_batch=bs or 128,
-                             add_bos=_bool(add_bos_token))
+        self.scorer = Scorer(
+            model,
+            tok,
+            max_len=int(max_length) if max_length else None,
+            batch_tokens=int(batch_tokens),
+            max_batch=bs or 128,
+            add_bos=_bool(add_bos_token),
+        )
         self.add_bos = self.scorer.add_bos
         self._max_gen_toks = int(max_gen_toks)
         self.gen_batch_size = bs or 16
@@ -133,27 +154,58 @@ class LMForgeLM(TemplateLM):
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             max_new = min(max_new, self.max_length - 1)
             temperature = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-            texts, _ = generate_texts(self.model, self.tok, [requests[i].args[0] for i in idx],
-                                      max_new_tokens=max_new, until=until, temperature=temperature,
-                                      top_p=kw.get("top_p"), top_k=kw.get("top_k"),
-                                      seed=int(kw.get("seed", 0) or 0), batch_size=self.gen_batch_size,
-                                      add_bos=self.add_bos)
+            texts, _ = generate_texts(
+                self.model,
+                self.tok,
+                [requests[i].args[0] for i in idx],
+                max_new_tokens=max_new,
+                until=until,
+                temperature=temperature,
+                top_p=kw.get("top_p"),
+                top_k=kw.get("top_k"),
+                seed=int(kw.get("seed", 0) or 0),
+                batch_size=self.gen_batch_size,
+                add_bos=self.add_bos,
+            )
             for i, t in zip(idx, texts):
                 out[i] = t
                 self.cache_hook.add_partial("generate_until", requests[i].args, t)
         return out
 
 
-def run_harness(model: str | Path, tasks: list[str], *, tokenizer: str | None = None,
-                include_path: str | None = None, num_fewshot: int | None = None, limit: int | float | None = None,
-                batch_tokens: int = 8192, device: str = "cpu", seed: int = 1234, add_bos: bool = True) -> dict:
+def run_harness(
+    model: str | Path,
+    tasks: list[str],
+    *,
+    tokenizer: str | None = None,
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_tokens: int = 8192,
+    device: str = "cpu",
+    seed: int = 1234,
+    add_bos: bool = True,
+) -> dict:
     """`lm_eval.simple_evaluate` on an lmforge model folder; returns the harness's results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = LMForgeLM(pretrained=str(model), tokenizer=tokenizer, device=device, batch_tokens=batch_tokens,
-                   add_bos_token=add_bos)
+    lm = LMForgeLM(
+        pretrained=str(model),
+        tokenizer=tokenizer,
+        device=device,
+        batch_tokens=batch_tokens,
+        add_bos_token=add_bos,
+    )
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=tm, random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=tm,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )

@@ -28,8 +28,9 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from ..errors import DataError
 from ..runs import atomic_write_json, atomic_write_text
@@ -50,7 +51,7 @@ class RewardModelJudge:
         self.score = score
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "RewardModelJudge":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> RewardModelJudge:
         """A reward model saved as a `transformers` sequence-classification folder (num_labels=1)."""
         try:
             import torch
@@ -63,7 +64,9 @@ class RewardModelJudge:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         if model.config.num_labels != 1:
-            raise DataError(f"{path}: a reward model has one output (num_labels=1), this has {model.config.num_labels}")
+            raise DataError(
+                f"{path}: a reward model has one output (num_labels=1), this has {model.config.num_labels}"
+            )
 
         @torch.no_grad()
         def score(prompt: str, answer: str) -> float:
@@ -83,14 +86,23 @@ class RewardModelJudge:
         return [_sigmoid(r(p, a) - r(p, b)) for p, a, b in items]
 
 
-JUDGE_TEMPLATE = ("Which response answers the prompt better: more correct, more helpful, clearer?\n\n"
-                  "Prompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
-                  "The better response is Response")
+JUDGE_TEMPLATE = (
+    "Which response answers the prompt better: more correct, more helpful, clearer?\n\n"
+    "Prompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
+    "The better response is Response"
+)
 
 
 class LMJudge:
-    def __init__(self, model, tok, *, template: str = JUDGE_TEMPLATE, labels: tuple[str, str] = (" A", " B"),
-                 batch_tokens: int = 8192):
+    def __init__(
+        self,
+        model,
+        tok,
+        *,
+        template: str = JUDGE_TEMPLATE,
+        labels: tuple[str, str] = (" A", " B"),
+        batch_tokens: int = 8192,
+    ):
         from .loglik import Scorer
 
         self.scorer = Scorer(model, tok, batch_tokens=batch_tokens)
@@ -112,16 +124,34 @@ def summarize(verdicts: Sequence[str], names: tuple[str, str] = ("A", "B")) -> d
     wins, losses = verdicts.count("a"), verdicts.count("b")
     ties = n - wins - losses
     lo, hi = wilson(wins + 0.5 * ties, n)
-    return {"model_a": names[0], "model_b": names[1], "n": n, "wins": wins, "losses": losses, "ties": ties,
-            "win_rate": (wins + 0.5 * ties) / n if n else float("nan"), "ci95": [lo, hi]}
+    return {
+        "model_a": names[0],
+        "model_b": names[1],
+        "n": n,
+        "wins": wins,
+        "losses": losses,
+        "ties": ties,
+        "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),
+        "ci95": [lo, hi],
+    }
 
 
-def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str], judge: Judge, *,
-            swap: bool = True, tie_margin: float = 0.05, names: tuple[str, str] = ("A", "B")) -> dict:
+def compare(
+    prompts: Sequence[str],
+    answers_a: Sequence[str],
+    answers_b: Sequence[str],
+    judge: Judge,
+    *,
+    swap: bool = True,
+    tie_margin: float = 0.05,
+    names: tuple[str, str] = ("A", "B"),
+) -> dict:
     """Judge A against B on every prompt; with `swap`, in both orders to cancel position bias."""
     if not (len(prompts) == len(answers_a) == len(answers_b)):
-        raise DataError(f"{len(prompts)} prompts, {len(answers_a)} answers of A, {len(answers_b)} of B: "
-                        f"one answer per prompt is needed from each model")
+        raise DataError(
+            f"{len(prompts)} prompts, {len(answers_a)} answers of A, {len(answers_b)} of B: "
+            f"one answer per prompt is needed from each model"
+        )
     ab = judge.prefer_many(list(zip(prompts, answers_a, answers_b)))
     ba = judge.prefer_many(list(zip(prompts, answers_b, answers_a))) if swap else None
     items, verdicts = [], []
@@ -129,20 +159,37 @@ def compare(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequenc
         pa = (ab[i] + (1.0 - ba[i])) / 2 if swap else ab[i]
         v = "a" if pa > 0.5 + tie_margin else "b" if pa < 0.5 - tie_margin else "tie"
         verdicts.append(v)
-        items.append({"prompt": p, "p_a_better": round(pa, 4), "verdict": v,
-                      "a_first": round(ab[i], 4), **({"b_first": round(ba[i], 4)} if swap else {})})
+        items.append(
+            {
+                "prompt": p,
+                "p_a_better": round(pa, 4),
+                "verdict": v,
+                "a_first": round(ab[i], 4),
+                **({"b_first": round(ba[i], 4)} if swap else {}),
+            }
+        )
     out = summarize(verdicts, names)
     out["mean_p_a_better"] = sum(x["p_a_better"] for x in items) / len(items) if items else float("nan")
     if swap:
         # P(first wins) averaged over both orders: 0.5 for an unbiased judge
-        out["first_position_bias"] = sum((ab[i] + ba[i]) / 2 - 0.5 for i in range(len(items))) / max(len(items), 1)
+        out["first_position_bias"] = sum((ab[i] + ba[i]) / 2 - 0.5 for i in range(len(items))) / max(
+            len(items), 1
+        )
     out["swap"] = swap
     out["items"] = items
     return out
 
 
-def generate_answers(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 64, chat: bool | None = None,
-                     temperature: float = 0.0, seed: int = 0) -> list[str]:
+def generate_answers(
+    model,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    chat: bool | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
     """Greedy (or sampled) answers; chat-formatted when the tokenizer has lmforge's chat tokens."""
     from ..tokenizer import render_chat
     from .generative import generate_texts
@@ -150,11 +197,19 @@ def generate_answers(model, tok, prompts: Sequence[str], *, max_new_tokens: int 
     use_chat = chat if chat is not None else tok.end_id is not None
     if use_chat:
         texts = [render_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-        outs, _ = generate_texts(model, tok, texts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 seed=seed, add_bos=False)
+        outs, _ = generate_texts(
+            model,
+            tok,
+            texts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            add_bos=False,
+        )
     else:
-        outs, _ = generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 seed=seed)
+        outs, _ = generate_texts(
+            model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
     return [o.strip() for o in outs]
 
 
@@ -163,8 +218,15 @@ SHEET_COLUMNS = ["id", "prompt", "response_1", "response_2", "verdict", "comment
 VERDICTS = {"1": "first", "2": "second", "tie": "tie", "t": "tie", "=": "tie", "": None}
 
 
-def export_sheet(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequence[str], out: str | Path, *,
-                 names: tuple[str, str] = ("A", "B"), seed: int = 0) -> dict:
+def export_sheet(
+    prompts: Sequence[str],
+    answers_a: Sequence[str],
+    answers_b: Sequence[str],
+    out: str | Path,
+    *,
+    names: tuple[str, str] = ("A", "B"),
+    seed: int = 0,
+) -> dict:
     """Write a rating sheet (.csv or .html) and its key (`<out>.key.json`). Raters fill `verdict`
     with 1, 2 or tie; the HTML page has buttons and downloads the filled CSV."""
     out = Path(out)
@@ -176,8 +238,16 @@ def export_sheet(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Se
         a_first = rng.random() < 0.5
         rid = f"q{i:04d}"
         key[rid] = "a_first" if a_first else "b_first"
-        rows.append({"id": rid, "prompt": p, "response_1": a if a_first else b,
-                     "response_2": b if a_first else a, "verdict": "", "comment": ""})
+        rows.append(
+            {
+                "id": rid,
+                "prompt": p,
+                "response_1": a if a_first else b,
+                "response_2": b if a_first else a,
+                "verdict": "",
+                "comment": "",
+            }
+        )
     key_path = out.with_name(out.name + ".key.json")
     atomic_write_json(key_path, {"model_a": names[0], "model_b": names[1], "order": key})
     if out.suffix.lower() == ".html":
@@ -236,10 +306,12 @@ def import_verdicts(sheet: str | Path, key: str | Path | None = None) -> dict:
 
 
 def _sheet_html(rows: list[dict]) -> str:
-    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em}"
-           ".item{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.6em}.pair{display:flex;gap:1em}"
-           ".pair div{flex:1;background:#f7f7f9;padding:.5em;white-space:pre-wrap;border-radius:4px}"
-           "label{margin-right:1.2em}button{font-size:1em;padding:.4em 1em}")
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em}"
+        ".item{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.6em}.pair{display:flex;gap:1em}"
+        ".pair div{flex:1;background:#f7f7f9;padding:.5em;white-space:pre-wrap;border-radius:4px}"
+        "label{margin-right:1.2em}button{font-size:1em;padding:.4em 1em}"
+    )
     items = []
     for r in rows:
         rid = html.escape(r["id"])
@@ -247,18 +319,26 @@ def _sheet_html(rows: list[dict]) -> str:
             f"<div class='item' data-id='{rid}'><b>{rid}</b><p style='white-space:pre-wrap'>{html.escape(r['prompt'])}</p>"
             f"<div class='pair'><div><b>Response 1</b>\n{html.escape(r['response_1'])}</div>"
             f"<div><b>Response 2</b>\n{html.escape(r['response_2'])}</div></div><p>"
-            + "".join(f"<label><input type='radio' name='{rid}' value='{v}'> {lab}</label>"
-                      for v, lab in (("1", "1 is better"), ("2", "2 is better"), ("tie", "tie")))
-            + f"<input type='text' name='c_{rid}' placeholder='comment' size='40'></p></div>")
-    script = ("function dl(){var L=['id,verdict,comment'];document.querySelectorAll('.item').forEach(function(d){"
-              "var id=d.dataset.id;var c=d.querySelector('input[name=\"'+id+'\"]:checked');"
-              "var t=d.querySelector('input[name=\"c_'+id+'\"]').value.replace(/\"/g,'\"\"');"
-              "L.push(id+','+(c?c.value:'')+',\"'+t+'\"')});var a=document.createElement('a');"
-              "a.href='data:text/csv;charset=utf-8,'+encodeURIComponent(L.join('\\n')+'\\n');"
-              "a.download='verdicts.csv';a.click()}")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>Pairwise rating</title>"
-            f"<style>{css}</style></head><body><h1>Which response is better?</h1>"
-            "<p>For each prompt, pick the better response (or tie), then download your verdicts and send "
-            "the file back. The two responses come from different models, in a random order.</p>"
-            + "\n".join(items) + f"<p><button onclick='dl()'>Download verdicts (CSV)</button></p>"
-            f"<script>{script}</script></body></html>")
+            + "".join(
+                f"<label><input type='radio' name='{rid}' value='{v}'> {lab}</label>"
+                for v, lab in (("1", "1 is better"), ("2", "2 is better"), ("tie", "tie"))
+            )
+            + f"<input type='text' name='c_{rid}' placeholder='comment' size='40'></p></div>"
+        )
+    script = (
+        "function dl(){var L=['id,verdict,comment'];document.querySelectorAll('.item').forEach(function(d){"
+        "var id=d.dataset.id;var c=d.querySelector('input[name=\"'+id+'\"]:checked');"
+        "var t=d.querySelector('input[name=\"c_'+id+'\"]').value.replace(/\"/g,'\"\"');"
+        "L.push(id+','+(c?c.value:'')+',\"'+t+'\"')});var a=document.createElement('a');"
+        "a.href='data:text/csv;charset=utf-8,'+encodeURIComponent(L.join('\\n')+'\\n');"
+        "a.download='verdicts.csv';a.click()}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Pairwise rating</title>"
+        f"<style>{css}</style></head><body><h1>Which response is better?</h1>"
+        "<p>For each prompt, pick the better response (or tie), then download your verdicts and send "
+        "the file back. The two responses come from different models, in a random order.</p>"
+        + "\n".join(items)
+        + f"<p><button onclick='dl()'>Download verdicts (CSV)</button></p>"
+        f"<script>{script}</script></body></html>"
+    )

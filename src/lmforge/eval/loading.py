@@ -22,18 +22,25 @@ def check_pair(model_cfg, tok: LMTokenizer, hf_config: dict | None = None, *, wh
         raise CheckpointError(
             f"{where}: the tokenizer has {tok.vocab_size:,} tokens but the model's embedding table has "
             f"{model_cfg.vocab_size:,} rows: they do not belong together. Evaluate with the tokenizer "
-            f"saved next to the model (its folder's tokenizer.json) or pass the right --tokenizer")
+            f"saved next to the model (its folder's tokenizer.json) or pass the right --tokenizer"
+        )
     hf = hf_config or {}
     for role, tok_id in (("bos", tok.bos_id), ("eos", tok.eos_id)):
         cfg_id = hf.get(f"{role}_token_id")
         if isinstance(cfg_id, int) and tok_id is not None and cfg_id != tok_id:
             raise CheckpointError(
                 f"{where}: config.json says {role}_token_id={cfg_id} but the tokenizer's {role} token has id "
-                f"{tok_id}: the tokenizer does not match this checkpoint; use the one saved with the model")
+                f"{tok_id}: the tokenizer does not match this checkpoint; use the one saved with the model"
+            )
 
 
-def load_model_and_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None, *,
-                             device: str | torch.device = "cpu", dtype=None):
+def load_model_and_tokenizer(
+    model_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype=None,
+):
     """(model in eval mode, LMTokenizer) from a model folder; the tokenizer defaults to the
     folder's own tokenizer.json."""
     model_dir = Path(model_dir)

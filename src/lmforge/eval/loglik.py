@@ -30,8 +30,8 @@ Why it is fast (requests/s against the harness's Hugging Face backend in benchma
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +47,14 @@ class ScoreStats:
 
     requests: int = 0
     unique: int = 0
-    truncated: int = 0   # context cut from the left to fit
+    truncated: int = 0  # context cut from the left to fit
     batches: int = 0
-    tokens: int = 0      # tokens fed to the model (after dedup, before padding)
+    tokens: int = 0  # tokens fed to the model (after dedup, before padding)
 
 
-def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int,
-                    context_len: int = 1) -> Iterator[Pair]:
+def rolling_windows(
+    tokens: Sequence[int], prefix_token: int, max_len: int, context_len: int = 1
+) -> Iterator[Pair]:
     """Disjoint (context, continuation) windows covering `tokens` so each token is predicted once.
 
     The first window predicts the first ``max_len`` tokens after `prefix_token`; each later window
@@ -75,7 +76,7 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_len: int,
     while done < len(tokens):
         n = min(len(tokens) - done, pred_len)
         end = done + n
-        window = tokens[max(end - max_len - 1, 0):end]
+        window = tokens[max(end - max_len - 1, 0) : end]
         yield window[:-n], window[-n:]
         done = end
 
@@ -88,8 +89,17 @@ class Scorer:
     `transformers` model). `tokenizer` is an `LMTokenizer` (needed for text requests).
     """
 
-    def __init__(self, model, tokenizer=None, *, max_len: int | None = None, batch_tokens: int = 8192,
-                 max_batch: int = 128, add_bos: bool = True, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_len: int | None = None,
+        batch_tokens: int = 8192,
+        max_batch: int = 128,
+        add_bos: bool = True,
+        device: torch.device | str | None = None,
+    ):
         self.model = model
         self.tok = tokenizer
         cfg = getattr(model, "cfg", None)
@@ -129,7 +139,7 @@ class Scorer:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole = self.context_ids(context + continuation)
         ctx = self.context_ids(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -145,21 +155,25 @@ class Scorer:
         """Scores of token-id (context, continuation) pairs, in input order."""
         stats = ScoreStats(requests=len(pairs))
         keys: dict[tuple, int] = {}
-        rows: list[tuple[list[int], int]] = []     # (input ids, number of scored positions)
+        rows: list[tuple[list[int], int]] = []  # (input ids, number of scored positions)
         which: list[int] = []
         for i, (ctx, cont) in enumerate(pairs):
             if len(cont) == 0:
                 which.append(-1)
                 continue
             if len(cont) > self.max_len:
-                raise DataError(f"request {i}: continuation of {len(cont)} tokens is longer than the model "
-                                f"context ({self.max_len}); it cannot be scored (skip it or use a longer-context model)")
+                raise DataError(
+                    f"request {i}: continuation of {len(cont)} tokens is longer than the model "
+                    f"context ({self.max_len}); it cannot be scored (skip it or use a longer-context model)"
+                )
             if not ctx:
-                raise ValueError(f"request {i}: empty context ids; use encode_pair, which adds a prefix token")
+                raise ValueError(
+                    f"request {i}: empty context ids; use encode_pair, which adds a prefix token"
+                )
             full = list(ctx) + list(cont)
             if len(full) > self.max_len + 1:
                 stats.truncated += 1
-                full = full[-(self.max_len + 1):]
+                full = full[-(self.max_len + 1) :]
             key = (tuple(full), len(cont))
             j = keys.get(key)
             if j is None:
@@ -170,8 +184,10 @@ class Scorer:
         if self.vocab is not None:
             top = max((max(r[0]) for r in rows), default=-1)
             if top >= self.vocab:
-                raise DataError(f"token id {top} >= model vocabulary size {self.vocab}: the tokenizer does not "
-                                f"belong to this checkpoint (use the tokenizer saved with the model)")
+                raise DataError(
+                    f"token id {top} >= model vocabulary size {self.vocab}: the tokenizer does not "
+                    f"belong to this checkpoint (use the tokenizer saved with the model)"
+                )
         results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
         order = sorted(range(len(rows)), key=lambda j: -len(rows[j][0]))
         for batch in self._batches(order, rows):

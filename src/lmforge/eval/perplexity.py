@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ..data.shards import iter_eval_windows
 
 
@@ -52,7 +53,11 @@ def token_byte_lengths(tok) -> np.ndarray:
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's bytes<->unicode table, inverted (the alphabet byte-level BPE spells tokens in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -64,8 +69,16 @@ def _byte_decoder() -> dict[str, int]:
 
 
 @torch.no_grad()
-def evaluate_shard(model, shard, token_bytes: np.ndarray, *, seq_len: int, batch_size: int,
-                   device: torch.device, max_tokens: int | None = None) -> dict[str, float]:
+def evaluate_shard(
+    model,
+    shard,
+    token_bytes: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
     """loss (nats/token), perplexity, bpb and the counts they were computed on."""
     was_training = model.training
     model.eval()
@@ -86,12 +99,23 @@ def evaluate_shard(model, shard, token_bytes: np.ndarray, *, seq_len: int, batch
     if n_tok == 0:
         return {}
     loss = nll_sum / n_tok
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
-            "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)), "tokens": n_tok, "bytes": n_bytes}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)),
+        "tokens": n_tok,
+        "bytes": n_bytes,
+    }
 
 
-def unigram_bpb(train_tokens: np.ndarray, val_shard, token_bytes: np.ndarray, *, seq_len: int,
-                max_tokens: int | None = None) -> float:
+def unigram_bpb(
+    train_tokens: np.ndarray,
+    val_shard,
+    token_bytes: np.ndarray,
+    *,
+    seq_len: int,
+    max_tokens: int | None = None,
+) -> float:
     """bpb of an add-one-smoothed unigram model on exactly the targets `evaluate_shard` scores."""
     V = len(token_bytes)
     counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=V)[:V].astype(np.float64) + 1.0
@@ -116,8 +140,10 @@ def shard_documents(shard, tok, *, max_tokens: int | None = None, max_docs: int 
         ids = np.asarray(shard.tokens[s:e], dtype=np.int64)
         if len(ids) and bos is not None and ids[0] == bos:
             ids = ids[1:]
-        if out and ((max_tokens is not None and used + len(ids) > max_tokens) or
-                    (max_docs is not None and len(out) >= max_docs)):
+        if out and (
+            (max_tokens is not None and used + len(ids) > max_tokens)
+            or (max_docs is not None and len(out) >= max_docs)
+        ):
             break
         out.append(tok.decode(ids.tolist()))
         used += len(ids)
@@ -138,7 +164,15 @@ def document_metrics(scorer, texts: Sequence[str], *, context_len: int = 1) -> d
     n_tok = sum(len(i) for i in ids)
     n_words = sum(len(re.split(r"\s+", t.strip())) for t in texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"docs": len(texts), "tokens": n_tok, "words": n_words, "bytes": n_bytes,
-            "loss": nll / n_tok, "ppl": math.exp(min(nll / n_tok, 50.0)),
-            "word_ppl": math.exp(min(nll / n_words, 700.0)), "byte_ppl": math.exp(min(nll / n_bytes, 50.0)),
-            "bpb": nll / (math.log(2) * n_bytes), "context_len": context_len}
+    return {
+        "docs": len(texts),
+        "tokens": n_tok,
+        "words": n_words,
+        "bytes": n_bytes,
+        "loss": nll / n_tok,
+        "ppl": math.exp(min(nll / n_tok, 50.0)),
+        "word_ppl": math.exp(min(nll / n_words, 700.0)),
+        "byte_ppl": math.exp(min(nll / n_bytes, 50.0)),
+        "bpb": nll / (math.log(2) * n_bytes),
+        "context_len": context_len,
+    }

@@ -42,9 +42,9 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
-
+from typing import Any
 
 from ..config import parse_yaml
 from ..data.readers import loads_json
@@ -65,8 +65,10 @@ class _Problems:
 
     def __call__(self, where: str, reason: str, detail: str) -> None:
         if self.on_error == "raise":
-            raise DataError(f"{where}: {detail} [{reason}]; fix the item, or evaluate with on_error=skip "
-                            f"to skip and count such items")
+            raise DataError(
+                f"{where}: {detail} [{reason}]; fix the item, or evaluate with on_error=skip "
+                f"to skip and count such items"
+            )
         self.counts[reason] += 1
 
 
@@ -153,7 +155,9 @@ def _read_items(path: Path, problems: _Problems, build: Callable[[dict, str], Do
                 doc.id = where.rsplit("/", 1)[-1]
             docs.append(doc)
     if not docs:
-        raise DataError(f"{path}: no usable items" + (f" (skipped: {dict(problems.counts)})" if problems.counts else ""))
+        raise DataError(
+            f"{path}: no usable items" + (f" (skipped: {dict(problems.counts)})" if problems.counts else "")
+        )
     return docs
 
 
@@ -194,7 +198,10 @@ def read_mmlu(path: str | Path, *, style: str = "letters", on_error: str = "rais
                 continue
             try:
                 if len(row) != 6:
-                    raise _Bad("wrong_column_count", f"expected 6 columns (question, 4 choices, answer), got {len(row)}")
+                    raise _Bad(
+                        "wrong_column_count",
+                        f"expected 6 columns (question, 4 choices, answer), got {len(row)}",
+                    )
                 q, choices, ans = row[0], _check_choices(row[1:5]), row[5].strip()
                 if not ans:
                     raise _Bad("missing_answer", "the answer column is empty")
@@ -209,11 +216,26 @@ def read_mmlu(path: str | Path, *, style: str = "letters", on_error: str = "rais
                 continue
             desc = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             if style == "letters":
-                query = q.strip() + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices)) + "Answer:"
-                docs.append(Doc(query, list(LETTERS[:4]), gold, id=f"{subject}/{n}", group=subject, description=desc))
+                query = (
+                    q.strip()
+                    + "\n"
+                    + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices))
+                    + "Answer:"
+                )
+                docs.append(
+                    Doc(query, list(LETTERS[:4]), gold, id=f"{subject}/{n}", group=subject, description=desc)
+                )
             else:
-                docs.append(Doc(f"Question: {q.strip()}\nAnswer:", choices, gold, id=f"{subject}/{n}",
-                                group=subject, description=desc))
+                docs.append(
+                    Doc(
+                        f"Question: {q.strip()}\nAnswer:",
+                        choices,
+                        gold,
+                        id=f"{subject}/{n}",
+                        group=subject,
+                        description=desc,
+                    )
+                )
     if not docs:
         raise DataError(f"{path}: no usable MMLU rows (skipped: {dict(problems.counts)})")
     return _task("mmlu" if style == "letters" else "mmlu_cloze", "multiple_choice", docs, problems, path)
@@ -228,7 +250,7 @@ def _arc_doc(rec: dict, where: str) -> Doc:
     else:
         texts, labels = ch, None
     texts = _check_choices(texts)
-    labels = [str(x) for x in (labels or LETTERS[:len(texts)])]
+    labels = [str(x) for x in (labels or LETTERS[: len(texts)])]
     if len(labels) != len(texts):
         raise _Bad("label_count", f"{len(labels)} labels for {len(texts)} choices")
     key = rec.get("answerKey", rec.get("answer"))
@@ -236,7 +258,9 @@ def _arc_doc(rec: dict, where: str) -> Doc:
         raise _Bad("missing_answer", "field 'answerKey' is missing")
     if str(key) not in labels:
         raise _Bad("answer_not_in_labels", f"answerKey {key!r} is not one of the labels {labels}")
-    return Doc(f"Question: {str(q).strip()}\nAnswer:", texts, labels.index(str(key)), id=str(rec.get("id", "")))
+    return Doc(
+        f"Question: {str(q).strip()}\nAnswer:", texts, labels.index(str(key)), id=str(rec.get("id", ""))
+    )
 
 
 def read_arc(path: str | Path, *, on_error: str = "raise") -> Task:
@@ -264,7 +288,9 @@ def _hellaswag_doc(rec: dict, where: str) -> Doc:
     if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
         gold = int(gold)
     gold = _check_index(gold, len(endings))
-    return Doc(query, [hellaswag_preprocess(e) for e in endings], gold, id=str(rec.get("idx", rec.get("ind", ""))))
+    return Doc(
+        query, [hellaswag_preprocess(e) for e in endings], gold, id=str(rec.get("idx", rec.get("ind", "")))
+    )
 
 
 def read_hellaswag(path: str | Path, *, on_error: str = "raise") -> Task:
@@ -300,8 +326,18 @@ def read_gsm8k(path: str | Path, *, on_error: str = "raise") -> Task:
             shots = _read_items(path / "train.jsonl", _Problems("skip"), _gsm8k_doc)
     else:
         docs = _read_items(path, p, _gsm8k_doc)
-    return _task("gsm8k", "generate", docs, p, path, fewshot_docs=shots, num_fewshot=0,
-                 until=["Question:", "\n\n"], max_new_tokens=256, extract="number")
+    return _task(
+        "gsm8k",
+        "generate",
+        docs,
+        p,
+        path,
+        fewshot_docs=shots,
+        num_fewshot=0,
+        until=["Question:", "\n\n"],
+        max_new_tokens=256,
+        extract="number",
+    )
 
 
 # ----------------------------------------------------------------------------- task specs
@@ -329,9 +365,26 @@ def _fill(template: str, rec: dict) -> str:
         raise _Bad("bad_template", f"template {template!r}: {e}") from None
 
 
-SPEC_KEYS = {"name", "type", "data", "examples", "fewshot_data", "prompt", "choices", "answer", "labels",
-             "target", "num_fewshot", "seed", "description", "target_delimiter", "fewshot_delimiter",
-             "until", "max_new_tokens", "extract"}
+SPEC_KEYS = {
+    "name",
+    "type",
+    "data",
+    "examples",
+    "fewshot_data",
+    "prompt",
+    "choices",
+    "answer",
+    "labels",
+    "target",
+    "num_fewshot",
+    "seed",
+    "description",
+    "target_delimiter",
+    "fewshot_delimiter",
+    "until",
+    "max_new_tokens",
+    "extract",
+}
 
 
 def _default_prompt(rec: dict) -> str:
@@ -340,7 +393,9 @@ def _default_prompt(rec: dict) -> str:
             return str(rec[k])
     if "question" in rec:
         return f"Question: {rec['question']}\nAnswer:"
-    raise _Bad("missing_prompt", "the item has no query/context/prompt/question field and the spec no `prompt:`")
+    raise _Bad(
+        "missing_prompt", "the item has no query/context/prompt/question field and the spec no `prompt:`"
+    )
 
 
 def _spec_builder(spec: dict, kind: str) -> Callable[[dict, str], Doc]:
@@ -382,17 +437,22 @@ def _resolve_answer(ans: Any, choices: list[str], labels: list[str] | None) -> i
     if isinstance(ans, int):
         return _check_index(ans, len(choices))
     s = str(ans).strip()
-    labs = [str(x) for x in (labels or LETTERS[:len(choices)])]
+    labs = [str(x) for x in (labels or LETTERS[: len(choices)])]
     if s in labs:
         j = labs.index(s)
         if j >= len(choices):
-            raise _Bad("answer_out_of_range", f"answer label {s!r} is out of range for {len(choices)} choices")
+            raise _Bad(
+                "answer_out_of_range", f"answer label {s!r} is out of range for {len(choices)} choices"
+            )
         return j
     if s in choices:
         return choices.index(s)
     if s.lstrip("-").isdigit():
         return _check_index(int(s), len(choices))
-    raise _Bad("answer_not_a_choice", f"answer {s!r} is not an index, a label ({', '.join(labs)}) or one of the choices")
+    raise _Bad(
+        "answer_not_a_choice",
+        f"answer {s!r} is not an index, a label ({', '.join(labs)}) or one of the choices",
+    )
 
 
 def read_spec(path: str | Path, *, on_error: str = "raise") -> Task:
@@ -457,15 +517,16 @@ def _spec_settings(path: Path, spec: dict) -> dict:
             bad("extract", "must be text, number or regex:PATTERN")
         if ex.startswith("regex:"):
             try:
-                re.compile(ex[len("regex:"):])
+                re.compile(ex[len("regex:") :])
             except re.error as e:
                 raise DataError(f"{path}: `extract` {ex!r}: invalid regular expression ({e})") from None
         kw["extract"] = ex
     return kw
 
 
-def _spec_items(path: Path, spec: dict, key: str, inline: str | None, p: _Problems, build,
-                required: bool) -> list[Doc] | None:
+def _spec_items(
+    path: Path, spec: dict, key: str, inline: str | None, p: _Problems, build, required: bool
+) -> list[Doc] | None:
     if inline and inline in spec:
         items = spec[inline]
         if not isinstance(items, list):
@@ -509,7 +570,7 @@ def builtin_cloze_task(texts: Iterable[str], *, n: int = 200, n_choices: int = 4
     """Pick the true ending of a sentence among endings of other sentences (HellaSwag-like),
     built from held-out text -- by default the run's validation split, so the default pipeline
     has a downstream task with no downloads. A model that learned nothing sits at 1/n_choices."""
-    sents: list[tuple[str, str]] = []   # (preceding sentence, sentence)
+    sents: list[tuple[str, str]] = []  # (preceding sentence, sentence)
     seen: set[str] = set()
     for text in texts:
         prev = ""
@@ -528,7 +589,7 @@ def builtin_cloze_task(texts: Iterable[str], *, n: int = 200, n_choices: int = 4
     endings = []
     for prev, s in sents:
         w = s.split()
-        n_end = min(max(3, len(w) // 3), 8)   # short endings: they must fit small contexts
+        n_end = min(max(3, len(w) // 3), 8)  # short endings: they must fit small contexts
         endings.append((" ".join(w[:-n_end]), " ".join(w[-n_end:])))
     docs = []
     for k in order[:n]:
@@ -536,7 +597,7 @@ def builtin_cloze_task(texts: Iterable[str], *, n: int = 200, n_choices: int = 4
         head, gold = endings[k]
         pool = [j for j in rng.sample(order, min(len(order), 50)) if j != k and endings[j][1] != gold]
         pool.sort(key=lambda j: abs(len(endings[j][1].split()) - len(gold.split())))
-        distract = list(dict.fromkeys(endings[j][1] for j in pool))[:n_choices - 1]
+        distract = list(dict.fromkeys(endings[j][1] for j in pool))[: n_choices - 1]
         if len(distract) < n_choices - 1:
             continue
         pos = rng.randrange(n_choices)
@@ -558,14 +619,22 @@ READERS: dict[str, Callable[..., Task]] = {
 }
 
 
-def load_task(spec: str, *, on_error: str = "raise", builtin_texts: Iterable[str] | None = None,
-              builtin_n: int = 200, seed: int | None = None) -> Task:
+def load_task(
+    spec: str,
+    *,
+    on_error: str = "raise",
+    builtin_texts: Iterable[str] | None = None,
+    builtin_n: int = 200,
+    seed: int | None = None,
+) -> Task:
     """A Task from its name (see the module docstring)."""
     spec = spec.strip()
     if spec in ("builtin", "builtin_cloze"):
         if builtin_texts is None:
-            raise DataError("task 'builtin' is built from a run's validation text; run it inside the eval "
-                            "stage, or name a task file (mmlu:PATH, arc:PATH, my_task.yaml, ...)")
+            raise DataError(
+                "task 'builtin' is built from a run's validation text; run it inside the eval "
+                "stage, or name a task file (mmlu:PATH, arc:PATH, my_task.yaml, ...)"
+            )
         return builtin_cloze_task(builtin_texts, n=builtin_n, seed=seed if seed is not None else 1234)
     name, sep, rest = spec.partition(":")
     if sep and name in READERS and rest:
@@ -573,15 +642,18 @@ def load_task(spec: str, *, on_error: str = "raise", builtin_texts: Iterable[str
     else:
         path = Path(spec)
         suffix = path.suffix.lower()
-        if suffix in (".yaml", ".yml") or (suffix == ".json" and path.is_file() and
-                                          _read_text(path).lstrip().startswith("{")):
+        if suffix in (".yaml", ".yml") or (
+            suffix == ".json" and path.is_file() and _read_text(path).lstrip().startswith("{")
+        ):
             task = read_spec(path, on_error=on_error)
         elif suffix in (".jsonl", ".json", ".csv", ".tsv"):
             task = read_items_file(path, on_error=on_error)
         else:
-            raise DataError(f"task {spec!r}: not understood; use builtin, one of "
-                            f"{', '.join(k + ':PATH' for k in READERS if k not in ('spec', 'jsonl'))}, "
-                            f"a task spec .yaml/.json or an items .jsonl")
+            raise DataError(
+                f"task {spec!r}: not understood; use builtin, one of "
+                f"{', '.join(k + ':PATH' for k in READERS if k not in ('spec', 'jsonl'))}, "
+                f"a task spec .yaml/.json or an items .jsonl"
+            )
     if seed is not None:
         task.seed = seed
     return task

@@ -35,21 +35,21 @@ class Section:
     title: str
     blocks: list[tuple] = field(default_factory=list)
 
-    def p(self, text: str) -> "Section":
+    def p(self, text: str) -> Section:
         self.blocks.append(("p", text))
         return self
 
-    def table(self, header: list[str], rows: list[list[Any]]) -> "Section":
+    def table(self, header: list[str], rows: list[list[Any]]) -> Section:
         if rows:
             self.blocks.append(("table", header, [[_cell(c) for c in r] for r in rows]))
         return self
 
-    def image(self, name: str, png: bytes | None, alt: str) -> "Section":
+    def image(self, name: str, png: bytes | None, alt: str) -> Section:
         if png:
             self.blocks.append(("img", name, png, alt))
         return self
 
-    def pre(self, text: str) -> "Section":
+    def pre(self, text: str) -> Section:
         self.blocks.append(("pre", text))
         return self
 
@@ -144,7 +144,9 @@ def plot_tasks(tasks: dict) -> bytes | None:
     ax.bar(xs, vals, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
     for x, r in zip(xs, rows):
         if r[3] is not None and _num(r[3]):
-            ax.hlines(r[3], x - 0.4, x + 0.4, colors="tab:red", linestyles="--", label="chance" if x == 0 else None)
+            ax.hlines(
+                r[3], x - 0.4, x + 0.4, colors="tab:red", linestyles="--", label="chance" if x == 0 else None
+            )
     ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
@@ -156,8 +158,11 @@ def plot_tasks(tasks: dict) -> bytes | None:
 
 
 def plot_funnel(steps: list[dict]) -> bytes | None:
-    pts = [(s.get("name", "?"), s.get("docs_in"), s.get("docs_out")) for s in steps
-           if isinstance(s, dict) and s.get("docs_out") is not None]
+    pts = [
+        (s.get("name", "?"), s.get("docs_in"), s.get("docs_out"))
+        for s in steps
+        if isinstance(s, dict) and s.get("docs_out") is not None
+    ]
     if not pts:
         return None
     plt = _plt()
@@ -178,8 +183,13 @@ def _num(v) -> bool:
 def hardware() -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
@@ -216,9 +226,13 @@ def collect(run_dir: Path, order: list[str], skip: tuple[str, ...] = ("report",)
             pipeline = yaml.safe_load((run_dir / "pipeline.yaml").read_text(encoding="utf-8"))
         except yaml.YAMLError:
             pipeline = None
-    return {"run_dir": run_dir, "stages": stages, "pipeline": pipeline,
-            "funnel": _read_json(run_dir / "data" / "funnel.json"),
-            "eval": _read_json(run_dir / "eval" / "results.json")}
+    return {
+        "run_dir": run_dir,
+        "stages": stages,
+        "pipeline": pipeline,
+        "funnel": _read_json(run_dir / "data" / "funnel.json"),
+        "eval": _read_json(run_dir / "eval" / "results.json"),
+    }
 
 
 def _model_dir(info: dict) -> Path | None:
@@ -246,18 +260,31 @@ def _headline(name: str, metrics: dict) -> str:
     return ", ".join(f"{k}={_cell(metrics[k])}" for k in keys if k in metrics and metrics[k] is not None)
 
 
-def build_sections(info: dict, *, title: str | None = None, max_samples: int = 6, plots: bool = True) -> list[Section]:
+def build_sections(
+    info: dict, *, title: str | None = None, max_samples: int = 6, plots: bool = True
+) -> list[Section]:
     run_dir: Path = info["run_dir"]
     stages = info["stages"]
     secs: list[Section] = []
 
     s = Section(title or f"Report card: run '{run_dir.name}'")
     total = sum(st["manifest"].get("seconds", 0) or 0 for st in stages)
-    s.p(f"Run directory `{run_dir}`; {len(stages)} stage(s), {total:,.0f} s of stage time in all. "
-        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}.")
-    s.table(["stage", "status", "seconds", "key results"],
-            [[st["name"], st["manifest"].get("status", "?"), st["manifest"].get("seconds"),
-              _headline(st["name"], st["manifest"].get("metrics", {}))] for st in stages])
+    s.p(
+        f"Run directory `{run_dir}`; {len(stages)} stage(s), {total:,.0f} s of stage time in all. "
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}."
+    )
+    s.table(
+        ["stage", "status", "seconds", "key results"],
+        [
+            [
+                st["name"],
+                st["manifest"].get("status", "?"),
+                st["manifest"].get("seconds"),
+                _headline(st["name"], st["manifest"].get("metrics", {})),
+            ]
+            for st in stages
+        ],
+    )
     failed = [st for st in stages if st["manifest"].get("status") == "failed"]
     for st in failed:
         s.p(f"**{st['name']} failed**: {st['manifest'].get('error', '')}")
@@ -271,7 +298,11 @@ def build_sections(info: dict, *, title: str | None = None, max_samples: int = 6
         if st["records"]:
             t = Section(f"Training: {st['name']}")
             if plots:
-                t.image(f"{st['name']}_curves.png", plot_curves(st["records"], st["name"]), f"{st['name']} loss curve")
+                t.image(
+                    f"{st['name']}_curves.png",
+                    plot_curves(st["records"], st["name"]),
+                    f"{st['name']} loss curve",
+                )
             last = {k: v for r in st["records"] for k, v in r.items() if _num(v)}
             t.table(["metric", "last value"], [[k, v] for k, v in last.items() if k != "step"][:16])
             secs.append(t)
@@ -306,12 +337,21 @@ def _model_card(info: dict) -> Section:
             mcfg = None
         rows.append(["model folder", str(mdir)])
     if mcfg is not None:
-        rows += [["architecture", f"Llama-style decoder: {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
-                                  f"{mcfg.n_heads} heads ({mcfg.kv_heads} KV), SwiGLU {mcfg.ff_dim}, RoPE, RMSNorm"],
-                 ["parameters", f"{_count(mcfg.param_count())} ({mcfg.param_count():,}; "
-                                f"{_count(mcfg.non_embedding_params())} non-embedding)"],
-                 ["context length", mcfg.max_seq_len], ["vocabulary", mcfg.vocab_size],
-                 ["tied embeddings", mcfg.tie_embeddings]]
+        rows += [
+            [
+                "architecture",
+                f"Llama-style decoder: {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
+                f"{mcfg.n_heads} heads ({mcfg.kv_heads} KV), SwiGLU {mcfg.ff_dim}, RoPE, RMSNorm",
+            ],
+            [
+                "parameters",
+                f"{_count(mcfg.param_count())} ({mcfg.param_count():,}; "
+                f"{_count(mcfg.non_embedding_params())} non-embedding)",
+            ],
+            ["context length", mcfg.max_seq_len],
+            ["vocabulary", mcfg.vocab_size],
+            ["tied embeddings", mcfg.tie_embeddings],
+        ]
     tokens, flops, train_s = 0, 0.0, 0.0
     for st in info["stages"]:
         m = st["manifest"].get("metrics") or {}
@@ -323,8 +363,11 @@ def _model_card(info: dict) -> Section:
                 flops += mcfg.flops_per_token() * m["tokens"]
             train_s += float(m.get("train_seconds") or st["manifest"].get("seconds") or 0)
     if tokens:
-        rows += [["training tokens", f"{_count(tokens)} ({tokens:,})"],
-                 ["training FLOPs", f"{flops:.3g}"], ["training time", f"{train_s:,.1f} s"]]
+        rows += [
+            ["training tokens", f"{_count(tokens)} ({tokens:,})"],
+            ["training FLOPs", f"{flops:.3g}"],
+            ["training time", f"{train_s:,.1f} s"],
+        ]
     pipe = info.get("pipeline") or {}
     data_stage = next((st for st in info["stages"] if st["name"] == "data"), None)
     if pipe.get("data", {}).get("inputs"):
@@ -336,15 +379,26 @@ def _model_card(info: dict) -> Section:
             rows.append(["documents", docs])
     ev = info.get("eval") or {}
     if _num(ev.get("bpb")):
-        rows.append(["val bits-per-byte", f"{ev['bpb']:.4f} (unigram baseline {ev.get('unigram_bpb', float('nan')):.4f})"])
+        rows.append(
+            [
+                "val bits-per-byte",
+                f"{ev['bpb']:.4f} (unigram baseline {ev.get('unigram_bpb', float('nan')):.4f})",
+            ]
+        )
     hw = ev.get("hardware") or hardware()
     rows.append(["hardware", ", ".join(f"{k} {v}" for k, v in hw.items())])
     if pipe.get("run"):
-        rows.append(["device / dtype / seed", f"{pipe['run'].get('device')} / {pipe['run'].get('dtype')} / "
-                                              f"{pipe['run'].get('seed')}"])
+        rows.append(
+            [
+                "device / dtype / seed",
+                f"{pipe['run'].get('device')} / {pipe['run'].get('dtype')} / {pipe['run'].get('seed')}",
+            ]
+        )
     s.table(["field", "value"], rows)
-    s.p("Intended use: research and teaching; a small model trained on the data above. It has not been "
-        "evaluated for safety or factual accuracy and should not be deployed to answer people.")
+    s.p(
+        "Intended use: research and teaching; a small model trained on the data above. It has not been "
+        "evaluated for safety or factual accuracy and should not be deployed to answer people."
+    )
     return s
 
 
@@ -359,9 +413,19 @@ def _funnel_section(info: dict, plots: bool) -> Section | None:
                 continue
             dropped = st.get("dropped") or {}
             n_drop = sum(v.get("docs", 0) if isinstance(v, dict) else (v or 0) for v in dropped.values())
-            reasons = sorted(dropped.items(), key=lambda kv: -(kv[1].get("docs", 0) if isinstance(kv[1], dict) else kv[1]))
-            rows.append([st.get("name"), st.get("docs_in"), st.get("docs_out"), n_drop, st.get("tokens_out"),
-                         ", ".join(k for k, _ in reasons[:4]) or "-"])
+            reasons = sorted(
+                dropped.items(), key=lambda kv: -(kv[1].get("docs", 0) if isinstance(kv[1], dict) else kv[1])
+            )
+            rows.append(
+                [
+                    st.get("name"),
+                    st.get("docs_in"),
+                    st.get("docs_out"),
+                    n_drop,
+                    st.get("tokens_out"),
+                    ", ".join(k for k, _ in reasons[:4]) or "-",
+                ]
+            )
         s.table(["step", "docs in", "docs out", "dropped", "tokens out (est.)", "top drop reasons"], rows)
         if plots:
             s.image("data_funnel.png", plot_funnel(funnel["steps"]), "data funnel")
@@ -384,24 +448,46 @@ def _eval_section(info: dict, plots: bool) -> Section | None:
     if not isinstance(ev, dict):
         return None
     s = Section("Evaluation")
-    ppl = [["token stream", ev.get("tokens"), ev.get("loss"), ev.get("ppl"), None, ev.get("bpb")],
-           ["unigram baseline", ev.get("tokens"), None, None, None, ev.get("unigram_bpb")]]
+    ppl = [
+        ["token stream", ev.get("tokens"), ev.get("loss"), ev.get("ppl"), None, ev.get("bpb")],
+        ["unigram baseline", ev.get("tokens"), None, None, None, ev.get("unigram_bpb")],
+    ]
     doc = ev.get("documents")
     if isinstance(doc, dict) and doc:
-        ppl.append([f"whole documents ({doc.get('docs')})", doc.get("tokens"), doc.get("loss"), doc.get("ppl"),
-                    doc.get("word_ppl"), doc.get("bpb")])
+        ppl.append(
+            [
+                f"whole documents ({doc.get('docs')})",
+                doc.get("tokens"),
+                doc.get("loss"),
+                doc.get("ppl"),
+                doc.get("word_ppl"),
+                doc.get("bpb"),
+            ]
+        )
     s.p("Perplexity on the validation split (bits-per-byte compares across tokenizers):")
     s.table(["scored on", "tokens", "loss", "perplexity", "word perplexity", "bits/byte"], ppl)
     tasks = ev.get("tasks") or {}
     if tasks:
         rows = []
         for name, r in tasks.items():
-            for k in ("acc", "acc_norm", "acc_bytes", "exact_match", "exact_match_strict") + \
-                     tuple(k for k in r if k.startswith("pass@")):
+            for k in ("acc", "acc_norm", "acc_bytes", "exact_match", "exact_match_strict") + tuple(
+                k for k in r if k.startswith("pass@")
+            ):
                 if k in r and isinstance(r[k], dict):
                     lo, hi = r[k]["ci95"]
-                    rows.append([name, k, r[k]["value"], f"[{lo:.3f}, {hi:.3f}]", r.get("chance"), r.get("n"),
-                                 r.get("num_fewshot"), sum((r.get("skipped") or {}).values()), r.get("truncated")])
+                    rows.append(
+                        [
+                            name,
+                            k,
+                            r[k]["value"],
+                            f"[{lo:.3f}, {hi:.3f}]",
+                            r.get("chance"),
+                            r.get("n"),
+                            r.get("num_fewshot"),
+                            sum((r.get("skipped") or {}).values()),
+                            r.get("truncated"),
+                        ]
+                    )
         s.p("Tasks (95% Wilson intervals; a tiny model near the chance level is expected):")
         s.table(["task", "metric", "value", "95% CI", "chance", "n", "shots", "skipped", "truncated"], rows)
         if plots:
@@ -418,7 +504,9 @@ def _samples_section(stages: list[dict], k: int) -> Section | None:
             continue
         any_rows = True
         s.p(f"**{st['name']}**")
-        keys = [c for c in ("prompt", "question", "completion", "reference", "before", "after") if c in rows[0]]
+        keys = [
+            c for c in ("prompt", "question", "completion", "reference", "before", "after") if c in rows[0]
+        ]
         keys = keys or list(rows[0])[:3]
         s.table(keys, [[_short(r.get(c)) for c in keys] for r in rows])
     return s if any_rows else None
@@ -427,7 +515,7 @@ def _samples_section(stages: list[dict], k: int) -> Section | None:
 def _short(v: Any, n: int = 300) -> str:
     t = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
     t = " ".join(t.split())
-    return t if len(t) <= n else t[:n - 3] + "..."
+    return t if len(t) <= n else t[: n - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -472,10 +560,15 @@ def _inline(t: str) -> str:
 
 def render_html(sections: list[Section]) -> str:
     title = sections[0].title if sections else "report"
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-           f"<style>{CSS}</style></head><body>"]
-    out.append("<nav>" + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections[1:], 1))
-               + "</nav>")
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+    ]
+    out.append(
+        "<nav>"
+        + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections[1:], 1))
+        + "</nav>"
+    )
     for i, sec in enumerate(sections):
         tag = "h1" if i == 0 else "h2"
         out.append(f"<{tag} id='s{i}'>{html.escape(sec.title)}</{tag}>")

@@ -8,7 +8,7 @@ proportions (it stays inside [0, 1] and behaves at 0 and n, unlike the normal ap
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

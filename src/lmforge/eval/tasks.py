@@ -41,13 +41,13 @@ from .stats import wilson
 @dataclass
 class Doc:
     query: str
-    choices: list[str] | None = None   # multiple choice: the continuations (without delimiter)
-    gold: int | None = None            # index of the correct choice
-    target: str | None = None          # text after the query in a few-shot example (generative: reference)
-    answer: str | None = None          # generative: the final answer exact match compares
+    choices: list[str] | None = None  # multiple choice: the continuations (without delimiter)
+    gold: int | None = None  # index of the correct choice
+    target: str | None = None  # text after the query in a few-shot example (generative: reference)
+    answer: str | None = None  # generative: the final answer exact match compares
     id: str = ""
-    group: str | None = None           # few-shot examples come from the same group
-    description: str | None = None     # per-item preamble (overrides the task's)
+    group: str | None = None  # few-shot examples come from the same group
+    description: str | None = None  # per-item preamble (overrides the task's)
 
     @property
     def shot_target(self) -> str:
@@ -63,7 +63,7 @@ class Task:
     name: str
     kind: Literal["multiple_choice", "generate"]
     docs: list[Doc]
-    fewshot_docs: list[Doc] | None = None     # None: draw shots from `docs` (never the item itself)
+    fewshot_docs: list[Doc] | None = None  # None: draw shots from `docs` (never the item itself)
     num_fewshot: int = 0
     seed: int = 1234
     description: str = ""
@@ -72,9 +72,9 @@ class Task:
     # generation
     until: list[str] = field(default_factory=lambda: ["\n\n"])
     max_new_tokens: int = 128
-    extract: str = "text"                     # text | number | regex:<pattern>
+    extract: str = "text"  # text | number | regex:<pattern>
     source: str = ""
-    skipped: Counter = field(default_factory=Counter)   # items the reader could not use, by reason
+    skipped: Counter = field(default_factory=Counter)  # items the reader could not use, by reason
 
     def prompt(self, i: int, num_fewshot: int | None = None) -> str:
         doc = self.docs[i]
@@ -89,8 +89,11 @@ class Task:
             return []
         doc = self.docs[i]
         pool = self.fewshot_docs if self.fewshot_docs is not None else self.docs
-        cand = [d for d in pool if d is not doc and (not doc.id or d.id != doc.id)
-                and (doc.group is None or d.group == doc.group)]
+        cand = [
+            d
+            for d in pool
+            if d is not doc and (not doc.id or d.id != doc.id) and (doc.group is None or d.group == doc.group)
+        ]
         rng = random.Random(f"{self.seed}:{self.name}:{doc.id or i}")
         return rng.sample(cand, min(k, len(cand)))
 
@@ -107,8 +110,14 @@ def _acc_block(hits: list[float]) -> dict:
     return {"value": k / n if n else float("nan"), "ci95": [lo, hi]}
 
 
-def evaluate_multiple_choice(scorer: Scorer, task: Task, *, limit: int | None = None,
-                             num_fewshot: int | None = None, keep_predictions: bool = False) -> dict:
+def evaluate_multiple_choice(
+    scorer: Scorer,
+    task: Task,
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    keep_predictions: bool = False,
+) -> dict:
     """acc / acc_norm / acc_bytes (each with a 95% Wilson interval), chance level, counts."""
     t0 = time.time()
     n_docs = len(task.docs) if limit is None else min(limit, len(task.docs))
@@ -131,7 +140,7 @@ def evaluate_multiple_choice(scorer: Scorer, task: Task, *, limit: int | None = 
     acc, acc_norm, acc_bytes, preds = [], [], [], []
     for i, (start, n) in zip(kept, spans):
         doc = task.docs[i]
-        lls = np.array([s[0] for s in scores[start:start + n]])
+        lls = np.array([s[0] for s in scores[start : start + n]])
         chars = np.array([float(len(c)) for c in doc.choices])
         nbytes = np.array([float(len(c.encode("utf-8"))) for c in doc.choices])
         p, pn, pb = int(np.argmax(lls)), int(np.argmax(lls / chars)), int(np.argmax(lls / nbytes))
@@ -139,16 +148,30 @@ def evaluate_multiple_choice(scorer: Scorer, task: Task, *, limit: int | None = 
         acc_norm.append(float(pn == doc.gold))
         acc_bytes.append(float(pb == doc.gold))
         if keep_predictions:
-            preds.append({"id": doc.id, "gold": doc.gold, "pred": p, "pred_norm": pn,
-                          "loglikelihoods": [round(float(x), 5) for x in lls]})
+            preds.append(
+                {
+                    "id": doc.id,
+                    "gold": doc.gold,
+                    "pred": p,
+                    "pred_norm": pn,
+                    "loglikelihoods": [round(float(x), 5) for x in lls],
+                }
+            )
     seconds = time.time() - t0
     out = {
-        "task": task.name, "kind": "multiple_choice", "n": len(kept),
+        "task": task.name,
+        "kind": "multiple_choice",
+        "n": len(kept),
         "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
-        "acc": _acc_block(acc), "acc_norm": _acc_block(acc_norm), "acc_bytes": _acc_block(acc_bytes),
+        "acc": _acc_block(acc),
+        "acc_norm": _acc_block(acc_norm),
+        "acc_bytes": _acc_block(acc_bytes),
         "chance": float(np.mean([1.0 / len(task.docs[i].choices) for i in kept])) if kept else float("nan"),
-        "skipped": dict(skipped), "truncated": truncated, "requests": len(pairs),
-        "seconds": round(seconds, 3), "requests_per_s": round(len(pairs) / max(seconds, 1e-9), 1),
+        "skipped": dict(skipped),
+        "truncated": truncated,
+        "requests": len(pairs),
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(len(pairs) / max(seconds, 1e-9), 1),
         "source": task.source,
     }
     if keep_predictions:
@@ -156,18 +179,29 @@ def evaluate_multiple_choice(scorer: Scorer, task: Task, *, limit: int | None = 
     return out
 
 
-def evaluate_task(model, tok, task: Task, *, scorer: Scorer | None = None, limit: int | None = None,
-                  num_fewshot: int | None = None, keep_predictions: bool = False, **gen_kw) -> dict:
+def evaluate_task(
+    model,
+    tok,
+    task: Task,
+    *,
+    scorer: Scorer | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    keep_predictions: bool = False,
+    **gen_kw,
+) -> dict:
     """Run a task of either kind; generation options (n_samples, temperature, k...) go to
     `generative.evaluate_generative`."""
     if task.kind == "multiple_choice":
         scorer = scorer or Scorer(model, tok)
-        return evaluate_multiple_choice(scorer, task, limit=limit, num_fewshot=num_fewshot,
-                                        keep_predictions=keep_predictions)
+        return evaluate_multiple_choice(
+            scorer, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions
+        )
     from .generative import evaluate_generative
 
-    return evaluate_generative(model, tok, task, limit=limit, num_fewshot=num_fewshot,
-                               keep_predictions=keep_predictions, **gen_kw)
+    return evaluate_generative(
+        model, tok, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions, **gen_kw
+    )
 
 
 def headline(res: dict) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,9 +16,11 @@ from ..model.config import ModelConfig
 from ..model.transformer import Transformer
 from ..tokenizer import LMTokenizer, train_tokenizer
 
-WORDS = ("apple river stone cloud music garden silver window forest candle paper bridge ocean "
-         "tiger pencil mirror rocket valley castle orange winter summer number letter yellow "
-         "purple market doctor island planet engine button pocket circle square").split()
+WORDS = (
+    "apple river stone cloud music garden silver window forest candle paper bridge ocean "
+    "tiger pencil mirror rocket valley castle orange winter summer number letter yellow "
+    "purple market doctor island planet engine button pocket circle square"
+).split()
 
 PARAGRAPH = (
     "The quick brown fox jumps over the lazy dog. A list is a mutable sequence of items, and lists "
@@ -32,24 +34,50 @@ def tiny_tokenizer(vocab_size: int = 320, extra: Sequence[str] = ()) -> LMTokeni
     return train_tokenizer([PARAGRAPH] * 20 + list(extra), vocab_size)
 
 
-def tiny_model(vocab_size: int, *, d_model: int = 32, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
-               max_seq_len: int = 64, init_std: float = 0.2, seed: int = 0) -> Transformer:
+def tiny_model(
+    vocab_size: int,
+    *,
+    d_model: int = 32,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    max_seq_len: int = 64,
+    init_std: float = 0.2,
+    seed: int = 0,
+) -> Transformer:
     """A random lmforge Transformer; a large init_std makes its predictions far from uniform, so
     tests comparing scores are sensitive to any mistake."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, max_seq_len=max_seq_len, init_std=init_std, tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        max_seq_len=max_seq_len,
+        init_std=init_std,
+        tie_embeddings=False,
+    )
     return Transformer(cfg).eval()
 
 
 def random_sentences(n: int, seed: int, words_per: tuple[int, int] = (4, 7)) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words_per))).capitalize() + "."
-            for _ in range(n)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(*words_per))).capitalize() + "."
+        for _ in range(n)
+    ]
 
 
-def train_on(model: Transformer, token_rows: Sequence[Sequence[int]], *, steps: int = 200, lr: float = 3e-3,
-             batch_size: int = 8, seed: int = 0) -> Transformer:
+def train_on(
+    model: Transformer,
+    token_rows: Sequence[Sequence[int]],
+    *,
+    steps: int = 200,
+    lr: float = 3e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> Transformer:
     """Next-token training on fixed rows (each at most max_seq_len + 1 tokens), AdamW, seeded."""
     g = torch.Generator().manual_seed(seed)
     rows = [torch.tensor(list(r)) for r in token_rows]

@@ -21,7 +21,9 @@ class ModelConfig(BaseModel):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default = n_heads")
-    d_ff: int | None = Field(None, ge=1, description="SwiGLU hidden width; default ~8/3 d_model rounded to 64")
+    d_ff: int | None = Field(
+        None, ge=1, description="SwiGLU hidden width; default ~8/3 d_model rounded to 64"
+    )
     max_seq_len: int = Field(256, ge=2)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -39,11 +41,13 @@ class ModelConfig(BaseModel):
     z_loss_coef: float = Field(0.001, ge=0, description="router z-loss weight")
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+            raise ValueError(
+                f"head_dim = d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+            )
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads})")
         if self.n_experts and self.experts_top_k > self.n_experts:
@@ -104,8 +108,10 @@ class ModelConfig(BaseModel):
         """
         seq = seq_len or self.max_seq_len
         d, hd = self.d_model, self.head_dim
-        matmul = self.n_layers * (
-            d * self.n_heads * hd * 2 + 2 * d * self.kv_heads * hd + self._ffn_params(active=True)
-        ) + self.vocab_size * d
+        matmul = (
+            self.n_layers
+            * (d * self.n_heads * hd * 2 + 2 * d * self.kv_heads * hd + self._ffn_params(active=True))
+            + self.vocab_size * d
+        )
         fwd = 2 * matmul + 4 * self.n_layers * seq * self.n_heads * hd
         return float(3 * fwd if training else fwd)

@@ -14,8 +14,8 @@ step of new tokens at a time for streaming front ends.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -45,8 +45,12 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Pick one token per row from logits [B, V] (float32)."""
     if p.repetition_penalty != 1.0 and seen is not None:
         picked = torch.gather(logits, 1, seen)
@@ -73,16 +77,17 @@ def _masks(pad: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
     """Boolean attention mask [B, 1, Tq, Tk]: causal and hiding left-padding keys.
     Padded query rows may see themselves so that no row is fully masked (NaN-free)."""
     k_idx = torch.arange(k_len, device=pad.device)
-    key_ok = k_idx[None, :] >= pad[:, None]                       # [B, Tk]
-    causal = k_idx[None, :] <= q_pos[:, None]                      # [Tq, Tk]
+    key_ok = k_idx[None, :] >= pad[:, None]  # [B, Tk]
+    causal = k_idx[None, :] <= q_pos[:, None]  # [Tq, Tk]
     mask = causal[None] & key_ok[:, None, :]
     mask |= (k_idx[None, :] == q_pos[:, None])[None]
     return mask[:, None]
 
 
 @torch.no_grad()
-def stream_generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+def stream_generate(
+    model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, use_cache: bool = True
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (tensor [B]) until all rows stopped or the budget ends.
     Rows that already stopped keep yielding their last stop token; callers cut at the first stop."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -92,12 +97,14 @@ def stream_generate(model: Transformer, prompts: Sequence[Sequence[int]], params
     total = P + params.max_new_tokens
     if total > model.cfg.max_seq_len:
         # RoPE extrapolates, but past the trained context quality collapses; say so plainly.
-        raise ValueError(f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                         f"model context ({model.cfg.max_seq_len})")
+        raise ValueError(
+            f"prompt ({P}) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"model context ({model.cfg.max_seq_len})"
+        )
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, total, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, P - len(p):P] = torch.tensor(list(p), device=device)
+        tokens[i, P - len(p) : P] = torch.tensor(list(p), device=device)
     padded = bool(pad.any())
     gen = None
     if params.seed is not None:
@@ -109,7 +116,7 @@ def stream_generate(model: Transformer, prompts: Sequence[Sequence[int]], params
     cur = P
     for _ in range(params.max_new_tokens):
         if cache is not None and cache.length > 0:
-            inp, q_pos = tokens[:, cur - 1:cur], torch.arange(cur - 1, cur, device=device)
+            inp, q_pos = tokens[:, cur - 1 : cur], torch.arange(cur - 1, cur, device=device)
         else:
             inp, q_pos = tokens[:, :cur], torch.arange(cur, device=device)
         pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)
@@ -130,8 +137,9 @@ def stream_generate(model: Transformer, prompts: Sequence[Sequence[int]], params
             break
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams, use_cache: bool = True
+) -> list[list[int]]:
     """New tokens per prompt, cut before the first stop token."""
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)

@@ -35,14 +35,33 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
-from .hf_moe import LMFORGE_MOE, from_mixtral_keys, mixtral_blockers, moe_from_hf_config, moe_hf_config, to_mixtral_keys
+from .hf_moe import (
+    LMFORGE_MOE,
+    from_mixtral_keys,
+    mixtral_blockers,
+    moe_from_hf_config,
+    moe_hf_config,
+    to_mixtral_keys,
+)
 from .transformer import Transformer
 
 SUPPORTED = {"llama", "mistral", "qwen2", "mixtral", LMFORGE_MOE}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -53,7 +72,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[name]
     except KeyError:
-        raise CheckpointError(f"dtype {name!r} not understood; use one of float32, bfloat16, float16") from None
+        raise CheckpointError(
+            f"dtype {name!r} not understood; use one of float32, bfloat16, float16"
+        ) from None
 
 
 def parse_size(s: str | int | None) -> int | None:
@@ -71,11 +92,17 @@ def parse_size(s: str | int | None) -> int | None:
 
 
 # ----------------------------------------------------------------------------- config mapping
-def to_hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None,
-                 dtype: str = "float32") -> dict:
+def to_hf_config(
+    cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None, dtype: str = "float32"
+) -> dict:
     if cfg.n_experts:
-        return {**moe_hf_config(cfg), "torch_dtype": dtype, "dtype": dtype,
-                "bos_token_id": bos_id, "eos_token_id": eos_id}
+        return {
+            **moe_hf_config(cfg),
+            "torch_dtype": dtype,
+            "dtype": dtype,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+        }
     model_type = "qwen2" if cfg.qkv_bias else "llama"
     out = {
         "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
@@ -109,7 +136,9 @@ def to_hf_config(cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | N
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
-        raise CheckpointError(f"{source}: model_type {mt!r} is not supported (supported: {sorted(SUPPORTED)})")
+        raise CheckpointError(
+            f"{source}: model_type {mt!r} is not supported (supported: {sorted(SUPPORTED)})"
+        )
     if mt == LMFORGE_MOE:
         return moe_from_hf_config(hf, source, {})
     if hf.get("hidden_act", "silu") != "silu":
@@ -118,8 +147,10 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         rs = hf.get(key) or {}
         kind = rs.get("rope_type", rs.get("type"))
         if kind not in (None, "default"):
-            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported (plain RoPE only); "
-                                  f"Llama 3.1+/YaRN checkpoints need RoPE scaling in lmforge's model")
+            raise CheckpointError(
+                f"{source}: {key} type {kind!r} is not supported (plain RoPE only); "
+                f"Llama 3.1+/YaRN checkpoints need RoPE scaling in lmforge's model"
+            )
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise CheckpointError(f"{source}: llama with attention_bias/mlp_bias is not supported")
     d, h = hf["hidden_size"], hf["num_attention_heads"]
@@ -129,14 +160,23 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     max_len = hf.get("max_position_embeddings", 2048)
     window = hf.get("sliding_window")
     if window and (mt in ("mistral", "mixtral") or hf.get("use_sliding_window")) and window < max_len:
-        warnings.warn(f"{source}: sliding_window={window} < max_position_embeddings={max_len}; lmforge "
-                      f"attends fully, which is identical within {window} tokens, so the context is "
-                      f"capped at {window}", stacklevel=2)
+        warnings.warn(
+            f"{source}: sliding_window={window} < max_position_embeddings={max_len}; lmforge "
+            f"attends fully, which is identical within {window} tokens, so the context is "
+            f"capped at {window}",
+            stacklevel=2,
+        )
         max_len = window
     common = dict(
-        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=h,
-        n_kv_heads=hf.get("num_key_value_heads") or h, max_seq_len=max_len, rope_theta=rope_theta,
-        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=h,
+        n_kv_heads=hf.get("num_key_value_heads") or h,
+        max_seq_len=max_len,
+        rope_theta=rope_theta,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=hf.get("initializer_range", 0.02),
     )
     if mt == "mixtral":
@@ -147,8 +187,10 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
 def read_hf_config(folder: str | Path) -> dict:
     cfg_file = Path(folder) / "config.json"
     if not cfg_file.exists():
-        raise CheckpointError(f"{cfg_file}: not found; expected a model folder with config.json and "
-                              f"model.safetensors (or sharded model-*.safetensors + index)")
+        raise CheckpointError(
+            f"{cfg_file}: not found; expected a model folder with config.json and "
+            f"model.safetensors (or sharded model-*.safetensors + index)"
+        )
     try:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -190,8 +232,9 @@ def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: in
         names.append(name)
         weight_map.update({k: name for k in sh})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    atomic_write_json(out / "model.safetensors.index.json",
-                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
     return names
 
 
@@ -206,9 +249,16 @@ def copy_tokenizer_files(src: str | Path, out: str | Path) -> list[str]:
     return copied
 
 
-def save_pretrained(model: Transformer, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                    bos_id: int | None = None, eos_id: int | None = None, *,
-                    dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None) -> Path:
+def save_pretrained(
+    model: Transformer,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str | int | None = None,
+) -> Path:
     """Write `model` (and optionally copy tokenizer files) as a HF-loadable folder."""
     from ..train.checkpoint import model_state_for_saving
 
@@ -244,12 +294,16 @@ def weight_files(folder: Path) -> list[Path]:
         # a downloaded index names the shard files: they must be plain file names in this folder
         escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
         if escaping:
-            raise CheckpointError(f"{index}: shard name {escaping[0]!r} is not a file name inside {folder}; "
-                                  f"refusing to read outside the model folder")
+            raise CheckpointError(
+                f"{index}: shard name {escaping[0]!r} is not a file name inside {folder}; "
+                f"refusing to read outside the model folder"
+            )
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
-            raise CheckpointError(f"{folder}: {len(missing)} of {len(names)} shards listed in {index.name} "
-                                  f"are missing ({', '.join(missing[:3])}); copy the complete checkpoint")
+            raise CheckpointError(
+                f"{folder}: {len(missing)} of {len(names)} shards listed in {index.name} "
+                f"are missing ({', '.join(missing[:3])}); copy the complete checkpoint"
+            )
         return [folder / n for n in names]
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
@@ -271,9 +325,18 @@ def _read_weights(folder: Path, cfg: ModelConfig | None = None) -> dict[str, tor
     return state
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def iter_weights(folder: Path):
@@ -312,16 +375,20 @@ def _iter_raw_weights(folder: Path):
             raise CheckpointError(f"{f}: cannot read weights ({e})") from None
 
 
-def check_state(folder, state_shapes: dict[str, tuple], own: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def check_state(
+    folder, state_shapes: dict[str, tuple], own: dict[str, torch.Tensor], cfg: ModelConfig
+) -> None:
     missing = [k for k in own if k not in state_shapes and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     unexpected = [k for k in state_shapes if k not in own and "rotary_emb" not in k]
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match config.json (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for k, shape in state_shapes.items():
         if k in own and tuple(own[k].shape) != tuple(shape):
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(shape)}, config.json implies "
-                                  f"{tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{folder}: {k} has shape {tuple(shape)}, config.json implies {tuple(own[k].shape)}"
+            )
 
 
 def empty_model(cfg: ModelConfig) -> Transformer:
@@ -334,12 +401,15 @@ def finish_model(model: Transformer, device) -> Transformer:
     cfg = model.cfg
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = model.model.rotary.__class__(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(device)
+    model.model.rotary = model.model.rotary.__class__(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(
+        device
+    )
     return model
 
 
-def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str | None = None) -> Transformer:
+def load_pretrained(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> Transformer:
     """An lmforge or HF (llama/mistral/qwen2/mixtral) model folder -> Transformer in eval mode.
     `dtype` None keeps float32 (training precision); pass bfloat16 to halve memory."""
     folder = Path(folder)
@@ -357,8 +427,9 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu",
 
 
 # ----------------------------------------------------------------------------- import / export
-def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None,
-              max_shard_size: str | int | None = None) -> dict:
+def import_hf(
+    src: str | Path, out: str | Path, *, dtype: str | None = None, max_shard_size: str | int | None = None
+) -> dict:
     """Copy a Hugging Face checkpoint folder (llama/mistral/qwen2/mixtral) into an lmforge model folder.
 
     Every tensor is checked against config.json (name and shape) and the model is built, so a
@@ -371,19 +442,41 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None,
         warnings.simplefilter("always")
         model = load_pretrained(src, dtype=dtype)
     notes = [str(w.message) for w in caught]
-    tok = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").exists() else {}
-    save_pretrained(model, out, tokenizer_dir=src, bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"),
-                    max_shard_size=max_shard_size)
+    tok = (
+        json.loads((src / "tokenizer_config.json").read_text())
+        if (src / "tokenizer_config.json").exists()
+        else {}
+    )
+    save_pretrained(
+        model,
+        out,
+        tokenizer_dir=src,
+        bos_id=hf.get("bos_token_id"),
+        eos_id=hf.get("eos_token_id"),
+        max_shard_size=max_shard_size,
+    )
     if not (src / "tokenizer.json").exists():
         notes.append("no tokenizer.json in the source folder: copy one in before fine-tuning")
     has_template = bool(tok.get("chat_template")) or (src / "chat_template.jinja").exists()
-    return {"source": str(src), "out": str(out), "model_type": hf.get("model_type"),
-            "params": model.num_params(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "chat_template": has_template, "notes": notes}
+    return {
+        "source": str(src),
+        "out": str(out),
+        "model_type": hf.get("model_type"),
+        "params": model.num_params(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "chat_template": has_template,
+        "notes": notes,
+    }
 
 
-def export_hf(model_dir: str | Path, out: str | Path, *, adapter: str | Path | None = None,
-              dtype: str | None = None, max_shard_size: str | int | None = "5GB") -> dict:
+def export_hf(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = "5GB",
+) -> dict:
     """Write an lmforge model folder (optionally merging a LoRA adapter) for `transformers`."""
     model_dir, out = Path(model_dir), Path(out)
     model = load_pretrained(model_dir)
@@ -393,15 +486,27 @@ def export_hf(model_dir: str | Path, out: str | Path, *, adapter: str | Path | N
             f"{model_dir}: this Mixture-of-Experts model has no transformers architecture that computes "
             f"the same function, so it cannot be exported: {'; '.join(blockers)}. Only softmax top-k "
             f"routing with renormalised weights, dropless, no shared expert and no q/k/v bias maps to "
-            f"Mixtral. lmforge itself loads the folder as it is (model_type {LMFORGE_MOE}).")
+            f"Mixtral. lmforge itself loads the folder as it is (model_type {LMFORGE_MOE})."
+        )
     if adapter is not None:
         from ..peft.lora import load_adapter, merge_lora
 
         load_adapter(model, adapter)
         model = merge_lora(model)
     hf = read_hf_config(model_dir)
-    save_pretrained(model, out, tokenizer_dir=model_dir, bos_id=hf.get("bos_token_id"),
-                    eos_id=hf.get("eos_token_id"), dtype=dtype, max_shard_size=max_shard_size)
+    save_pretrained(
+        model,
+        out,
+        tokenizer_dir=model_dir,
+        bos_id=hf.get("bos_token_id"),
+        eos_id=hf.get("eos_token_id"),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
     files = sorted(p.name for p in out.iterdir())
-    return {"out": str(out), "params": model.num_params(), "merged_adapter": str(adapter) if adapter else None,
-            "files": files}
+    return {
+        "out": str(out),
+        "params": model.num_params(),
+        "merged_adapter": str(adapter) if adapter else None,
+        "files": files,
+    }

@@ -31,7 +31,7 @@ queries and keys, so neither is an exact fit for the shared-expert variant.)
 from __future__ import annotations
 
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -51,9 +51,11 @@ def mixtral_blockers(cfg: ModelConfig) -> list[str]:
     if cfg.shared_expert:
         out.append("shared_expert=true (Mixtral has no shared expert)")
     if cfg.capacity_factor is not None:
-        out.append(f"capacity_factor={cfg.capacity_factor} (Mixtral routes dropless; set it to null "
-                   f"to export the dropless model, which then differs from what was trained only "
-                   f"where assignments were dropped)")
+        out.append(
+            f"capacity_factor={cfg.capacity_factor} (Mixtral routes dropless; set it to null "
+            f"to export the dropless model, which then differs from what was trained only "
+            f"where assignments were dropped)"
+        )
     if cfg.qkv_bias:
         out.append("qkv_bias=true (Mixtral's attention has no biases)")
     return out
@@ -61,28 +63,49 @@ def mixtral_blockers(cfg: ModelConfig) -> list[str]:
 
 def _common(cfg: ModelConfig) -> dict:
     return {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.expert_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "initializer_range": cfg.init_std,
-        "num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_top_k,
-        "router_aux_loss_coef": cfg.aux_loss_coef, "output_router_logits": cfg.aux_loss_coef > 0,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.expert_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": cfg.init_std,
+        "num_local_experts": cfg.n_experts,
+        "num_experts_per_tok": cfg.experts_top_k,
+        "router_aux_loss_coef": cfg.aux_loss_coef,
+        "output_router_logits": cfg.aux_loss_coef > 0,
     }
 
 
 def moe_hf_config(cfg: ModelConfig) -> dict:
     """config.json keys (without dtype / token ids) for an MoE model."""
     if not mixtral_blockers(cfg):
-        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **_common(cfg),
-                "router_jitter_noise": 0.0, "sliding_window": None, "attention_dropout": 0.0,
-                # lmforge-only training knobs, so an export -> import round trip keeps them
-                "lmforge": {"z_loss_coef": cfg.z_loss_coef, "d_ff": cfg.d_ff}}
-    return {"architectures": ["LmforgeMoeForCausalLM"], "model_type": LMFORGE_MOE, **_common(cfg),
-            "lmforge": cfg.model_dump(),
-            "_lmforge_note": "transformers cannot load this model: " + "; ".join(mixtral_blockers(cfg))
-                             + ". lmforge loads it (lmforge.model.hf.load_pretrained)."}
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **_common(cfg),
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            # lmforge-only training knobs, so an export -> import round trip keeps them
+            "lmforge": {"z_loss_coef": cfg.z_loss_coef, "d_ff": cfg.d_ff},
+        }
+    return {
+        "architectures": ["LmforgeMoeForCausalLM"],
+        "model_type": LMFORGE_MOE,
+        **_common(cfg),
+        "lmforge": cfg.model_dump(),
+        "_lmforge_note": "transformers cannot load this model: "
+        + "; ".join(mixtral_blockers(cfg))
+        + ". lmforge loads it (lmforge.model.hf.load_pretrained).",
+    }
 
 
 def moe_from_hf_config(hf: dict, source: str, common: dict) -> ModelConfig:
@@ -93,23 +116,37 @@ def moe_from_hf_config(hf: dict, source: str, common: dict) -> ModelConfig:
         try:
             return ModelConfig.model_validate(hf["lmforge"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{source}: model_type {LMFORGE_MOE} needs a valid \"lmforge\" block "
-                                  f"(the model config lmforge wrote): {e}") from None
+            raise CheckpointError(
+                f'{source}: model_type {LMFORGE_MOE} needs a valid "lmforge" block '
+                f"(the model config lmforge wrote): {e}"
+            ) from None
     extra = hf.get("lmforge") or {}
     try:
         n_exp, top_k = int(hf["num_local_experts"]), int(hf["num_experts_per_tok"])
         ff = int(hf["intermediate_size"])
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{source}: a mixtral config needs integer num_local_experts, "
-                              f"num_experts_per_tok and intermediate_size") from None
+        raise CheckpointError(
+            f"{source}: a mixtral config needs integer num_local_experts, "
+            f"num_experts_per_tok and intermediate_size"
+        ) from None
     d_ff = extra.get("d_ff")
     try:
-        return ModelConfig(**dict(
-            common, n_experts=n_exp, experts_top_k=top_k, moe_gate="softmax", capacity_factor=None,
-            shared_expert=False, qkv_bias=False, d_ff=d_ff or ff, moe_d_ff=None if d_ff in (None, ff) else ff,
-            aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
-            # Mixtral is trained without a router z-loss; lmforge's own exports say what they used
-            z_loss_coef=float(extra.get("z_loss_coef", 0.0))))
+        return ModelConfig(
+            **dict(
+                common,
+                n_experts=n_exp,
+                experts_top_k=top_k,
+                moe_gate="softmax",
+                capacity_factor=None,
+                shared_expert=False,
+                qkv_bias=False,
+                d_ff=d_ff or ff,
+                moe_d_ff=None if d_ff in (None, ff) else ff,
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
+                # Mixtral is trained without a router z-loss; lmforge's own exports say what they used
+                z_loss_coef=float(extra.get("z_loss_coef", 0.0)),
+            )
+        )
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -140,8 +177,9 @@ def _natural(key: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
-def from_mixtral_keys(items: Iterable[tuple[str, torch.Tensor]], n_experts: int,
-                      source: str = "checkpoint") -> Iterator[tuple[str, torch.Tensor]]:
+def from_mixtral_keys(
+    items: Iterable[tuple[str, torch.Tensor]], n_experts: int, source: str = "checkpoint"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Per-expert Mixtral tensors -> stacked lmforge tensors, streaming: each layer's experts are
     buffered only until all of them have arrived. Stacked names pass through unchanged."""
     pending: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -160,13 +198,17 @@ def from_mixtral_keys(items: Iterable[tuple[str, torch.Tensor]], n_experts: int,
         if len(slot) == (2 * n_experts if kind == "gate_up" else n_experts):
             del pending[(base, kind)]
             if kind == "gate_up":
-                yield f"{base}.mlp.experts.gate_up_proj", torch.stack(
-                    [torch.cat([slot[2 * e], slot[2 * e + 1]], 0) for e in range(n_experts)])
+                yield (
+                    f"{base}.mlp.experts.gate_up_proj",
+                    torch.stack([torch.cat([slot[2 * e], slot[2 * e + 1]], 0) for e in range(n_experts)]),
+                )
             else:
                 yield f"{base}.mlp.experts.down_proj", torch.stack([slot[2 * e] for e in range(n_experts)])
     if pending:
         (base, kind), slot = next(iter(pending.items()))
-        names = ("w1/w3" if kind == "gate_up" else "w2")
-        raise CheckpointError(f"{source}: {base}: expert weights {names} incomplete ({len(slot)} of "
-                              f"{(2 if kind == 'gate_up' else 1) * n_experts} tensors); the checkpoint is "
-                              f"truncated or num_local_experts is wrong")
+        names = "w1/w3" if kind == "gate_up" else "w2"
+        raise CheckpointError(
+            f"{source}: {base}: expert weights {names} incomplete ({len(slot)} of "
+            f"{(2 if kind == 'gate_up' else 1) * n_experts} tensors); the checkpoint is "
+            f"truncated or num_local_experts is wrong"
+        )

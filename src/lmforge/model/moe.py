@@ -66,20 +66,20 @@ class MoE(nn.Module):
         top_w = top_w / top_w.sum(-1, keepdim=True).clamp_min(1e-9)
 
         # aux losses on the full (undropped) routing decision
-        assign = F.one_hot(top_i, E).sum(1).float()                      # [N, E] 0/1
-        f = assign.mean(0) / k                                           # share of assignments
-        p = (probs / probs.sum(-1, keepdim=True)).mean(0)                # mean routing prob
+        assign = F.one_hot(top_i, E).sum(1).float()  # [N, E] 0/1
+        f = assign.mean(0) / k  # share of assignments
+        p = (probs / probs.sum(-1, keepdim=True)).mean(0)  # mean routing prob
         self.aux_loss = E * (f * p).sum()
         self.z_loss = torch.logsumexp(logits, -1).pow(2).mean()
 
-        flat_e = top_i.reshape(-1)                                        # [N*k] expert of each assignment
-        flat_t = torch.arange(N, device=x.device).repeat_interleave(k)    # token of each assignment
+        flat_e = top_i.reshape(-1)  # [N*k] expert of each assignment
+        flat_t = torch.arange(N, device=x.device).repeat_interleave(k)  # token of each assignment
         flat_w = top_w.reshape(-1)
         keep = torch.ones_like(flat_e, dtype=torch.bool)
         if self.capacity_factor is not None:
             cap = max(1, math.ceil(self.capacity_factor * N * k / E))
             onehot = F.one_hot(flat_e, E)
-            pos = (onehot.cumsum(0) * onehot).sum(-1) - 1                 # rank within its expert
+            pos = (onehot.cumsum(0) * onehot).sum(-1) - 1  # rank within its expert
             keep = pos < cap
         out = torch.zeros_like(h)
         order = torch.argsort(flat_e, stable=True)
@@ -87,7 +87,7 @@ class MoE(nn.Module):
         sorted_keep = keep[order]
         start = 0
         for e, n_all in enumerate(torch.bincount(flat_e, minlength=E).tolist()):
-            idx = order[start:start + n_all][sorted_keep[start:start + n_all]]
+            idx = order[start : start + n_all][sorted_keep[start : start + n_all]]
             start += n_all
             if idx.numel() == 0:
                 continue
@@ -97,6 +97,8 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(h)
         dropped = int((~keep).sum())
-        self.stats = {"dropped_frac": dropped / max(flat_e.numel(), 1),
-                      "load_max": max(counts) * E / max(sum(counts), 1)}
+        self.stats = {
+            "dropped_frac": dropped / max(flat_e.numel(), 1),
+            "load_max": max(counts) * E / max(sum(counts), 1),
+        }
         return out.view(B, T, D)

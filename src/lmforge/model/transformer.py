@@ -56,8 +56,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
-                need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, need: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`need` = 1 + the largest position when the caller knows it on the host; then no
         `.max()` is read back (a device sync per forward on GPU, a graph break under compile)."""
         if need is None:  # explicit position ids (packing, padded decoding)
@@ -188,7 +189,11 @@ class Transformer(nn.Module):
                 else:
                     p.fill_(1.0)  # norm weights
                 continue
-            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else std
+            s = (
+                std / math.sqrt(2 * self.cfg.n_layers)
+                if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
+                else std
+            )
             nn.init.normal_(p, mean=0.0, std=s)
 
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
@@ -213,8 +218,9 @@ class Transformer(nn.Module):
     def loss(self, input_ids, targets, ignore_index: int = -100, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over targets != ignore_index (fp32 softmax)."""
         logits = self(input_ids, **kw)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index)
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
+        )
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         """Weighted load-balancing + z-loss of the last forward (None for dense models)."""

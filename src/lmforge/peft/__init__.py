@@ -3,4 +3,12 @@
 
 from .lora import LoraLinear, LoraSettings, apply_lora, load_adapter, merge_lora, save_adapter, set_merged
 
-__all__ = ["LoraLinear", "LoraSettings", "apply_lora", "load_adapter", "merge_lora", "save_adapter", "set_merged"]
+__all__ = [
+    "LoraLinear",
+    "LoraSettings",
+    "apply_lora",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
+    "set_merged",
+]

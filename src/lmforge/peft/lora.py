@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -49,8 +48,10 @@ class LoraSettings(BaseModel):
     r: int = Field(8, ge=1, description="rank")
     alpha: float = Field(16.0, gt=0, description="scale = alpha / r (alpha / sqrt(r) with use_rslora)")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(ALL_LINEAR),
-                                            description="module-name suffixes, or one regex matching whole names")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        description="module-name suffixes, or one regex matching whole names",
+    )
     use_rslora: bool = False
     use_dora: bool = False
 
@@ -98,7 +99,7 @@ class LoraLinear(nn.Module):
         delta = self.lora_B(self.lora_A(xa)) * self.scaling
         w = _base_weight(self.base_layer)
         norm = (w.float() + self.delta_weight()).norm(dim=1).detach()
-        mag = (self.lora_magnitude_vector / norm)
+        mag = self.lora_magnitude_vector / norm
         bias = getattr(self.base_layer, "bias", None)
         plain = out - bias if bias is not None else out
         y = plain.float() * mag + delta * mag
@@ -120,8 +121,10 @@ class LoraLinear(nn.Module):
         if self.merged:
             return
         if not isinstance(self.base_layer, nn.Linear):
-            raise ConfigError("cannot merge in place into a quantised base layer; use merge_lora(model) to get a "
-                              "dequantised merged model")
+            raise ConfigError(
+                "cannot merge in place into a quantised base layer; use merge_lora(model) to get a "
+                "dequantised merged model"
+            )
         w = self.base_layer.weight
         if self.use_dora:
             self._dora_norm = (w.float() + self.delta_weight()).norm(dim=1)
@@ -161,7 +164,9 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
             names.append(name)
     if not names:
         avail = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-        raise ConfigError(f"lora.target_modules {targets!r} matched no linear layer; names available: {avail}")
+        raise ConfigError(
+            f"lora.target_modules {targets!r} matched no linear layer; names available: {avail}"
+        )
     return names
 
 
@@ -231,12 +236,25 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     out.mkdir(parents=True, exist_ok=True)
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)})
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": s.r, "lora_alpha": s.alpha, "lora_dropout": s.dropout, "use_rslora": s.use_rslora,
-        "use_dora": s.use_dora, "target_modules": s.target_modules if isinstance(s.target_modules, str) else targets,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "library": "lmforge",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": s.r,
+        "lora_alpha": s.alpha,
+        "lora_dropout": s.dropout,
+        "use_rslora": s.use_rslora,
+        "use_dora": s.use_dora,
+        "target_modules": s.target_modules if isinstance(s.target_modules, str) else targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "library": "lmforge",
     }
     with atomic_path(out / "adapter_model.safetensors") as tmp:
         save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
@@ -247,8 +265,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
 def read_adapter_config(folder: str | Path) -> dict:
     f = Path(folder) / "adapter_config.json"
     if not f.is_file():
-        raise CheckpointError(f"{f}: not found; an adapter folder holds adapter_config.json and "
-                              f"adapter_model.safetensors")
+        raise CheckpointError(
+            f"{f}: not found; an adapter folder holds adapter_config.json and adapter_model.safetensors"
+        )
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
@@ -266,9 +285,14 @@ def settings_from_peft(cfg: dict, source: str) -> LoraSettings:
             raise CheckpointError(f"{source}: {key} is not supported")
     if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out"):
         raise CheckpointError(f"{source}: bias/fan_in_fan_out adapters are not supported")
-    return LoraSettings(r=cfg["r"], alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                        target_modules=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora")),
-                        use_dora=bool(cfg.get("use_dora")))
+    return LoraSettings(
+        r=cfg["r"],
+        alpha=cfg.get("lora_alpha", 8),
+        dropout=cfg.get("lora_dropout", 0.0),
+        target_modules=cfg["target_modules"],
+        use_rslora=bool(cfg.get("use_rslora")),
+        use_dora=bool(cfg.get("use_dora")),
+    )
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
@@ -279,13 +303,19 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     try:
         state = load_file(str(wfile))
     except (SafetensorError, OSError, ValueError) as e:
-        hint = " (.bin adapters: re-save with safe_serialization=True)" if (folder / "adapter_model.bin").exists() else ""
+        hint = (
+            " (.bin adapters: re-save with safe_serialization=True)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise CheckpointError(f"{wfile}: cannot read ({e}){hint}") from None
     if getattr(model, "lora_settings", None) is None:
         try:
             apply_lora(model, s)
         except ConfigError as e:
-            raise CheckpointError(f"{folder}: {e}; the adapter was made for a different architecture") from None
+            raise CheckpointError(
+                f"{folder}: {e}; the adapter was made for a different architecture"
+            ) from None
     own = {}
     for name, m in lora_modules(model):
         own[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
@@ -293,16 +323,23 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         if m.use_dora:
             own[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
     state = {k.replace(".default.", "."): v for k, v in state.items()}
-    state = {(k[:-len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k): v for k, v in state.items()}
+    state = {
+        (k[: -len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k): v
+        for k, v in state.items()
+    }
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
     if unexpected or missing:
-        raise CheckpointError(f"{wfile}: does not fit this model (unexpected {unexpected[:2]}, missing {missing[:2]}); "
-                              f"was it trained for a different base model?")
+        raise CheckpointError(
+            f"{wfile}: does not fit this model (unexpected {unexpected[:2]}, missing {missing[:2]}); "
+            f"was it trained for a different base model?"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{wfile}: {k} has shape {tuple(v.shape)} but this model needs "
-                                  f"{tuple(own[k].shape)}: the adapter was trained for a different base model")
+            raise CheckpointError(
+                f"{wfile}: {k} has shape {tuple(v.shape)} but this model needs "
+                f"{tuple(own[k].shape)}: the adapter was trained for a different base model"
+            )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -322,6 +359,9 @@ def trainable_summary(model: nn.Module) -> dict:
     for name, b in model.named_buffers():  # 4-bit weights live in buffers
         if name.endswith("qweight"):
             total += b.numel() * 2
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_fraction": round(trainable / max(total, 1), 6),
-            "optimizer_state_bytes": trainable * 8}
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": round(trainable / max(total, 1), 6),
+        "optimizer_state_bytes": trainable * 8,
+    }

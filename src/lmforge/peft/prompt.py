@@ -46,7 +46,9 @@ class PromptTuned(nn.Module):
         if init_ids:
             ids = (list(init_ids) * (n_virtual // len(init_ids) + 1))[:n_virtual]
         else:
-            ids = torch.randint(0, emb.shape[0], (n_virtual,), generator=torch.Generator().manual_seed(seed)).tolist()
+            ids = torch.randint(
+                0, emb.shape[0], (n_virtual,), generator=torch.Generator().manual_seed(seed)
+            ).tolist()
         self.prompt_embeddings = nn.Parameter(emb[torch.tensor(ids, device=emb.device)].float().clone())
 
     @property
@@ -68,7 +70,9 @@ class PromptTuned(nn.Module):
         x = torch.cat([prompt, x], dim=1)
         if position_ids is None:
             position_ids = torch.arange(T, device=dev)[None].expand(B, T)
-        pos = torch.cat([torch.arange(N, device=dev)[None].expand(B, N), position_ids.expand(B, T) + N], dim=1)
+        pos = torch.cat(
+            [torch.arange(N, device=dev)[None].expand(B, N), position_ids.expand(B, T) + N], dim=1
+        )
         if attn_mask is None:
             attn_mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None].expand(B, 1, T, T)
         full = torch.zeros(B, 1, N + T, N + T, dtype=torch.bool, device=dev)
@@ -82,29 +86,48 @@ class PromptTuned(nn.Module):
 
     def loss(self, input_ids, targets, ignore_index: int = -100, **kw):
         logits = self(input_ids, **kw)
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index
+        )
 
     # -- PEFT format
-    def save_adapter(self, out_dir: str | Path, base_model: str | None = None, settings: PromptSettings | None = None,
-                     tokenizer: str | None = None) -> Path:
+    def save_adapter(
+        self,
+        out_dir: str | Path,
+        base_model: str | None = None,
+        settings: PromptSettings | None = None,
+        tokenizer: str | None = None,
+    ) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "adapter_model.safetensors") as tmp:
-            save_file({"prompt_embeddings": self.prompt_embeddings.detach().cpu().contiguous()}, str(tmp),
-                      metadata={"format": "pt"})
+            save_file(
+                {"prompt_embeddings": self.prompt_embeddings.detach().cpu().contiguous()},
+                str(tmp),
+                metadata={"format": "pt"},
+            )
         text = settings is not None and settings.init == "text"
-        atomic_write_json(out / "adapter_config.json", {
-            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "num_virtual_tokens": self.n_virtual, "token_dim": self.cfg.d_model, "num_transformer_submodules": 1,
-            "num_attention_heads": self.cfg.n_heads, "num_layers": self.cfg.n_layers,
-            "prompt_tuning_init": "TEXT" if text else "RANDOM",
-            "prompt_tuning_init_text": settings.init_text if text else None,
-            "tokenizer_name_or_path": tokenizer if text else None, "inference_mode": True,
-        })
+        atomic_write_json(
+            out / "adapter_config.json",
+            {
+                "peft_type": "PROMPT_TUNING",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "num_virtual_tokens": self.n_virtual,
+                "token_dim": self.cfg.d_model,
+                "num_transformer_submodules": 1,
+                "num_attention_heads": self.cfg.n_heads,
+                "num_layers": self.cfg.n_layers,
+                "prompt_tuning_init": "TEXT" if text else "RANDOM",
+                "prompt_tuning_init_text": settings.init_text if text else None,
+                "tokenizer_name_or_path": tokenizer if text else None,
+                "inference_mode": True,
+            },
+        )
         return out
 
     @classmethod
-    def load_adapter(cls, model: Transformer, folder: str | Path) -> "PromptTuned":
+    def load_adapter(cls, model: Transformer, folder: str | Path) -> PromptTuned:
         import json
 
         folder = Path(folder)
@@ -119,8 +142,10 @@ class PromptTuned(nn.Module):
         if emb is None or emb.dim() != 2:
             raise CheckpointError(f"{folder}: adapter_model.safetensors has no [N, d] prompt_embeddings")
         if emb.shape[1] != model.cfg.d_model:
-            raise CheckpointError(f"{folder}: prompt_embeddings has width {emb.shape[1]} but the model's d_model is "
-                                  f"{model.cfg.d_model}: the adapter was trained for a different base model")
+            raise CheckpointError(
+                f"{folder}: prompt_embeddings has width {emb.shape[1]} but the model's d_model is "
+                f"{model.cfg.d_model}: the adapter was trained for a different base model"
+            )
         wrapped = cls(model, emb.shape[0], init_ids=[0])
         with torch.no_grad():
             wrapped.prompt_embeddings.copy_(emb)

@@ -42,23 +42,32 @@ class QLoraSettings(BaseModel):
 
     backend: str = Field("auto", pattern="^(auto|torchao|bitsandbytes)$", description="NF4 quantiser")
     compute_dtype: str = Field("bfloat16", pattern="^(bfloat16|float16|float32)$")
-    optimizer: str = Field("adamw", pattern="^(adamw|adamw8bit|paged_adamw8bit)$",
-                           description="8-bit / paged AdamW from bitsandbytes where available")
+    optimizer: str = Field(
+        "adamw",
+        pattern="^(adamw|adamw8bit|paged_adamw8bit)$",
+        description="8-bit / paged AdamW from bitsandbytes where available",
+    )
 
 
 def resolve_backend(name: str) -> str:
     if name in ("auto", "torchao"):
         try:
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor  # noqa: F401
+
             return "torchao"
         except ImportError:
             if name == "torchao":
-                raise ConfigError("qlora.backend=torchao but torchao is not installed (pip install torchao)") from None
+                raise ConfigError(
+                    "qlora.backend=torchao but torchao is not installed (pip install torchao)"
+                ) from None
     try:
         import bitsandbytes.functional  # noqa: F401
+
         return "bitsandbytes"
     except ImportError:
-        raise ConfigError("QLoRA needs torchao or bitsandbytes for NF4 quantisation: pip install torchao") from None
+        raise ConfigError(
+            "QLoRA needs torchao or bitsandbytes for NF4 quantisation: pip install torchao"
+        ) from None
 
 
 def _nf4_tensor_cls():
@@ -98,8 +107,13 @@ class _DequantMatmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in 4-bit NF4 with double quantisation."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
@@ -128,7 +142,9 @@ class NF4Linear(nn.Module):
             self.register_buffer("code", st.code.float().contiguous(), persistent=False)
             self.register_buffer("code2", st.state2.code.contiguous(), persistent=False)
             self.scaler_block = st.state2.blocksize
-        self.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False) if bias is not None else None
+        self.bias = (
+            nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False) if bias is not None else None
+        )
 
     @property
     def weight(self):  # what code that inspects `.weight` (dtype / device) should see
@@ -146,11 +162,19 @@ class NF4Linear(nn.Module):
         else:
             import bitsandbytes.functional as bf
 
-            st2 = bf.QuantState(absmax=self.qscale_factor, code=self.code2, blocksize=self.scaler_block,
-                                dtype=torch.float32)
-            st = bf.QuantState(absmax=self.qscale, shape=torch.Size((self.out_features, self.in_features)),
-                               code=self.code, blocksize=BLOCK, quant_type="nf4", dtype=torch.float32,
-                               offset=self.qscale_mean[0], state2=st2)
+            st2 = bf.QuantState(
+                absmax=self.qscale_factor, code=self.code2, blocksize=self.scaler_block, dtype=torch.float32
+            )
+            st = bf.QuantState(
+                absmax=self.qscale,
+                shape=torch.Size((self.out_features, self.in_features)),
+                code=self.code,
+                blocksize=BLOCK,
+                quant_type="nf4",
+                dtype=torch.float32,
+                offset=self.qscale_mean[0],
+                state2=st2,
+            )
             w = bf.dequantize_4bit(self.qweight, st)
         return w.view(self.out_features, self.in_features).to(self.compute_dtype)
 
@@ -202,7 +226,9 @@ def load_quantized(folder: str | Path, s: QLoraSettings, device="cpu") -> Transf
         if key not in own:
             raise CheckpointError(f"{folder}: unexpected tensor {key} for this config.json")
         if tuple(own[key].shape) != tuple(t.shape):
-            raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)}, config.json implies {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"{folder}: {key} has shape {tuple(t.shape)}, config.json implies {tuple(own[key].shape)}"
+            )
         seen.add(key)
         mod_name, _, attr = key.rpartition(".")
         mod = model.get_submodule(mod_name)
@@ -244,8 +270,9 @@ def dequantize_model(model: Transformer, dtype: torch.dtype = torch.float32) -> 
     """Replace NF4 layers by dense ones (after `merge_lora`, or to export a quantised model)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, NF4Linear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype,
-                            device=m.qweight.device)
+            lin = nn.Linear(
+                m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=m.qweight.device
+            )
             with torch.no_grad():
                 lin.weight.copy_(m.dequantize().to(dtype))
                 if m.bias is not None:
@@ -256,9 +283,18 @@ def dequantize_model(model: Transformer, dtype: torch.dtype = torch.float32) -> 
 
 
 def nf4_bytes(model: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for n, b in model.named_buffers()
-               if n.rsplit(".", 1)[-1] in ("qweight", "qscale", "qscale_factor", "qscale_mean"))
+    return sum(
+        b.numel() * b.element_size()
+        for n, b in model.named_buffers()
+        if n.rsplit(".", 1)[-1] in ("qweight", "qscale", "qscale_factor", "qscale_mean")
+    )
 
 
-__all__ = ["NF4Linear", "QLoraSettings", "quantize_model", "load_quantized", "dequantize_model",
-           "build_optimizer"]
+__all__ = [
+    "NF4Linear",
+    "QLoraSettings",
+    "quantize_model",
+    "load_quantized",
+    "dequantize_model",
+    "build_optimizer",
+]

@@ -56,42 +56,145 @@ _AWS = "AWS EC2 on-demand list price, us-east-1, 2024 (instance price / 8 GPUs)"
 _T = 1e12
 
 # Sources: NVIDIA / AMD product datasheets. Dense = datasheet "with sparsity" figure / 2.
-CATALOGUE: dict[str, Accelerator] = {a.name: a for a in [
-    Accelerator("V100-SXM2", None, 125 * _T, 300, 32, 24.48 / 8,
-                "NVIDIA Tesla V100 datasheet (SXM2): 125 TFLOPS fp16 tensor, 300 W",
-                _AWS + ": p3.16xlarge $24.48/h", ("v100", "v100-sxm", "tesla-v100")),
-    Accelerator("V100-PCIe", None, 112 * _T, 250, 32, None,
-                "NVIDIA Tesla V100 datasheet (PCIe): 112 TFLOPS fp16 tensor, 250 W"),
-    Accelerator("A100-SXM-40GB", 312 * _T, 312 * _T, 400, 40, 32.77 / 8,
-                "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS (624 sparse), SXM 400 W",
-                _AWS + ": p4d.24xlarge $32.77/h", ("a100-40gb", "a100-sxm4-40gb")),
-    Accelerator("A100-SXM-80GB", 312 * _T, 312 * _T, 400, 80, 40.97 / 8,
-                "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS (624 sparse), SXM 400 W",
-                _AWS + ": p4de.24xlarge $40.97/h", ("a100", "a100-80gb", "a100-sxm", "a100-sxm4-80gb")),
-    Accelerator("A100-PCIe-80GB", 312 * _T, 312 * _T, 300, 80, None,
-                "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS, PCIe 300 W", "", ("a100-pcie",)),
-    Accelerator("H100-SXM", 989.4 * _T, 989.4 * _T, 700, 80, 98.32 / 8,
-                "NVIDIA H100 datasheet (SXM5): bf16/fp16 1,979 TFLOPS with sparsity, up to 700 W",
-                _AWS + ": p5.48xlarge $98.32/h (AWS cut P5 prices in June 2025)",
-                ("h100", "h100-sxm5", "h100-80gb")),
-    Accelerator("H100-PCIe", 756.5 * _T, 756.5 * _T, 350, 80, None,
-                "NVIDIA H100 datasheet (PCIe): bf16/fp16 1,513 TFLOPS with sparsity, 300-350 W"),
-    Accelerator("H100-NVL", 835.5 * _T, 835.5 * _T, 400, 94, None,
-                "NVIDIA H100 datasheet (NVL): bf16/fp16 1,671 TFLOPS with sparsity, 350-400 W"),
-    Accelerator("H200-SXM", 989.4 * _T, 989.4 * _T, 700, 141, None,
-                "NVIDIA H200 datasheet (SXM): bf16/fp16 1,979 TFLOPS with sparsity, up to 700 W",
-                "", ("h200", "h200-sxm5")),
-    Accelerator("H200-NVL", 835.5 * _T, 835.5 * _T, 600, 141, None,
-                "NVIDIA H200 datasheet (NVL): bf16/fp16 1,671 TFLOPS with sparsity, up to 600 W"),
-    Accelerator("B200", 2250 * _T, 2250 * _T, 1000, 180, None,
-                "NVIDIA HGX B200 datasheet: bf16/fp16 4.5 PFLOPS per GPU with sparsity, 1000 W",
-                "", ("b200-hgx",)),
-    Accelerator("MI300X", 1307.4 * _T, 1307.4 * _T, 750, 192, None,
-                "AMD Instinct MI300X datasheet: bf16/fp16 1,307.4 TFLOPS dense, 750 W board power"),
-    Accelerator("RTX-4090", 165.2 * _T, 165.2 * _T, 450, 24, None,
-                "NVIDIA Ada Lovelace architecture whitepaper, Appendix A: bf16/fp16 tensor with "
-                "fp32 accumulate 165.2 TFLOPS dense; 450 W total graphics power", "", ("4090",)),
-]}
+CATALOGUE: dict[str, Accelerator] = {
+    a.name: a
+    for a in [
+        Accelerator(
+            "V100-SXM2",
+            None,
+            125 * _T,
+            300,
+            32,
+            24.48 / 8,
+            "NVIDIA Tesla V100 datasheet (SXM2): 125 TFLOPS fp16 tensor, 300 W",
+            _AWS + ": p3.16xlarge $24.48/h",
+            ("v100", "v100-sxm", "tesla-v100"),
+        ),
+        Accelerator(
+            "V100-PCIe",
+            None,
+            112 * _T,
+            250,
+            32,
+            None,
+            "NVIDIA Tesla V100 datasheet (PCIe): 112 TFLOPS fp16 tensor, 250 W",
+        ),
+        Accelerator(
+            "A100-SXM-40GB",
+            312 * _T,
+            312 * _T,
+            400,
+            40,
+            32.77 / 8,
+            "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS (624 sparse), SXM 400 W",
+            _AWS + ": p4d.24xlarge $32.77/h",
+            ("a100-40gb", "a100-sxm4-40gb"),
+        ),
+        Accelerator(
+            "A100-SXM-80GB",
+            312 * _T,
+            312 * _T,
+            400,
+            80,
+            40.97 / 8,
+            "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS (624 sparse), SXM 400 W",
+            _AWS + ": p4de.24xlarge $40.97/h",
+            ("a100", "a100-80gb", "a100-sxm", "a100-sxm4-80gb"),
+        ),
+        Accelerator(
+            "A100-PCIe-80GB",
+            312 * _T,
+            312 * _T,
+            300,
+            80,
+            None,
+            "NVIDIA A100 datasheet: bf16/fp16 tensor 312 TFLOPS, PCIe 300 W",
+            "",
+            ("a100-pcie",),
+        ),
+        Accelerator(
+            "H100-SXM",
+            989.4 * _T,
+            989.4 * _T,
+            700,
+            80,
+            98.32 / 8,
+            "NVIDIA H100 datasheet (SXM5): bf16/fp16 1,979 TFLOPS with sparsity, up to 700 W",
+            _AWS + ": p5.48xlarge $98.32/h (AWS cut P5 prices in June 2025)",
+            ("h100", "h100-sxm5", "h100-80gb"),
+        ),
+        Accelerator(
+            "H100-PCIe",
+            756.5 * _T,
+            756.5 * _T,
+            350,
+            80,
+            None,
+            "NVIDIA H100 datasheet (PCIe): bf16/fp16 1,513 TFLOPS with sparsity, 300-350 W",
+        ),
+        Accelerator(
+            "H100-NVL",
+            835.5 * _T,
+            835.5 * _T,
+            400,
+            94,
+            None,
+            "NVIDIA H100 datasheet (NVL): bf16/fp16 1,671 TFLOPS with sparsity, 350-400 W",
+        ),
+        Accelerator(
+            "H200-SXM",
+            989.4 * _T,
+            989.4 * _T,
+            700,
+            141,
+            None,
+            "NVIDIA H200 datasheet (SXM): bf16/fp16 1,979 TFLOPS with sparsity, up to 700 W",
+            "",
+            ("h200", "h200-sxm5"),
+        ),
+        Accelerator(
+            "H200-NVL",
+            835.5 * _T,
+            835.5 * _T,
+            600,
+            141,
+            None,
+            "NVIDIA H200 datasheet (NVL): bf16/fp16 1,671 TFLOPS with sparsity, up to 600 W",
+        ),
+        Accelerator(
+            "B200",
+            2250 * _T,
+            2250 * _T,
+            1000,
+            180,
+            None,
+            "NVIDIA HGX B200 datasheet: bf16/fp16 4.5 PFLOPS per GPU with sparsity, 1000 W",
+            "",
+            ("b200-hgx",),
+        ),
+        Accelerator(
+            "MI300X",
+            1307.4 * _T,
+            1307.4 * _T,
+            750,
+            192,
+            None,
+            "AMD Instinct MI300X datasheet: bf16/fp16 1,307.4 TFLOPS dense, 750 W board power",
+        ),
+        Accelerator(
+            "RTX-4090",
+            165.2 * _T,
+            165.2 * _T,
+            450,
+            24,
+            None,
+            "NVIDIA Ada Lovelace architecture whitepaper, Appendix A: bf16/fp16 tensor with "
+            "fp32 accumulate 165.2 TFLOPS dense; 450 W total graphics power",
+            "",
+            ("4090",),
+        ),
+    ]
+}
 
 
 def _key(s: str) -> str:
@@ -111,8 +214,10 @@ def get_accelerator(name: str | Accelerator) -> Accelerator:
         return name
     hit = _INDEX.get(_key(name))
     if hit is None:
-        raise ConfigError(f"unknown accelerator {name!r}; known: {', '.join(CATALOGUE)} "
-                          "(or pass the effective FLOP/s yourself: --effective-tflops)")
+        raise ConfigError(
+            f"unknown accelerator {name!r}; known: {', '.join(CATALOGUE)} "
+            "(or pass the effective FLOP/s yourself: --effective-tflops)"
+        )
     return CATALOGUE[hit]
 
 
@@ -220,16 +325,25 @@ def _check_positive(name: str, value: float | None, allow_zero: bool = False) ->
     except (TypeError, ValueError):
         x = float("nan")
     if not (math.isfinite(x) and (x >= 0 if allow_zero else x > 0)):
-        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                          f"finite number, got {value!r}")
+        raise ConfigError(
+            f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}"
+        )
 
 
-def estimate_cost(flops: float | None = None, *, gpu_hours: float | None = None,
-                  accelerator: str | Accelerator = "H100-SXM", n_gpus: int = 1,
-                  mfu: float = DEFAULT_MFU, effective_flops: float | None = None,
-                  dtype: str = "auto", price_per_hour: float | None = None,
-                  power_watts: float | None = None, pue: float = DEFAULT_PUE,
-                  carbon_intensity: float = DEFAULT_CARBON_INTENSITY) -> CostEstimate:
+def estimate_cost(
+    flops: float | None = None,
+    *,
+    gpu_hours: float | None = None,
+    accelerator: str | Accelerator = "H100-SXM",
+    n_gpus: int = 1,
+    mfu: float = DEFAULT_MFU,
+    effective_flops: float | None = None,
+    dtype: str = "auto",
+    price_per_hour: float | None = None,
+    power_watts: float | None = None,
+    pue: float = DEFAULT_PUE,
+    carbon_intensity: float = DEFAULT_CARBON_INTENSITY,
+) -> CostEstimate:
     """Cost, time, energy and CO2 of a run given its FLOPs *or* its GPU-hours.
 
     `effective_flops` (FLOP/s per GPU actually achieved) overrides peak x `mfu`.
@@ -239,9 +353,14 @@ def estimate_cost(flops: float | None = None, *, gpu_hours: float | None = None,
     if (flops is None) == (gpu_hours is None):
         raise ConfigError("give exactly one of flops or gpu_hours")
     acc = get_accelerator(accelerator)
-    for name, v in (("flops", flops), ("gpu_hours", gpu_hours), ("effective_flops", effective_flops),
-                    ("price_per_hour", price_per_hour), ("power_watts", power_watts),
-                    ("pue", pue)):
+    for name, v in (
+        ("flops", flops),
+        ("gpu_hours", gpu_hours),
+        ("effective_flops", effective_flops),
+        ("price_per_hour", price_per_hour),
+        ("power_watts", power_watts),
+        ("pue", pue),
+    ):
         _check_positive(name, v)
     _check_positive("carbon_intensity", carbon_intensity, allow_zero=True)
     if not isinstance(n_gpus, int) or n_gpus < 1:
@@ -262,21 +381,42 @@ def estimate_cost(flops: float | None = None, *, gpu_hours: float | None = None,
     if price is None:
         notes.append(f"no price for {acc.name} in the catalogue; pass a price per GPU-hour")
     elif price_per_hour is None:
-        notes.append(f"price ${price:.2f}/GPU-h is an indicative list price ({acc.price_source}); "
-                     "pass your own")
+        notes.append(
+            f"price ${price:.2f}/GPU-h is an indicative list price ({acc.price_source}); pass your own"
+        )
     power = float(power_watts if power_watts is not None else acc.tdp_watts)
     kwh = gpu_hours * power * pue / 1000.0
     return CostEstimate(
-        flops=float(flops), accelerator=acc.name, n_gpus=n_gpus, effective_flops_per_gpu=eff,
-        mfu=used_mfu, gpu_hours=float(gpu_hours), wall_hours=float(gpu_hours) / n_gpus,
-        price_per_hour=price, cost_usd=None if price is None else gpu_hours * price,
-        power_watts=power, pue=pue, kwh=kwh, carbon_intensity=carbon_intensity,
-        tco2e=kwh * carbon_intensity / 1000.0, notes=notes)
+        flops=float(flops),
+        accelerator=acc.name,
+        n_gpus=n_gpus,
+        effective_flops_per_gpu=eff,
+        mfu=used_mfu,
+        gpu_hours=float(gpu_hours),
+        wall_hours=float(gpu_hours) / n_gpus,
+        price_per_hour=price,
+        cost_usd=None if price is None else gpu_hours * price,
+        power_watts=power,
+        pue=pue,
+        kwh=kwh,
+        carbon_intensity=carbon_intensity,
+        tco2e=kwh * carbon_intensity / 1000.0,
+        notes=notes,
+    )
 
 
 def catalogue_rows() -> list[dict]:
     """The catalogue as plain rows (for `lmforge scaling cost --list-gpus`)."""
-    return [{"name": a.name, "bf16_tflops": a.bf16_flops and a.bf16_flops / _T,
-             "fp16_tflops": a.fp16_flops / _T, "tdp_watts": a.tdp_watts, "memory_gb": a.memory_gb,
-             "price_per_hour": a.price_per_hour, "source": a.source,
-             "price_source": a.price_source} for a in CATALOGUE.values()]
+    return [
+        {
+            "name": a.name,
+            "bf16_tflops": a.bf16_flops and a.bf16_flops / _T,
+            "fp16_tflops": a.fp16_flops / _T,
+            "tdp_watts": a.tdp_watts,
+            "memory_gb": a.memory_gb,
+            "price_per_hour": a.price_per_hour,
+            "source": a.source,
+            "price_source": a.price_source,
+        }
+        for a in CATALOGUE.values()
+    ]

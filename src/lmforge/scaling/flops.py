@@ -64,14 +64,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> FlopsPerTok
     fwd = cfg.flops_per_token(seq, training=False)
     attn = 4.0 * cfg.n_layers * seq * cfg.n_heads * cfg.head_dim
     n = cfg.param_count()
-    return FlopsPerToken(seq_len=seq, n_params=n, n_non_embedding=cfg.non_embedding_params(),
-                         forward=fwd, backward=2.0 * fwd, attention_forward=attn,
-                         approx_6n=6.0 * n)
+    return FlopsPerToken(
+        seq_len=seq,
+        n_params=n,
+        n_non_embedding=cfg.non_embedding_params(),
+        forward=fwd,
+        backward=2.0 * fwd,
+        attention_forward=attn,
+        approx_6n=6.0 * n,
+    )
 
 
-def flops_per_token_from_shape(n_params: float, n_layers: int | None = None,
-                               d_model: int | None = None, seq_len: int | None = None
-                               ) -> FlopsPerToken:
+def flops_per_token_from_shape(
+    n_params: float, n_layers: int | None = None, d_model: int | None = None, seq_len: int | None = None
+) -> FlopsPerToken:
     """FLOPs per token when only N is known; the attention term is added when the depth,
     width and sequence length are given (PaLM: 6N + 12 L T d)."""
     _positive("n_params", n_params)
@@ -84,9 +90,15 @@ def flops_per_token_from_shape(n_params: float, n_layers: int | None = None,
         _positive("seq_len", seq_len)
         attn = 4.0 * n_layers * seq_len * d_model
     fwd = 2.0 * n_params + attn
-    return FlopsPerToken(seq_len=int(seq_len or 0), n_params=int(n_params),
-                         n_non_embedding=None, forward=fwd, backward=2.0 * fwd,
-                         attention_forward=attn, approx_6n=6.0 * n_params)
+    return FlopsPerToken(
+        seq_len=int(seq_len or 0),
+        n_params=int(n_params),
+        n_non_embedding=None,
+        forward=fwd,
+        backward=2.0 * fwd,
+        attention_forward=attn,
+        approx_6n=6.0 * n_params,
+    )
 
 
 def training_flops(n_params: float, tokens: float) -> float:
@@ -96,16 +108,16 @@ def training_flops(n_params: float, tokens: float) -> float:
     return 6.0 * float(n_params) * float(tokens)
 
 
-def training_flops_for_config(cfg: ModelConfig, tokens: float, seq_len: int | None = None,
-                              exact: bool = True) -> float:
+def training_flops_for_config(
+    cfg: ModelConfig, tokens: float, seq_len: int | None = None, exact: bool = True
+) -> float:
     """Training FLOPs of `tokens` tokens for a config: exact (with attention) or 6N."""
     _positive("tokens", tokens)
     f = flops_per_token(cfg, seq_len)
     return (f.training if exact else f.approx_6n) * float(tokens)
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float,
-        n_devices: int = 1) -> float:
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float, n_devices: int = 1) -> float:
     """Model FLOPs utilization: achieved model FLOP/s over the devices' combined peak.
 
     `flops_per_token` is the *training* figure (forward + backward), e.g.

@@ -28,9 +28,10 @@ import contextlib
 import csv
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class ParametricLaw:
 
     def loss(self, n, d):
         n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
-        out = self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+        out = self.E + self.A / n**self.alpha + self.B / d**self.beta
         return float(out) if out.ndim == 0 else out
 
     @property
@@ -90,23 +91,41 @@ class ParametricLaw:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, name: str | None = None) -> "ParametricLaw":
+    def from_dict(cls, d: dict, name: str | None = None) -> ParametricLaw:
         try:
-            return cls(E=float(d["E"]), A=float(d["A"]), B=float(d["B"]), alpha=float(d["alpha"]),
-                       beta=float(d["beta"]), name=name or d.get("name", "fit"),
-                       source=d.get("source", ""))
+            return cls(
+                E=float(d["E"]),
+                A=float(d["A"]),
+                B=float(d["B"]),
+                alpha=float(d["alpha"]),
+                beta=float(d["beta"]),
+                name=name or d.get("name", "fit"),
+                source=d.get("source", ""),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"law needs numeric E, A, B, alpha, beta ({e})") from None
 
 
 CHINCHILLA = ParametricLaw(
-    1.69, 406.4, 410.7, 0.34, 0.28, "chinchilla",
+    1.69,
+    406.4,
+    410.7,
+    0.34,
+    0.28,
+    "chinchilla",
     "Hoffmann et al. 2022, Training Compute-Optimal LLMs, arXiv:2203.15556, Sec. 3.3 "
-    "(approach 3; MassiveText, total parameters)")
+    "(approach 3; MassiveText, total parameters)",
+)
 BESIROGLU2024 = ParametricLaw(
-    1.8172, 482.01, 2085.43, 0.3478, 0.3658, "besiroglu2024",
+    1.8172,
+    482.01,
+    2085.43,
+    0.3478,
+    0.3658,
+    "besiroglu2024",
     "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt, arXiv:2404.10102 "
-    "(refit of approach 3 on data read from Chinchilla's plots)")
+    "(refit of approach 3 on data read from Chinchilla's plots)",
+)
 PUBLISHED_LAWS = {law.name: law for law in (CHINCHILLA, BESIROGLU2024)}
 
 
@@ -122,8 +141,10 @@ def load_law(spec: str | Path | ParametricLaw | None = None) -> ParametricLaw:
     data = load_fit_json(spec)
     law = (data.get("parametric") or {}).get("law")
     if not law:
-        raise ConfigError(f"{spec}: has no parametric law (the fit was skipped: "
-                          f"{(data.get('parametric') or {}).get('skipped', 'unknown reason')})")
+        raise ConfigError(
+            f"{spec}: has no parametric law (the fit was skipped: "
+            f"{(data.get('parametric') or {}).get('skipped', 'unknown reason')})"
+        )
     return ParametricLaw.from_dict(law, name=f"fit:{Path(str(spec)).name}")
 
 
@@ -132,8 +153,10 @@ def load_fit_json(path: str | Path) -> dict:
     if p.is_dir():
         p = p / "fit.json"
     if not p.is_file():
-        raise ConfigError(f"{path}: not a known law ({', '.join(PUBLISHED_LAWS)}) and no such "
-                          "fit.json (make one with `lmforge scaling fit ... --out DIR`)")
+        raise ConfigError(
+            f"{path}: not a known law ({', '.join(PUBLISHED_LAWS)}) and no such "
+            "fit.json (make one with `lmforge scaling fit ... --out DIR`)"
+        )
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -169,13 +192,13 @@ class PowerLaw:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PowerLaw":
-        return cls(**{k: d[k] for k in ("name", "coef", "exponent", "n_points", "r2", "x", "y",
-                                        "source") if k in d})
+    def from_dict(cls, d: dict) -> PowerLaw:
+        return cls(
+            **{k: d[k] for k in ("name", "coef", "exponent", "n_points", "r2", "x", "y", "source") if k in d}
+        )
 
 
-def fit_power_law(x, y, name: str, x_name: str = "x", y_name: str = "y",
-                  source: str = "") -> PowerLaw:
+def fit_power_law(x, y, name: str, x_name: str = "x", y_name: str = "y", source: str = "") -> PowerLaw:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(np.unique(x)) < 2:
         raise FitError(f"{name}: a power law needs at least 2 distinct {x_name} values")
@@ -183,7 +206,7 @@ def fit_power_law(x, y, name: str, x_name: str = "x", y_name: str = "y",
     slope, icpt = np.polyfit(lx, ly, 1)
     resid = ly - (icpt + slope * lx)
     ss = float(np.sum((ly - ly.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(resid ** 2)) / ss if ss > 0 else 1.0
+    r2 = 1.0 - float(np.sum(resid**2)) / ss if ss > 0 else 1.0
     return PowerLaw(name, float(math.exp(icpt)), float(slope), len(x), r2, x_name, y_name, source)
 
 
@@ -231,7 +254,7 @@ class RunTable:
         return np.array([r.compute for r in self.runs], dtype=float)
 
     @classmethod
-    def from_arrays(cls, n, d, loss, **columns) -> "RunTable":
+    def from_arrays(cls, n, d, loss, **columns) -> RunTable:
         """Build (and validate) a table from arrays; extra columns: flops, budget, lr, ..."""
         n, d, loss = (np.asarray(v, dtype=float).ravel() for v in (n, d, loss))
         if not (len(n) == len(d) == len(loss)):
@@ -306,8 +329,10 @@ def _build_table(rows: list[tuple[dict, str]], sources: list[str], drop_invalid:
             errors.append(f"{where}: {e}")
     if errors and not drop_invalid:
         shown = "; ".join(errors[:5]) + (f"; ... and {len(errors) - 5} more" if len(errors) > 5 else "")
-        raise DataError(f"{len(errors)} invalid run(s): {shown}. Fix or remove them, or pass "
-                        "--drop-invalid (drop_invalid=True) to skip them")
+        raise DataError(
+            f"{len(errors)} invalid run(s): {shown}. Fix or remove them, or pass "
+            "--drop-invalid (drop_invalid=True) to skip them"
+        )
     warnings = [f"skipped {e}" for e in errors]
     if not runs:
         raise DataError(f"no valid runs in {', '.join(sources)}")
@@ -335,14 +360,21 @@ def _manifest_row(stage_dir: Path) -> tuple[dict, str]:
     if m.get("status") != "complete":
         return {"_error": f"status is {m.get('status')!r}, not 'complete'"}, where
     metrics, config = m.get("metrics") or {}, m.get("config") or {}
-    row = {"params": metrics.get("params"), "tokens": metrics.get("tokens"),
-           "val_loss": metrics.get("val_loss"), "flops": metrics.get("flops"),
-           "budget": metrics.get("budget"),
-           "lr": metrics.get("lr") or _first_key(config, ("lr", "learning_rate")),
-           "batch_tokens": metrics.get("batch_tokens") or _first_key(config, ("batch_tokens",)),
-           "name": stage_dir.parent.name if stage_dir.name == "pretrain" else stage_dir.name}
-    for key, label in (("params", "metrics.params"), ("tokens", "metrics.tokens"),
-                       ("val_loss", "metrics.val_loss")):
+    row = {
+        "params": metrics.get("params"),
+        "tokens": metrics.get("tokens"),
+        "val_loss": metrics.get("val_loss"),
+        "flops": metrics.get("flops"),
+        "budget": metrics.get("budget"),
+        "lr": metrics.get("lr") or _first_key(config, ("lr", "learning_rate")),
+        "batch_tokens": metrics.get("batch_tokens") or _first_key(config, ("batch_tokens",)),
+        "name": stage_dir.parent.name if stage_dir.name == "pretrain" else stage_dir.name,
+    }
+    for key, label in (
+        ("params", "metrics.params"),
+        ("tokens", "metrics.tokens"),
+        ("val_loss", "metrics.val_loss"),
+    ):
         if row[key] is None:
             return {"_error": f"{label} is missing from the manifest"}, where
     return row, where
@@ -355,8 +387,10 @@ def _dir_rows(path: Path) -> list[tuple[dict, str]]:
         return [_manifest_row(path)]
     found = sorted(p.parent.parent for p in path.glob("*/pretrain/manifest.json"))
     if not found:
-        raise DataError(f"{path}: no lmforge runs here (expected {path}/pretrain/manifest.json "
-                        f"or {path}/<run>/pretrain/manifest.json)")
+        raise DataError(
+            f"{path}: no lmforge runs here (expected {path}/pretrain/manifest.json "
+            f"or {path}/<run>/pretrain/manifest.json)"
+        )
     return [_manifest_row(p / "pretrain") for p in found]
 
 
@@ -393,20 +427,23 @@ def _file_rows(path: Path) -> list[tuple[dict, str]]:
             raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         items = obj.get("runs") if isinstance(obj, dict) else obj
         if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
-            raise DataError(f"{path}: expected a list of run objects (or {{\"runs\": [...]}})")
+            raise DataError(f'{path}: expected a list of run objects (or {{"runs": [...]}})')
         if items:
             _check_columns(path, set().union(*(r.keys() for r in items)))
         return [(r, f"{path}[{i}]") for i, r in enumerate(items)]
-    raise DataError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl, .json "
-                    "or an lmforge run directory")
+    raise DataError(
+        f"{path}: unknown table format {suffix!r}; use .csv, .tsv, .jsonl, .json or an lmforge run directory"
+    )
 
 
 def _check_columns(path: Path, columns: Iterable[str]) -> None:
     cols = {str(c).strip().lower() for c in columns}
     for f, label in _REQUIRED.items():
         if not cols & set(_ALIASES[f]):
-            raise DataError(f"{path}: no column for {label}; expected one of "
-                            f"{', '.join(_ALIASES[f])}; found {', '.join(sorted(cols)) or 'none'}")
+            raise DataError(
+                f"{path}: no column for {label}; expected one of "
+                f"{', '.join(_ALIASES[f])}; found {', '.join(sorted(cols)) or 'none'}"
+            )
 
 
 def load_runs(paths: str | Path | Iterable[str | Path], drop_invalid: bool = False) -> RunTable:
@@ -439,7 +476,7 @@ def load_runs(paths: str | Path | Iterable[str | Path], drop_invalid: bool = Fal
 # ============================================================================ approach 3
 def _lse_terms(theta: np.ndarray, logn: np.ndarray, logd: np.ndarray):
     """Per-run terms of log L_hat = LSE(t1, t2, t3) for parameter rows theta (k, 5)."""
-    a, b, e, al, be = (theta[:, i:i + 1] for i in range(5))
+    a, b, e, al, be = (theta[:, i : i + 1] for i in range(5))
     t1 = a - al * logn[None, :]
     t2 = b - be * logd[None, :]
     t3 = np.broadcast_to(e, t1.shape)
@@ -459,8 +496,15 @@ def _objective(theta, logn, logd, logl, delta):
     pred, w1, w2, w3 = _lse_terms(theta[None, :], logn, logd)
     r = pred[0] - logl
     g = np.clip(r / delta, -1.0, 1.0)
-    grad = np.array([np.sum(g * w1[0]), np.sum(g * w2[0]), np.sum(g * w3[0]),
-                     -np.sum(g * w1[0] * logn), -np.sum(g * w2[0] * logd)])
+    grad = np.array(
+        [
+            np.sum(g * w1[0]),
+            np.sum(g * w2[0]),
+            np.sum(g * w3[0]),
+            -np.sum(g * w1[0] * logn),
+            -np.sum(g * w2[0] * logd),
+        ]
+    )
     return float(np.sum(_huber_scaled(r, delta))), grad
 
 
@@ -495,11 +539,18 @@ class ParametricFit:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"law": self.law.to_dict(), "ci95": {k: list(v) for k, v in self.ci95.items()},
-                "se": self.se, "n_runs": self.n_runs, "n_bootstrap": self.n_bootstrap,
-                "n_bootstrap_ok": self.n_bootstrap_ok, "objective": self.objective,
-                "rmse_log": self.rmse_log, "huber_delta": self.huber_delta,
-                "warnings": self.warnings}
+        return {
+            "law": self.law.to_dict(),
+            "ci95": {k: list(v) for k, v in self.ci95.items()},
+            "se": self.se,
+            "n_runs": self.n_runs,
+            "n_bootstrap": self.n_bootstrap,
+            "n_bootstrap_ok": self.n_bootstrap_ok,
+            "objective": self.objective,
+            "rmse_log": self.rmse_log,
+            "huber_delta": self.huber_delta,
+            "warnings": self.warnings,
+        }
 
 
 _BOUNDS_EXP = (0.0, 5.0)  # alpha, beta; a, b, e are bounded in fit_parametric
@@ -509,16 +560,25 @@ def _check_spread(n: np.ndarray, d: np.ndarray, need: int = 3) -> None:
     for arr, label in ((n, "N (parameters)"), (d, "D (tokens)")):
         k = len(np.unique(arr))
         if k < need:
-            raise FitError(f"the runs use only {k} distinct value(s) of {label}; the parametric "
-                           f"law needs at least {need} to separate its terms. Add runs at more "
-                           f"{label.split()[0]} values")
+            raise FitError(
+                f"the runs use only {k} distinct value(s) of {label}; the parametric "
+                f"law needs at least {need} to separate its terms. Add runs at more "
+                f"{label.split()[0]} values"
+            )
 
 
 def _minimize(theta0, args, bounds, maxiter=2000):
     from scipy.optimize import minimize
 
-    return minimize(_objective, theta0, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
-                    options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9})
+    return minimize(
+        _objective,
+        theta0,
+        args=args,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": maxiter, "ftol": 1e-14, "gtol": 1e-9},
+    )
 
 
 def _check_identified(theta: np.ndarray, bounds: list, table: RunTable) -> None:
@@ -527,24 +587,32 @@ def _check_identified(theta: np.ndarray, bounds: list, table: RunTable) -> None:
     for i, (lo, hi) in enumerate(bounds):
         if not (lo + 5e-3 < theta[i] < hi - 5e-3):
             if i == 2:
-                raise FitError(f"the parametric fit is degenerate: the irreducible loss E = "
-                               f"{math.exp(theta[i]):.3g} hit its bound; the runs show no loss "
-                               "floor. Runs at larger N and D are needed to locate E")
+                raise FitError(
+                    f"the parametric fit is degenerate: the irreducible loss E = "
+                    f"{math.exp(theta[i]):.3g} hit its bound; the runs show no loss "
+                    "floor. Runs at larger N and D are needed to locate E"
+                )
             var = "N" if i in (0, 3) else "D"
-            raise FitError(f"the parametric fit is degenerate: {labels[i]} = {theta[i]:.3g} hit its "
-                           f"bound [{lo:g}, {hi:g}], so the runs do not pin down how loss depends on "
-                           f"{var}. Either loss barely depends on {var} here, or the sweep spans too "
-                           f"narrow a range; check the runs and widen the sweep")
+            raise FitError(
+                f"the parametric fit is degenerate: {labels[i]} = {theta[i]:.3g} hit its "
+                f"bound [{lo:g}, {hi:g}], so the runs do not pin down how loss depends on "
+                f"{var}. Either loss barely depends on {var} here, or the sweep spans too "
+                f"narrow a range; check the runs and widen the sweep"
+            )
     nat = _natural(theta)
     resid = _lse_terms(theta[None, :], np.log(table.n), np.log(table.d))[0][0] - np.log(table.loss)
-    noise = max(1e-4, float(np.sqrt(np.mean(resid ** 2))) * float(table.loss.mean()))
-    for term, x, what in ((nat["A"] / table.n ** nat["alpha"], "N", "model sizes"),
-                          (nat["B"] / table.d ** nat["beta"], "D", "token counts")):
+    noise = max(1e-4, float(np.sqrt(np.mean(resid**2))) * float(table.loss.mean()))
+    for term, x, what in (
+        (nat["A"] / table.n ** nat["alpha"], "N", "model sizes"),
+        (nat["B"] / table.d ** nat["beta"], "D", "token counts"),
+    ):
         if float(term.max() - term.min()) < noise:
-            raise FitError(f"the fitted law says loss does not change with {x} across these runs "
-                           f"(the {x} term varies by {float(term.max() - term.min()):.2g} nats, "
-                           f"less than the noise {noise:.2g}); the fit cannot give a compute-optimal "
-                           f"{x}. Add runs over a wider range of {what}")
+            raise FitError(
+                f"the fitted law says loss does not change with {x} across these runs "
+                f"(the {x} term varies by {float(term.max() - term.min()):.2g} nats, "
+                f"less than the noise {noise:.2g}); the fit cannot give a compute-optimal "
+                f"{x}. Add runs over a wider range of {what}"
+            )
 
 
 def _one_blas_thread():
@@ -559,36 +627,46 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def fit_parametric(table: RunTable, *, n_bootstrap: int = 200, seed: int = 0,
-                   n_starts: int = 16, delta: float = HUBER_DELTA) -> ParametricFit:
+def fit_parametric(
+    table: RunTable, *, n_bootstrap: int = 200, seed: int = 0, n_starts: int = 16, delta: float = HUBER_DELTA
+) -> ParametricFit:
     """Chinchilla approach 3 with bootstrap confidence intervals (see module docstring)."""
     try:
         import scipy.optimize  # noqa: F401  (loaded before the thread limit so that it applies)
     except ImportError:
-        raise LMForgeError("fitting needs scipy: pip install 'lmforge[plot]' "
-                           "(or pip install scipy)") from None
+        raise LMForgeError(
+            "fitting needs scipy: pip install 'lmforge[plot]' (or pip install scipy)"
+        ) from None
     with _one_blas_thread():
         return _fit_parametric(table, n_bootstrap, seed, n_starts, delta)
 
 
-def _fit_parametric(table: RunTable, n_bootstrap: int, seed: int, n_starts: int,
-                    delta: float) -> ParametricFit:
+def _fit_parametric(
+    table: RunTable, n_bootstrap: int, seed: int, n_starts: int, delta: float
+) -> ParametricFit:
     n_runs = len(table)
     if n_runs <= len(_NAMES):
-        raise FitError(f"the parametric law L = E + A/N^alpha + B/D^beta has {len(_NAMES)} "
-                       f"parameters and needs more runs than that; got {n_runs}. Add runs "
-                       "(ideally 3+ model sizes x 3+ token counts)")
+        raise FitError(
+            f"the parametric law L = E + A/N^alpha + B/D^beta has {len(_NAMES)} "
+            f"parameters and needs more runs than that; got {n_runs}. Add runs "
+            "(ideally 3+ model sizes x 3+ token counts)"
+        )
     logn, logd, logl = np.log(table.n), np.log(table.d), np.log(table.loss)
     _check_spread(table.n, table.d)
-    bounds = [(-5.0, 60.0), (-5.0, 60.0), (-10.0, float(np.log(table.loss.max())) + 1.0),
-              _BOUNDS_EXP, _BOUNDS_EXP]
+    bounds = [
+        (-5.0, 60.0),
+        (-5.0, 60.0),
+        (-10.0, float(np.log(table.loss.max())) + 1.0),
+        _BOUNDS_EXP,
+        _BOUNDS_EXP,
+    ]
     args = (logn, logd, logl, delta)
 
     grid = _grid()
     grid[:, 2] = np.minimum(grid[:, 2], bounds[2][1])
     pred = _lse_terms(grid, logn, logd)[0]
     scores = _huber_scaled(pred - logl[None, :], delta).sum(axis=1)
-    starts = grid[np.argsort(scores, kind="stable")[:max(1, n_starts)]]
+    starts = grid[np.argsort(scores, kind="stable")[: max(1, n_starts)]]
     results = [_minimize(s, args, bounds) for s in starts]
     results = [r for r in results if np.all(np.isfinite(r.x)) and np.isfinite(r.fun)]
     if not results:
@@ -600,9 +678,11 @@ def _fit_parametric(table: RunTable, n_bootstrap: int, seed: int, n_starts: int,
             best = again
     grad_norm = float(np.max(np.abs(_objective(best.x, *args)[1])))
     if not best.success and grad_norm > 1e-3 * n_runs:
-        raise FitError(f"the parametric fit did not converge: L-BFGS-B stopped with "
-                       f"'{best.message}' (gradient {grad_norm:.2g}). The runs may not follow "
-                       "L = E + A/N^alpha + B/D^beta; check for outliers or add runs")
+        raise FitError(
+            f"the parametric fit did not converge: L-BFGS-B stopped with "
+            f"'{best.message}' (gradient {grad_norm:.2g}). The runs may not follow "
+            "L = E + A/N^alpha + B/D^beta; check for outliers or add runs"
+        )
     theta = best.x
     _check_identified(theta, bounds, table)
     nat = _natural(theta)
@@ -629,8 +709,13 @@ def _fit_parametric(table: RunTable, n_bootstrap: int, seed: int, n_starts: int,
     se: dict[str, float] = {}
     if samples:
         s = np.array(samples)
-        nat_s = {"E": np.exp(s[:, 2]), "A": np.exp(s[:, 0]), "B": np.exp(s[:, 1]),
-                 "alpha": s[:, 3], "beta": s[:, 4]}
+        nat_s = {
+            "E": np.exp(s[:, 2]),
+            "A": np.exp(s[:, 0]),
+            "B": np.exp(s[:, 1]),
+            "alpha": s[:, 3],
+            "beta": s[:, 4],
+        }
         nat_s["a"] = nat_s["beta"] / (nat_s["alpha"] + nat_s["beta"])
         nat_s["b"] = 1.0 - nat_s["a"]
         for k, v in nat_s.items():
@@ -642,17 +727,29 @@ def _fit_parametric(table: RunTable, n_bootstrap: int, seed: int, n_starts: int,
             lo, hi = bounds[i]
             hit = int(np.sum((s[:, i] <= lo + 5e-3) | (s[:, i] >= hi - 5e-3)))
             if hit > 0.025 * len(s):
-                warnings.append(f"bootstrap: {k} ended on its bound in {hit} of {len(s)} resamples, "
-                                f"so its 95% interval is open on that side: the runs do not pin "
-                                f"{k} down" + (" (the loss floor); predictions far beyond the runs "
-                                               "are uncertain" if k == "E" else ""))
+                warnings.append(
+                    f"bootstrap: {k} ended on its bound in {hit} of {len(s)} resamples, "
+                    f"so its 95% interval is open on that side: the runs do not pin "
+                    f"{k} down"
+                    + (" (the loss floor); predictions far beyond the runs are uncertain" if k == "E" else "")
+                )
     if n_bootstrap and len(samples) < max(10, n_bootstrap // 2):
-        warnings.append(f"bootstrap: only {len(samples)} of {n_bootstrap} resamples usable "
-                        f"({skipped} had < 3 distinct N or D); intervals are unreliable")
-    return ParametricFit(law=law, ci95=ci, se=se, n_runs=n_runs, n_bootstrap=n_bootstrap,
-                         n_bootstrap_ok=len(samples), objective=float(best.fun),
-                         rmse_log=float(np.sqrt(np.mean(resid ** 2))), huber_delta=delta,
-                         warnings=warnings)
+        warnings.append(
+            f"bootstrap: only {len(samples)} of {n_bootstrap} resamples usable "
+            f"({skipped} had < 3 distinct N or D); intervals are unreliable"
+        )
+    return ParametricFit(
+        law=law,
+        ci95=ci,
+        se=se,
+        n_runs=n_runs,
+        n_bootstrap=n_bootstrap,
+        n_bootstrap_ok=len(samples),
+        objective=float(best.fun),
+        rmse_log=float(np.sqrt(np.mean(resid**2))),
+        huber_delta=delta,
+        warnings=warnings,
+    )
 
 
 # ============================================================================ approach 2
@@ -698,8 +795,12 @@ class IsoFlopFit:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"groups": [asdict(g) for g in self.groups], "n_opt": self.n_opt.to_dict(),
-                "d_opt": self.d_opt.to_dict(), "warnings": self.warnings}
+        return {
+            "groups": [asdict(g) for g in self.groups],
+            "n_opt": self.n_opt.to_dict(),
+            "d_opt": self.d_opt.to_dict(),
+            "warnings": self.warnings,
+        }
 
 
 def fit_isoflop(table: RunTable, rel_tol: float = 0.25) -> IsoFlopFit:
@@ -723,8 +824,10 @@ def fit_isoflop(table: RunTable, rel_tol: float = 0.25) -> IsoFlopFit:
         g.d_opt = comp / (6.0 * g.n_opt)
         g.loss_opt = float(np.polyval(p, xs))
         if not (x.min() <= xs <= x.max()):
-            g.note = (f"minimum N={g.n_opt:.3g} lies outside the sampled sizes "
-                      f"[{n.min():.3g}, {n.max():.3g}]: add {'smaller' if xs < x.min() else 'larger'} models")
+            g.note = (
+                f"minimum N={g.n_opt:.3g} lies outside the sampled sizes "
+                f"[{n.min():.3g}, {n.max():.3g}]: add {'smaller' if xs < x.min() else 'larger'} models"
+            )
             continue
         g.used = True
     used = [g for g in groups if g.used]
@@ -732,14 +835,25 @@ def fit_isoflop(table: RunTable, rel_tol: float = 0.25) -> IsoFlopFit:
         if not g.used:
             warnings.append(f"C={g.compute:.3g}: not used ({g.note})")
     if len({g.compute for g in used}) < 2:
-        raise FitError(f"IsoFLOP analysis needs at least 2 compute budgets with a bracketed loss "
-                       f"minimum (3+ model sizes each); found {len(used)} of {len(groups)} budget "
-                       f"group(s)" + (f": {'; '.join(warnings[:3])}" if warnings else ""))
+        raise FitError(
+            f"IsoFLOP analysis needs at least 2 compute budgets with a bracketed loss "
+            f"minimum (3+ model sizes each); found {len(used)} of {len(groups)} budget "
+            f"group(s)" + (f": {'; '.join(warnings[:3])}" if warnings else "")
+        )
     c = np.array([g.compute for g in used])
-    nlaw = fit_power_law(c, [g.n_opt for g in used], "N_opt(C)", "C", "N_opt",
-                         "IsoFLOP minima (Chinchilla approach 2)")
-    dlaw = PowerLaw("D_opt(C)", 1.0 / (6.0 * nlaw.coef), 1.0 - nlaw.exponent, nlaw.n_points,
-                    nlaw.r2, "C", "D_opt", "D_opt = C / (6 N_opt)")
+    nlaw = fit_power_law(
+        c, [g.n_opt for g in used], "N_opt(C)", "C", "N_opt", "IsoFLOP minima (Chinchilla approach 2)"
+    )
+    dlaw = PowerLaw(
+        "D_opt(C)",
+        1.0 / (6.0 * nlaw.coef),
+        1.0 - nlaw.exponent,
+        nlaw.n_points,
+        nlaw.r2,
+        "C",
+        "D_opt",
+        "D_opt = C / (6 N_opt)",
+    )
     return IsoFlopFit(groups, nlaw, dlaw, warnings)
 
 
@@ -820,6 +934,7 @@ def fit_hparam_laws(table: RunTable, rel_tol: float = 0.25) -> dict[str, PowerLa
         # `scaling sweep` does) would make the "law" restate that rule
         if searched and len({c for c, _ in pts}) >= 2:
             c, v = zip(*pts)
-            out[key] = fit_power_law(c, v, f"{key}_opt(C)", "C", key,
-                                     f"your sweep: best run at each of {len(pts)} compute budgets")
+            out[key] = fit_power_law(
+                c, v, f"{key}_opt(C)", "C", key, f"your sweep: best run at each of {len(pts)} compute budgets"
+            )
     return out

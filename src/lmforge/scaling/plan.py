@@ -28,34 +28,66 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import ConfigError
-from lmforge.scaling.cost import (DEFAULT_CARBON_INTENSITY, DEFAULT_MFU, DEFAULT_PUE,
-                                  CostEstimate, estimate_cost, get_accelerator, peak_flops)
+from lmforge.scaling.cost import (
+    DEFAULT_CARBON_INTENSITY,
+    DEFAULT_MFU,
+    DEFAULT_PUE,
+    CostEstimate,
+    estimate_cost,
+    get_accelerator,
+    peak_flops,
+)
 from lmforge.scaling.laws import CHINCHILLA, PUBLISHED_LAWS, ParametricLaw, PowerLaw, load_fit_json, load_law
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3 (70B params, 1.4T tokens)
 
 # Compute thresholds with legal meaning (training FLOPs, cumulative).
 REPORTING_THRESHOLDS = [
-    (1e26, "US Executive Order 14110 (30 Oct 2023), Sec. 4.2(b)(i): models trained with more "
-           "than 1e26 operations must be reported to the US government (the order was revoked "
-           "on 20 Jan 2025; the threshold remains the reference figure)"),
-    (1e25, "EU AI Act (Regulation 2024/1689), Art. 51(2): more than 1e25 FLOPs presumes a "
-           "general-purpose model has systemic risk (obligations of Art. 55)"),
+    (
+        1e26,
+        "US Executive Order 14110 (30 Oct 2023), Sec. 4.2(b)(i): models trained with more "
+        "than 1e26 operations must be reported to the US government (the order was revoked "
+        "on 20 Jan 2025; the threshold remains the reference figure)",
+    ),
+    (
+        1e25,
+        "EU AI Act (Regulation 2024/1689), Art. 51(2): more than 1e25 FLOPs presumes a "
+        "general-purpose model has systemic risk (obligations of Art. 55)",
+    ),
 ]
 
 # DeepSeek LLM (Bi et al. 2024, arXiv:2401.02954), Sec. 3.1, Eq. 1. C is their compute
 # M*D (non-embedding FLOPs/token x tokens, ~6ND); batch size in tokens; fitted on 1e17-2e19
 # FLOPs and checked at 1e20, AdamW with a multi-step schedule.
-DEEPSEEK_BATCH = PowerLaw("batch_tokens_opt(C)", 0.2920, 0.3271, 0, float("nan"), "C",
-                          "batch_tokens", "DeepSeek LLM, arXiv:2401.02954, Sec. 3.1, Eq. 1")
-DEEPSEEK_LR = PowerLaw("lr_opt(C)", 0.3118, -0.1250, 0, float("nan"), "C", "lr",
-                       "DeepSeek LLM, arXiv:2401.02954, Sec. 3.1, Eq. 1")
+DEEPSEEK_BATCH = PowerLaw(
+    "batch_tokens_opt(C)",
+    0.2920,
+    0.3271,
+    0,
+    float("nan"),
+    "C",
+    "batch_tokens",
+    "DeepSeek LLM, arXiv:2401.02954, Sec. 3.1, Eq. 1",
+)
+DEEPSEEK_LR = PowerLaw(
+    "lr_opt(C)",
+    0.3118,
+    -0.1250,
+    0,
+    float("nan"),
+    "C",
+    "lr",
+    "DeepSeek LLM, arXiv:2401.02954, Sec. 3.1, Eq. 1",
+)
 _DEEPSEEK_RANGE = (1e17, 3e20)
 
 
 def threshold_warnings(flops: float, what: str = "training") -> list[str]:
-    return [f"{what} compute {flops:.3g} FLOPs crosses {t:.0e}: {why}"
-            for t, why in REPORTING_THRESHOLDS if flops > t]
+    return [
+        f"{what} compute {flops:.3g} FLOPs crosses {t:.0e}: {why}"
+        for t, why in REPORTING_THRESHOLDS
+        if flops > t
+    ]
 
 
 # ----------------------------------------------------------------------------- hyperparameters
@@ -68,8 +100,9 @@ class HparamAdvice:
     notes: list[str] = field(default_factory=list)
 
 
-def recommend_hparams(flops: float, seq_len: int | None = None,
-                      laws: dict[str, PowerLaw] | None = None) -> HparamAdvice:
+def recommend_hparams(
+    flops: float, seq_len: int | None = None, laws: dict[str, PowerLaw] | None = None
+) -> HparamAdvice:
     """Batch size (tokens) and peak LR for a training compute, from `laws` (your sweep's
     {'lr': ..., 'batch_tokens': ...}) where present, else DeepSeek LLM's fit."""
     laws = laws or {}
@@ -77,13 +110,19 @@ def recommend_hparams(flops: float, seq_len: int | None = None,
     notes = []
     for law, default in ((blaw, DEEPSEEK_BATCH), (llaw, DEEPSEEK_LR)):
         if law is default and not (_DEEPSEEK_RANGE[0] / 10 <= flops <= _DEEPSEEK_RANGE[1] * 1e3):
-            notes.append(f"{law.name}: C = {flops:.2g} is far outside the fitted range "
-                         f"({_DEEPSEEK_RANGE[0]:.0e}-{_DEEPSEEK_RANGE[1]:.0e} FLOPs); extrapolated")
+            notes.append(
+                f"{law.name}: C = {flops:.2g} is far outside the fitted range "
+                f"({_DEEPSEEK_RANGE[0]:.0e}-{_DEEPSEEK_RANGE[1]:.0e} FLOPs); extrapolated"
+            )
     bt = float(blaw(flops))
     sources = sorted({blaw.source, llaw.source})
-    return HparamAdvice(batch_tokens=bt, lr=float(llaw(flops)),
-                        batch_sequences=max(1, round(bt / seq_len)) if seq_len else None,
-                        source="; ".join(sources), notes=notes)
+    return HparamAdvice(
+        batch_tokens=bt,
+        lr=float(llaw(flops)),
+        batch_sequences=max(1, round(bt / seq_len)) if seq_len else None,
+        source="; ".join(sources),
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------- plans
@@ -124,17 +163,28 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"budget_flops": self.budget_flops, "law": self.law.to_dict(),
-                "optimal": self.optimal.to_dict(), "rule_of_thumb": self.rule_of_thumb.to_dict(),
-                "inference_aware": self.inference_aware and self.inference_aware.to_dict(),
-                "inference_tokens": self.inference_tokens, "hparams": asdict(self.hparams),
-                "warnings": self.warnings}
+        return {
+            "budget_flops": self.budget_flops,
+            "law": self.law.to_dict(),
+            "optimal": self.optimal.to_dict(),
+            "rule_of_thumb": self.rule_of_thumb.to_dict(),
+            "inference_aware": self.inference_aware and self.inference_aware.to_dict(),
+            "inference_tokens": self.inference_tokens,
+            "hparams": asdict(self.hparams),
+            "warnings": self.warnings,
+        }
 
 
-def budget_to_flops(*, flops: float | None = None, gpu_hours: float | None = None,
-                    money: float | None = None, accelerator: str = "H100-SXM",
-                    mfu: float = DEFAULT_MFU, price_per_hour: float | None = None,
-                    dtype: str = "auto") -> float:
+def budget_to_flops(
+    *,
+    flops: float | None = None,
+    gpu_hours: float | None = None,
+    money: float | None = None,
+    accelerator: str = "H100-SXM",
+    mfu: float = DEFAULT_MFU,
+    price_per_hour: float | None = None,
+    dtype: str = "auto",
+) -> float:
     """Training FLOPs a budget buys: FLOPs as given, or GPU-hours (or money / price) x
     3600 x peak x MFU."""
     given = [x is not None for x in (flops, gpu_hours, money)]
@@ -156,21 +206,24 @@ def budget_to_flops(*, flops: float | None = None, gpu_hours: float | None = Non
 def flops_for_loss(law: ParametricLaw, target_loss: float) -> float:
     """The smallest compute whose compute-optimal model reaches `target_loss` under `law`."""
     if not target_loss > law.E:
-        raise ConfigError(f"target loss {target_loss} is not above the law's irreducible loss "
-                          f"E = {law.E:.4g}; no finite budget reaches it")
+        raise ConfigError(
+            f"target loss {target_loss} is not above the law's irreducible loss "
+            f"E = {law.E:.4g}; no finite budget reaches it"
+        )
     from scipy.optimize import brentq
 
-    f = lambda lc: law.optimal_loss(10.0 ** lc) - target_loss  # noqa: E731
+    f = lambda lc: law.optimal_loss(10.0**lc) - target_loss  # noqa: E731
     lo, hi = 0.0, 60.0
     if f(lo) < 0:
-        return 10.0 ** lo
+        return 10.0**lo
     if f(hi) > 0:
         raise ConfigError(f"target loss {target_loss} needs more than 1e60 FLOPs under this law")
     return 10.0 ** brentq(f, lo, hi, xtol=1e-10)
 
 
-def inference_aware_allocation(law: ParametricLaw, target_loss: float,
-                               inference_tokens: float) -> tuple[float, float]:
+def inference_aware_allocation(
+    law: ParametricLaw, target_loss: float, inference_tokens: float
+) -> tuple[float, float]:
     """(N, D) reaching `target_loss` at minimal 6ND + 2N D_inf (Sardana et al. 2024)."""
     from scipy.optimize import minimize_scalar
 
@@ -191,19 +244,31 @@ def inference_aware_allocation(law: ParametricLaw, target_loss: float,
 
     n_ref = law.optimal(flops_for_loss(law, target_loss))[0]
     lo, hi = math.log(n_min) + 1e-9, math.log(max(n_ref, n_min * 1.001)) + 1e-9
-    res = minimize_scalar(lifetime, bounds=(lo, hi), method="bounded",
-                          options={"xatol": 1e-10, "maxiter": 500})
+    res = minimize_scalar(
+        lifetime, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10, "maxiter": 500}
+    )
     return math.exp(res.x), math.exp(log_tokens(res.x))
 
 
-def make_plan(budget_flops: float | None = None, *, gpu_hours: float | None = None,
-         money: float | None = None, target_loss: float | None = None,
-         law: ParametricLaw | str | None = None, accelerator: str = "H100-SXM",
-         n_gpus: int = 8, mfu: float = DEFAULT_MFU, price_per_hour: float | None = None,
-         dtype: str = "auto", tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM,
-         inference_tokens: float = 0.0, seq_len: int | None = None,
-         hparam_laws: dict[str, PowerLaw] | None = None, pue: float = DEFAULT_PUE,
-         carbon_intensity: float = DEFAULT_CARBON_INTENSITY) -> Plan:
+def make_plan(
+    budget_flops: float | None = None,
+    *,
+    gpu_hours: float | None = None,
+    money: float | None = None,
+    target_loss: float | None = None,
+    law: ParametricLaw | str | None = None,
+    accelerator: str = "H100-SXM",
+    n_gpus: int = 8,
+    mfu: float = DEFAULT_MFU,
+    price_per_hour: float | None = None,
+    dtype: str = "auto",
+    tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM,
+    inference_tokens: float = 0.0,
+    seq_len: int | None = None,
+    hparam_laws: dict[str, PowerLaw] | None = None,
+    pue: float = DEFAULT_PUE,
+    carbon_intensity: float = DEFAULT_CARBON_INTENSITY,
+) -> Plan:
     """Plan a run for a budget (FLOPs, GPU-hours, money) or a target loss. See module doc."""
     law_spec = law
     law = load_law(law) if law is not None else CHINCHILLA
@@ -213,17 +278,30 @@ def make_plan(budget_flops: float | None = None, *, gpu_hours: float | None = No
     if target_loss is not None:
         budget = flops_for_loss(law, target_loss)
     else:
-        budget = budget_to_flops(flops=budget_flops, gpu_hours=gpu_hours, money=money,
-                                 accelerator=accelerator, mfu=mfu, price_per_hour=price_per_hour,
-                                 dtype=dtype)
+        budget = budget_to_flops(
+            flops=budget_flops,
+            gpu_hours=gpu_hours,
+            money=money,
+            accelerator=accelerator,
+            mfu=mfu,
+            price_per_hour=price_per_hour,
+            dtype=dtype,
+        )
     _pos("tokens_per_param", tokens_per_param)
     if inference_tokens < 0 or not math.isfinite(inference_tokens):
         raise ConfigError(f"inference_tokens must be >= 0, got {inference_tokens!r}")
 
     def cost(flops: float) -> CostEstimate:
-        return estimate_cost(flops, accelerator=accelerator, n_gpus=n_gpus, mfu=mfu, dtype=dtype,
-                             price_per_hour=price_per_hour, pue=pue,
-                             carbon_intensity=carbon_intensity)
+        return estimate_cost(
+            flops,
+            accelerator=accelerator,
+            n_gpus=n_gpus,
+            mfu=mfu,
+            dtype=dtype,
+            price_per_hour=price_per_hour,
+            pue=pue,
+            carbon_intensity=carbon_intensity,
+        )
 
     def alloc(label: str, n: float, d: float) -> Allocation:
         c = 6.0 * n * d
@@ -246,8 +324,10 @@ def make_plan(budget_flops: float | None = None, *, gpu_hours: float | None = No
     if isinstance(law_spec, (str, Path)) and str(law_spec).strip().lower() not in PUBLISHED_LAWS:
         warnings.extend(fit_caveats(law_spec, budget))
     if law.name == CHINCHILLA.name:
-        warnings.append("law: Chinchilla's published fit (MassiveText data, its tokenizer); "
-                        "losses on your data differ; fit your own with `lmforge scaling fit`")
+        warnings.append(
+            "law: Chinchilla's published fit (MassiveText data, its tokenizer); "
+            "losses on your data differ; fit your own with `lmforge scaling fit`"
+        )
     hp = recommend_hparams(budget, seq_len, hparam_laws)
     warnings.extend(hp.notes)
     return Plan(budget, law, optimal, rule, inf_alloc, hp, float(inference_tokens), warnings)
@@ -263,10 +343,12 @@ def fit_caveats(fit_json: str | Path, budget: float) -> list[str]:
         far = budget / max(compute) if budget > max(compute) else min(compute) / budget
         ci = (data.get("parametric") or {}).get("ci95", {})
         spread = ", ".join(f"{k} in [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" for k in ("alpha", "beta") if k in ci)
-        out.append(f"your fit: C = {budget:.3g} is {math.log10(far):.1f} decade(s) "
-                   f"{'beyond' if budget > max(compute) else 'below'} its runs (C = "
-                   f"{min(compute):.3g} to {max(compute):.3g}); the prediction is an extrapolation"
-                   + (f" (bootstrap 95%: {spread})" if spread else ""))
+        out.append(
+            f"your fit: C = {budget:.3g} is {math.log10(far):.1f} decade(s) "
+            f"{'beyond' if budget > max(compute) else 'below'} its runs (C = "
+            f"{min(compute):.3g} to {max(compute):.3g}); the prediction is an extrapolation"
+            + (f" (bootstrap 95%: {spread})" if spread else "")
+        )
     return out
 
 

@@ -17,8 +17,9 @@ def _figure(ncols: int):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise LMForgeError("plots need matplotlib: pip install 'lmforge[plot]' "
-                           "(or pass --no-plots)") from None
+        raise LMForgeError(
+            "plots need matplotlib: pip install 'lmforge[plot]' (or pass --no-plots)"
+        ) from None
     fig = Figure(figsize=(5.2 * ncols, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
@@ -39,7 +40,7 @@ def _log(ax, which: str = "x") -> None:
 
     def minor(x, _pos):
         e = int(np.floor(np.log10(x) + 1e-9))
-        m = round(x / 10.0 ** e)
+        m = round(x / 10.0**e)
         return f"{m}e{e}" if m in (2, 5) else ""
 
     for name in which:
@@ -98,11 +99,16 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
         ax.scatter(g.n, g.loss, color=colour, s=16, zorder=3)
         if g.parabola is not None:
             x = np.linspace(np.log(min(g.n)), np.log(max(g.n)), 100)
-            ax.plot(np.exp(x), np.polyval(g.parabola, x), color=colour, lw=1,
-                    ls="-" if g.used else "--", label=f"C={g.compute:.2g}")
+            ax.plot(
+                np.exp(x),
+                np.polyval(g.parabola, x),
+                color=colour,
+                lw=1,
+                ls="-" if g.used else "--",
+                label=f"C={g.compute:.2g}",
+            )
         if g.used:
-            ax.scatter([g.n_opt], [g.loss_opt], marker="*", s=110, color=colour,
-                       edgecolor="k", zorder=4)
+            ax.scatter([g.n_opt], [g.loss_opt], marker="*", s=110, color=colour, edgecolor="k", zorder=4)
     _log(ax)
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel("final loss")
@@ -112,11 +118,13 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
     c = np.array([g.compute for g in used])
     grid = np.logspace(np.log10(c.min()) - 0.5, np.log10(c.max()) + 0.5, 50)
     ax2.scatter(c, [g.n_opt for g in used], color="C0", zorder=3)
-    ax2.plot(grid, iso.n_opt(grid), color="C0",
-             label=f"N_opt = {iso.n_opt.coef:.3g} C^{iso.n_opt.exponent:.3f}")
+    ax2.plot(
+        grid, iso.n_opt(grid), color="C0", label=f"N_opt = {iso.n_opt.coef:.3g} C^{iso.n_opt.exponent:.3f}"
+    )
     ax2.scatter(c, [g.d_opt for g in used], color="C1", zorder=3)
-    ax2.plot(grid, iso.d_opt(grid), color="C1",
-             label=f"D_opt = {iso.d_opt.coef:.3g} C^{iso.d_opt.exponent:.3f}")
+    ax2.plot(
+        grid, iso.d_opt(grid), color="C1", label=f"D_opt = {iso.d_opt.coef:.3g} C^{iso.d_opt.exponent:.3f}"
+    )
     _log(ax2, "x")
     ax2.set_yscale("log")
     ax2.set_xlabel("C (FLOPs)")
@@ -127,18 +135,26 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
 def plot_kaplan(table: RunTable, kaplan: KaplanFit, path: str | Path) -> Path:
     """Loss vs N, D and C (log-log): all runs, the frontier used, and the fitted power law."""
     fig, axes = _figure(3)
-    for ax, (key, x, label) in zip(axes, (("N", table.n, "N (parameters)"),
-                                          ("D", table.d, "D (tokens)"),
-                                          ("C", table.compute, "C (FLOPs)"))):
+    for ax, (key, x, label) in zip(
+        axes,
+        (("N", table.n, "N (parameters)"), ("D", table.d, "D (tokens)"), ("C", table.compute, "C (FLOPs)")),
+    ):
         ax.scatter(x, table.loss, s=10, color="0.6", label="runs")
         fx, fy = kaplan_frontier(table, key)
-        ax.scatter(fx, fy, s=22, color="C0", zorder=3,
-                   label="frontier (fitted)" if key == "C" else f"best run per {key} (fitted)")
+        ax.scatter(
+            fx,
+            fy,
+            s=22,
+            color="C0",
+            zorder=3,
+            label="frontier (fitted)" if key == "C" else f"best run per {key} (fitted)",
+        )
         law = kaplan.laws.get(key)
         if law is not None:
             grid = np.logspace(np.log10(x.min()), np.log10(x.max()), 100)
-            ax.plot(grid, law(grid), color="C3",
-                    label=f"L = ({law.kaplan_scale:.3g}/{key})^{-law.exponent:.3f}")
+            ax.plot(
+                grid, law(grid), color="C3", label=f"L = ({law.kaplan_scale:.3g}/{key})^{-law.exponent:.3f}"
+            )
         else:
             ax.set_title(f"L({key}): {kaplan.skipped.get(key, 'not fitted')}", fontsize=8)
         _log(ax, "xy")

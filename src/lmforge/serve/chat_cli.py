@@ -17,17 +17,23 @@ from typing import TextIO
 from ..errors import LMForgeError
 from .engine import Engine, GenParams
 
-HELP = ("commands: /reset  forget the conversation | /system TEXT  set the system prompt | "
-        "/history  show the conversation | /exit  quit")
+HELP = (
+    "commands: /reset  forget the conversation | /system TEXT  set the system prompt | "
+    "/history  show the conversation | /exit  quit"
+)
 
 
 class ChatSession:
     """History + system prompt + trimming to the context; `ask` streams one answer."""
 
-    def __init__(self, engine: Engine, params: GenParams, system: str | None = None, retriever=None, rag_k: int = 4):
+    def __init__(
+        self, engine: Engine, params: GenParams, system: str | None = None, retriever=None, rag_k: int = 4
+    ):
         if engine.chat_format is None:
-            raise LMForgeError(f"model {engine.name!r} has no chat template (no chat_template in its "
-                               f"tokenizer_config.json): chat needs one; use `lmforge serve` /v1/completions")
+            raise LMForgeError(
+                f"model {engine.name!r} has no chat template (no chat_template in its "
+                f"tokenizer_config.json): chat needs one; use `lmforge serve` /v1/completions"
+            )
         self.engine, self.params, self.system = engine, params, system
         self.retriever, self.rag_k = retriever, rag_k
         self.history: list[dict] = []
@@ -66,8 +72,10 @@ class ChatSession:
             out.write(f"[context full: dropped the {dropped} oldest exchange(s)]\n")
         room = self.engine.context - len(ids)
         if room < 1:
-            raise LMForgeError(f"this message alone is {len(ids)} tokens, more than the model's context "
-                               f"({self.engine.context}); send a shorter one")
+            raise LMForgeError(
+                f"this message alone is {len(ids)} tokens, more than the model's context "
+                f"({self.engine.context}); send a shorter one"
+            )
         params = replace(self.params, max_tokens=min(self.params.max_tokens or room, room))
         if params.seed is not None:
             params = replace(params, seed=params.seed + self.turn)
@@ -89,13 +97,23 @@ class ChatSession:
         out.write("\n")
         if hits:
             for n, h in enumerate(hits, 1):
-                out.write(f"  [{n}] {h.source}" + (f" (chunk {h.chunk})" if h.chunk is not None else "") + "\n")
+                out.write(
+                    f"  [{n}] {h.source}" + (f" (chunk {h.chunk})" if h.chunk is not None else "") + "\n"
+                )
         self.history += [user, {"role": "assistant", "content": answer}]
         return answer
 
 
-def run_chat(engine: Engine, params: GenParams, *, system: str | None = None, stdin: TextIO | None = None,
-             stdout: TextIO | None = None, retriever=None, rag_k: int = 4) -> int:
+def run_chat(
+    engine: Engine,
+    params: GenParams,
+    *,
+    system: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    retriever=None,
+    rag_k: int = 4,
+) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     session = ChatSession(engine, params, system, retriever, rag_k)
     interactive = stdin.isatty() and stdout.isatty()
@@ -132,7 +150,7 @@ def run_chat(engine: Engine, params: GenParams, *, system: str | None = None, st
                 stdout.write(f"{m['role']}: {m['content']}\n")
             continue
         if cmd.startswith("/system"):
-            session.system = cmd[len("/system"):].strip() or None
+            session.system = cmd[len("/system") :].strip() or None
             session.reset()
             stdout.write(f"[system prompt {'set' if session.system else 'cleared'}; conversation cleared]\n")
             continue

@@ -15,20 +15,31 @@ from ..errors import ConfigError, LMForgeError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (config.json + model.safetensors + tokenizer files) or a run "
-                                 "directory (its most fine-tuned model is used)")
+    p.add_argument(
+        "model",
+        help="model folder (config.json + model.safetensors + tokenizer files) or a run "
+        "directory (its most fine-tuned model is used)",
+    )
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply on top of the model")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (faster decoding)")
+    p.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the weights (faster decoding)"
+    )
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--context", type=int, default=None,
-                   help="cap the context (KV cache per slot) below the model's, to save memory")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="cap the context (KV cache per slot) below the model's, to save memory",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    g.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
+    )
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--repetition-penalty", type=float, default=1.1)
@@ -41,8 +52,15 @@ def _params(a):
     from .engine import GenParams
 
     try:
-        return GenParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                         repetition_penalty=a.repetition_penalty, stop=tuple(a.stop), seed=a.seed).validate()
+        return GenParams(
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            repetition_penalty=a.repetition_penalty,
+            stop=tuple(a.stop),
+            seed=a.seed,
+        ).validate()
     except ValueError as e:
         raise ConfigError(f"--{str(e).split('=')[0].replace('_', '-')}: {e}") from None
 
@@ -56,8 +74,15 @@ def _engine(a, **kw):
         torch.set_num_threads(a.threads)
     if getattr(a, "context", None) is not None and a.context < 2:
         raise ConfigError("--context must be at least 2 tokens")
-    return Engine.from_pretrained(a.model, adapter=a.adapter, merge=a.merge, device=a.device, dtype=a.dtype,
-                                  context=getattr(a, "context", None), **kw)
+    return Engine.from_pretrained(
+        a.model,
+        adapter=a.adapter,
+        merge=a.merge,
+        device=a.device,
+        dtype=a.dtype,
+        context=getattr(a, "context", None),
+        **kw,
+    )
 
 
 def _retriever(a):
@@ -89,9 +114,11 @@ def cmd_serve(a) -> int:
     with engine:
         app = create_app(engine, api_key=api_key, retriever=retriever, max_body_bytes=a.max_body_bytes)
         server = make_server(app, a.host, a.port, log_level=a.log_level)
-        print(f"lmforge serve: model {engine.name!r} on http://{a.host}:{a.port} (chat page at /, API at "
-              f"/v1, {a.max_batch} concurrent, {a.max_queue} queued{', API key required' if api_key else ''})",
-              file=sys.stderr)
+        print(
+            f"lmforge serve: model {engine.name!r} on http://{a.host}:{a.port} (chat page at /, API at "
+            f"/v1, {a.max_batch} concurrent, {a.max_queue} queued{', API key required' if api_key else ''})",
+            file=sys.stderr,
+        )
         server.run()
     return 0
 
@@ -99,7 +126,7 @@ def cmd_serve(a) -> int:
 def cmd_rag_index(a) -> int:
     from .rag.embed import get_embedder
     from .rag.index import build_index
-    from .rag.store import VectorStore, DB_NAME
+    from .rag.store import DB_NAME, VectorStore
 
     spec = a.embedder
     if spec is None:  # an existing index keeps its embedder
@@ -116,10 +143,16 @@ def cmd_rag_index(a) -> int:
             embedder = get_embedder("minilm")
     else:
         embedder = get_embedder(spec)
-    report, stats = build_index(a.index, a.inputs, embedder=embedder, max_words=a.chunk_words,
-                                overlap=a.overlap, text_field=a.text_field, prune=a.prune,
-                                progress=(lambda s, n: print(f"  + {s} ({n} chunks)", file=sys.stderr))
-                                if a.verbose else None)
+    report, stats = build_index(
+        a.index,
+        a.inputs,
+        embedder=embedder,
+        max_words=a.chunk_words,
+        overlap=a.overlap,
+        text_field=a.text_field,
+        prune=a.prune,
+        progress=(lambda s, n: print(f"  + {s} ({n} chunks)", file=sys.stderr)) if a.verbose else None,
+    )
     print(json.dumps({**report.as_dict(), "index": stats}, indent=2))
     return 0
 
@@ -158,7 +191,9 @@ def cmd_rag_delete(a) -> int:
     finally:
         st.close()
     if missing and len(missing) == len(res):
-        raise LMForgeError(f"{a.index}: no document with source {missing[0]!r}; see `lmforge rag info {a.index}`")
+        raise LMForgeError(
+            f"{a.index}: no document with source {missing[0]!r}; see `lmforge rag info {a.index}`"
+        )
     return 0
 
 
@@ -178,9 +213,12 @@ def cmd_rag_info(a) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def add_parser(sub) -> None:
-    c = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
-                       description="Interactive chat with a checkpoint. Commands: /reset, /system TEXT, "
-                                   "/history, /exit. Reads stdin, so it can also be driven by a pipe.")
+    c = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming)",
+        description="Interactive chat with a checkpoint. Commands: /reset, /system TEXT, "
+        "/history, /exit. Reads stdin, so it can also be driven by a pipe.",
+    )
     _add_model_args(c)
     c.add_argument("--system", help="system prompt")
     c.add_argument("--rag-index", help="answer with retrieval from this index (see `lmforge rag index`)")
@@ -189,34 +227,45 @@ def add_parser(sub) -> None:
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page",
-                       description="Serve a model over an OpenAI-compatible API (/v1/models, /v1/chat/completions, "
-                                   "/v1/completions, streaming) plus /health and a chat page at /.")
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with a web chat page",
+        description="Serve a model over an OpenAI-compatible API (/v1/models, /v1/chat/completions, "
+        "/v1/completions, streaming) plus /health and a chat page at /.",
+    )
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
+    s.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)"
+    )
     s.add_argument("--name", help="model id to serve under (default: the model folder's name)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get a 503")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
-    s.add_argument("--rag-index", help="enable retrieval (`\"rag\": true` in a chat request) from this index")
+    s.add_argument("--rag-index", help='enable retrieval (`"rag": true` in a chat request) from this index')
     s.add_argument("--embedder", default=None, help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)
 
-    r = sub.add_parser("rag", help="retrieval-augmented generation: index documents, query them",
-                       description="Build and query a vector index (SQLite + sqlite-vec) of documents.")
+    r = sub.add_parser(
+        "rag",
+        help="retrieval-augmented generation: index documents, query them",
+        description="Build and query a vector index (SQLite + sqlite-vec) of documents.",
+    )
     rs = r.add_subparsers(dest="rag_command", metavar="ACTION", required=True)
     ri = rs.add_parser("index", help="add or update documents in an index (created if missing)")
     ri.add_argument("index", help="index folder (holds index.db)")
     ri.add_argument("inputs", nargs="+", help="files, folders or globs: .txt .jsonl .json .parquet .html")
-    ri.add_argument("--embedder", default=None,
-                    help="minilm (default for a new index), hash[:DIM], or lmforge:MODEL_DIR")
+    ri.add_argument(
+        "--embedder", default=None, help="minilm (default for a new index), hash[:DIM], or lmforge:MODEL_DIR"
+    )
     ri.add_argument("--chunk-words", type=int, default=120, help="words per chunk (default 120)")
     ri.add_argument("--overlap", type=int, default=20, help="words shared by consecutive chunks (default 20)")
     ri.add_argument("--text-field", default="text", help="field holding the text in JSONL/parquet")
-    ri.add_argument("--prune", action="store_true", help="delete indexed documents under INPUTS that are gone")
+    ri.add_argument(
+        "--prune", action="store_true", help="delete indexed documents under INPUTS that are gone"
+    )
     ri.add_argument("-v", "--verbose", action="store_true")
     ri.set_defaults(func=cmd_rag_index)
 

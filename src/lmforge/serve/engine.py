@@ -35,9 +35,9 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -65,14 +65,14 @@ class SlotCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.context = context
-        self.length = 0        # the Transformer bumps this; positions are always passed explicitly
+        self.length = 0  # the Transformer bumps this; positions are always passed explicitly
         self._mode = None
 
-    def prefill(self, slot: int, n: int) -> "SlotCache":
+    def prefill(self, slot: int, n: int) -> SlotCache:
         self._mode = ("prefill", slot, n)
         return self
 
-    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> "SlotCache":
+    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
         self._mode = ("decode", rows, pos, k_len)
         return self
 
@@ -83,7 +83,7 @@ class SlotCache:
             self.k[layer][slot, :, :n] = k[0]
             self.v[layer][slot, :, :n] = v[0]
             return k, v
-        _, rows, pos, k_len = mode   # rows: slice(0, B) (the engine keeps active slots packed)
+        _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
         kc, vc = self.k[layer][rows], self.v[layer][rows]
         b = torch.arange(k.shape[0], device=k.device)
         kc[b, :, pos] = k[:, :, 0]
@@ -98,8 +98,8 @@ class SlotCache:
 @dataclass
 class _Slot:
     req: Request
-    length: int                        # tokens in the cache for this slot
-    last: int                          # the token to feed next
+    length: int  # tokens in the cache for this slot
+    last: int  # the token to feed next
 
 
 # Below this temperature sampling is greedy: the distribution is the argmax up to float precision,
@@ -116,9 +116,19 @@ class Engine:
     ...     print(eng.complete("The function", GenParams(max_tokens=20, temperature=0)).text)
     """
 
-    def __init__(self, model, tokenizer, *, chat_format=None, name: str = "lmforge", max_batch: int = 8,
-                 max_queue: int = 64, context: int | None = None, stop_token_ids: Sequence[int] | None = None,
-                 fast_path: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        chat_format=None,
+        name: str = "lmforge",
+        max_batch: int = 8,
+        max_queue: int = 64,
+        context: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        fast_path: bool = False,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model.eval()
@@ -131,8 +141,10 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.vocab = model.cfg.vocab_size
         if stop_token_ids is None:
-            stop_token_ids = sorted({i for i in (tokenizer.eos_id, tokenizer.end_id) if i is not None}
-                                    | set(getattr(chat_format, "stop_ids", []) or []))
+            stop_token_ids = sorted(
+                {i for i in (tokenizer.eos_id, tokenizer.end_id) if i is not None}
+                | set(getattr(chat_format, "stop_ids", []) or [])
+            )
         self.default_stop_ids = set(stop_token_ids)
         self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
         self.fast = None
@@ -140,7 +152,9 @@ class Engine:
             from .fastpath import FastDecoder, self_check, use_gqa_attention
 
             fast = FastDecoder.build(model)
-            if fast is not None and self_check(model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)):
+            if fast is not None and self_check(
+                model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
+            ):
                 self.fast = fast
             else:
                 use_gqa_attention(model)
@@ -151,21 +165,39 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.counters = {"submitted": 0, "completed": 0, "cancelled": 0, "rejected": 0, "errors": 0,
-                         "generated_tokens": 0, "prompt_tokens": 0}
+        self.counters = {
+            "submitted": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "rejected": 0,
+            "errors": 0,
+            "generated_tokens": 0,
+            "prompt_tokens": 0,
+        }
 
     # -- construction
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, adapter: str | Path | None = None, merge: bool = False,
-                        device: str = "cpu", dtype: str | None = None, name: str | None = None, **kw) -> "Engine":
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        adapter: str | Path | None = None,
+        merge: bool = False,
+        device: str = "cpu",
+        dtype: str | None = None,
+        name: str | None = None,
+        **kw,
+    ) -> Engine:
         from .loading import load_for_inference
 
-        model, tok, fmt, label = load_for_inference(folder, adapter=adapter, merge=merge, device=device, dtype=dtype)
+        model, tok, fmt, label = load_for_inference(
+            folder, adapter=adapter, merge=merge, device=device, dtype=dtype
+        )
         kw.setdefault("fast_path", True)  # the engine owns this model object, so it may fuse weights
         return cls(model, tok, chat_format=fmt, name=name or label, **kw)
 
     # -- lifecycle
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._stop = False
             self._threads = torch.get_num_threads()  # the worker uses the caller's torch thread count
@@ -181,7 +213,7 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -204,19 +236,28 @@ class Engine:
         if n == 0:
             raise ValueError("the prompt is empty")
         if n >= self.context:
-            raise ValueError(f"the prompt has {n} tokens but the model's context is {self.context} tokens "
-                             f"(at least one must be left to generate); shorten the prompt")
+            raise ValueError(
+                f"the prompt has {n} tokens but the model's context is {self.context} tokens "
+                f"(at least one must be left to generate); shorten the prompt"
+            )
         room = self.context - n
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                             f"context of {self.context} tokens; lower max_tokens to at most {room}")
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.context} tokens; lower max_tokens to at most {room}"
+            )
         bad = [i for i in prompt_ids if not 0 <= int(i) < self.vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab}")
         return params.max_tokens or room
 
-    def submit(self, prompt_ids: Sequence[int], params: GenParams | None = None, *,
-               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenParams | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Request:
         params = (params or GenParams()).validate()
         max_new = self.check_prompt(prompt_ids, params)
         stops = set() if params.ignore_eos else set(self.default_stop_ids)
@@ -230,8 +271,10 @@ class Engine:
             free = sum(s is None for s in self.slots)
             if len(self.waiting) >= self.max_queue + free:
                 self.counters["rejected"] += 1
-                raise EngineFull(f"server busy: {self.max_batch} requests running and {len(self.waiting)} "
-                                 f"waiting (max_queue={self.max_queue}); retry later")
+                raise EngineFull(
+                    f"server busy: {self.max_batch} requests running and {len(self.waiting)} "
+                    f"waiting (max_queue={self.max_queue}); retry later"
+                )
             self.waiting.append(req)
             self.counters["submitted"] += 1
             self._cv.notify_all()
@@ -241,15 +284,22 @@ class Engine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self.submit(ids, params).result()
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: GenParams | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: GenParams | None = None
+    ) -> list[Completion]:
         """Run many prompts through the batch at once (blocking)."""
         reqs = [self.submit(self.encode(p) if isinstance(p, str) else list(p), params) for p in prompts]
         return [r.result() for r in reqs]
 
     def stats(self) -> dict:
         with self._cv:
-            return {"running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
-                    "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counters}
+            return {
+                "running": sum(s is not None for s in self.slots),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "max_queue": self.max_queue,
+                **self.counters,
+            }
 
     # -- the worker
     def _run(self) -> None:
@@ -329,8 +379,9 @@ class Engine:
         if self.fast is not None:
             logits = self.fast.forward(inp, pos[:, None], self.cache, k_len=k_len, mask=mask).float()
         else:
-            logits = self.model(inp, position_ids=pos[:, None], attn_mask=mask,
-                                cache=self.cache.decode(rows, pos, k_len))[:, -1].float()
+            logits = self.model(
+                inp, position_ids=pos[:, None], attn_mask=mask, cache=self.cache.decode(rows, pos, k_len)
+            )[:, -1].float()
         for i in active:
             self.slots[i].length += 1
         for i, tok in zip(active, self._sample(logits, active)):
@@ -420,7 +471,7 @@ class Engine:
         if tail:  # maybe an incomplete UTF-8 sequence: wait for the next token
             safe = min(safe, len(text) - tail)
         if safe > req.sent:
-            req._push(Chunk(text[req.sent:safe], [tok]))
+            req._push(Chunk(text[req.sent : safe], [tok]))
             req.sent = safe
         else:
             req._push(Chunk("", [tok]))
@@ -435,7 +486,7 @@ class Engine:
             pass
         else:
             self.counters["completed"] += 1
-        rest = req.text[req.sent:] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
+        rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
         req._push(Chunk(rest, ids or [], reason, error=error))
         with self._cv:

@@ -48,39 +48,64 @@ class FastDecoder:
             for blk in model.model.layers:
                 a, m = blk.self_attn, blk.mlp
                 wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
-                bqkv = (torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
-                        if a.q_proj.bias is not None else None)
+                bqkv = (
+                    torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
+                    if a.q_proj.bias is not None
+                    else None
+                )
                 wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight]).contiguous()
                 # let the modules see views of the fused tensors: one copy of the weights
                 nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
                 a.q_proj.weight = nn.Parameter(wqkv[:nq], requires_grad=False)
-                a.k_proj.weight = nn.Parameter(wqkv[nq:nq + nk], requires_grad=False)
-                a.v_proj.weight = nn.Parameter(wqkv[nq + nk:], requires_grad=False)
+                a.k_proj.weight = nn.Parameter(wqkv[nq : nq + nk], requires_grad=False)
+                a.v_proj.weight = nn.Parameter(wqkv[nq + nk :], requires_grad=False)
                 if bqkv is not None:
                     a.q_proj.bias = nn.Parameter(bqkv[:nq], requires_grad=False)
-                    a.k_proj.bias = nn.Parameter(bqkv[nq:nq + nk], requires_grad=False)
-                    a.v_proj.bias = nn.Parameter(bqkv[nq + nk:], requires_grad=False)
+                    a.k_proj.bias = nn.Parameter(bqkv[nq : nq + nk], requires_grad=False)
+                    a.v_proj.bias = nn.Parameter(bqkv[nq + nk :], requires_grad=False)
                 nf = m.gate_proj.weight.shape[0]
                 m.gate_proj.weight = nn.Parameter(wgu[:nf], requires_grad=False)
                 m.up_proj.weight = nn.Parameter(wgu[nf:], requires_grad=False)
-                self.layers.append((blk.input_layernorm.weight, wqkv, bqkv, a.o_proj.weight,
-                                    blk.post_attention_layernorm.weight, wgu, nf, m.down_proj.weight))
+                self.layers.append(
+                    (
+                        blk.input_layernorm.weight,
+                        wqkv,
+                        bqkv,
+                        a.o_proj.weight,
+                        blk.post_attention_layernorm.weight,
+                        wgu,
+                        nf,
+                        m.down_proj.weight,
+                    )
+                )
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         self.head = model.lm_head.weight
         self.rotary = model.model.rotary
 
     @classmethod
-    def build(cls, model) -> "FastDecoder | None":
+    def build(cls, model) -> FastDecoder | None:
         """A FastDecoder for `model`, or None when the model is not plain lmforge modules."""
         if type(model) is not Transformer or not _has_gqa():
             return None
         for blk in model.model.layers:
-            if (type(blk) is not Block or type(blk.self_attn) is not Attention or type(blk.mlp) is not MLP
-                    or type(blk.input_layernorm) is not RMSNorm or type(blk.post_attention_layernorm) is not RMSNorm):
+            if (
+                type(blk) is not Block
+                or type(blk.self_attn) is not Attention
+                or type(blk.mlp) is not MLP
+                or type(blk.input_layernorm) is not RMSNorm
+                or type(blk.post_attention_layernorm) is not RMSNorm
+            ):
                 return None
-            lins = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj, blk.self_attn.o_proj,
-                    blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj]
+            lins = [
+                blk.self_attn.q_proj,
+                blk.self_attn.k_proj,
+                blk.self_attn.v_proj,
+                blk.self_attn.o_proj,
+                blk.mlp.gate_proj,
+                blk.mlp.up_proj,
+                blk.mlp.down_proj,
+            ]
             if any(type(x) is not nn.Linear for x in lins) or blk.mlp.down_proj.bias is not None:
                 return None
         if type(model.model.norm) is not RMSNorm or type(model.lm_head) is not nn.Linear:
@@ -94,15 +119,23 @@ class FastDecoder:
         return self.rotary.cos[pos].to(dtype).unsqueeze(-2), self.rotary.sin[pos].to(dtype).unsqueeze(-2)
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, *, slot: int | None = None,
-                k_len: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        cache,
+        *,
+        slot: int | None = None,
+        k_len: int | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [B, V] of the last position. Prefill: `slot` given, ids [1, T], pos [1, T].
         Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None."""
         B, T = ids.shape
         H, KV, D, eps = self.H, self.KV, self.D, self.eps
         x = F.embedding(ids, self.embed)
         dim = x.shape[-1]
-        cos, sin = self._cos_sin(pos, x.dtype)                       # [B, T, 1, D]
+        cos, sin = self._cos_sin(pos, x.dtype)  # [B, T, 1, D]
         same = slot is None and mask is None
         p0 = int(pos[0, 0]) if same else 0
         gqa = KV != H
@@ -112,22 +145,23 @@ class FastDecoder:
             qk = _rotate(qkv[:, :, : H + KV], cos, sin)
             q = qk[:, :, :H].transpose(1, 2)
             k = qk[:, :, H:].transpose(1, 2)
-            v = qkv[:, :, H + KV:].transpose(1, 2)
+            v = qkv[:, :, H + KV :].transpose(1, 2)
             kc, vc = cache.k[li], cache.v[li]
-            if slot is not None:                                      # prefill one slot
+            if slot is not None:  # prefill one slot
                 kc[slot, :, :T] = k[0]
                 vc[slot, :, :T] = v[0]
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
             else:
                 if same:
-                    kc[:B, :, p0:p0 + 1] = k
-                    vc[:B, :, p0:p0 + 1] = v
+                    kc[:B, :, p0 : p0 + 1] = k
+                    vc[:B, :, p0 : p0 + 1] = v
                 else:
                     b = torch.arange(B, device=ids.device)
                     kc[b, :, pos[:, 0]] = k[:, :, 0]
                     vc[b, :, pos[:, 0]] = v[:, :, 0]
-                y = F.scaled_dot_product_attention(q, kc[:B, :, :k_len], vc[:B, :, :k_len], attn_mask=mask,
-                                                   enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(
+                    q, kc[:B, :, :k_len], vc[:B, :, :k_len], attn_mask=mask, enable_gqa=gqa
+                )
             x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), wo)
             h = F.rms_norm(x, (dim,), w_post, eps)
             gu = F.linear(h, wgu)
@@ -146,7 +180,9 @@ def self_check(model, fast: FastDecoder, cache_factory) -> bool:
         cache = cache_factory()
         out = [fast.forward(ids[:, :7], torch.arange(7, device=dev)[None], cache, slot=0).float()]
         for t in range(7, 10):
-            out.append(fast.forward(ids[:, t:t + 1], torch.tensor([[t]], device=dev), cache, k_len=t + 1).float())
+            out.append(
+                fast.forward(ids[:, t : t + 1], torch.tensor([[t]], device=dev), cache, k_len=t + 1).float()
+            )
     got = torch.cat(out)
     want = ref[0, 6:10]
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))

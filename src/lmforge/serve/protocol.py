@@ -71,10 +71,18 @@ class _Req(BaseModel):
         return self
 
     def gen_params(self, max_tokens: int | None) -> GenParams:
-        return GenParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                         top_k=self.top_k or None, repetition_penalty=self.repetition_penalty,
-                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                         stop=tuple(self.stop or ()), seed=self.seed, ignore_eos=self.ignore_eos)
+        return GenParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k or None,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
 
     @property
     def rag_k(self) -> int | None:
@@ -114,7 +122,7 @@ class ChatRequest(_Req):
 
 class CompletionRequest(_Req):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)   # OpenAI's default for /v1/completions
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
     echo: bool = False
     suffix: str | None = None
 
@@ -150,11 +158,15 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

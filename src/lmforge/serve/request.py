@@ -8,17 +8,18 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
+
 
 # ----------------------------------------------------------------------------- parameters
 @dataclass
 class GenParams:
     """Per-request generation settings (OpenAI names where there is one)."""
 
-    max_tokens: int | None = None          # None: until a stop or the context is full
+    max_tokens: int | None = None  # None: until a stop or the context is full
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
@@ -28,12 +29,14 @@ class GenParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
-    ignore_eos: bool = False               # benchmarks: generate exactly max_tokens
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
 
-    def validate(self) -> "GenParams":
+    def validate(self) -> GenParams:
         """Raise ValueError naming the field and the allowed range."""
+
         def bad(name, value, rule):
             raise ValueError(f"{name}={value!r} is invalid: {rule}")
+
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             bad("max_tokens", self.max_tokens, "must be an integer >= 1")
         if not _finite(self.temperature) or not 0 <= self.temperature <= 100:
@@ -78,7 +81,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    ttft_s: float | None = None            # time to first token, from submit
+    ttft_s: float | None = None  # time to first token, from submit
     total_s: float = 0.0
     error: str | None = None
 
@@ -90,8 +93,14 @@ class Request:
     _ids = 0
     _ids_lock = threading.Lock()
 
-    def __init__(self, prompt_ids: list[int], params: GenParams, stop_ids: set[int], max_new: int,
-                 loop: asyncio.AbstractEventLoop | None):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenParams,
+        stop_ids: set[int],
+        max_new: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ):
         with Request._ids_lock:
             Request._ids += 1
             self.id = Request._ids
@@ -109,12 +118,15 @@ class Request:
         self.finished_at: float | None = None
         # decoding state, owned by the worker
         self.out_ids: list[int] = []
-        self.sent = 0                      # characters of decoded text already emitted
+        self.sent = 0  # characters of decoded text already emitted
         self.text = ""
         self.finish_reason: str | None = None
-        self.penalized = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                          or params.frequency_penalty != 0.0)
-        self.generator = (torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
+        self.penalized = (
+            params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -174,6 +186,13 @@ class Request:
     def _completion(self, text, ids, last: Chunk) -> Completion:
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
         ids = list(self.out_ids) if self.done else ids
-        return Completion(text=text, token_ids=ids, finish_reason=last.finish_reason,
-                          prompt_tokens=len(self.prompt_ids), completion_tokens=len(ids), ttft_s=ttft,
-                          total_s=(self.finished_at or time.perf_counter()) - self.submitted, error=last.error)
+        return Completion(
+            text=text,
+            token_ids=ids,
+            finish_reason=last.finish_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(ids),
+            ttft_s=ttft,
+            total_s=(self.finished_at or time.perf_counter()) - self.submitted,
+            error=last.error,
+        )

@@ -21,8 +21,8 @@ import asyncio
 import hmac
 import json
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,8 +38,15 @@ WEB_DIR = Path(__file__).parent / "web"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
@@ -60,9 +67,14 @@ class BodyLimit:
         except ValueError:
             declared = 0
         if declared > self.limit:
-            return await _send_json(send, 413, error_body(
-                f"request body is {declared} bytes; the limit is {self.limit} (--max-body-bytes)",
-                code="body_too_large"))
+            return await _send_json(
+                send,
+                413,
+                error_body(
+                    f"request body is {declared} bytes; the limit is {self.limit} (--max-body-bytes)",
+                    code="body_too_large",
+                ),
+            )
         seen = 0
 
         async def limited():
@@ -82,27 +94,42 @@ class BodyLimit:
 
 async def _send_json(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
 def _field_of(loc) -> str:
     parts = [str(x) for x in loc if x not in ("body",)]
     # drop pydantic's union-branch labels ("str", "list[TextPart]") from the location
-    parts = [p for p in parts if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "bool", "float"))]
+    parts = [
+        p for p in parts if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "bool", "float"))
+    ]
     return ".".join(parts)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, max_body_bytes: int = 1 << 20,
-               web: bool = True):
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    retriever=None,
+    max_body_bytes: int = 1 << 20,
+    web: bool = True,
+):
     """The FastAPI application. `retriever` (a `rag.Retriever`) enables `"rag": true` requests."""
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+        return JSONResponse(
+            error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
@@ -110,19 +137,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
         if first.get("type") == "json_invalid":
             ctx = first.get("ctx") or {}
-            return JSONResponse(error_body(f"malformed JSON body: {ctx.get('error', first['msg'])}",
-                                           code="invalid_json"), status_code=400)
+            return JSONResponse(
+                error_body(f"malformed JSON body: {ctx.get('error', first['msg'])}", code="invalid_json"),
+                status_code=400,
+            )
         field = _field_of(first.get("loc", ()))
         msg = first["msg"].removeprefix("Value error, ")
         if first.get("type") == "missing":
             msg = "field required"
         more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
-        return JSONResponse(error_body(f"{field}: {msg}{more}" if field else f"{msg}{more}", param=field or None,
-                                       code="invalid_value"), status_code=400)
+        return JSONResponse(
+            error_body(
+                f"{field}: {msg}{more}" if field else f"{msg}{more}",
+                param=field or None,
+                code="invalid_value",
+            ),
+            status_code=400,
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
@@ -135,13 +172,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
 
     def check_model(name: str) -> None:
         if name != engine.name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {engine.name!r} "
-                                f"(see GET /v1/models)", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; this server serves {engine.name!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     async def submit_all(prompts: list[list[int]], params, n: int, loop):
         reqs = []
@@ -151,28 +196,34 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
                     p = params
                     if n > 1 and params.seed is not None:
                         from dataclasses import replace
+
                         p = replace(params, seed=params.seed + j)
                     reqs.append(engine.submit(ids, p, loop=loop))
         except EngineFull as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(503, str(e), "server_busy", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise ApiError(
+                503, str(e), "server_busy", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
         except EngineClosed as e:
             raise ApiError(503, str(e), "server_busy", code="shutting_down") from None
         except ValueError as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(400, str(e), param="messages" if "prompt" in str(e) else None,
-                           code="invalid_value") from None
+            raise ApiError(
+                400, str(e), param="messages" if "prompt" in str(e) else None, code="invalid_value"
+            ) from None
         return reqs
 
     async def collect(request: Request, reqs):
         """Whole answers, cancelling them if the client goes away first."""
+
         async def wait_disconnect():
             while True:
                 msg = await request.receive()
                 if msg["type"] == "http.disconnect":
                     return
+
         gather = asyncio.ensure_future(asyncio.gather(*(r.aresult() for r in reqs)))
         watch = asyncio.ensure_future(wait_disconnect())
         try:
@@ -198,6 +249,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         async def pump(i, r):
             async for c in r:
                 await q.put((i, c))
+
         tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(reqs)]
         try:
             left = len(reqs)
@@ -220,8 +272,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": now(),
-                                            "owned_by": "lmforge", "context_length": engine.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "created": now(),
+                    "owned_by": "lmforge",
+                    "context_length": engine.context,
+                }
+            ],
+        }
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(auth)])
     async def model_info(model_id: str):
@@ -235,16 +297,23 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         citations = None
         if body.rag_k is not None:
             if retriever is None:
-                raise ApiError(400, "retrieval is not enabled on this server; start it with --rag-index DIR",
-                               param="rag", code="rag_disabled")
+                raise ApiError(
+                    400,
+                    "retrieval is not enabled on this server; start it with --rag-index DIR",
+                    param="rag",
+                    code="rag_disabled",
+                )
             from .rag.query import augment_messages
 
             hits = await run_in_threadpool(retriever.search, _last_user(messages), body.rag_k)
             messages = augment_messages(messages, hits)
             citations = [h.citation() for h in hits]
         if engine.chat_format is None:
-            raise ApiError(400, f"model {engine.name!r} has no chat template; use /v1/completions",
-                           code="no_chat_template")
+            raise ApiError(
+                400,
+                f"model {engine.name!r} has no chat template; use /v1/completions",
+                code="no_chat_template",
+            )
         try:
             ids = await run_in_threadpool(engine.encode_chat, messages)
         except Exception as e:  # DataError from a template that refuses this conversation
@@ -253,13 +322,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         reqs = await submit_all([ids], body.gen_params(body.budget), body.n, loop)
         cid, created = new_id("chatcmpl"), now()
         if body.stream:
-            return StreamingResponse(_chat_stream(reqs, cid, created, body, citations),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _chat_stream(reqs, cid, created, body, citations),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         results = await collect(request, reqs)
-        out = {"id": cid, "object": "chat.completion", "created": created, "model": engine.name,
-               "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                            "finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)],
-               "usage": usage(len(ids), sum(r.completion_tokens for r in results))}
+        out = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": engine.name,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None,
+                }
+                for i, r in enumerate(results)
+            ],
+            "usage": usage(len(ids), sum(r.completion_tokens for r in results)),
+        }
         if citations is not None:
             out["citations"] = citations
         return out
@@ -268,8 +352,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name}
         try:
             for i in range(len(reqs)):
-                first = {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None, "logprobs": None}]}
+                first = {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ],
+                }
                 if citations is not None and i == 0:
                     first["citations"] = citations
                 yield sse(first)
@@ -280,11 +373,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
                 if c.text:
-                    yield sse({**base, "choices": [{"index": i, "delta": {"content": c.text},
-                                                    "finish_reason": None, "logprobs": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"content": c.text},
+                                    "finish_reason": None,
+                                    "logprobs": None,
+                                }
+                            ],
+                        }
+                    )
                 if c.finish_reason is not None:
-                    yield sse({**base, "choices": [{"index": i, "delta": {}, "finish_reason": c.finish_reason,
-                                                    "logprobs": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [
+                                {"index": i, "delta": {}, "finish_reason": c.finish_reason, "logprobs": None}
+                            ],
+                        }
+                    )
             if body.include_usage:
                 n_out = sum(len(r.out_ids) for r in reqs)
                 yield sse({**base, "choices": [], "usage": usage(len(reqs[0].prompt_ids), n_out)})
@@ -298,38 +408,76 @@ def create_app(engine: Engine, *, api_key: str | None = None, retriever=None, ma
         check_model(body.model)
         if body.rag_k is not None:
             raise ApiError(400, "rag is available on /v1/chat/completions only", param="rag")
-        prompts = [(await run_in_threadpool(engine.encode, p)) if isinstance(p, str) else list(p)
-                   for p in body.prompt_list]
+        prompts = [
+            (await run_in_threadpool(engine.encode, p)) if isinstance(p, str) else list(p)
+            for p in body.prompt_list
+        ]
         loop = asyncio.get_running_loop()
         reqs = await submit_all(prompts, body.gen_params(body.max_tokens), body.n, loop)
         cid, created = new_id("cmpl"), now()
-        echo = [(p if isinstance(p, str) else engine.tok.decode(p)) if body.echo else ""
-                for p in body.prompt_list for _ in range(body.n)]
+        echo = [
+            (p if isinstance(p, str) else engine.tok.decode(p)) if body.echo else ""
+            for p in body.prompt_list
+            for _ in range(body.n)
+        ]
         if body.stream:
-            return StreamingResponse(_completion_stream(reqs, cid, created, body, echo),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _completion_stream(reqs, cid, created, body, echo),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         results = await collect(request, reqs)
-        return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.finish_reason,
-                             "logprobs": None} for i, r in enumerate(results)],
-                "usage": usage(sum(len(p) for p in prompts) * body.n, sum(r.completion_tokens for r in results))}
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": engine.name,
+            "choices": [
+                {"index": i, "text": echo[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+            "usage": usage(sum(len(p) for p in prompts) * body.n, sum(r.completion_tokens for r in results)),
+        }
 
     async def _completion_stream(reqs, cid, created, body, echo):
         base = {"id": cid, "object": "text_completion", "created": created, "model": engine.name}
         try:
             for i, e in enumerate(echo):
                 if e:
-                    yield sse({**base, "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}],
+                        }
+                    )
             async for i, c in merged(reqs):
                 if c.finish_reason == "error":
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
                 if c.text or c.finish_reason is not None:
-                    yield sse({**base, "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                                                    "logprobs": None}]})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "text": c.text,
+                                    "finish_reason": c.finish_reason,
+                                    "logprobs": None,
+                                }
+                            ],
+                        }
+                    )
             if body.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(sum(len(r.prompt_ids) for r in reqs),
-                                                                 sum(len(r.out_ids) for r in reqs))})
+                yield sse(
+                    {
+                        **base,
+                        "choices": [],
+                        "usage": usage(
+                            sum(len(r.prompt_ids) for r in reqs), sum(len(r.out_ids) for r in reqs)
+                        ),
+                    }
+                )
             yield b"data: [DONE]\n\n"
         finally:
             for r in reqs:
@@ -356,8 +504,15 @@ def _last_user(messages: list[dict]) -> str:
 def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_keep_alive=30, lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=30,
+        lifespan="off",
+    )
     return uvicorn.Server(config)
 
 

@@ -20,8 +20,17 @@ CORPUS = [
 ] * 8
 
 
-def make_tiny_model(folder: str | Path, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
-                    n_kv_heads: int = 2, vocab_size: int = 384, max_seq_len: int = 256, seed: int = 0) -> Path:
+def make_tiny_model(
+    folder: str | Path,
+    *,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vocab_size: int = 384,
+    max_seq_len: int = 256,
+    seed: int = 0,
+) -> Path:
     import torch
 
     from ..model.config import ModelConfig
@@ -34,8 +43,14 @@ def make_tiny_model(folder: str | Path, *, d_model: int = 64, n_layers: int = 2,
     tok = train_tokenizer(CORPUS, vocab_size=vocab_size)
     tok.save(folder)
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                      n_kv_heads=n_kv_heads, max_seq_len=max_seq_len)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        max_seq_len=max_seq_len,
+    )
     model = Transformer(cfg)
     save_pretrained(model, folder, bos_id=tok.bos_id, eos_id=tok.eos_id)
     return folder

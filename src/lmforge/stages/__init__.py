@@ -1,3 +1,3 @@
 """Pipeline stages. Importing this package registers every stage with `lmforge.pipeline`."""
 
-from . import data, tokenizer, pretrain, sft, align, rl, eval, sample, report  # noqa: F401  (registration side effects)
+from . import align, data, eval, pretrain, report, rl, sample, sft, tokenizer  # noqa: F401  (registration side effects)

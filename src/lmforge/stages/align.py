@@ -58,8 +58,10 @@ def model_before(ctx: StageContext, stage: str) -> Path:
             m = read_manifest(d)
             if m and m.get("status") == "complete" and (d / "model" / "config.json").is_file():
                 return d / "model"
-    raise LMForgeError(f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
-                       f"`lmforge run`) first, or pass --model PATH")
+    raise LMForgeError(
+        f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
+        f"`lmforge run`) first, or pass --model PATH"
+    )
 
 
 def _log_stats(ctx: StageContext, split: str, st: PairStats) -> None:
@@ -84,8 +86,10 @@ def prepare_pairs(ctx: StageContext, cfg, fmt: ChatFormat, seq_len: int):
     _log_stats(ctx, "train", tst)
     _log_stats(ctx, "held-out", vst)
     if not train:
-        raise ConfigError(f"{ctx.name}: no usable training pairs in {cfg.data} ({tst.line()}); check the data "
-                          f"format (docs/alignment.md) and {ctx.name}.seq_len")
+        raise ConfigError(
+            f"{ctx.name}: no usable training pairs in {cfg.data} ({tst.line()}); check the data "
+            f"format (docs/alignment.md) and {ctx.name}.seq_len"
+        )
     return train, val, tst, vst
 
 
@@ -115,7 +119,10 @@ def load_lm(cfg, model_dir: Path, device: torch.device, *, trainable: bool, seed
         return model, "full weights"
     names = apply_lora(model, cfg.lora)
     base = "NF4 base" if cfg.peft == "qlora" else "frozen base"
-    return model, f"{cfg.peft.upper() if cfg.peft == 'qlora' else 'LoRA'} r={cfg.lora.r} on {len(names)} layers ({base})"
+    return (
+        model,
+        f"{cfg.peft.upper() if cfg.peft == 'qlora' else 'LoRA'} r={cfg.lora.r} on {len(names)} layers ({base})",
+    )
 
 
 def _save_policy(cfg, model, out: Path, model_dir: Path) -> None:
@@ -143,11 +150,17 @@ def _fmt(x) -> str:
 
 
 # ----------------------------------------------------------------------------- reward
-@register_stage("reward", RewardConfig, needs=("sft",), after="sft",
-                help="reward model (Bradley-Terry) on preference pairs",
-                flags=(("--model", "model", "model whose trunk starts the reward model (default: the SFT model)"),
-                       ("--data", "data", "preference JSONL file (prompt/chosen/rejected, messages, HH-RLHF), "
-                                          "or 'builtin'")))
+@register_stage(
+    "reward",
+    RewardConfig,
+    needs=("sft",),
+    after="sft",
+    help="reward model (Bradley-Terry) on preference pairs",
+    flags=(
+        ("--model", "model", "model whose trunk starts the reward model (default: the SFT model)"),
+        ("--data", "data", "preference JSONL file (prompt/chosen/rejected, messages, HH-RLHF), or 'builtin'"),
+    ),
+)
 def reward_stage(ctx: StageContext) -> dict:
     cfg: RewardConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else model_before(ctx, "reward")
@@ -164,8 +177,10 @@ def reward_stage(ctx: StageContext) -> dict:
     rm.score.weight.requires_grad_(True)  # the head always trains (PEFT's modules_to_save)
     del lm
     summary = trainable_summary(rm)
-    ctx.log(f"reward model on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
-            f"{summary['total_params']:,} parameters")
+    ctx.log(
+        f"reward model on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
+        f"{summary['total_params']:,} parameters"
+    )
 
     def evaluate(m):
         return evaluate_reward(m, val, pad, device, cfg.eval_batch_size, cfg.use_margin)
@@ -179,9 +194,18 @@ def reward_stage(ctx: StageContext) -> dict:
     if before:
         ctx.log(f"held-out accuracy before: {before['accuracy']:.3f} (untrained head; chance is 0.5)")
     loader = PairLoader(train, cfg.batch_size, pad, seed=ctx.seed)
-    result = Trainer(rm, RewardObjective(cfg.use_margin), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                     evaluate=evaluate if val else None, log=ctx.log).fit(resume=True)
-    after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
+    result = Trainer(
+        rm,
+        RewardObjective(cfg.use_margin),
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=evaluate if val else None,
+        log=ctx.log,
+    ).fit(resume=True)
+    after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
     if val and "accuracy" not in after:  # resumed at the last step: the engine did not evaluate
         after = evaluate(rm)
 
@@ -190,32 +214,58 @@ def reward_stage(ctx: StageContext) -> dict:
         if cfg.peft == "qlora":
             rm = dequantize_model(rm, torch.float32)
     hf = read_hf_config(model_dir)
-    save_reward_model(rm, ctx.dir / "model", tokenizer_dir=model_dir, bos_id=hf.get("bos_token_id"),
-                      eos_id=hf.get("eos_token_id"), pad_id=pad)
+    save_reward_model(
+        rm,
+        ctx.dir / "model",
+        tokenizer_dir=model_dir,
+        bos_id=hf.get("bos_token_id"),
+        eos_id=hf.get("eos_token_id"),
+        pad_id=pad,
+    )
     if after:
-        ctx.log(f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-                f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs); "
-                f"mean score margin {after['margin']:.3f}")
-    metrics = {"val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
-               "val_accuracy_ci_low": after.get("accuracy_ci_low"), "val_accuracy_ci_high": after.get("accuracy_ci_high"),
-               "val_pairs": len(val), "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
-               "val_loss_before": before.get("loss"),
-               "val_loss_after": after.get("loss"), "train_pairs": len(train), "peft": cfg.peft,
-               "steps": result.step, "train_loss": result.final.get("loss"),
-               "train_seconds": round(result.seconds, 2), "trainable_params": summary["trainable_params"],
-               **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
-               **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")}}
+        ctx.log(
+            f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+            f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs); "
+            f"mean score margin {after['margin']:.3f}"
+        )
+    metrics = {
+        "val_accuracy_before": before.get("accuracy"),
+        "val_accuracy_after": after.get("accuracy"),
+        "val_accuracy_ci_low": after.get("accuracy_ci_low"),
+        "val_accuracy_ci_high": after.get("accuracy_ci_high"),
+        "val_pairs": len(val),
+        "val_margin_before": before.get("margin"),
+        "val_margin_after": after.get("margin"),
+        "val_loss_before": before.get("loss"),
+        "val_loss_after": after.get("loss"),
+        "train_pairs": len(train),
+        "peft": cfg.peft,
+        "steps": result.step,
+        "train_loss": result.final.get("loss"),
+        "train_seconds": round(result.seconds, 2),
+        "trainable_params": summary["trainable_params"],
+        **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
+        **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},
+    }
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     return metrics
 
 
 # ----------------------------------------------------------------------------- align
-@register_stage("align", AlignConfig, needs=("sft", "reward"), produces_model=True, after="reward",
-                help="preference alignment: DPO / IPO / hinge / ORPO, or PPO / GRPO",
-                flags=(("--model", "model", "policy to align (default: the SFT model)"),
-                       ("--data", "data", "preference JSONL (dpo/ipo/hinge/orpo) or prompts (ppo/grpo), or 'builtin'"),
-                       ("--method", "method", "dpo | ipo | hinge | orpo | ppo | grpo")))
+@register_stage(
+    "align",
+    AlignConfig,
+    needs=("sft", "reward"),
+    produces_model=True,
+    after="reward",
+    help="preference alignment: DPO / IPO / hinge / ORPO, or PPO / GRPO",
+    flags=(
+        ("--model", "model", "policy to align (default: the SFT model)"),
+        ("--data", "data", "preference JSONL (dpo/ipo/hinge/orpo) or prompts (ppo/grpo), or 'builtin'"),
+        ("--method", "method", "dpo | ipo | hinge | orpo | ppo | grpo"),
+    ),
+)
 def align_stage(ctx: StageContext) -> dict:
     cfg: AlignConfig = ctx.cfg
     if cfg.method in RL_METHODS:
@@ -240,8 +290,10 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
 
     policy, note = load_lm(cfg, model_dir, device, trainable=True, seed=ctx.seed)
     summary = trainable_summary(policy)
-    ctx.log(f"{cfg.method} (beta {cfg.beta}) on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
-            f"{summary['total_params']:,} parameters")
+    ctx.log(
+        f"{cfg.method} (beta {cfg.beta}) on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
+        f"{summary['total_params']:,} parameters"
+    )
 
     # The reference: log-probs of held-out pairs always (KL, implicit rewards), of training pairs
     # too when cached. When it is the starting policy, the policy itself scores them before any
@@ -252,8 +304,16 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
     ref_model = None if same and not live else load_lm(cfg, ref_dir, device, trainable=False)[0]
     scorer = policy if same else ref_model
     to_score = (train + val) if uses_ref and not live else val
-    table = precompute_reference(scorer, to_score, ctx.dir / CACHE_FILE, pad, device,
-                                 batch_size=cfg.eval_batch_size, note=str(ref_dir), log=ctx.log)
+    table = precompute_reference(
+        scorer,
+        to_score,
+        ctx.dir / CACHE_FILE,
+        pad,
+        device,
+        batch_size=cfg.eval_batch_size,
+        note=str(ref_dir),
+        log=ctx.log,
+    )
     scorer = None
     if not live and ref_model is not None:
         ref_model = None  # the reference is no longer needed: its numbers are in the cache
@@ -267,7 +327,9 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         if not val:
             return {}
         pc, pr, nc, nr = pair_logps(m, val, pad, device, cfg.eval_batch_size)
-        return preference_eval_metrics(pc, pr, nc, nr, ref_c, ref_r, cfg.method, cfg.beta, cfg.label_smoothing)
+        return preference_eval_metrics(
+            pc, pr, nc, nr, ref_c, ref_r, cfg.method, cfg.beta, cfg.label_smoothing
+        )
 
     before_file = ctx.dir / "before.json"
     if before_file.exists():
@@ -276,13 +338,26 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         before = evaluate(policy)
         atomic_write_json(before_file, before)
     if before:
-        ctx.log(f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats")
+        ctx.log(
+            f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats"
+        )
 
-    loader = PairLoader(train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None)
+    loader = PairLoader(
+        train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None
+    )
     objective = PreferenceObjective(cfg.method, cfg.beta, cfg.label_smoothing, ref_model=ref_model)
-    result = Trainer(policy, objective, loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                     evaluate=evaluate if val else None, log=ctx.log).fit(resume=True)
-    after = {k[len("eval_"):]: v for k, v in result.final.items() if k.startswith("eval_")}
+    result = Trainer(
+        policy,
+        objective,
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=evaluate if val else None,
+        log=ctx.log,
+    ).fit(resume=True)
+    after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
     if val and "accuracy" not in after:
         after = evaluate(policy)
     if ref_model is not None:
@@ -292,28 +367,40 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
 
     if after:
         lo, hi = wilson(after["accuracy"] * len(val), len(val))
-        ctx.log(f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-                f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
-                f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
-                f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token")
+        ctx.log(
+            f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+            f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
+            f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
+            f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token"
+        )
     # the first five numbers are what `lmforge run`'s summary table shows for this stage
-    metrics = {"method": cfg.method,
-               "val_reward_accuracy_before": before.get("reward_accuracy"),
-               "val_reward_accuracy_after": after.get("reward_accuracy"),
-               "val_accuracy_before": before.get("accuracy"), "val_accuracy_after": after.get("accuracy"),
-               "val_kl_after": after.get("kl"),
-               "val_accuracy_norm_before": before.get("accuracy_norm"),
-               "val_accuracy_norm_after": after.get("accuracy_norm"),
-               "val_margin_before": before.get("margin"), "val_margin_after": after.get("margin"),
-               "val_reward_margin_before": before.get("reward_margin"),
-               "val_reward_margin_after": after.get("reward_margin"),
-               "val_loss_before": before.get("loss"), "val_loss_after": after.get("loss"),
-               "val_pairs": len(val), "train_pairs": len(train), "beta": cfg.beta, "peft": cfg.peft,
-               "reference": "none" if not uses_ref else "live" if live else "cached",
-               "steps": result.step, "train_loss": result.final.get("loss"),
-               "train_seconds": round(result.seconds, 2), "trainable_params": summary["trainable_params"],
-               **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
-               **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")}}
+    metrics = {
+        "method": cfg.method,
+        "val_reward_accuracy_before": before.get("reward_accuracy"),
+        "val_reward_accuracy_after": after.get("reward_accuracy"),
+        "val_accuracy_before": before.get("accuracy"),
+        "val_accuracy_after": after.get("accuracy"),
+        "val_kl_after": after.get("kl"),
+        "val_accuracy_norm_before": before.get("accuracy_norm"),
+        "val_accuracy_norm_after": after.get("accuracy_norm"),
+        "val_margin_before": before.get("margin"),
+        "val_margin_after": after.get("margin"),
+        "val_reward_margin_before": before.get("reward_margin"),
+        "val_reward_margin_after": after.get("reward_margin"),
+        "val_loss_before": before.get("loss"),
+        "val_loss_after": after.get("loss"),
+        "val_pairs": len(val),
+        "train_pairs": len(train),
+        "beta": cfg.beta,
+        "peft": cfg.peft,
+        "reference": "none" if not uses_ref else "live" if live else "cached",
+        "steps": result.step,
+        "train_loss": result.final.get("loss"),
+        "train_seconds": round(result.seconds, 2),
+        "trainable_params": summary["trainable_params"],
+        **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
+        **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},
+    }
     if after:
         metrics["val_accuracy_ci_low"], metrics["val_accuracy_ci_high"] = lo, hi
     if result.resumed_from is not None:

@@ -28,7 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..data.shards import load_shard
 from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
-from ..eval.perplexity import document_metrics, evaluate_shard, shard_documents, token_byte_lengths, unigram_bpb
+from ..eval.perplexity import (
+    document_metrics,
+    evaluate_shard,
+    shard_documents,
+    token_byte_lengths,
+    unigram_bpb,
+)
 from ..eval.readers import load_task
 from ..eval.report import hardware
 from ..eval.tasks import evaluate_task, headline
@@ -44,8 +50,12 @@ class GenerationSettings(BaseModel):
     n_samples: int = Field(1, ge=1, description="samples per problem (pass@k needs n_samples >= k)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    pass_k: list[int] = Field(default_factory=lambda: [1], description="k values for pass@k (when n_samples > 1)")
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, capped at half the context")
+    pass_k: list[int] = Field(
+        default_factory=lambda: [1], description="k values for pass@k (when n_samples > 1)"
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="default: the task's, capped at half the context"
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -53,32 +63,57 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model folder; default: the run's latest trained model")
-    max_tokens: int | None = Field(None, ge=1, description="score at most this many val tokens (default: all)")
+    max_tokens: int | None = Field(
+        None, ge=1, description="score at most this many val tokens (default: all)"
+    )
     batch_size: int = Field(16, ge=1)
     seq_len: int | None = Field(None, ge=8, description="default: the model's context length")
-    doc_tokens: int = Field(20000, ge=0, description="document-level rolling perplexity (word ppl) on up to "
-                                                     "this many val tokens; 0 = off")
-    context_len: int = Field(1, ge=1, description="rolling windows: min context of each window after the first "
-                                                  "(1 = lm-evaluation-harness; larger = sliding window)")
-    tasks: list[str] = Field(default_factory=lambda: ["builtin"],
-                             description="builtin, mmlu:PATH, mmlu_cloze:PATH, arc:PATH, hellaswag:PATH, "
-                                         "gsm8k:PATH, task.yaml, items.jsonl")
+    doc_tokens: int = Field(
+        20000,
+        ge=0,
+        description="document-level rolling perplexity (word ppl) on up to this many val tokens; 0 = off",
+    )
+    context_len: int = Field(
+        1,
+        ge=1,
+        description="rolling windows: min context of each window after the first "
+        "(1 = lm-evaluation-harness; larger = sliding window)",
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["builtin"],
+        description="builtin, mmlu:PATH, mmlu_cloze:PATH, arc:PATH, hellaswag:PATH, "
+        "gsm8k:PATH, task.yaml, items.jsonl",
+    )
     num_fewshot: int | None = Field(None, ge=0, description="override every task's few-shot count")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many items per task")
     task_seed: int = Field(1234, description="seed of few-shot sampling and of the builtin task")
     builtin_items: int = Field(200, ge=4, description="items in the builtin cloze task")
-    on_error: Literal["raise", "skip"] = Field("raise", description="malformed task items: error, or skip and count")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="malformed task items: error, or skip and count"
+    )
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
-    add_bos: bool = Field(True, description="prepend BOS to every context (lmforge models are trained with it)")
+    add_bos: bool = Field(
+        True, description="prepend BOS to every context (lmforge models are trained with it)"
+    )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     save_predictions: bool = True
 
 
-@register_stage("eval", EvalConfig, needs=("tokenizer",), uses_model=True,
-                help="perplexity, bits-per-byte and benchmark tasks",
-                flags=(("--model", "model", "model folder to evaluate"),
-                       ("--task", "tasks", "task to run (repeatable): builtin, mmlu:PATH, arc:PATH, "
-                                           "hellaswag:PATH, gsm8k:PATH, spec.yaml")))
+@register_stage(
+    "eval",
+    EvalConfig,
+    needs=("tokenizer",),
+    uses_model=True,
+    help="perplexity, bits-per-byte and benchmark tasks",
+    flags=(
+        ("--model", "model", "model folder to evaluate"),
+        (
+            "--task",
+            "tasks",
+            "task to run (repeatable): builtin, mmlu:PATH, arc:PATH, hellaswag:PATH, gsm8k:PATH, spec.yaml",
+        ),
+    ),
+)
 def eval_stage(ctx: StageContext) -> dict:
     cfg: EvalConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
@@ -90,19 +125,31 @@ def eval_stage(ctx: StageContext) -> dict:
     val, train = load_shard(tok_dir, "val"), load_shard(tok_dir, "train")
     if val.meta.get("vocab_size", 0) > model.cfg.vocab_size:
         from ..errors import CheckpointError
-        raise CheckpointError(f"{tok_dir}: the token shards use a {val.meta['vocab_size']:,}-token vocabulary but "
-                              f"{model_dir} has {model.cfg.vocab_size:,} rows; evaluate a model trained on them")
+
+        raise CheckpointError(
+            f"{tok_dir}: the token shards use a {val.meta['vocab_size']:,}-token vocabulary but "
+            f"{model_dir} has {model.cfg.vocab_size:,} rows; evaluate a model trained on them"
+        )
 
     # 1. perplexity over the token stream (as during pretraining) + unigram baseline
     t0 = time.time()
     tb = token_byte_lengths(tok)
-    res = evaluate_shard(model, val, tb, seq_len=seq_len, batch_size=cfg.batch_size, device=ctx.device,
-                         max_tokens=cfg.max_tokens)
+    res = evaluate_shard(
+        model,
+        val,
+        tb,
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        device=ctx.device,
+        max_tokens=cfg.max_tokens,
+    )
     res["unigram_bpb"] = unigram_bpb(train.tokens, val, tb, seq_len=seq_len, max_tokens=cfg.max_tokens)
     res["model"] = str(model_dir)
     res["hardware"] = hardware()
-    ctx.log(f"val loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
-            f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens [{time.time() - t0:.1f}s]")
+    ctx.log(
+        f"val loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
+        f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens [{time.time() - t0:.1f}s]"
+    )
     metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
 
     scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
@@ -114,8 +161,10 @@ def eval_stage(ctx: StageContext) -> dict:
         doc = document_metrics(scorer, val_texts, context_len=min(cfg.context_len, seq_len))
         res["documents"] = doc
         metrics.update({"word_ppl": doc["word_ppl"], "doc_bpb": doc["bpb"]})
-        ctx.log(f"documents: {doc['docs']} docs, {doc['tokens']:,} tokens: ppl {doc['ppl']:.2f}  word ppl "
-                f"{doc['word_ppl']:.2f}  bpb {doc['bpb']:.4f} [{time.time() - t0:.1f}s]")
+        ctx.log(
+            f"documents: {doc['docs']} docs, {doc['tokens']:,} tokens: ppl {doc['ppl']:.2f}  word ppl "
+            f"{doc['word_ppl']:.2f}  bpb {doc['bpb']:.4f} [{time.time() - t0:.1f}s]"
+        )
 
     # 3. tasks
     res["tasks"] = {}
@@ -124,17 +173,36 @@ def eval_stage(ctx: StageContext) -> dict:
         builtin = None
         if spec.strip() in ("builtin", "builtin_cloze"):
             builtin = shard_documents(val, tok, max_docs=10**9)
-        task = load_task(spec, on_error=cfg.on_error, builtin_texts=builtin, builtin_n=cfg.builtin_items,
-                         seed=cfg.task_seed)
+        task = load_task(
+            spec,
+            on_error=cfg.on_error,
+            builtin_texts=builtin,
+            builtin_n=cfg.builtin_items,
+            seed=cfg.task_seed,
+        )
         max_new = min(g.max_new_tokens or task.max_new_tokens, seq_len // 2)
-        out = evaluate_task(model, tok, task, scorer=scorer, limit=cfg.limit, num_fewshot=cfg.num_fewshot,
-                            keep_predictions=cfg.save_predictions, n_samples=g.n_samples,
-                            temperature=g.temperature, top_p=g.top_p, ks=g.pass_k, seed=ctx.seed,
-                            batch_size=g.batch_size, max_new_tokens=max_new)
+        out = evaluate_task(
+            model,
+            tok,
+            task,
+            scorer=scorer,
+            limit=cfg.limit,
+            num_fewshot=cfg.num_fewshot,
+            keep_predictions=cfg.save_predictions,
+            n_samples=g.n_samples,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            ks=g.pass_k,
+            seed=ctx.seed,
+            batch_size=g.batch_size,
+            max_new_tokens=max_new,
+        )
         preds = out.pop("predictions", None)
         if preds is not None:
-            atomic_write_text(ctx.dir / "predictions" / f"{task.name}.jsonl",
-                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+            atomic_write_text(
+                ctx.dir / "predictions" / f"{task.name}.jsonl",
+                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
+            )
         res["tasks"][task.name] = out
         flat = headline(out)
         metrics.update({f"{task.name}/{k}": v for k, v in flat.items()})

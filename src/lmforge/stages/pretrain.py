@@ -19,12 +19,14 @@ from ..model.transformer import Transformer
 from ..pipeline import StageContext, register_stage
 from ..tokenizer import LMTokenizer
 from ..train.distributed import barrier, check_batch, init_distributed, resolve_strategy, shutdown
-from ..train.engine import Trainer, TrainConfig, pretrain_objective
+from ..train.engine import TrainConfig, Trainer, pretrain_objective
 
 
 class PretrainConfig(TrainConfig):
-    model: ModelConfig = Field(default_factory=ModelConfig,
-                               description="shape; vocab_size and max_seq_len are set from the tokenizer and seq_len")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="shape; vocab_size and max_seq_len are set from the tokenizer and seq_len",
+    )
     seq_len: int = Field(256, ge=8)
     eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each eval (0 = all)")
     init_from: str | None = Field(None, description="start from this model folder (continued pretraining)")
@@ -32,8 +34,9 @@ class PretrainConfig(TrainConfig):
 
     def shape_for(self, vocab_size: int) -> ModelConfig:
         """The shape trained from scratch: `model` with the tokenizer's vocabulary and seq_len."""
-        return ModelConfig.model_validate({**self.model.model_dump(), "vocab_size": vocab_size,
-                                           "max_seq_len": self.seq_len})
+        return ModelConfig.model_validate(
+            {**self.model.model_dump(), "vocab_size": vocab_size, "max_seq_len": self.seq_len}
+        )
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed: int) -> Transformer:
@@ -41,7 +44,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed
         model = load_pretrained(cfg.init_from, device=device)
         if model.cfg.vocab_size < vocab_size:
             from ..errors import ConfigError
-            raise ConfigError(f"pretrain.init_from: model vocab {model.cfg.vocab_size} < tokenizer vocab {vocab_size}")
+
+            raise ConfigError(
+                f"pretrain.init_from: model vocab {model.cfg.vocab_size} < tokenizer vocab {vocab_size}"
+            )
         return model.train()
     mcfg = cfg.shape_for(vocab_size)
     torch.manual_seed(seed)
@@ -62,8 +68,14 @@ def full_model(model: Transformer, strategy: str) -> Transformer:
     return plain
 
 
-@register_stage("pretrain", PretrainConfig, needs=("tokenizer",), produces_model=True, distributed=True,
-                help="pretrain the transformer on the token shards")
+@register_stage(
+    "pretrain",
+    PretrainConfig,
+    needs=("tokenizer",),
+    produces_model=True,
+    distributed=True,
+    help="pretrain the transformer on the token shards",
+)
 def pretrain_stage(ctx: StageContext) -> dict:
     cfg: PretrainConfig = ctx.cfg
     tok_dir = ctx.input_dir("tokenizer")
@@ -79,41 +91,76 @@ def pretrain_stage(ctx: StageContext) -> dict:
     loader = TokenLoader(train, cfg.seq_len, local_batch, seed=ctx.seed, rank=info.rank, world=info.world)
     token_bytes = token_byte_lengths(tok)
     n_params = model.num_params()
-    ctx.log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.non_embedding_params() / 1e6:.2f}M non-embedding), "
-            f"{mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads; device {device}")
+    ctx.log(
+        f"model: {n_params / 1e6:.2f}M parameters ({mcfg.non_embedding_params() / 1e6:.2f}M non-embedding), "
+        f"{mcfg.n_layers} layers, d_model {mcfg.d_model}, {mcfg.n_heads} heads; device {device}"
+    )
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     if info.world > 1:
-        ctx.log(f"data parallel over {info.world} processes ({resolve_strategy(cfg.parallel, info.world)}), "
-                f"{local_batch} sequences per rank per micro-batch")
-    ctx.log(f"{cfg.max_steps} steps x {tokens_per_step:,} tokens = {cfg.max_steps * tokens_per_step / 1e6:.1f}M tokens "
-            f"({cfg.max_steps * tokens_per_step / max(train.meta['n_tokens'], 1):.2f} epochs)")
+        ctx.log(
+            f"data parallel over {info.world} processes ({resolve_strategy(cfg.parallel, info.world)}), "
+            f"{local_batch} sequences per rank per micro-batch"
+        )
+    ctx.log(
+        f"{cfg.max_steps} steps x {tokens_per_step:,} tokens = {cfg.max_steps * tokens_per_step / 1e6:.1f}M tokens "
+        f"({cfg.max_steps * tokens_per_step / max(train.meta['n_tokens'], 1):.2f} epochs)"
+    )
 
     def evaluate(m):
-        return evaluate_shard(m, val, token_bytes, seq_len=cfg.seq_len, batch_size=local_batch,
-                              device=device, max_tokens=cfg.eval_tokens or None)
+        return evaluate_shard(
+            m,
+            val,
+            token_bytes,
+            seq_len=cfg.seq_len,
+            batch_size=local_batch,
+            device=device,
+            max_tokens=cfg.eval_tokens or None,
+        )
 
     peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
     if peak is None and device.type == "cuda":
         from ..scaling.cost import device_peak_flops
 
-        peak = device_peak_flops(torch.cuda.get_device_name(device), "bf16" if ctx.dtype in ("auto", "bfloat16") else "auto")
-    trainer = Trainer(model, pretrain_objective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                      evaluate=evaluate, flops_per_token=mcfg.flops_per_token(cfg.seq_len),
-                      peak_flops=peak, log=ctx.log, dist_info=info)
+        peak = device_peak_flops(
+            torch.cuda.get_device_name(device), "bf16" if ctx.dtype in ("auto", "bfloat16") else "auto"
+        )
+    trainer = Trainer(
+        model,
+        pretrain_objective(),
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=evaluate,
+        flops_per_token=mcfg.flops_per_token(cfg.seq_len),
+        peak_flops=peak,
+        log=ctx.log,
+        dist_info=info,
+    )
     try:
         result = trainer.fit(resume=True)
         final = full_model(model, trainer.strategy)
         if info.is_main:
-            save_pretrained(final, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id)
+            save_pretrained(
+                final, ctx.dir / "model", tokenizer_dir=tok_dir, bos_id=tok.bos_id, eos_id=tok.eos_id
+            )
         barrier()
     finally:
         shutdown(info)
-    metrics = {"params": n_params, "non_embedding_params": mcfg.non_embedding_params(), "steps": result.step,
-               "tokens": result.tokens, "train_loss": result.final.get("loss"),
-               "val_loss": result.final.get("eval_loss"), "val_bpb": result.final.get("eval_bpb"),
-               "best_val_loss": result.best_eval_loss, "stopped_early": result.stopped_early,
-               "train_seconds": round(result.seconds, 2),
-               "flops": mcfg.flops_per_token(cfg.seq_len) * result.tokens}
+    metrics = {
+        "params": n_params,
+        "non_embedding_params": mcfg.non_embedding_params(),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "train_loss": result.final.get("loss"),
+        "val_loss": result.final.get("eval_loss"),
+        "val_bpb": result.final.get("eval_bpb"),
+        "best_val_loss": result.best_eval_loss,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(result.seconds, 2),
+        "flops": mcfg.flops_per_token(cfg.seq_len) * result.tokens,
+    }
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     return metrics

@@ -9,9 +9,9 @@ stages (reward model, preference optimisation, RL) get their own before/after ta
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.report import Section, build_sections, collect, images, render_html, render_markdown
 from ..pipeline import ORDER, StageContext, register_stage
@@ -20,7 +20,7 @@ from ..runs import atomic_write_bytes, atomic_write_text, read_manifest
 ALIGN_STAGES = ("reward", "align", "rl")
 ALIGN_NOTES = {
     "val_accuracy": "held-out preference accuracy (reward: score of chosen > rejected; policy: chosen more "
-                    "likely than rejected)",
+    "likely than rejected)",
     "val_margin": "mean margin chosen - rejected (reward: score; policy: summed log-prob, nats)",
     "val_loss": "held-out loss of the stage's objective",
 }
@@ -47,8 +47,12 @@ def write_report(run_dir, out_dir, cfg: ReportConfig | None = None) -> dict:
         atomic_write_bytes(out_dir / "plots" / name, data)
     atomic_write_text(out_dir / "report.md", render_markdown(sections))
     atomic_write_text(out_dir / "report.html", render_html(sections))
-    return {"stages": len(info["stages"]), "sections": len(sections), "plots": len(pngs),
-            "report": str(out_dir / "report.html")}
+    return {
+        "stages": len(info["stages"]),
+        "sections": len(sections),
+        "plots": len(pngs),
+        "report": str(out_dir / "report.html"),
+    }
 
 
 def alignment_rows(run_dir: Path) -> list[list]:
@@ -69,7 +73,14 @@ def alignment_rows(run_dir: Path) -> list[list]:
                 rows.append([label, k[:-6], None, v])
         lo, hi = metrics.get("val_accuracy_ci_low"), metrics.get("val_accuracy_ci_high")
         if lo is not None and hi is not None:
-            rows.append([label, "val_accuracy 95% CI", None, f"{lo:.3f} - {hi:.3f} ({metrics.get('val_pairs')} pairs)"])
+            rows.append(
+                [
+                    label,
+                    "val_accuracy 95% CI",
+                    None,
+                    f"{lo:.3f} - {hi:.3f} ({metrics.get('val_pairs')} pairs)",
+                ]
+            )
     return rows
 
 
@@ -78,16 +89,24 @@ def alignment_section(run_dir: Path) -> Section | None:
     if not rows:
         return None
     s = Section("Alignment: before / after")
-    s.p("Held-out figures of the reward model and the aligned policy, measured on pairs none of them trained on. "
+    s.p(
+        "Held-out figures of the reward model and the aligned policy, measured on pairs none of them trained on. "
         + " ".join(f"`{k}`: {v}." for k, v in ALIGN_NOTES.items())
         + " `val_kl`: mean per-token log pi - log ref on the chosen answers (drift from the reference);"
-        " `val_reward_accuracy`: the implicit reward beta * (log pi - log ref) ranks chosen first.")
+        " `val_reward_accuracy`: the implicit reward beta * (log pi - log ref) ranks chosen first."
+    )
     s.table(["stage", "metric", "before", "after"], rows)
     return s
 
 
-@register_stage("report", ReportConfig, needs=("data", "tokenizer", "eval", "sample"), uses_model=True,
-                after="sample", help="report card: report.md + report.html with plots")
+@register_stage(
+    "report",
+    ReportConfig,
+    needs=("data", "tokenizer", "eval", "sample"),
+    uses_model=True,
+    after="sample",
+    help="report card: report.md + report.html with plots",
+)
 def report_stage(ctx: StageContext) -> dict:
     metrics = write_report(ctx.run_dir, ctx.dir, ctx.cfg)
     ctx.log(f"report card of {metrics['stages']} stage(s), {metrics['plots']} plot(s): {metrics['report']}")

@@ -21,8 +21,9 @@ from ..pipeline import ORDER, StageContext, register_stage
 class RLConfig(AlignConfig):
     method: Literal["ppo", "grpo"] = "grpo"
     max_steps: int = Field(40, ge=1)
-    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (GRPO: a multiple of group_size "
-                                                  "per rollout)")
+    batch_size: int = Field(
+        16, ge=1, description="sequences per micro-batch (GRPO: a multiple of group_size per rollout)"
+    )
     lr: float = Field(2e-5, gt=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "constant"
@@ -31,14 +32,23 @@ class RLConfig(AlignConfig):
     eval_every: int = Field(10, ge=0)
     checkpoint_every: int = Field(20, ge=0)
     log_every: int = Field(5, ge=1)
-    spike_factor: float = Field(0.0, ge=0, description="off for RL: its losses hover around 0 and change sign")
+    spike_factor: float = Field(
+        0.0, ge=0, description="off for RL: its losses hover around 0 and change sign"
+    )
 
 
-@register_stage("rl", RLConfig, produces_model=True, uses_model=True,
-                after="align" if "align" in ORDER else "sft",
-                help="on-policy RL: GRPO on verifiable prompts, or PPO against a reward model",
-                flags=(("--model", "model", "policy model folder (default: the run's latest model)"),
-                       ("--method", "method", "grpo | ppo"),
-                       ("--data", "data", "prompt JSONL (prompt/answer, GSM8K question/answer) or 'builtin'")))
+@register_stage(
+    "rl",
+    RLConfig,
+    produces_model=True,
+    uses_model=True,
+    after="align" if "align" in ORDER else "sft",
+    help="on-policy RL: GRPO on verifiable prompts, or PPO against a reward model",
+    flags=(
+        ("--model", "model", "policy model folder (default: the run's latest model)"),
+        ("--method", "method", "grpo | ppo"),
+        ("--data", "data", "prompt JSONL (prompt/answer, GSM8K question/answer) or 'builtin'"),
+    ),
+)
 def rl_stage(ctx: StageContext) -> dict:
     return run_rl(ctx, ctx.cfg)

@@ -18,9 +18,13 @@ from ..tokenizer import LMTokenizer
 class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="model folder or training checkpoint folder; "
-                                                "default: the run's latest trained model")
-    prompts: list[str] = Field(default_factory=lambda: ["The function returns", "A list is", "This module provides"])
+    model: str | None = Field(
+        None,
+        description="model folder or training checkpoint folder; default: the run's latest trained model",
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The function returns", "A list is", "This module provides"]
+    )
     num_samples: int = Field(1, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.8, ge=0)
@@ -29,25 +33,42 @@ class SampleConfig(BaseModel):
     seed: int | None = None
 
 
-@register_stage("sample", SampleConfig, needs=("pretrain",), uses_model=True, help="print sample completions",
-                flags=(("--model", "model", "model folder to sample from"),
-                       ("--prompt", "prompts", "a prompt (repeatable)")))
+@register_stage(
+    "sample",
+    SampleConfig,
+    needs=("pretrain",),
+    uses_model=True,
+    help="print sample completions",
+    flags=(
+        ("--model", "model", "model folder to sample from"),
+        ("--prompt", "prompts", "a prompt (repeatable)"),
+    ),
+)
 def sample_stage(ctx: StageContext) -> dict:
     cfg: SampleConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
     model = load_pretrained(model_dir, device=ctx.device)
-    tok = LMTokenizer.load(model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer"))
+    tok = LMTokenizer.load(
+        model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer")
+    )
     stops = [t for t in (tok.eos_id, tok.end_id) if t is not None]
-    params = SamplingParams(max_new_tokens=min(cfg.max_new_tokens, model.cfg.max_seq_len - 1),
-                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                            stop_token_ids=stops, seed=cfg.seed if cfg.seed is not None else ctx.seed)
+    params = SamplingParams(
+        max_new_tokens=min(cfg.max_new_tokens, model.cfg.max_seq_len - 1),
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stop_token_ids=stops,
+        seed=cfg.seed if cfg.seed is not None else ctx.seed,
+    )
     rows = []
     for prompt in cfg.prompts:
-        ids = tok.encode(prompt, add_bos=True)[-(model.cfg.max_seq_len - params.max_new_tokens):]
+        ids = tok.encode(prompt, add_bos=True)[-(model.cfg.max_seq_len - params.max_new_tokens) :]
         outs = generate(model, [ids] * cfg.num_samples, params)
         for out in outs:
             text = tok.decode(out)
             rows.append({"prompt": prompt, "completion": text})
             ctx.log(f"{prompt} ▸{text}")
-    atomic_write_text(ctx.dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(
+        ctx.dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
     return {"samples": len(rows)}

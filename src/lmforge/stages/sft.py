@@ -24,8 +24,18 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from ..chat import ChatFormat, EncodeStats, RowLoader, SFTObjective, assistant_loss, encode_records, example_row, \
-    pack, read_jsonl_records, record_to_messages
+from ..chat import (
+    ChatFormat,
+    EncodeStats,
+    RowLoader,
+    SFTObjective,
+    assistant_loss,
+    encode_records,
+    example_row,
+    pack,
+    read_jsonl_records,
+    record_to_messages,
+)
 from ..data.builtin import split_by_key, split_train_val
 from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
@@ -36,14 +46,20 @@ from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
 from ..peft.qlora import QLoraSettings, build_optimizer, dequantize_model, load_quantized, nf4_bytes
 from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_json, atomic_write_text
-from ..train.engine import Trainer, TrainConfig
+from ..train.engine import TrainConfig, Trainer
 
 
 class SFTConfig(TrainConfig):
-    model: str | None = Field(None, description="model folder (lmforge or HF); default: this run's pretrain/model")
-    data: list[str] = Field(default_factory=lambda: ["builtin"],
-                            description="'builtin' (stdlib Q&A) and/or JSONL files of messages / prompt+completion")
-    val_data: list[str] | None = Field(None, description="held-out JSONL files; default: a hashed split of `data`")
+    model: str | None = Field(
+        None, description="model folder (lmforge or HF); default: this run's pretrain/model"
+    )
+    data: list[str] = Field(
+        default_factory=lambda: ["builtin"],
+        description="'builtin' (stdlib Q&A) and/or JSONL files of messages / prompt+completion",
+    )
+    val_data: list[str] | None = Field(
+        None, description="held-out JSONL files; default: a hashed split of `data`"
+    )
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_examples: int | None = Field(None, ge=1, description="cap on training conversations")
     max_val_examples: int = Field(128, ge=1, description="held-out conversations scored before/after")
@@ -53,7 +69,9 @@ class SFTConfig(TrainConfig):
     on_bad_record: Literal["error", "skip"] = "error"
     method: Literal["full", "lora", "qlora", "prompt"] = "full"
     base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen base for lora / prompt (bfloat16 halves its memory on GPU)")
+        "float32",
+        description="dtype of the frozen base for lora / prompt (bfloat16 halves its memory on GPU)",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
     prompt_tuning: PromptSettings = Field(default_factory=PromptSettings)
@@ -90,7 +108,10 @@ def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.
     if cfg.method == "qlora":
         model = load_quantized(model_dir, cfg.qlora, device=device)
         apply_lora(model, cfg.lora)
-        return model, f"QLoRA: NF4 base ({nf4_bytes(model) / 2**20:.1f} MiB), compute {cfg.qlora.compute_dtype}"
+        return (
+            model,
+            f"QLoRA: NF4 base ({nf4_bytes(model) / 2**20:.1f} MiB), compute {cfg.qlora.compute_dtype}",
+        )
     frozen = cfg.method in ("lora", "prompt") and cfg.base_dtype != "float32"
     model = load_pretrained(model_dir, device=device, dtype=cfg.base_dtype if frozen else None).train()
     if cfg.method == "full":
@@ -98,32 +119,50 @@ def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.
     if cfg.method == "lora":
         names = apply_lora(model, cfg.lora)
         return model, f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {len(names)} layers"
-    pt = PromptTuned(model, cfg.prompt_tuning.num_virtual_tokens, init_ids_for(cfg.prompt_tuning, fmt.tok), seed)
+    pt = PromptTuned(
+        model, cfg.prompt_tuning.num_virtual_tokens, init_ids_for(cfg.prompt_tuning, fmt.tok), seed
+    )
     return pt.to(device), f"prompt tuning: {cfg.prompt_tuning.num_virtual_tokens} virtual tokens"
 
 
-def answer(model, fmt: ChatFormat, conversations: list[list[dict]], max_new: int, use_cache: bool) -> list[str]:
+def answer(
+    model, fmt: ChatFormat, conversations: list[list[dict]], max_new: int, use_cache: bool
+) -> list[str]:
     room = model.cfg.max_seq_len - getattr(model, "n_virtual", 0)
     max_new = max(1, min(max_new, room // 2))  # leave at least half the context to the prompt
     limit = room - max_new
     prompts = [fmt.prompt_ids(c)[-limit:] for c in conversations]
     model.eval()
-    outs = generate(model, prompts, SamplingParams(max_new_tokens=max_new, temperature=0.0,
-                                                   stop_token_ids=fmt.stop_ids), use_cache=use_cache)
+    outs = generate(
+        model,
+        prompts,
+        SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=fmt.stop_ids),
+        use_cache=use_cache,
+    )
     return [fmt.tok.decode(o, skip_special=True).strip() for o in outs]
 
 
 def _stats_log(ctx, split: str, st: EncodeStats) -> None:
     skipped = sum(st.skipped.values())
-    ctx.log(f"{split}: {st.examples} conversations, {st.tokens:,} tokens ({st.assistant_tokens:,} assistant); "
-            f"{st.truncated} truncated, {skipped} skipped" + (f" {dict(st.skipped)}" if skipped else ""))
+    ctx.log(
+        f"{split}: {st.examples} conversations, {st.tokens:,} tokens ({st.assistant_tokens:,} assistant); "
+        f"{st.truncated} truncated, {skipped} skipped" + (f" {dict(st.skipped)}" if skipped else "")
+    )
 
 
-@register_stage("sft", SFTConfig, needs=("pretrain",), produces_model=True, after="pretrain",
-                help="supervised fine-tuning on chat data (full / LoRA / QLoRA / prompt tuning)",
-                flags=(("--model", "model", "model folder to fine-tune (lmforge or HF Llama-family)"),
-                       ("--data", "data", "JSONL chat data file, or 'builtin'"),
-                       ("--method", "method", "full | lora | qlora | prompt")))
+@register_stage(
+    "sft",
+    SFTConfig,
+    needs=("pretrain",),
+    produces_model=True,
+    after="pretrain",
+    help="supervised fine-tuning on chat data (full / LoRA / QLoRA / prompt tuning)",
+    flags=(
+        ("--model", "model", "model folder to fine-tune (lmforge or HF Llama-family)"),
+        ("--data", "data", "JSONL chat data file, or 'builtin'"),
+        ("--method", "method", "full | lora | qlora | prompt"),
+    ),
+)
 def sft_stage(ctx: StageContext) -> dict:
     cfg: SFTConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.input_dir("pretrain") / "model"
@@ -146,8 +185,9 @@ def sft_stage(ctx: StageContext) -> dict:
         train_recs = train_recs[: cfg.max_examples]
     on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
     train, tst = encode_records(train_recs, fmt, seq_len, truncation=cfg.truncation, on_error=on_error)
-    val, vst = encode_records(val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation,
-                              on_error=on_error)
+    val, vst = encode_records(
+        val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation, on_error=on_error
+    )
     _stats_log(ctx, "train", tst)
     _stats_log(ctx, "held-out", vst)
     if not train:
@@ -156,8 +196,10 @@ def sft_stage(ctx: StageContext) -> dict:
     sample_recs = _valid(val_recs[: cfg.max_val_examples])[: cfg.num_samples]
     model, note = build_model(cfg, model_dir, fmt, device, ctx.seed)
     summary = trainable_summary(model)
-    ctx.log(f"{note}; trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
-            f"({100 * summary['trainable_fraction']:.2f}%), optimizer state {summary['optimizer_state_bytes'] / 2**20:.1f} MiB")
+    ctx.log(
+        f"{note}; trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
+        f"({100 * summary['trainable_fraction']:.2f}%), optimizer state {summary['optimizer_state_bytes'] / 2**20:.1f} MiB"
+    )
     pad = fmt.tok.pad_id if fmt.tok.pad_id is not None else (fmt.tok.eos_id or 0)
 
     before_file = ctx.dir / "before.json"
@@ -173,19 +215,31 @@ def sft_stage(ctx: StageContext) -> dict:
         ctx.log(f"held-out assistant loss before: {before['val_loss']:.4f}")
 
     rows = pack(train, seq_len) if cfg.packing else [example_row(e) for e in train]
-    ctx.log(f"{len(train)} conversations -> {len(rows)} rows of <= {seq_len} tokens"
-            + (" (packed, document-masked)" if cfg.packing else ""))
+    ctx.log(
+        f"{len(train)} conversations -> {len(rows)} rows of <= {seq_len} tokens"
+        + (" (packed, document-masked)" if cfg.packing else "")
+    )
     loader = RowLoader(rows, cfg.batch_size, pad, packed=cfg.packing, seed=ctx.seed)
 
     def evaluate(m):
         return {"loss": assistant_loss(m, val, pad, device)} if val else {}
 
-    trainer = Trainer(model, SFTObjective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                      evaluate=evaluate, log=ctx.log)
+    trainer = Trainer(
+        model,
+        SFTObjective(),
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=evaluate,
+        log=ctx.log,
+    )
     opt_note = None
     if cfg.method == "qlora" and cfg.qlora.optimizer != "adamw":
-        trainer.optimizer, opt_note = build_optimizer(model.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay,
-                                                      (cfg.beta1, cfg.beta2))
+        trainer.optimizer, opt_note = build_optimizer(
+            model.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+        )
         ctx.log(f"optimizer: {opt_note}")
     result = trainer.fit(resume=True)
     after_loss = result.final.get("eval_loss")
@@ -194,10 +248,14 @@ def sft_stage(ctx: StageContext) -> dict:
     if cfg.num_samples and val:
         convs = [_question_of(r) for _, r in sample_recs]
         outs = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
-        for c, ref, b, a in zip(convs, [_reference(r) for _, r in sample_recs], before.get("answers", []), outs):
+        for c, ref, b, a in zip(
+            convs, [_reference(r) for _, r in sample_recs], before.get("answers", []), outs
+        ):
             samples.append({"question": c[-1]["content"], "reference": ref, "before": b, "after": a})
             ctx.log(f"Q: {c[-1]['content']}\n   before: {b}\n   after:  {a}\n   ref:    {ref}")
-    atomic_write_text(ctx.dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    atomic_write_text(
+        ctx.dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    )
 
     hf = read_hf_config(model_dir)
     ids = dict(bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"))
@@ -210,16 +268,28 @@ def sft_stage(ctx: StageContext) -> dict:
             merged = dequantize_model(merged, torch.float32)
         save_pretrained(merged, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
     else:
-        model.save_adapter(ctx.dir / "adapter", base_model=str(model_dir.resolve()), settings=cfg.prompt_tuning,
-                           tokenizer=str(model_dir.resolve()))
+        model.save_adapter(
+            ctx.dir / "adapter",
+            base_model=str(model_dir.resolve()),
+            settings=cfg.prompt_tuning,
+            tokenizer=str(model_dir.resolve()),
+        )
     if before["val_loss"] is not None and after_loss is not None:
         ctx.log(f"held-out assistant loss: {before['val_loss']:.4f} -> {after_loss:.4f}")
-    metrics = {"method": cfg.method, "train_examples": tst.examples, "val_examples": vst.examples,
-               "val_loss_before": before["val_loss"], "val_loss_after": after_loss, "steps": result.step,
-               "tokens": result.tokens, "train_loss": result.final.get("loss"),
-               "train_seconds": round(result.seconds, 2), **summary,
-               **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("truncated", "skipped"))},
-               "samples": len(samples)}
+    metrics = {
+        "method": cfg.method,
+        "train_examples": tst.examples,
+        "val_examples": vst.examples,
+        "val_loss_before": before["val_loss"],
+        "val_loss_after": after_loss,
+        "steps": result.step,
+        "tokens": result.tokens,
+        "train_loss": result.final.get("loss"),
+        "train_seconds": round(result.seconds, 2),
+        **summary,
+        **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("truncated", "skipped"))},
+        "samples": len(samples),
+    }
     if opt_note:
         metrics["optimizer"] = opt_note
     if result.resumed_from is not None:
@@ -259,16 +329,25 @@ def _reference(rec) -> str:
 # =============================================================================================
 class CPTConfig(TrainConfig):
     model: str | None = Field(None, description="model folder; default: this run's pretrain/model")
-    domain: list[str] = Field(default_factory=list,
-                              description="new-domain text: files/folders/globs (.txt/.jsonl/...); empty = skip stage")
+    domain: list[str] = Field(
+        default_factory=list,
+        description="new-domain text: files/folders/globs (.txt/.jsonl/...); empty = skip stage",
+    )
     domain_val_fraction: float = Field(0.05, gt=0, lt=1)
-    replay: str | None = Field(None, description="folder with the original corpus' token shards (train/val.bin); "
-                                                 "default: this run's tokenizer stage")
-    replay_fraction: float = Field(0.25, ge=0, lt=1, description="share of every batch drawn from the original corpus")
+    replay: str | None = Field(
+        None,
+        description="folder with the original corpus' token shards (train/val.bin); "
+        "default: this run's tokenizer stage",
+    )
+    replay_fraction: float = Field(
+        0.25, ge=0, lt=1, description="share of every batch drawn from the original corpus"
+    )
     seq_len: int = Field(256, ge=8)
     eval_tokens: int = Field(32768, ge=0, description="tokens scored per domain at each eval (0 = all)")
     anneal_steps: int = Field(0, ge=0, description="extra steps with the LR decaying linearly to zero")
-    anneal_data: list[str] | None = Field(None, description="curated high-quality text for annealing; default: domain")
+    anneal_data: list[str] | None = Field(
+        None, description="curated high-quality text for annealing; default: domain"
+    )
     anneal_replay_fraction: float = Field(0.5, ge=0, lt=1)
     max_steps: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -327,18 +406,27 @@ def _mix(cfg: CPTConfig, main, replay, fraction: float, seed: int) -> MixLoader:
         n_replay = 1
     n_main = cfg.batch_size - n_replay
     if n_main < 1:
-        raise ConfigError(f"cpt.batch_size={cfg.batch_size} leaves no rows for the new domain at replay "
-                          f"fraction {fraction}")
+        raise ConfigError(
+            f"cpt.batch_size={cfg.batch_size} leaves no rows for the new domain at replay fraction {fraction}"
+        )
     loaders = [TokenLoader(main, cfg.seq_len, n_main, seed=seed)]
     if n_replay:
         loaders.append(TokenLoader(replay, cfg.seq_len, n_replay, seed=seed + 1))
     return MixLoader(loaders)
 
 
-@register_stage("cpt", CPTConfig, needs=("tokenizer", "pretrain"), produces_model=True, after="pretrain",
-                help="continued pretraining on a new domain (replay, annealing); skipped without cpt.domain",
-                flags=(("--model", "model", "model folder to continue"),
-                       ("--domain", "domain", "new-domain text file or folder")))
+@register_stage(
+    "cpt",
+    CPTConfig,
+    needs=("tokenizer", "pretrain"),
+    produces_model=True,
+    after="pretrain",
+    help="continued pretraining on a new domain (replay, annealing); skipped without cpt.domain",
+    flags=(
+        ("--model", "model", "model folder to continue"),
+        ("--domain", "domain", "new-domain text file or folder"),
+    ),
+)
 def cpt_stage(ctx: StageContext) -> dict:
     from ..data.shards import load_shard
     from ..eval.perplexity import evaluate_shard, token_byte_lengths
@@ -354,7 +442,9 @@ def cpt_stage(ctx: StageContext) -> dict:
     tok = LMTokenizer.load(model_dir)
     device = ctx.device
     data_dir = ctx.dir / "data"
-    dom_train, dom_val = _tokenize_texts(cfg.domain, tok, data_dir, "domain", cfg.domain_val_fraction, ctx.seed)
+    dom_train, dom_val = _tokenize_texts(
+        cfg.domain, tok, data_dir, "domain", cfg.domain_val_fraction, ctx.seed
+    )
 
     replay_dir = Path(cfg.replay) if cfg.replay else None
     if replay_dir is None:
@@ -366,52 +456,104 @@ def cpt_stage(ctx: StageContext) -> dict:
     if replay_dir is not None and (replay_dir / "train.json").exists():
         a, b = replay_dir / "tokenizer.json", model_dir / "tokenizer.json"
         if a.exists() and b.exists() and file_sha256(a) != file_sha256(b):
-            raise ConfigError(f"cpt.replay: {replay_dir} was tokenized with a different tokenizer than "
-                              f"{model_dir}; point cpt.replay at shards made with the model's tokenizer or set "
-                              f"cpt.replay_fraction=0")
+            raise ConfigError(
+                f"cpt.replay: {replay_dir} was tokenized with a different tokenizer than "
+                f"{model_dir}; point cpt.replay at shards made with the model's tokenizer or set "
+                f"cpt.replay_fraction=0"
+            )
         orig_train, orig_val = load_shard(replay_dir, "train"), load_shard(replay_dir, "val")
     elif cfg.replay_fraction > 0:
-        raise ConfigError("cpt.replay_fraction > 0 needs the original corpus' token shards: run the tokenizer "
-                          "stage or set cpt.replay=FOLDER (or cpt.replay_fraction=0)")
+        raise ConfigError(
+            "cpt.replay_fraction > 0 needs the original corpus' token shards: run the tokenizer "
+            "stage or set cpt.replay=FOLDER (or cpt.replay_fraction=0)"
+        )
 
     model = load_pretrained(model_dir, device=device).train()
     token_bytes = token_byte_lengths(tok)
 
     def evaluate(m):
-        kw = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, device=device, max_tokens=cfg.eval_tokens or None)
+        kw = dict(
+            seq_len=cfg.seq_len, batch_size=cfg.batch_size, device=device, max_tokens=cfg.eval_tokens or None
+        )
         out = {"loss": evaluate_shard(m, dom_val, token_bytes, **kw)["loss"]}
         if orig_val is not None:
             out["orig_loss"] = evaluate_shard(m, orig_val, token_bytes, **kw)["loss"]
         return out
 
     before = evaluate(model)
-    ctx.log(f"before: new-domain loss {before['loss']:.4f}" +
-            (f", original-corpus loss {before['orig_loss']:.4f}" if "orig_loss" in before else ""))
+    ctx.log(
+        f"before: new-domain loss {before['loss']:.4f}"
+        + (f", original-corpus loss {before['orig_loss']:.4f}" if "orig_loss" in before else "")
+    )
     loader = _mix(cfg, dom_train, orig_train, cfg.replay_fraction, ctx.seed)
-    result = Trainer(model, pretrain_objective(), loader, cfg, ctx.dir, device=device, dtype=ctx.dtype,
-                     evaluate=evaluate, log=ctx.log).fit(resume=True)
+    result = Trainer(
+        model,
+        pretrain_objective(),
+        loader,
+        cfg,
+        ctx.dir,
+        device=device,
+        dtype=ctx.dtype,
+        evaluate=evaluate,
+        log=ctx.log,
+    ).fit(resume=True)
     after = {"loss": result.final.get("eval_loss"), "orig_loss": result.final.get("eval_orig_loss")}
-    metrics = {"domain_loss_before": before["loss"], "orig_loss_before": before.get("orig_loss"),
-               "domain_loss_after": after["loss"], "orig_loss_after": after["orig_loss"],
-               "replay_fraction": cfg.replay_fraction, "steps": result.step, "tokens": result.tokens,
-               "domain_train_tokens": dom_train.n_tokens}
+    metrics = {
+        "domain_loss_before": before["loss"],
+        "orig_loss_before": before.get("orig_loss"),
+        "domain_loss_after": after["loss"],
+        "orig_loss_after": after["orig_loss"],
+        "replay_fraction": cfg.replay_fraction,
+        "steps": result.step,
+        "tokens": result.tokens,
+        "domain_train_tokens": dom_train.n_tokens,
+    }
     if cfg.anneal_steps:
         src = dom_train
         if cfg.anneal_data:
             src, _ = _tokenize_texts(cfg.anneal_data, tok, data_dir, "anneal", None, ctx.seed)
-        acfg = cfg.model_copy(update={"max_steps": cfg.anneal_steps, "schedule": "wsd", "decay_fraction": 1.0,
-                                      "min_lr_ratio": 0.0, "warmup_steps": 0})
+        acfg = cfg.model_copy(
+            update={
+                "max_steps": cfg.anneal_steps,
+                "schedule": "wsd",
+                "decay_fraction": 1.0,
+                "min_lr_ratio": 0.0,
+                "warmup_steps": 0,
+            }
+        )
         aloader = _mix(acfg, src, orig_train, cfg.anneal_replay_fraction, ctx.seed + 7)
-        ares = Trainer(model, pretrain_objective(), aloader, acfg, ctx.dir / "anneal", device=device,
-                       dtype=ctx.dtype, evaluate=evaluate, log=ctx.log).fit(resume=True)
-        metrics.update(domain_loss_after_anneal=ares.final.get("eval_loss"),
-                       orig_loss_after_anneal=ares.final.get("eval_orig_loss"), anneal_steps=ares.step)
+        ares = Trainer(
+            model,
+            pretrain_objective(),
+            aloader,
+            acfg,
+            ctx.dir / "anneal",
+            device=device,
+            dtype=ctx.dtype,
+            evaluate=evaluate,
+            log=ctx.log,
+        ).fit(resume=True)
+        metrics.update(
+            domain_loss_after_anneal=ares.final.get("eval_loss"),
+            orig_loss_after_anneal=ares.final.get("eval_orig_loss"),
+            anneal_steps=ares.step,
+        )
     hf = read_hf_config(model_dir)
-    save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, bos_id=hf.get("bos_token_id"),
-                    eos_id=hf.get("eos_token_id"))
-    ctx.log("new-domain loss {:.4f} -> {:.4f}; original-corpus loss {} -> {}".format(
-        before["loss"], metrics.get("domain_loss_after_anneal") or after["loss"],
-        _f(before.get("orig_loss")), _f(metrics.get("orig_loss_after_anneal") or after["orig_loss"])))
+    save_pretrained(
+        model,
+        ctx.dir / "model",
+        tokenizer_dir=model_dir,
+        bos_id=hf.get("bos_token_id"),
+        eos_id=hf.get("eos_token_id"),
+    )
+    ctx.log(
+        "new-domain loss {:.4f} -> {:.4f}; original-corpus loss {} -> {}".format(
+            before["loss"],
+            metrics.get("domain_loss_after_anneal") or after["loss"],
+            _f(before.get("orig_loss")),
+            _f(metrics.get("orig_loss_after_anneal") or after["orig_loss"]),
+        )
+    )
     return metrics
 
 

@@ -22,10 +22,14 @@ class TokenizerConfig(BaseModel):
     vocab_size: int = Field(4096, ge=300, le=1_000_000, description="including special tokens")
     min_frequency: int = Field(2, ge=1)
     max_train_docs: int | None = Field(None, ge=1, description="train BPE on at most this many documents")
-    path: str | None = Field(None, description="use this tokenizer (folder or tokenizer.json) instead of training one")
+    path: str | None = Field(
+        None, description="use this tokenizer (folder or tokenizer.json) instead of training one"
+    )
 
 
-@register_stage("tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer and tokenize the corpus")
+@register_stage(
+    "tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer and tokenize the corpus"
+)
 def tokenizer_stage(ctx: StageContext) -> dict:
     cfg: TokenizerConfig = ctx.cfg
     data_dir = ctx.input_dir("data")
@@ -46,6 +50,8 @@ def tokenizer_stage(ctx: StageContext) -> dict:
         metrics[f"{split}_bytes"] = index["n_bytes"]
     val_sample = list(itertools.islice(iter_output_texts(data_dir, "val"), 2000))
     metrics["val_bytes_per_token"] = round(bytes_per_token(tok, val_sample), 4)
-    ctx.log(f"train {metrics['train_tokens']:,} tokens, val {metrics['val_tokens']:,} tokens; "
-            f"{metrics['val_bytes_per_token']:.2f} bytes/token on val")
+    ctx.log(
+        f"train {metrics['train_tokens']:,} tokens, val {metrics['val_tokens']:,} tokens; "
+        f"{metrics['val_bytes_per_token']:.2f} bytes/token on val"
+    )
     return metrics

@@ -54,8 +54,14 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    trainer_state: dict, keep: int | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict,
+    keep: int | None = None,
+) -> Path:
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp{os.getpid()}"
@@ -154,7 +160,9 @@ def list_checkpoints(root: Path) -> list[Path]:
             os.replace(aside, final)
         else:
             shutil.rmtree(aside, ignore_errors=True)
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "checksums.json").is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "checksums.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
@@ -164,8 +172,9 @@ def verify_checkpoint(path: Path) -> dict:
     try:
         sums = json.loads(sums_file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a complete checkpoint (no checksums.json); delete it "
-                              f"to fall back to an earlier one") from None
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint (no checksums.json); delete it to fall back to an earlier one"
+        ) from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{sums_file}: corrupt ({e})") from None
     for name, digest in sums.items():
@@ -173,8 +182,10 @@ def verify_checkpoint(path: Path) -> dict:
         if not f.exists():
             raise CheckpointError(f"{f}: missing from checkpoint {path.name}")
         if file_sha256(f) != digest:
-            raise CheckpointError(f"{f}: checksum mismatch (file truncated or corrupt); delete "
-                                  f"{path} to resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"{f}: checksum mismatch (file truncated or corrupt); delete "
+                f"{path} to resume from an earlier checkpoint"
+            )
     return sums
 
 
@@ -190,12 +201,14 @@ def load_weights(model: torch.nn.Module, file: Path, strict: bool = True) -> Non
     missing = [k for k in own if k not in state and k not in tied]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):
-        raise CheckpointError(f"{file}: does not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{file}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
-            raise CheckpointError(f"{file}: tensor {k} has shape {tuple(v.shape)}, model expects "
-                                  f"{tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{file}: tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+            )
     model.load_state_dict(state, strict=False)
 
 
@@ -214,8 +227,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 # ----------------------------------------------------------------------------- sharded (FSDP2)
-def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            trainer_state: dict, *, is_main: bool, keep: int | None = None) -> Path:
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    *,
+    is_main: bool,
+    keep: int | None = None,
+) -> Path:
     """Collective save with `torch.distributed.checkpoint`: every rank writes its shards into
     `dcp/`; rank 0 adds the trainer state and checksums and renames the folder into place.
     The result loads on any number of processes (DCP reshards)."""
@@ -253,8 +274,17 @@ def save_sharded_checkpoint(root: Path, step: int, model: torch.nn.Module, optim
     return final
 
 
-_DCP_CLASSES = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING", "_StorageInfo"}
+_DCP_CLASSES = {
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "MetadataIndex",
+    "StorageMeta",
+    "_MEM_FORMAT_ENCODING",
+    "_StorageInfo",
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -265,10 +295,15 @@ class _MetadataUnpickler(pickle.Unpickler):
     layouts and paths; anything else is refused."""
 
     def find_class(self, module: str, name: str):
-        ok = ((module.startswith("torch.distributed.checkpoint.") and name in _DCP_CLASSES)
-              or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
-              or (module == "collections" and name == "OrderedDict")
-              or (module == "torch.serialization" and name == "_get_layout"))  # maps "torch.strided" to a layout
+        ok = (
+            (module.startswith("torch.distributed.checkpoint.") and name in _DCP_CLASSES)
+            or (
+                module == "pathlib"
+                and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+            )
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "torch.serialization" and name == "_get_layout")
+        )  # maps "torch.strided" to a layout
         if module == "torch":
             obj = getattr(torch, name, None)
             ok = name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
@@ -281,8 +316,10 @@ def _load_dcp_metadata(file) -> object:
     try:
         return _MetadataUnpickler(file).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{getattr(file, 'name', 'DCP metadata')}: refused to load ({e}); this is not "
-                              f"a checkpoint lmforge wrote") from None
+        raise CheckpointError(
+            f"{getattr(file, 'name', 'DCP metadata')}: refused to load ({e}); this is not "
+            f"a checkpoint lmforge wrote"
+        ) from None
 
 
 def _safe_dcp_reader(folder: Path):
@@ -310,7 +347,9 @@ def _safe_dcp_reader(folder: Path):
     return SafeReader(str(folder))
 
 
-def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_sharded_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict:
     """Restore a DCP checkpoint into `model` (sharded or not, any world size); its metadata is
     read with a restricted unpickler (`_MetadataUnpickler`), never plain pickle."""
     import torch.distributed.checkpoint as dcp
@@ -321,8 +360,12 @@ def load_sharded_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
     dcp.load(state, storage_reader=_safe_dcp_reader(path / "dcp"))
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state.get("optim", {}),
+    )
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     return json.loads((path / "trainer_state.json").read_text())

@@ -105,8 +105,10 @@ def shutdown(info: DistInfo) -> None:
 
 def check_batch(batch_size: int, world: int) -> int:
     if batch_size % world:
-        raise ConfigError(f"batch_size {batch_size} (the global micro-batch) is not divisible by the "
-                          f"world size {world}; use a multiple of {world}")
+        raise ConfigError(
+            f"batch_size {batch_size} (the global micro-batch) is not divisible by the "
+            f"world size {world}; use a multiple of {world}"
+        )
     return batch_size // world
 
 
@@ -131,8 +133,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = wrapped
 
 
-def wrap(model: nn.Module, strategy: str, info: DistInfo, *, device: torch.device,
-         amp_dtype: torch.dtype | None, cpu_offload: bool = False) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    strategy: str,
+    info: DistInfo,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    cpu_offload: bool = False,
+) -> nn.Module:
     """The module the training loop calls forward on (DDP wrapper, or the FSDP2-sharded model)."""
     if strategy == "none":
         return model

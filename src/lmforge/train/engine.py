@@ -30,19 +30,32 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LMForgeError
 from ..runs import append_jsonl, atomic_write_text, read_jsonl
-from .checkpoint import (list_checkpoints, load_checkpoint, load_sharded_checkpoint, save_checkpoint,
-                         save_sharded_checkpoint)
-from .distributed import (DistInfo, all_reduce_sum, apply_activation_checkpointing, barrier, grad_sync,
-                          resolve_strategy, wrap)
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    barrier,
+    grad_sync,
+    resolve_strategy,
+    wrap,
+)
 from .optim import build_optimizer, lr_multiplier
 
 
@@ -63,26 +76,47 @@ class TrainConfig(BaseModel):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="muon: Muon for the hidden-layer matrices, AdamW for embeddings, head, norms, router")
-    muon_lr: float | None = Field(None, gt=0, description="muon: peak learning rate of the Muon matrices (default: lr)")
+        "adamw",
+        description="muon: Muon for the hidden-layer matrices, AdamW for embeddings, head, norms, router",
+    )
+    muon_lr: float | None = Field(
+        None, gt=0, description="muon: peak learning rate of the Muon matrices (default: lr)"
+    )
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
     eval_every: int = Field(100, ge=0, description="0 = only at the end")
     early_stopping_patience: int = Field(0, ge=0, description="evals without improvement; 0 = off")
     checkpoint_every: int = Field(100, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
-    max_bad_steps: int = Field(5, ge=1, description="consecutive bad steps (non-finite or spiking loss) before stopping")
-    spike_factor: float = Field(4.0, ge=0, description="a loss over this x the running median is a bad step; 0 = off")
-    spike_window: int = Field(32, ge=2, description="good steps in the running median (detection starts once full)")
-    spike_min_excess: float = Field(1.0, ge=0, description="a spike must also exceed the median by this much (nats), "
-                                                           "so losses near 0 (DPO, reward models) never trip it")
-    rollback_after: int = Field(3, ge=0, description="consecutive bad steps before rolling back to the last "
-                                                    "checkpoint, past the offending batches; 0 = never")
+    max_bad_steps: int = Field(
+        5, ge=1, description="consecutive bad steps (non-finite or spiking loss) before stopping"
+    )
+    spike_factor: float = Field(
+        4.0, ge=0, description="a loss over this x the running median is a bad step; 0 = off"
+    )
+    spike_window: int = Field(
+        32, ge=2, description="good steps in the running median (detection starts once full)"
+    )
+    spike_min_excess: float = Field(
+        1.0,
+        ge=0,
+        description="a spike must also exceed the median by this much (nats), "
+        "so losses near 0 (DPO, reward models) never trip it",
+    )
+    rollback_after: int = Field(
+        3,
+        ge=0,
+        description="consecutive bad steps before rolling back to the last "
+        "checkpoint, past the offending batches; 0 = never",
+    )
     max_rollbacks: int = Field(3, ge=0, description="rollbacks per run before bad steps stop it")
     compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
     parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
-        "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1")
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameters and optimizer state in CPU memory")
+        "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1"
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: keep parameters and optimizer state in CPU memory"
+    )
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
 
 
@@ -138,11 +172,22 @@ def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, objective: Objective, data: StatefulIterator,
-                 cfg: TrainConfig, out_dir: Path, *, device: torch.device, dtype: str = "auto",
-                 evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-                 flops_per_token: float | None = None, peak_flops: float | None = None,
-                 log: Callable[[str], None] = print, dist_info: DistInfo | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        data: StatefulIterator,
+        cfg: TrainConfig,
+        out_dir: Path,
+        *,
+        device: torch.device,
+        dtype: str = "auto",
+        evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        log: Callable[[str], None] = print,
+        dist_info: DistInfo | None = None,
+    ):
         """`model` is the plain module; with `cfg.parallel` under torchrun it is wrapped here
         (DDP, or sharded in place by FSDP2) before the optimizer is built. `data` must already
         yield this rank's share of each global batch (see `TokenLoader(rank=, world=)`)."""
@@ -159,8 +204,14 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
-        wrapped = wrap(model, self.strategy, self.dist, device=device, amp_dtype=self.amp,
-                       cpu_offload=cfg.fsdp_cpu_offload)
+        wrapped = wrap(
+            model,
+            self.strategy,
+            self.dist,
+            device=device,
+            amp_dtype=self.amp,
+            cpu_offload=cfg.fsdp_cpu_offload,
+        )
         if self.strategy == "fsdp":
             self.amp = None  # FSDP2's mixed-precision policy casts; autocast would be redundant
         self.optimizer = build_optimizer(model, cfg)
@@ -179,10 +230,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "data": self.data.state_dict(),
-                "best_eval": self.best_eval, "evals_without_improvement": self.evals_without_improvement,
-                "rollbacks": self.rollbacks, "recent_losses": list(self.recent_losses),
-                "last_loss": self.last_loss, "last_eval": dict(self.last_eval)}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "data": self.data.state_dict(),
+            "best_eval": self.best_eval,
+            "evals_without_improvement": self.evals_without_improvement,
+            "rollbacks": self.rollbacks,
+            "recent_losses": list(self.recent_losses),
+            "last_loss": self.last_loss,
+            "last_eval": dict(self.last_eval),
+        }
 
     def _load_last(self, restore_data: bool = True) -> dict | None:
         """Restore model, optimizer, RNG and trainer state from the newest checkpoint."""
@@ -214,12 +272,25 @@ class Trainer:
 
     def save(self) -> Path:
         if self.strategy == "fsdp":
-            return save_sharded_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
-                                           is_main=self.dist.is_main, keep=self.cfg.keep_checkpoints)
+            return save_sharded_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self._state(),
+                is_main=self.dist.is_main,
+                keep=self.cfg.keep_checkpoints,
+            )
         path = self.ckpt_dir / f"step_{self.step:08d}"
         if self.dist.is_main:
-            path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(),
-                                   keep=self.cfg.keep_checkpoints)
+            path = save_checkpoint(
+                self.ckpt_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self._state(),
+                keep=self.cfg.keep_checkpoints,
+            )
         barrier()
         return path
 
@@ -229,9 +300,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
-        mult = lr_multiplier(self.step, max_steps=self.cfg.max_steps, warmup_steps=self.cfg.warmup_steps,
-                             schedule=self.cfg.schedule, min_lr_ratio=self.cfg.min_lr_ratio,
-                             decay_fraction=self.cfg.decay_fraction)
+        mult = lr_multiplier(
+            self.step,
+            max_steps=self.cfg.max_steps,
+            warmup_steps=self.cfg.warmup_steps,
+            schedule=self.cfg.schedule,
+            min_lr_ratio=self.cfg.min_lr_ratio,
+            decay_fraction=self.cfg.decay_fraction,
+        )
         lr = self.cfg.lr * mult
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -289,7 +365,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.spike_factor:
-            self.recent_losses = (self.recent_losses + [mean])[-self.cfg.spike_window:]
+            self.recent_losses = (self.recent_losses + [mean])[-self.cfg.spike_window :]
         return StepOutcome(mean, extra, total)
 
     def _run_eval(self) -> dict[str, float]:
@@ -326,20 +402,32 @@ class Trainer:
         cfg = self.cfg
         self._bad.append(out.bad)
         n = len(self._bad)
-        what = ("non-finite loss or gradient" if out.bad == "non-finite" else
-                f"loss {out.loss:.4g} is over {cfg.spike_factor:g}x the median of the last "
-                f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g}); a spike")
+        what = (
+            "non-finite loss or gradient"
+            if out.bad == "non-finite"
+            else f"loss {out.loss:.4g} is over {cfg.spike_factor:g}x the median of the last "
+            f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g}); a spike"
+        )
         self.log(f"step {self.step}: {what}; step skipped ({n}/{cfg.max_bad_steps} in a row)")
-        self._record({"step": self.step, "skipped": out.bad,
-                      **({"loss": round(out.loss, 5)} if math.isfinite(out.loss) else {})})
+        self._record(
+            {
+                "step": self.step,
+                "skipped": out.bad,
+                **({"loss": round(out.loss, 5)} if math.isfinite(out.loss) else {}),
+            }
+        )
         if n >= cfg.max_bad_steps:
-            kinds = ("non-finite losses" if set(self._bad) == {"non-finite"} else
-                     "bad steps (non-finite or spiking loss)")
+            kinds = (
+                "non-finite losses"
+                if set(self._bad) == {"non-finite"}
+                else "bad steps (non-finite or spiking loss)"
+            )
             raise TrainingStopped(
                 f"{n} consecutive {kinds} at step {self.step}"
                 + (f" after {self.rollbacks} rollback(s)" if self.rollbacks else "")
                 + f"; stopped. Last good checkpoint: {_last(self.ckpt_dir)}. Lower the learning "
-                  f"rate (or raise warmup / grad_clip) or check the data.")
+                f"rate (or raise warmup / grad_clip) or check the data."
+            )
         if cfg.rollback_after and n >= cfg.rollback_after and self.rollbacks < cfg.max_rollbacks:
             self._rollback()
 
@@ -355,9 +443,11 @@ class Trainer:
         self.data.load_state_dict(data_state)
         self._bad = []
         self._record({"step": self.step, "rollback": rollbacks, "from_step": bad_at, "bad_steps": bad_steps})
-        self.log(f"rolled back to the checkpoint at step {self.step} after {bad_steps} bad steps at step "
-                 f"{bad_at} (rollback {rollbacks}/{self.cfg.max_rollbacks}); the batches drawn since "
-                 f"that checkpoint are skipped")
+        self.log(
+            f"rolled back to the checkpoint at step {self.step} after {bad_steps} bad steps at step "
+            f"{bad_at} (rollback {rollbacks}/{self.cfg.max_rollbacks}); the batches drawn since "
+            f"that checkpoint are skipped"
+        )
         self.save()  # the same step, with the new data position: a crash now cannot replay them
 
     def fit(self, resume: bool = True) -> TrainResult:
@@ -398,15 +488,23 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.time()
                     tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
-                    rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens": self.tokens,
-                           "tokens_per_s": round(tps, 1), "elapsed_s": round(now - t0, 2), **extra}
+                    rec = {
+                        "step": self.step,
+                        "loss": round(loss, 5),
+                        "lr": lr,
+                        "tokens": self.tokens,
+                        "tokens_per_s": round(tps, 1),
+                        "elapsed_s": round(now - t0, 2),
+                        **extra,
+                    }
                     if self.flops_per_token:
                         rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
                         if self.peak_flops:
                             rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
                     self._record(rec)
-                    self.log(f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                             f"{tps:,.0f} tok/s")
+                    self.log(
+                        f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                    )
                     t_log, tok_log = now, self.tokens
 
                 is_last = self.step == cfg.max_steps
@@ -415,25 +513,39 @@ class Trainer:
                     if last_eval:
                         self.last_eval = last_eval
                         self._record({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
-                        self.log(f"step {self.step:>6}  eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                        self.log(
+                            f"step {self.step:>6}  eval "
+                            + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                        )
                         ev = last_eval.get("loss")
                         if ev is not None:
                             if self.best_eval is None or ev < self.best_eval - 1e-4:
                                 self.best_eval, self.evals_without_improvement = ev, 0
                             else:
                                 self.evals_without_improvement += 1
-                        if cfg.early_stopping_patience and self.evals_without_improvement >= cfg.early_stopping_patience:
-                            self.log(f"early stopping: eval loss has not improved for "
-                                     f"{cfg.early_stopping_patience} evaluations")
+                        if (
+                            cfg.early_stopping_patience
+                            and self.evals_without_improvement >= cfg.early_stopping_patience
+                        ):
+                            self.log(
+                                f"early stopping: eval loss has not improved for "
+                                f"{cfg.early_stopping_patience} evaluations"
+                            )
                             stopped_early = True
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or is_last or stopped_early:
+                if (
+                    (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                    or is_last
+                    or stopped_early
+                ):
                     self.save()
                 if stopped_early:
                     break
                 if self._stop_signal is not None:
                     path = self.save()
-                    raise TrainingStopped(f"stopped by signal {self._stop_signal} at step {self.step}; "
-                                          f"checkpoint {path}; run the same command again to resume")
+                    raise TrainingStopped(
+                        f"stopped by signal {self._stop_signal} at step {self.step}; "
+                        f"checkpoint {path}; run the same command again to resume"
+                    )
         finally:
             if progress is not None:
                 progress.stop()
@@ -445,8 +557,15 @@ class Trainer:
             # (the pipeline turns it into an interrupt) instead of swallowing the user's Ctrl-C
             os.kill(os.getpid(), self._stop_signal)
         final = {"loss": self.last_loss, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
-        return TrainResult(step=self.step, tokens=self.tokens, seconds=time.time() - t0, final=final,
-                           best_eval_loss=self.best_eval, stopped_early=stopped_early, resumed_from=resumed)
+        return TrainResult(
+            step=self.step,
+            tokens=self.tokens,
+            seconds=time.time() - t0,
+            final=final,
+            best_eval_loss=self.best_eval,
+            stopped_early=stopped_early,
+            resumed_from=resumed,
+        )
 
 
 def _progress_bar(total: int, done: int):
@@ -458,8 +577,15 @@ def _progress_bar(total: int, done: int):
     console = get_console()
     if not console.is_terminal:
         return None
-    p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                 TimeRemainingColumn(), console=console, transient=True)
+    p = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
     p.add_task("train", total=total, completed=done, loss=float("nan"))
     p.start()
     return p
@@ -493,8 +619,9 @@ def pretrain_objective():
         def __call__(self, model, batch):
             x, y = batch
             logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             n = int((y != -100).sum())
             core = unwrap(model)
             aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
@@ -502,9 +629,12 @@ def pretrain_objective():
                 return loss, n, {}
             # the router losses are means; scale by n so the engine's division by n keeps them
             stats = core.moe_stats()
-            metrics = {"moe_aux": float(aux.detach()),
-                       "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k) / max(core.cfg.n_layers, 1),
-                       "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0)}
+            metrics = {
+                "moe_aux": float(aux.detach()),
+                "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k)
+                / max(core.cfg.n_layers, 1),
+                "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0),
+            }
             return loss + aux * n, n, metrics
 
         def count(self, batch):

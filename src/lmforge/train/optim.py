@@ -42,8 +42,15 @@ from ..errors import CheckpointError, ConfigError
 MUON_ADJUST = "match_rms_adamw"  # update scaled by 0.2 * sqrt(max(rows, cols))
 
 
-def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str,
-                  min_lr_ratio: float, decay_fraction: float = 0.2) -> float:
+def lr_multiplier(
+    step: int,
+    *,
+    max_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    min_lr_ratio: float,
+    decay_fraction: float = 0.2,
+) -> float:
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -62,8 +69,15 @@ def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def build_adamw(params, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                eps: float = 1e-8, device_type: str = "cpu") -> torch.optim.Optimizer:
+def build_adamw(
+    params,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float = 1e-8,
+    device_type: str = "cpu",
+) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     seen, decay, no_decay = set(), [], []
     for p in params:
@@ -71,8 +85,7 @@ def build_adamw(params, *, lr: float, weight_decay: float, betas: tuple[float, f
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=lr, betas=betas, eps=eps)
     # fused AdamW exists for CUDA and (since 2.4) CPU; it is the fastest path on both.
@@ -133,9 +146,11 @@ class CombinedOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.parts):
             have = "+".join(state) if "param_groups" not in state else "a single optimizer"
-            raise CheckpointError(f"the checkpoint's optimizer state is for {have}, this run uses "
-                                  f"{'+'.join(self.parts)}; resume with the optimizer the run started "
-                                  f"with, or start the stage afresh")
+            raise CheckpointError(
+                f"the checkpoint's optimizer state is for {have}, this run uses "
+                f"{'+'.join(self.parts)}; resume with the optimizer the run started "
+                f"with, or start the stage afresh"
+            )
         for name, o in self.parts.items():
             scales = [g.get("lr_scale", 1.0) for g in o.param_groups]
             o.load_state_dict(state[name])
@@ -146,25 +161,43 @@ class CombinedOptimizer:
         return f"CombinedOptimizer({', '.join(f'{k}={type(v).__name__}' for k, v in self.parts.items())})"
 
 
-def build_muon(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-               muon_lr: float | None = None, momentum: float = 0.95, device_type: str = "cpu") -> CombinedOptimizer:
+def build_muon(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    muon_lr: float | None = None,
+    momentum: float = 0.95,
+    device_type: str = "cpu",
+) -> CombinedOptimizer:
     if not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
-                          f"{torch.__version__}. Upgrade torch or use optimizer=adamw")
+        raise ConfigError(
+            f"optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+            f"{torch.__version__}. Upgrade torch or use optimizer=adamw"
+        )
     names = set(muon_param_names(model))
     if not names:
         raise ConfigError("optimizer=muon: the model has no 2-D hidden-layer matrices to give Muon")
     params = dict(model.named_parameters())
     if any(type(params[n]).__name__ == "DTensor" for n in names):
-        raise ConfigError("optimizer=muon does not support parallel=fsdp yet (Newton-Schulz needs whole "
-                          "matrices, FSDP shards them); use parallel=ddp or optimizer=adamw")
+        raise ConfigError(
+            "optimizer=muon does not support parallel=fsdp yet (Newton-Schulz needs whole "
+            "matrices, FSDP shards them); use parallel=ddp or optimizer=adamw"
+        )
     matrices = [params[n] for n in params if n in names]
     muon_ids = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in muon_ids]
     adamw = build_adamw(rest, lr=lr, weight_decay=weight_decay, betas=betas, device_type=device_type)
     base = muon_lr or lr
-    muon = torch.optim.Muon(matrices, lr=base, weight_decay=weight_decay, momentum=momentum, nesterov=True,
-                            adjust_lr_fn=MUON_ADJUST)
+    muon = torch.optim.Muon(
+        matrices,
+        lr=base,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=True,
+        adjust_lr_fn=MUON_ADJUST,
+    )
     for g in adamw.param_groups:
         g["lr_scale"] = 1.0
     for g in muon.param_groups:
@@ -181,13 +214,20 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer | Comb
     device_type = first.device.type if first is not None else "cpu"
     betas = (cfg.beta1, cfg.beta2)
     if kind == "adamw":
-        opt = build_adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas,
-                          device_type=device_type)
+        opt = build_adamw(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, device_type=device_type
+        )
         for g in opt.param_groups:
             g["lr_scale"] = 1.0
         return opt
     if kind == "muon":
-        return build_muon(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas,
-                          muon_lr=getattr(cfg, "muon_lr", None), momentum=getattr(cfg, "muon_momentum", 0.95),
-                          device_type=device_type)
+        return build_muon(
+            model,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=betas,
+            muon_lr=getattr(cfg, "muon_lr", None),
+            momentum=getattr(cfg, "muon_momentum", 0.95),
+            device_type=device_type,
+        )
     raise ConfigError(f"optimizer {kind!r} is not known (adamw, muon)")

@@ -22,12 +22,26 @@ if TYPE_CHECKING:
 
 # Steps whose drops are "low quality" examples (negatives for the classifier by default).
 HEURISTIC_STEPS = ("url_filter", "gopher_quality", "gopher_repetition", "c4", "fineweb", "content_filter")
-DOC_STEP_ORDER = ("extract", "sanity", "url_filter", "language", "gopher_quality", "gopher_repetition",
-                  "c4", "fineweb", "content_filter", "pii", "decontam", "domain")
+DOC_STEP_ORDER = (
+    "extract",
+    "sanity",
+    "url_filter",
+    "language",
+    "gopher_quality",
+    "gopher_repetition",
+    "c4",
+    "fineweb",
+    "content_filter",
+    "pii",
+    "decontam",
+    "domain",
+)
 GLOBAL_STEP_ORDER = ("exact_dedup", "near_dedup", "quality_classifier", "mixing")
 
 
-def build_doc_steps(cfg: "DataConfig", decontam_ngrams: tuple[np.ndarray, list[int]] | None = None) -> list[Step]:
+def build_doc_steps(
+    cfg: DataConfig, decontam_ngrams: tuple[np.ndarray, list[int]] | None = None
+) -> list[Step]:
     """The enabled per-document steps for `cfg`, in pipeline order."""
     from lmforge.data.steps import quality
     from lmforge.data.steps.content import ContentFilter, PIIScrub, UrlFilter
@@ -40,14 +54,24 @@ def build_doc_steps(cfg: "DataConfig", decontam_ngrams: tuple[np.ndarray, list[i
     steps: list[Step] = []
     if cfg.extract.enabled:
         e = cfg.extract
-        steps.append(HtmlExtract(e.favor, e.include_tables, e.include_comments, e.timeout_s, e.max_html_bytes, ex))
+        steps.append(
+            HtmlExtract(e.favor, e.include_tables, e.include_comments, e.timeout_s, e.max_html_bytes, ex)
+        )
     if cfg.sanity.enabled:
         s = cfg.sanity
         steps.append(quality.Sanity(s.min_chars, s.max_chars, s.max_line_chars, s.max_garbled_ratio, ex))
     if cfg.url_filter.enabled:
         u = cfg.url_filter
-        steps.append(UrlFilter(u.blocked_domains, u.blocklist_files, u.banned_url_words, u.soft_word_threshold,
-                               u.datatrove_domain_list, ex))
+        steps.append(
+            UrlFilter(
+                u.blocked_domains,
+                u.blocklist_files,
+                u.banned_url_words,
+                u.soft_word_threshold,
+                u.datatrove_domain_list,
+                ex,
+            )
+        )
     if cfg.language.enabled:
         la = cfg.language
         steps.append(LanguageFilter(la.languages, la.min_score, la.thresholds, la.max_chars, la.mode, ex))
@@ -64,8 +88,18 @@ def build_doc_steps(cfg: "DataConfig", decontam_ngrams: tuple[np.ndarray, list[i
         steps.append(ContentFilter(c.words, c.regexes, c.word_files, c.max_matches, c.mode, ex))
     if cfg.pii.enabled:
         p = cfg.pii
-        steps.append(PIIScrub(p.emails, p.phones, p.ips, p.only_public_ips, p.email_replacement,
-                              p.phone_replacement, p.ip_replacement, ex))
+        steps.append(
+            PIIScrub(
+                p.emails,
+                p.phones,
+                p.ips,
+                p.only_public_ips,
+                p.email_replacement,
+                p.phone_replacement,
+                p.ip_replacement,
+                ex,
+            )
+        )
     if cfg.decontam.enabled and decontam_ngrams is not None and len(decontam_ngrams[0]):
         d = cfg.decontam
         steps.append(Decontaminate(decontam_ngrams[0], d.ngram, decontam_ngrams[1], d.mode, ex))
@@ -75,5 +109,14 @@ def build_doc_steps(cfg: "DataConfig", decontam_ngrams: tuple[np.ndarray, list[i
     return steps
 
 
-__all__ = ["Step", "StepStats", "run_steps", "approx_tokens", "build_doc_steps", "HIST_BINS",
-           "HEURISTIC_STEPS", "DOC_STEP_ORDER", "GLOBAL_STEP_ORDER"]
+__all__ = [
+    "Step",
+    "StepStats",
+    "run_steps",
+    "approx_tokens",
+    "build_doc_steps",
+    "HIST_BINS",
+    "HEURISTIC_STEPS",
+    "DOC_STEP_ORDER",
+    "GLOBAL_STEP_ORDER",
+]

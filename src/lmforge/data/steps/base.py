@@ -19,8 +19,9 @@ task: bad input is reported, never fatal.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from lmforge.data.readers import Document
 
@@ -62,10 +63,10 @@ class StepStats:
     bytes_out: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    dropped: dict[str, dict[str, int]] = field(default_factory=dict)   # reason -> {docs, bytes}
-    flagged: dict[str, dict[str, int]] = field(default_factory=dict)   # reason -> {docs, bytes}
-    counters: dict[str, int] = field(default_factory=dict)             # e.g. pii_email: 12
-    examples: dict[str, list[dict]] = field(default_factory=dict)      # reason -> [{id, source, url, text}]
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> {docs, bytes}
+    flagged: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> {docs, bytes}
+    counters: dict[str, int] = field(default_factory=dict)  # e.g. pii_email: 12
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # reason -> [{id, source, url, text}]
     hist: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
     max_examples: int = 3
@@ -90,7 +91,9 @@ class StepStats:
     def flag(self, reason: str, doc: Document, nbytes: int | None = None) -> None:
         self._count(self.flagged, "flag:" + reason, doc, nbytes, key=reason)
 
-    def _count(self, table: dict, example_key: str, doc: Document, nbytes: int | None, key: str | None = None) -> None:
+    def _count(
+        self, table: dict, example_key: str, doc: Document, nbytes: int | None, key: str | None = None
+    ) -> None:
         entry = table.setdefault(key or example_key, {"docs": 0, "bytes": 0})
         entry["docs"] += 1
         entry["bytes"] += text_bytes(doc.text) if nbytes is None else nbytes
@@ -99,8 +102,14 @@ class StepStats:
     def example(self, reason: str, doc: Document) -> None:
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:
-            ex.append({"id": doc_id(doc), "source": doc.source, "url": doc.meta.get("url"),
-                       "text": snippet(doc.text)})
+            ex.append(
+                {
+                    "id": doc_id(doc),
+                    "source": doc.source,
+                    "url": doc.meta.get("url"),
+                    "text": snippet(doc.text),
+                }
+            )
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -117,15 +126,31 @@ class StepStats:
         return sum(v["docs"] for v in self.dropped.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("name", "docs_in", "docs_out", "bytes_in", "bytes_out",
-                                              "tokens_in", "tokens_out", "dropped", "flagged", "counters",
-                                              "examples", "hist", "seconds", "max_examples")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "name",
+                "docs_in",
+                "docs_out",
+                "bytes_in",
+                "bytes_out",
+                "tokens_in",
+                "tokens_out",
+                "dropped",
+                "flagged",
+                "counters",
+                "examples",
+                "hist",
+                "seconds",
+                "max_examples",
+            )
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StepStats":
+    def from_dict(cls, d: dict[str, Any]) -> StepStats:
         return cls(**d)
 
-    def merge(self, other: "StepStats") -> "StepStats":
+    def merge(self, other: StepStats) -> StepStats:
         for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "tokens_in", "tokens_out", "seconds"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for mine, theirs in ((self.dropped, other.dropped), (self.flagged, other.flagged)):

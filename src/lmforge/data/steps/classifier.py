@@ -13,8 +13,8 @@ heuristic filter against those the filters dropped (see stage.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -24,8 +24,15 @@ from lmforge.runs import atomic_path
 def _vectorizer(n_features: int):
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    return HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False,
-                             norm="l2", lowercase=True, token_pattern=r"(?u)\b\w\w+\b", dtype=np.float32)
+    return HashingVectorizer(
+        n_features=n_features,
+        ngram_range=(1, 2),
+        alternate_sign=False,
+        norm="l2",
+        lowercase=True,
+        token_pattern=r"(?u)\b\w\w+\b",
+        dtype=np.float32,
+    )
 
 
 class QualityScorer:
@@ -39,8 +46,14 @@ class QualityScorer:
         self._vec = _vectorizer(n_features)
 
     @classmethod
-    def train(cls, positives: Sequence[str], negatives: Sequence[str], n_features: int = 2 ** 18,
-              seed: int = 0, max_chars: int = 20_000) -> "QualityScorer":
+    def train(
+        cls,
+        positives: Sequence[str],
+        negatives: Sequence[str],
+        n_features: int = 2**18,
+        seed: int = 0,
+        max_chars: int = 20_000,
+    ) -> QualityScorer:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import train_test_split
 
@@ -70,10 +83,14 @@ class QualityScorer:
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, coef=self.coef, intercept=np.float64(self.intercept),
-                         n_features=np.int64(self.n_features))
+                np.savez(
+                    f,
+                    coef=self.coef,
+                    intercept=np.float64(self.intercept),
+                    n_features=np.int64(self.n_features),
+                )
 
     @classmethod
-    def load(cls, path: Path) -> "QualityScorer":
+    def load(cls, path: Path) -> QualityScorer:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["coef"], float(z["intercept"]), int(z["n_features"]))

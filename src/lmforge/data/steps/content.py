@@ -79,8 +79,15 @@ def host_of(url: str) -> str:
 class UrlFilter(Step):
     name = "url_filter"
 
-    def __init__(self, blocked_domains=(), blocklist_files=(), banned_url_words: bool = True,
-                 soft_word_threshold: int = 2, datatrove_domain_list: bool = False, max_examples: int = 3):
+    def __init__(
+        self,
+        blocked_domains=(),
+        blocklist_files=(),
+        banned_url_words: bool = True,
+        soft_word_threshold: int = 2,
+        datatrove_domain_list: bool = False,
+        max_examples: int = 3,
+    ):
         super().__init__("drop", max_examples)
         self.domains = {d.strip().lower().lstrip(".") for d in blocked_domains if d.strip()}
         for path in blocklist_files:
@@ -95,7 +102,9 @@ class UrlFilter(Step):
             assets = Path(_datatrove_assets())
             self.words = _read_list(assets / "banned_words.txt", normalize=True)
             self.soft_words = _read_list(assets / "soft_banned_words.txt", normalize=True)
-            subwords = sorted(_read_list(assets / "banned_subwords.txt", normalize=True), key=len, reverse=True)
+            subwords = sorted(
+                _read_list(assets / "banned_subwords.txt", normalize=True), key=len, reverse=True
+            )
             if subwords:
                 self.subword_re = re.compile("|".join(map(re.escape, subwords)))
         self.soft_word_threshold = soft_word_threshold
@@ -132,16 +141,31 @@ class ContentFilter(Step):
 
     name = "content_filter"
 
-    def __init__(self, words=(), regexes=(), word_files=(), max_matches: int = 0, mode: str = "drop",
-                 max_examples: int = 3):
+    def __init__(
+        self,
+        words=(),
+        regexes=(),
+        word_files=(),
+        max_matches: int = 0,
+        mode: str = "drop",
+        max_examples: int = 3,
+    ):
         super().__init__(mode, max_examples)
         words = [w.strip() for w in words if w.strip()]
         for path in word_files:
             if not Path(path).is_file():
                 raise ConfigError(f"data.content_filter.word_files: {path} does not exist")
             words += sorted(_read_list(path, normalize=False))
-        self.word_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-                                   + r")(?!\w)", re.IGNORECASE) if words else None)
+        self.word_re = (
+            re.compile(
+                r"(?<!\w)(?:"
+                + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+                + r")(?!\w)",
+                re.IGNORECASE,
+            )
+            if words
+            else None
+        )
         self.regexes = [re.compile(r, re.IGNORECASE | re.MULTILINE) for r in regexes]
         self.max_matches = max_matches
 
@@ -165,7 +189,8 @@ class ContentFilter(Step):
 # (ids, timestamps) and dotted versions (3.11.2) are left alone; the last group has 4 digits
 # and there are 9-15 digits in total.
 PHONE_RE = re.compile(
-    r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{4}(?![\w/-]|\.\d)")
+    r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{4}(?![\w/-]|\.\d)"
+)
 
 
 def _phone_ok(match: str) -> bool:
@@ -179,9 +204,17 @@ def _phone_ok(match: str) -> bool:
 class PIIScrub(Step):
     name = "pii"
 
-    def __init__(self, emails: bool = True, phones: bool = True, ips: bool = True, only_public_ips: bool = True,
-                 email_replacement: str = "email@example.com", phone_replacement: str = "555-0100",
-                 ip_replacement: str = "192.0.2.1", max_examples: int = 3):
+    def __init__(
+        self,
+        emails: bool = True,
+        phones: bool = True,
+        ips: bool = True,
+        only_public_ips: bool = True,
+        email_replacement: str = "email@example.com",
+        phone_replacement: str = "555-0100",
+        ip_replacement: str = "192.0.2.1",
+        max_examples: int = 3,
+    ):
         super().__init__("drop", max_examples)
         from datatrove.pipeline.formatters.pii import PIIFormatter
 
@@ -220,6 +253,6 @@ class PIIScrub(Step):
             for kind in kinds:  # examples show the scrubbed text around the placeholder, never the PII
                 placeholder = next(r for k, _, _, r in self.replacers if k == kind)
                 at = max(0, text.find(placeholder) - 120)
-                window = ("…" if at else "") + text[at:at + 280]
+                window = ("…" if at else "") + text[at : at + 280]
                 self.stats.example(f"replaced:{kind}", Document(window, doc.source, doc.meta))
         return None

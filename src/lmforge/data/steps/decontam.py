@@ -20,8 +20,8 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import xxhash
@@ -40,7 +40,7 @@ def words_of(text: str) -> list[str]:
 
 def ngram_hashes(words: list[str], n: int) -> Iterator[int]:
     for i in range(len(words) - n + 1):
-        yield xxhash.xxh3_64_intdigest(" ".join(words[i:i + n]).encode())
+        yield xxhash.xxh3_64_intdigest(" ".join(words[i : i + n]).encode())
 
 
 def _eval_files(spec: str) -> list[Path]:
@@ -52,8 +52,10 @@ def _eval_files(spec: str) -> list[Path]:
     matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
     files = [m for m in matches if m.is_file() and _is_eval_file(m)]
     if not files:
-        raise ConfigError(f"data.decontam.eval_sets: {spec!r} matches no file "
-                          f"({', '.join(EVAL_EXTENSIONS)}, optionally .gz)")
+        raise ConfigError(
+            f"data.decontam.eval_sets: {spec!r} matches no file "
+            f"({', '.join(EVAL_EXTENSIONS)}, optionally .gz)"
+        )
     return files
 
 
@@ -108,8 +110,9 @@ def iter_eval_items(spec: str, fields: list[str] | None = None) -> Iterator[str]
                         continue
 
 
-def build_eval_ngrams(eval_sets: Iterable[str], fields: list[str] | None, n: int,
-                      min_item_words: int) -> tuple[np.ndarray, int, list[int]]:
+def build_eval_ngrams(
+    eval_sets: Iterable[str], fields: list[str] | None, n: int, min_item_words: int
+) -> tuple[np.ndarray, int, list[int]]:
     """Sorted unique n-gram hashes of all eval items, the number of items read, and the word
     counts of the short items (those hashed whole)."""
     hashes: set[int] = set()
@@ -136,8 +139,14 @@ def _short_key(words: list[str]) -> int:
 class Decontaminate(Step):
     name = "decontam"
 
-    def __init__(self, ngram_hashes: np.ndarray, n: int = 13, short_lengths: Iterable[int] = (),
-                 mode: str = "drop", max_examples: int = 3):
+    def __init__(
+        self,
+        ngram_hashes: np.ndarray,
+        n: int = 13,
+        short_lengths: Iterable[int] = (),
+        mode: str = "drop",
+        max_examples: int = 3,
+    ):
         super().__init__(mode, max_examples)
         self.hashes = set(int(h) for h in ngram_hashes)
         self.n = n
@@ -155,7 +164,7 @@ class Decontaminate(Step):
         if self.short_lengths:
             for k in self.short_lengths:
                 for i in range(len(words) - k + 1):
-                    if _short_key(words[i:i + k]) in self.hashes:
+                    if _short_key(words[i : i + k]) in self.hashes:
                         doc.meta["contaminated"] = True
                         return "eval_item_contained"
         return None

@@ -68,7 +68,7 @@ class MinHasher:
         m = len(w) - n + 1
         h = np.zeros(m, dtype=np.uint64)
         for k in range(n):  # h = sum_k w[i+k] * mix[k]  (mod 2^64): order-sensitive n-gram hash
-            h += w[k:k + m] * self.mix[k]
+            h += w[k : k + m] * self.mix[k]
         h ^= h >> np.uint64(29)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(32)
@@ -80,7 +80,7 @@ class MinHasher:
             return np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint32)
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(sh), 4096):  # bounded memory on huge documents
-            block = sh[start:start + 4096, None]
+            block = sh[start : start + 4096, None]
             np.minimum(sig, ((block * self.a + self.b) >> _SHIFT).min(axis=0), out=sig)
         return sig.astype(np.uint32)
 

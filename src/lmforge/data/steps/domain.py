@@ -32,11 +32,13 @@ class DomainLabel(Step):
     def __init__(self, rules, web_domain: str = "web", default_domain: str = "prose", max_examples: int = 3):
         super().__init__("drop", max_examples)
         self.rules = [
-            (r.domain,
-             re.compile(r.url_regex, re.I) if r.url_regex else None,
-             re.compile(r.source_regex) if r.source_regex else None,
-             re.compile(r.text_regex, re.M) if r.text_regex else None,
-             r.min_line_ratio)
+            (
+                r.domain,
+                re.compile(r.url_regex, re.I) if r.url_regex else None,
+                re.compile(r.source_regex) if r.source_regex else None,
+                re.compile(r.text_regex, re.M) if r.text_regex else None,
+                r.min_line_ratio,
+            )
             for r in rules
         ]
         self.web_domain, self.default_domain = web_domain, default_domain
@@ -74,8 +76,13 @@ class DomainLabel(Step):
         return None
 
 
-def mix_plan(domains: np.ndarray, sizes: np.ndarray, order_keys: np.ndarray, weights: dict[str, float],
-             max_repeat: int = 1) -> tuple[np.ndarray, dict]:
+def mix_plan(
+    domains: np.ndarray,
+    sizes: np.ndarray,
+    order_keys: np.ndarray,
+    weights: dict[str, float],
+    max_repeat: int = 1,
+) -> tuple[np.ndarray, dict]:
     """Copies (0..max_repeat) of each document so the output mix follows `weights`.
 
     domains: array of domain names; sizes: tokens (or 1 per doc); order_keys: seeded hashes

@@ -25,7 +25,11 @@ class _Timeout(Exception):
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise `_Timeout` after `seconds` (SIGALRM; only possible in a process's main thread)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if (
+        seconds <= 0
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "setitimer")
+    ):
         yield
         return
 
@@ -44,12 +48,23 @@ def time_limit(seconds: float):
 class HtmlExtract(Step):
     name = "extract"
 
-    def __init__(self, favor: str = "precision", include_tables: bool = True, include_comments: bool = False,
-                 timeout_s: float = 10.0, max_html_bytes: int = 5_000_000, max_examples: int = 3):
+    def __init__(
+        self,
+        favor: str = "precision",
+        include_tables: bool = True,
+        include_comments: bool = False,
+        timeout_s: float = 10.0,
+        max_html_bytes: int = 5_000_000,
+        max_examples: int = 3,
+    ):
         super().__init__("drop", max_examples)
-        self.kwargs = dict(include_tables=include_tables, include_comments=include_comments,
-                           favor_precision=favor == "precision", favor_recall=favor == "recall",
-                           with_metadata=True)
+        self.kwargs = dict(
+            include_tables=include_tables,
+            include_comments=include_comments,
+            favor_precision=favor == "precision",
+            favor_recall=favor == "recall",
+            with_metadata=True,
+        )
         self.timeout_s = timeout_s
         self.max_html_bytes = max_html_bytes
 

@@ -41,8 +41,15 @@ def identify(text: str, max_chars: int = 3000) -> tuple[str, float]:
 class LanguageFilter(Step):
     name = "language"
 
-    def __init__(self, languages: list[str], min_score: float = 0.65, thresholds: dict[str, float] | None = None,
-                 max_chars: int = 3000, mode: str = "drop", max_examples: int = 3):
+    def __init__(
+        self,
+        languages: list[str],
+        min_score: float = 0.65,
+        thresholds: dict[str, float] | None = None,
+        max_chars: int = 3000,
+        mode: str = "drop",
+        max_examples: int = 3,
+    ):
         super().__init__(mode, max_examples)
         self.languages = set(languages)
         self.min_score = min_score

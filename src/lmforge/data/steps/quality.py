@@ -50,8 +50,14 @@ class Sanity(Step):
     name = "sanity"
     _GARBLED = re.compile(r"[\ufffd\x00-\x08\x0b\x0e-\x1f\x7f]")
 
-    def __init__(self, min_chars: int = 1, max_chars: int = 1_000_000, max_line_chars: int = 100_000,
-                 max_garbled_ratio: float = 0.01, max_examples: int = 3):
+    def __init__(
+        self,
+        min_chars: int = 1,
+        max_chars: int = 1_000_000,
+        max_line_chars: int = 100_000,
+        max_garbled_ratio: float = 0.01,
+        max_examples: int = 3,
+    ):
         super().__init__("drop", max_examples)
         self.min_chars, self.max_chars = min_chars, max_chars
         self.max_line_chars, self.max_garbled_ratio = max_line_chars, max_garbled_ratio
@@ -76,7 +82,9 @@ class Sanity(Step):
 class DatatroveFilter(Step):
     """Run a datatrove `BaseFilter` as a step; its text edits (C4 drops lines) are kept in drop mode."""
 
-    def __init__(self, name: str, dt_filter, mode: str = "drop", max_examples: int = 3, reason_prefix: str = ""):
+    def __init__(
+        self, name: str, dt_filter, mode: str = "drop", max_examples: int = 3, reason_prefix: str = ""
+    ):
         self.name = name
         super().__init__(mode, max_examples)
         self.filter = dt_filter
@@ -90,7 +98,7 @@ class DatatroveFilter(Step):
             result = self.filter.filter(dt)
         except ZeroDivisionError:  # datatrove divides by word/line counts; no words = nothing to keep
             return "no_words"
-        keep, reason = (result if isinstance(result, tuple) else (result, None))
+        keep, reason = result if isinstance(result, tuple) else (result, None)
         if keep:
             if self.mode == "drop" and dt.text != doc.text:
                 if not dt.text.strip():
@@ -109,24 +117,34 @@ def gopher_quality(cfg, max_examples: int = 3) -> DatatroveFilter:
     from datatrove.pipeline.filters import GopherQualityFilter
 
     f = GopherQualityFilter(
-        min_doc_words=cfg.min_doc_words, max_doc_words=cfg.max_doc_words,
-        min_avg_word_length=cfg.min_avg_word_length, max_avg_word_length=cfg.max_avg_word_length,
-        max_symbol_word_ratio=cfg.max_symbol_word_ratio, max_bullet_lines_ratio=cfg.max_bullet_lines_ratio,
+        min_doc_words=cfg.min_doc_words,
+        max_doc_words=cfg.max_doc_words,
+        min_avg_word_length=cfg.min_avg_word_length,
+        max_avg_word_length=cfg.max_avg_word_length,
+        max_symbol_word_ratio=cfg.max_symbol_word_ratio,
+        max_bullet_lines_ratio=cfg.max_bullet_lines_ratio,
         max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
         max_non_alpha_words_ratio=cfg.min_alpha_words_ratio,  # datatrove's name for the same rule
-        min_stop_words=cfg.min_stop_words, language=_word_tokenizer())
-    return _Renamed("gopher_quality", f, cfg.mode, max_examples,
-                    {"gopher_enough_stop_words": "too_few_stop_words"})
+        min_stop_words=cfg.min_stop_words,
+        language=_word_tokenizer(),
+    )
+    return _Renamed(
+        "gopher_quality", f, cfg.mode, max_examples, {"gopher_enough_stop_words": "too_few_stop_words"}
+    )
 
 
 def gopher_repetition(cfg, max_examples: int = 3) -> DatatroveFilter:
     from datatrove.pipeline.filters import GopherRepetitionFilter
 
     f = GopherRepetitionFilter(
-        dup_line_frac=cfg.dup_line_frac, dup_para_frac=cfg.dup_para_frac,
-        dup_line_char_frac=cfg.dup_line_char_frac, dup_para_char_frac=cfg.dup_para_char_frac,
+        dup_line_frac=cfg.dup_line_frac,
+        dup_para_frac=cfg.dup_para_frac,
+        dup_line_char_frac=cfg.dup_line_char_frac,
+        dup_para_char_frac=cfg.dup_para_char_frac,
         top_n_grams=tuple(tuple(x) for x in cfg.top_n_grams),
-        dup_n_grams=tuple(tuple(x) for x in cfg.dup_n_grams), language=_word_tokenizer())
+        dup_n_grams=tuple(tuple(x) for x in cfg.dup_n_grams),
+        language=_word_tokenizer(),
+    )
     return DatatroveFilter("gopher_repetition", f, cfg.mode, max_examples)
 
 
@@ -134,12 +152,18 @@ def c4(cfg, max_examples: int = 3) -> DatatroveFilter:
     from datatrove.pipeline.filters import C4QualityFilter
 
     f = C4QualityFilter(
-        split_paragraph=True, remove_citations=cfg.remove_citations,
-        filter_no_terminal_punct=cfg.filter_no_terminal_punct, min_num_sentences=cfg.min_num_sentences,
-        min_words_per_line=cfg.min_words_per_line, max_word_length=cfg.max_word_length,
-        filter_lorem_ipsum=cfg.filter_lorem_ipsum, filter_javascript=cfg.filter_javascript,
-        filter_curly_bracket=cfg.filter_curly_bracket, filter_policy=cfg.filter_policy,
-        language=_word_tokenizer())
+        split_paragraph=True,
+        remove_citations=cfg.remove_citations,
+        filter_no_terminal_punct=cfg.filter_no_terminal_punct,
+        min_num_sentences=cfg.min_num_sentences,
+        min_words_per_line=cfg.min_words_per_line,
+        max_word_length=cfg.max_word_length,
+        filter_lorem_ipsum=cfg.filter_lorem_ipsum,
+        filter_javascript=cfg.filter_javascript,
+        filter_curly_bracket=cfg.filter_curly_bracket,
+        filter_policy=cfg.filter_policy,
+        language=_word_tokenizer(),
+    )
     return DatatroveFilter("c4", f, cfg.mode, max_examples)
 
 
@@ -147,10 +171,14 @@ def fineweb(cfg, max_examples: int = 3) -> DatatroveFilter:
     from datatrove.pipeline.filters import FineWebQualityFilter
 
     f = FineWebQualityFilter(
-        line_punct_thr=cfg.line_punct_thr, line_punct_exclude_zero=cfg.line_punct_exclude_zero,
-        short_line_thr=cfg.short_line_thr, short_line_length=cfg.short_line_length,
-        char_duplicates_ratio=cfg.char_duplicates_ratio, new_line_ratio=cfg.new_line_ratio,
-        language=_word_tokenizer())
+        line_punct_thr=cfg.line_punct_thr,
+        line_punct_exclude_zero=cfg.line_punct_exclude_zero,
+        short_line_thr=cfg.short_line_thr,
+        short_line_length=cfg.short_line_length,
+        char_duplicates_ratio=cfg.char_duplicates_ratio,
+        new_line_ratio=cfg.new_line_ratio,
+        language=_word_tokenizer(),
+    )
     return DatatroveFilter("fineweb", f, cfg.mode, max_examples)
 
 
@@ -166,4 +194,4 @@ class _Renamed(DatatroveFilter):
         if reason is None:
             return None
         reason = self.renames.get(reason, reason)
-        return reason[len("gopher_"):] if reason.startswith("gopher_") else reason
+        return reason[len("gopher_") :] if reason.startswith("gopher_") else reason

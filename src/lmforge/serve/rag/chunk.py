@@ -23,8 +23,8 @@ def _pieces(text: str, max_words: int) -> list[list[str]]:
         for sent in _SENT.split(para):
             w = sent.split()
             for i in range(0, len(w), max_words):
-                if w[i:i + max_words]:
-                    out.append(w[i:i + max_words])
+                if w[i : i + max_words]:
+                    out.append(w[i : i + max_words])
     return out
 
 

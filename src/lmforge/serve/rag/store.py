@@ -33,7 +33,7 @@ class Hit:
     text: str
     source: str
     chunk: int
-    score: float          # cosine similarity
+    score: float  # cosine similarity
     chunk_id: int
 
     def citation(self, snippet: int = 240) -> dict:
@@ -60,14 +60,23 @@ def _connect(path: Path, want_vec: bool):
 
 
 class VectorStore:
-    def __init__(self, folder: str | Path, *, create: bool = False, embedder_name: str | None = None,
-                 dim: int | None = None, use_vec: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        create: bool = False,
+        embedder_name: str | None = None,
+        dim: int | None = None,
+        use_vec: bool = True,
+    ):
         self.folder = Path(folder)
         self.path = self.folder / DB_NAME
         if not self.path.exists():
             if not create:
-                raise RagError(f"{self.folder}: no retrieval index here (no {DB_NAME}); build one with "
-                               f"`lmforge rag index {self.folder} DOCS...`")
+                raise RagError(
+                    f"{self.folder}: no retrieval index here (no {DB_NAME}); build one with "
+                    f"`lmforge rag index {self.folder} DOCS...`"
+                )
             self.folder.mkdir(parents=True, exist_ok=True)
         self.conn, self.vec = _connect(self.path, use_vec)
         self._x("PRAGMA journal_mode=WAL")
@@ -76,23 +85,35 @@ class VectorStore:
         if not meta:
             if embedder_name is None or dim is None:
                 raise RagError(f"{self.path}: empty index without an embedder")
-            self._x("CREATE TABLE documents(id INTEGER PRIMARY KEY, source TEXT UNIQUE, sha256 TEXT, "
-                    "n_chunks INTEGER, added_at REAL)")
-            self._x("CREATE TABLE chunks(id INTEGER PRIMARY KEY, doc_id INTEGER, ord INTEGER, text TEXT, "
-                    "embedding BLOB)")
+            self._x(
+                "CREATE TABLE documents(id INTEGER PRIMARY KEY, source TEXT UNIQUE, sha256 TEXT, "
+                "n_chunks INTEGER, added_at REAL)"
+            )
+            self._x(
+                "CREATE TABLE chunks(id INTEGER PRIMARY KEY, doc_id INTEGER, ord INTEGER, text TEXT, "
+                "embedding BLOB)"
+            )
             self._x("CREATE INDEX chunks_doc ON chunks(doc_id)")
-            for k, v in (("schema", SCHEMA_VERSION), ("embedder", embedder_name), ("dim", str(dim)),
-                         ("created_at", str(time.time()))):
+            for k, v in (
+                ("schema", SCHEMA_VERSION),
+                ("embedder", embedder_name),
+                ("dim", str(dim)),
+                ("created_at", str(time.time())),
+            ):
                 self._x("INSERT INTO meta VALUES (?, ?)", (k, v))
             meta = self.meta()
         elif embedder_name is not None and meta.get("embedder") != embedder_name:
-            raise RagError(f"{self.folder}: this index was built with embedder {meta.get('embedder')!r}, "
-                           f"not {embedder_name!r}; vectors from different models cannot be compared. Use "
-                           f"the same --embedder, or build a new index in another folder")
+            raise RagError(
+                f"{self.folder}: this index was built with embedder {meta.get('embedder')!r}, "
+                f"not {embedder_name!r}; vectors from different models cannot be compared. Use "
+                f"the same --embedder, or build a new index in another folder"
+            )
         self.embedder_name, self.dim = meta["embedder"], int(meta["dim"])
         if self.vec:
-            self._x(f"CREATE VIRTUAL TABLE IF NOT EXISTS vecs USING vec0(id INTEGER PRIMARY KEY, "
-                    f"embedding float[{self.dim}] distance_metric=cosine)")
+            self._x(
+                f"CREATE VIRTUAL TABLE IF NOT EXISTS vecs USING vec0(id INTEGER PRIMARY KEY, "
+                f"embedding float[{self.dim}] distance_metric=cosine)"
+            )
             n_chunks = self._one("SELECT count(*) FROM chunks")
             n_vecs = self._one("SELECT count(*) FROM vecs")
             if n_vecs != n_chunks:  # written by the numpy backend: rebuild the vector table
@@ -129,16 +150,23 @@ class VectorStore:
         """Insert (or replace) one document with its chunks; returns its number of chunks."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.shape != (len(chunks), self.dim):
-            raise RagError(f"{source}: got vectors of shape {vectors.shape}, index expects ({len(chunks)}, {self.dim})")
+            raise RagError(
+                f"{source}: got vectors of shape {vectors.shape}, index expects ({len(chunks)}, {self.dim})"
+            )
         self._begin()
         try:
             self._delete(source)
-            self._x("INSERT INTO documents(source, sha256, n_chunks, added_at) VALUES (?, ?, ?, ?)",
-                    (source, sha256, len(chunks), time.time()))
+            self._x(
+                "INSERT INTO documents(source, sha256, n_chunks, added_at) VALUES (?, ?, ?, ?)",
+                (source, sha256, len(chunks), time.time()),
+            )
             doc_id = self._one("SELECT last_insert_rowid()")
             for i, (text, v) in enumerate(zip(chunks, vectors)):
                 blob = v.tobytes()
-                self._x("INSERT INTO chunks(doc_id, ord, text, embedding) VALUES (?, ?, ?, ?)", (doc_id, i, text, blob))
+                self._x(
+                    "INSERT INTO chunks(doc_id, ord, text, embedding) VALUES (?, ?, ?, ?)",
+                    (doc_id, i, text, blob),
+                )
                 if self.vec:
                     cid = self._one("SELECT last_insert_rowid()")
                     self._x("INSERT INTO vecs(id, embedding) VALUES (?, ?)", (cid, blob))
@@ -173,19 +201,28 @@ class VectorStore:
         return n
 
     def stats(self) -> dict:
-        return {"documents": self._one("SELECT count(*) FROM documents"),
-                "chunks": self._one("SELECT count(*) FROM chunks"), "embedder": self.embedder_name,
-                "dim": self.dim, "backend": "sqlite-vec" if self.vec else "sqlite+numpy", "path": str(self.path)}
+        return {
+            "documents": self._one("SELECT count(*) FROM documents"),
+            "chunks": self._one("SELECT count(*) FROM chunks"),
+            "embedder": self.embedder_name,
+            "dim": self.dim,
+            "backend": "sqlite-vec" if self.vec else "sqlite+numpy",
+            "path": str(self.path),
+        }
 
     # -- search
     def search(self, vector: np.ndarray, k: int = 4) -> list[Hit]:
         v = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         if v.shape[0] != self.dim:
-            raise RagError(f"query vector has dimension {v.shape[0]}, the index {self.dim}: the index was "
-                           f"built with another embedder ({self.embedder_name})")
+            raise RagError(
+                f"query vector has dimension {v.shape[0]}, the index {self.dim}: the index was "
+                f"built with another embedder ({self.embedder_name})"
+            )
         if self.vec:
-            rows = self._x("SELECT id, distance FROM vecs WHERE embedding MATCH ? AND k = ? ORDER BY distance",
-                           (v.tobytes(), int(k))).fetchall()
+            rows = self._x(
+                "SELECT id, distance FROM vecs WHERE embedding MATCH ? AND k = ? ORDER BY distance",
+                (v.tobytes(), int(k)),
+            ).fetchall()
             scored = [(int(cid), 1.0 - float(d)) for cid, d in rows]
         else:
             ids, mat = self._matrix()
@@ -196,8 +233,11 @@ class VectorStore:
             scored = [(int(ids[j]), float(sims[j])) for j in top]
         hits = []
         for cid, score in scored:
-            row = self._x("SELECT c.text, d.source, c.ord FROM chunks c JOIN documents d ON d.id = c.doc_id "
-                          "WHERE c.id = ?", (cid,)).fetchone()
+            row = self._x(
+                "SELECT c.text, d.source, c.ord FROM chunks c JOIN documents d ON d.id = c.doc_id "
+                "WHERE c.id = ?",
+                (cid,),
+            ).fetchone()
             if row:
                 hits.append(Hit(text=row[0], source=row[1], chunk=int(row[2]), score=score, chunk_id=cid))
         return hits
@@ -206,7 +246,10 @@ class VectorStore:
         if self._cache is None:
             rows = self._x("SELECT id, embedding FROM chunks ORDER BY id").fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
-            mat = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-                   if rows else np.zeros((0, self.dim), np.float32))
+            mat = (
+                np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+                if rows
+                else np.zeros((0, self.dim), np.float32)
+            )
             self._cache = (ids, mat)
         return self._cache

@@ -1,0 +1,91 @@
+"""The eval and report stages on a tiny trained run, stages written by others included."""
+
+import json
+
+from lmforge.cli import main
+from lmforge.eval.testing import one_thread, tiny_model
+from lmforge.model.hf import save_pretrained
+from lmforge.runs import atomic_write_json
+from tests.conftest import tiny_args
+
+
+def test_eval_then_report(clone_run, capsys):
+    root = clone_run("ev")
+    args = tiny_args(root, "ev", "pretrain.max_steps=5", "eval.builtin_items=40")
+    run = root / "ev"
+    with one_thread():
+        assert main(["pretrain", *args]) == 0
+        assert main(["eval", *args]) == 0
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert {"loss", "ppl", "bpb", "unigram_bpb", "tokens", "documents", "tasks", "hardware"} <= set(res)
+    assert res["documents"]["word_ppl"] > 1 and res["documents"]["tokens"] > 0
+    cloze = res["tasks"]["builtin_cloze"]
+    assert cloze["n"] > 0 and cloze["chance"] == 0.25 and 0 <= cloze["acc"]["value"] <= 1
+    assert (run / "eval" / "predictions" / "builtin_cloze.jsonl").exists()
+    manifest = json.loads((run / "eval" / "manifest.json").read_text())
+    assert "builtin_cloze/acc_norm" in manifest["metrics"] and "word_ppl" in manifest["metrics"]
+
+    # a stage the report has never heard of, and a data funnel, are shown generically
+    atomic_write_json(
+        run / "align" / "manifest.json",
+        {
+            "stage": "align",
+            "status": "complete",
+            "seconds": 1.5,
+            "metrics": {"reward_margin": 0.7, "steps": 2},
+        },
+    )
+    (run / "align" / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.9, "lr": 1e-4}\n{"step": 2, "loss": 0.6}\n'
+    )
+    atomic_write_json(
+        run / "data" / "funnel.json",
+        {
+            "steps": [
+                {"name": "read", "docs_in": 100, "docs_out": 100, "tokens_out": 5000, "dropped": {}},
+                {
+                    "name": "quality",
+                    "docs_in": 100,
+                    "docs_out": 60,
+                    "tokens_out": 3000,
+                    "dropped": {"too_short": {"docs": 30}, "gopher_repetition": {"docs": 10}},
+                },
+            ]
+        },
+    )
+    assert main(["report", *args]) == 0
+    md = (run / "report" / "report.md").read_text()
+    html = (run / "report" / "report.html").read_text()
+    for title in (
+        "Model card",
+        "Data funnel",
+        "Training: pretrain",
+        "Training: align",
+        "Evaluation",
+        "builtin_cloze",
+    ):
+        assert title in md and title in html
+    assert "too_short" in md and "reward_margin" in md and "parameters" in md
+    assert (run / "report" / "plots" / "pretrain_curves.png").exists()
+    assert "](plots/pretrain_curves.png)" in md
+    assert html.count("data:image/png;base64,") >= 3 and "src='http" not in html and "<script" not in html
+
+
+def test_eval_refuses_a_model_of_another_vocabulary(clone_run, tmp_path, capsys):
+    root = clone_run("mm")
+    other = tmp_path / "other_model"
+    save_pretrained(tiny_model(300), other)  # no tokenizer: the run's (512 tokens) is used
+    assert main(["eval", *tiny_args(root, "mm", f"eval.model={other}")]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+
+
+def test_eval_bad_task_is_a_clear_error(clone_run, tmp_path, capsys):
+    root = clone_run("bt")
+    args = tiny_args(root, "bt", "pretrain.max_steps=2")
+    with one_thread():
+        assert main(["pretrain", *args]) == 0
+    bad = tmp_path / "items.jsonl"
+    bad.write_text('{"query": "q", "choices": ["a", "b"], "answer": 3}\n')
+    assert main(["eval", *args, f"eval.tasks=[{bad}]", "eval.doc_tokens=0"]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl:1" in err and "out of range" in err
