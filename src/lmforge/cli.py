@@ -207,9 +207,8 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_stage_commands(sub) -> None:
-    from .pipeline import ORDER, registered
-
-    stages = registered()
+    from .pipeline import ORDER
+    from .pipeline import REGISTRY as stages
 
     r = sub.add_parser(
         "run",

@@ -422,28 +422,8 @@ def run_rl(ctx, cfg, *, reward_fns: dict[str, Callable] | None = None) -> dict:
 
 # ============================================================================= pieces
 def model_before(ctx) -> Path:
-    """The model of the last completed model-producing stage *before* this one in pipeline
-    order (not `ctx.latest_model_dir()`: that also sees stages after this one, e.g. `rl/model`
-    when `align` re-runs)."""
-    from ..errors import LMForgeError
-    from ..pipeline import ORDER, REGISTRY
-    from ..runs import read_manifest
-
-    idx = ORDER.index(ctx.name) if ctx.name in ORDER else len(ORDER)
-    for name in reversed(ORDER[:idx]):
-        st = REGISTRY.get(name)
-        if st and st.produces_model:
-            m = read_manifest(ctx.run_dir / name)
-            if (
-                m
-                and m.get("status") == "complete"
-                and (ctx.run_dir / name / "model" / "config.json").is_file()
-            ):
-                return ctx.run_dir / name / "model"
-    raise LMForgeError(
-        f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
-        f"`lmforge run`) first, or pass --model PATH"
-    )
+    """The model of the last completed policy stage *before* this one in pipeline order."""
+    return ctx.model_before()
 
 
 def _encode(items, fmt, limit: int):

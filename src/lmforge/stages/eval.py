@@ -39,9 +39,9 @@ from ..eval.readers import load_task
 from ..eval.report import hardware
 from ..eval.tasks import evaluate_task, headline
 from ..model.hf import load_pretrained, read_hf_config
-from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_json, atomic_write_text
 from ..tokenizer import LMTokenizer
+from .base import StageContext, define_stage
 
 
 class GenerationSettings(BaseModel):
@@ -99,7 +99,7 @@ class EvalConfig(BaseModel):
     save_predictions: bool = True
 
 
-@register_stage(
+@define_stage(
     "eval",
     EvalConfig,
     needs=("tokenizer",),
@@ -116,7 +116,7 @@ class EvalConfig(BaseModel):
 )
 def eval_stage(ctx: StageContext) -> dict:
     cfg: EvalConfig = ctx.cfg
-    model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
     tok_dir = ctx.input_dir("tokenizer")
     model = load_pretrained(model_dir, device=ctx.device)
     tok = LMTokenizer.load(model_dir if (model_dir / "tokenizer.json").exists() else tok_dir)

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..align.config import AlignConfig
 from ..align.rl import run_rl
-from ..pipeline import ORDER, StageContext, register_stage
+from .base import StageContext, define_stage
 
 
 class RLConfig(AlignConfig):
@@ -37,12 +37,10 @@ class RLConfig(AlignConfig):
     )
 
 
-@register_stage(
+@define_stage(
     "rl",
     RLConfig,
-    produces_model=True,
     uses_model=True,
-    after="align" if "align" in ORDER else "sft",
     help="on-policy RL: GRPO on verifiable prompts, or PPO against a reward model",
     flags=(
         ("--model", "model", "policy model folder (default: the run's latest model)"),

@@ -11,8 +11,8 @@ import itertools
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import write_token_shards
-from ..pipeline import StageContext, register_stage
 from ..tokenizer import LMTokenizer, bytes_per_token, train_tokenizer
+from .base import StageContext, define_stage
 from .data import iter_output_texts
 
 
@@ -27,7 +27,7 @@ class TokenizerConfig(BaseModel):
     )
 
 
-@register_stage(
+@define_stage(
     "tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer and tokenize the corpus"
 )
 def tokenizer_stage(ctx: StageContext) -> dict:
