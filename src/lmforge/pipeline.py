@@ -18,12 +18,13 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 import yaml
-from pydantic import BaseModel
 
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ConfigError, LMForgeError
@@ -46,6 +47,10 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 DEFAULT_CONFIG = "tiny"
 
 
+# The validated pipeline config: a pydantic model built at run time from the stages' config
+# classes (`config.pipeline_model`), so its fields are known to the runner, not to the checker.
+PipelineConfig: TypeAlias = Any
+
 REGISTRY: dict[str, Stage] = {s.name: s for s in STAGES}
 ORDER: tuple[str, ...] = tuple(REGISTRY)
 
@@ -67,24 +72,24 @@ def resolve_config_path(name: str | None) -> Path:
     raise ConfigError(f"{name!r} is neither a YAML file nor a shipped pipeline ({names})")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> BaseModel:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineConfig:
     stages = REGISTRY
     src = resolve_config_path(str(path) if path is not None else None)
     data = apply_overrides(load_yaml(src), list(overrides))
     model = pipeline_model({n: s.config_cls for n, s in stages.items()})
-    cfg = validate(data, model, str(src) + (" (with overrides)" if overrides else ""))
+    cfg: PipelineConfig = validate(data, model, str(src) + (" (with overrides)" if overrides else ""))
     for name in cfg.stages or []:
         if name not in stages:
             raise ConfigError(f"{src}: stages: unknown stage {name!r}; known: {', '.join(ORDER)}")
     return cfg
 
 
-def pipeline_stages(cfg: BaseModel) -> list[str]:
+def pipeline_stages(cfg: PipelineConfig) -> list[str]:
     return list(cfg.stages) if cfg.stages else [n for n in ORDER if n in REGISTRY]
 
 
 # ----------------------------------------------------------------------------- running
-def stage_fingerprint(cfg: BaseModel, name: str) -> tuple[str, dict[str, str]]:
+def stage_fingerprint(cfg: PipelineConfig, name: str) -> tuple[str, dict[str, str]]:
     stage = REGISTRY[name]
     inputs = {}
     deps = list(stage.needs)
@@ -152,7 +157,7 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
-def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
+def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutcome:
     stage = REGISTRY[name]
     run_dir = cfg.run.dir
     stage_dir = run_dir / name
@@ -219,7 +224,9 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     return StageOutcome(name, "ran", time.time() - t0, record.metrics, stage_dir)
 
 
-def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+def run_pipeline(
+    cfg: PipelineConfig, only: list[str] | None = None, force: bool = False
+) -> list[StageOutcome]:
     names = pipeline_stages(cfg)
     if only:
         bad = [n for n in only if n not in REGISTRY]

@@ -25,16 +25,17 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from rich import get_console
+from rich import get_console, reconfigure
 from rich.markup import escape
 
 from ..errors import LMForgeError
 from ..runs import POLICY_STAGES, StageRecord, policy_model_dir, read_manifest
 from ..train.engine import resolve_device
 
-console = get_console()  # rich's process-wide console, shared with the training progress bar
-console.highlight = False
-console.soft_wrap = True
+# rich's process-wide console, shared with the training progress bar: no syntax colouring of
+# numbers and paths in log lines (assigning `console.highlight` would only add an unused attribute)
+reconfigure(highlight=False, soft_wrap=True)
+console = get_console()
 
 StageFn = Callable[["StageContext"], "dict | None"]
 
