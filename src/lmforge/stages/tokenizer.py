@@ -43,7 +43,7 @@ def tokenizer_stage(ctx: StageContext) -> dict:
         tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
         ctx.log(f"trained byte-level BPE, vocab {tok.vocab_size:,}")
     tok.save(ctx.dir)
-    metrics = {"vocab_size": tok.vocab_size}
+    metrics: dict[str, float] = {"vocab_size": tok.vocab_size}
     for split in ("train", "val"):
         index = write_token_shards(iter_output_texts(data_dir, split), tok, ctx.dir, split)
         metrics[f"{split}_tokens"] = index["n_tokens"]
