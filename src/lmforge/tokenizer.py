@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.artifacts import verify_path
 from lmforge.errors import ConfigError, DataError
 from lmforge.runs import atomic_write_json, atomic_write_text
 
@@ -197,6 +198,8 @@ class LMTokenizer:
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
             raise DataError(f"{file}: no such tokenizer file; train one or fix the path")
+        for name in (file.name, "tokenizer_config.json", "special_tokens_map.json"):
+            verify_path(file.parent / name)  # written by a stage: unchanged since (size + hash)
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown model

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..artifacts import verify_path
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
@@ -191,6 +192,7 @@ def read_hf_config(folder: str | Path) -> dict:
             f"{cfg_file}: not found; expected a model folder with config.json and "
             f"model.safetensors (or sharded model-*.safetensors + index)"
         )
+    verify_path(folder)  # a model folder a stage wrote: unchanged since (size + hash)
     try:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
