@@ -257,8 +257,8 @@ class ChatFormat:
     def _mark_contents(self, text: str, messages: list[dict], add_generation_prompt: bool) -> RenderedText:
         """Spans of the contents in a Jinja rendering, found by rendering numbered sentinels in
         their place; needed (and computed) only when some content holds a special-token string."""
-        contents = [m.get("content") for m in messages]
-        risky = [i for i, c in enumerate(contents) if isinstance(c, str) and self.tok.special_strings_in(c)]
+        contents: list[str] = [c if isinstance(c := m.get("content"), str) else "" for m in messages]
+        risky = [i for i, c in enumerate(contents) if self.tok.special_strings_in(c)]
         if not risky:
             return RenderedText(text, ())
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]

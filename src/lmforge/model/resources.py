@@ -147,9 +147,7 @@ def device_memory(device: torch.device | str | None = None) -> tuple[int, int | 
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(free), f"{torch.cuda.get_device_name(device)} memory"
-    total = _meminfo("MemTotal")
-    if total is None:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total), _meminfo("MemAvailable"), "host RAM"
 
 
@@ -158,9 +156,7 @@ def check_fits(
 ) -> None:
     """Refuse an estimate above the device's total memory (or `limit`), naming the largest part
     and its config keys; warn when it exceeds the memory free right now."""
-    total, free, what = device_memory(device)
-    if limit is not None:
-        total, free, what = limit, None, "the limit"
+    total, free, what = device_memory(device) if limit is None else (limit, None, "the limit")
     need = est.total
     if need > total:
         big = est.largest()
