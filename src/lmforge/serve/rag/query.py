@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from ...tokenizer import literal_text
 from .embed import embedder_for_name, get_embedder
 from .store import Hit, VectorStore
 
@@ -92,7 +93,7 @@ def answer(
         if use_chat:
             ids = engine.encode_chat(augment_messages([{"role": "user", "content": question}], hits))
         else:
-            ids = engine.encode(build_prompt(question, hits))
+            ids = engine.encode(literal_text(build_prompt(question, hits)))  # documents are text
         if len(ids) + need <= engine.context or not hits:
             break
         hits = hits[:-1]
