@@ -42,7 +42,12 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
-from .request import Chunk, Completion, GenParams, Request  # noqa: F401  (re-exported)
+from .fastpath import FastDecoder, self_check, use_gqa_attention
+from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
+from .sampling import adjusted_logits, bias_tensors, needs_processing, sample_rows, token_logprobs
+from .static_decode import StaticDecode
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -102,11 +107,6 @@ class _Slot:
     last: int  # the token to feed next
 
 
-# Below this temperature sampling is greedy: the distribution is the argmax up to float precision,
-# and logits / 1e-80 overflow to inf, whose softmax is NaN (found by fuzzing the server).
-MIN_TEMPERATURE = 1e-5
-
-
 # ----------------------------------------------------------------------------- the engine
 class Engine:
     """Batched generation around a `Transformer` and an `LMTokenizer`.
@@ -128,9 +128,12 @@ class Engine:
         context: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         fast_path: bool = False,
+        decode: str = "auto",
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r} is invalid: one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
         self.tok = tokenizer
         self.chat_format = chat_format
@@ -149,8 +152,6 @@ class Engine:
         self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
         self.fast = None
         if fast_path:  # fused weights and a lean forward (fastpath.py); it changes `model` in place
-            from .fastpath import FastDecoder, self_check, use_gqa_attention
-
             fast = FastDecoder.build(model)
             if fast is not None and self_check(
                 model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
@@ -158,6 +159,7 @@ class Engine:
                 self.fast = fast
             else:
                 use_gqa_attention(model)
+        self.static = self._static_decoder(decode)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
@@ -174,6 +176,20 @@ class Engine:
             "generated_tokens": 0,
             "prompt_tokens": 0,
         }
+
+    def _static_decoder(self, decode: str) -> StaticDecode | None:
+        """Bucketed fixed-shape decode (static_decode.py): CUDA graphs by default on CUDA; on CPU
+        the exact-length eager step is faster, so `auto` keeps it there."""
+        if decode == "auto":
+            decode = "graph" if self.device.type == "cuda" and self.fast is not None else "eager"
+        if decode == "eager":
+            return None
+        if self.fast is None:
+            raise ValueError(
+                f"decode={decode!r} needs the fused fast path (a plain lmforge/Llama-family model "
+                "loaded with fast_path=True); use decode='eager' for this model"
+            )
+        return StaticDecode(self.fast, self.cache, self.max_batch, graphs=decode == "graph")
 
     # -- construction
     @classmethod
@@ -249,6 +265,11 @@ class Engine:
         bad = [i for i in prompt_ids if not 0 <= int(i) < self.vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab}")
+        bad = [i for i in (params.logit_bias or {}) if not 0 <= i < self.vocab]
+        if bad:
+            raise ValueError(
+                f"logit_bias: token id {bad[0]} is out of range for a vocabulary of {self.vocab}"
+            )
         return params.max_tokens or room
 
     def submit(
@@ -317,9 +338,14 @@ class Engine:
                         req = self.waiting.popleft()
                         self.slots[i] = _Slot(req, 0, -1)
                         admit.append((i, req))
-            try:
-                for i, req in admit:
+            for i, req in admit:
+                try:
                     self._prefill(i, req)
+                except Exception as e:  # this prompt's forward or sampling failed: only it ends
+                    self.counters["errors"] += 1
+                    if self.slots[i] is not None:
+                        self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+            try:
                 if any(s is not None for s in self.slots):
                     self._decode_step()
             except Exception as e:  # a bug or out-of-memory: fail what is in flight, keep serving
@@ -355,8 +381,7 @@ class Engine:
             self.counts[i].zero_()
         self.slots[i] = _Slot(req, n, -1)
         self.counters["prompt_tokens"] += n
-        tok = self._sample(logits, [i])[0]
-        self._accept(i, tok)
+        self._pick(logits, [i])
 
     def _decode_step(self) -> None:
         active = [i for i, s in enumerate(self.slots) if s is not None]
@@ -374,9 +399,11 @@ class Engine:
         k_len = max(lengths) + 1
         inp = torch.tensor([[self.slots[i].last] for i in active], device=self.device)
         mask = None
-        if min(lengths) != max(lengths):
+        if self.static is None and min(lengths) != max(lengths):
             mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        if self.fast is not None:
+        if self.static is not None:
+            logits = self.static.step(inp[:, 0], pos, k_len)
+        elif self.fast is not None:
             logits = self.fast.forward(inp, pos[:, None], self.cache, k_len=k_len, mask=mask).float()
         else:
             logits = self.model(
@@ -384,8 +411,7 @@ class Engine:
             )[:, -1].float()
         for i in active:
             self.slots[i].length += 1
-        for i, tok in zip(active, self._sample(logits, active)):
-            self._accept(i, tok)
+        self._pick(logits, active)
 
     def _compact(self) -> None:
         """Move the highest running slots into free lower ones so the running rows are 0..B-1
@@ -402,46 +428,47 @@ class Engine:
             self.counts[dst] = self.counts[src]
             self.slots[dst], self.slots[src] = s, None
 
-    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """One token per row of `logits` [B, V] (rows = the slots they belong to)."""
-        ps = [self.slots[i].req.params for i in rows]
+    def _pick(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Sample one token per row of `logits` [B, V] (rows = their slots) and accept it. A row
+        whose logits or distribution are not finite ends its own request with an error."""
+        reqs = [self.slots[i].req for i in rows]
+        ps = [r.params for r in reqs]
         x = logits[:, : self.vocab]
-        if not any(p.temperature >= MIN_TEMPERATURE or self.slots[i].req.penalized for i, p in zip(rows, ps)):
-            return x.argmax(dim=-1).tolist()  # all greedy, no penalties: the common fast case
-        idx = torch.tensor(rows, device=self.device)
-        if any(p.repetition_penalty != 1.0 for p in ps):
-            rp = torch.tensor([p.repetition_penalty for p in ps], device=x.device)[:, None]
-            x = torch.where(self.seen[idx], torch.where(x > 0, x / rp, x * rp), x)
-        if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            c = self.counts[idx]
-            fp = torch.tensor([p.frequency_penalty for p in ps], device=x.device)[:, None]
-            pp = torch.tensor([p.presence_penalty for p in ps], device=x.device)[:, None]
-            x = x - fp * c - pp * (c > 0).float()
-        out = x.argmax(dim=-1).tolist()
-        hot = [j for j, p in enumerate(ps) if p.temperature >= MIN_TEMPERATURE]
-        if not hot:
-            return out
-        xs = x[hot] / torch.tensor([ps[j].temperature for j in hot], device=x.device)[:, None]
-        V = xs.shape[-1]
-        ks = [ps[j].top_k if ps[j].top_k and ps[j].top_k < V else V for j in hot]
-        tp = [ps[j].top_p for j in hot]
-        order = None
-        if min(ks) < V or min(tp) < 1.0:
-            xs, order = torch.sort(xs, dim=-1, descending=True)
-            if min(ks) < V:
-                rank = torch.arange(V, device=x.device)[None, :]
-                xs = xs.masked_fill(rank >= torch.tensor(ks, device=x.device)[:, None], float("-inf"))
-            if min(tp) < 1.0:
-                probs = xs.softmax(-1)
-                drop = probs.cumsum(-1) - probs >= torch.tensor(tp, device=x.device)[:, None]
-                xs = xs.masked_fill(drop, float("-inf"))
-        probs = xs.softmax(-1)
-        for n, j in enumerate(hot):
-            pick = int(torch.multinomial(probs[n], 1, generator=self.slots[rows[j]].req.generator))
-            out[j] = int(order[n, pick]) if order is not None else pick
-        return out
+        if any(needs_processing(p) or p.logprobs is not None for p in ps):
+            for r in reqs:
+                if r.params.logit_bias and r.bias is None:
+                    r.bias = bias_tensors(r.params, self.device)
+            pen = any(r.penalized for r in reqs)
+            idx = torch.tensor(rows, device=self.device) if pen else None
+            x = adjusted_logits(
+                x,
+                ps,
+                [r.bias for r in reqs],
+                self.seen[idx] if pen else None,
+                self.counts[idx] if pen else None,
+            )
+        tokens, ok = sample_rows(x, ps, [r.generator for r in reqs])
+        toks, oks = torch.stack([tokens, ok.long()]).tolist()  # the one read-back of the step
+        lps: list[TokenLogprob | None] = [None] * len(rows)
+        want = [n for n, p in enumerate(ps) if p.logprobs is not None]
+        if want:
+            sel = torch.tensor(want, device=self.device)
+            chosen, top = token_logprobs(x[sel], tokens[sel], max(ps[n].logprobs for n in want))
+            for j, n in enumerate(want):
+                lps[n] = TokenLogprob(toks[n], chosen[j], top[j][: ps[n].logprobs])
+        for n, i in enumerate(rows):
+            if not oks[n]:
+                self.counters["errors"] += 1
+                self._finish(i, FINISH_ERROR, error="sampling failed: the distribution is not finite")
+                continue
+            try:
+                self._accept(i, toks[n], lps[n])
+            except Exception as e:  # e.g. the tokenizer cannot decode: only this request ends
+                self.counters["errors"] += 1
+                if self.slots[i] is not None:
+                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
 
-    def _accept(self, i: int, tok: int) -> None:
+    def _accept(self, i: int, tok: int, lp: TokenLogprob | None = None) -> None:
         s = self.slots[i]
         req = s.req
         if req.first_token_at is None:
@@ -451,6 +478,10 @@ class Engine:
             return
         s.last = tok
         req.out_ids.append(tok)
+        lps = None
+        if lp is not None:
+            req.out_logprobs.append(lp)
+            lps = [lp]
         if req.penalized:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
@@ -459,24 +490,31 @@ class Engine:
         stop_at = _find_stop(text, req.params.stop, max(0, req.sent - _longest(req.params.stop)))
         if stop_at is not None:
             req.text = text[:stop_at]
-            self._finish(i, FINISH_STOP, ids=[tok])
+            self._finish(i, FINISH_STOP, ids=[tok], lps=lps)
             return
         req.text = text
         limit = len(req.out_ids) >= req.max_new or s.length + 1 >= self.context
         if limit:
-            self._finish(i, FINISH_LENGTH, ids=[tok])
+            self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
             return
         safe = len(text) - _held_back(text, req.params.stop)
         tail = len(text) - len(text.rstrip("\ufffd"))
         if tail:  # maybe an incomplete UTF-8 sequence: wait for the next token
             safe = min(safe, len(text) - tail)
         if safe > req.sent:
-            req._push(Chunk(text[req.sent : safe], [tok]))
+            req._push(Chunk(text[req.sent : safe], [tok], logprobs=lps))
             req.sent = safe
         else:
-            req._push(Chunk("", [tok]))
+            req._push(Chunk("", [tok], logprobs=lps))
 
-    def _finish(self, i: int, reason: str, error: str | None = None, ids: list[int] | None = None) -> None:
+    def _finish(
+        self,
+        i: int,
+        reason: str,
+        error: str | None = None,
+        ids: list[int] | None = None,
+        lps: list[TokenLogprob] | None = None,
+    ) -> None:
         s = self.slots[i]
         self.slots[i] = None
         req = s.req
@@ -488,7 +526,7 @@ class Engine:
             self.counters["completed"] += 1
         rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
-        req._push(Chunk(rest, ids or [], reason, error=error))
+        req._push(Chunk(rest, ids or [], reason, error=error, logprobs=lps))
         with self._cv:
             self._cv.notify_all()
 

@@ -112,9 +112,10 @@ class FastDecoder:
             return None
         return cls(model)
 
-    def _cos_sin(self, pos: torch.Tensor, dtype):
-        need = int(pos.max()) + 1
-        if need > self.rotary.cos.shape[0]:
+    def _cos_sin(self, pos: torch.Tensor, dtype, static: bool = False):
+        # static: the caller guarantees the tables are long enough (no `.max()` read back: a host
+        # sync, and not allowed inside a CUDA graph)
+        if not static and int(pos.max()) + 1 > self.rotary.cos.shape[0]:
             self.rotary(pos, dtype)  # grows the tables
         return self.rotary.cos[pos].to(dtype).unsqueeze(-2), self.rotary.sin[pos].to(dtype).unsqueeze(-2)
 
@@ -128,15 +129,18 @@ class FastDecoder:
         slot: int | None = None,
         k_len: int | None = None,
         mask: torch.Tensor | None = None,
+        static: bool = False,
     ) -> torch.Tensor:
         """Logits [B, V] of the last position. Prefill: `slot` given, ids [1, T], pos [1, T].
-        Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None."""
+        Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None.
+        `static`: no value is read back to the host (shapes fixed by B and k_len alone), so the
+        step can be captured as a CUDA graph (static_decode.py)."""
         B, T = ids.shape
         H, KV, D, eps = self.H, self.KV, self.D, self.eps
         x = F.embedding(ids, self.embed)
         dim = x.shape[-1]
-        cos, sin = self._cos_sin(pos, x.dtype)  # [B, T, 1, D]
-        same = slot is None and mask is None
+        cos, sin = self._cos_sin(pos, x.dtype, static)  # [B, T, 1, D]
+        same = slot is None and mask is None and not static
         p0 = int(pos[0, 0]) if same else 0
         gqa = KV != H
         for li, (w_in, wqkv, bqkv, wo, w_post, wgu, nf, wdown) in enumerate(self.layers):
