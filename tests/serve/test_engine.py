@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from lmforge.errors import CheckpointError
 from lmforge.model.generate import SamplingParams, generate
-from lmforge.serve.engine import Engine, EngineFull, GenParams, _held_back
+from lmforge.serve.engine import Engine, EngineFull, GenParams
+from lmforge.serve.request import _held_back
 from lmforge.serve.testing import make_tiny_model
 from tests.fuzz_support import fuzz
 
@@ -527,3 +528,19 @@ def _greedy_ref(engine, ids: tuple) -> list[int]:
     if ids not in _REF:
         _REF[ids] = generate(engine.model, [list(ids)], SamplingParams(max_new_tokens=6, temperature=0))[0]
     return _REF[ids]
+
+
+def test_identical_prompts_share_their_prefill(engine, model_dir):
+    """n samples of one prompt (a GRPO group): the first is prefilled, the others copy its K/V;
+    tokens equal those of an engine that prefills each one, seeded or greedy."""
+    ids = engine.encode(PROMPTS[2])
+    sampled = [GenParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    greedy = GenParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = {}
+    for share in (True, False):
+        with Engine.from_pretrained(model_dir, max_batch=5, share_prefill=share) as eng:
+            outs[share] = [o.token_ids for o in eng.generate([ids] * 5, [*sampled, greedy])]
+            assert eng.stats()["prefill_shared"] == (4 if share else 0)
+    assert outs[True] == outs[False]
+    assert outs[True][4] == _greedy_ref(engine, tuple(ids)) + outs[True][4][6:]
+    assert len({tuple(o) for o in outs[True][:4]}) > 1  # different seeds, different samples

@@ -15,11 +15,18 @@ Design choices:
   model/transformer.py runs unchanged (lmforge models, imported HF Llama/Mistral/Qwen2 models
   and models with LoRA layers patched in alike).
 - **Prefill per request** (one forward over the prompt into its slot), then the first token is
-  sampled and streamed at once: time-to-first-token is one prompt forward.
-- **Sampling per row, vectorised**: temperature (0 = greedy), top-k, top-p, repetition
-  penalty (HF/CTRL style over prompt + generated tokens), OpenAI presence/frequency penalties
-  (over generated tokens only), per-request seeds (a `torch.Generator` per request, so a seeded
-  request gives the same tokens whatever else is in the batch, up to float rounding).
+  sampled and streamed at once: time-to-first-token is one prompt forward. Identical prompts
+  admitted together (the n samples of a GRPO group, `n` on the server) share one prefill: the
+  others copy its K/V rows (`share_prefill`).
+- **Decode step** (`decode=`): `eager` runs the exact-length step (the CPU default: no padding);
+  `graph` (the CUDA default) replays a fixed-shape, bucketed step as a CUDA graph and `static`
+  runs that same step eagerly (static_decode.py; how CPU tests check the graph's math).
+- **Sampling per row, on the device** (sampling.py): logit_bias, repetition penalty (HF/CTRL
+  style over prompt + generated tokens), OpenAI presence/frequency penalties (over generated
+  tokens only), temperature (0 = greedy), top-k, top-p, per-request seeds (a `torch.Generator`
+  per request, so a seeded request gives the same tokens whatever else is in the batch, up to
+  float rounding); one read-back per step; optional log-probabilities with top alternatives.
+  A row whose distribution is not finite ends its own request with an error, not the batch.
 - **Stops**: stop token ids (the tokenizer's eos and chat end-of-turn by default), stop strings
   (matched on the decoded text; text that might be the start of a stop string is held back, so
   a streamed answer never shows half a stop string), `max_tokens`, and the context limit.
@@ -43,12 +50,12 @@ import torch
 
 from ..errors import LMForgeError
 from .fastpath import FastDecoder, self_check, use_gqa_attention
+from .kvcache import SlotCache
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
 from .sampling import adjusted_logits, bias_tensors, needs_processing, sample_rows, token_logprobs
 from .static_decode import StaticDecode
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
-
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
 
@@ -60,46 +67,6 @@ class EngineClosed(LMForgeError):
     """The engine was shut down."""
 
 
-# ----------------------------------------------------------------------------- the cache
-class SlotCache:
-    """K/V buffers with one row per slot. Duck-types `model.transformer.KVCache` (`update`,
-    `length`): before each forward the engine says which rows and positions are written."""
-
-    def __init__(self, cfg, slots: int, context: int, device, dtype):
-        shape = (slots, cfg.kv_heads, context, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.context = context
-        self.length = 0  # the Transformer bumps this; positions are always passed explicitly
-        self._mode = None
-
-    def prefill(self, slot: int, n: int) -> SlotCache:
-        self._mode = ("prefill", slot, n)
-        return self
-
-    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
-        self._mode = ("decode", rows, pos, k_len)
-        return self
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        mode = self._mode
-        if mode[0] == "prefill":
-            _, slot, n = mode
-            self.k[layer][slot, :, :n] = k[0]
-            self.v[layer][slot, :, :n] = v[0]
-            return k, v
-        _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
-        kc, vc = self.k[layer][rows], self.v[layer][rows]
-        b = torch.arange(k.shape[0], device=k.device)
-        kc[b, :, pos] = k[:, :, 0]
-        vc[b, :, pos] = v[:, :, 0]
-        return kc[:, :, :k_len], vc[:, :, :k_len]
-
-    def move(self, src: int, dst: int, n: int) -> None:
-        for t in (*self.k, *self.v):
-            t[dst, :, :n] = t[src, :, :n]
-
-
 @dataclass
 class _Slot:
     req: Request
@@ -107,7 +74,6 @@ class _Slot:
     last: int  # the token to feed next
 
 
-# ----------------------------------------------------------------------------- the engine
 class Engine:
     """Batched generation around a `Transformer` and an `LMTokenizer`.
 
@@ -129,6 +95,7 @@ class Engine:
         stop_token_ids: Sequence[int] | None = None,
         fast_path: bool = False,
         decode: str = "auto",
+        share_prefill: bool = True,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -160,6 +127,7 @@ class Engine:
             else:
                 use_gqa_attention(model)
         self.static = self._static_decoder(decode)
+        self.share_prefill = share_prefill
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
@@ -167,29 +135,25 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.counters = {
-            "submitted": 0,
-            "completed": 0,
-            "cancelled": 0,
-            "rejected": 0,
-            "errors": 0,
-            "generated_tokens": 0,
-            "prompt_tokens": 0,
-        }
+        # prefill_shared: prompts whose K/V were copied from an identical prompt's
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "cancelled", "rejected", "errors", "generated_tokens")
+            + ("prompt_tokens", "prefill_shared"),
+            0,
+        )
 
     def _static_decoder(self, decode: str) -> StaticDecode | None:
         """Bucketed fixed-shape decode (static_decode.py): CUDA graphs by default on CUDA; on CPU
         the exact-length eager step is faster, so `auto` keeps it there."""
         if decode == "auto":
             decode = "graph" if self.device.type == "cuda" and self.fast is not None else "eager"
-        if decode == "eager":
-            return None
-        if self.fast is None:
-            raise ValueError(
-                f"decode={decode!r} needs the fused fast path (a plain lmforge/Llama-family model "
-                "loaded with fast_path=True); use decode='eager' for this model"
-            )
-        return StaticDecode(self.fast, self.cache, self.max_batch, graphs=decode == "graph")
+        if decode != "eager" and self.fast is None:
+            msg = "a plain lmforge/Llama-family model loaded with fast_path=True; use decode='eager'"
+            raise ValueError(f"decode={decode!r} needs the fused fast path ({msg})")
+        graphs = decode == "graph"
+        return (
+            None if decode == "eager" else StaticDecode(self.fast, self.cache, self.max_batch, graphs=graphs)
+        )
 
     # -- construction
     @classmethod
@@ -306,10 +270,19 @@ class Engine:
         return self.submit(ids, params).result()
 
     def generate(
-        self, prompts: Sequence[str | Sequence[int]], params: GenParams | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: GenParams | Sequence[GenParams] | None = None,
     ) -> list[Completion]:
-        """Run many prompts through the batch at once (blocking)."""
-        reqs = [self.submit(self.encode(p) if isinstance(p, str) else list(p), params) for p in prompts]
+        """Run many prompts through the batch at once (blocking); `params` is one for all or one
+        per prompt. The requests are queued together, so identical prompts that fit in the
+        free slots (the n samples of an RL group) share one prefill."""
+        each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        with self._cv:  # re-entrant: the worker admits none of them before all are queued
+            reqs = [self.submit(x, p) for x, p in zip(ids, each)]
         return [r.result() for r in reqs]
 
     def stats(self) -> dict:
@@ -338,9 +311,10 @@ class Engine:
                         req = self.waiting.popleft()
                         self.slots[i] = _Slot(req, 0, -1)
                         admit.append((i, req))
+            shared: dict | None = {} if self.share_prefill else None
             for i, req in admit:
                 try:
-                    self._prefill(i, req)
+                    self._prefill(i, req, shared)
                 except Exception as e:  # this prompt's forward or sampling failed: only it ends
                     self.counters["errors"] += 1
                     if self.slots[i] is not None:
@@ -364,17 +338,28 @@ class Engine:
         for req in pending:
             req._push(Chunk("", [], FINISH_CANCELLED, error="engine shut down"))
 
-    def _prefill(self, i: int, req: Request) -> None:
+    def _prefill(self, i: int, req: Request, shared: dict | None = None) -> None:
+        """Prompt forward into slot `i` and the first token. `shared` maps the prompts prefilled
+        in this admission round to (slot, last logits): an identical prompt (n samples of one
+        GRPO prompt, `n` > 1 on the server) copies their K/V instead of running the model."""
         if req.cancelled.is_set():
             self._finish(i, FINISH_CANCELLED)
             return
         ids = torch.tensor([req.prompt_ids], device=self.device)
         n = ids.shape[1]
-        pos = torch.arange(n, device=self.device)
-        if self.fast is not None:
-            logits = self.fast.forward(ids, pos[None], self.cache, slot=i).float()
+        key = tuple(req.prompt_ids)
+        if shared is not None and key in shared:
+            src, logits = shared[key]
+            self.cache.move(src, i, n)
+            self.counters["prefill_shared"] += 1
         else:
-            logits = self.model(ids, position_ids=pos, cache=self.cache.prefill(i, n))[:, -1].float()
+            pos = torch.arange(n, device=self.device)
+            if self.fast is not None:
+                logits = self.fast.forward(ids, pos[None], self.cache, slot=i).float()
+            else:
+                logits = self.model(ids, position_ids=pos, cache=self.cache.prefill(i, n))[:, -1].float()
+            if shared is not None:
+                shared[key] = (i, logits)
         if req.penalized:
             self.seen[i].zero_()
             self.seen[i, ids[0]] = True
@@ -486,26 +471,12 @@ class Engine:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        text = self.tok.decode(req.out_ids, skip_special=True)
-        stop_at = _find_stop(text, req.params.stop, max(0, req.sent - _longest(req.params.stop)))
-        if stop_at is not None:
-            req.text = text[:stop_at]
+        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)):  # a stop string
             self._finish(i, FINISH_STOP, ids=[tok], lps=lps)
-            return
-        req.text = text
-        limit = len(req.out_ids) >= req.max_new or s.length + 1 >= self.context
-        if limit:
+        elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
             self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
-            return
-        safe = len(text) - _held_back(text, req.params.stop)
-        tail = len(text) - len(text.rstrip("\ufffd"))
-        if tail:  # maybe an incomplete UTF-8 sequence: wait for the next token
-            safe = min(safe, len(text) - tail)
-        if safe > req.sent:
-            req._push(Chunk(text[req.sent : safe], [tok], logprobs=lps))
-            req.sent = safe
         else:
-            req._push(Chunk("", [tok], logprobs=lps))
+            req._push(Chunk(req.ready_text(), [tok], logprobs=lps))
 
     def _finish(
         self,
@@ -520,32 +491,10 @@ class Engine:
         req = s.req
         if reason == FINISH_CANCELLED:
             self.counters["cancelled"] += 1
-        elif reason == FINISH_ERROR:
-            pass
-        else:
+        elif reason != FINISH_ERROR:
             self.counters["completed"] += 1
         rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
         req._push(Chunk(rest, ids or [], reason, error=error, logprobs=lps))
         with self._cv:
             self._cv.notify_all()
-
-
-def _longest(stops: Sequence[str]) -> int:
-    return max((len(s) for s in stops), default=0)
-
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

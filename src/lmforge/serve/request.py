@@ -182,6 +182,27 @@ class Request:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    # -- output text (called from the worker thread)
+    def update_text(self, text: str) -> bool:
+        """Record the decoded output so far; True when a stop string ends it (cut before it)."""
+        stops = self.params.stop
+        at = _find_stop(text, stops, max(0, self.sent - _longest(stops)))
+        self.text = text if at is None else text[:at]
+        return at is not None
+
+    def ready_text(self) -> str:
+        """The new text that can be streamed now: held back are a suffix that may begin a stop
+        string and a possibly incomplete UTF-8 sequence (replacement characters at the end)."""
+        text = self.text
+        safe = len(text) - _held_back(text, self.params.stop)
+        tail = len(text) - len(text.rstrip("\ufffd"))
+        if tail:
+            safe = min(safe, len(text) - tail)
+        if safe <= self.sent:
+            return ""
+        out, self.sent = text[self.sent : safe], safe
+        return out
+
     # -- delivery (called from the worker thread)
     def _push(self, chunk: Chunk) -> None:
         if chunk.finish_reason is not None:
@@ -248,3 +269,23 @@ class Request:
             error=last.error,
             logprobs=list(self.out_logprobs) if self.params.logprobs is not None else None,
         )
+
+
+def _longest(stops: Sequence[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -5,7 +5,7 @@ launches a few hundred kernels from Python (~4 ms), so eager decoding runs at ~1
 memory allows. A CUDA graph records the step's kernels once and replays them with one launch.
 A graph needs fixed shapes and fixed addresses, so this module:
 
-- works on the engine's preallocated slot cache (`engine.SlotCache`, fixed addresses) and on
+- works on the engine's preallocated slot cache (`kvcache.SlotCache`, fixed addresses) and on
   fixed input buffers (token ids and positions) that are overwritten before each replay;
 - rounds the running batch B up to a **batch bucket** (powers of two up to `max_batch`) and the
   longest key length up to a **key bucket** (powers of two from 64 up to the context); one graph
