@@ -544,3 +544,23 @@ def test_identical_prompts_share_their_prefill(engine, model_dir):
     assert outs[True] == outs[False]
     assert outs[True][4] == _greedy_ref(engine, tuple(ids)) + outs[True][4][6:]
     assert len({tuple(o) for o in outs[True][:4]}) > 1  # different seeds, different samples
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
+    """On a GPU: the captured-and-replayed step gives the eager step's greedy tokens, requests
+    joining and leaving, across batch and key buckets; seeded sampling runs and repeats."""
+    ids = [Engine.from_pretrained(model_dir).encode(p) for p in PROMPTS] + [[5] * 70]
+    greedy = GenParams(max_tokens=24, temperature=0, ignore_eos=True)
+    seeded = GenParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    outs = {}
+    for mode in ("eager", "graph"):
+        with Engine.from_pretrained(model_dir, device="cuda", max_batch=3, decode=mode) as eng:
+            outs[mode] = [o.token_ids for o in eng.generate(ids, greedy)]
+            s1 = eng.generate(ids[:3], seeded)
+            assert [o.token_ids for o in s1] == [o.token_ids for o in eng.generate(ids[:3], seeded)]
+            assert all(o.finish_reason == "length" for o in s1)
+            if mode == "graph":
+                got = eng.static.captured()
+                assert (3, 64) in got and any(kb == 128 for _, kb in got), got
+    assert outs["graph"] == outs["eager"]

@@ -189,7 +189,8 @@ def self_check(model, fast: FastDecoder, cache_factory) -> bool:
             )
     got = torch.cat(out)
     want = ref[0, 6:10]
-    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16/fp16: ~3 digits
+    return bool(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())))
 
 
 # ----------------------------------------------------------------------------- fallback switch
