@@ -151,8 +151,9 @@ def make_systems(names, folder, a, prompts, samples, hf):
             )
             resident[name] = nbytes(plain.parameters())
         elif name.startswith("engine"):
-            decode = {"engine_eager": "eager", "engine_static": "static"}.get(name, "auto")
-            kw = dict(max_batch=rows, device=a.device, dtype=a.dtype, decode=decode)
+            kw = dict(max_batch=rows, device=a.device, dtype=a.dtype)
+            if name != "engine":  # (an older engine without `decode` runs the plain `engine` system)
+                kw["decode"] = {"engine_eager": "eager", "engine_static": "static"}[name]
             eng = Engine.from_pretrained(folder, **kw).start()
             engines.append(eng)
             out[name] = engine_runner(eng, prompts, samples)

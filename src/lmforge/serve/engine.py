@@ -433,7 +433,7 @@ class Engine:
                 self.counts[idx] if pen else None,
             )
         tokens, ok = sample_rows(x, ps, [r.generator for r in reqs])
-        toks, oks = torch.stack([tokens, ok.long()]).tolist()  # the one read-back of the step
+        toks, oks = tokens.tolist(), ok.tolist()  # the read-back of the step (the 2nd: no wait)
         lps: list[TokenLogprob | None] = [None] * len(rows)
         want = [n for n, p in enumerate(ps) if p.logprobs is not None]
         if want:

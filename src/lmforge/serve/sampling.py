@@ -108,8 +108,11 @@ def sample_rows(
     generators: Sequence[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] and health flags [B] (bool) for adjusted logits `x` [B, V] (float32)."""
-    ok = ~torch.isnan(x).any(-1) & (x > float("-inf")).any(-1)
-    tokens = x.argmax(dim=-1)
+    # max propagates NaN, so a row holding NaN (or only -inf) has a non-finite maximum: one
+    # reduction gives the greedy tokens and the health of every row (the all-greedy step costs
+    # two small ops more than a bare argmax)
+    best, tokens = x.max(dim=-1)
+    ok = torch.isfinite(best)
     hot = [n for n, p in enumerate(ps) if p.temperature >= MIN_TEMPERATURE]
     if not hot:
         return tokens, ok
