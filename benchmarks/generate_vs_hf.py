@@ -19,7 +19,8 @@ engine: `engine` shares each prompt's prefill among its 8 samples, `engine_unsha
 each; HF gets the 128 rows as one batch (it has no sharing).
 
 TTFT = time to produce 1 new token (prompt forward + first sample) for the whole batch.
-decode tok/s = rows * (N - 1) / (time for N tokens - time for 1 token).
+decode tok/s = rows * (N - 1) / (time for N tokens - time for 1 token); end-to-end (e2e)
+tok/s = rows * N / (time for N tokens), prefill included (what shared prefill improves).
 CPU: CPU seconds of the process (median over rounds; robust on a shared machine) and wall
 seconds (best round). CUDA: wall seconds (best round), synchronised; peak memory = the largest
 `torch.cuda.max_memory_allocated` over the system's runs (weights, cache and activations).
@@ -203,6 +204,7 @@ def measure(systems: dict, resident: dict, rows: int, a, cuda: bool) -> list[dic
             full = statistics.median(x[col] for x in tn[k]) if col else min(x[col] for x in tn[k])
             row[f"ttft_ms_{label}"] = round(first * 1000, 2)
             row[f"decode_tok_s_{label}"] = round(rows * (N - 1) / max(full - first, 1e-9), 1)
+            row[f"e2e_tok_s_{label}"] = round(rows * N / full, 1)
         row["peak_mem_mb"] = round(peak[k], 1) if cuda else None
         rows_out.append(row)
     return rows_out
@@ -216,15 +218,20 @@ def add_ratios(results: list[dict], labels) -> None:
             if b is not None:
                 r[f"decode_vs_hf_{label}"] = round(r[f"decode_tok_s_{label}"] / b[f"decode_tok_s_{label}"], 2)
                 r[f"ttft_vs_hf_{label}"] = round(b[f"ttft_ms_{label}"] / r[f"ttft_ms_{label}"], 2)
+                r[f"e2e_vs_hf_{label}"] = round(r[f"e2e_tok_s_{label}"] / b[f"e2e_tok_s_{label}"], 2)
 
 
 def report(results: list[dict], labels) -> None:
-    print("ratios: x faster than HF; " + ("wall time, best round" if labels == ("wall",) else "cpu | wall"))
+    print(
+        "columns: TTFT, decode tok/s, e2e tok/s, x HF decode, x HF TTFT; "
+        + ("wall" if labels == ("wall",) else "cpu | wall")
+    )
     for r in results:
         line = f"{r['case']:<10}{r['system']:<16}"
         for label in labels:
             line += (
                 f" | TTFT {r[f'ttft_ms_{label}']:>9.1f} ms {r[f'decode_tok_s_{label}']:>10.1f} tok/s"
+                f" e2e {r[f'e2e_tok_s_{label}']:>9.1f}"
                 f" {r.get(f'decode_vs_hf_{label}', float('nan')):>6.2f}x {r.get(f'ttft_vs_hf_{label}', float('nan')):>6.2f}x"
             )
         if r["peak_mem_mb"] is not None:

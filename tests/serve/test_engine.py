@@ -564,3 +564,23 @@ def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
                 got = eng.static.captured()
                 assert (3, 64) in got and any(kb == 128 for _, kb in got), got
     assert outs["graph"] == outs["eager"]
+
+
+def test_batched_prefill_equals_one_prompt_at_a_time(engine):
+    """Right-padded prompts in one forward (or in chunks under a token budget) give each prompt
+    the logits and the cached K/V of its own forward."""
+    from lmforge.serve.kvcache import SlotCache
+    from lmforge.serve.prefill import prefill
+
+    jobs = list(zip([2, 0, 3, 1], [engine.encode(p) for p in PROMPTS[:4]]))
+    runs = []
+    for budget in (10_000, 20, 1):  # one forward; chunks of <= 20 padded tokens; one prompt each
+        cache = SlotCache(engine.model.cfg, 4, 64, "cpu", torch.float32)
+        runs.append((prefill(engine.fast, engine.model, cache, jobs, "cpu", budget), cache))
+    for j, (slot, ids) in enumerate(jobs):
+        with torch.no_grad():
+            ref = engine.model(torch.tensor([ids]))[0, -1].float()
+        for logits, cache in runs:
+            assert torch.allclose(logits[j], ref, atol=1e-5)
+            n = len(ids)
+            assert torch.allclose(cache.k[1][slot, :, :n], runs[-1][1].k[1][slot, :, :n], atol=1e-6)

@@ -51,11 +51,11 @@ import torch
 from ..errors import LMForgeError
 from .fastpath import FastDecoder, self_check, use_gqa_attention
 from .kvcache import SlotCache
+from .prefill import prefill
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
 from .sampling import adjusted_logits, bias_tensors, needs_processing, sample_rows, token_logprobs
-from .static_decode import StaticDecode
+from .static_decode import static_decoder
 
-DECODE_MODES = ("auto", "eager", "static", "graph")
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
 
@@ -99,8 +99,6 @@ class Engine:
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode={decode!r} is invalid: one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
         self.tok = tokenizer
         self.chat_format = chat_format
@@ -126,7 +124,7 @@ class Engine:
                 self.fast = fast
             else:
                 use_gqa_attention(model)
-        self.static = self._static_decoder(decode)
+        self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
@@ -140,19 +138,6 @@ class Engine:
             ("submitted", "completed", "cancelled", "rejected", "errors", "generated_tokens")
             + ("prompt_tokens", "prefill_shared"),
             0,
-        )
-
-    def _static_decoder(self, decode: str) -> StaticDecode | None:
-        """Bucketed fixed-shape decode (static_decode.py): CUDA graphs by default on CUDA; on CPU
-        the exact-length eager step is faster, so `auto` keeps it there."""
-        if decode == "auto":
-            decode = "graph" if self.device.type == "cuda" and self.fast is not None else "eager"
-        if decode != "eager" and self.fast is None:
-            msg = "a plain lmforge/Llama-family model loaded with fast_path=True; use decode='eager'"
-            raise ValueError(f"decode={decode!r} needs the fused fast path ({msg})")
-        graphs = decode == "graph"
-        return (
-            None if decode == "eager" else StaticDecode(self.fast, self.cache, self.max_batch, graphs=graphs)
         )
 
     # -- construction
@@ -311,14 +296,8 @@ class Engine:
                         req = self.waiting.popleft()
                         self.slots[i] = _Slot(req, 0, -1)
                         admit.append((i, req))
-            shared: dict | None = {} if self.share_prefill else None
-            for i, req in admit:
-                try:
-                    self._prefill(i, req, shared)
-                except Exception as e:  # this prompt's forward or sampling failed: only it ends
-                    self.counters["errors"] += 1
-                    if self.slots[i] is not None:
-                        self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+            if admit:
+                self._prefill_all(admit)
             try:
                 if any(s is not None for s in self.slots):
                     self._decode_step()
@@ -338,35 +317,50 @@ class Engine:
         for req in pending:
             req._push(Chunk("", [], FINISH_CANCELLED, error="engine shut down"))
 
-    def _prefill(self, i: int, req: Request, shared: dict | None = None) -> None:
-        """Prompt forward into slot `i` and the first token. `shared` maps the prompts prefilled
-        in this admission round to (slot, last logits): an identical prompt (n samples of one
-        GRPO prompt, `n` > 1 on the server) copies their K/V instead of running the model."""
-        if req.cancelled.is_set():
-            self._finish(i, FINISH_CANCELLED)
-            return
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        n = ids.shape[1]
-        key = tuple(req.prompt_ids)
-        if shared is not None and key in shared:
-            src, logits = shared[key]
-            self.cache.move(src, i, n)
-            self.counters["prefill_shared"] += 1
-        else:
-            pos = torch.arange(n, device=self.device)
-            if self.fast is not None:
-                logits = self.fast.forward(ids, pos[None], self.cache, slot=i).float()
+    def _prefill_all(self, admit: list[tuple[int, Request]]) -> None:
+        """Prompt forwards for the requests just given slots, batched (prefill.py), then each
+        one's first token. An identical prompt in the same round (the n samples of one GRPO
+        prompt, `n` > 1 on the server) copies the first one's K/V instead (`share_prefill`)."""
+        firsts, copies, src_of = [], [], {}
+        for i, req in admit:
+            key = tuple(req.prompt_ids)
+            if req.cancelled.is_set():
+                self._finish(i, FINISH_CANCELLED)
+            elif self.share_prefill and key in src_of:
+                copies.append((i, req, src_of[key]))
             else:
-                logits = self.model(ids, position_ids=pos, cache=self.cache.prefill(i, n))[:, -1].float()
-            if shared is not None:
-                shared[key] = (i, logits)
+                src_of[key] = i
+                firsts.append((i, req))
+        try:
+            jobs = [(i, req.prompt_ids) for i, req in firsts]
+            logits = dict(
+                zip([i for i, _ in firsts], prefill(self.fast, self.model, self.cache, jobs, self.device))
+            )
+            for i, req, src in copies:
+                self.cache.move(src, i, len(req.prompt_ids))
+                self.counters["prefill_shared"] += 1
+        except Exception as e:  # the forward failed: these requests end, the running ones go on
+            self.counters["errors"] += 1
+            for i, _ in firsts + [(i, r) for i, r, _ in copies]:
+                self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+            return
+        for i, req, src in [(i, req, i) for i, req in firsts] + copies:
+            try:
+                self._first_token(i, req, logits[src])
+            except Exception as e:  # its sampling failed: only this request ends
+                self.counters["errors"] += 1
+                if self.slots[i] is not None:
+                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+
+    def _first_token(self, i: int, req: Request, logits: torch.Tensor) -> None:
+        n = len(req.prompt_ids)
         if req.penalized:
             self.seen[i].zero_()
-            self.seen[i, ids[0]] = True
+            self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
             self.counts[i].zero_()
         self.slots[i] = _Slot(req, n, -1)
         self.counters["prompt_tokens"] += n
-        self._pick(logits, [i])
+        self._pick(logits[None], [i])
 
     def _decode_step(self) -> None:
         active = [i for i, s in enumerate(self.slots) if s is not None]

@@ -126,15 +126,17 @@ class FastDecoder:
         pos: torch.Tensor,
         cache,
         *,
-        slot: int | None = None,
+        slot: int | torch.Tensor | None = None,
         k_len: int | None = None,
         mask: torch.Tensor | None = None,
         static: bool = False,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, V] of the last position. Prefill: `slot` given, ids [1, T], pos [1, T].
         Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None.
         `static`: no value is read back to the host (shapes fixed by B and k_len alone), so the
-        step can be captured as a CUDA graph (static_decode.py)."""
+        step can be captured as a CUDA graph (static_decode.py). Prefill of several slots (prefill.py):
+        `slot` a tensor [B] of slots, ids [B, T] right-padded, `last` [B] each row's last real position."""
         B, T = ids.shape
         H, KV, D, eps = self.H, self.KV, self.D, self.eps
         x = F.embedding(ids, self.embed)
@@ -151,9 +153,9 @@ class FastDecoder:
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[:, :, H + KV :].transpose(1, 2)
             kc, vc = cache.k[li], cache.v[li]
-            if slot is not None:  # prefill one slot
-                kc[slot, :, :T] = k[0]
-                vc[slot, :, :T] = v[0]
+            if slot is not None:  # prefill one slot, or rows of slots
+                kc[slot, :, :T] = k if torch.is_tensor(slot) else k[0]
+                vc[slot, :, :T] = v if torch.is_tensor(slot) else v[0]
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
             else:
                 if same:
@@ -170,7 +172,8 @@ class FastDecoder:
             h = F.rms_norm(x, (dim,), w_post, eps)
             gu = F.linear(h, wgu)
             x = x + F.linear(F.silu(gu[..., :nf]) * gu[..., nf:], wdown)
-        x = F.rms_norm(x[:, -1], (dim,), self.norm, eps)
+        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), last]
+        x = F.rms_norm(x, (dim,), self.norm, eps)
         return F.linear(x, self.head)
 
 

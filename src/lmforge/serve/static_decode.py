@@ -28,6 +28,24 @@ import torch
 from .fastpath import FastDecoder
 
 MIN_KEY_BUCKET = 64
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
+def static_decoder(decode: str, fast: FastDecoder | None, cache, max_batch: int) -> StaticDecode | None:
+    """The engine's decode step for `decode`: None = the eager exact-length step. `auto`: CUDA
+    graphs on CUDA; on CPU the eager step, which is faster there (no padding)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r} is invalid: one of {', '.join(DECODE_MODES)}")
+    if decode == "auto":
+        decode = "graph" if cache.k[0].device.type == "cuda" and fast is not None else "eager"
+    if decode == "eager":
+        return None
+    if fast is None:
+        raise ValueError(
+            f"decode={decode!r} needs the fused fast path (a plain lmforge/Llama-family model "
+            "loaded with fast_path=True); use decode='eager' for this model"
+        )
+    return StaticDecode(fast, cache, max_batch, graphs=decode == "graph")
 
 
 def buckets(limit: int, start: int = 1) -> list[int]:
