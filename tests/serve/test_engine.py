@@ -474,8 +474,8 @@ def test_a_non_finite_row_fails_only_its_request(model_dir):
     x = torch.randn(3, 10)
     x[1, 4] = float("nan")
     ps = [GenParams(temperature=0), GenParams(temperature=0.7), GenParams(temperature=1.0, top_p=0.5)]
-    tokens, ok = sample_rows(x, ps, [None, None, torch.Generator().manual_seed(0)])
-    assert ok.tolist() == [True, False, True] and tokens[0] == x[0].argmax()
+    tokens, health = sample_rows(x, ps, [None, None, torch.Generator().manual_seed(0)])
+    assert torch.isfinite(health).tolist() == [True, False, True] and tokens[0] == x[0].argmax()
 
 
 _weird = st.one_of(

@@ -39,6 +39,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -426,8 +427,8 @@ class Engine:
                 self.seen[idx] if pen else None,
                 self.counts[idx] if pen else None,
             )
-        tokens, ok = sample_rows(x, ps, [r.generator for r in reqs])
-        toks, oks = tokens.tolist(), ok.tolist()  # the read-back of the step (the 2nd: no wait)
+        tokens, health = sample_rows(x, ps, [r.generator for r in reqs])
+        toks, oks = tokens.tolist(), [math.isfinite(h) for h in health.tolist()]  # the read-back
         lps: list[TokenLogprob | None] = [None] * len(rows)
         want = [n for n, p in enumerate(ps) if p.logprobs is not None]
         if want:

@@ -107,15 +107,14 @@ def sample_rows(
     ps: Sequence[GenParams],
     generators: Sequence[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [B] and health flags [B] (bool) for adjusted logits `x` [B, V] (float32)."""
+    """Tokens [B] and health [B] for adjusted logits `x` [B, V] (float32): a row is healthy iff
+    its health value is finite (the caller tests that on the host, after the read-back)."""
     # max propagates NaN, so a row holding NaN (or only -inf) has a non-finite maximum: one
-    # reduction gives the greedy tokens and the health of every row (the all-greedy step costs
-    # two small ops more than a bare argmax)
-    best, tokens = x.max(dim=-1)
-    ok = torch.isfinite(best)
+    # reduction gives the greedy tokens and the health of every row (no op more than argmax)
+    health, tokens = x.max(dim=-1)
     hot = [n for n, p in enumerate(ps) if p.temperature >= MIN_TEMPERATURE]
     if not hot:
-        return tokens, ok
+        return tokens, health
     idx = torch.tensor(hot, device=x.device)
     xs = x[idx] / torch.tensor([ps[n].temperature for n in hot], device=x.device)[:, None]
     V = xs.shape[-1]
@@ -126,8 +125,8 @@ def sample_rows(
     if order is not None:
         pick = order.gather(1, pick[:, None])[:, 0]
     tokens = tokens.index_copy(0, idx, pick)
-    ok = ok.index_copy(0, idx, ok[idx] & torch.isfinite(probs).all(-1))
-    return tokens, ok
+    health = health.index_copy(0, idx, health[idx] + probs.sum(-1))  # a NaN/inf probability: NaN
+    return tokens, health
 
 
 def token_logprobs(x: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[list, list]:
