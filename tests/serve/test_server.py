@@ -460,7 +460,7 @@ def test_logit_bias_with_openai_client(server, client):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 1000}}, "logit_bias"),
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
@@ -498,3 +498,20 @@ def test_tiny_top_p_is_greedy_and_spares_the_other_streams(server, client):
     for t in threads:
         t.join(30)
     assert results == {"witness": greedy, "tiny_p": greedy}
+
+
+def test_json_mode_with_openai_client(client):
+    import json
+
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Reply in JSON"}],
+        max_tokens=150,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    ch = r.choices[0]
+    if ch.finish_reason == "stop":
+        assert isinstance(json.loads(ch.message.content), dict)
+    else:
+        assert ch.finish_reason == "length" and ch.message.content.startswith("{")

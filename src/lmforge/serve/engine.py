@@ -39,7 +39,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
-import math
+import functools
 import threading
 import time
 from collections import deque
@@ -54,7 +54,7 @@ from .fastpath import FastDecoder, self_check, use_gqa_attention
 from .kvcache import SlotCache
 from .prefill import prefill
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
-from .sampling import adjusted_logits, bias_tensors, needs_processing, sample_rows, token_logprobs
+from .sampling import pick_tokens
 from .static_decode import static_decoder
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
@@ -127,6 +127,7 @@ class Engine:
                 use_gqa_attention(model)
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
+        self._piece = functools.cache(lambda t: self.tok.decode([t], skip_special=True))  # JSON mode
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
@@ -412,34 +413,14 @@ class Engine:
         """Sample one token per row of `logits` [B, V] (rows = their slots) and accept it. A row
         whose logits or distribution are not finite ends its own request with an error."""
         reqs = [self.slots[i].req for i in rows]
-        ps = [r.params for r in reqs]
-        x = logits[:, : self.vocab]
-        if any(needs_processing(p) or p.logprobs is not None for p in ps):
-            for r in reqs:
-                if r.params.logit_bias and r.bias is None:
-                    r.bias = bias_tensors(r.params, self.device)
-            pen = any(r.penalized for r in reqs)
-            idx = torch.tensor(rows, device=self.device) if pen else None
-            x = adjusted_logits(
-                x,
-                ps,
-                [r.bias for r in reqs],
-                self.seen[idx] if pen else None,
-                self.counts[idx] if pen else None,
-            )
-        tokens, health = sample_rows(x, ps, [r.generator for r in reqs])
-        toks, oks = tokens.tolist(), [math.isfinite(h) for h in health.tolist()]  # the read-back
-        lps: list[TokenLogprob | None] = [None] * len(rows)
-        want = [n for n, p in enumerate(ps) if p.logprobs is not None]
-        if want:
-            sel = torch.tensor(want, device=self.device)
-            chosen, top = token_logprobs(x[sel], tokens[sel], max(ps[n].logprobs for n in want))
-            for j, n in enumerate(want):
-                lps[n] = TokenLogprob(toks[n], chosen[j], top[j][: ps[n].logprobs])
+        pen = any(r.penalized for r in reqs)
+        idx = torch.tensor(rows, device=self.device) if pen else None
+        seen, counts = (self.seen[idx], self.counts[idx]) if pen else (None, None)
+        toks, errs, lps = pick_tokens(logits[:, : self.vocab], reqs, seen, counts, self._piece)
         for n, i in enumerate(rows):
-            if not oks[n]:
+            if errs[n]:
                 self.counters["errors"] += 1
-                self._finish(i, FINISH_ERROR, error="sampling failed: the distribution is not finite")
+                self._finish(i, FINISH_ERROR, error=f"sampling failed: {errs[n]}")
                 continue
             try:
                 self._accept(i, toks[n], lps[n])
@@ -466,8 +447,8 @@ class Engine:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)):  # a stop string
-            self._finish(i, FINISH_STOP, ids=[tok], lps=lps)
+        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)) or (req.json and req.json.done):
+            self._finish(i, FINISH_STOP, ids=[tok], lps=lps)  # a stop string, or the JSON closed
         elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
             self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
         else:

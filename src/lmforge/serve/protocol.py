@@ -1,10 +1,11 @@
 """OpenAI-compatible request bodies (pydantic) and the response shapes the server returns.
 
-Only what lmforge can honour is accepted: fields it cannot (tools, response_format other than
-text, echo with logprobs...) are refused with a 400 naming the field rather than silently
+Only what lmforge can honour is accepted: fields it cannot (tools, a `json_schema`
+response_format, echo with logprobs...) are refused with a 400 naming the field rather than silently
 ignored; unknown fields are ignored, as OpenAI's own server does for forward compatibility.
 Honoured beyond sampling: `logprobs` (chat: `true` + `top_logprobs` 0-20; completions: 0-20
-alternatives) and `logit_bias` ({token id: -100..100}). lmforge extensions: `top_k`,
+alternatives), `logit_bias` ({token id: -100..100}) and `response_format: {"type":
+"json_object"}` (JSON mode by constrained decoding, json_mode.py). lmforge extensions: `top_k`,
 `repetition_penalty`, `ignore_eos` and `rag` (retrieval: `true` or `{"k": 4}`), passed by the
 OpenAI Python client through `extra_body`.
 
@@ -82,10 +83,10 @@ class _Req(BaseModel):
     @model_validator(mode="after")
     def _refuse(self):
         kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
+        if kind not in ("text", "json_object"):
             raise ValueError(
-                f"response_format type {kind!r} is not supported by lmforge serve (only 'text'); "
-                "ask for JSON in the prompt instead"
+                f"response_format type {kind!r} is not supported by lmforge serve "
+                "('text' or 'json_object'; JSON schemas are not enforced)"
             )
         if self.tools or self.functions:
             raise ValueError("tools / function calling are not supported by lmforge serve")
@@ -111,6 +112,7 @@ class _Req(BaseModel):
             ignore_eos=self.ignore_eos,
             logit_bias=self.logit_bias,
             logprobs=self.logprobs_n,
+            json_object=(self.response_format or {}).get("type") == "json_object",
         )
 
     @property

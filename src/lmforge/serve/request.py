@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .json_mode import JsonPrefix
+
 
 # ----------------------------------------------------------------------------- parameters
 @dataclass
@@ -35,6 +37,7 @@ class GenParams:
     # None: off; n >= 0: the chosen token's log-probability and the n most likely alternatives,
     # under the model's distribution after logit_bias and penalties, before temperature/top-k/top-p
     logprobs: int | None = None
+    json_object: bool = False  # JSON mode: the answer is one JSON object (constrained decoding)
 
     def validate(self) -> GenParams:
         """Raise ValueError naming the field and the allowed range."""
@@ -178,6 +181,7 @@ class Request:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.out_logprobs: list[TokenLogprob] = []
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the device
+        self.json = JsonPrefix() if params.json_object else None
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -24,11 +24,13 @@ with an error; tested by fuzzing the parameters).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .request import GenParams
+from .json_mode import constrain
+from .request import GenParams, Request, TokenLogprob
 
 # Below this temperature sampling is greedy: the distribution is the argmax up to float precision,
 # and logits / 1e-80 overflow to inf, whose softmax is NaN (found by fuzzing the server).
@@ -137,3 +139,42 @@ def token_logprobs(x: torch.Tensor, tokens: torch.Tensor, top: int) -> tuple[lis
         return chosen, [[] for _ in chosen]
     vals, ids = lp.topk(top, dim=-1)
     return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    reqs: Sequence[Request],
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    piece: Callable[[int], str],
+) -> tuple[list[int], list[str | None], list[TokenLogprob | None]]:
+    """One decode step's choice for each request's row of `logits` [B, V]: the tokens, an error
+    per row (None = fine; a failed row ends only its request) and the log-probabilities asked
+    for. `seen`/`counts` [B, V]: the rows' penalty state (None when no row is penalised);
+    `piece(id)` = a token's text (JSON mode)."""
+    ps = [r.params for r in reqs]
+    x = logits
+    if any(needs_processing(p) or p.logprobs is not None for p in ps):
+        for r in reqs:
+            if r.params.logit_bias and r.bias is None:
+                r.bias = bias_tensors(r.params, x.device)
+        x = adjusted_logits(x, ps, [r.bias for r in reqs], seen, counts)
+    tokens, health = sample_rows(x, ps, [r.generator for r in reqs])
+    toks = tokens.tolist()  # the read-back of the step (the health read after it does not wait)
+    errs: list[str | None] = [
+        None if math.isfinite(h) else "the distribution is not finite" for h in health.tolist()
+    ]
+    if any(r.json is not None and e is None for r, e in zip(reqs, errs)):
+        states = [r.json if e is None else None for r, e in zip(reqs, errs)]
+        temps, gens = [p.temperature for p in ps], [r.generator for r in reqs]
+        found = constrain(states, x, toks, temps, gens, piece, MIN_TEMPERATURE)
+        errs = [a or b for a, b in zip(errs, found)]
+        tokens = torch.tensor(toks, device=x.device)
+    lps: list[TokenLogprob | None] = [None] * len(reqs)
+    want = [n for n, p in enumerate(ps) if p.logprobs is not None]
+    if want:
+        sel = torch.tensor(want, device=x.device)
+        chosen, top = token_logprobs(x[sel], tokens[sel], max(ps[n].logprobs for n in want))
+        for j, n in enumerate(want):
+            lps[n] = TokenLogprob(toks[n], chosen[j], top[j][: ps[n].logprobs])
+    return toks, errs, lps
