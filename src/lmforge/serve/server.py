@@ -32,7 +32,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Chunk, Engine, EngineClosed, EngineFull
-from .protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -338,7 +347,7 @@ def create_app(
                     "index": i,
                     "message": {"role": "assistant", "content": r.text},
                     "finish_reason": r.finish_reason,
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(r.logprobs, engine.tok.decode),
                 }
                 for i, r in enumerate(results)
             ],
@@ -372,7 +381,7 @@ def create_app(
                 if c.finish_reason == "error":
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
-                if c.text:
+                if c.text or c.logprobs:
                     yield sse(
                         {
                             **base,
@@ -381,7 +390,7 @@ def create_app(
                                     "index": i,
                                     "delta": {"content": c.text},
                                     "finish_reason": None,
-                                    "logprobs": None,
+                                    "logprobs": chat_logprobs(c.logprobs, engine.tok.decode),
                                 }
                             ],
                         }
@@ -433,7 +442,12 @@ def create_app(
             "created": created,
             "model": engine.name,
             "choices": [
-                {"index": i, "text": echo[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                {
+                    "index": i,
+                    "text": echo[i] + r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": completion_logprobs(r.logprobs, engine.tok.decode, len(echo[i])),
+                }
                 for i, r in enumerate(results)
             ],
             "usage": usage(sum(len(p) for p in prompts) * body.n, sum(r.completion_tokens for r in results)),
@@ -450,11 +464,15 @@ def create_app(
                             "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}],
                         }
                     )
+            offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
             async for i, c in merged(reqs):
                 if c.finish_reason == "error":
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
-                if c.text or c.finish_reason is not None:
+                if c.text or c.logprobs or c.finish_reason is not None:
+                    lps = completion_logprobs(c.logprobs, engine.tok.decode, offsets[i])
+                    if lps is not None:
+                        offsets[i] += sum(len(t) for t in lps["tokens"])
                     yield sse(
                         {
                             **base,
@@ -463,7 +481,7 @@ def create_app(
                                     "index": i,
                                     "text": c.text,
                                     "finish_reason": c.finish_reason,
-                                    "logprobs": None,
+                                    "logprobs": lps,
                                 }
                             ],
                         }
