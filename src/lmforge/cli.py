@@ -61,7 +61,7 @@ SUMMARY_KEYS = {
         "val_accuracy_before",
         "val_accuracy_after",
         "val_reward_accuracy_after",
-        "val_kl_after",
+        "val_log_ratio_chosen_after",
     ],
     "rl": ["method", "accuracy_before", "accuracy_after", "reward_before", "reward_after", "kl_after"],
     "cpt": ["domain_loss_before", "domain_loss_after", "orig_loss_before", "orig_loss_after"],

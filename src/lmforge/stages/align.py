@@ -33,6 +33,7 @@ from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_ev
 from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
 from ..align.reward import RewardModel, RewardObjective, evaluate_reward, save_reward_model
+from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
 from ..errors import ConfigError, LMForgeError
@@ -269,9 +270,7 @@ def reward_stage(ctx: StageContext) -> dict:
 def align_stage(ctx: StageContext) -> dict:
     cfg: AlignConfig = ctx.cfg
     if cfg.method in RL_METHODS:
-        from ..align.rl import run_rl
-
-        return run_rl(ctx, cfg)
+        return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else model_before(ctx, "align"))
     return run_preference(ctx, cfg)
 
 
@@ -371,7 +370,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
             f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
             f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
             f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
-            f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token"
+            f"reward margin {after['reward_margin']:.3f}; mean log-ratio to the reference on the chosen answers {after['log_ratio_chosen']:.4f} nats/token"
         )
     # the first five numbers are what `lmforge run`'s summary table shows for this stage
     metrics = {
@@ -380,7 +379,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         "val_reward_accuracy_after": after.get("reward_accuracy"),
         "val_accuracy_before": before.get("accuracy"),
         "val_accuracy_after": after.get("accuracy"),
-        "val_kl_after": after.get("kl"),
+        "val_log_ratio_chosen_after": after.get("log_ratio_chosen"),
         "val_accuracy_norm_before": before.get("accuracy_norm"),
         "val_accuracy_norm_after": after.get("accuracy_norm"),
         "val_margin_before": before.get("margin"),

@@ -92,7 +92,7 @@ def alignment_section(run_dir: Path) -> Section | None:
     s.p(
         "Held-out figures of the reward model and the aligned policy, measured on pairs none of them trained on. "
         + " ".join(f"`{k}`: {v}." for k, v in ALIGN_NOTES.items())
-        + " `val_kl`: mean per-token log pi - log ref on the chosen answers (drift from the reference);"
+        + " `val_log_ratio_chosen`: mean per-token log pi - log ref on the chosen answers (drift, not a KL);"
         " `val_reward_accuracy`: the implicit reward beta * (log pi - log ref) ranks chosen first."
     )
     s.table(["stage", "metric", "before", "after"], rows)

@@ -3,19 +3,22 @@
 GRPO on the built-in arithmetic word problems by default: verifiable answers, so the summary's
 before/after is held-out exact-match accuracy. PPO needs a reward model (`lmforge reward`, or
 `rl.reward_model=PATH`) or reward functions (`rl.ppo.rewards=[...]`). Everything is in
-`lmforge.align.rl`; this module only registers the stage with RL-sized defaults. (`lmforge
+`lmforge.align.rl`; this module registers the stage with RL-sized defaults and hands it the
+model to start from (`rl.model`, or the run's model of the last stage before `rl`). (`lmforge
 align align.method=ppo|grpo` runs the same code with the align stage's settings.)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from ..align.config import AlignConfig
 from ..align.rl import run_rl
-from ..pipeline import ORDER, StageContext, register_stage
+from ..pipeline import StageContext, register_stage
+from .align import model_before
 
 
 class RLConfig(AlignConfig):
@@ -42,7 +45,7 @@ class RLConfig(AlignConfig):
     RLConfig,
     produces_model=True,
     uses_model=True,
-    after="align" if "align" in ORDER else "sft",
+    after="align",  # stages/align.py registers first (imported above)
     help="on-policy RL: GRPO on verifiable prompts, or PPO against a reward model",
     flags=(
         ("--model", "model", "policy model folder (default: the run's latest model)"),
@@ -51,4 +54,5 @@ class RLConfig(AlignConfig):
     ),
 )
 def rl_stage(ctx: StageContext) -> dict:
-    return run_rl(ctx, ctx.cfg)
+    cfg: RLConfig = ctx.cfg
+    return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else model_before(ctx, "rl"))
