@@ -55,7 +55,13 @@ SUMMARY_KEYS = {
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "val_bytes_per_token"],
     "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
     "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
-    "reward": ["val_accuracy_before", "val_accuracy_after", "train_pairs", "val_pairs"],
+    "reward": [
+        "val_accuracy_before",
+        "val_accuracy_after",
+        "val_length_baseline",
+        "train_pairs",
+        "val_pairs",
+    ],
     "align": [
         "method",
         "val_accuracy_before",

@@ -32,7 +32,7 @@ from ..align.config import RL_METHODS, AlignConfig, RewardConfig
 from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
 from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
-from ..align.reward import RewardModel, RewardObjective, evaluate_reward, save_reward_model
+from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length_baseline, save_reward_model
 from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
@@ -223,17 +223,29 @@ def reward_stage(ctx: StageContext) -> dict:
         eos_id=hf.get("eos_token_id"),
         pad_id=pad,
     )
+    lb = length_baseline(val)
     if after:
         ctx.log(
             f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-            f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs); "
-            f"mean score margin {after['margin']:.3f}"
+            f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs) against "
+            f"the length-only baseline {lb['best']:.3f} ('prefer the {lb['rule']} answer', 95% CI "
+            f"{lb['ci_low']:.3f}-{lb['ci_high']:.3f}); mean score margin {after['margin']:.3f}"
         )
+        if after["accuracy_ci_low"] <= lb["best"]:
+            ctx.log(
+                "note: the reward model's accuracy is not above the length-only baseline beyond its interval: "
+                "what it learned may be answer length, not preference"
+            )
     metrics = {
         "val_accuracy_before": before.get("accuracy"),
         "val_accuracy_after": after.get("accuracy"),
         "val_accuracy_ci_low": after.get("accuracy_ci_low"),
         "val_accuracy_ci_high": after.get("accuracy_ci_high"),
+        "val_length_baseline": lb.get("best"),
+        "val_length_baseline_rule": lb.get("rule"),
+        "val_length_baseline_ci_low": lb.get("ci_low"),
+        "val_length_baseline_ci_high": lb.get("ci_high"),
+        "val_prefer_shorter_accuracy": lb.get("shorter"),
         "val_pairs": len(val),
         "val_margin_before": before.get("margin"),
         "val_margin_after": after.get("margin"),

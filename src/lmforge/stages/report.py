@@ -71,6 +71,11 @@ def alignment_rows(run_dir: Path) -> list[list]:
         for k, v in metrics.items():
             if k.endswith("_after") and (k[:-6] + "_before") not in metrics and isinstance(v, (int, float)):
                 rows.append([label, k[:-6], None, v])
+        if metrics.get("val_length_baseline") is not None:  # the reward model's length-only baseline
+            rule = metrics.get("val_length_baseline_rule")
+            rows.append(
+                [label, f"length-only baseline (prefer {rule})", None, metrics["val_length_baseline"]]
+            )
         lo, hi = metrics.get("val_accuracy_ci_low"), metrics.get("val_accuracy_ci_high")
         if lo is not None and hi is not None:
             rows.append(
