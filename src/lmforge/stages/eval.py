@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import load_shard
+from ..eval.chain import CHAIN_STAGES, score_chain
 from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
@@ -40,7 +41,7 @@ from ..eval.report import hardware
 from ..eval.tasks import evaluate_task, headline
 from ..model.hf import load_pretrained, read_hf_config
 from ..pipeline import StageContext, register_stage
-from ..runs import atomic_write_json, atomic_write_text
+from ..runs import atomic_write_json, atomic_write_text, read_manifest
 from ..tokenizer import LMTokenizer
 
 
@@ -94,6 +95,12 @@ class EvalConfig(BaseModel):
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
     add_bos: bool = Field(
         True, description="prepend BOS to every context (lmforge models are trained with it)"
+    )
+    chain_tokens: int = Field(
+        20000,
+        ge=0,
+        description="score every model of the run (pretrain, cpt, sft, align, rl) on the first N val "
+        "tokens, with per-stage bits/byte deltas; 0 = off",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     save_predictions: bool = True
@@ -151,6 +158,11 @@ def eval_stage(ctx: StageContext) -> dict:
         f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens [{time.time() - t0:.1f}s]"
     )
     metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
+    if cfg.chain_tokens:
+        res["chain"] = _chain(ctx, cfg, val, tb, seq_len)
+        metrics.update(
+            {f"chain/{r['stage']}_bpb": r["bpb"] for r in res["chain"] if r.get("bpb") is not None}
+        )
 
     scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
     # 2. whole documents, rolling windows: word perplexity and bpb that compare across tokenizers
@@ -209,6 +221,44 @@ def eval_stage(ctx: StageContext) -> dict:
         ctx.log(_task_line(out))
     atomic_write_json(ctx.dir / "results.json", res)
     return metrics
+
+
+def run_models(run_dir: Path) -> list[tuple[str, Path]]:
+    """(stage, model folder) of every completed model-producing stage of the run, in lifecycle order."""
+    out = []
+    for name in CHAIN_STAGES:
+        m = read_manifest(run_dir / name)
+        if m and m.get("status") == "complete" and (run_dir / name / "model" / "config.json").is_file():
+            out.append((name, run_dir / name / "model"))
+    return out
+
+
+def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int) -> list[dict]:
+    t0 = time.time()
+    rows = score_chain(
+        run_models(ctx.run_dir),
+        val,
+        tb,
+        vocab_size=int(val.meta.get("vocab_size", 0)),
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        device=ctx.device,
+        max_tokens=cfg.chain_tokens,
+    )
+    if rows:
+        parts = [
+            f"{r['stage']} {r['bpb']:.4f}"
+            + (f" ({r['delta_bpb']:+.4f})" if r.get("delta_bpb") is not None else "")
+            if r.get("bpb") is not None
+            else f"{r['stage']} skipped"
+            for r in rows
+        ]
+        ctx.log(
+            f"model chain, bits/byte on the same {cfg.chain_tokens:,} val tokens (change per stage): "
+            + ", ".join(parts)
+            + f" [{time.time() - t0:.1f}s]"
+        )
+    return rows
 
 
 def _task_line(out: dict) -> str:
