@@ -103,8 +103,25 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
 
     root = clone_run("ch")
     run = root / "ch"
+    chats = root / "chats.jsonl"  # the SFT held-out conversations (files: cheap to re-read)
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}]}
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
     args = tiny_args(
-        root, "ch", "pretrain.max_steps=5", "eval.tasks=[]", "eval.doc_tokens=0", "eval.chain_tokens=600"
+        root,
+        "ch",
+        "pretrain.max_steps=5",
+        "eval.tasks=[]",
+        "eval.doc_tokens=0",
+        "eval.chain_tokens=600",
+        f"sft.data=[{chats}]",
+        f"sft.val_data=[{chats}]",
     )
     with one_thread():
         assert main(["pretrain", *args]) == 0
@@ -135,6 +152,12 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
             )
         assert abs(r["bpb"] - ref["bpb"]) < 1e-6 and r["tokens"] == ref["tokens"] <= 600
     assert chain[0]["delta_bpb"] is None
+    # the SFT stage's held-out conversations, scored for every model too
+    assert all(r["assistant_loss"] > 0 and r["chat_examples"] > 0 for r in chain)
+    assert (
+        abs(chain[1]["delta_assistant_loss"] - (chain[1]["assistant_loss"] - chain[0]["assistant_loss"]))
+        < 1e-9
+    )
     assert (
         abs(chain[1]["delta_bpb"] - (chain[1]["bpb"] - chain[0]["bpb"])) < 1e-9 and chain[1]["delta_bpb"] > 0
     )
@@ -143,4 +166,9 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
     with one_thread():
         assert main(["report", *args]) == 0
     md = (run / "report" / "report.md").read_text()
-    assert "Model chain" in md and "| sft |" in md and f"{chain[1]['delta_bpb']:+.4f}" in md
+    assert (
+        "Model chain" in md
+        and "| sft |" in md
+        and "chat assistant loss" in md
+        and f"{chain[1]['delta_bpb']:+.4f}" in md
+    )

@@ -9,12 +9,17 @@ per-stage delta (bits/byte against the model the stage started from, the previou
 what to read. Post-training is expected to cost a little bits/byte on raw text; a large rise is
 forgetting (or reward hacking, for the RL stages) and deserves a look at the samples.
 
+Where the run has an SFT stage, the eval stage also scores each model's assistant loss on the SFT
+stage's held-out conversations (the same examples for every model): the chat-side view of the
+same chain, where SFT should lower the loss and alignment should not raise it much.
+
 The caller lists the models (the eval stage finds them in the run directory); the scoring
 itself is `evaluate_shard`, as for the stage's own headline figure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +41,13 @@ def score_chain(
     batch_size: int,
     device: torch.device,
     max_tokens: int,
+    extra: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> list[dict]:
     """One row per (stage, model folder), in the given order: bpb, loss and tokens on the same
     validation windows, the delta to the previous scored row and to the first. A model whose
     vocabulary does not match the shards (or whose context is shorter than `seq_len`) gets a
-    row with `skipped` saying why instead of a number."""
+    row with `skipped` saying why instead of a number. `extra(model)` adds figures of the
+    caller's (the eval stage: the held-out chat prompts' assistant loss), with their deltas too."""
     rows: list[dict] = []
     for stage, folder in models:
         row: dict = {"stage": stage, "model": str(folder)}
@@ -61,32 +68,45 @@ def score_chain(
                 )
             row.update({k: res.get(k) for k in ("bpb", "loss", "tokens")})
             row["seq_len"] = n
+            if extra is not None:
+                row.update(extra(model))
         del model
         rows.append(row)
     scored = [r for r in rows if r.get("bpb") is not None]
     for prev, r in zip([None, *scored], scored):
         r["delta_bpb"] = None if prev is None else r["bpb"] - prev["bpb"]
         r["delta_bpb_vs_first"] = r["bpb"] - scored[0]["bpb"]
+        if (
+            prev is not None
+            and r.get("assistant_loss") is not None
+            and prev.get("assistant_loss") is not None
+        ):
+            r["delta_assistant_loss"] = r["assistant_loss"] - prev["assistant_loss"]
     return rows
 
 
 def chain_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     """Header and rows for the report card."""
+    chat = any(r.get("assistant_loss") is not None for r in rows)
     header = ["stage", "bits/byte", "delta vs previous", "delta vs first", "loss (nats/token)", "tokens"]
+    if chat:
+        header += ["chat assistant loss", "delta vs previous"]
     out = []
     for r in rows:
         if r.get("skipped"):
-            out.append([r["stage"], f"skipped: {r['skipped']}", None, None, None, None])
+            out.append([r["stage"], f"skipped: {r['skipped']}"] + [None] * (len(header) - 2))
             continue
         d = r.get("delta_bpb")
-        out.append(
-            [
-                r["stage"],
-                r["bpb"],
-                None if d is None else f"{d:+.4f}",
-                f"{r['delta_bpb_vs_first']:+.4f}",
-                r.get("loss"),
-                r.get("tokens"),
-            ]
-        )
+        row = [
+            r["stage"],
+            r["bpb"],
+            None if d is None else f"{d:+.4f}",
+            f"{r['delta_bpb_vs_first']:+.4f}",
+            r.get("loss"),
+            r.get("tokens"),
+        ]
+        if chat:
+            da = r.get("delta_assistant_loss")
+            row += [r.get("assistant_loss"), None if da is None else f"{da:+.4f}"]
+        out.append(row)
     return header, out
