@@ -2,7 +2,14 @@
 
     python benchmarks/align_rl.py [--root /tmp/lmforge-rl] [--pretrain-steps 60] [--sft-steps 250]
                                   [--grpo-steps 60] [--ppo-steps 24] [--reward-steps 60] [--skip-ppo]
-                                  [--skip-grpo]
+                                  [--skip-grpo] [--device cpu|cuda] [--set KEY=VALUE ...] [--out F.json]
+
+On a GPU, the 76M shape of issue 19 (PPO's KL against target_kl; about two minutes on one H200):
+
+    python benchmarks/align_rl.py --root /tmp/rl76m --device cuda --skip-grpo --pretrain-steps 300 \
+        --sft-steps 150 --reward-steps 60 --ppo-steps 24 --set pretrain.model.d_model=768 \
+        --set pretrain.model.n_layers=12 --set pretrain.model.n_heads=12 --set pretrain.seq_len=1024 \
+        --out /tmp/rl76m.json
 
 Everything goes through the CLI, in one run directory (`<root>/tiny`), so each figure comes with
 the command that produced it:
@@ -60,6 +67,15 @@ def main() -> None:
     ap.add_argument("--ppo-steps", type=int, default=24)
     ap.add_argument("--skip-ppo", action="store_true")
     ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every stage, e.g. pretrain.model.d_model=768 (repeatable)",
+    )
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +83,10 @@ def main() -> None:
     log = root / "bench.log"
     # one thread: the tiny model's small matmuls lose more to thread contention than they gain
     # on a shared 2-core machine (measured: 0.4 s vs 13 s for one rollout under load)
-    common = [f"run.root={root}", "run.device=cpu", "run.threads=1"]
+    common = [f"run.root={root}", f"run.device={a.device}", *a.set]
+    if a.device == "cpu":
+        common.append("run.threads=1")
+    figures: dict = {"device": a.device, "overrides": a.set}
     out: list[str] = []
     say = out.append
 
@@ -102,8 +121,13 @@ def main() -> None:
         "rl.log_every=10",
     ]
     say(
-        f"Machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, CPU only, "
-        f"2 shared cores (other jobs running: wall times are upper bounds). Date: 2026-11-22.\n"
+        f"Machine: {platform.machine()}, {platform.system()}, python {platform.python_version()}, "
+        + (
+            "CPU only, 2 shared cores (other jobs running: wall times are upper bounds)"
+            if a.device == "cpu"
+            else f"device {a.device}"
+        )
+        + f". Date: {time.strftime('%Y-%m-%d')}.\n"
     )
     say(
         "Base: the default tiny model (d_model 192, 4 layers, 2.4M parameters) pretrained "
@@ -111,10 +135,15 @@ def main() -> None:
         f"problems with worked answers ({t_sft:.0f} s).\n"
     )
     if not a.skip_grpo:
-        grpo_section(a, lmforge(grpo_args, log), grpo_args, manifest(run, "rl")["metrics"], say)
+        t = lmforge(grpo_args, log)
+        figures["grpo"] = {"seconds": t, **manifest(run, "rl")["metrics"]}
+        grpo_section(a, t, grpo_args, figures["grpo"], say)
     if not a.skip_ppo:
-        ppo_section(a, root, run, common, log, say)
+        figures["ppo"] = ppo_section(a, root, run, common, log, say)
     print("\n".join(out))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(figures, indent=1, default=str))
 
 
 def grpo_section(a, t_grpo: float, grpo_args: list[str], g: dict, say) -> None:
@@ -156,14 +185,19 @@ def grpo_section(a, t_grpo: float, grpo_args: list[str], g: dict, say) -> None:
     )
 
 
-def ppo_section(a, root: Path, run: Path, common: list[str], log: Path, say) -> None:
+def ppo_section(a, root: Path, run: Path, common: list[str], log: Path, say) -> dict:
     from lmforge.align.preference import builtin_preferences
 
     # 4. reward model + PPO on its prompts
     prompts = root / "rm_prompts.jsonl"
     prefs = builtin_preferences()
     prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in prefs))
-    rm_args = ["reward", *common, f"reward.max_steps={a.reward_steps}"]
+    rm_args = [
+        "reward",
+        *common,
+        f"reward.model={run / 'sft' / 'model'}",
+        f"reward.max_steps={a.reward_steps}",
+    ]
     t_rm = lmforge(rm_args, log)
     rm = manifest(run, "reward")["metrics"]
     # PPO through the align stage (align.method=ppo hands over to the same RL code), so the
@@ -228,6 +262,20 @@ def ppo_section(a, root: Path, run: Path, common: list[str], log: Path, say) -> 
     ):
         say(f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for r in rolls) + " |")
     say("")
+    keys = (
+        "objective/kl_k3",
+        "objective/kl_coef",
+        "reward",
+        "truncated_frac",
+        "distinct_2",
+        "kl_guard_tripped",
+    )
+    return {
+        "seconds": t_ppo,
+        "reward_model": rm,
+        "metrics": p,
+        "rollouts": [{"rollout": r["rollout"], **{k: r.get(k) for k in keys}} for r in rolls],
+    }
 
 
 if __name__ == "__main__":
