@@ -177,6 +177,34 @@ def test_ppo_with_reward_function_logs_the_usual_metrics(tmp_path, base_dir):
     load_pretrained(o.dir / "model")
 
 
+def test_kl_guard_drops_the_reward_of_a_rollout_far_above_target(tmp_path, base_dir):
+    """target_kl tiny, guard at 1.5x: once the policy has moved, each rollout trips the guard, is
+    counted and logged, and trains on the KL penalty alone."""
+    o = run_stage(
+        _cfg(
+            tmp_path,
+            base_dir,
+            "rl.method=ppo",
+            "rl.max_steps=6",
+            "rl.ppo.epochs=2",
+            "rl.ppo.kl_coef=0",
+            "rl.ppo.target_kl=0.001",
+            "rl.ppo.kl_guard=1.5",
+        ),
+        "rl",
+    )
+    lines = _lines(o.dir)
+    rollouts = [r for r in lines if "rollout" in r]
+    assert rollouts[0]["kl_guard_tripped"] == 0.0  # KL 0: the policy is the reference
+    tripped = [r["rollout"] for r in rollouts if r["kl_guard_tripped"] == 1.0]
+    assert tripped and o.metrics["kl_guard_trips"] == len(tripped)
+    assert all(rollouts[t]["objective/kl_k3"] > 1.5 * 0.001 for t in tripped)
+    assert all(
+        rollouts[t]["objective/kl_k3"] <= 1.5 * 0.001 for t in range(len(rollouts)) if t not in tripped
+    )
+    assert "exceeds 1.5 x target_kl = 0.0015" in (o.dir.parent / "log.txt").read_text()
+
+
 def test_ppo_scores_with_a_reward_model_folder(tmp_path, base_dir):
     from lmforge.align.reward import RewardModel, save_reward_model
 

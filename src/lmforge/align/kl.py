@@ -102,7 +102,7 @@ class KLGuard:
     def message(self, rollout: int, kl: float, coef: float) -> str:
         return (
             f"warning: rollout {rollout}: KL to the reference {kl:.2f} nats/sequence (k3) exceeds "
-            f"{self.factor:g} x target_kl = {self.limit:.2f}; this rollout trains on the KL penalty only "
+            f"{self.factor:g} x target_kl = {self.limit:.3g}; this rollout trains on the KL penalty only "
             f"(its reward scores are dropped; kl_coef {coef:.4f}). {self.trips} trip(s) so far. If this "
             f"repeats, lower the learning rate or raise kl_coef / target_kl."
         )
