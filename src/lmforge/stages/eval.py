@@ -103,7 +103,7 @@ class EvalConfig(BaseModel):
         64, ge=0, description="model chain: SFT held-out conversations scored (assistant loss); 0 = off"
     )
     chain_tokens: int = Field(
-        20000,
+        10000,
         ge=0,
         description="score every model of the run (pretrain, cpt, sft, align, rl) on the first N val "
         "tokens, with per-stage bits/byte deltas; 0 = off",
