@@ -635,11 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [] if args.no_shrink else list(SHRINK)
     if not args.no_shrink:
         sys.path.insert(0, str(REPO / "src"))
-        from lmforge.pipeline import registered
+        from lmforge.pipeline import REGISTRY
 
-        wanted = args.stages.split(",") if args.stages else list(registered())
+        wanted = args.stages.split(",") if args.stages else list(REGISTRY)
         overrides += [
-            o for st, extra in SHRINK_IF_PRESENT.items() if st in registered() and st in wanted for o in extra
+            o for st, extra in SHRINK_IF_PRESENT.items() if st in REGISTRY and st in wanted for o in extra
         ]
     overrides += list(args.overrides)
     if args.stages:

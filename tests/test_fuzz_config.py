@@ -13,10 +13,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lmforge.errors import ConfigError
-from lmforge.pipeline import load_config, registered
+from lmforge.pipeline import REGISTRY, load_config
 from tests.fuzz_support import documented, fuzz
 
-STAGES = sorted(registered())
+STAGES = sorted(REGISTRY)
 KEYS = [
     "run",
     "stages",

@@ -181,11 +181,15 @@ def cmd_status(a) -> int:
     return 0
 
 
-def build_parser(stages: bool = True) -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    commands: set[str] = set()  # the subcommands this parser knows
+
+
+def build_parser(stages: bool = True) -> _Parser:
     """The whole command line; with `stages=False` only the tool commands (scaling, eval, serve,
     hf, synth), whose modules do not import torch: `lmforge scaling cost ...` then parses in a
     fraction of a second instead of paying torch's ~2 s import through the stage registry."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lmforge",
         description="The LLM training pipeline, from raw text to an "
         "evaluated model. Every stage is a subcommand and a step of `lmforge run`.",
@@ -213,9 +217,8 @@ def build_parser(stages: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_stage_commands(sub) -> None:
-    from .pipeline import ORDER, registered
-
-    stages = registered()
+    from .pipeline import ORDER
+    from .pipeline import REGISTRY as stages
 
     r = sub.add_parser(
         "run",

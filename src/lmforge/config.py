@@ -2,7 +2,7 @@
 
 A pipeline file has a `run:` section (name, output root, seed, device), an optional `stages:`
 list (which stages to run, in order) and one section per stage, named after it. Each stage
-section is validated by that stage's pydantic model (see `lmforge.pipeline.register_stage`);
+section is validated by that stage's pydantic model (see `lmforge.stages.base.define_stage`);
 unknown keys, wrong types and impossible values are reported together, each with its dotted
 key, the file it came from and a "did you mean" hint for typos.
 

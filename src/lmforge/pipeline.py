@@ -1,16 +1,12 @@
-"""Stages, their registry, and the runner behind `lmforge run`.
+"""The runner behind `lmforge run` and every stage subcommand.
 
-A stage is a function from artifacts on disk to artifacts on disk, registered with its pydantic
-config model and the stages it reads from::
-
-    @register_stage("tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer")
-    def tokenizer_stage(ctx: StageContext) -> dict: ...
-
-The runner computes each stage's fingerprint (its resolved config, the run seed and the
-fingerprints of the stages it needs), skips stages whose manifest is complete with the same
-fingerprint, re-runs changed ones from scratch, and lets an interrupted stage resume (its
-manifest says "running" with the same fingerprint; the stage decides how, e.g. pretraining
-restores its last checkpoint). Every stage writes `manifest.json` through `StageRecord`.
+The pipeline is the literal tuple `lmforge.stages.STAGES`. The runner computes each stage's
+fingerprint (its resolved config, the run seed and the fingerprints of the stages it reads;
+for a stage that uses the latest policy, those of every policy stage), skips stages whose
+manifest is complete with the same fingerprint, re-runs changed ones from scratch, and lets an
+interrupted stage resume (its manifest says "running" with the same fingerprint; the stage
+decides how, e.g. pretraining restores its last checkpoint). Every stage writes
+`manifest.json` through `StageRecord`.
 """
 
 from __future__ import annotations
@@ -22,21 +18,19 @@ import shutil
 import signal
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import yaml
-from pydantic import BaseModel
-from rich import get_console
-from rich.markup import escape
 
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ConfigError, LMForgeError
 from .runs import (
     MANIFEST,
+    POLICY_STAGES,
     StageRecord,
     atomic_write_text,
     fingerprint,
@@ -45,61 +39,20 @@ from .runs import (
     storage_error,
     translate_storage_errors,
 )
-
-console = get_console()  # shared with the training progress bar
-console.highlight = False
-console.soft_wrap = True
+from .stages import STAGES, Stage, StageContext
+from .stages.base import console
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 DEFAULT_CONFIG = "tiny"
 
 
-@dataclass
-class Stage:
-    name: str
-    config_cls: type[BaseModel]
-    fn: Callable[[StageContext], dict | None]
-    needs: tuple[str, ...] = ()
-    help: str = ""
-    flags: tuple[tuple[str, str, str], ...] = ()  # (cli flag, config key, help)
-    produces_model: bool = False
-    distributed: bool = False  # runs on every torchrun rank (others run on rank 0 only)
-    uses_model: bool = False  # reads the latest trained model (its fingerprint is an input)
+# The validated pipeline config: a pydantic model built at run time from the stages' config
+# classes (`config.pipeline_model`), so its fields are known to the runner, not to the checker.
+PipelineConfig: TypeAlias = Any
 
-
-REGISTRY: dict[str, Stage] = {}
-# Canonical pipeline order; stages registered later (by other modules) append themselves.
-ORDER: list[str] = []
-
-
-def register_stage(
-    name: str,
-    config_cls: type[BaseModel],
-    *,
-    needs: tuple[str, ...] = (),
-    help: str = "",
-    flags: tuple[tuple[str, str, str], ...] = (),
-    produces_model: bool = False,
-    distributed: bool = False,
-    uses_model: bool = False,
-    after: str | None = None,
-):
-    def deco(fn):
-        REGISTRY[name] = Stage(
-            name, config_cls, fn, needs, help, flags, produces_model, distributed, uses_model
-        )
-        if name not in ORDER:
-            ORDER.insert(ORDER.index(after) + 1 if after in ORDER else len(ORDER), name)
-        return fn
-
-    return deco
-
-
-def registered() -> dict[str, Stage]:
-    from . import stages  # noqa: F401  (registers the built-in stages)
-
-    return REGISTRY
+REGISTRY: dict[str, Stage] = {s.name: s for s in STAGES}
+ORDER: tuple[str, ...] = tuple(REGISTRY)
 
 
 # ----------------------------------------------------------------------------- config
@@ -119,90 +72,29 @@ def resolve_config_path(name: str | None) -> Path:
     raise ConfigError(f"{name!r} is neither a YAML file nor a shipped pipeline ({names})")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> BaseModel:
-    stages = registered()
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    stages = REGISTRY
     src = resolve_config_path(str(path) if path is not None else None)
     data = apply_overrides(load_yaml(src), list(overrides))
     model = pipeline_model({n: s.config_cls for n, s in stages.items()})
-    cfg = validate(data, model, str(src) + (" (with overrides)" if overrides else ""))
+    cfg: PipelineConfig = validate(data, model, str(src) + (" (with overrides)" if overrides else ""))
     for name in cfg.stages or []:
         if name not in stages:
             raise ConfigError(f"{src}: stages: unknown stage {name!r}; known: {', '.join(ORDER)}")
     return cfg
 
 
-def pipeline_stages(cfg: BaseModel) -> list[str]:
+def pipeline_stages(cfg: PipelineConfig) -> list[str]:
     return list(cfg.stages) if cfg.stages else [n for n in ORDER if n in REGISTRY]
 
 
-# ----------------------------------------------------------------------------- context
-@dataclass
-class StageContext:
-    name: str
-    cfg: Any  # this stage's config model
-    pipeline: Any  # the whole PipelineConfig
-    run_dir: Path
-    dir: Path
-    record: StageRecord
-    log_file: Path
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def seed(self) -> int:
-        return self.pipeline.run.seed
-
-    @property
-    def device(self) -> torch.device:
-        from .train.engine import resolve_device
-
-        return resolve_device(self.pipeline.run.device)
-
-    @property
-    def dtype(self) -> str:
-        return self.pipeline.run.dtype
-
-    def log(self, msg: str) -> None:
-        if not self.record.write:  # non-zero torchrun ranks stay quiet
-            return
-        console.print(f"[dim]{self.name}[/dim] " + escape(msg))
-        try:
-            with open(self.log_file, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
-        except OSError:  # a full or read-only disk: the console has the line; the next
-            pass  # artifact write reports the fault with its path
-
-    def input_dir(self, stage: str) -> Path:
-        """Output folder of a stage this one reads; it must have completed."""
-        d = self.run_dir / stage
-        m = read_manifest(d)
-        if not m or m.get("status") != "complete":
-            raise LMForgeError(
-                f"stage {self.name!r} needs the output of {stage!r} in {d}, which is "
-                f"missing or incomplete; run `lmforge {stage}` (or `lmforge run`) first"
-            )
-        return d
-
-    def latest_model_dir(self) -> Path:
-        """The model folder of the last completed model-producing stage in pipeline order."""
-        for name in reversed(ORDER):
-            st = REGISTRY.get(name)
-            if st and st.produces_model:
-                d = self.run_dir / name
-                m = read_manifest(d)
-                if m and m.get("status") == "complete" and (d / "model").is_dir():
-                    return d / "model"
-        raise LMForgeError(
-            f"no trained model in {self.run_dir}; run `lmforge pretrain` first or pass --model PATH"
-        )
-
-
 # ----------------------------------------------------------------------------- running
-def stage_fingerprint(cfg: BaseModel, name: str) -> tuple[str, dict[str, str]]:
+def stage_fingerprint(cfg: PipelineConfig, name: str) -> tuple[str, dict[str, str]]:
     stage = REGISTRY[name]
     inputs = {}
     deps = list(stage.needs)
-    if stage.uses_model:  # whichever model-producing stage ran last feeds this one
-        deps += [n for n in ORDER if REGISTRY[n].produces_model and n not in deps and n != name]
+    if stage.uses_model:  # whichever policy stage ran last feeds this one
+        deps += [n for n in ORDER if n in POLICY_STAGES and n not in deps and n != name]
     for dep in deps:
         m = read_manifest(cfg.run.dir / dep)
         inputs[dep] = (m or {}).get("fingerprint", "missing")
@@ -265,7 +157,7 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
-def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
+def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutcome:
     stage = REGISTRY[name]
     run_dir = cfg.run.dir
     stage_dir = run_dir / name
@@ -277,7 +169,7 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
             return StageOutcome(name, "ran on rank 0", m.get("seconds", 0.0), m.get("metrics", {}), stage_dir)
         record = StageRecord(stage_dir, name, {}, fingerprint=fp, inputs=inputs, write=False)
         ctx = StageContext(
-            name, getattr(cfg, name), cfg, run_dir, stage_dir, record, run_dir / f"log.rank{rank}.txt"
+            name, getattr(cfg, name), cfg, run_dir, stage_dir, record, run_dir / f"log.rank{rank}.txt", ORDER
         )
         t0 = time.time()
         metrics = stage.fn(ctx) or {}
@@ -300,7 +192,7 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
         record = StageRecord(
             stage_dir, name, stage_cfg.model_dump(mode="json"), fingerprint=fp, inputs=inputs
         )
-    ctx = StageContext(name, stage_cfg, cfg, run_dir, stage_dir, record, run_dir / "log.txt")
+    ctx = StageContext(name, stage_cfg, cfg, run_dir, stage_dir, record, run_dir / "log.txt", ORDER)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     console.rule(f"[bold]{name}[/bold]  [dim]{stage.help}[/dim]")
@@ -332,7 +224,9 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     return StageOutcome(name, "ran", time.time() - t0, record.metrics, stage_dir)
 
 
-def run_pipeline(cfg: BaseModel, only: list[str] | None = None, force: bool = False) -> list[StageOutcome]:
+def run_pipeline(
+    cfg: PipelineConfig, only: list[str] | None = None, force: bool = False
+) -> list[StageOutcome]:
     names = pipeline_stages(cfg)
     if only:
         bad = [n for n in only if n not in REGISTRY]

@@ -283,6 +283,22 @@ def is_complete(stage_dir: str | os.PathLike, fp: str | None = None) -> bool:
     return fp is None or m.get("fingerprint") == fp
 
 
+# The stages whose `model/` folder holds a policy (a causal LM that later stages fine-tune,
+# evaluate, sample or serve), in pipeline order. The reward model is not one.
+POLICY_STAGES = ("pretrain", "cpt", "sft", "align", "rl")
+
+
+def policy_model_dir(run_dir: str | os.PathLike, among: tuple[str, ...] = POLICY_STAGES) -> Path | None:
+    """The model folder of the last completed stage of `among` (policy stages, in pipeline
+    order) that holds one, or None."""
+    for name in reversed(among):
+        d = Path(run_dir) / name
+        m = read_manifest(d)
+        if m and m.get("status") == "complete" and (d / "model" / "config.json").is_file():
+            return d / "model"
+    return None
+
+
 class StageRecord:
     """Collects what a running stage reports and writes its manifest.
 

@@ -13,12 +13,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.fuzz_support import documented, fuzz
-
-preference = pytest.importorskip("lmforge.align.preference")
-from lmforge.chat import ChatFormat  # noqa: E402
-from lmforge.serve.testing import CORPUS  # noqa: E402
+from lmforge.align import preference
+from lmforge.chat import ChatFormat
+from lmforge.serve.testing import CORPUS
 from lmforge.tokenizer import CHAT_ROLES, train_tokenizer  # noqa: E402
+from tests.fuzz_support import documented, fuzz
 
 
 @pytest.fixture(scope="module")

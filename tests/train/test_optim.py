@@ -123,15 +123,6 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         opt2.load_state_dict(plain.state_dict())
 
 
-def _engine_has_muon() -> bool:
-    from lmforge.train.engine import TrainConfig
-
-    return "optimizer" in TrainConfig.model_fields
-
-
-@pytest.mark.skipif(
-    not _engine_has_muon(), reason="TrainConfig.optimizer not integrated yet (issue 9 report)"
-)
 def test_pretrain_stage_with_muon_resumes_exactly(clone_run):
     """The real stage with optimizer=muon: a run cut after its step-10 checkpoint and re-run ends
     with the same weights as an uninterrupted one."""

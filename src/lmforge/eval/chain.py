@@ -28,8 +28,6 @@ import torch
 from ..model.hf import load_pretrained
 from .perplexity import evaluate_shard
 
-CHAIN_STAGES = ("pretrain", "cpt", "sft", "align", "rl")  # the lifecycle order of model stages
-
 
 def score_chain(
     models: list[tuple[str, Path]],

@@ -6,15 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..runs import POLICY_STAGES
 
 
 def model_stages() -> list[str]:
     """Stages whose `model/` folder a run directory may hold, most fine-tuned first (the
-    pipeline's model-producing stages in reverse order: rl, align, sft, cpt, pretrain)."""
-    from ..pipeline import ORDER, registered
-
-    reg = registered()
-    return [n for n in reversed(ORDER) if n in reg and reg[n].produces_model]
+    pipeline's policy stages in reverse order: rl, align, sft, cpt, pretrain)."""
+    return list(reversed(POLICY_STAGES))
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -36,35 +36,17 @@ from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length
 from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
-from ..errors import ConfigError, LMForgeError
+from ..errors import ConfigError
 from ..eval.stats import wilson
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized
-from ..pipeline import ORDER, REGISTRY, StageContext, register_stage
-from ..runs import atomic_write_json, read_manifest
+from ..runs import atomic_write_json
 from ..train.engine import Trainer
+from .base import StageContext, define_stage
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def model_before(ctx: StageContext, stage: str) -> Path:
-    """The model folder of the last completed model-producing stage *before* `stage` in pipeline
-    order. (`ctx.latest_model_dir()` would also see models of stages after this one -- e.g. an
-    earlier RL run -- and a re-run of `align` must start from SFT, not from its own successors.)"""
-    idx = ORDER.index(stage) if stage in ORDER else len(ORDER)
-    for name in reversed(ORDER[:idx]):
-        st = REGISTRY.get(name)
-        if st and st.produces_model:
-            d = ctx.run_dir / name
-            m = read_manifest(d)
-            if m and m.get("status") == "complete" and (d / "model" / "config.json").is_file():
-                return d / "model"
-    raise LMForgeError(
-        f"{ctx.name}: no trained model in {ctx.run_dir} to start from; run `lmforge sft` (or "
-        f"`lmforge run`) first, or pass --model PATH"
-    )
-
-
 def _log_stats(ctx: StageContext, split: str, st: PairStats) -> None:
     ctx.log(f"{split}: {st.line()}")
     for note in st.notes:
@@ -150,12 +132,26 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def _log_reward_accuracy(ctx: StageContext, before: dict, after: dict, lb: dict, n: int) -> None:
+    """Held-out accuracy before -> after, always next to the length-only baseline."""
+    ctx.log(
+        f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+        f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {n} pairs) against "
+        f"the length-only baseline {lb['best']:.3f} ('prefer the {lb['rule']} answer', 95% CI "
+        f"{lb['ci_low']:.3f}-{lb['ci_high']:.3f}); mean score margin {after['margin']:.3f}"
+    )
+    if after["accuracy_ci_low"] <= lb["best"]:
+        ctx.log(
+            "note: the reward model's accuracy is not above the length-only baseline beyond its interval: "
+            "what it learned may be answer length, not preference"
+        )
+
+
 # ----------------------------------------------------------------------------- reward
-@register_stage(
+@define_stage(
     "reward",
     RewardConfig,
     needs=("sft",),
-    after="sft",
     help="reward model (Bradley-Terry) on preference pairs",
     flags=(
         ("--model", "model", "model whose trunk starts the reward model (default: the SFT model)"),
@@ -164,7 +160,7 @@ def _fmt(x) -> str:
 )
 def reward_stage(ctx: StageContext) -> dict:
     cfg: RewardConfig = ctx.cfg
-    model_dir = Path(cfg.model) if cfg.model else model_before(ctx, "reward")
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"reward.model: {model_dir} is not a model folder (no config.json)")
     fmt = ChatFormat.from_dir(model_dir)
@@ -225,17 +221,7 @@ def reward_stage(ctx: StageContext) -> dict:
     )
     lb = length_baseline(val)
     if after:
-        ctx.log(
-            f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-            f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs) against "
-            f"the length-only baseline {lb['best']:.3f} ('prefer the {lb['rule']} answer', 95% CI "
-            f"{lb['ci_low']:.3f}-{lb['ci_high']:.3f}); mean score margin {after['margin']:.3f}"
-        )
-        if after["accuracy_ci_low"] <= lb["best"]:
-            ctx.log(
-                "note: the reward model's accuracy is not above the length-only baseline beyond its interval: "
-                "what it learned may be answer length, not preference"
-            )
+        _log_reward_accuracy(ctx, before, after, lb, len(val))
     metrics = {
         "val_accuracy_before": before.get("accuracy"),
         "val_accuracy_after": after.get("accuracy"),
@@ -266,12 +252,10 @@ def reward_stage(ctx: StageContext) -> dict:
 
 
 # ----------------------------------------------------------------------------- align
-@register_stage(
+@define_stage(
     "align",
     AlignConfig,
     needs=("sft", "reward"),
-    produces_model=True,
-    after="reward",
     help="preference alignment: DPO / IPO / hinge / ORPO, or PPO / GRPO",
     flags=(
         ("--model", "model", "policy to align (default: the SFT model)"),
@@ -282,12 +266,12 @@ def reward_stage(ctx: StageContext) -> dict:
 def align_stage(ctx: StageContext) -> dict:
     cfg: AlignConfig = ctx.cfg
     if cfg.method in RL_METHODS:
-        return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else model_before(ctx, "align"))
+        return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())
     return run_preference(ctx, cfg)
 
 
 def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
-    model_dir = Path(cfg.model) if cfg.model else model_before(ctx, "align")
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"align.model: {model_dir} is not a model folder (no config.json)")
     ref_dir = Path(cfg.ref_model) if cfg.ref_model else model_dir

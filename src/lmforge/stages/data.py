@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from ..data.config import DataConfig
 from ..data.stage import iter_output_texts, run_data_stage
-from ..pipeline import StageContext, register_stage
+from .base import StageContext, define_stage
 
 __all__ = ["DataConfig", "iter_output_texts"]
 
 
-@register_stage("data", DataConfig, help="extract, filter, deduplicate and split the text corpus")
+@define_stage("data", DataConfig, help="extract, filter, deduplicate and split the text corpus")
 def data_stage(ctx: StageContext) -> dict:
     return run_data_stage(ctx.cfg, ctx.dir, seed=ctx.seed, log=ctx.log)

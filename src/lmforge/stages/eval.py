@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..chat import ChatFormat, assistant_loss, encode_records
 from ..data.builtin import split_by_key
 from ..data.shards import load_shard
-from ..eval.chain import CHAIN_STAGES, score_chain
+from ..eval.chain import score_chain
 from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
@@ -42,9 +42,9 @@ from ..eval.readers import load_task
 from ..eval.report import hardware
 from ..eval.tasks import evaluate_task, headline
 from ..model.hf import load_pretrained, read_hf_config
-from ..pipeline import StageContext, register_stage
-from ..runs import atomic_write_json, atomic_write_text, read_manifest
+from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest
 from ..tokenizer import LMTokenizer
+from .base import StageContext, define_stage
 from .sft import load_records
 
 
@@ -112,7 +112,7 @@ class EvalConfig(BaseModel):
     save_predictions: bool = True
 
 
-@register_stage(
+@define_stage(
     "eval",
     EvalConfig,
     needs=("tokenizer",),
@@ -129,7 +129,7 @@ class EvalConfig(BaseModel):
 )
 def eval_stage(ctx: StageContext) -> dict:
     cfg: EvalConfig = ctx.cfg
-    model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
     tok_dir = ctx.input_dir("tokenizer")
     model = load_pretrained(model_dir, device=ctx.device)
     tok = LMTokenizer.load(model_dir if (model_dir / "tokenizer.json").exists() else tok_dir)
@@ -232,7 +232,7 @@ def eval_stage(ctx: StageContext) -> dict:
 def run_models(run_dir: Path) -> list[tuple[str, Path]]:
     """(stage, model folder) of every completed model-producing stage of the run, in lifecycle order."""
     out = []
-    for name in CHAIN_STAGES:
+    for name in POLICY_STAGES:
         m = read_manifest(run_dir / name)
         if m and m.get("status") == "complete" and (run_dir / name / "model" / "config.json").is_file():
             out.append((name, run_dir / name / "model"))

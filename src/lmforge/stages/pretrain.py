@@ -16,10 +16,10 @@ from ..eval.perplexity import evaluate_shard, token_byte_lengths
 from ..model.config import ModelConfig
 from ..model.hf import load_pretrained, save_pretrained
 from ..model.transformer import Transformer
-from ..pipeline import StageContext, register_stage
 from ..tokenizer import LMTokenizer
 from ..train.distributed import barrier, check_batch, init_distributed, resolve_strategy, shutdown
 from ..train.engine import TrainConfig, Trainer, pretrain_objective
+from .base import StageContext, define_stage
 
 
 class PretrainConfig(TrainConfig):
@@ -68,11 +68,10 @@ def full_model(model: Transformer, strategy: str) -> Transformer:
     return plain
 
 
-@register_stage(
+@define_stage(
     "pretrain",
     PretrainConfig,
     needs=("tokenizer",),
-    produces_model=True,
     distributed=True,
     help="pretrain the transformer on the token shards",
 )

@@ -14,8 +14,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.report import Section, build_sections, collect, images, render_html, render_markdown
-from ..pipeline import ORDER, StageContext, register_stage
 from ..runs import atomic_write_bytes, atomic_write_text, read_manifest
+from .base import StageContext, define_stage
 
 ALIGN_STAGES = ("reward", "align", "rl")
 ALIGN_NOTES = {
@@ -34,10 +34,11 @@ class ReportConfig(BaseModel):
     plots: bool = Field(True, description="draw PNG plots (matplotlib)")
 
 
-def write_report(run_dir, out_dir, cfg: ReportConfig | None = None) -> dict:
-    """Write report.md, report.html and plots/*.png for `run_dir` into `out_dir`."""
+def write_report(run_dir, out_dir, cfg: ReportConfig | None = None, order: tuple[str, ...] = ()) -> dict:
+    """Write report.md, report.html and plots/*.png for `run_dir` into `out_dir`; stages in
+    `order` first (the pipeline's), any others by start time."""
     cfg = cfg or ReportConfig()
-    info = collect(run_dir, list(ORDER), skip=("report", out_dir.name))
+    info = collect(run_dir, list(order), skip=("report", out_dir.name))
     sections = build_sections(info, title=cfg.title, max_samples=cfg.max_samples, plots=cfg.plots)
     al = alignment_section(Path(run_dir))
     if al is not None:  # after the overview and model card, before the per-stage training curves
@@ -104,15 +105,14 @@ def alignment_section(run_dir: Path) -> Section | None:
     return s
 
 
-@register_stage(
+@define_stage(
     "report",
     ReportConfig,
     needs=("data", "tokenizer", "eval", "sample"),
     uses_model=True,
-    after="sample",
     help="report card: report.md + report.html with plots",
 )
 def report_stage(ctx: StageContext) -> dict:
-    metrics = write_report(ctx.run_dir, ctx.dir, ctx.cfg)
+    metrics = write_report(ctx.run_dir, ctx.dir, ctx.cfg, ctx.order)
     ctx.log(f"report card of {metrics['stages']} stage(s), {metrics['plots']} plot(s): {metrics['report']}")
     return metrics

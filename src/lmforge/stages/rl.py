@@ -17,8 +17,7 @@ from pydantic import Field
 
 from ..align.config import AlignConfig
 from ..align.rl import run_rl
-from ..pipeline import StageContext, register_stage
-from .align import model_before
+from .base import StageContext, define_stage
 
 
 class RLConfig(AlignConfig):
@@ -40,12 +39,10 @@ class RLConfig(AlignConfig):
     )
 
 
-@register_stage(
+@define_stage(
     "rl",
     RLConfig,
-    produces_model=True,
     uses_model=True,
-    after="align",  # stages/align.py registers first (imported above)
     help="on-policy RL: GRPO on verifiable prompts, or PPO against a reward model",
     flags=(
         ("--model", "model", "policy model folder (default: the run's latest model)"),
@@ -55,4 +52,4 @@ class RLConfig(AlignConfig):
 )
 def rl_stage(ctx: StageContext) -> dict:
     cfg: RLConfig = ctx.cfg
-    return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else model_before(ctx, "rl"))
+    return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())

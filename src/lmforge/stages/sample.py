@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..model.generate import SamplingParams, generate
 from ..model.hf import load_pretrained
-from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_text
 from ..tokenizer import LMTokenizer
+from .base import StageContext, define_stage
 
 
 class SampleConfig(BaseModel):
@@ -33,7 +33,7 @@ class SampleConfig(BaseModel):
     seed: int | None = None
 
 
-@register_stage(
+@define_stage(
     "sample",
     SampleConfig,
     needs=("pretrain",),
@@ -46,7 +46,7 @@ class SampleConfig(BaseModel):
 )
 def sample_stage(ctx: StageContext) -> dict:
     cfg: SampleConfig = ctx.cfg
-    model_dir = Path(cfg.model) if cfg.model else ctx.latest_model_dir()
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
     model = load_pretrained(model_dir, device=ctx.device)
     tok = LMTokenizer.load(
         model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer")

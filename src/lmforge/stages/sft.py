@@ -44,9 +44,9 @@ from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..peft.lora import LoraSettings, apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
 from ..peft.qlora import QLoraSettings, build_optimizer, dequantize_model, load_quantized, nf4_bytes
-from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_json, atomic_write_text
 from ..train.engine import TrainConfig, Trainer
+from .base import StageContext, define_stage
 
 
 class SFTConfig(TrainConfig):
@@ -150,12 +150,10 @@ def _stats_log(ctx, split: str, st: EncodeStats) -> None:
     )
 
 
-@register_stage(
+@define_stage(
     "sft",
     SFTConfig,
     needs=("pretrain",),
-    produces_model=True,
-    after="pretrain",
     help="supervised fine-tuning on chat data (full / LoRA / QLoRA / prompt tuning)",
     flags=(
         ("--model", "model", "model folder to fine-tune (lmforge or HF Llama-family)"),
@@ -415,12 +413,10 @@ def _mix(cfg: CPTConfig, main, replay, fraction: float, seed: int) -> MixLoader:
     return MixLoader(loaders)
 
 
-@register_stage(
+@define_stage(
     "cpt",
     CPTConfig,
     needs=("tokenizer", "pretrain"),
-    produces_model=True,
-    after="pretrain",
     help="continued pretraining on a new domain (replay, annealing); skipped without cpt.domain",
     flags=(
         ("--model", "model", "model folder to continue"),

@@ -11,8 +11,8 @@ import itertools
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import write_token_shards
-from ..pipeline import StageContext, register_stage
 from ..tokenizer import LMTokenizer, bytes_per_token, train_tokenizer
+from .base import StageContext, define_stage
 from .data import iter_output_texts
 
 
@@ -27,7 +27,7 @@ class TokenizerConfig(BaseModel):
     )
 
 
-@register_stage(
+@define_stage(
     "tokenizer", TokenizerConfig, needs=("data",), help="train the BPE tokenizer and tokenize the corpus"
 )
 def tokenizer_stage(ctx: StageContext) -> dict:
@@ -43,7 +43,7 @@ def tokenizer_stage(ctx: StageContext) -> dict:
         tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
         ctx.log(f"trained byte-level BPE, vocab {tok.vocab_size:,}")
     tok.save(ctx.dir)
-    metrics = {"vocab_size": tok.vocab_size}
+    metrics: dict[str, float] = {"vocab_size": tok.vocab_size}
     for split in ("train", "val"):
         index = write_token_shards(iter_output_texts(data_dir, split), tok, ctx.dir, split)
         metrics[f"{split}_tokens"] = index["n_tokens"]

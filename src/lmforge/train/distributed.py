@@ -32,6 +32,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -118,7 +119,7 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return strategy
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: Any) -> None:
     """Recompute each transformer block's activations in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
@@ -134,7 +135,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def wrap(
-    model: nn.Module,
+    model: Any,
     strategy: str,
     info: DistInfo,
     *,
@@ -152,7 +153,7 @@ def wrap(
     if strategy == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        kw = {}
+        kw: dict[str, Any] = {}
         if amp_dtype is not None:
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
         if cpu_offload:
@@ -165,7 +166,7 @@ def wrap(
 
 
 @contextlib.contextmanager
-def grad_sync(module: nn.Module, strategy: str, sync: bool):
+def grad_sync(module: Any, strategy: str, sync: bool):
     """Skip the gradient all-reduce on micro-batches that are not the last of a step."""
     if sync or strategy == "none":
         yield

@@ -79,7 +79,9 @@ def build_adamw(
     device_type: str = "cpu",
 ) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    seen, decay, no_decay = set(), [], []
+    seen: set[int] = set()
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
     for p in params:
         if id(p) in seen:  # tied weights appear once
             continue
@@ -87,7 +89,7 @@ def build_adamw(
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=lr, betas=betas, eps=eps)
+    kwargs: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps)
     # fused AdamW exists for CUDA and (since 2.4) CPU; it is the fastest path on both.
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
