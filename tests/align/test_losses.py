@@ -101,10 +101,10 @@ def test_bradley_terry_with_margin():
 def test_eval_metrics_at_start_and_kl():
     nc, nr = t(4, 2), t(3, 3)
     m = preference_eval_metrics(PC, PR, nc, nr, PC, PR, "dpo", 0.1)
-    assert m["loss"] == pytest.approx(LOG2) and m["kl"] == 0 and m["reward_accuracy"] == 0.5
+    assert m["loss"] == pytest.approx(LOG2) and m["log_ratio_chosen"] == 0 and m["reward_accuracy"] == 0.5
     assert m["accuracy"] == 0.5 and m["margin"] == pytest.approx(((-10 + 12) + (-4 + 3)) / 2)
     m = preference_eval_metrics(PC, PR, nc, nr, RC, RR, "dpo", 0.1)
-    assert m["kl"] == pytest.approx(((-10 + 11) + (-4 + 4.5)) / 6)
+    assert m["log_ratio_chosen"] == pytest.approx(((-10 + 11) + (-4 + 4.5)) / 6)
     assert m["reward_accuracy"] == pytest.approx(0.75)  # one win, one tie
 
 

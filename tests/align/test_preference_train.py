@@ -60,7 +60,7 @@ def test_heldout_preference_accuracy_rises(tmp_path, setup, method, beta):
     assert m["method"] == method and m["steps"] == 20 and m["val_pairs"] >= 5
     assert m["val_accuracy_before"] < 0.5 and m["val_accuracy_after"] > 0.8, m
     assert m["val_margin_after"] > m["val_margin_before"]
-    assert m["val_kl_after"] is not None and m["val_reward_accuracy_after"] > 0.8
+    assert m["val_log_ratio_chosen_after"] is not None and m["val_reward_accuracy_after"] > 0.8
     assert m["reference"] == ("none" if method == "orpo" else "cached")
     assert (o.dir / "model" / "config.json").exists() and (o.dir / "before.json").exists()
     recs = [r for r in read_jsonl(o.dir / "metrics.jsonl") if "loss" in r]
@@ -157,7 +157,7 @@ def test_report_shows_alignment_before_after(tmp_path, setup):
     rows = alignment_rows(run_dir)
     acc = next(r for r in rows if r[1] == "val_accuracy")
     assert acc[0] == "align (dpo)" and acc[2] is not None and acc[3] is not None
-    assert any(r[1] == "val_kl" for r in rows)
+    assert any(r[1] == "val_log_ratio_chosen" for r in rows)
     write_report(run_dir, tmp_path / "report", ReportConfig(plots=False))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Alignment: before / after" in md and "| align (dpo) | val_accuracy |" in md

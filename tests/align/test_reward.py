@@ -117,6 +117,9 @@ def test_reward_stage_learns_heldout_preferences(tmp_path, setup, peft):
     assert m["val_pairs"] >= 8 and m["steps"] == 25
     assert m["val_accuracy_after"] > 0.9 and m["val_accuracy_ci_low"] > 0.5, m
     assert m["val_accuracy_ci_low"] <= m["val_accuracy_after"] <= m["val_accuracy_ci_high"]
+    # the length-only baseline is always reported next to the accuracy
+    assert 0.5 <= m["val_length_baseline"] <= 1 and m["val_length_baseline_rule"] in ("shorter", "longer")
+    assert m["val_length_baseline_ci_low"] <= m["val_length_baseline"] <= m["val_length_baseline_ci_high"]
     rm = load_reward_model(o.dir / "model")
     scorer = RewardScorer.from_dir(o.dir / "model")
     r = synthetic_pairs()[0]
@@ -129,3 +132,22 @@ def test_reward_stage_learns_heldout_preferences(tmp_path, setup, peft):
     assert s[0] > s[1] and rm.cfg.d_model == 32
     best, scores = scorer.best_of([{"role": "user", "content": r["prompt"]}], [r["rejected"], r["chosen"]])
     assert best == 1 and torch.allclose(scores, s.flip(0))
+
+
+def test_length_baseline_counts_the_shorter_answer_and_ties_half():
+    from lmforge.align.preference import Pair
+    from lmforge.align.reward import length_baseline
+
+    pairs = [
+        Pair([1], [5], [5, 6]),
+        Pair([1], [5, 6, 7], [5]),
+        Pair([1], [5], [6]),
+        Pair([1], [5], [6, 7, 8]),
+    ]
+    lb = length_baseline(pairs)  # chosen shorter, longer, tie, shorter: (1 + 0 + 0.5 + 1) / 4
+    assert (
+        lb["shorter"] == 0.625 and lb["longer"] == 0.375 and lb["best"] == 0.625 and lb["rule"] == "shorter"
+    )
+    assert lb["ci_low"] < 0.625 < lb["ci_high"]
+    flipped = length_baseline([Pair(p.prompt, p.rejected, p.chosen) for p in pairs])
+    assert flipped["rule"] == "longer" and flipped["best"] == 0.625 and length_baseline([]) == {}

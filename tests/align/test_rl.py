@@ -151,12 +151,58 @@ def test_ppo_with_reward_function_logs_the_usual_metrics(tmp_path, base_dir):
     )
     assert {"val/error", "loss/value", "policy/entropy"} <= set(first)
     rollouts = [r for r in lines if "rollout" in r]
-    assert rollouts[0]["objective/kl"] == 0.0  # the policy is the reference at first
+    # the policy is the reference at first: KL and log-ratio exactly 0
+    assert rollouts[0]["objective/kl_k3"] == 0.0 and rollouts[0]["objective/log_ratio"] == 0.0
+    assert all(r["objective/kl_k3"] >= 0 for r in rollouts)  # a KL estimate is never negative
     assert {"objective/kl_coef", "objective/entropy", "objective/rlhf_reward"} <= set(rollouts[0])
+    # the hacking signals of every rollout
+    assert all(
+        {"reward", "completion_length", "truncated_frac", "distinct_1", "distinct_2", "kl_guard_tripped"}
+        <= set(r)
+        for r in rollouts
+    )
+    assert all(0 < r["distinct_2"] <= 1 and 0 <= r["truncated_frac"] <= 1 for r in rollouts)
     assert rollouts[-1]["objective/kl_coef"] != 0.05  # the adaptive controller moved it
+    # held-out: reward with and without the KL term, diversity, likelihood of the starting answers
+    assert m["kl_unit"].endswith("k3 estimator") and m["kl_to_target"] == round(m["kl_after"] / 0.5, 4)
+    assert math.isclose(
+        m["sampled_reward_minus_kl_after"],
+        m["sampled_reward_after"] - m["kl_coef_final"] * m["kl_after"],
+        abs_tol=1e-6,
+    )
+    assert m["start_answer_nll_after"] > m["start_answer_nll_before"] > 0
+    assert 0 < m["sampled_distinct_2_before"] <= 1 and "hacking_warning" in m
     assert set(load_file(str(o.dir / "value_head.safetensors"))) == {"weight", "bias"}
     assert "v_head.weight" not in load_file(str(o.dir / "model" / "model.safetensors"))
     load_pretrained(o.dir / "model")
+
+
+def test_kl_guard_drops_the_reward_of_a_rollout_far_above_target(tmp_path, base_dir):
+    """target_kl tiny, guard at 1.5x: once the policy has moved, each rollout trips the guard, is
+    counted and logged, and trains on the KL penalty alone."""
+    o = run_stage(
+        _cfg(
+            tmp_path,
+            base_dir,
+            "rl.method=ppo",
+            "rl.max_steps=6",
+            "rl.ppo.epochs=2",
+            "rl.ppo.kl_coef=0",
+            "rl.ppo.target_kl=0.001",
+            "rl.ppo.kl_guard=1.5",
+        ),
+        "rl",
+    )
+    lines = _lines(o.dir)
+    rollouts = [r for r in lines if "rollout" in r]
+    assert rollouts[0]["kl_guard_tripped"] == 0.0  # KL 0: the policy is the reference
+    tripped = [r["rollout"] for r in rollouts if r["kl_guard_tripped"] == 1.0]
+    assert tripped and o.metrics["kl_guard_trips"] == len(tripped)
+    assert all(rollouts[t]["objective/kl_k3"] > 1.5 * 0.001 for t in tripped)
+    assert all(
+        rollouts[t]["objective/kl_k3"] <= 1.5 * 0.001 for t in range(len(rollouts)) if t not in tripped
+    )
+    assert "exceeds 1.5 x target_kl = 0.0015" in (o.dir.parent / "log.txt").read_text()
 
 
 def test_ppo_scores_with_a_reward_model_folder(tmp_path, base_dir):

@@ -8,14 +8,12 @@ import math
 import pytest
 import torch
 
+from lmforge.align.kl import AdaptiveKLController, FixedKLController, k3_kl
 from lmforge.align.rewards import FormatReward, build_rewards, exact_match, extract_number, parse_spec
 from lmforge.align.rl_math import (
-    AdaptiveKLController,
-    FixedKLController,
     gae,
     group_advantages,
     grpo_token_loss,
-    k3_kl,
     kl_penalty_rewards,
     masked_whiten,
     normalized_loss,

@@ -89,3 +89,86 @@ def test_eval_bad_task_is_a_clear_error(clone_run, tmp_path, capsys):
     assert main(["eval", *args, f"eval.tasks=[{bad}]", "eval.doc_tokens=0"]) == 2
     err = capsys.readouterr().err
     assert "items.jsonl:1" in err and "out of range" in err
+
+
+def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
+    """The chain table: pretrain and a (perturbed) sft model, each scored on the same val tokens;
+    the figures equal evaluate_shard on those models, the delta is their difference."""
+    import torch
+
+    from lmforge.data.shards import load_shard
+    from lmforge.eval.perplexity import evaluate_shard, token_byte_lengths
+    from lmforge.model.hf import load_pretrained
+    from lmforge.tokenizer import LMTokenizer
+
+    root = clone_run("ch")
+    run = root / "ch"
+    chats = root / "chats.jsonl"  # the SFT held-out conversations (files: cheap to re-read)
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}]}
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
+    args = tiny_args(
+        root,
+        "ch",
+        "pretrain.max_steps=5",
+        "eval.tasks=[]",
+        "eval.doc_tokens=0",
+        "eval.chain_tokens=600",
+        f"sft.data=[{chats}]",
+        f"sft.val_data=[{chats}]",
+    )
+    with one_thread():
+        assert main(["pretrain", *args]) == 0
+    sft = load_pretrained(run / "pretrain" / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_pretrained(sft, run / "sft" / "model", tokenizer_dir=run / "pretrain" / "model")
+    atomic_write_json(run / "sft" / "manifest.json", {"stage": "sft", "status": "complete", "metrics": {}})
+    with one_thread():
+        assert main(["eval", *args]) == 0
+    chain = json.loads((run / "eval" / "results.json").read_text())["chain"]
+    assert [r["stage"] for r in chain] == ["pretrain", "sft"]
+    val = load_shard(run / "tokenizer", "val")
+    tb = token_byte_lengths(LMTokenizer.load(run / "tokenizer"))
+    for r in chain:
+        m = load_pretrained(run / r["stage"] / "model")
+        with torch.no_grad():
+            ref = evaluate_shard(
+                m,
+                val,
+                tb,
+                seq_len=m.cfg.max_seq_len,
+                batch_size=16,
+                device=torch.device("cpu"),
+                max_tokens=600,
+            )
+        assert abs(r["bpb"] - ref["bpb"]) < 1e-6 and r["tokens"] == ref["tokens"] <= 600
+    assert chain[0]["delta_bpb"] is None
+    # the SFT stage's held-out conversations, scored for every model too
+    assert all(r["assistant_loss"] > 0 and r["chat_examples"] > 0 for r in chain)
+    assert (
+        abs(chain[1]["delta_assistant_loss"] - (chain[1]["assistant_loss"] - chain[0]["assistant_loss"]))
+        < 1e-9
+    )
+    assert (
+        abs(chain[1]["delta_bpb"] - (chain[1]["bpb"] - chain[0]["bpb"])) < 1e-9 and chain[1]["delta_bpb"] > 0
+    )
+    manifest = json.loads((run / "eval" / "manifest.json").read_text())
+    assert manifest["metrics"]["chain/sft_bpb"] == chain[1]["bpb"]
+    with one_thread():
+        assert main(["report", *args]) == 0
+    md = (run / "report" / "report.md").read_text()
+    assert (
+        "Model chain" in md
+        and "| sft |" in md
+        and "chat assistant loss" in md
+        and f"{chain[1]['delta_bpb']:+.4f}" in md
+    )

@@ -4,20 +4,112 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..peft.lora import LoraSettings
 from ..peft.qlora import QLoraSettings
 from ..train.engine import TrainConfig
-from .rl import GRPOSettings, PPOSettings
+from .rewards import DEFAULT_FORMAT_PATTERN
 
-PREFERENCE_METHODS = ("dpo", "ipo", "hinge", "orpo")
 # Loss-spike skipping is off for alignment: a pairwise loss several times its running median is
 # a batch of hard pairs (IPO's squared loss varies by 5x between batches of 8), not a numerical
 # blow-up; skipping those steps would quietly train on the easy pairs only. NaN/inf steps are
 # still skipped by the engine.
 SPIKE_NOTE = "skip steps whose loss exceeds this x the running median; 0 = off (the alignment default)"
 RL_METHODS = ("ppo", "grpo")
+
+
+class RolloutSettings(BaseModel):
+    """Settings shared by PPO and GRPO (each method has its own copy under `ppo.` / `grpo.`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rewards: list[str] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="reward terms: exact_match, format, reward_model, module:function; "
+        "'W*name' weights a term",
+    )
+    format_pattern: str = Field(DEFAULT_FORMAT_PATTERN, description="regex of the `format` reward")
+    max_new_tokens: int = Field(32, ge=1, description="completion budget per sample")
+    temperature: float = Field(
+        1.0, gt=0, description="sampling temperature of rollouts (and of the log-probs)"
+    )
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    epochs: int = Field(
+        1, ge=1, description="optimisation passes over each rollout (PPO epochs / GRPO iterations)"
+    )
+    num_minibatches: int = Field(1, ge=1, description="optimizer steps per pass over a rollout")
+    mask_truncated: bool = Field(
+        False, description="drop completions that hit max_new_tokens without stopping"
+    )
+    backend: Literal["lmforge", "vllm", "auto"] = Field(
+        "lmforge",
+        description="rollout generation: lmforge (KV cache), vllm, auto (vllm when importable + CUDA)",
+    )
+    gen_batch_size: int = Field(64, ge=1, description="sequences per generation call")
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="held-out completion budget; default max_new_tokens"
+    )
+    num_samples: int = Field(4, ge=0, description="held-out answers shown before/after in samples.jsonl")
+
+    @model_validator(mode="after")
+    def _rewards_nonempty(self):
+        if not self.rewards:
+            raise ValueError("rewards: give at least one reward term")
+        return self
+
+
+class PPOSettings(RolloutSettings):
+    rewards: list[str] = Field(default_factory=lambda: ["reward_model"])
+    epochs: int = Field(4, ge=1, description="PPO epochs per rollout")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty against the reference")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="per-token KL of the penalty: k1 = log pi - log ref (its policy gradient is the KL's), "
+        "k3 = exp(-d) + d - 1 (never negative); every reported KL is k3",
+    )
+    adaptive_kl: bool = Field(False, description="adapt kl_coef so the KL tracks target_kl (Ziegler et al.)")
+    target_kl: float = Field(
+        6.0,
+        gt=0,
+        description="KL per sequence (nats, k3) to aim for (adaptive_kl); also the guard's and the summary's bound",
+    )
+    kl_horizon: int | None = Field(
+        None, ge=1, description="adaptive_kl: horizon in samples; default: one rollout's samples"
+    )
+    kl_guard: float = Field(
+        3.0,
+        ge=0,
+        description="a rollout whose KL exceeds kl_guard x target_kl trains on the KL penalty only "
+        "(reward dropped, warning logged); 0 = off",
+    )
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of completions that never stop"
+    )
+
+
+class GRPOSettings(RolloutSettings):
+    group_size: int = Field(4, ge=2, description="samples per prompt")
+    scale: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, gt=0, description="lower clip of the ratio (1 - epsilon)")
+    epsilon_high: float | None = Field(
+        None,
+        gt=0,
+        description="upper clip (1 + epsilon_high); default epsilon (DAPO's clip-higher uses e.g. 0.28)",
+    )
+    beta: float = Field(0.0, ge=0, description="k3 KL coefficient; 0 = no reference model is loaded")
+    loss_type: Literal["seq", "token", "dr_grpo"] = Field(
+        "token",
+        description="seq: per-sequence mean then mean; token: over all tokens; "
+        "dr_grpo: sum / (sequences * max_new_tokens)",
+    )
 
 
 class PairTrainConfig(TrainConfig):

@@ -225,8 +225,9 @@ def preference_eval_metrics(
     * `margin`: mean log pi(chosen) - log pi(rejected), in nats;
     * `reward_accuracy`, `reward_margin`: the DPO implicit reward beta*(log pi - log ref), i.e.
       how much training moved chosen above rejected relative to the reference (0.5 and 0 at the start);
-    * `kl`: mean per-token log pi - log ref over the chosen completions (an estimate of
-      KL(pi || ref) on the data's answers: how far the policy drifted);
+    * `log_ratio_chosen`: mean per-token log pi - log ref over the chosen completions: how far
+      the policy drifted on the data's answers (not a KL: it is negative when both answers lost
+      likelihood, as DPO often does);
     * `loss`: the method's loss."""
     pc, pr, rc, rr = pc.double(), pr.double(), rc.double(), rr.double()
     nc, nr = nc.double().clamp(min=1), nr.double().clamp(min=1)
@@ -244,5 +245,5 @@ def preference_eval_metrics(
         "margin": float(d.mean()),
         "reward_accuracy": acc(h),
         "reward_margin": float(beta * h.mean()),
-        "kl": float((pc - rc).sum() / nc.sum()),
+        "log_ratio_chosen": float((pc - rc).sum() / nc.sum()),
     }

@@ -218,6 +218,31 @@ def evaluate_reward(
     }
 
 
+def length_baseline(pairs: Sequence[Pair]) -> dict[str, float | str]:
+    """The length-only baseline: the held-out accuracy of "prefer the shorter answer" (and of
+    "prefer the longer", 1 minus it), ties counting half, lengths in tokens. Preference data often
+    prefers one length (HH-RLHF: the shorter answer wins 0.559 of the time), so a reward model's
+    accuracy means preference learning only where it beats the better of the two rules.
+    Returns {"shorter", "longer", "best" (the better accuracy), "rule", "ci_low", "ci_high"}."""
+    if not pairs:
+        return {}
+    wins = sum(
+        1.0 if len(p.chosen) < len(p.rejected) else 0.5 if len(p.chosen) == len(p.rejected) else 0.0
+        for p in pairs
+    )
+    shorter = wins / len(pairs)
+    rule, best = ("shorter", shorter) if shorter >= 0.5 else ("longer", 1.0 - shorter)
+    lo, hi = wilson(best * len(pairs), len(pairs))
+    return {
+        "shorter": shorter,
+        "longer": 1.0 - shorter,
+        "best": best,
+        "rule": rule,
+        "ci_low": lo,
+        "ci_high": hi,
+    }
+
+
 # ----------------------------------------------------------------------------- scoring API
 class RewardScorer:
     """Score conversations (or raw strings, or token ids) with a trained reward model."""

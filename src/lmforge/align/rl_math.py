@@ -7,7 +7,7 @@ from the update). Log-probs are of the sampled tokens under logits / temperature
 distribution that was sampled from), as in TRL.
 
 PPO (Ziegler et al. 2019; Ouyang et al. 2022; TRL's PPOTrainer):
-    kl_t      = logp_old_t - logp_ref_t                         (per-token KL estimate)
+    kl_t      = logp_old_t - logp_ref_t  (k1; or k3, see kl.py)  (per-token KL estimate)
     r_t       = -kl_coef * kl_t  (+ score at the last token)    (reward, optionally whitened)
     delta_t   = r_t + gamma V_{t+1} - V_t ;  A_t = delta_t + gamma lam A_{t+1}    (GAE)
     R_t       = A_t + V_t ; A whitened over the batch's tokens
@@ -26,13 +26,13 @@ The engine divides a summed loss by a count, so each normalisation is written as
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..train.engine import unwrap
+from .kl import KLEstimator, k3_kl, kl_per_token
 
 STD_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)
 
@@ -87,40 +87,21 @@ def gae(
 
 
 def kl_penalty_rewards(
-    logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards -kl_coef * (logp - ref) with each sequence's score added at its last
-    token; returns (rewards, per-token kl)."""
-    kl = (logp - ref_logp) * mask
+    """Per-token rewards -kl_coef * kl_t (kl_t from `estimator`, see kl.py) with each sequence's
+    score added at its last token; returns (rewards, per-token kl_t)."""
+    kl = kl_per_token(logp, ref_logp, estimator) * mask
     rewards = -kl_coef * kl
     lengths = mask.sum(1).long()
     rows = torch.nonzero(lengths > 0).squeeze(1)
     rewards[rows, lengths[rows] - 1] += scores[rows]
     return rewards * mask, kl
-
-
-class FixedKLController:
-    """A constant KL coefficient."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-
-class AdaptiveKLController:
-    """Ziegler et al. (2019): move the coefficient so the measured KL tracks `target`;
-    the proportional error is clipped to +-20% and scaled by n_steps / horizon."""
-
-    def __init__(self, value: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = value, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        if not math.isfinite(current_kl):
-            return
-        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + err * n_steps / self.horizon
 
 
 def ppo_policy_loss(
@@ -176,12 +157,6 @@ def group_advantages(
         adv = adv / (bstd + STD_EPS)
     adv = torch.where(kept, adv, torch.zeros_like(adv))
     return adv.reshape(-1).float(), kept.reshape(-1), zero_std
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 with d = ref - logp."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
 
 
 def grpo_token_loss(

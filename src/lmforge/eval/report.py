@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import read_jsonl, read_manifest
+from .chain import chain_table
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -466,6 +467,14 @@ def _eval_section(info: dict, plots: bool) -> Section | None:
         )
     s.p("Perplexity on the validation split (bits-per-byte compares across tokenizers):")
     s.table(["scored on", "tokens", "loss", "perplexity", "word perplexity", "bits/byte"], ppl)
+    chain = ev.get("chain") or []
+    if chain:
+        s.p(
+            "Model chain: every model of the run on the same validation tokens. The delta is what each "
+            "stage did to held-out bits/byte (post-training usually costs a little on raw text; a large "
+            "rise is forgetting, or reward hacking for align/rl):"
+        )
+        s.table(*chain_table(chain))
     tasks = ev.get("tasks") or {}
     if tasks:
         rows = []

@@ -32,7 +32,8 @@ from ..align.config import RL_METHODS, AlignConfig, RewardConfig
 from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
 from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
-from ..align.reward import RewardModel, RewardObjective, evaluate_reward, save_reward_model
+from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length_baseline, save_reward_model
+from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
 from ..errors import ConfigError
@@ -131,6 +132,21 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def _log_reward_accuracy(ctx: StageContext, before: dict, after: dict, lb: dict, n: int) -> None:
+    """Held-out accuracy before -> after, always next to the length-only baseline."""
+    ctx.log(
+        f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+        f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {n} pairs) against "
+        f"the length-only baseline {lb['best']:.3f} ('prefer the {lb['rule']} answer', 95% CI "
+        f"{lb['ci_low']:.3f}-{lb['ci_high']:.3f}); mean score margin {after['margin']:.3f}"
+    )
+    if after["accuracy_ci_low"] <= lb["best"]:
+        ctx.log(
+            "note: the reward model's accuracy is not above the length-only baseline beyond its interval: "
+            "what it learned may be answer length, not preference"
+        )
+
+
 # ----------------------------------------------------------------------------- reward
 @define_stage(
     "reward",
@@ -203,17 +219,19 @@ def reward_stage(ctx: StageContext) -> dict:
         eos_id=hf.get("eos_token_id"),
         pad_id=pad,
     )
+    lb = length_baseline(val)
     if after:
-        ctx.log(
-            f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-            f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {len(val)} pairs); "
-            f"mean score margin {after['margin']:.3f}"
-        )
+        _log_reward_accuracy(ctx, before, after, lb, len(val))
     metrics = {
         "val_accuracy_before": before.get("accuracy"),
         "val_accuracy_after": after.get("accuracy"),
         "val_accuracy_ci_low": after.get("accuracy_ci_low"),
         "val_accuracy_ci_high": after.get("accuracy_ci_high"),
+        "val_length_baseline": lb.get("best"),
+        "val_length_baseline_rule": lb.get("rule"),
+        "val_length_baseline_ci_low": lb.get("ci_low"),
+        "val_length_baseline_ci_high": lb.get("ci_high"),
+        "val_prefer_shorter_accuracy": lb.get("shorter"),
         "val_pairs": len(val),
         "val_margin_before": before.get("margin"),
         "val_margin_after": after.get("margin"),
@@ -248,9 +266,7 @@ def reward_stage(ctx: StageContext) -> dict:
 def align_stage(ctx: StageContext) -> dict:
     cfg: AlignConfig = ctx.cfg
     if cfg.method in RL_METHODS:
-        from ..align.rl import run_rl
-
-        return run_rl(ctx, cfg)
+        return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())
     return run_preference(ctx, cfg)
 
 
@@ -350,7 +366,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
             f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
             f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
             f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
-            f"reward margin {after['reward_margin']:.3f}; KL to reference {after['kl']:.4f} nats/token"
+            f"reward margin {after['reward_margin']:.3f}; mean log-ratio to the reference on the chosen answers {after['log_ratio_chosen']:.4f} nats/token"
         )
     # the first five numbers are what `lmforge run`'s summary table shows for this stage
     metrics = {
@@ -359,7 +375,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         "val_reward_accuracy_after": after.get("reward_accuracy"),
         "val_accuracy_before": before.get("accuracy"),
         "val_accuracy_after": after.get("accuracy"),
-        "val_kl_after": after.get("kl"),
+        "val_log_ratio_chosen_after": after.get("log_ratio_chosen"),
         "val_accuracy_norm_before": before.get("accuracy_norm"),
         "val_accuracy_norm_after": after.get("accuracy_norm"),
         "val_margin_before": before.get("margin"),

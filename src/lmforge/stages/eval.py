@@ -25,7 +25,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..chat import ChatFormat, assistant_loss, encode_records
+from ..data.builtin import split_by_key
 from ..data.shards import load_shard
+from ..eval.chain import score_chain
 from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
@@ -39,9 +42,10 @@ from ..eval.readers import load_task
 from ..eval.report import hardware
 from ..eval.tasks import evaluate_task, headline
 from ..model.hf import load_pretrained, read_hf_config
-from ..runs import atomic_write_json, atomic_write_text
+from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest
 from ..tokenizer import LMTokenizer
 from .base import StageContext, define_stage
+from .sft import load_records
 
 
 class GenerationSettings(BaseModel):
@@ -94,6 +98,15 @@ class EvalConfig(BaseModel):
     batch_tokens: int = Field(8192, ge=64, description="token budget of one scoring batch")
     add_bos: bool = Field(
         True, description="prepend BOS to every context (lmforge models are trained with it)"
+    )
+    chain_chat_examples: int = Field(
+        64, ge=0, description="model chain: SFT held-out conversations scored (assistant loss); 0 = off"
+    )
+    chain_tokens: int = Field(
+        10000,
+        ge=0,
+        description="score every model of the run (pretrain, cpt, sft, align, rl) on the first N val "
+        "tokens, with per-stage bits/byte deltas; 0 = off",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     save_predictions: bool = True
@@ -151,6 +164,11 @@ def eval_stage(ctx: StageContext) -> dict:
         f"(unigram baseline {res['unigram_bpb']:.4f} bpb) on {res['tokens']:,} tokens [{time.time() - t0:.1f}s]"
     )
     metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
+    if cfg.chain_tokens:
+        res["chain"] = _chain(ctx, cfg, val, tb, seq_len)
+        metrics.update(
+            {f"chain/{r['stage']}_bpb": r["bpb"] for r in res["chain"] if r.get("bpb") is not None}
+        )
 
     scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
     # 2. whole documents, rolling windows: word perplexity and bpb that compare across tokenizers
@@ -209,6 +227,82 @@ def eval_stage(ctx: StageContext) -> dict:
         ctx.log(_task_line(out))
     atomic_write_json(ctx.dir / "results.json", res)
     return metrics
+
+
+def run_models(run_dir: Path) -> list[tuple[str, Path]]:
+    """(stage, model folder) of every completed model-producing stage of the run, in lifecycle order."""
+    out = []
+    for name in POLICY_STAGES:
+        m = read_manifest(run_dir / name)
+        if m and m.get("status") == "complete" and (run_dir / name / "model" / "config.json").is_file():
+            out.append((name, run_dir / name / "model"))
+    return out
+
+
+def _sft_heldout_loss(ctx: StageContext, cfg: EvalConfig, seq_len: int):
+    """A function model -> {"assistant_loss"} over the SFT stage's held-out conversations (the
+    split re-derived from the run's sft config and seed, as the sft stage draws it), or None when
+    the run has no SFT model or no such conversations. Only where that is cheap: JSONL files are
+    read in a moment, but rebuilding the built-in SFT set takes half a minute on a loaded 2-core
+    machine, a tenth of the default pipeline's budget, so a `builtin` source is skipped (logged)."""
+    sft_cfg, sft_dir = getattr(ctx.pipeline, "sft", None), ctx.run_dir / "sft" / "model"
+    if sft_cfg is None or not cfg.chain_chat_examples or not (sft_dir / "config.json").is_file():
+        return None
+    if "builtin" in (sft_cfg.val_data or sft_cfg.data):
+        ctx.log(
+            "model chain: chat assistant loss skipped (the SFT held-out set is the built-in one; set sft.val_data)"
+        )
+        return None
+    records = load_records(sft_cfg.data, sft_cfg.max_examples)
+    if sft_cfg.val_data:
+        val_recs = load_records(sft_cfg.val_data)
+    else:
+        keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
+        val_recs = split_by_key(records, keys, sft_cfg.val_fraction, ctx.seed)[1]
+    fmt = ChatFormat.from_dir(sft_dir)
+    n = min(cfg.chain_chat_examples, sft_cfg.max_val_examples)
+    examples, _ = encode_records(val_recs[:n], fmt, seq_len, on_error="skip")
+    if not examples:
+        return None
+    pad = fmt.tok.pad_id if fmt.tok.pad_id is not None else (fmt.tok.eos_id or 0)
+    return lambda model: {
+        "assistant_loss": assistant_loss(model, examples, pad, ctx.device),
+        "chat_examples": len(examples),
+    }
+
+
+def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int) -> list[dict]:
+    t0 = time.time()
+    rows = score_chain(
+        run_models(ctx.run_dir),
+        val,
+        tb,
+        vocab_size=int(val.meta.get("vocab_size", 0)),
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        device=ctx.device,
+        max_tokens=cfg.chain_tokens,
+        extra=_sft_heldout_loss(ctx, cfg, seq_len),
+    )
+    if rows:
+        parts = [_chain_part(r) for r in rows]
+        ctx.log(
+            f"model chain, bits/byte on the same {cfg.chain_tokens:,} val tokens (change per stage): "
+            + ", ".join(parts)
+            + f" [{time.time() - t0:.1f}s]"
+        )
+    return rows
+
+
+def _chain_part(r: dict) -> str:
+    if r.get("bpb") is None:
+        return f"{r['stage']} skipped ({r.get('skipped')})"
+    out = f"{r['stage']} {r['bpb']:.4f}" + (
+        f" ({r['delta_bpb']:+.4f})" if r.get("delta_bpb") is not None else ""
+    )
+    if r.get("assistant_loss") is not None:
+        out += f" / chat loss {r['assistant_loss']:.4f}"
+    return out
 
 
 def _task_line(out: dict) -> str:

@@ -72,6 +72,11 @@ def alignment_rows(run_dir: Path) -> list[list]:
         for k, v in metrics.items():
             if k.endswith("_after") and (k[:-6] + "_before") not in metrics and isinstance(v, (int, float)):
                 rows.append([label, k[:-6], None, v])
+        if metrics.get("val_length_baseline") is not None:  # the reward model's length-only baseline
+            rule = metrics.get("val_length_baseline_rule")
+            rows.append(
+                [label, f"length-only baseline (prefer {rule})", None, metrics["val_length_baseline"]]
+            )
         lo, hi = metrics.get("val_accuracy_ci_low"), metrics.get("val_accuracy_ci_high")
         if lo is not None and hi is not None:
             rows.append(
@@ -93,7 +98,7 @@ def alignment_section(run_dir: Path) -> Section | None:
     s.p(
         "Held-out figures of the reward model and the aligned policy, measured on pairs none of them trained on. "
         + " ".join(f"`{k}`: {v}." for k, v in ALIGN_NOTES.items())
-        + " `val_kl`: mean per-token log pi - log ref on the chosen answers (drift from the reference);"
+        + " `val_log_ratio_chosen`: mean per-token log pi - log ref on the chosen answers (drift, not a KL);"
         " `val_reward_accuracy`: the implicit reward beta * (log pi - log ref) ranks chosen first."
     )
     s.table(["stage", "metric", "before", "after"], rows)

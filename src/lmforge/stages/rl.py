@@ -3,12 +3,14 @@
 GRPO on the built-in arithmetic word problems by default: verifiable answers, so the summary's
 before/after is held-out exact-match accuracy. PPO needs a reward model (`lmforge reward`, or
 `rl.reward_model=PATH`) or reward functions (`rl.ppo.rewards=[...]`). Everything is in
-`lmforge.align.rl`; this module only registers the stage with RL-sized defaults. (`lmforge
+`lmforge.align.rl`; this module registers the stage with RL-sized defaults and hands it the
+model to start from (`rl.model`, or the run's model of the last stage before `rl`). (`lmforge
 align align.method=ppo|grpo` runs the same code with the align stage's settings.)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -49,4 +51,5 @@ class RLConfig(AlignConfig):
     ),
 )
 def rl_stage(ctx: StageContext) -> dict:
-    return run_rl(ctx, ctx.cfg)
+    cfg: RLConfig = ctx.cfg
+    return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())
