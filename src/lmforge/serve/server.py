@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Chunk, Engine, EngineClosed, EngineFull
 from .protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
+from .rag.query import augment_messages, retrieve_and_fit
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -210,8 +211,13 @@ def create_app(
         except ValueError as e:
             for r in reqs:
                 r.cancel()
+            # OpenAI's code for a prompt that does not fit: the web page drops old turns on it
+            long = any(len(ids) + (params.max_tokens or 1) > engine.context for ids in prompts)
             raise ApiError(
-                400, str(e), param="messages" if "prompt" in str(e) else None, code="invalid_value"
+                400,
+                str(e),
+                param="messages" if "prompt" in str(e) else None,
+                code="context_length_exceeded" if long else "invalid_value",
             ) from None
         return reqs
 
@@ -303,11 +309,6 @@ def create_app(
                     param="rag",
                     code="rag_disabled",
                 )
-            from .rag.query import augment_messages
-
-            hits = await run_in_threadpool(retriever.search, _last_user(messages), body.rag_k)
-            messages = augment_messages(messages, hits)
-            citations = [h.citation() for h in hits]
         if engine.chat_format is None:
             raise ApiError(
                 400,
@@ -315,7 +316,12 @@ def create_app(
                 code="no_chat_template",
             )
         try:
-            ids = await run_in_threadpool(engine.encode_chat, messages)
+            if body.rag_k is not None:
+                ids, citations = await run_in_threadpool(_rag_prompt, engine, retriever, messages, body)
+            else:
+                ids = await run_in_threadpool(engine.encode_chat, messages)
+        except ApiError:
+            raise
         except Exception as e:  # DataError from a template that refuses this conversation
             raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
         loop = asyncio.get_running_loop()
@@ -491,6 +497,21 @@ def create_app(
             return FileResponse(WEB_DIR / "index.html")
 
     return BodyLimit(app, max_body_bytes)
+
+
+def _rag_prompt(engine: Engine, retriever, messages: list[dict], body: ChatRequest) -> tuple[list[int], list]:
+    """Prompt ids with the retrieved sources in the system message, as many of the top-k as fit
+    the context next to the answer (`rag.query.retrieve_and_fit`, the CLI's rule), and their citations."""
+    need = body.budget or min(64, engine.context // 4)
+    ids, hits = retrieve_and_fit(
+        retriever,
+        _last_user(messages),
+        body.rag_k,
+        lambda h: engine.encode_chat(augment_messages(messages, h)),
+        engine.context,
+        need,
+    )
+    return ids, [h.citation() for h in hits]
 
 
 def _last_user(messages: list[dict]) -> str:
