@@ -236,6 +236,8 @@ def cmd_judge_compare(a) -> int:
         tie_margin=a.tie_margin,
         names=(Path(a.a).name, Path(a.b).name),
     )
+    if a.reward_model:
+        res["reward_scoring"] = judge.mode
     print(
         f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} "
         f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] over {res['n']} prompts "
@@ -426,7 +428,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _pair_args(jc)
     jc.add_argument("--judge-model", help="LM folder asked 'which response is better' (both orders)")
-    jc.add_argument("--reward-model", help="HF sequence-classification reward model folder")
+    jc.add_argument(
+        "--reward-model",
+        help="reward model folder (lmforge reward or HF sequence-classification); answers are scored "
+        "as chat turns, the way the reward stage trains",
+    )
     jc.add_argument("--no-swap", action="store_true", help="judge in one order only (keeps position bias)")
     jc.add_argument("--tie-margin", type=float, default=0.05, help="|P(A better) - 0.5| below this is a tie")
     jc.add_argument("--out")
@@ -437,7 +443,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     je.add_argument("--seed", type=int, default=0)
     je.set_defaults(func=cmd_judge_export)
     ji = js.add_parser(
-        "import", help="read raters' verdicts back: win rate with a 95% interval", epilog=EPILOG
+        "import", help="read raters' verdicts back: win rate with a 95%% interval", epilog=EPILOG
     )
     ji.add_argument("sheet", help="the filled CSV (id, verdict = 1 | 2 | tie)")
     ji.add_argument("--key", help="the key file (default: <sheet>.key.json)")
