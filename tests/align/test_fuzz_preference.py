@@ -17,8 +17,8 @@ from tests.fuzz_support import documented, fuzz
 
 preference = pytest.importorskip("lmforge.align.preference")
 from lmforge.chat import ChatFormat  # noqa: E402
-from lmforge.serve.testing import CORPUS  # noqa: E402
 from lmforge.tokenizer import CHAT_ROLES, train_tokenizer  # noqa: E402
+from tests.factories import CORPUS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,15 @@ import pytest
 
 from lmforge.errors import LMForgeError
 from lmforge.eval import cli
-from lmforge.eval.testing import one_thread, random_sentences, tiny_model, tiny_tokenizer
 from lmforge.model.hf import save_pretrained
+from tests.factories import random_sentences, single_thread, tiny_model, tiny_tokenizer
 
 
 def run(argv):
     p = argparse.ArgumentParser(prog="lmforge")
     cli.add_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(argv)
-    with one_thread():
+    with single_thread():
         return a.func(a)
 
 

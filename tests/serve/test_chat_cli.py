@@ -11,7 +11,7 @@ import pytest
 from lmforge.errors import LMForgeError
 from lmforge.serve.chat_cli import ChatSession, run_chat
 from lmforge.serve.engine import Engine, GenParams
-from lmforge.serve.testing import make_tiny_model
+from tests.factories import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from lmforge.errors import CheckpointError
 from lmforge.model.generate import SamplingParams, generate
 from lmforge.serve.engine import Engine, EngineFull, GenParams, _held_back
-from lmforge.serve.testing import make_tiny_model
+from tests.factories import make_tiny_model
 
 PROMPTS = [
     "The function returns",

@@ -144,7 +144,7 @@ def test_prompt_building():
 
 def test_rag_commands(tmp_path, capsys):
     from lmforge.serve.cli import main
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     docs = make_docs(tmp_path / "docs")
     idx = str(tmp_path / "idx")
@@ -189,7 +189,7 @@ def test_rag_commands(tmp_path, capsys):
 
 def test_answer_trims_sources_to_fit_the_context(tmp_path):
     from lmforge.serve.engine import Engine, GenParams
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -262,7 +262,7 @@ def test_server_trims_sources_like_the_cli(tmp_path):
     httpx = pytest.importorskip("httpx")
     from lmforge.serve.engine import Engine, GenParams
     from lmforge.serve.server import ServerThread, create_app
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     emb = HashEmbedder(512)
     build_index(tmp_path / "idx", [str(_long_docs(tmp_path / "docs"))], embedder=emb, max_words=40, overlap=0)

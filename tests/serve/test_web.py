@@ -20,7 +20,7 @@ if not CHROMIUM:
 
 from lmforge.serve.engine import Engine  # noqa: E402
 from lmforge.serve.server import ServerThread, create_app  # noqa: E402
-from lmforge.serve.testing import make_tiny_model  # noqa: E402
+from tests.factories import make_tiny_model  # noqa: E402
 
 ARGS = [
     "--headless",

@@ -3,17 +3,17 @@
 import json
 
 from lmforge.cli import main
-from lmforge.eval.testing import one_thread, tiny_model
 from lmforge.model.hf import save_pretrained
 from lmforge.runs import atomic_write_json
 from tests.conftest import tiny_args
+from tests.factories import single_thread, tiny_model
 
 
 def test_eval_then_report(clone_run, capsys):
     root = clone_run("ev")
     args = tiny_args(root, "ev", "pretrain.max_steps=5", "eval.builtin_items=40")
     run = root / "ev"
-    with one_thread():
+    with single_thread():
         assert main(["pretrain", *args]) == 0
         assert main(["eval", *args]) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
@@ -82,7 +82,7 @@ def test_eval_refuses_a_model_of_another_vocabulary(clone_run, tmp_path, capsys)
 def test_eval_bad_task_is_a_clear_error(clone_run, tmp_path, capsys):
     root = clone_run("bt")
     args = tiny_args(root, "bt", "pretrain.max_steps=2")
-    with one_thread():
+    with single_thread():
         assert main(["pretrain", *args]) == 0
     bad = tmp_path / "items.jsonl"
     bad.write_text('{"query": "q", "choices": ["a", "b"], "answer": 3}\n')

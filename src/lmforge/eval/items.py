@@ -109,13 +109,18 @@ def iter_records(path: Path, problems: Problems) -> Iterator[tuple[str, dict]]:
         yield f"{path}:{n}", rec
 
 
-def read_items(path: Path, problems: Problems, build: Callable[[dict, str], Doc | None]) -> list[Doc]:
+def read_items(
+    path: Path, problems: Problems, build: Callable[[dict, str], Doc | None], shapes: str | None = None
+) -> list[Doc]:
+    """The items `build` makes of each record. `shapes` (the record shapes the reader accepts) is
+    added to the error of an item that lacks a field, so the user sees what was expected."""
     docs = []
     for where, rec in iter_records(path, problems):
         try:
             doc = build(rec, where)
         except BadItem as b:
-            problems(where, b.reason, b.detail)
+            missing = b.reason.startswith("missing_") or b.reason == "no_choices"
+            problems(where, b.reason, f"{b.detail}. {shapes}" if shapes and missing else b.detail)
             continue
         if doc is not None:
             if not doc.id:

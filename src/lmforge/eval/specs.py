@@ -121,6 +121,7 @@ def _spec_builder(spec: dict, kind: str) -> Callable[[dict, str], Doc]:
 
 
 def _resolve_answer(ans: Any, choices: list[str], labels: list[str] | None) -> int:
+    """The gold index: an int index, a label, a numeric string as an index, then a choice's text."""
     if isinstance(ans, bool):
         raise BadItem("bad_answer", f"answer {ans!r} is not an index, label or choice")
     if isinstance(ans, int):
@@ -134,9 +135,12 @@ def _resolve_answer(ans: Any, choices: list[str], labels: list[str] | None) -> i
                 "answer_out_of_range", f"answer label {s!r} is out of range for {len(choices)} choices"
             )
         return j
+    numeric = s.lstrip("-").isdigit()
+    if numeric and 0 <= int(s) < len(choices):  # an index before a choice's text: "2" of [8, 2, 24, 120]
+        return int(s)
     if s in choices:
         return choices.index(s)
-    if s.lstrip("-").isdigit():
+    if numeric:
         return check_index(int(s), len(choices))
     raise BadItem(
         "answer_not_a_choice",

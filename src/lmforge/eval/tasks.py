@@ -17,7 +17,8 @@ continuation ``target_delimiter + choice``. Three accuracies come out of the sam
 
 Few-shot examples are drawn per item from a seeded RNG keyed by (seed, item id), never the item
 itself, from the same group when items have one (MMLU subjects) -- so the prompt of an item does
-not depend on which other items are evaluated or in what order.
+not depend on which other items are evaluated or in what order. With `fewshot_sampler="first_n"`
+(MMLU with its dev split, as the harness does) they are the first k of the group's few-shot pool.
 
 Items that cannot be scored are counted, never silently dropped: a choice longer than the whole
 context is a skip ("continuation_too_long"); a prompt longer than the context is cut from the
@@ -64,6 +65,7 @@ class Task:
     kind: Literal["multiple_choice", "generate"]
     docs: list[Doc]
     fewshot_docs: list[Doc] | None = None  # None: draw shots from `docs` (never the item itself)
+    fewshot_sampler: Literal["random", "first_n"] = "random"  # first_n: the pool's first k, in order
     num_fewshot: int = 0
     seed: int = 1234
     description: str = ""
@@ -94,6 +96,8 @@ class Task:
             for d in pool
             if d is not doc and (not doc.id or d.id != doc.id) and (doc.group is None or d.group == doc.group)
         ]
+        if self.fewshot_sampler == "first_n":
+            return cand[:k]
         rng = random.Random(f"{self.seed}:{self.name}:{doc.id or i}")
         return rng.sample(cand, min(k, len(cand)))
 
