@@ -286,3 +286,14 @@ def test_a_missing_field_names_the_shapes_a_reader_accepts(tmp_path):
         load_task(f"gsm8k:{gsm}")
     bare = _write(tmp_path, "g2.jsonl", [{"question": "1+1?", "answer": "2"}])
     assert load_task(f"gsm8k:{bare}").docs[0].answer == "2"
+
+
+def test_unique_keys():
+    from lmforge.eval.tasks import unique_keys
+
+    def t(name, source):
+        return Task(name, "multiple_choice", [], source=source)
+
+    tasks = [t("arc", "/d/A.jsonl"), t("arc", "/e/B.jsonl"), t("mmlu", "/m"), t("arc", "/x/A.jsonl")]
+    assert unique_keys(tasks) == ["arc-A", "arc-B", "mmlu", "arc-A-2"]
+    assert unique_keys([t("gsm8k", "/g/test.jsonl")]) == ["gsm8k"]

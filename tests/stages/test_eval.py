@@ -89,3 +89,15 @@ def test_eval_bad_task_is_a_clear_error(clone_run, tmp_path, capsys):
     assert main(["eval", *args, f"eval.tasks=[{bad}]", "eval.doc_tokens=0"]) == 2
     err = capsys.readouterr().err
     assert "items.jsonl:1" in err and "out of range" in err
+    # two tasks of one type keep their own results and prediction files
+    arc = {"choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+    for name, n in (("A", 3), ("B", 5)):
+        lines = [json.dumps({"question": f"q{i}", **arc}) + "\n" for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines))
+    tasks = f"eval.tasks=[arc:{tmp_path / 'A.jsonl'},arc:{tmp_path / 'B.jsonl'}]"
+    with single_thread():
+        assert main(["eval", *args, tasks, "eval.doc_tokens=0"]) == 0
+    res = json.loads((root / "bt" / "eval" / "results.json").read_text())
+    assert {k: v["n"] for k, v in res["tasks"].items()} == {"arc-A": 3, "arc-B": 5}
+    for key, n in (("arc-A", 3), ("arc-B", 5)):
+        assert len((root / "bt" / "eval" / "predictions" / f"{key}.jsonl").read_text().splitlines()) == n

@@ -2,7 +2,8 @@
 harness`. The main CLI calls `add_parser(subparsers)`; each handler returns an exit status and
 raises `LMForgeError` for anything the user can fix. `--out FILE` writes the full JSON result.
 
-    lmforge tasks --model DIR --task arc:ARC.jsonl --task mmlu:mmlu/dev [--num-fewshot 5] [--limit 100]
+    lmforge tasks --model DIR --task arc:ARC.jsonl --task mmlu:mmlu [--num-fewshot 5] [--limit 100]
+        [--out res.json] [--predictions DIR]   (tasks sharing a name get keys arc-A, arc-B, ...)
     lmforge perplexity --model DIR docs.jsonl [--context-len 128]
     lmforge contamination ngram --train runs/tiny/tokenizer --task arc:ARC.jsonl [-n 13]
     lmforge contamination permutation --model DIR --task arc:ARC.jsonl [--shard-size 5]
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from ..runs import atomic_write_json
+from ..runs import atomic_write_json, atomic_write_text
 
 EPILOG = "Details and formulas: docs/evaluation.md."
 
@@ -49,13 +50,14 @@ def _fmt_ci(block: dict) -> str:
 def cmd_tasks(a) -> int:
     from .loglik import Scorer
     from .readers import load_task
-    from .tasks import evaluate_task
+    from .tasks import evaluate_task, predictions_jsonl, unique_keys
 
     model, tok = _load(a)
     scorer = Scorer(model, tok, batch_tokens=a.batch_tokens, add_bos=not a.no_bos)
+    tasks = [load_task(spec, on_error=a.on_error, seed=a.seed) for spec in a.task]
+    pred_dir = a.predictions or (str(Path(a.out).with_suffix("")) + ".predictions" if a.out else None)
     results = {}
-    for spec in a.task:
-        task = load_task(spec, on_error=a.on_error, seed=a.seed)
+    for key, task in zip(unique_keys(tasks), tasks):
         res = evaluate_task(
             model,
             tok,
@@ -63,15 +65,18 @@ def cmd_tasks(a) -> int:
             scorer=scorer,
             limit=a.limit,
             num_fewshot=a.num_fewshot,
-            keep_predictions=False,
+            keep_predictions=pred_dir is not None,
             n_samples=a.n_samples,
             temperature=a.temperature,
             ks=a.pass_k or [1],
             seed=a.seed,
             max_new_tokens=min(a.max_new_tokens or task.max_new_tokens, model.cfg.max_seq_len // 2),
         )
-        results[task.name] = res
-        parts = [f"{task.name:<14} n={res['n']:<5}"]
+        preds = res.pop("predictions", None)
+        if preds is not None:
+            atomic_write_text(Path(pred_dir) / f"{key}.jsonl", predictions_jsonl(preds))
+        results[key] = res
+        parts = [f"{key:<14} n={res['n']:<5}"]
         for k in ("acc", "acc_norm", "exact_match", *[f"pass@{k}" for k in (a.pass_k or [])]):
             if k in res:
                 parts.append(f"{k} {_fmt_ci(res[k])}")
@@ -80,6 +85,8 @@ def cmd_tasks(a) -> int:
         if sum(res["skipped"].values()) or res.get("truncated"):
             parts.append(f"skipped {res['skipped']} truncated {res['truncated']}")
         print("  ".join(parts))
+    if pred_dir is not None:
+        print(f"per-item predictions in {pred_dir}/")
     _save(a, results)
     return 0
 
@@ -346,6 +353,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-new-tokens", type=int, help="generative: token budget")
     t.add_argument("--no-bos", action="store_true", help="do not prepend BOS to contexts")
     t.add_argument("--out", help="write the full results JSON here")
+    t.add_argument(
+        "--predictions",
+        help="write per-item predictions to DIR/<task>.jsonl (default with --out: <out>.predictions/)",
+    )
     t.set_defaults(func=cmd_tasks)
 
     pp = subparsers.add_parser(

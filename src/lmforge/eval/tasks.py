@@ -27,10 +27,14 @@ left and counted as ``truncated``.
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -218,3 +222,27 @@ def headline(res: dict) -> dict[str, float]:
         out["chance"] = res["chance"]
     out["n"] = res.get("n", 0)
     return out
+
+
+def unique_keys(tasks: Sequence[Task]) -> list[str]:
+    """One key per task for results and prediction files: the task's name, or, when several
+    tasks share a name (`--task arc:A.jsonl --task arc:B.jsonl`), the name and its source file's
+    stem (`arc-A`, `arc-B`), numbered if even that repeats -- so no task overwrites another."""
+    counts = Counter(t.name for t in tasks)
+    keys: list[str] = []
+    for t in tasks:
+        key = t.name
+        if counts[t.name] > 1:
+            stem = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(t.source).stem).strip("_")
+            key = f"{t.name}-{stem}" if stem else t.name
+        base, n = key, 2
+        while key in keys:
+            key, n = f"{base}-{n}", n + 1
+        keys.append(key)
+    return keys
+
+
+def predictions_jsonl(predictions: Sequence[dict]) -> str:
+    """Per-item predictions as JSONL, the one format of `eval/predictions/<key>.jsonl` and of
+    `lmforge tasks --predictions DIR`."""
+    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
