@@ -289,7 +289,7 @@ def test_a_missing_field_names_the_shapes_a_reader_accepts(tmp_path):
 
 
 def test_unique_keys():
-    from lmforge.eval.tasks import unique_keys
+    from lmforge.eval.evaluate import unique_keys
 
     def t(name, source):
         return Task(name, "multiple_choice", [], source=source)

@@ -48,9 +48,9 @@ def _fmt_ci(block: dict) -> str:
 
 # ----------------------------------------------------------------------------- tasks / perplexity
 def cmd_tasks(a) -> int:
+    from .evaluate import evaluate_task, predictions_jsonl, unique_keys
     from .loglik import Scorer
     from .readers import load_task
-    from .tasks import evaluate_task, predictions_jsonl, unique_keys
 
     model, tok = _load(a)
     scorer = Scorer(model, tok, batch_tokens=a.batch_tokens, add_bos=not a.no_bos)

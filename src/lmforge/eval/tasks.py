@@ -1,7 +1,8 @@
 """Benchmark tasks: items, few-shot prompts, and multiple-choice scoring by log-likelihood.
 
 A `Task` is a list of `Doc`s plus how to prompt them. Readers (`readers.py`) turn MMLU CSVs,
-ARC/HellaSwag/GSM8K JSONL and user task specs into Tasks; this module only evaluates them.
+ARC/HellaSwag/GSM8K JSONL and user task specs into Tasks; this module scores multiple-choice
+tasks, `generative.py` generative ones, and `evaluate.py` runs a task of either kind.
 
 Multiple choice, as lm-evaluation-harness does it: for each item the prompt is
 
@@ -27,20 +28,16 @@ left and counted as ``truncated``.
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from .loglik import Scorer
-from .stats import wilson
+from .stats import proportion_summary
 
 
 @dataclass
@@ -111,13 +108,6 @@ class Task:
         return float(np.mean([1.0 / c for c in n])) if n else float("nan")
 
 
-def _acc_block(hits: list[float]) -> dict:
-    n = len(hits)
-    k = float(sum(hits))
-    lo, hi = wilson(k, n)
-    return {"value": k / n if n else float("nan"), "ci95": [lo, hi]}
-
-
 def evaluate_multiple_choice(
     scorer: Scorer,
     task: Task,
@@ -171,9 +161,9 @@ def evaluate_multiple_choice(
         "kind": "multiple_choice",
         "n": len(kept),
         "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
-        "acc": _acc_block(acc),
-        "acc_norm": _acc_block(acc_norm),
-        "acc_bytes": _acc_block(acc_bytes),
+        "acc": proportion_summary(sum(acc), len(acc)),
+        "acc_norm": proportion_summary(sum(acc_norm), len(acc_norm)),
+        "acc_bytes": proportion_summary(sum(acc_bytes), len(acc_bytes)),
         "chance": float(np.mean([1.0 / len(task.docs[i].choices) for i in kept])) if kept else float("nan"),
         "skipped": dict(skipped),
         "truncated": truncated,
@@ -185,64 +175,3 @@ def evaluate_multiple_choice(
     if keep_predictions:
         out["predictions"] = preds
     return out
-
-
-def evaluate_task(
-    model,
-    tok,
-    task: Task,
-    *,
-    scorer: Scorer | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    keep_predictions: bool = False,
-    **gen_kw,
-) -> dict:
-    """Run a task of either kind; generation options (n_samples, temperature, k...) go to
-    `generative.evaluate_generative`."""
-    if task.kind == "multiple_choice":
-        scorer = scorer or Scorer(model, tok)
-        return evaluate_multiple_choice(
-            scorer, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions
-        )
-    from .generative import evaluate_generative
-
-    return evaluate_generative(
-        model, tok, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions, **gen_kw
-    )
-
-
-def headline(res: dict) -> dict[str, float]:
-    """Flat numbers for manifests and summaries: acc, acc_norm, ... / exact_match, pass@k."""
-    out = {}
-    for k, v in res.items():
-        if isinstance(v, dict) and "value" in v:
-            out[k] = v["value"]
-    if "chance" in res:
-        out["chance"] = res["chance"]
-    out["n"] = res.get("n", 0)
-    return out
-
-
-def unique_keys(tasks: Sequence[Task]) -> list[str]:
-    """One key per task for results and prediction files: the task's name, or, when several
-    tasks share a name (`--task arc:A.jsonl --task arc:B.jsonl`), the name and its source file's
-    stem (`arc-A`, `arc-B`), numbered if even that repeats -- so no task overwrites another."""
-    counts = Counter(t.name for t in tasks)
-    keys: list[str] = []
-    for t in tasks:
-        key = t.name
-        if counts[t.name] > 1:
-            stem = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(t.source).stem).strip("_")
-            key = f"{t.name}-{stem}" if stem else t.name
-        base, n = key, 2
-        while key in keys:
-            key, n = f"{base}-{n}", n + 1
-        keys.append(key)
-    return keys
-
-
-def predictions_jsonl(predictions: Sequence[dict]) -> str:
-    """Per-item predictions as JSONL, the one format of `eval/predictions/<key>.jsonl` and of
-    `lmforge tasks --predictions DIR`."""
-    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)

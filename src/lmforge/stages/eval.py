@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import load_shard
+from ..eval.evaluate import evaluate_task, headline, predictions_jsonl, unique_keys
 from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
@@ -36,7 +37,6 @@ from ..eval.perplexity import (
 )
 from ..eval.readers import load_task
 from ..eval.report import hardware
-from ..eval.tasks import evaluate_task, headline, predictions_jsonl, unique_keys
 from ..model.hf import load_pretrained, read_hf_config
 from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_json, atomic_write_text
