@@ -35,9 +35,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from lmforge.eval.evaluate import evaluate_task
-    from lmforge.eval.loading import load_model_and_tokenizer
     from lmforge.eval.loglik import Scorer
     from lmforge.eval.readers import load_task
+    from lmforge.serve.loading import load_model_and_tokenizer
 
     if a.model is None:
         a.model = next(

@@ -12,10 +12,10 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-from lmforge.eval.loading import load_model_and_tokenizer  # noqa: E402
 from lmforge.eval.loglik import Scorer  # noqa: E402
 from lmforge.eval.readers import load_task  # noqa: E402
 from lmforge.eval.tasks import evaluate_multiple_choice  # noqa: E402
+from lmforge.serve.loading import load_model_and_tokenizer  # noqa: E402
 from tests.factories import WORDS, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread

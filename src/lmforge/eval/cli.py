@@ -36,7 +36,7 @@ def _save(a, obj) -> None:
 
 
 def _load(a):
-    from .loading import load_model_and_tokenizer
+    from ..serve.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(a.model, getattr(a, "tokenizer", None), device=a.device)
 
@@ -196,8 +196,8 @@ def _answers(src: str, prompts: list[str], a) -> list[str]:
     """A model folder (answers generated greedily) or a JSONL/TXT of answers, one per prompt."""
     p = Path(src)
     if p.is_dir():
+        from ..serve.loading import load_model_and_tokenizer
         from .judge import generate_answers
-        from .loading import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(p, device=a.device)
         return generate_answers(model, tok, prompts, max_new_tokens=a.max_new_tokens)
@@ -219,8 +219,8 @@ def _answers(src: str, prompts: list[str], a) -> list[str]:
 
 
 def cmd_judge_compare(a) -> int:
+    from ..serve.loading import load_model_and_tokenizer
     from .judge import LMJudge, RewardModelJudge, compare
-    from .loading import load_model_and_tokenizer
 
     prompts = _read_prompts(a.prompts)
     ans_a, ans_b = _answers(a.a, prompts, a), _answers(a.b, prompts, a)

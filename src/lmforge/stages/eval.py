@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.shards import load_shard
 from ..eval.evaluate import evaluate_task, headline, predictions_jsonl, unique_keys
-from ..eval.loading import check_pair
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
     document_metrics,
@@ -40,6 +39,7 @@ from ..eval.report import hardware
 from ..model.hf import load_pretrained, read_hf_config
 from ..pipeline import StageContext, register_stage
 from ..runs import atomic_write_json, atomic_write_text
+from ..serve.loading import check_pair
 from ..tokenizer import LMTokenizer
 
 
