@@ -13,7 +13,7 @@ import io
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..data.readers import loads_json
 from ..errors import DataError
@@ -133,7 +133,14 @@ def read_items(
     return docs
 
 
-def make_task(name: str, kind: str, docs: list[Doc], problems: Problems, source: Path, **kw) -> Task:
+def make_task(
+    name: str,
+    kind: Literal["multiple_choice", "generate"],
+    docs: list[Doc],
+    problems: Problems,
+    source: Path,
+    **kw,
+) -> Task:
     t = Task(name=name, kind=kind, docs=docs, source=str(source), **kw)
     t.skipped = Counter(problems.counts)
     return t

@@ -12,7 +12,7 @@ import re
 import string
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..config import parse_yaml
 from ..errors import DataError
@@ -104,7 +104,7 @@ def _spec_builder(spec: dict, kind: str) -> Callable[[dict, str], Doc]:
                 raise BadItem("missing_answer", f"field {keys[0]!r} (the reference answer) is missing")
             return Doc(query, target=target, answer=str(rec[key]), id=str(rec.get("id", "")))
         if isinstance(choices_spec, list):
-            raw = [_fill(str(c), rec) for c in choices_spec]
+            raw: Any = [_fill(str(c), rec) for c in choices_spec]
         else:
             raw = rec.get(choices_spec)
             if isinstance(raw, dict) and "text" in raw:
@@ -167,6 +167,7 @@ def read_spec(path: str | Path, *, on_error: str = "raise") -> Task:
     p = Problems(on_error)
     build = _spec_builder(spec, kind)
     docs = _spec_items(path, spec, "data", "examples", p, build, required=True)
+    assert docs is not None  # required=True: an empty or absent `data` raised
     shots = _spec_items(path, spec, "fewshot_data", None, Problems("skip"), build, required=False)
     return make_task(str(spec.get("name") or path.stem), kind, docs, p, path, fewshot_docs=shots, **kw)
 
@@ -249,7 +250,7 @@ def read_items_file(path: str | Path, *, on_error: str = "raise") -> Task:
     first = next(iter_records(path, Problems("skip")), None)
     if first is None:
         raise DataError(f"{path}: no items")
-    kind = "multiple_choice" if "choices" in first[1] else "generate"
+    kind: Literal["multiple_choice", "generate"] = "multiple_choice" if "choices" in first[1] else "generate"
     p = Problems(on_error)
     docs = read_items(path, p, _spec_builder({}, kind))
     return make_task(path.stem, kind, docs, p, path)
