@@ -338,3 +338,15 @@ def test_delete_of_an_unknown_source_prints_nothing_and_deletes_nothing(tmp_path
     monkeypatch.chdir(docs)  # a source may be named by a relative path too
     assert main(["rag", "delete", idx, "zorbia.txt"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted_chunks"] == {"zorbia.txt": 1}
+
+
+def test_an_index_keyed_by_typed_paths_is_rekeyed_not_doubled(tmp_path, monkeypatch):
+    docs = make_docs(tmp_path / "docs")
+    emb = HashEmbedder(256)
+    st = VectorStore(tmp_path / "idx", create=True, embedder_name=emb.name, dim=emb.dim)
+    text = (docs / "zorbia.txt").read_text()
+    st.add_document("docs/zorbia.txt", "old", [text], emb.embed([text]))  # as an older index keyed it
+    st.close()
+    monkeypatch.chdir(tmp_path)
+    rep, stats = build_index(tmp_path / "idx", ["docs"], embedder=emb)
+    assert rep.added == 4 and rep.deleted == 1 and stats["documents"] == 4

@@ -181,12 +181,13 @@ def cmd_rag_query(a) -> int:
 
 
 def _stored_source(st, source: str) -> str | None:
+    from .rag.index import canonical_source
+
     """The stored source `source` names: as typed, or as its canonical path (how `rag index` keys
     files), or None."""
     if st.document_sha(source) is not None:
         return source
-    path, sep, rec = source.partition("#")
-    canonical = os.path.realpath(path) + sep + rec
+    canonical = canonical_source(source)
     return canonical if st.document_sha(canonical) is not None else None
 
 

@@ -7,7 +7,8 @@ is keyed by its source: the file's canonical path (absolute, symlinks resolved, 
 folder as `/abs/docs` and again as `.` finds the same documents), with `#n` for the n-th record
 of a JSONL/JSON/Parquet file. A document whose text hash is unchanged is skipped, a changed one
 is replaced, and `--prune` deletes documents from files under the given inputs that are no
-longer there. A `.txt` file that is not UTF-8 text (NUL bytes, invalid UTF-8) is refused with
+longer there (a document still stored under a path as typed by an older index is replaced by
+its canonical key). A `.txt` file that is not UTF-8 text (NUL bytes, invalid UTF-8) is refused with
 its reason rather than indexed as garbage: named on its own it is an error, inside a folder it
 is skipped and listed under `skipped`.
 """
@@ -125,6 +126,12 @@ def iter_inputs(
                 )
 
 
+def canonical_source(source: str) -> str:
+    """How a source is keyed: the canonical path of its file, then `#n` for a record."""
+    path, sep, rec = source.partition("#")
+    return os.path.realpath(path) + sep + rec
+
+
 def build_index(
     folder: str | Path,
     inputs: list[str],
@@ -159,6 +166,10 @@ def build_index(
                 report.updated += 1
             if progress:
                 progress(source, len(chunks))
+        for source in store.sources():  # keys of an index built before sources were canonical
+            if source not in seen and canonical_source(source) in seen:
+                store.delete_document(source)
+                report.deleted += 1
         if prune:
             roots = [os.path.realpath(s) for s in inputs]
             for source in store.sources():
