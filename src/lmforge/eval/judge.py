@@ -35,6 +35,9 @@ from typing import Protocol
 from ..align.reward_scoring import RewardScorer
 from ..errors import DataError
 from ..runs import atomic_write_json, atomic_write_text
+from ..tokenizer import render_chat
+from .generative import generate_texts
+from .loglik import Scorer
 from .stats import wilson
 
 
@@ -95,8 +98,6 @@ class LMJudge:
         labels: tuple[str, str] = (" A", " B"),
         batch_tokens: int = 8192,
     ):
-        from .loglik import Scorer
-
         self.scorer = Scorer(model, tok, batch_tokens=batch_tokens)
         self.template, self.labels = template, labels
 
@@ -186,9 +187,6 @@ def generate_answers(
     seed: int = 0,
 ) -> list[str]:
     """Greedy (or sampled) answers; chat-formatted when the tokenizer has lmforge's chat tokens."""
-    from ..tokenizer import render_chat
-    from .generative import generate_texts
-
     use_chat = chat if chat is not None else tok.end_id is not None
     if use_chat:
         texts = [render_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]

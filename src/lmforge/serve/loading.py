@@ -22,6 +22,7 @@ import torch
 from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
 from ..model.hf import load_pretrained, read_hf_config
+from ..peft import lora
 from ..tokenizer import LMTokenizer
 
 
@@ -135,8 +136,6 @@ def apply_adapter(model, adapter: str | Path, merge: bool = False):
         raise CheckpointError(
             f"{adapter}: no such adapter folder (expected adapter_config.json + adapter_model.safetensors)"
         )
-    from ..peft import lora  # only with an adapter: lora needs pydantic, plain serving does not
-
     out = lora.load_adapter(model, adapter)
     model = out if out is not None and hasattr(out, "cfg") else model
     if merge:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...data.readers import SUPPORTED_EXTENSIONS, iter_documents
 from ...errors import DataError
 from .chunk import chunk_text
 from .embed import RagError
@@ -100,8 +101,6 @@ def iter_inputs(
     path. Files of other types inside a folder are skipped; a file named explicitly must be of a
     supported type. Binary `.txt` files are skipped with their reason in `report` (an error when
     named explicitly)."""
-    from ...data.readers import SUPPORTED_EXTENSIONS, iter_documents
-
     for spec in specs:
         explicit = Path(spec).is_file()
         for f in _files_of(spec):

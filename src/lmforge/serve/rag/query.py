@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..engine import GenParams
 from .embed import RagError, embedder_for_name, get_embedder
 from .store import Hit, VectorStore
 
@@ -109,8 +110,6 @@ def answer(
     """Retrieve (unless retriever is None), generate, and return {answer, citations, prompt_tokens}.
     Chat models get the sources in a system message; plain LMs a completion prompt. The prompt is
     trimmed (fewest sources first dropped) so that it fits the model's context."""
-    from ..engine import GenParams
-
     params = params or GenParams(max_tokens=64, temperature=0)
     use_chat = engine.chat_format is not None if chat is None else chat
     need = params.max_tokens or 32
