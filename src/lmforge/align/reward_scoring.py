@@ -3,9 +3,8 @@
 A reward model is only meaningful on inputs shaped like the ones it was trained on. The reward
 stage trains on chat-formatted turns (the prompt rendered through the chat template up to the
 assistant turn, then the answer with its end-of-turn token), so scoring `tok(prompt, answer)` as
-a text pair measures something else: on 20 prompts that reading put an SFT model at a 0.175 win
-rate over its base while the turns the model was trained on gave SFT 20 wins out of 20.
-`RewardScorer` therefore scores a (prompt, answer) the way the model's own training saw it:
+a text pair feeds it inputs it never saw, and its ranking of two models can flip. `RewardScorer`
+therefore scores a (prompt, answer) the way the model's own training saw it:
 
 - an lmforge reward model (a `*ForSequenceClassification` folder that `lmforge reward` wrote or
   that lmforge can load) goes through `align.reward.RewardScorer.encode`, the reward stage's own
@@ -21,7 +20,7 @@ same `align.reward.RewardScorer` rendering.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,7 +44,9 @@ def conversation(prompt: str | Conversation, answer: str) -> list[dict]:
 class RewardScorer:
     """Scalar reward of (prompt, answer) pairs, rendered as the reward model was trained."""
 
-    def __init__(self, score_fn, mode: str, name: str = "reward model"):
+    def __init__(
+        self, score_fn: Callable[[list[list[dict]]], Sequence[float]], mode: str, name: str = "reward model"
+    ):
         self._score_fn, self.mode, self.name = score_fn, mode, name
 
     @classmethod
