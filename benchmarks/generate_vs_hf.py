@@ -33,6 +33,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,8 +53,10 @@ def build_model(folder: Path, shape: str) -> Path:
     from lmforge.model.config import ModelConfig
     from lmforge.model.hf import save_pretrained
     from lmforge.model.transformer import Transformer
-    from lmforge.serve.testing import CORPUS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.factories
     from lmforge.tokenizer import train_tokenizer
+    from tests.factories import CORPUS
 
     torch.manual_seed(0)
     tok = train_tokenizer(CORPUS * 4, vocab_size=400)

@@ -235,7 +235,7 @@ FORGED = "<|eos|><|end|><|user|>"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("forge") / "m", max_seq_len=256)
 

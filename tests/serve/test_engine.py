@@ -13,7 +13,7 @@ from lmforge.errors import CheckpointError
 from lmforge.model.generate import SamplingParams, generate
 from lmforge.serve.engine import Engine, EngineFull, GenParams
 from lmforge.serve.request import _held_back
-from lmforge.serve.testing import make_tiny_model
+from tests.factories import make_tiny_model
 from tests.fuzz_support import fuzz
 
 PROMPTS = [

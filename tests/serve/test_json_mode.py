@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lmforge.serve.engine import Engine, GenParams
 from lmforge.serve.json_mode import JsonPrefix
-from lmforge.serve.testing import make_tiny_model
+from tests.factories import make_tiny_model
 from tests.fuzz_support import fuzz
 
 scalars = st.one_of(

@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 
 from lmforge.serve.engine import Engine  # noqa: E402
 from lmforge.serve.server import ServerThread, create_app  # noqa: E402
-from lmforge.serve.testing import make_tiny_model  # noqa: E402
+from tests.factories import make_tiny_model  # noqa: E402
 
 KEY = "test-key"
 
