@@ -4,7 +4,7 @@ import torch
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
-from lmforge.train.engine import TrainConfig, Trainer
+from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
 from tests.conftest import TokenRows
 
 
@@ -33,14 +33,14 @@ def _trainer(root, keep, max_steps):
         max_steps=max_steps, batch_size=2, checkpoint_every=2, keep_checkpoints=keep, warmup_steps=0
     )
     return Trainer(
-        _model(), _pretrain(), TokenRows(2), cfg, root, device=torch.device("cpu"), log=lambda s: None
+        _model(),
+        pretrain_objective(),
+        TokenRows(2),
+        cfg,
+        root,
+        device=torch.device("cpu"),
+        log=lambda s: None,
     )
-
-
-def _pretrain():
-    from lmforge.train.engine import pretrain_objective
-
-    return pretrain_objective()
 
 
 def test_resume_prunes_checkpoints_left_beyond_keep(tmp_path):
