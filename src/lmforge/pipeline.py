@@ -45,6 +45,7 @@ from .runs import (
     storage_error,
     translate_storage_errors,
 )
+from .train.tracking import track_stage
 
 console = get_console()  # shared with the training progress bar
 console.highlight = False
@@ -307,8 +308,10 @@ def run_stage(cfg: BaseModel, name: str, force: bool = False) -> StageOutcome:
     t0 = time.time()
     completed = False
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), track_stage(cfg.run, name, stage_cfg, stage_dir, ctx.log) as tracking:
             metrics = stage.fn(ctx) or {}
+            if tracking is not None:
+                tracking.summary = metrics
             record.metrics.update(metrics)
             record.complete()
             completed = True

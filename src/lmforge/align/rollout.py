@@ -36,7 +36,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..model.generate import SamplingParams, stream_generate
-from ..runs import append_jsonl
+from ..train.tracking import MetricsWriter
 from .rewards import RewardSet
 from .rl_math import (
     AdaptiveKLController,
@@ -362,13 +362,13 @@ class RolloutLoader:
         self.failures: dict[str, int] = {}
         self.reported_errors: set[str] = set()
         self.step_fn: Callable[[], int] = lambda: 0
-        self.metrics_path = None
+        self.metrics: MetricsWriter | None = None
         self.last: dict[str, float] = {}
 
     def bind(self, trainer) -> None:
         """Learn the trainer's step (for metric lines) and metrics file."""
         self.step_fn = lambda: trainer.step
-        self.metrics_path = trainer.metrics_path
+        self.metrics = trainer.metrics
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -607,9 +607,8 @@ class RolloutLoader:
         self.totals["failed_samples"] += n_failed
         self.totals["truncated"] += int(truncated.sum())
         self.last = rec
-        if self.metrics_path is not None:
-            append_jsonl(
-                self.metrics_path,
+        if self.metrics is not None:
+            self.metrics.write(
                 {
                     "step": self.step_fn() + 1,
                     "rollout": r,
