@@ -20,9 +20,11 @@ import pytest
 
 from lmforge.config import RunSettings
 from lmforge.errors import ConfigError
-from lmforge.pipeline import load_config
+from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
 from lmforge.train.tracking import MetricsWriter, flatten, scalars
+from tests.align.test_rl import _cfg as rl_cfg
+from tests.align.test_rl import base_dir  # noqa: F401  (fixture: a tiny chat base model)
 from tests.conftest import main, tiny_args
 
 pytest.importorskip("tensorboard")
@@ -228,3 +230,16 @@ def test_a_writer_outside_a_tracked_stage_only_writes_jsonl(tmp_path):
 def test_flatten_and_scalars():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": "null"}
     assert scalars({"step": 3, "loss": 1, "ok": True, "why": "spike", "x": None}) == {"loss": 1.0, "ok": 1.0}
+
+
+def test_rl_rollout_lines_reach_the_trackers_through_the_same_writer(tmp_path, base_dir, one_thread):  # noqa: F811
+    cfg = rl_cfg(tmp_path, base_dir, "rl.max_steps=2", "run.trackers=[tensorboard,mlflow]")
+    o = run_stage(cfg, "rl")
+    want = jsonl_scalars(o.dir / "metrics.jsonl", prefix="rl")
+    assert ("rl/reward", 1) in _by_key(want) and ("rl/loss", 2) in _by_key(want)  # rollout and update lines
+    tb = [x for x in tensorboard_scalars(o.dir / "tensorboard") if "/final/" not in x[0]]
+    assert len(tb) == len(want) and _by_key(tb).keys() == _by_key(want).keys()
+    state = json.loads((o.dir / "tracking.json").read_text())
+    run, ml = mlflow_run(tmp_path, state["mlflow_run_id"])
+    assert sorted(x for x in ml if not x[0].startswith("final/")) == sorted(want)
+    assert run.data.params["rl.method"] == "grpo"
