@@ -72,8 +72,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
                 f"them; pass runs/<name> or a scaling sweep's output folder"
             )
         out += inner
-    seen: set[Path] = set()
-    return [d for d in out if not (d.resolve() in seen or seen.add(d.resolve()))]
+    unique: dict[Path, Path] = {}
+    for d in out:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
 
 
 def _labels(dirs: list[Path]) -> list[str]:

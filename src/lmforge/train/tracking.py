@@ -107,8 +107,10 @@ class _TensorBoard:
 
             nums = {f"{self.stage}/final/{k}": float(v) for k, v in scalars(summary).items()}
             hp = {k: v for k, v in self.params.items() if isinstance(v, (bool, int, float, str))}
+            writer = self.writer.file_writer
+            assert writer is not None  # created by SummaryWriter.__init__
             for summ in hparams(hp, nums):
-                self.writer.file_writer.add_summary(summ)
+                writer.add_summary(summ)
             for tag, v in nums.items():
                 self.writer.add_scalar(tag, v, step)
         self.writer.close()
@@ -148,7 +150,7 @@ class _WandB:
         last: dict[str, int] = {}
         for f in sorted(self.logs.glob(f"*-{run_id}/run-{run_id}.wandb")):
             for data in _leveldb_log_records(f.read_bytes()):
-                rec = pb.Record()
+                rec = pb.Record()  # type: ignore[attr-defined]
                 try:
                     rec.ParseFromString(data)
                 except Exception:  # a torn record at the end of a killed run's log
