@@ -17,15 +17,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.config import RunSettings
 from lmforge.errors import ConfigError
 from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
-from lmforge.train.tracking import MetricsWriter, flatten, scalars
+from lmforge.train.distributed import DistInfo
+from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+from lmforge.train.tracking import MetricsWriter, flatten, scalars, track_stage
 from tests.align.test_rl import _cfg as rl_cfg
 from tests.align.test_rl import base_dir  # noqa: F401  (fixture: a tiny chat base model)
+from tests.conftest import TokenRows as Rows
 from tests.conftest import main, tiny_args
+from tests.train.test_faults import _model, _trainer
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
@@ -229,7 +234,8 @@ def test_a_writer_outside_a_tracked_stage_only_writes_jsonl(tmp_path):
 
 def test_flatten_and_scalars():
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": "[1, 2]", "d": "null"}
-    assert scalars({"step": 3, "loss": 1, "ok": True, "why": "spike", "x": None}) == {"loss": 1.0, "ok": 1.0}
+    assert scalars({"step": 3, "loss": 1, "ok": True, "why": "x", "x": None}) == {"loss": 1.0, "ok": 1.0}
+    assert scalars({"step": 3, "skipped": "spike", "loss": 9.0}) == {"skipped/loss": 9.0}
 
 
 def test_rl_rollout_lines_reach_the_trackers_through_the_same_writer(tmp_path, base_dir, one_thread):  # noqa: F811
@@ -243,3 +249,48 @@ def test_rl_rollout_lines_reach_the_trackers_through_the_same_writer(tmp_path, b
     run, ml = mlflow_run(tmp_path, state["mlflow_run_id"])
     assert sorted(x for x in ml if not x[0].startswith("final/")) == sorted(want)
     assert run.data.params["rl.method"] == "grpo"
+
+
+def _tracked(tmp_path, logs, trackers=("tensorboard",)):
+    run = RunSettings(name="eng", root=str(tmp_path), trackers=list(trackers))
+    stage_dir = run.dir / "pretrain"
+    stage_dir.mkdir(parents=True)
+    return stage_dir, track_stage(run, "pretrain", TrainConfig(), stage_dir, log=logs.append)
+
+
+def test_only_rank_0_writes_metrics_and_tracker_lines(tmp_path):
+    logs: list[str] = []
+    stage_dir, ctx = _tracked(tmp_path, logs)
+    with ctx:
+        for rank in (1, 0):
+            out = stage_dir / f"rank{rank}"
+            Trainer(
+                _model(),
+                pretrain_objective(),
+                Rows(),
+                TrainConfig(max_steps=4, batch_size=2, warmup_steps=0, eval_every=0, log_every=1),
+                out,
+                device=torch.device("cpu"),
+                log=logs.append,
+                dist_info=DistInfo(rank=rank, world=1),
+            ).fit()
+    tags = {t for t, _, _ in tensorboard_scalars(stage_dir / "tensorboard")}
+    assert "pretrain/rank0/loss" in tags and not any("rank1" in t for t in tags)
+    assert not (stage_dir / "rank1" / "metrics.jsonl").exists()
+
+
+def test_a_rollback_replays_no_step_into_the_trackers(tmp_path):
+    logs: list[str] = []
+    stage_dir, ctx = _tracked(tmp_path, logs, ("tensorboard", "mlflow"))
+    with ctx:
+        tr, _, _ = _trainer(stage_dir, objective_kw={"nan_at": {12, 13, 14}}, rollback_after=3)
+        tr.fit()
+    assert any(r.get("rollback") for r in read_jsonl(stage_dir / "metrics.jsonl"))
+    tb = tensorboard_scalars(stage_dir / "tensorboard")
+    state = json.loads((stage_dir / "tracking.json").read_text())
+    _, ml = mlflow_run(tmp_path, state["mlflow_run_id"])
+    for got in (tb, ml):
+        counts = Counter((t, s) for t, s, _ in got if "final" not in t)
+        assert max(counts.values()) == 1
+        assert {s for t, s in counts if t == "pretrain/loss"} == set(range(1, 31))
+    assert any("not sent again" in m for m in logs)

@@ -72,13 +72,16 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def scalars(rec: dict) -> dict[str, float]:
-    """The numeric fields of a metrics line except `step` (bools as 0/1, strings dropped)."""
+    """The numeric fields of a metrics line except `step` (bools as 0/1, strings dropped). The
+    loss of a skipped bad step is not a point of the training curve (the step number is that of
+    the last good step): it goes under `skipped/`."""
     out = {}
+    under = "skipped/" if rec.get("skipped") else ""
     for k, v in rec.items():
         if k == "step" or isinstance(v, str) or v is None:
             continue
         if isinstance(v, (bool, int, float)):
-            out[k] = float(v)
+            out[under + k] = float(v)
     return out
 
 
