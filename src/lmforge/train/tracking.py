@@ -13,14 +13,15 @@ the tools researchers already use. Why it is shaped like this:
   whose file lies outside the open stage's folder (a trainer used on its own) only writes JSONL.
 - **One tracker run per stage**, named `<run>/<stage>` and grouped by run name; scalars are
   tagged `<stage>/<key>` (`pretrain/loss`, `sft/eval/loss`, `rl/objective/kl`), sub-trainers
-  writing into a subfolder add it (`sft/anneal/loss`). The run ids live in the stage folder's
+  writing into a subfolder add it (`cpt/anneal/loss`). The run ids live in the stage folder's
   `tracking.json`, so a resumed stage reopens the same W&B run (same id, `resume="allow"`), the
   same MLflow run and the same TensorBoard directory, and a stage that starts over (its
   folder removed) gets new ones.
 - **Each step once.** A resumed stage replays the steps between its last checkpoint and the
   crash. `tracking.json` keeps, per tracker and tag, the last step handed over; values at or
   below it are not sent again (under exact resume they are the same numbers). TensorBoard is
-  flushed after each line so a killed process leaves nothing half-sent. After an in-process
+  flushed after each line so a killed process leaves nothing half-sent; W&B buffers its run log
+  in a separate process, so for it the resumed stage reads back what reached the log instead. After an in-process
   rollback the replayed step numbers are likewise held back until the run passes them again;
   `metrics.jsonl` keeps the retrained values and the count of held-back values is logged.
 - **Nothing leaves the machine unless asked.** W&B runs in offline mode unless `WANDB_MODE` is
@@ -303,7 +304,10 @@ class StageTracking:
                 self.log(f"tracker {name} could not start ({type(e).__name__}: {e}); continuing without it")
         for b in self.backends:
             if b.name == "wandb" and b.resumed:
-                self.sent["wandb"] = b.logged_steps(self.state["wandb_id"])
+                try:
+                    self.sent["wandb"] = b.logged_steps(self.state["wandb_id"])
+                except Exception as e:  # an unreadable log: keep the steps we handed over
+                    self.log(f"tracker wandb: could not read back its run log ({e}); steps may be missing")
         self._save_state()
 
     def prefix_for(self, metrics_path: Path) -> str | None:
