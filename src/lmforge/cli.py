@@ -4,6 +4,7 @@
     lmforge <stage> [CONFIG] [KEY=VALUE ...]     run one stage into the same run directory
     lmforge config [CONFIG] [KEY=VALUE ...]      validate and print the resolved config
     lmforge status [CONFIG]                      what the run directory holds
+    lmforge compare RUN [RUN ...]                config differences, metrics and curves of runs
 
 CONFIG is a YAML file or the name of a pipeline shipped with lmforge (`tiny`). Overrides are
 dotted keys with YAML values: `pretrain.max_steps=200 run.name=exp2`.
@@ -207,10 +208,11 @@ def build_parser(stages: bool = True) -> _Parser:
     from . import hf_cli
     from .data import synth
     from .eval import cli as eval_cli
+    from .eval import compare
     from .scaling import cli as scaling_cli
     from .serve import cli as serve_cli
 
-    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli):
+    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli, compare):
         module.add_parser(sub)
     p.commands = set(sub.choices)
     return p

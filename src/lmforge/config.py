@@ -13,6 +13,7 @@ Overrides use dotted keys and YAML values: `pretrain.max_steps=200`,
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .errors import ConfigError
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]  # each installed by the lmforge extra of its name
+
+
+def missing_trackers(names: list[str]) -> list[str]:
+    """The trackers in `names` whose package is not importable."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
+def tracker_install_hint(missing: list[str]) -> str:
+    return (
+        f"{', '.join(missing)} requested but not installed; install with "
+        f"pip install 'lmforge[{','.join(missing)}]' or remove it from run.trackers"
+    )
 
 
 class RunSettings(BaseModel):
@@ -31,6 +46,19 @@ class RunSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    trackers: list[Tracker] = Field(
+        default_factory=list,
+        description="where metrics go besides metrics.jsonl: tensorboard, wandb (offline unless "
+        "WANDB_MODE is set), mlflow (file store under run.root/mlruns unless MLFLOW_TRACKING_URI is set)",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        missing = missing_trackers(v)
+        if missing:
+            raise ValueError(tracker_install_hint(missing))
+        return list(dict.fromkeys(v))
 
     @field_validator("name")
     @classmethod

@@ -45,6 +45,7 @@ from .runs import (
 )
 from .stages import STAGES, Stage, StageContext
 from .stages.base import console
+from .train.tracking import track_stage
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -230,8 +231,10 @@ def _run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutc
     t0 = time.time()
     completed = False
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), track_stage(cfg.run, name, stage_cfg, stage_dir, ctx.log) as tracking:
             metrics = stage.fn(ctx) or {}
+            if tracking is not None:
+                tracking.summary = metrics
             record.metrics.update(metrics)
             record.complete(record_artifacts(stage_dir))
             completed = True

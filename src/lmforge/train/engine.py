@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LMForgeError
-from ..runs import append_jsonl, atomic_write_text, read_jsonl
+from ..runs import atomic_write_text, read_jsonl
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -58,6 +58,7 @@ from .distributed import (
     wrap,
 )
 from .optim import build_optimizer, lr_multiplier
+from .tracking import MetricsWriter
 
 
 class TrainConfig(BaseModel):
@@ -199,6 +200,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics = MetricsWriter(self.metrics_path)  # also feeds the stage's run.trackers
         self.device, self.evaluate = device, evaluate
         self.log = log if self.dist.is_main else (lambda msg: None)
         self.amp = autocast_dtype(device, dtype)
@@ -301,7 +303,7 @@ class Trainer:
 
     def _record(self, rec: dict) -> None:
         if self.dist.is_main:
-            append_jsonl(self.metrics_path, rec)
+            self.metrics.write(rec)
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
