@@ -584,3 +584,18 @@ def test_batched_prefill_equals_one_prompt_at_a_time(engine):
             assert torch.allclose(logits[j], ref, atol=1e-5)
             n = len(ids)
             assert torch.allclose(cache.k[1][slot, :, :n], runs[-1][1].k[1][slot, :, :n], atol=1e-6)
+
+
+@fuzz(60)
+@given(st.lists(st.integers(0, 383), max_size=40))
+def test_incremental_text_equals_decoding_all_tokens(engine, ids):
+    """Any token sequence, partial UTF-8 bytes and special tokens included: the text built one
+    token at a time is the decode of all tokens, at every step."""
+    from lmforge.serve.request import Request
+
+    req = Request([1], GenParams(), set(), 100, None)
+    decode = engine._text_of
+    for t in ids:
+        req.out_ids.append(t)
+        req.update_text(decode)
+        assert req.text == decode(req.out_ids)

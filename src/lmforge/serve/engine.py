@@ -127,6 +127,7 @@ class Engine:
                 use_gqa_attention(model)
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
+        self._text_of = functools.partial(tokenizer.decode, skip_special=True)
         self._piece = functools.cache(lambda t: self.tok.decode([t], skip_special=True))  # JSON mode
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
@@ -447,7 +448,7 @@ class Engine:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)) or (req.json and req.json.done):
+        if req.update_text(self._text_of) or (req.json and req.json.done):
             self._finish(i, FINISH_STOP, ids=[tok], lps=lps)  # a stop string, or the JSON closed
         elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
             self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)

@@ -8,7 +8,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +172,7 @@ class Request:
         self.out_ids: list[int] = []
         self.sent = 0  # characters of decoded text already emitted
         self.text = ""
+        self._window: tuple[int, int, str] = (0, 0, "")  # update_text's decoding state
         self.finish_reason: str | None = None
         self.penalized = (
             params.repetition_penalty != 1.0
@@ -187,8 +188,21 @@ class Request:
         self.cancelled.set()
 
     # -- output text (called from the worker thread)
-    def update_text(self, text: str) -> bool:
-        """Record the decoded output so far; True when a stop string ends it (cut before it)."""
+    def update_text(self, decode: Callable[[list[int]], str]) -> bool:
+        """Decode the output after a new token; True when a stop string ends it (cut before it).
+
+        Incremental, so a token costs O(1) and not O(length): the text of the tokens before
+        `read` is final, and only the window from `prefix` (the token run before `read`, context
+        for decoders that treat a first token differently) is decoded again. The window moves
+        on when the new text does not end in a replacement character (an incomplete UTF-8
+        sequence, completed by a later token). For byte-level BPE this equals decoding all
+        tokens (tested against the full decode)."""
+        prefix, read, done = self._window
+        head = decode(self.out_ids[prefix:read]) if read > prefix else ""
+        new = decode(self.out_ids[prefix:])[len(head) :]
+        text = done + new
+        if new and not new.endswith("\ufffd"):
+            self._window = (read, len(self.out_ids), text)
         stops = self.params.stop
         at = _find_stop(text, stops, max(0, self.sent - _longest(stops)))
         self.text = text if at is None else text[:at]
