@@ -159,6 +159,7 @@ def make_systems(names, folder, a, prompts, samples, hf):
             engines.append(eng)
             out[name] = engine_runner(eng, prompts, samples)
             resident[name] = nbytes([*eng.model.parameters(), *eng.cache.k, *eng.cache.v])
+            a.modes[name] = "eager" if eng.static is None else ("graph" if eng.static.graphs else "static")
             if samples > 1 and name == "engine":
                 eng2 = Engine.from_pretrained(folder, share_prefill=False, **kw).start()
                 engines.append(eng2)
@@ -206,6 +207,7 @@ def measure(systems: dict, resident: dict, rows: int, a, cuda: bool) -> list[dic
             row[f"decode_tok_s_{label}"] = round(rows * (N - 1) / max(full - first, 1e-9), 1)
             row[f"e2e_tok_s_{label}"] = round(rows * N / full, 1)
         row["peak_mem_mb"] = round(peak[k], 1) if cuda else None
+        row["decode_step"] = a.modes.get(k.replace("_unshared", ""))  # engines: eager / static / graph
         rows_out.append(row)
     return rows_out
 
@@ -260,6 +262,7 @@ def parse_args():
     a.groups = a.groups if a.groups is not None else ("16x8" if cuda else "")
     a.systems = a.systems or (CUDA_SYSTEMS if cuda else CPU_SYSTEMS)
     a.rounds = a.rounds or (2 if cuda else 5)
+    a.modes = {}
     return a, cuda
 
 

@@ -235,7 +235,7 @@ class Engine:
         max_new = self.check_prompt(prompt_ids, params)
         stops = set() if params.ignore_eos else set(self.default_stop_ids)
         stops |= {int(i) for i in params.stop_token_ids}
-        req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop)
+        req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop, device=self.device)
         with self._cv:
             if self._stop:
                 raise EngineClosed("the engine is shut down")

@@ -152,6 +152,7 @@ class Request:
         stop_ids: set[int],
         max_new: int,
         loop: asyncio.AbstractEventLoop | None,
+        device: torch.device | str = "cpu",
     ):
         with Request._ids_lock:
             Request._ids += 1
@@ -179,7 +180,9 @@ class Request:
             or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0
         )
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # on the model's device, so a seeded row's noise is drawn there (no host work per token)
+        seeded = params.seed is not None
+        self.generator = torch.Generator(device=device).manual_seed(params.seed) if seeded else None
         self.out_logprobs: list[TokenLogprob] = []
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the device
         self.json = JsonPrefix() if params.json_object else None
