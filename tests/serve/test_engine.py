@@ -620,3 +620,22 @@ def test_static_step_has_the_same_sampling_semantics(engine, model_dir):
     lp_a, lp_b = outs["eager"][0].logprobs, outs["static"][0].logprobs
     assert [x.logprob for x in lp_a] == pytest.approx([x.logprob for x in lp_b], abs=1e-4)
     assert outs["static"][3].token_ids == outs["static"][0].token_ids  # same prompt, seed: shared prefill
+
+
+def test_batch_requests_decode_once_and_match_streamed_ones(engine):
+    """`generate` (no text per token) and `complete` (streamed text) give the same answers, with
+    and without stop strings; the batch request's text arrives whole in its last chunk."""
+    for p in (
+        GenParams(max_tokens=16, temperature=0, ignore_eos=True),
+        GenParams(max_tokens=16, temperature=0, stop=["e"]),
+    ):
+        batch = engine.generate(PROMPTS[:3], p)
+        streamed = [engine.complete(x, p) for x in PROMPTS[:3]]
+        assert [(o.text, o.token_ids, o.finish_reason) for o in batch] == [
+            (o.text, o.token_ids, o.finish_reason) for o in streamed
+        ]
+    req = engine.submit(
+        engine.encode(PROMPTS[0]), GenParams(max_tokens=5, ignore_eos=True), stream_text=False
+    )
+    chunks = list(req)
+    assert all(c.text == "" for c in chunks[:-1]) and chunks[-1].text == req.text != ""

@@ -230,12 +230,16 @@ class Engine:
         params: GenParams | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        stream_text: bool = True,
     ) -> Request:
+        """Queue a prompt. `stream_text=False`: the chunks before the last carry token ids only
+        and the text comes whole in the last one (no decoding per token: batch clients)."""
         params = (params or GenParams()).validate()
         max_new = self.check_prompt(prompt_ids, params)
         stops = set() if params.ignore_eos else set(self.default_stop_ids)
         stops |= {int(i) for i in params.stop_token_ids}
         req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop, device=self.device)
+        req.stream_text = stream_text
         with self._cv:
             if self._stop:
                 raise EngineClosed("the engine is shut down")
@@ -270,7 +274,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         with self._cv:  # re-entrant: the worker admits none of them before all are queued
-            reqs = [self.submit(x, p) for x, p in zip(ids, each)]
+            reqs = [self.submit(x, p, stream_text=False) for x, p in zip(ids, each)]
         return [r.result() for r in reqs]
 
     def stats(self) -> dict:
@@ -448,12 +452,13 @@ class Engine:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        if req.update_text(self._text_of) or (req.json and req.json.done):
+        text_now = req.stream_text or bool(req.params.stop)  # stop strings are matched as text comes
+        if (text_now and req.update_text(self._text_of)) or (req.json and req.json.done):
             self._finish(i, FINISH_STOP, ids=[tok], lps=lps)  # a stop string, or the JSON closed
         elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
             self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
         else:
-            req._push(Chunk(req.ready_text(), [tok], logprobs=lps))
+            req._push(Chunk(req.ready_text() if text_now else "", [tok], logprobs=lps))
 
     def _finish(
         self,
@@ -470,6 +475,8 @@ class Engine:
             self.counters["cancelled"] += 1
         elif reason != FINISH_ERROR:
             self.counters["completed"] += 1
+        if reason in (FINISH_STOP, FINISH_LENGTH) and not (req.stream_text or req.params.stop):
+            req.text = self._text_of(req.out_ids)  # decoded once, at the end
         rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
         req._push(Chunk(rest, ids or [], reason, error=error, logprobs=lps))

@@ -173,6 +173,7 @@ class Request:
         self.out_ids: list[int] = []
         self.sent = 0  # characters of decoded text already emitted
         self.text = ""
+        self.stream_text = True  # False: text decoded once at the end (Engine.submit)
         self._window: tuple[int, int, str] = (0, 0, "")  # update_text's decoding state
         self.finish_reason: str | None = None
         self.penalized = (
