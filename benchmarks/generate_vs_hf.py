@@ -159,7 +159,8 @@ def make_systems(names, folder, a, prompts, samples, hf):
             engines.append(eng)
             out[name] = engine_runner(eng, prompts, samples)
             resident[name] = nbytes([*eng.model.parameters(), *eng.cache.k, *eng.cache.v])
-            a.modes[name] = "eager" if eng.static is None else ("graph" if eng.static.graphs else "static")
+            st = getattr(eng, "static", None)  # (an older engine has no decode step choice)
+            a.modes[name] = "eager" if st is None else ("graph" if st.graphs else "static")
             if samples > 1 and name == "engine":
                 eng2 = Engine.from_pretrained(folder, share_prefill=False, **kw).start()
                 engines.append(eng2)
