@@ -273,9 +273,14 @@ class Engine:
         if len(each) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        with self._cv:  # re-entrant: the worker admits none of them before all are queued
+        with self.batch():
             reqs = [self.submit(x, p, stream_text=False) for x, p in zip(ids, each)]
         return [r.result() for r in reqs]
+
+    def batch(self) -> threading.Condition:
+        """`with engine.batch(): submit(...) ...`: the worker admits none of the requests before
+        all are queued, so identical prompts among them share one prefill (re-entrant)."""
+        return self._cv
 
     def stats(self) -> dict:
         with self._cv:
