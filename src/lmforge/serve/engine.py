@@ -333,7 +333,9 @@ class Engine:
         """Prompt forwards for the requests just given slots, batched (prefill.py), then each
         one's first token. An identical prompt in the same round (the n samples of one GRPO
         prompt, `n` > 1 on the server) copies the first one's K/V instead (`share_prefill`)."""
-        firsts, copies, src_of = [], [], {}
+        firsts: list[tuple[int, Request]] = []
+        copies: list[tuple[int, Request, int]] = []
+        src_of: dict[tuple[int, ...], int] = {}
         for i, req in admit:
             key = tuple(req.prompt_ids)
             if req.cancelled.is_set():

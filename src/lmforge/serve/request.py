@@ -80,10 +80,12 @@ class GenParams:
         return self
 
     def _check_bias(self, bad) -> None:
-        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_BIAS:
-            bad("logit_bias", self.logit_bias, f"must map at most {MAX_BIAS} token ids to numbers")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_BIAS:
+            bad("logit_bias", bias, f"must map at most {MAX_BIAS} token ids to numbers")
+            return
         clean = {}
-        for k, v in self.logit_bias.items():
+        for k, v in bias.items():
             try:
                 tid = int(k)  # JSON object keys are strings
             except (TypeError, ValueError):
@@ -182,8 +184,8 @@ class Request:
             or params.frequency_penalty != 0.0
         )
         # on the model's device, so a seeded row's noise is drawn there (no host work per token)
-        seeded = params.seed is not None
-        self.generator = torch.Generator(device=device).manual_seed(params.seed) if seeded else None
+        seed = params.seed
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.out_logprobs: list[TokenLogprob] = []
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the device
         self.json = JsonPrefix() if params.json_object else None
