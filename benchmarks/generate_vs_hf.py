@@ -8,7 +8,6 @@ weights, same prompts, same device, measured side by side (interleaved rounds), 
 Systems:
   hf            transformers LlamaForCausalLM.generate (KV cache, left padding)
   generate      lmforge.model.generate.generate (static batch, left padding, KV cache)
-  generate_gqa  the same, on a model whose attention uses SDPA's enable_gqa (serve/fastpath.py)
   engine        lmforge.serve.engine.Engine with its default decode step: exact-length eager on
                 CPU, the bucketed step replayed as CUDA graphs on CUDA (the server's path)
   engine_eager  the engine forced to the eager step (on CUDA: what the graphs save)
@@ -44,7 +43,7 @@ SHAPES = {  # random weights; vocabulary 4096 (tiny) or 32768
     "124m": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350m": dict(vocab_size=32768, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
 }
-CPU_SYSTEMS = "hf,generate,generate_gqa,engine"
+CPU_SYSTEMS = "hf,generate,engine"
 CUDA_SYSTEMS = "hf,engine_eager,engine"
 
 
@@ -135,7 +134,6 @@ def make_systems(names, folder, a, prompts, samples, hf):
     from lmforge.model.generate import SamplingParams, generate
     from lmforge.model.hf import load_pretrained
     from lmforge.serve.engine import Engine
-    from lmforge.serve.fastpath import use_gqa_attention
 
     rows = len(prompts) * samples
     out, engines, resident = {}, [], {}
@@ -143,10 +141,8 @@ def make_systems(names, folder, a, prompts, samples, hf):
         if name == "hf":
             out[name] = hf_runner(hf, prompts, samples, a.device)
             resident[name] = nbytes(hf.parameters())
-        elif name in ("generate", "generate_gqa") and samples == 1:
+        elif name == "generate" and samples == 1:
             plain = load_pretrained(a.folder, device=a.device, dtype=a.dtype)
-            if name == "generate_gqa":
-                assert use_gqa_attention(plain)
             out[name] = lambda n, m=plain: generate(
                 m, prompts, SamplingParams(max_new_tokens=n, temperature=0)
             )

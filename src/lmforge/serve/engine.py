@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
-from .fastpath import FastDecoder, self_check, use_gqa_attention
+from .fastpath import FastDecoder, self_check
 from .kvcache import SlotCache
 from .prefill import prefill
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
@@ -123,8 +123,6 @@ class Engine:
                 model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
             ):
                 self.fast = fast
-            else:
-                use_gqa_attention(model)
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
         self._text_of = functools.partial(tokenizer.decode, skip_special=True)
