@@ -8,7 +8,6 @@ weights, same prompts, same device, measured side by side (interleaved rounds), 
 Systems:
   hf            transformers LlamaForCausalLM.generate (KV cache, left padding)
   generate      lmforge.model.generate.generate (static batch, left padding, KV cache)
-  generate_gqa  the same, on a model whose attention uses SDPA's enable_gqa (serve/fastpath.py)
   engine        lmforge.serve.engine.Engine with its default decode step: exact-length eager on
                 CPU, the bucketed step replayed as CUDA graphs on CUDA (the server's path)
   engine_eager  the engine forced to the eager step (on CUDA: what the graphs save)
@@ -45,7 +44,7 @@ SHAPES = {  # random weights; vocabulary 4096 (tiny) or 32768
     "124m": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "350m": dict(vocab_size=32768, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
 }
-CPU_SYSTEMS = "hf,generate,generate_gqa,engine"
+CPU_SYSTEMS = "hf,generate,engine"
 CUDA_SYSTEMS = "hf,engine_eager,engine"
 
 
@@ -138,7 +137,6 @@ def make_systems(names, folder, a, prompts, samples, hf):
     from lmforge.model.generate import SamplingParams, generate
     from lmforge.model.hf import load_pretrained
     from lmforge.serve.engine import Engine
-    from lmforge.serve.fastpath import use_gqa_attention
 
     rows = len(prompts) * samples
     out, engines, resident = {}, [], {}
@@ -146,10 +144,8 @@ def make_systems(names, folder, a, prompts, samples, hf):
         if name == "hf":
             out[name] = hf_runner(hf, prompts, samples, a.device)
             resident[name] = nbytes(hf.parameters())
-        elif name in ("generate", "generate_gqa") and samples == 1:
+        elif name == "generate" and samples == 1:
             plain = load_pretrained(a.folder, device=a.device, dtype=a.dtype)
-            if name == "generate_gqa":
-                assert use_gqa_attention(plain)
             out[name] = lambda n, m=plain: generate(
                 m, prompts, SamplingParams(max_new_tokens=n, temperature=0)
             )
@@ -162,6 +158,8 @@ def make_systems(names, folder, a, prompts, samples, hf):
             engines.append(eng)
             out[name] = engine_runner(eng, prompts, samples)
             resident[name] = nbytes([*eng.model.parameters(), *eng.cache.k, *eng.cache.v])
+            st = getattr(eng, "static", None)  # (an older engine has no decode step choice)
+            a.modes[name] = "eager" if st is None else ("graph" if st.graphs else "static")
             if samples > 1 and name == "engine":
                 eng2 = Engine.from_pretrained(folder, share_prefill=False, **kw).start()
                 engines.append(eng2)
@@ -209,6 +207,7 @@ def measure(systems: dict, resident: dict, rows: int, a, cuda: bool) -> list[dic
             row[f"decode_tok_s_{label}"] = round(rows * (N - 1) / max(full - first, 1e-9), 1)
             row[f"e2e_tok_s_{label}"] = round(rows * N / full, 1)
         row["peak_mem_mb"] = round(peak[k], 1) if cuda else None
+        row["decode_step"] = a.modes.get(k.replace("_unshared", ""))  # engines: eager / static / graph
         rows_out.append(row)
     return rows_out
 
@@ -263,6 +262,7 @@ def parse_args():
     a.groups = a.groups if a.groups is not None else ("16x8" if cuda else "")
     a.systems = a.systems or (CUDA_SYSTEMS if cuda else CPU_SYSTEMS)
     a.rounds = a.rounds or (2 if cuda else 5)
+    a.modes = {}
     return a, cuda
 
 

@@ -515,3 +515,13 @@ def test_json_mode_with_openai_client(client):
         assert isinstance(json.loads(ch.message.content), dict)
     else:
         assert ch.finish_reason == "length" and ch.message.content.startswith("{")
+
+
+def test_n_choices_share_one_prefill(server, client):
+    _, engine, _ = server
+    before = engine.stats()["prefill_shared"]
+    r = client.completions.create(
+        model="tiny", prompt="The function", max_tokens=3, n=4, seed=1, extra_body={"ignore_eos": True}
+    )  # equal lengths: the first two finish together and the last two are admitted together
+    assert len(r.choices) == 4
+    assert engine.stats()["prefill_shared"] - before == 2  # max_batch=2: two rounds of two, one copy each

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
-from .fastpath import FastDecoder, self_check, use_gqa_attention
+from .fastpath import FastDecoder, self_check
 from .kvcache import SlotCache
 from .prefill import prefill
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
@@ -123,10 +123,9 @@ class Engine:
                 model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
             ):
                 self.fast = fast
-            else:
-                use_gqa_attention(model)
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
+        self._text_of = functools.partial(tokenizer.decode, skip_special=True)
         self._piece = functools.cache(lambda t: self.tok.decode([t], skip_special=True))  # JSON mode
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
@@ -229,12 +228,16 @@ class Engine:
         params: GenParams | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        stream_text: bool = True,
     ) -> Request:
+        """Queue a prompt. `stream_text=False`: the chunks before the last carry token ids only
+        and the text comes whole in the last one (no decoding per token: batch clients)."""
         params = (params or GenParams()).validate()
         max_new = self.check_prompt(prompt_ids, params)
         stops = set() if params.ignore_eos else set(self.default_stop_ids)
         stops |= {int(i) for i in params.stop_token_ids}
-        req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop)
+        req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop, device=self.device)
+        req.stream_text = stream_text
         with self._cv:
             if self._stop:
                 raise EngineClosed("the engine is shut down")
@@ -268,9 +271,14 @@ class Engine:
         if len(each) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
         ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        with self._cv:  # re-entrant: the worker admits none of them before all are queued
-            reqs = [self.submit(x, p) for x, p in zip(ids, each)]
+        with self.batch():
+            reqs = [self.submit(x, p, stream_text=False) for x, p in zip(ids, each)]
         return [r.result() for r in reqs]
+
+    def batch(self) -> threading.Condition:
+        """`with engine.batch(): submit(...) ...`: the worker admits none of the requests before
+        all are queued, so identical prompts among them share one prefill (re-entrant)."""
+        return self._cv
 
     def stats(self) -> dict:
         with self._cv:
@@ -323,7 +331,9 @@ class Engine:
         """Prompt forwards for the requests just given slots, batched (prefill.py), then each
         one's first token. An identical prompt in the same round (the n samples of one GRPO
         prompt, `n` > 1 on the server) copies the first one's K/V instead (`share_prefill`)."""
-        firsts, copies, src_of = [], [], {}
+        firsts: list[tuple[int, Request]] = []
+        copies: list[tuple[int, Request, int]] = []
+        src_of: dict[tuple[int, ...], int] = {}
         for i, req in admit:
             key = tuple(req.prompt_ids)
             if req.cancelled.is_set():
@@ -447,12 +457,13 @@ class Engine:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)) or (req.json and req.json.done):
+        text_now = req.stream_text or bool(req.params.stop)  # stop strings are matched as text comes
+        if (text_now and req.update_text(self._text_of)) or (req.json and req.json.done):
             self._finish(i, FINISH_STOP, ids=[tok], lps=lps)  # a stop string, or the JSON closed
         elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
             self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
         else:
-            req._push(Chunk(req.ready_text(), [tok], logprobs=lps))
+            req._push(Chunk(req.ready_text() if text_now else "", [tok], logprobs=lps))
 
     def _finish(
         self,
@@ -469,6 +480,8 @@ class Engine:
             self.counters["cancelled"] += 1
         elif reason != FINISH_ERROR:
             self.counters["completed"] += 1
+        if reason in (FINISH_STOP, FINISH_LENGTH) and not (req.stream_text or req.params.stop):
+            req.text = self._text_of(req.out_ids)  # decoded once, at the end
         rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
         req._push(Chunk(rest, ids or [], reason, error=error, logprobs=lps))

@@ -14,18 +14,17 @@ operations:
 
 It is used only when every module is exactly lmforge's own class (a LoRA-wrapped, quantised or
 future variant falls back to calling the model) and after a self-check that its logits match
-the model's on a random input. `use_gqa_attention` is the smaller switch for the fallback path.
+the model's on a random input. (The model's own `Attention` uses SDPA's `enable_gqa` too, so
+the fallback path needs no patching.)
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.transformer import MLP, Attention, Block, RMSNorm, Transformer, apply_rotary
+from ..model.transformer import MLP, Attention, Block, RMSNorm, Transformer
 
 
 def _has_gqa() -> bool:
@@ -194,43 +193,3 @@ def self_check(model, fast: FastDecoder, cache_factory) -> bool:
     want = ref[0, 6:10]
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 3e-2  # bf16/fp16: ~3 digits
     return bool(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())))
-
-
-# ----------------------------------------------------------------------------- fallback switch
-def _gqa_forward(self, x, cos, sin, attn_mask=None, cache=None):
-    """`Attention.forward` with grouped-query attention left to SDPA (`enable_gqa=True`) instead
-    of `repeat_interleave` copies of the K/V heads."""
-    B, T, _ = x.shape
-    q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-    k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    if cache is not None:
-        k, v = cache.update(self.layer_idx, k, v)
-    gqa = self.n_kv != self.n_heads
-    if attn_mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-
-
-def use_gqa_attention(model) -> bool:
-    """Switch the model's grouped-query attention layers to `_gqa_forward`, after checking on a
-    random input that the logits are unchanged (else nothing is changed). Only layers of exactly
-    lmforge's `Attention` class are touched; returns whether the switch was made."""
-    layers = [m for m in model.modules() if type(m) is Attention and m.n_kv != m.n_heads]
-    if not layers or not _has_gqa():
-        return False
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g).to(next(model.parameters()).device)
-    with torch.no_grad():
-        ref = model(ids).float()
-        for m in layers:
-            m.forward = types.MethodType(_gqa_forward, m)
-        out = model(ids).float()
-    if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
-        for m in layers:
-            del m.forward
-        return False
-    return True

@@ -201,7 +201,8 @@ def choose(
     if valid:
         if temperature < greedy_below:
             return ids_l[valid[0]]
-        w = (vals[valid] / temperature).softmax(-1).cpu()
+        w = (vals[valid] / temperature).softmax(-1)
+        w = w.to(generator.device) if generator is not None else w
         return ids_l[valid[int(torch.multinomial(w, 1, generator=generator))]]
     for t in logits.argsort(descending=True)[k:].tolist():
         if state.accepts(piece(t)):

@@ -9,6 +9,8 @@ forward (LoRA-wrapped, imported HF families) writes into it unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -22,7 +24,7 @@ class SlotCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.context = context
         self.length = 0  # the Transformer bumps this; positions are always passed explicitly
-        self._mode = None
+        self._mode: tuple[Any, ...] = ()  # what the next forward writes: set by prefill/decode
 
     def prefill(self, slot: int, n: int) -> SlotCache:
         self._mode = ("prefill", slot, n)
@@ -32,7 +34,7 @@ class SlotCache:
         self._mode = ("decode", rows, pos, k_len)
         return self
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self._mode
         if mode[0] == "prefill":
             _, slot, n = mode

@@ -78,7 +78,7 @@ class _Req(BaseModel):
                 raise ValueError(f"logit_bias keys are token ids (integers as strings), got {k!r}")
             if not -100 <= x <= 100:
                 raise ValueError(f"logit_bias[{k}]={x} is out of range: values are in [-100, 100]")
-        return {int(k): float(x) for k, x in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _refuse(self):
@@ -110,7 +110,7 @@ class _Req(BaseModel):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
-            logit_bias=self.logit_bias,
+            logit_bias={int(k): x for k, x in self.logit_bias.items()} if self.logit_bias else None,
             logprobs=self.logprobs_n,
             json_object=(self.response_format or {}).get("type") == "json_object",
         )

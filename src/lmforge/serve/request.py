@@ -8,7 +8,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +80,12 @@ class GenParams:
         return self
 
     def _check_bias(self, bad) -> None:
-        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_BIAS:
-            bad("logit_bias", self.logit_bias, f"must map at most {MAX_BIAS} token ids to numbers")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_BIAS:
+            bad("logit_bias", bias, f"must map at most {MAX_BIAS} token ids to numbers")
+            return
         clean = {}
-        for k, v in self.logit_bias.items():
+        for k, v in bias.items():
             try:
                 tid = int(k)  # JSON object keys are strings
             except (TypeError, ValueError):
@@ -152,6 +154,7 @@ class Request:
         stop_ids: set[int],
         max_new: int,
         loop: asyncio.AbstractEventLoop | None,
+        device: torch.device | str = "cpu",
     ):
         with Request._ids_lock:
             Request._ids += 1
@@ -172,13 +175,17 @@ class Request:
         self.out_ids: list[int] = []
         self.sent = 0  # characters of decoded text already emitted
         self.text = ""
+        self.stream_text = True  # False: text decoded once at the end (Engine.submit)
+        self._window: tuple[int, int, str] = (0, 0, "")  # update_text's decoding state
         self.finish_reason: str | None = None
         self.penalized = (
             params.repetition_penalty != 1.0
             or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0
         )
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # on the model's device, so a seeded row's noise is drawn there (no host work per token)
+        seed = params.seed
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.out_logprobs: list[TokenLogprob] = []
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the device
         self.json = JsonPrefix() if params.json_object else None
@@ -187,8 +194,21 @@ class Request:
         self.cancelled.set()
 
     # -- output text (called from the worker thread)
-    def update_text(self, text: str) -> bool:
-        """Record the decoded output so far; True when a stop string ends it (cut before it)."""
+    def update_text(self, decode: Callable[[list[int]], str]) -> bool:
+        """Decode the output after a new token; True when a stop string ends it (cut before it).
+
+        Incremental, so a token costs O(1) and not O(length): the text of the tokens before
+        `read` is final, and only the window from `prefix` (the token run before `read`, context
+        for decoders that treat a first token differently) is decoded again. The window moves
+        on when the new text does not end in a replacement character (an incomplete UTF-8
+        sequence, completed by a later token). For byte-level BPE this equals decoding all
+        tokens (tested against the full decode)."""
+        prefix, read, done = self._window
+        head = decode(self.out_ids[prefix:read]) if read > prefix else ""
+        new = decode(self.out_ids[prefix:])[len(head) :]
+        text = done + new
+        if new and not new.endswith("\ufffd"):
+            self._window = (read, len(self.out_ids), text)
         stops = self.params.stop
         at = _find_stop(text, stops, max(0, self.sent - _longest(stops)))
         self.text = text if at is None else text[:at]

@@ -14,7 +14,7 @@ too small for float32, e.g. 1e-50, means greedy instead of an empty distribution
 
 The draw is the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
 probability p_i, exactly as `torch.multinomial`, but for all rows at once on the device. A
-seeded request draws its E from its own CPU `torch.Generator` (copied to the device), so its
+seeded request draws its E from its own `torch.Generator` (on the model's device), so its
 tokens do not depend on the other rows of the batch; unseeded rows draw on the device.
 
 Health: a row whose logits hold NaN, or whose distribution is not finite, is flagged instead of
@@ -100,7 +100,9 @@ def _race(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
     noise = torch.empty_like(probs).exponential_()
     for n, g in enumerate(generators):
         if g is not None:
-            noise[n] = torch.empty(probs.shape[-1]).exponential_(generator=g).to(probs.device)
+            noise[n] = (
+                torch.empty(probs.shape[-1], device=g.device).exponential_(generator=g).to(probs.device)
+            )
     return (probs / noise.clamp_min_(1e-30)).argmax(-1)
 
 

@@ -129,14 +129,15 @@ def create_app(
     async def submit_all(prompts: list[list[int]], params, n: int, loop):
         reqs = []
         try:
-            for ids in prompts:
-                for j in range(n):
-                    p = params
-                    if n > 1 and params.seed is not None:
-                        from dataclasses import replace
+            with engine.batch():  # the n samples of a prompt are admitted together: one prefill
+                for ids in prompts:
+                    for j in range(n):
+                        p = params
+                        if n > 1 and params.seed is not None:
+                            from dataclasses import replace
 
-                        p = replace(params, seed=params.seed + j)
-                    reqs.append(engine.submit(ids, p, loop=loop))
+                            p = replace(params, seed=params.seed + j)
+                        reqs.append(engine.submit(ids, p, loop=loop))
         except EngineFull as e:
             for r in reqs:
                 r.cancel()
