@@ -35,7 +35,8 @@ What it does, in order:
    temporary file is left anywhere, and no traceback. Then re-run and compare as above.
 
 What "identical" means (every file of the run directory except ``log.txt``, which is a
-human log with clock times and, after a resume, extra lines):
+human log with clock times and, after a resume, extra lines, the run directory's lock file and
+``.verified.json``, the cache of hashes a reader checked, whose presence depends on timing):
 - ``*.safetensors``: same tensor names, every tensor bit-identical (``torch.equal``);
 - ``manifest.json``: status "complete" in both; every field equal except wall-clock ones
   (``started_at``, ``seconds`` and metrics named like ``*_seconds``, ``*_per_s``,
@@ -133,7 +134,7 @@ SHRINK_IF_PRESENT = {
 TIMING_KEYS = {"seconds", "started_at", "elapsed_s", "tokens_per_s", "tflops", "mfu", "requests_per_s"}
 TIMING_SUFFIXES = ("_seconds", "_per_s", "_time_s", "_wall_s")
 RESUME_ONLY_KEYS = {"resumed_from_step"}
-SKIP_FILES = {"log.txt"}
+SKIP_FILES = {"log.txt", ".verified.json", ".lmforge.lock"}  # human log, hash cache, lock
 REPO = Path(__file__).resolve().parents[1]
 
 

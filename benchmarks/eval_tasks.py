@@ -34,10 +34,10 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from lmforge.eval.loading import load_model_and_tokenizer
+    from lmforge.eval.evaluate import evaluate_task
     from lmforge.eval.loglik import Scorer
     from lmforge.eval.readers import load_task
-    from lmforge.eval.tasks import evaluate_task
+    from lmforge.serve.loading import load_model_and_tokenizer
 
     if a.model is None:
         a.model = next(

@@ -111,7 +111,8 @@ def main() -> None:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from lmforge.serve.testing import make_tiny_model
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.factories
+        from tests.factories import make_tiny_model
 
         model_dir = make_tiny_model(Path(tmp.name) / "tiny", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2)
     cmd = [

@@ -1,14 +1,29 @@
 """Shared fixtures: a tiny run directory with data and tokenizer stages done, built once."""
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 # Third-party test data kept beside the repository (never inside it, never used by the product).
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# $LMFORGE_SHARED_DATA points elsewhere (a git worktree sits one level deeper than the checkout).
+SHARED_DATA = Path(
+    os.environ.get("LMFORGE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 
 from lmforge.cli import main  # noqa: E402
+from tests.factories import (  # noqa: E402,F401  (re-exported: tests import them from here)
+    PARAGRAPH,
+    WORDS,
+    make_tiny_model,
+    random_sentences,
+    save_base_model,
+    single_thread,
+    tiny_model,
+    tiny_tokenizer,
+    train_on,
+)
 
 TINY = [
     "data.max_docs=60",
@@ -51,31 +66,8 @@ TINY = [
 def one_thread():
     """Tiny models run faster (and steadier on a busy machine) on one torch thread; modules opt in
     with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    from lmforge.eval.testing import one_thread as single_thread
-
     with single_thread():
         yield
-
-
-def save_base_model(d, texts, vocab_size, *, seed=0, **model):
-    """Train a BPE tokenizer on `texts` and save it with a fresh random Transformer (default
-    init, seeded; 32 wide, 2 layers, 4 heads, 2 KV heads, 64 positions unless `model` says
-    otherwise) as an HF-format model in `d`: the base the SFT / align / RL stage tests start
-    from. Returns the tokenizer and the model."""
-    import torch
-
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.hf import save_pretrained
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(texts, vocab_size=vocab_size)
-    tok.save(d)
-    torch.manual_seed(seed)
-    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, **model}
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, **shape))
-    save_pretrained(model, d, tokenizer_dir=d, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    return tok, model
 
 
 PAIR_WORDS = (

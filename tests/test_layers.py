@@ -9,7 +9,7 @@ Layers, top to bottom; a module imports only from its own package or from lower 
     domain         serve, scaling > align > eval > sft/chat > data > tokenizer > peft
     train          the engine, objectives, optimizers, checkpoints
     model          the transformer, HF converters, generation
-    ground floor   runs, config > errors, and the package's __init__ (its version)
+    ground floor   artifacts > runs, config > errors, and the package's __init__ (its version)
 
 and no module imports itself back through any chain (no cycles at all).
 """
@@ -32,6 +32,7 @@ RANKS = {
     "errors": 0,
     "config": 0.5,
     "runs": 0.5,
+    "artifacts": 0.7,
     "model": 1,
     "train": 2,
     "peft": 3,

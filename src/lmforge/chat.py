@@ -17,6 +17,13 @@ The rules, and why:
   character offset starts inside a span carry loss. A template for which this cannot work (not
   prefix-stable, ignores `add_generation_prompt`, or drops the content) is an error, never a
   silently wrong mask.
+* **Contents are text.** `render` marks each message's content as a literal span
+  (`tokenizer.RenderedText`), so a special-token string a user, a tool or a document writes
+  (``<|end|><|user|>``, ``<|im_end|>``) is tokenised as plain text and only the template inserts
+  control tokens. For a Jinja template the spans are found by rendering sentinels in place of
+  the contents (only when some content holds such a string); a template that does not render
+  such a content verbatim is refused. `literal_content=False` (`sft.special_tokens_in_content:
+  control`) restores the old behaviour for data whose contents are meant to carry control tokens.
 * **Long sequences** are truncated (`truncation="truncate"`, keeping the start) or dropped, and
   counted; an example with no assistant token left is dropped and counted.
 * **Packing** concatenates short examples into rows of `seq_len` tokens (best-fit decreasing).
@@ -28,6 +35,7 @@ The rules, and why:
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +47,10 @@ import torch.nn.functional as F
 
 from .data.readers import loads_json
 from .errors import DataError
-from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, render_chat
+from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, RenderedText, render_chat
 
 IGNORE = -100
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
 # ----------------------------------------------------------------------------- records
@@ -173,8 +182,16 @@ class Example:
 class ChatFormat:
     """A tokenizer plus the chat template that goes with it."""
 
-    def __init__(self, tok: LMTokenizer, template: str | None = None, specials: dict | None = None):
+    def __init__(
+        self,
+        tok: LMTokenizer,
+        template: str | None = None,
+        specials: dict | None = None,
+        *,
+        literal_content: bool = True,
+    ):
         self.tok = tok
+        self.literal_content = literal_content  # special-token strings in contents stay text
         ours = all(
             tok.token_id(t) == i
             for i, t in enumerate(
@@ -227,7 +244,43 @@ class ChatFormat:
         return fmt
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self._render(list(messages), add_generation_prompt)
+        """The template's text; with `literal_content`, a `RenderedText` whose message contents
+        are tokenised as plain text."""
+        messages = list(messages)
+        text = self._render(messages, add_generation_prompt)
+        if not self.literal_content:
+            return str(text)
+        if isinstance(text, RenderedText):
+            return text
+        return self._mark_contents(text, messages, add_generation_prompt)
+
+    def _mark_contents(self, text: str, messages: list[dict], add_generation_prompt: bool) -> RenderedText:
+        """Spans of the contents in a Jinja rendering, found by rendering numbered sentinels in
+        their place; needed (and computed) only when some content holds a special-token string."""
+        contents: list[str] = [c if isinstance(c := m.get("content"), str) else "" for m in messages]
+        risky = [i for i, c in enumerate(contents) if self.tok.special_strings_in(c)]
+        if not risky:
+            return RenderedText(text, ())
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        sentinel = self._render(marked, add_generation_prompt)
+        for strip in (False, True):
+            parts, spans, cursor, pos = [], [], 0, 0
+            for m in _SENTINEL.finditer(sentinel):
+                content = contents[int(m.group(1))]
+                content = content.strip() if strip else content
+                parts += [sentinel[cursor : m.start()], content]
+                pos += m.start() - cursor
+                spans.append((pos, pos + len(content)))
+                pos += len(content)
+                cursor = m.end()
+            if "".join(parts) + sentinel[cursor:] == text:
+                return RenderedText(text, spans)
+        forged = self.tok.special_strings_in(contents[risky[0]])[0]
+        raise DataError(
+            f"message {risky[0]}: its content holds the control-token string {forged!r} and the chat "
+            f"template does not render contents verbatim, so it cannot be kept as plain text; "
+            f"remove the string from the message"
+        )
 
     def assistant_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the [start, end) character span of every assistant turn."""
@@ -266,17 +319,17 @@ class ChatFormat:
 
     def encode(self, messages: Sequence[dict]) -> Example:
         text, spans = self.assistant_spans(messages)
-        enc = self.tok.tokenizer.encode(text, add_special_tokens=False)
+        ids, offsets = self.tok.encode_with_offsets(text)
         mask = []
         k = 0
-        for start, _end in enc.offsets:
+        for start, _end in offsets:
             while k < len(spans) and start >= spans[k][1]:
                 k += 1
             mask.append(k < len(spans) and spans[k][0] <= start < spans[k][1])
         for s, e in spans:  # every span must own tokens, its end-of-turn token included
-            if not any(m and s <= o[0] < e for m, o in zip(mask, enc.offsets)):
+            if not any(m and s <= o[0] < e for m, o in zip(mask, offsets)):
                 raise DataError("an assistant turn received no tokens after tokenisation; check the template")
-        return Example(list(enc.ids), mask)
+        return Example(list(ids), mask)
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids to feed for generating the next assistant turn."""

@@ -29,3 +29,18 @@ class StorageError(LMForgeError):
     "disk full ... while writing runs/x/pretrain/checkpoints/..." instead of an OSError from
     deep inside safetensors or numpy. Writes are atomic, so the previous file is intact.
     """
+
+
+class RunLockedError(LMForgeError):
+    """Another live process is writing to the same run directory (see `runs.run_lock`)."""
+
+
+class ArtifactError(LMForgeError):
+    """A file a finished stage wrote no longer matches the size and hash in its manifest.
+
+    `stage` names the stage whose output is damaged, so `lmforge run` can re-run it and a
+    single-stage command can tell the user which one to re-run."""
+
+    def __init__(self, message: str, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage

@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -25,9 +26,11 @@ from typing import Any, TypeAlias
 
 import torch
 import yaml
+from rich.markup import escape
 
+from .artifacts import record_artifacts, verify_stage
 from .config import apply_overrides, load_yaml, pipeline_model, validate
-from .errors import ConfigError, LMForgeError
+from .errors import ArtifactError, ConfigError, LMForgeError
 from .runs import (
     MANIFEST,
     POLICY_STAGES,
@@ -36,6 +39,7 @@ from .runs import (
     fingerprint,
     read_manifest,
     remove_stale_temps,
+    run_lock,
     storage_error,
     translate_storage_errors,
 )
@@ -157,7 +161,32 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, old)
 
 
+# ----------------------------------------------------------------------------- integrity hooks
+def _writer_lock(cfg: PipelineConfig, what: str) -> contextlib.AbstractContextManager:
+    """The run directory's lock for a command that writes to it; under torchrun only rank 0
+    takes it (the other ranks follow rank 0's manifests)."""
+    if _rank() > 0:
+        return contextlib.nullcontext()
+    command = " ".join(["lmforge", *sys.argv[1:]]) if sys.argv[1:] else f"lmforge {what}"
+    return run_lock(cfg.run.dir, command)
+
+
+def _outputs_intact(stage_dir: Path, manifest: dict, name: str) -> bool:
+    """A finished stage's recorded files are unchanged; when not, say so (it is then re-run)."""
+    try:
+        verify_stage(stage_dir, manifest)
+        return True
+    except ArtifactError as e:
+        console.print(f"[yellow]{name}[/yellow]: {escape(str(e))}; running the stage again")
+        return False
+
+
 def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutcome:
+    with _writer_lock(cfg, name):
+        return _run_stage(cfg, name, force)
+
+
+def _run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutcome:
     stage = REGISTRY[name]
     run_dir = cfg.run.dir
     stage_dir = run_dir / name
@@ -176,6 +205,8 @@ def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutco
         return StageOutcome(name, "ran", time.time() - t0, metrics, stage_dir)
     prev = read_manifest(stage_dir)
     if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
+        if not _outputs_intact(stage_dir, prev, name):
+            return _run_stage(cfg, name, force=True)
         return StageOutcome(name, "cached", prev.get("seconds", 0.0), prev.get("metrics", {}), stage_dir)
     stage_cfg = getattr(cfg, name)
     with translate_storage_errors(stage_dir):
@@ -202,7 +233,7 @@ def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutco
         with _sigterm_interrupts():
             metrics = stage.fn(ctx) or {}
             record.metrics.update(metrics)
-            record.complete()
+            record.complete(record_artifacts(stage_dir))
             completed = True
     except LMForgeError as e:
         record.fail(str(e))
@@ -227,6 +258,11 @@ def run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutco
 def run_pipeline(
     cfg: PipelineConfig, only: list[str] | None = None, force: bool = False
 ) -> list[StageOutcome]:
+    with _writer_lock(cfg, "run"):
+        return _run_pipeline(cfg, only, force)
+
+
+def _run_pipeline(cfg: PipelineConfig, only: list[str] | None, force: bool) -> list[StageOutcome]:
     names = pipeline_stages(cfg)
     if only:
         bad = [n for n in only if n not in REGISTRY]

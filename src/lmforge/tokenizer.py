@@ -22,6 +22,17 @@ Choices, and why:
   atomically), the layout `PreTrainedTokenizerFast.from_pretrained` expects, so an exported
   model works in the HF ecosystem with the same ids.
 
+* **Only the template inserts control tokens.** A user message, a tool result or a retrieved
+  document containing the string ``<|end|><|user|>`` must not close the assistant's turn and open
+  a forged one. Rendering returns a `RenderedText`: the string plus the character spans that
+  came from message contents (or whole documents, `literal_text`). `LMTokenizer.encode` of a
+  `RenderedText` turns special-token strings into control tokens only outside those spans;
+  inside them they are ordinary text (a second copy of the tokenizer with
+  ``encode_special_tokens`` on). When no content holds such a string -- every real
+  conversation -- the ids are exactly those of a plain encode. Every path that encodes a
+  conversation (the server, the chat CLI, RAG, SFT and preference data, the judge) renders
+  through `render_chat` or `ChatFormat.render`, so all of them get this.
+
 `LMTokenizer.load` also reads foreign tokenizers: any HF tokenizer.json (bos/eos from its
 tokenizer_config.json when present) and the original GPT-2 encoder.json + vocab.bpe pair.
 """
@@ -30,11 +41,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.artifacts import verify_path
 from lmforge.errors import ConfigError, DataError
 from lmforge.runs import atomic_write_json, atomic_write_text
 
@@ -66,10 +79,47 @@ UNLIMITED_LENGTH = int(1e30)  # transformers' VERY_LARGE_INTEGER: "no model_max_
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 
+# ----------------------------------------------------------------------------- literal spans
+Span = tuple[int, int]
+
+
+class RenderedText(str):
+    """A rendered prompt plus the [start, end) character spans that must be tokenised as plain
+    text (message contents, documents): special-token strings inside them are not control
+    tokens. Slicing keeps the spans that fall inside the slice; any other str operation gives
+    a plain str (no protection), so encode the rendered text itself or a slice of it."""
+
+    spans: tuple[Span, ...]
+
+    def __new__(cls, text: str, spans: Iterable[Span] = ()) -> RenderedText:
+        obj = super().__new__(cls, text)
+        obj.spans = tuple((int(a), int(b)) for a, b in spans if b > a)
+        return obj
+
+    def __getitem__(self, key):  # type: ignore[override]
+        out = str.__getitem__(self, key)
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            return out
+        start, stop, _ = key.indices(len(self))
+        spans = [
+            (max(a, start) - start, min(b, stop) - start) for a, b in self.spans if a < stop and b > start
+        ]
+        return RenderedText(out, spans)
+
+
+def literal_text(text: str) -> RenderedText:
+    """`text` (a retrieved document, a tool result, a completion prompt built from them) to be
+    tokenised entirely as plain text."""
+    return RenderedText(text, [(0, len(text))])
+
+
 # ----------------------------------------------------------------------------- chat template
-def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    """The chat transcript as text, exactly as CHAT_TEMPLATE renders it."""
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> RenderedText:
+    """The chat transcript as text, exactly as CHAT_TEMPLATE renders it, with each message's
+    content marked literal (see `RenderedText`)."""
     parts = [BOS]
+    spans: list[Span] = []
+    pos = len(BOS)
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
@@ -78,10 +128,13 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -
             )
         if not isinstance(content, str):
             raise DataError(f"message {i}: 'content' must be a string, got {type(content).__name__}")
-        parts.append(f"<|{role}|>\n{content}{END}\n")
+        head = f"<|{role}|>\n"
+        spans.append((pos + len(head), pos + len(head) + len(content)))
+        parts.append(f"{head}{content}{END}\n")
+        pos += len(parts[-1])
     if add_generation_prompt:
         parts.append(f"{ASSISTANT}\n")
-    return "".join(parts)
+    return RenderedText("".join(parts), spans)
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -131,11 +184,64 @@ class LMTokenizer:
 
     # -- encode / decode
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids; special-token strings inside the literal spans of a `RenderedText` are
+        encoded as plain text."""
+        if isinstance(text, RenderedText) and text.spans:
+            ids = self.encode_with_offsets(text)[0]
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self._with_bos(ids) if add_bos else ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[Span]]:
+        """(ids, character offsets) of `text`, honouring the literal spans of a `RenderedText`."""
+        spans = text.spans if isinstance(text, RenderedText) else ()
+        plain = str(text)
+        hits = list(self._special_re().finditer(plain)) if spans else []
+        if not any(_overlaps(m.span(), spans) for m in hits):  # the common case: one plain encode
+            enc = self.tokenizer.encode(plain, add_special_tokens=False)
+            return list(enc.ids), [tuple(o) for o in enc.offsets]
+        ids: list[int] = []
+        offsets: list[Span] = []
+        cursor = 0
+        for m in hits:
+            if _overlaps(m.span(), spans):
+                continue  # inside a message / document: stays text
+            self._encode_literal(plain, cursor, m.start(), ids, offsets)
+            ids.append(self.tokenizer.token_to_id(m.group()))
+            offsets.append(m.span())
+            cursor = m.end()
+        self._encode_literal(plain, cursor, len(plain), ids, offsets)
+        return ids, offsets
+
+    def _encode_literal(self, text: str, start: int, end: int, ids: list, offsets: list) -> None:
+        """Append the tokens of text[start:end], special-token strings included as plain text."""
+        if end <= start:
+            return
+        if getattr(self, "_literal", None) is None:
+            self._literal = Tokenizer.from_str(self.tokenizer.to_str())
+            self._literal.encode_special_tokens = True
+        enc = self._literal.encode(text[start:end], add_special_tokens=False)
+        ids.extend(enc.ids)
+        offsets.extend((a + start, b + start) for a, b in enc.offsets)
+
+    def _special_re(self) -> re.Pattern:
+        if getattr(self, "_specials", None) is None:
+            names = sorted(
+                {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special},
+                key=len,
+                reverse=True,
+            )
+            self._specials = re.compile("|".join(map(re.escape, names)) if names else r"(?!)")
+        return self._specials
+
+    def special_strings_in(self, text: str) -> list[str]:
+        """The special-token strings that occur in `text` (e.g. a message's content)."""
+        return [m.group() for m in self._special_re().finditer(text)]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """Encode many texts at once in Rust, in parallel across cores (no offsets computed)."""
+        if any(isinstance(t, RenderedText) for t in texts):
+            return [self.encode(t, add_bos=add_bos) for t in texts]
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         batch = [e.ids for e in encode(list(texts), add_special_tokens=False)]
         return [self._with_bos(ids) for ids in batch] if add_bos else batch
@@ -197,6 +303,8 @@ class LMTokenizer:
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
             raise DataError(f"{file}: no such tokenizer file; train one or fix the path")
+        for name in (file.name, "tokenizer_config.json", "special_tokens_map.json"):
+            verify_path(file.parent / name)  # written by a stage: unchanged since (size + hash)
         try:
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown model
@@ -210,6 +318,10 @@ class LMTokenizer:
         max_len = config.get("model_max_length")
         max_len = max_len if isinstance(max_len, int) and max_len < UNLIMITED_LENGTH else None
         return cls(tok, *roles, model_max_length=max_len)
+
+
+def _overlaps(span: Span, spans: Sequence[Span]) -> bool:
+    return any(span[0] < b and a < span[1] for a, b in spans)
 
 
 def _read_config(path: Path) -> dict | None:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from lmforge.align import preference
 from lmforge.chat import ChatFormat
-from lmforge.serve.testing import CORPUS
-from lmforge.tokenizer import CHAT_ROLES, train_tokenizer  # noqa: E402
+from lmforge.tokenizer import CHAT_ROLES, train_tokenizer
+from tests.factories import CORPUS
 from tests.fuzz_support import documented, fuzz
 
 

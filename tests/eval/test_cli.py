@@ -7,15 +7,15 @@ import pytest
 
 from lmforge.errors import LMForgeError
 from lmforge.eval import cli
-from lmforge.eval.testing import one_thread, random_sentences, tiny_model, tiny_tokenizer
 from lmforge.model.hf import save_pretrained
+from tests.factories import random_sentences, single_thread, tiny_model, tiny_tokenizer
 
 
 def run(argv):
     p = argparse.ArgumentParser(prog="lmforge")
     cli.add_parser(p.add_subparsers(dest="command"))
     a = p.parse_args(argv)
-    with one_thread():
+    with single_thread():
         return a.func(a)
 
 
@@ -161,3 +161,36 @@ def test_contamination_and_judge_commands(model_dir, tmp_path, capsys):
                 str(sheet),
             ]
         )
+
+
+def test_two_tasks_of_one_type_keep_separate_keys_and_predictions(model_dir, tmp_path, capsys):
+    for name, n in (("A", 4), ("B", 6)):
+        arc = {"choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "A"}
+        lines = [json.dumps({"question": f"{name}{i}?", **arc}) + "\n" for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines))
+    out = tmp_path / "res.json"
+    argv = ["tasks", "--model", str(model_dir), "--task", f"arc:{tmp_path / 'A.jsonl'}"]
+    argv += ["--task", f"arc:{tmp_path / 'B.jsonl'}", "--out", str(out)]
+    assert run(argv) == 0
+    res = json.loads(out.read_text())
+    assert {k: v["n"] for k, v in res.items()} == {"arc-A": 4, "arc-B": 6}
+    preds = tmp_path / "res.predictions"
+    rows = [json.loads(x) for x in (preds / "arc-B.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["gold"] == 0 and len(rows[0]["loglikelihoods"]) == 2
+    assert (preds / "arc-A.jsonl").exists() and "per-item predictions" in capsys.readouterr().out
+    # --predictions DIR without --out
+    assert (
+        run(
+            [
+                "tasks",
+                "--model",
+                str(model_dir),
+                "--task",
+                f"arc:{tmp_path / 'A.jsonl'}",
+                "--predictions",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    assert len((tmp_path / "p" / "arc.jsonl").read_text().splitlines()) == 4

@@ -7,7 +7,7 @@ from lmforge.errors import DataError
 from lmforge.eval.contamination import ngram_overlap, permutation_test, task_texts
 from lmforge.eval.loglik import Scorer
 from lmforge.eval.tasks import Doc, Task
-from lmforge.eval.testing import random_sentences, tiny_model, tiny_tokenizer, train_on
+from tests.factories import random_sentences, tiny_model, tiny_tokenizer, train_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 

@@ -17,7 +17,7 @@ from lmforge.eval.generative import (
 )
 from lmforge.eval.stats import pass_at_k, wilson
 from lmforge.eval.tasks import Doc, Task
-from lmforge.eval.testing import WORDS, tiny_model, tiny_tokenizer, train_on
+from tests.factories import WORDS, tiny_model, tiny_tokenizer, train_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 

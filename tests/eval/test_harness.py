@@ -1,6 +1,7 @@
 """lm-evaluation-harness: its Hugging Face backend, lmforge's adapter and lmforge's own
 multiple-choice evaluator agree on a tiny random Llama and a local task (no download)."""
 
+import csv
 import json
 import os
 import random
@@ -11,11 +12,11 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-from lmforge.eval.loading import load_model_and_tokenizer  # noqa: E402
 from lmforge.eval.loglik import Scorer  # noqa: E402
 from lmforge.eval.readers import load_task  # noqa: E402
 from lmforge.eval.tasks import evaluate_multiple_choice  # noqa: E402
-from lmforge.eval.testing import WORDS, tiny_tokenizer  # noqa: E402
+from lmforge.serve.loading import load_model_and_tokenizer  # noqa: E402
+from tests.factories import WORDS, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -147,3 +148,69 @@ def test_adapter_rolling_and_generation(setup):
         [Instance("generate_until", {}, ("The quick", {"until": ["\n"], "max_gen_toks": 8}), 0)]
     )
     assert isinstance(gen[0], str) and "\n" not in gen[0]
+
+
+def test_mmlu_five_shot_prompts_match_harness(setup, tmp_path):
+    """The standard dev/ + test/ MMLU layout: lmforge evaluates test only and builds every 5-shot
+    prompt exactly as the harness's own `mmlu_<subject>` config (first_n dev shots) does."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    hf, model_dir, _, _ = setup
+    rng = random.Random(5)
+    data, tasks = tmp_path / "mmlu", tmp_path / "tasks"
+    tasks.mkdir()
+    template = (
+        "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n"
+        "D. {{choices[3]}}\\nAnswer:"
+    )
+    for subject in ("anatomy", "college_physics"):
+        for split, n in (("dev", 6), ("test", 4)):
+            rows = [
+                {
+                    "question": " ".join(rng.choice(WORDS) for _ in range(4)) + f" {split}{i}? ",
+                    "choices": [rng.choice(WORDS) for _ in range(4)],
+                    "answer": rng.randrange(4),
+                }
+                for i in range(n)
+            ]
+            (data / split).mkdir(parents=True, exist_ok=True)
+            with open(data / split / f"{subject}_{split}.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                for r in rows:
+                    w.writerow([r["question"], *r["choices"], "ABCD"[r["answer"]]])
+            (tmp_path / f"{subject}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        desc = (
+            f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
+        )
+        (tasks / f"mmlu_{subject}.yaml").write_text(
+            f"task: mmlu_{subject}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    dev: {tmp_path / f'{subject}_dev.jsonl'}\n    test: {tmp_path / f'{subject}_test.jsonl'}\n"
+            f"  cache_dir: {tmp_path / 'hf_cache'}\n"
+            f"test_split: test\nfewshot_split: dev\nfewshot_config:\n  sampler: first_n\n"
+            f'output_type: multiple_choice\ndoc_to_text: "{template}"\n'
+            f'doc_to_choice: ["A", "B", "C", "D"]\ndoc_to_target: answer\n'
+            f'description: "{desc}\\n\\n"\nmetric_list:\n  - metric: acc\n'
+        )
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
+    ref = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=8, max_length=48),
+        tasks=["mmlu_anatomy", "mmlu_college_physics"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        num_fewshot=5,
+        log_samples=True,
+        fewshot_random_seed=0,
+    )
+    theirs = {
+        (s["doc"]["question"].strip(), tuple(s["doc"]["choices"])): [a[0] for a in s["arguments"]]
+        for name in ("mmlu_anatomy", "mmlu_college_physics")
+        for s in ref["samples"][name]
+    }
+    task = load_task(f"mmlu:{data}")
+    assert len(task.docs) == len(theirs) == 8  # the dev items are shots, not evaluated items
+    for i, doc in enumerate(task.docs):
+        q = doc.query.split("\nA. ")[0]
+        choices = tuple(line[3:] for line in doc.query.split("\n")[1:5])
+        ctx = task.prompt(i, 5)
+        assert [ctx] * 4 == [c for c in theirs[(q, choices)]]
+        assert ctx.count("Answer:") == 6

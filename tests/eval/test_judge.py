@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.errors import DataError
 from lmforge.eval.judge import LMJudge, RewardModelJudge, compare, export_sheet, import_verdicts, summarize
-from lmforge.eval.testing import one_thread, tiny_model, tiny_tokenizer
+from tests.factories import single_thread, tiny_model, tiny_tokenizer
 
 PROMPTS = [f"prompt {i}" for i in range(20)]
 GOOD = [f"a long careful answer number {i}" for i in range(20)]
@@ -46,7 +46,7 @@ def test_reward_judge_and_ties():
 
 
 def test_lm_judge_is_a_probability():
-    with one_thread():
+    with single_thread():
         tok = tiny_tokenizer()
         judge = LMJudge(tiny_model(tok.vocab_size, max_seq_len=128), tok)
         p = judge.prefer_many([("2+2?", "four", "five"), ("2+2?", "five", "four")])

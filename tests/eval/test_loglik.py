@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lmforge.errors import CheckpointError, DataError
-from lmforge.eval.loading import load_model_and_tokenizer
 from lmforge.eval.loglik import Scorer, rolling_windows
 from lmforge.eval.perplexity import document_metrics
-from lmforge.eval.testing import PARAGRAPH, tiny_model, tiny_tokenizer
+from lmforge.serve.loading import load_model_and_tokenizer
+from tests.factories import PARAGRAPH, tiny_model, tiny_tokenizer
 
 REQUESTS = [
     ("The quick brown", " fox"),

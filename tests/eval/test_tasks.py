@@ -2,7 +2,6 @@
 multiple-choice metrics against a brute-force computation."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from lmforge.errors import DataError
 from lmforge.eval.loglik import Scorer
 from lmforge.eval.readers import builtin_cloze_task, load_task
 from lmforge.eval.tasks import Doc, Task, evaluate_multiple_choice
-from lmforge.eval.testing import PARAGRAPH, tiny_model, tiny_tokenizer
+from tests.conftest import SHARED_DATA
+from tests.factories import PARAGRAPH, tiny_model, tiny_tokenizer
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = SHARED_DATA
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 
 
@@ -186,3 +186,114 @@ def test_builtin_cloze_task_is_deterministic():
         load_task("builtin")
     with pytest.raises(DataError, match="not understood"):
         load_task("nonsense")
+
+
+def test_numeric_choices_resolve_the_answer_as_an_index(tmp_path):
+    # MMLU abstract algebra: choices [8, 2, 24, 120], answer "2" is index 2 (24), not the choice "2"
+    _write(
+        tmp_path,
+        "aa.jsonl",
+        [
+            {"question": "Order of S_4?", "choices": [8, 2, 24, 120], "answer": "2"},
+            {"question": "Order of Z_2?", "choices": [8, 2, 24, 120], "answer": 1},
+            {"question": "By text", "choices": ["x", "y", "120"], "answer": "120"},  # not an index: the text
+        ],
+    )
+    t = load_task(str(tmp_path / "aa.jsonl"))
+    assert [d.gold for d in t.docs] == [2, 1, 2]
+
+
+def _mmlu_csv(path, subject, split, n):
+    path.mkdir(parents=True, exist_ok=True)
+    rows = [f"{split} question {i} of {subject},a{i},b{i},c{i},d{i},{'ABCD'[i % 4]}" for i in range(n)]
+    (path / f"{subject}_{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("layout", ["folders", "flat"])
+def test_mmlu_standard_layout_evaluates_test_with_the_first_five_dev_shots(tmp_path, layout):
+    for subject in ("anatomy", "virology"):
+        for split, n in (("dev", 6), ("val", 2), ("test", 3)):
+            _mmlu_csv(tmp_path / (split if layout == "folders" else ""), subject, split, n)
+    t = load_task(f"mmlu:{tmp_path}")
+    assert len(t.docs) == 6 and all(d.query.startswith("test question") for d in t.docs)  # dev not merged
+    # the harness's MMLU prompt: description, the subject's first five dev items in order, the item
+    desc = "The following are multiple choice questions (with answers) about virology.\n\n"
+    shots = "".join(
+        f"dev question {i} of virology\nA. a{i}\nB. b{i}\nC. c{i}\nD. d{i}\nAnswer: {'ABCD'[i % 4]}\n\n"
+        for i in range(5)
+    )
+    item = "test question 1 of virology\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer:"
+    i = next(k for k, d in enumerate(t.docs) if d.query == item)
+    assert t.prompt(i, 5) == desc + shots + item
+    assert (
+        t.prompt(i, 2) == desc + shots.split("\n\n", 2)[0] + "\n\n" + shots.split("\n\n")[1] + "\n\n" + item
+    )
+    # pointing at the test split alone still takes its shots from dev
+    one = load_task(f"mmlu:{tmp_path / 'test' if layout == 'folders' else tmp_path / 'virology_test.csv'}")
+    assert len(one.docs) == (6 if layout == "folders" else 3)
+    j = next(k for k, d in enumerate(one.docs) if d.query == item)
+    assert one.prompt(j, 5) == desc + shots + item
+
+
+@needs_shared
+def test_arc_common_shapes_read_the_same_items(tmp_path):
+    recs = [
+        json.loads(x) for x in (SHARED / "arc" / "arc_easy_validation.jsonl").read_text().splitlines()[:40]
+    ]
+    ai2 = [
+        {
+            "id": r["id"],
+            "question": {
+                "stem": r["question"],
+                "choices": [
+                    {"label": l, "text": t} for l, t in zip(r["choices"]["label"], r["choices"]["text"])
+                ],
+            },
+            "answerKey": r["answerKey"],
+        }
+        for r in recs
+    ]
+    options = [
+        {
+            "id": r["id"],
+            "question": r["question"],
+            "options": [{"label": l, "text": t} for l, t in zip(r["choices"]["label"], r["choices"]["text"])],
+            "answer": r["answerKey"],
+        }
+        for r in recs
+    ]
+    want = load_task(f"arc:{_write(tmp_path, 'hf.jsonl', recs)}").docs
+    for shape, data in (("ai2", ai2), ("options", options)):
+        got = load_task(f"arc:{_write(tmp_path, shape + '.jsonl', data)}").docs
+        assert [(d.query, d.choices, d.gold, d.id) for d in got] == [
+            (d.query, d.choices, d.gold, d.id) for d in want
+        ]
+    plain = _write(tmp_path, "plain.jsonl", [{"question": "q", "options": ["x", "y"], "answer": 1}])
+    assert load_task(f"arc:{plain}").docs[0].gold == 1
+
+
+def test_a_missing_field_names_the_shapes_a_reader_accepts(tmp_path):
+    arc = _write(tmp_path, "a.jsonl", [{"question": "q", "answers": ["x", "y"], "answerKey": "A"}])
+    with pytest.raises(
+        DataError, match=r"a.jsonl:1: field 'choices' \(or 'options'\) is missing\. ARC items look like"
+    ):
+        load_task(f"arc:{arc}")
+    hs = _write(tmp_path, "h.jsonl", [{"context": "c", "endings": ["a", "b"], "label": 0}])
+    with pytest.raises(DataError, match=r"field 'ctx' is missing\. HellaSwag items look like"):
+        load_task(f"hellaswag:{hs}")
+    gsm = _write(tmp_path, "g.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(DataError, match=r"field 'question' is missing\. GSM8K items look like"):
+        load_task(f"gsm8k:{gsm}")
+    bare = _write(tmp_path, "g2.jsonl", [{"question": "1+1?", "answer": "2"}])
+    assert load_task(f"gsm8k:{bare}").docs[0].answer == "2"
+
+
+def test_unique_keys():
+    from lmforge.eval.evaluate import unique_keys
+
+    def t(name, source):
+        return Task(name, "multiple_choice", [], source=source)
+
+    tasks = [t("arc", "/d/A.jsonl"), t("arc", "/e/B.jsonl"), t("mmlu", "/m"), t("arc", "/x/A.jsonl")]
+    assert unique_keys(tasks) == ["arc-A", "arc-B", "mmlu", "arc-A-2"]
+    assert unique_keys([t("gsm8k", "/g/test.jsonl")]) == ["gsm8k"]

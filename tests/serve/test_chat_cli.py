@@ -11,7 +11,7 @@ import pytest
 from lmforge.errors import LMForgeError
 from lmforge.serve.chat_cli import ChatSession, run_chat
 from lmforge.serve.engine import Engine, GenParams
-from lmforge.serve.testing import make_tiny_model
+from tests.factories import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,14 @@ def test_bad_sampling_flag_is_a_one_line_error(model_dir, capsys):
     assert main(["chat", str(model_dir), "--top-p", "7"]) == 2
     err = capsys.readouterr().err
     assert "top_p" in err and "Traceback" not in err
+
+
+class CtrlC(io.StringIO):
+    def readline(self, *a):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_the_prompt_exits_cleanly(engine):
+    out = io.StringIO()
+    assert run_chat(engine, GenParams(max_tokens=4), stdin=CtrlC(), stdout=out) == 0
+    assert out.getvalue().endswith("you> \n") and "resume" not in out.getvalue()

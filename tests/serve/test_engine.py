@@ -6,11 +6,15 @@ import time
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmforge.errors import CheckpointError
 from lmforge.model.generate import SamplingParams, generate
-from lmforge.serve.engine import Engine, EngineFull, GenParams, _held_back
-from lmforge.serve.testing import make_tiny_model
+from lmforge.serve.engine import Engine, EngineFull, GenParams
+from lmforge.serve.request import _held_back
+from tests.factories import make_tiny_model
+from tests.fuzz_support import fuzz
 
 PROMPTS = [
     "The function returns",
@@ -354,3 +358,229 @@ def test_gqa_attention_switch_is_exact_and_guarded(model_dir):
     for blk in model2.model.layers:
         blk.self_attn.__class__ = Other
     assert not use_gqa_attention(model2)
+
+
+# ----------------------------------------------------------------------------- fixed-shape decode
+def test_buckets_cover_every_size():
+    from lmforge.serve.static_decode import buckets
+
+    assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+    assert buckets(256, 64) == [64, 128, 256] and buckets(48, 64) == [48]
+
+
+def test_static_bucketed_decode_is_token_for_token_the_eager_path(engine, model_dir):
+    """The step that CUDA graphs replay (fixed batch and key buckets, padding rows, position
+    masks, no host read-back) runs eagerly on CPU: greedy tokens equal the eager engine's and
+    model.generate's, with requests of different lengths joining and leaving mid-flight."""
+    from lmforge.serve.static_decode import StaticDecode
+
+    static = Engine.from_pretrained(model_dir, max_batch=3, decode="static")
+    assert isinstance(static.static, StaticDecode) and engine.static is None  # CPU default: eager
+    ids = [engine.encode(p) for p in PROMPTS] + [[5] * 70]  # the last crosses the 64-key bucket
+    p = GenParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with static:
+        got = [o.token_ids for o in static.generate(ids, p)]
+    assert got == [o.token_ids for o in engine.generate(ids, p)]
+    assert got[0] == generate(engine.model, [ids[0]], SamplingParams(max_new_tokens=24, temperature=0))[0]
+    assert static.static.bucket(3, 71) == (3, 128) and static.static.bucket(2, 10) == (2, 64)
+
+
+def test_static_decode_needs_the_fast_path(model_dir):
+    with pytest.raises(ValueError, match="fast path"):
+        Engine.from_pretrained(model_dir, fast_path=False, decode="static")
+    with pytest.raises(ValueError, match="decode="):
+        Engine.from_pretrained(model_dir, decode="turbo")
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine.from_pretrained(model_dir, decode="graph")  # no GPU here: refused, not faked
+
+
+# ----------------------------------------------------------------------------- logprobs, logit_bias
+def test_logprobs_are_the_models_log_softmax(engine):
+    ids = engine.encode(PROMPTS[0])
+    res = engine.complete(ids, GenParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3))
+    assert [lp.token_id for lp in res.logprobs] == res.token_ids
+    full = torch.tensor([ids + res.token_ids])
+    with torch.no_grad():
+        ref = engine.model(full)[0].float().log_softmax(-1)
+    for t, lp in enumerate(res.logprobs):
+        row = ref[len(ids) - 1 + t]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [i for i, _ in lp.top] == row.topk(3).indices.tolist()
+        assert lp.top[0][0] == lp.token_id  # greedy: the chosen token is the most likely
+    off = engine.complete(ids, GenParams(max_tokens=2, temperature=0))
+    assert off.logprobs is None
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    ids = engine.encode(PROMPTS[1])
+    base = engine.complete(ids, GenParams(max_tokens=5, temperature=0, ignore_eos=True)).token_ids
+    forced = engine.complete(
+        ids, GenParams(max_tokens=5, temperature=0, ignore_eos=True, logit_bias={"77": 100})
+    ).token_ids
+    assert forced == [77] * 5
+    banned = engine.complete(
+        ids, GenParams(max_tokens=5, temperature=0.8, seed=3, ignore_eos=True, logit_bias={base[0]: -100})
+    ).token_ids
+    assert base[0] not in banned[:1]
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit(ids, GenParams(max_tokens=2, logit_bias={10**6: 1}))
+    for bad in ({"x": 1}, {"5": 101}, {"5": float("nan")}, {-1: 0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            GenParams(logit_bias=bad).validate()
+    with pytest.raises(ValueError, match="logprobs"):
+        GenParams(logprobs=21).validate()
+
+
+# ----------------------------------------------------------------------------- sampling safety
+def test_values_float32_cannot_hold_are_refused_or_harmless(engine):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        GenParams(repetition_penalty=5e-324).validate()
+    greedy = engine.complete(PROMPTS[2], GenParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
+    tiny_p = engine.complete(PROMPTS[2], GenParams(max_tokens=8, top_p=1e-50, ignore_eos=True))
+    assert tiny_p.finish_reason == "length" and tiny_p.token_ids == greedy
+
+
+class Poison(torch.nn.Module):
+    """NaN logits for every row whose input token is `bad` (used with fast_path=False)."""
+
+    def __init__(self, model, bad):
+        super().__init__()
+        self.inner, self.bad = model, bad
+
+    def forward(self, ids, **k):
+        out = self.inner(ids, **k).clone()
+        out[ids[:, -1] == self.bad] = float("nan")
+        return out
+
+
+def test_a_non_finite_row_fails_only_its_request(model_dir):
+    """The sampler flags a row whose logits are NaN instead of raising: the engine ends that
+    request with an error and the rest of the batch decodes on."""
+    from lmforge.serve.sampling import sample_rows
+
+    eng = Engine.from_pretrained(model_dir, max_batch=3, fast_path=False)
+    ref = eng.complete([5, 6, 7], GenParams(max_tokens=12, temperature=0, ignore_eos=True)).token_ids
+    eng.model = Poison(eng.model, 77)
+    with eng:
+        a = eng.submit([5, 6, 7], GenParams(max_tokens=12, temperature=0, ignore_eos=True))
+        # its first token is forced to 77, so its next decode row is NaN, in the same batch as `a`
+        b = eng.submit([5, 8], GenParams(max_tokens=12, temperature=0.7, logit_bias={77: 100}))
+        c = eng.submit([9, 77], GenParams(max_tokens=12))  # NaN at prefill
+        ra, rb, rc = a.result(), b.result(), c.result()
+    assert ra.finish_reason == "length" and ra.token_ids == ref
+    assert rb.finish_reason == rc.finish_reason == "error" and "not finite" in rb.error
+    assert rb.token_ids == [77] and rc.token_ids == []
+
+    x = torch.randn(3, 10)
+    x[1, 4] = float("nan")
+    ps = [GenParams(temperature=0), GenParams(temperature=0.7), GenParams(temperature=1.0, top_p=0.5)]
+    tokens, health = sample_rows(x, ps, [None, None, torch.Generator().manual_seed(0)])
+    assert torch.isfinite(health).tolist() == [True, False, True] and tokens[0] == x[0].argmax()
+
+
+_weird = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([5e-324, 1e-50, 1e-45, 1.1e-38, 1e-5, 9.9e-6, 1e-4, 0.0, 100.0, 1e30]),
+    st.integers(-3, 3),
+)
+_hostile = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": _weird,
+        "top_p": _weird,
+        "top_k": st.one_of(st.none(), st.integers(-2, 10**6)),
+        "repetition_penalty": _weird,
+        "presence_penalty": _weird,
+        "frequency_penalty": _weird,
+        "logit_bias": st.dictionaries(
+            st.one_of(st.integers(-1, 400), st.text(max_size=3)), _weird, max_size=3
+        ),
+        "logprobs": st.one_of(st.none(), st.integers(-1, 25)),
+        "seed": st.one_of(st.none(), st.integers(0, 2**32)),
+    },
+)
+
+
+@fuzz(25)
+@given(a=_hostile, b=_hostile)
+def test_fuzzed_sampling_parameters_never_break_the_batch(engine, a, b):
+    """Any sampling parameters: refused with a ValueError naming the field, or a normal finish;
+    a greedy request decoding beside them gets exactly its tokens."""
+    ids = engine.encode(PROMPTS[4])
+    want = GenParams(max_tokens=6, temperature=0, ignore_eos=True)
+    witness = engine.submit(ids, want)
+    others = []
+    for kw in (a, b):
+        try:
+            others.append(engine.submit(ids, GenParams(max_tokens=6, **kw)))
+        except ValueError as e:
+            assert any(name in str(e) for name in kw), str(e)
+    assert witness.result().token_ids == _greedy_ref(engine, tuple(ids))
+    for r in others:
+        res = r.result()
+        assert res.finish_reason in ("stop", "length"), res.error
+
+
+_REF: dict = {}
+
+
+def _greedy_ref(engine, ids: tuple) -> list[int]:
+    if ids not in _REF:
+        _REF[ids] = generate(engine.model, [list(ids)], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    return _REF[ids]
+
+
+def test_identical_prompts_share_their_prefill(engine, model_dir):
+    """n samples of one prompt (a GRPO group): the first is prefilled, the others copy its K/V;
+    tokens equal those of an engine that prefills each one, seeded or greedy."""
+    ids = engine.encode(PROMPTS[2])
+    sampled = [GenParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    greedy = GenParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = {}
+    for share in (True, False):
+        with Engine.from_pretrained(model_dir, max_batch=5, share_prefill=share) as eng:
+            outs[share] = [o.token_ids for o in eng.generate([ids] * 5, [*sampled, greedy])]
+            assert eng.stats()["prefill_shared"] == (4 if share else 0)
+    assert outs[True] == outs[False]
+    assert outs[True][4] == _greedy_ref(engine, tuple(ids)) + outs[True][4][6:]
+    assert len({tuple(o) for o in outs[True][:4]}) > 1  # different seeds, different samples
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_equals_eager_on_the_gpu(model_dir):
+    """On a GPU: the captured-and-replayed step gives the eager step's greedy tokens, requests
+    joining and leaving, across batch and key buckets; seeded sampling runs and repeats."""
+    ids = [Engine.from_pretrained(model_dir).encode(p) for p in PROMPTS] + [[5] * 70]
+    greedy = GenParams(max_tokens=24, temperature=0, ignore_eos=True)
+    seeded = GenParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    outs = {}
+    for mode in ("eager", "graph"):
+        with Engine.from_pretrained(model_dir, device="cuda", max_batch=3, decode=mode) as eng:
+            outs[mode] = [o.token_ids for o in eng.generate(ids, greedy)]
+            s1 = eng.generate(ids[:3], seeded)
+            assert [o.token_ids for o in s1] == [o.token_ids for o in eng.generate(ids[:3], seeded)]
+            assert all(o.finish_reason == "length" for o in s1)
+            if mode == "graph":
+                got = eng.static.captured()
+                assert (3, 64) in got and any(kb == 128 for _, kb in got), got
+    assert outs["graph"] == outs["eager"]
+
+
+def test_batched_prefill_equals_one_prompt_at_a_time(engine):
+    """Right-padded prompts in one forward (or in chunks under a token budget) give each prompt
+    the logits and the cached K/V of its own forward."""
+    from lmforge.serve.kvcache import SlotCache
+    from lmforge.serve.prefill import prefill
+
+    jobs = list(zip([2, 0, 3, 1], [engine.encode(p) for p in PROMPTS[:4]]))
+    runs = []
+    for budget in (10_000, 20, 1):  # one forward; chunks of <= 20 padded tokens; one prompt each
+        cache = SlotCache(engine.model.cfg, 4, 64, "cpu", torch.float32)
+        runs.append((prefill(engine.fast, engine.model, cache, jobs, "cpu", budget), cache))
+    for j, (slot, ids) in enumerate(jobs):
+        with torch.no_grad():
+            ref = engine.model(torch.tensor([ids]))[0, -1].float()
+        for logits, cache in runs:
+            assert torch.allclose(logits[j], ref, atol=1e-5)
+            n = len(ids)
+            assert torch.allclose(cache.k[1][slot, :, :n], runs[-1][1].k[1][slot, :, :n], atol=1e-6)

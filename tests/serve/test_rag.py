@@ -2,10 +2,12 @@
 indexing of text/JSONL/HTML, embedder checks, the MiniLM encoder, the `lmforge rag` commands."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lmforge.errors import DataError
 from lmforge.serve.rag.chunk import chunk_text
 from lmforge.serve.rag.embed import HashEmbedder, RagError
 from lmforge.serve.rag.index import build_index
@@ -142,7 +144,7 @@ def test_prompt_building():
 
 def test_rag_commands(tmp_path, capsys):
     from lmforge.serve.cli import main
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     docs = make_docs(tmp_path / "docs")
     idx = str(tmp_path / "idx")
@@ -187,7 +189,7 @@ def test_rag_commands(tmp_path, capsys):
 
 def test_answer_trims_sources_to_fit_the_context(tmp_path):
     from lmforge.serve.engine import Engine, GenParams
-    from lmforge.serve.testing import make_tiny_model
+    from tests.factories import make_tiny_model
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -244,3 +246,107 @@ def test_minilm_matches_transformers_and_retrieves_by_meaning(tmp_path):
     mask = b["attention_mask"].unsqueeze(-1).float()
     ref = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     assert np.abs(vecs - ref).max() < 1e-4
+
+
+def _long_docs(root):
+    root.mkdir()
+    for i in range(4):
+        (root / f"d{i}.txt").write_text(f"Fact {i}: " + "the sky is blue and the grass is green " * 4)
+    return root
+
+
+def test_server_trims_sources_like_the_cli(tmp_path):
+    """The server used to add all k hits and fail with 'prompt has N tokens but the context is 256';
+    it now keeps the same sources `rag query` keeps (one trimming function for both)."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from lmforge.serve.engine import Engine, GenParams
+    from lmforge.serve.server import ServerThread, create_app
+    from tests.factories import make_tiny_model
+
+    emb = HashEmbedder(512)
+    build_index(tmp_path / "idx", [str(_long_docs(tmp_path / "docs"))], embedder=emb, max_words=40, overlap=0)
+    r = Retriever(tmp_path / "idx", embedder=emb)
+    question = "What colour is the sky?"
+    with Engine.from_pretrained(make_tiny_model(tmp_path / "m", max_seq_len=256), max_batch=1) as eng:
+        cli = answer(eng, r, question, k=4, params=GenParams(max_tokens=8, temperature=0), chat=True)
+        assert 0 < len(cli["citations"]) < 4  # all four would not fit
+        with ServerThread(create_app(eng, retriever=r)) as url:
+            body = {
+                "model": eng.name,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "rag": {"k": 4},
+            }
+            res = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert res.status_code == 200, res.text
+            out = res.json()
+            assert [c["source"] for c in out["citations"]] == [c["source"] for c in cli["citations"]]
+            assert out["usage"]["prompt_tokens"] == cli["prompt_tokens"]
+            # a conversation that cannot fit is refused with OpenAI's code for it
+            body = {
+                "model": eng.name,
+                "messages": [{"role": "user", "content": "sky " * 400}],
+                "max_tokens": 8,
+            }
+            res = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert res.status_code == 400 and res.json()["error"]["code"] == "context_length_exceeded"
+    r.close()
+
+
+def test_same_folder_by_two_paths_is_one_set_of_documents(tmp_path, monkeypatch):
+    docs = make_docs(tmp_path / "docs")
+    emb = HashEmbedder(256)
+    rep, stats = build_index(tmp_path / "idx", [str(docs)], embedder=emb)
+    assert rep.added == 4
+    monkeypatch.chdir(docs)
+    rep, stats = build_index(tmp_path / "idx", ["."], embedder=emb)
+    assert (rep.added, rep.unchanged, stats["documents"]) == (0, 4, 4)
+    (tmp_path / "link").symlink_to(docs)
+    rep, stats = build_index(tmp_path / "idx", [str(tmp_path / "link" / "zorbia.txt")], embedder=emb)
+    assert (rep.added, rep.unchanged, stats["documents"]) == (0, 1, 4)
+    st = VectorStore(tmp_path / "idx")
+    assert str((docs / "zorbia.txt").resolve()) in st.sources()
+    st.close()
+
+
+def test_binary_txt_is_refused_with_its_reason(tmp_path):
+    docs = make_docs(tmp_path / "docs")
+    (docs / "photo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (docs / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    emb = HashEmbedder(256)
+    rep, stats = build_index(tmp_path / "idx", [str(docs)], embedder=emb)
+    assert rep.added == 4 and stats["documents"] == 4
+    refused = {Path(x["source"]).name: x["reason"] for x in rep.as_dict()["refused"]}
+    assert "NUL bytes" in refused["photo.txt"] and "not UTF-8" in refused["latin1.txt"]
+    with pytest.raises(DataError, match=r"photo\.txt: binary file"):
+        build_index(tmp_path / "idx", [str(docs / "photo.txt")], embedder=emb)
+
+
+def test_delete_of_an_unknown_source_prints_nothing_and_deletes_nothing(tmp_path, capsys, monkeypatch):
+    from lmforge.serve.cli import main
+
+    docs = make_docs(tmp_path / "docs")
+    idx = str(tmp_path / "idx")
+    assert main(["rag", "index", idx, str(docs), "--embedder", "hash:256"]) == 0
+    capsys.readouterr()
+    zorbia = str((docs / "zorbia.txt").resolve())
+    assert main(["rag", "delete", idx, zorbia, "no-such-source"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "no document with source 'no-such-source'" in cap.err
+    monkeypatch.chdir(docs)  # a source may be named by a relative path too
+    assert main(["rag", "delete", idx, "zorbia.txt"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted_chunks"] == {"zorbia.txt": 1}
+
+
+def test_an_index_keyed_by_typed_paths_is_rekeyed_not_doubled(tmp_path, monkeypatch):
+    docs = make_docs(tmp_path / "docs")
+    emb = HashEmbedder(256)
+    st = VectorStore(tmp_path / "idx", create=True, embedder_name=emb.name, dim=emb.dim)
+    text = (docs / "zorbia.txt").read_text()
+    st.add_document("docs/zorbia.txt", "old", [text], emb.embed([text]))  # as an older index keyed it
+    st.close()
+    monkeypatch.chdir(tmp_path)
+    rep, stats = build_index(tmp_path / "idx", ["docs"], embedder=emb)
+    assert rep.added == 4 and rep.deleted == 1 and stats["documents"] == 4

@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 
 from lmforge.serve.engine import Engine  # noqa: E402
 from lmforge.serve.server import ServerThread, create_app  # noqa: E402
-from lmforge.serve.testing import make_tiny_model  # noqa: E402
+from tests.factories import make_tiny_model  # noqa: E402
 
 KEY = "test-key"
 
@@ -184,9 +184,13 @@ def test_api_key_required(server):
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
         (
-            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function"}],
+            },
             400,
-            "logprobs",
+            "tools",
         ),
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
         ({"model": "tiny", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
@@ -358,3 +362,156 @@ def test_subcommands_plug_into_the_main_parser():
     assert a.func.__name__ == "cmd_rag_query" and a.max_tokens == 64
     a = parser.parse_args(["chat", "m", "--system", "s"])
     assert a.func.__name__ == "cmd_chat"
+
+
+# ----------------------------------------------------------------------------- logprobs, logit_bias
+def _reference_logprobs(engine, prompt_ids, out_ids):
+    import torch
+
+    with torch.no_grad():
+        lp = engine.model(torch.tensor([prompt_ids + out_ids]))[0].float().log_softmax(-1)
+    return [float(lp[len(prompt_ids) - 1 + t, tok]) for t, tok in enumerate(out_ids)]
+
+
+def test_chat_logprobs_with_openai_client(server, client):
+    _, engine, _ = server
+    msgs = [{"role": "user", "content": "Tell me"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the best
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert t.bytes == list(t.token.encode())
+    prompt = engine.encode_chat(msgs)
+    out = client.completions.create(  # the same tokens through /v1/completions, as ids
+        model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx([t.logprob for t in content], abs=1e-5)
+    stream = list(client.chat.completions.create(**kw, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [
+        t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [
+        (t.token, round(t.logprob, 5)) for t in content
+    ]
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_equal_the_models_log_softmax(server, client):
+    _, engine, _ = server
+    prompt = engine.encode("The function")
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(d) == 2 for d in lp.top_logprobs)
+    from lmforge.serve.engine import GenParams
+
+    out_ids = engine.complete(prompt, GenParams(max_tokens=5, temperature=0, ignore_eos=True)).token_ids
+    assert lp.tokens == [engine.tok.decode([t]) for t in out_ids]
+    assert lp.token_logprobs == pytest.approx(_reference_logprobs(engine, prompt, out_ids), abs=1e-4)
+    stream = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=5,
+            temperature=0,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    toks = [t for c in stream if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offs = [o for c in stream if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert toks == lp.tokens and offs == lp.text_offset
+
+
+def test_logit_bias_with_openai_client(server, client):
+    _, engine, _ = server
+    r = client.completions.create(
+        model="tiny",
+        prompt="The function",
+        max_tokens=4,
+        temperature=0,
+        logit_bias={"77": 100},
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].text == engine.tok.decode([77] * 4, skip_special=True)
+    base = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=1, temperature=0, logprobs=0)
+    first = base.choices[0].logprobs.tokens[0]
+    tid = engine.tok.encode(first)
+    banned = client.completions.create(
+        model="tiny",
+        prompt=[5, 6, 7],
+        max_tokens=1,
+        temperature=0,
+        logprobs=0,
+        logit_bias={str(tid[0]): -100} if len(tid) == 1 else {},
+    )
+    if len(tid) == 1:
+        assert banned.choices[0].logprobs.tokens[0] != first
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 1000}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"repetition_penalty": 5e-324}, "repetition_penalty"),
+    ],
+)
+def test_unsupported_or_invalid_parameters_are_refused_not_ignored(server, client, extra, needle):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+    r = post(server[0], "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"] or r.json()["error"]["param"] == needle
+    r = post(server[0], "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2, "echo": True})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+
+
+def test_tiny_top_p_is_greedy_and_spares_the_other_streams(server, client):
+    """Found by schemathesis: top_p=1e-50 became 0 in float32 and the NaN distribution failed
+    every request decoding in the same batch. Now it means greedy, and streams beside it finish."""
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Tell me"}], max_tokens=8)
+    greedy = client.chat.completions.create(**kw, temperature=0).choices[0].message.content
+    results = {}
+
+    def stream(name, **extra):
+        chunks = list(client.chat.completions.create(**kw, stream=True, **extra))
+        results[name] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    threads = [
+        threading.Thread(target=stream, args=("witness",), kwargs={"temperature": 0}),
+        threading.Thread(target=stream, args=("tiny_p",), kwargs={"top_p": 1e-50}),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {"witness": greedy, "tiny_p": greedy}
+
+
+def test_json_mode_with_openai_client(client):
+    import json
+
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Reply in JSON"}],
+        max_tokens=150,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    ch = r.choices[0]
+    if ch.finish_reason == "stop":
+        assert isinstance(json.loads(ch.message.content), dict)
+    else:
+        assert ch.finish_reason == "length" and ch.message.content.startswith("{")

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from lmforge.chat import IGNORE, ChatFormat, Example, encode_records, example_row, pack, record_to_messages
 from lmforge.errors import DataError
-from lmforge.serve.testing import CORPUS
 from lmforge.tokenizer import CHAT_ROLES, END, train_tokenizer
+from tests.factories import CORPUS
 from tests.fuzz_support import documented, fuzz
 
 

@@ -3,17 +3,17 @@
 import json
 
 from lmforge.cli import main
-from lmforge.eval.testing import one_thread, tiny_model
 from lmforge.model.hf import save_pretrained
 from lmforge.runs import atomic_write_json
 from tests.conftest import tiny_args
+from tests.factories import single_thread, tiny_model
 
 
 def test_eval_then_report(clone_run, capsys):
     root = clone_run("ev")
     args = tiny_args(root, "ev", "pretrain.max_steps=5", "eval.builtin_items=40")
     run = root / "ev"
-    with one_thread():
+    with single_thread():
         assert main(["pretrain", *args]) == 0
         assert main(["eval", *args]) == 0
     res = json.loads((run / "eval" / "results.json").read_text())
@@ -82,13 +82,25 @@ def test_eval_refuses_a_model_of_another_vocabulary(clone_run, tmp_path, capsys)
 def test_eval_bad_task_is_a_clear_error(clone_run, tmp_path, capsys):
     root = clone_run("bt")
     args = tiny_args(root, "bt", "pretrain.max_steps=2")
-    with one_thread():
+    with single_thread():
         assert main(["pretrain", *args]) == 0
     bad = tmp_path / "items.jsonl"
     bad.write_text('{"query": "q", "choices": ["a", "b"], "answer": 3}\n')
     assert main(["eval", *args, f"eval.tasks=[{bad}]", "eval.doc_tokens=0"]) == 2
     err = capsys.readouterr().err
     assert "items.jsonl:1" in err and "out of range" in err
+    # two tasks of one type keep their own results and prediction files
+    arc = {"choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+    for name, n in (("A", 3), ("B", 5)):
+        lines = [json.dumps({"question": f"q{i}", **arc}) + "\n" for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(lines))
+    tasks = f"eval.tasks=[arc:{tmp_path / 'A.jsonl'},arc:{tmp_path / 'B.jsonl'}]"
+    with single_thread():
+        assert main(["eval", *args, tasks, "eval.doc_tokens=0"]) == 0
+    res = json.loads((root / "bt" / "eval" / "results.json").read_text())
+    assert {k: v["n"] for k, v in res["tasks"].items()} == {"arc-A": 3, "arc-B": 5}
+    for key, n in (("arc-A", 3), ("arc-B", 5)):
+        assert len((root / "bt" / "eval" / "predictions" / f"{key}.jsonl").read_text().splitlines()) == n
 
 
 def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
@@ -123,7 +135,7 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
         f"sft.data=[{chats}]",
         f"sft.val_data=[{chats}]",
     )
-    with one_thread():
+    with single_thread():
         assert main(["pretrain", *args]) == 0
     sft = load_pretrained(run / "pretrain" / "model")
     torch.manual_seed(0)
@@ -132,7 +144,7 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
             p.add_(0.05 * torch.randn_like(p))
     save_pretrained(sft, run / "sft" / "model", tokenizer_dir=run / "pretrain" / "model")
     atomic_write_json(run / "sft" / "manifest.json", {"stage": "sft", "status": "complete", "metrics": {}})
-    with one_thread():
+    with single_thread():
         assert main(["eval", *args]) == 0
     chain = json.loads((run / "eval" / "results.json").read_text())["chain"]
     assert [r["stage"] for r in chain] == ["pretrain", "sft"]
@@ -163,7 +175,7 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
     )
     manifest = json.loads((run / "eval" / "manifest.json").read_text())
     assert manifest["metrics"]["chain/sft_bpb"] == chain[1]["bpb"]
-    with one_thread():
+    with single_thread():
         assert main(["report", *args]) == 0
     md = (run / "report" / "report.md").read_text()
     assert (

@@ -10,6 +10,8 @@ template or truncation misses the cache instead of reusing stale numbers), `chos
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -60,7 +62,19 @@ def load_cache(path: Path) -> RefTable:
     }
 
 
+def portable_note(note: str, path: Path) -> str:
+    """`note` (the reference model's folder) relative to the run directory holding the cache at
+    `path` when it lies inside it, so identical runs under two roots write identical files;
+    a folder outside the run is kept as given."""
+    run_dir = Path(os.path.realpath(path)).parent.parent
+    ref = Path(os.path.realpath(note)) if note else None
+    if ref is not None and ref.is_relative_to(run_dir):
+        return ref.relative_to(run_dir).as_posix()
+    return note
+
+
 def save_cache(path: Path, table: RefTable, note: str = "") -> None:
+    note = portable_note(note, path)
     keys = list(table)
     tensors = {
         "keys": torch.tensor([list(k) for k in keys], dtype=torch.uint8).reshape(len(keys), 16),
@@ -69,6 +83,22 @@ def save_cache(path: Path, table: RefTable, note: str = "") -> None:
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "lmforge-ref-logps", "reference": note})
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """safetensors writes `__metadata__` in hash-map order, which varies from run to run; put
+    its keys in sorted order (same length, tensors untouched) so identical runs write
+    identical files."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # always equal: the same characters, reordered
+            f.seek(8)
+            f.write(text.ljust(n, b" "))
 
 
 def precompute_reference(

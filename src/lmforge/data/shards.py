@@ -11,7 +11,11 @@ corpus in memory:
                      means the other two are complete (all three are written atomically)
 
 `load_shard` checks the .bin size against the index, so a truncated copy fails loudly instead
-of training on garbage.
+of training on garbage; verifies the three files against the size and sha256 their stage
+recorded (`lmforge.artifacts`), so a shard overwritten with other valid ids is caught too; and
+range-checks every token id against the vocabulary (one pass over the memory map, chunked), so
+an out-of-range id is an error naming the file and the first bad position, not an IndexError
+from inside the embedding.
 
 `TokenLoader` is **BOS-aligned**: every row of a batch starts at a document start, so the model
 always sees a document's beginning with no stale context before it (as nanochat does); a
@@ -36,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.artifacts import verify_path
 from lmforge.errors import DataError
 from lmforge.runs import atomic_path, atomic_write_json, fault_point
 from lmforge.tokenizer import LMTokenizer
@@ -111,10 +116,14 @@ class Shard:
         return int(self.meta["n_tokens"])
 
 
-def load_shard(directory: str | os.PathLike, split: str) -> Shard:
-    """Open `{split}.*` in `directory`, checking every file against the index."""
+def load_shard(directory: str | os.PathLike, split: str, vocab_size: int | None = None) -> Shard:
+    """Open `{split}.*` in `directory`, checking every file against the index, its recorded
+    hash and every token id against the index's vocab_size (and `vocab_size`, the consumer's,
+    when given)."""
     bin_path, idx_path, json_path = shard_paths(directory, split)
     hint = "re-run the tokenize stage to rewrite it"
+    for p in (json_path, idx_path, bin_path):
+        verify_path(p)
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -138,7 +147,24 @@ def load_shard(directory: str | os.PathLike, split: str) -> Shard:
     if doc_starts.ndim != 1 or len(doc_starts) != int(meta["n_docs"]):
         raise DataError(f"{idx_path}: {doc_starts.shape} document offsets, expected {meta['n_docs']}; {hint}")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(int(meta["n_tokens"]),))
+    limits = [int(v) for v in (meta.get("vocab_size"), vocab_size) if v is not None]
+    if limits:
+        check_token_range(tokens, min(limits), bin_path, hint)
     return Shard(tokens=tokens, doc_starts=doc_starts.astype(np.int64), meta=meta, path=bin_path)
+
+
+def check_token_range(
+    tokens: np.ndarray, vocab_size: int, path: Path, hint: str, chunk: int = 1 << 24
+) -> None:
+    """Every id < vocab_size (ids are unsigned), in chunks so a huge memory map is never copied."""
+    for start in range(0, len(tokens), chunk):
+        block = np.asarray(tokens[start : start + chunk])
+        if block.size and int(block.max()) >= vocab_size:
+            pos = start + int(np.argmax(block >= vocab_size))
+            raise DataError(
+                f"{path}: token id {int(tokens[pos])} at position {pos:,} is outside the vocabulary "
+                f"(size {vocab_size}); the shard does not belong to this tokenizer/model or is corrupt; {hint}"
+            )
 
 
 # ----------------------------------------------------------------------------- batching

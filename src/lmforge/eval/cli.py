@@ -2,7 +2,8 @@
 harness`. The main CLI calls `add_parser(subparsers)`; each handler returns an exit status and
 raises `LMForgeError` for anything the user can fix. `--out FILE` writes the full JSON result.
 
-    lmforge tasks --model DIR --task arc:ARC.jsonl --task mmlu:mmlu/dev [--num-fewshot 5] [--limit 100]
+    lmforge tasks --model DIR --task arc:ARC.jsonl --task mmlu:mmlu [--num-fewshot 5] [--limit 100]
+        [--out res.json] [--predictions DIR]   (tasks sharing a name get keys arc-A, arc-B, ...)
     lmforge perplexity --model DIR docs.jsonl [--context-len 128]
     lmforge contamination ngram --train runs/tiny/tokenizer --task arc:ARC.jsonl [-n 13]
     lmforge contamination permutation --model DIR --task arc:ARC.jsonl [--shard-size 5]
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from ..runs import atomic_write_json
+from ..runs import atomic_write_json, atomic_write_text
 
 EPILOG = "Details and formulas: docs/evaluation.md."
 
@@ -35,7 +36,7 @@ def _save(a, obj) -> None:
 
 
 def _load(a):
-    from .loading import load_model_and_tokenizer
+    from ..serve.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(a.model, getattr(a, "tokenizer", None), device=a.device)
 
@@ -47,15 +48,16 @@ def _fmt_ci(block: dict) -> str:
 
 # ----------------------------------------------------------------------------- tasks / perplexity
 def cmd_tasks(a) -> int:
+    from .evaluate import evaluate_task, predictions_jsonl, unique_keys
     from .loglik import Scorer
     from .readers import load_task
-    from .tasks import evaluate_task
 
     model, tok = _load(a)
     scorer = Scorer(model, tok, batch_tokens=a.batch_tokens, add_bos=not a.no_bos)
+    tasks = [load_task(spec, on_error=a.on_error, seed=a.seed) for spec in a.task]
+    pred_dir = a.predictions or (str(Path(a.out).with_suffix("")) + ".predictions" if a.out else None)
     results = {}
-    for spec in a.task:
-        task = load_task(spec, on_error=a.on_error, seed=a.seed)
+    for key, task in zip(unique_keys(tasks), tasks):
         res = evaluate_task(
             model,
             tok,
@@ -63,15 +65,18 @@ def cmd_tasks(a) -> int:
             scorer=scorer,
             limit=a.limit,
             num_fewshot=a.num_fewshot,
-            keep_predictions=False,
+            keep_predictions=pred_dir is not None,
             n_samples=a.n_samples,
             temperature=a.temperature,
             ks=a.pass_k or [1],
             seed=a.seed,
             max_new_tokens=min(a.max_new_tokens or task.max_new_tokens, model.cfg.max_seq_len // 2),
         )
-        results[task.name] = res
-        parts = [f"{task.name:<14} n={res['n']:<5}"]
+        preds = res.pop("predictions", None)
+        if preds is not None:
+            atomic_write_text(Path(pred_dir) / f"{key}.jsonl", predictions_jsonl(preds))
+        results[key] = res
+        parts = [f"{key:<14} n={res['n']:<5}"]
         for k in ("acc", "acc_norm", "exact_match", *[f"pass@{k}" for k in (a.pass_k or [])]):
             if k in res:
                 parts.append(f"{k} {_fmt_ci(res[k])}")
@@ -80,6 +85,8 @@ def cmd_tasks(a) -> int:
         if sum(res["skipped"].values()) or res.get("truncated"):
             parts.append(f"skipped {res['skipped']} truncated {res['truncated']}")
         print("  ".join(parts))
+    if pred_dir is not None:
+        print(f"per-item predictions in {pred_dir}/")
     _save(a, results)
     return 0
 
@@ -189,8 +196,8 @@ def _answers(src: str, prompts: list[str], a) -> list[str]:
     """A model folder (answers generated greedily) or a JSONL/TXT of answers, one per prompt."""
     p = Path(src)
     if p.is_dir():
+        from ..serve.loading import load_model_and_tokenizer
         from .judge import generate_answers
-        from .loading import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(p, device=a.device)
         return generate_answers(model, tok, prompts, max_new_tokens=a.max_new_tokens)
@@ -212,8 +219,8 @@ def _answers(src: str, prompts: list[str], a) -> list[str]:
 
 
 def cmd_judge_compare(a) -> int:
+    from ..serve.loading import load_model_and_tokenizer
     from .judge import LMJudge, RewardModelJudge, compare
-    from .loading import load_model_and_tokenizer
 
     prompts = _read_prompts(a.prompts)
     ans_a, ans_b = _answers(a.a, prompts, a), _answers(a.b, prompts, a)
@@ -236,6 +243,8 @@ def cmd_judge_compare(a) -> int:
         tie_margin=a.tie_margin,
         names=(Path(a.a).name, Path(a.b).name),
     )
+    if a.reward_model:
+        res["reward_scoring"] = judge.mode
     print(
         f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} "
         f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}] over {res['n']} prompts "
@@ -344,6 +353,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-new-tokens", type=int, help="generative: token budget")
     t.add_argument("--no-bos", action="store_true", help="do not prepend BOS to contexts")
     t.add_argument("--out", help="write the full results JSON here")
+    t.add_argument(
+        "--predictions",
+        help="write per-item predictions to DIR/<task>.jsonl (default with --out: <out>.predictions/)",
+    )
     t.set_defaults(func=cmd_tasks)
 
     pp = subparsers.add_parser(
@@ -426,7 +439,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _pair_args(jc)
     jc.add_argument("--judge-model", help="LM folder asked 'which response is better' (both orders)")
-    jc.add_argument("--reward-model", help="HF sequence-classification reward model folder")
+    jc.add_argument(
+        "--reward-model",
+        help="reward model folder (lmforge reward or HF sequence-classification); answers are scored "
+        "as chat turns, the way the reward stage trains",
+    )
     jc.add_argument("--no-swap", action="store_true", help="judge in one order only (keeps position bias)")
     jc.add_argument("--tie-margin", type=float, default=0.05, help="|P(A better) - 0.5| below this is a tie")
     jc.add_argument("--out")
@@ -437,7 +454,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     je.add_argument("--seed", type=int, default=0)
     je.set_defaults(func=cmd_judge_export)
     ji = js.add_parser(
-        "import", help="read raters' verdicts back: win rate with a 95% interval", epilog=EPILOG
+        "import", help="read raters' verdicts back: win rate with a 95%% interval", epilog=EPILOG
     )
     ji.add_argument("sheet", help="the filled CSV (id, verdict = 1 | 2 | tie)")
     ji.add_argument("--key", help="the key file (default: <sheet>.key.json)")

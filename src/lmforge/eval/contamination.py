@@ -28,9 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.readers import iter_documents
+from ..data.shards import load_shard
 from ..data.steps.decontam import ngram_hashes, words_of
 from ..errors import DataError
+from ..tokenizer import LMTokenizer
 from .loglik import Scorer
+from .perplexity import shard_documents
 from .tasks import Task
 
 
@@ -121,13 +125,7 @@ def iter_corpus(spec: str | Path) -> Iterable[str]:
     tokenizer-stage folder (token shards decoded back to text: works whatever the data format)."""
     p = Path(spec)
     if p.is_dir() and (p / "train.json").exists() and (p / "tokenizer.json").exists():
-        from ..data.shards import load_shard
-        from ..tokenizer import LMTokenizer
-        from .perplexity import shard_documents
-
         return shard_documents(load_shard(p, "train"), LMTokenizer.load(p), max_docs=10**12)
-    from ..data.readers import iter_documents
-
     return (d.text for d in iter_documents([str(spec)]))
 
 

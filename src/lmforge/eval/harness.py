@@ -33,9 +33,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
         "the lm-evaluation-harness adapter needs the `lm-eval` package: pip install lm-eval"
     ) from e
 
+from ..serve.loading import load_model_and_tokenizer
 from ..tokenizer import LMTokenizer
 from .generative import generate_texts
-from .loading import load_model_and_tokenizer
 from .loglik import Scorer
 
 

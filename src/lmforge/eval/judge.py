@@ -2,9 +2,9 @@
 
 Judges (anything with ``prefer_many([(prompt, first, second), ...]) -> [P(first is better)]``):
 
-- `RewardModelJudge`: scores each answer alone with a reward model -- a Hugging Face sequence
-  classification folder with one output (the TRL reward-model format) or any Python function --
-  and returns sigmoid(r_first - r_second).
+- `RewardModelJudge`: scores each answer alone with a reward model -- through
+  `align.reward_scoring.RewardScorer`, which renders (prompt, answer) as chat turns exactly as the
+  reward stage trains on them (or any Python function) -- and returns sigmoid(r_first - r_second).
 - `LMJudge`: asks a judge language model which response is better and compares the likelihood
   of " A" against " B" after the question (no free-text parsing, no refusals to handle).
 
@@ -32,8 +32,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from ..align.reward_scoring import RewardScorer
 from ..errors import DataError
 from ..runs import atomic_write_json, atomic_write_text
+from ..tokenizer import render_chat
+from .generative import generate_texts
+from .loglik import Scorer
 from .stats import wilson
 
 
@@ -47,43 +51,34 @@ def _sigmoid(x: float) -> float:
 
 
 class RewardModelJudge:
-    def __init__(self, score: Callable[[str, str], float]):
-        self.score = score
+    """P(first better) = sigmoid(r_first - r_second), each answer scored alone with its prompt.
+    `score_many(prompts, answers) -> rewards` is normally a reward model's
+    `align.reward_scoring.RewardScorer.score_answers` (the turns rendered as the model was
+    trained); `score(prompt, answer) -> float` wraps any Python function."""
+
+    def __init__(
+        self,
+        score: Callable[[str, str], float] | None = None,
+        *,
+        score_many: Callable[[list[str], list[str]], list[float]] | None = None,
+        mode: str = "function",
+    ):
+        if (score is None) == (score_many is None):
+            raise ValueError("RewardModelJudge needs exactly one of score or score_many")
+        self.score_many = score_many or (lambda ps, ans: [float(score(p, a)) for p, a in zip(ps, ans)])
+        self.mode = mode
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> RewardModelJudge:
-        """A reward model saved as a `transformers` sequence-classification folder (num_labels=1)."""
-        try:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        except ImportError as e:  # pragma: no cover
-            raise DataError("reward-model judging needs `transformers` (pip install lmforge[hf])") from e
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise DataError(f"{path}: not a model folder (no config.json)")
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-        if model.config.num_labels != 1:
-            raise DataError(
-                f"{path}: a reward model has one output (num_labels=1), this has {model.config.num_labels}"
-            )
-
-        @torch.no_grad()
-        def score(prompt: str, answer: str) -> float:
-            enc = tok(prompt, answer, return_tensors="pt", truncation=True).to(device)
-            return float(model(**enc).logits[0, 0])
-
-        return cls(score)
+        """A reward model folder (lmforge's or any HF sequence-classification model, num_labels=1)."""
+        scorer = RewardScorer.from_dir(path, device)
+        return cls(score_many=scorer.score_answers, mode=scorer.mode)
 
     def prefer_many(self, items):
-        cache: dict[tuple[str, str], float] = {}
-
-        def r(p, a):
-            if (p, a) not in cache:
-                cache[(p, a)] = float(self.score(p, a))
-            return cache[(p, a)]
-
-        return [_sigmoid(r(p, a) - r(p, b)) for p, a, b in items]
+        pairs = list(dict.fromkeys((p, x) for p, a, b in items for x in (a, b)))
+        rewards = self.score_many([p for p, _ in pairs], [x for _, x in pairs])
+        r = dict(zip(pairs, rewards))
+        return [_sigmoid(r[(p, a)] - r[(p, b)]) for p, a, b in items]
 
 
 JUDGE_TEMPLATE = (
@@ -103,8 +98,6 @@ class LMJudge:
         labels: tuple[str, str] = (" A", " B"),
         batch_tokens: int = 8192,
     ):
-        from .loglik import Scorer
-
         self.scorer = Scorer(model, tok, batch_tokens=batch_tokens)
         self.template, self.labels = template, labels
 
@@ -146,7 +139,8 @@ def compare(
     tie_margin: float = 0.05,
     names: tuple[str, str] = ("A", "B"),
 ) -> dict:
-    """Judge A against B on every prompt; with `swap`, in both orders to cancel position bias."""
+    """Judge A against B on every prompt; with `swap`, in both orders to cancel position bias.
+    Each item keeps the two answers it judged, so a verdict can be read next to what it judged."""
     if not (len(prompts) == len(answers_a) == len(answers_b)):
         raise DataError(
             f"{len(prompts)} prompts, {len(answers_a)} answers of A, {len(answers_b)} of B: "
@@ -162,6 +156,8 @@ def compare(
         items.append(
             {
                 "prompt": p,
+                "answer_a": answers_a[i],
+                "answer_b": answers_b[i],
                 "p_a_better": round(pa, 4),
                 "verdict": v,
                 "a_first": round(ab[i], 4),
@@ -191,9 +187,6 @@ def generate_answers(
     seed: int = 0,
 ) -> list[str]:
     """Greedy (or sampled) answers; chat-formatted when the tokenizer has lmforge's chat tokens."""
-    from ..tokenizer import render_chat
-    from .generative import generate_texts
-
     use_chat = chat if chat is not None else tok.end_id is not None
     if use_chat:
         texts = [render_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]

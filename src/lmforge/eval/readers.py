@@ -4,10 +4,16 @@ A task is named by a string, so configs and the CLI can list tasks:
 
     builtin                     sentence-ending cloze built from the run's validation text
     mmlu:PATH                   MMLU CSV file or folder of <subject>_<split>.csv (letters A-D, as
-                                the harness scores it); mmlu_cloze:PATH scores the answer texts
-    arc:PATH                    ARC JSONL ({question, choices: {text, label}, answerKey})
+                                the harness scores it); mmlu_cloze:PATH scores the answer texts.
+                                The standard dev/ + test/ layout evaluates test, shots = the first
+                                k dev items of the subject
+    arc:PATH                    ARC JSONL: HF's {question, choices: {text, label}, answerKey}, AI2's
+                                {question: {stem, choices}, answerKey}, or {question, options:
+                                [{label, text}], answer}
     hellaswag:PATH              HellaSwag JSONL (ctx or ctx_a/ctx_b, activity_label, endings, label)
     gsm8k:PATH                  GSM8K JSONL file, or a folder (test*.jsonl items, train.jsonl shots)
+
+A missing field names the shapes a reader accepts in its error.
     PATH.yaml | PATH.json       a task spec (below)
     PATH.jsonl                  items only: multiple choice if they have `choices`, else generative
 
@@ -19,7 +25,8 @@ A task spec lets a user add a task without code (YAML or JSON)::
     fewshot_data: capitals_dev.jsonl # optional; default: the other items
     prompt: "Q: What is the capital of {country}?\\nA:"   # str.format over the item's fields
     choices: options                 # field holding the list, or a list of templates ["{a}", "{b}"]
-    answer: label                    # field: an index, a label (A, B, ... or `labels:`) or the text of a choice
+    answer: label                    # field: an index, a label (A, B, ... or `labels:`), else the text
+                                     # of a choice (an index wins: numeric choices stay unambiguous)
     target: "{answer_text}"          # optional: what follows the prompt in few-shot examples
     num_fewshot: 2
     seed: 1234
@@ -40,233 +47,180 @@ import csv
 import io
 import random
 import re
-import string
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..config import parse_yaml
-from ..data.readers import loads_json
 from ..errors import DataError
+from .items import (
+    LETTERS,
+    BadItem,
+    Problems,
+    check_choices,
+    check_index,
+    make_task,
+    need,
+    read_items,
+    read_text,
+)
+from .specs import read_items_file, read_spec
 from .tasks import Doc, Task
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class _Problems:
-    """Raise on the first malformed item, or count it and go on."""
-
-    def __init__(self, on_error: str):
-        if on_error not in ("raise", "skip"):
-            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error = on_error
-        self.counts: Counter = Counter()
-
-    def __call__(self, where: str, reason: str, detail: str) -> None:
-        if self.on_error == "raise":
-            raise DataError(
-                f"{where}: {detail} [{reason}]; fix the item, or evaluate with on_error=skip "
-                f"to skip and count such items"
-            )
-        self.counts[reason] += 1
-
-
-class _Bad(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def _need(rec: dict, key: str, where_key: str | None = None) -> Any:
-    if not isinstance(rec, dict) or key not in rec or rec[key] is None:
-        raise _Bad("missing_" + (where_key or key), f"field {where_key or key!r} is missing")
-    return rec[key]
-
-
-def _check_choices(choices: Any) -> list[str]:
-    if not isinstance(choices, list) or not choices:
-        raise _Bad("no_choices", "the item has no choices")
-    out = []
-    for j, c in enumerate(choices):
-        if not isinstance(c, (str, int, float)) or not str(c).strip():
-            raise _Bad("empty_choice", f"choice {j} is empty")
-        out.append(str(c))
-    return out
-
-
-def _check_index(gold: Any, n: int) -> int:
-    if isinstance(gold, bool) or not isinstance(gold, int):
-        raise _Bad("bad_answer", f"answer {gold!r} is not an index")
-    if not 0 <= gold < n:
-        raise _Bad("answer_out_of_range", f"answer index {gold} is out of range for {n} choices")
-    return gold
-
-
-# ----------------------------------------------------------------------------- file access
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-
-
-def iter_records(path: Path, problems: _Problems) -> Iterator[tuple[str, dict]]:
-    """(where, record) from JSONL, a JSON array or a CSV with a header."""
-    text = _read_text(path)
-    name = path.name.lower()
-    if name.endswith(".csv") or name.endswith(".tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if name.endswith(".tsv") else ",")
-        for row in reader:
-            yield f"{path}:{reader.line_num}", dict(row)
-        return
-    if name.endswith(".json") and text.lstrip().startswith("["):
-        items, err = loads_json(text)
-        if err is not None:
-            raise DataError(f"{path}: {err}")
-        for i, rec in enumerate(items):
-            yield f"{path}[{i}]", rec
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        rec, err = loads_json(line)
-        if err is not None:
-            problems(f"{path}:{n}", "invalid_json", err)
-            continue
-        if not isinstance(rec, dict):
-            problems(f"{path}:{n}", "not_an_object", "each line must be a JSON object")
-            continue
-        yield f"{path}:{n}", rec
-
-
-def _read_items(path: Path, problems: _Problems, build: Callable[[dict, str], Doc | None]) -> list[Doc]:
-    docs = []
-    for where, rec in iter_records(path, problems):
-        try:
-            doc = build(rec, where)
-        except _Bad as b:
-            problems(where, b.reason, b.detail)
-            continue
-        if doc is not None:
-            if not doc.id:
-                doc.id = where.rsplit("/", 1)[-1]
-            docs.append(doc)
-    if not docs:
-        raise DataError(
-            f"{path}: no usable items" + (f" (skipped: {dict(problems.counts)})" if problems.counts else "")
-        )
-    return docs
-
-
-def _task(name: str, kind: str, docs: list[Doc], problems: _Problems, source: Path, **kw) -> Task:
-    t = Task(name=name, kind=kind, docs=docs, source=str(source), **kw)
-    t.skipped = Counter(problems.counts)
-    return t
-
 
 # ----------------------------------------------------------------------------- MMLU
 MMLU_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
 
 
-def _mmlu_files(path: Path) -> list[Path]:
+_SPLIT = re.compile(r"_(dev|val|test|train)$")
+
+
+def _split_of(f: Path) -> str | None:
+    m = _SPLIT.search(f.stem)
+    return m.group(1) if m else None
+
+
+def _mmlu_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """(files to evaluate, few-shot files). The standard layout (`dev/`, `val/`, `test/` folders of
+    `<subject>_<split>.csv`, or those files side by side) evaluates `test` and takes the shots from
+    `dev`, as the harness does; pointing at one split's folder or file takes the shots from the
+    sibling `dev` files when they exist. Anything else is evaluated whole (shots: other items)."""
     if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.csv")) or sorted(path.glob("*/*.csv"))
-        if files:
-            return files
-        raise DataError(f"{path}: no MMLU *.csv files in this folder")
-    raise DataError(f"{path}: no such file or folder")
+        files = [path]
+    elif path.is_dir():
+        files = sorted(path.glob("*.csv"))
+        if not files and (path / "test").is_dir():
+            files = sorted((path / "test").glob("*.csv"))
+        elif not files:
+            files = sorted(path.glob("*/*.csv"))
+        if not files:
+            raise DataError(f"{path}: no MMLU *.csv files in this folder")
+    else:
+        raise DataError(f"{path}: no such file or folder")
+    splits = {_split_of(f) for f in files}
+    if "test" in splits and len(splits) > 1:  # test and dev (and val) files side by side
+        files = [f for f in files if _split_of(f) == "test"]
+    if {_split_of(f) for f in files} == {"dev"}:
+        return files, []
+    shots = []
+    for f in files:
+        subject = _SPLIT.sub("", f.stem)
+        for cand in (f.parent / f"{subject}_dev.csv", f.parent.parent / "dev" / f"{subject}_dev.csv"):
+            if cand.is_file() and cand != f:
+                shots.append(cand)
+                break
+    return files, shots
+
+
+def _mmlu_rows(f: Path, style: str, problems: Problems, split_tag: str = "") -> list[Doc]:
+    """The items of one MMLU CSV: header question,choice0..3,answer (0-based index) or the original
+    headerless rows (question, A, B, C, D, letter)."""
+    subject = _SPLIT.sub("", f.stem)
+    desc = (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    )
+    rows = list(csv.reader(io.StringIO(read_text(f))))
+    start = 1 if rows and [c.strip().lower() for c in rows[0]] == MMLU_HEADER else 0
+    docs = []
+    for n, row in enumerate(rows[start:], start + 1):
+        if not row or not any(c.strip() for c in row):
+            continue
+        try:
+            if len(row) != 6:
+                raise BadItem(
+                    "wrong_column_count", f"expected 6 columns (question, 4 choices, answer), got {len(row)}"
+                )
+            q, choices, ans = row[0], check_choices(row[1:5]), row[5].strip()
+            if not ans:
+                raise BadItem("missing_answer", "the answer column is empty")
+            if ans.upper() in LETTERS[:4] and not ans.isdigit():
+                gold = LETTERS.index(ans.upper())
+            elif ans.lstrip("-").isdigit():
+                gold = check_index(int(ans), len(choices))
+            else:
+                raise BadItem("bad_answer", f"answer {ans!r} is neither an index 0-3 nor a letter A-D")
+        except BadItem as b:
+            problems(f"{f}:{n}", b.reason, b.detail)
+            continue
+        if style == "letters":
+            query = (
+                q.strip() + "\n" + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices)) + "Answer:"
+            )
+            shown = list(LETTERS[:4])
+        else:
+            query, shown = f"Question: {q.strip()}\nAnswer:", choices
+        docs.append(Doc(query, shown, gold, id=f"{subject}/{split_tag}{n}", group=subject, description=desc))
+    return docs
 
 
 def read_mmlu(path: str | Path, *, style: str = "letters", on_error: str = "raise") -> Task:
-    """MMLU: CSV with header question,choice0..3,answer (0-based index) or the original headerless
-    files (question, A, B, C, D, letter). Few-shot examples come from the same subject."""
+    """MMLU (see `_mmlu_files` for the layouts). Few-shot examples come from the same subject: the
+    first k of its dev items, in file order, when there are dev files (the standard protocol),
+    else drawn from the subject's other items."""
     path = Path(path)
-    problems = _Problems(on_error)
-    docs: list[Doc] = []
-    for f in _mmlu_files(path):
-        subject = re.sub(r"_(dev|val|test|train)$", "", f.stem)
-        rows = list(csv.reader(io.StringIO(_read_text(f))))
-        start = 1 if rows and [c.strip().lower() for c in rows[0]] == MMLU_HEADER else 0
-        for n, row in enumerate(rows[start:], start + 1):
-            where = f"{f}:{n}"
-            if not row or not any(c.strip() for c in row):
-                continue
-            try:
-                if len(row) != 6:
-                    raise _Bad(
-                        "wrong_column_count",
-                        f"expected 6 columns (question, 4 choices, answer), got {len(row)}",
-                    )
-                q, choices, ans = row[0], _check_choices(row[1:5]), row[5].strip()
-                if not ans:
-                    raise _Bad("missing_answer", "the answer column is empty")
-                if ans.upper() in LETTERS[:4] and not ans.isdigit():
-                    gold = LETTERS.index(ans.upper())
-                elif ans.lstrip("-").isdigit():
-                    gold = _check_index(int(ans), len(choices))
-                else:
-                    raise _Bad("bad_answer", f"answer {ans!r} is neither an index 0-3 nor a letter A-D")
-            except _Bad as b:
-                problems(where, b.reason, b.detail)
-                continue
-            desc = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            if style == "letters":
-                query = (
-                    q.strip()
-                    + "\n"
-                    + "".join(f"{LETTERS[j]}. {c}\n" for j, c in enumerate(choices))
-                    + "Answer:"
-                )
-                docs.append(
-                    Doc(query, list(LETTERS[:4]), gold, id=f"{subject}/{n}", group=subject, description=desc)
-                )
-            else:
-                docs.append(
-                    Doc(
-                        f"Question: {q.strip()}\nAnswer:",
-                        choices,
-                        gold,
-                        id=f"{subject}/{n}",
-                        group=subject,
-                        description=desc,
-                    )
-                )
+    problems = Problems(on_error)
+    eval_files, shot_files = _mmlu_files(path)
+    docs = [d for f in eval_files for d in _mmlu_rows(f, style, problems)]
     if not docs:
         raise DataError(f"{path}: no usable MMLU rows (skipped: {dict(problems.counts)})")
-    return _task("mmlu" if style == "letters" else "mmlu_cloze", "multiple_choice", docs, problems, path)
-
-
-# ----------------------------------------------------------------------------- ARC
-def _arc_doc(rec: dict, where: str) -> Doc:
-    q = _need(rec, "question")
-    ch = _need(rec, "choices")
-    if isinstance(ch, dict):
-        texts, labels = ch.get("text"), ch.get("label")
-    else:
-        texts, labels = ch, None
-    texts = _check_choices(texts)
-    labels = [str(x) for x in (labels or LETTERS[: len(texts)])]
-    if len(labels) != len(texts):
-        raise _Bad("label_count", f"{len(labels)} labels for {len(texts)} choices")
-    key = rec.get("answerKey", rec.get("answer"))
-    if key is None or str(key).strip() == "":
-        raise _Bad("missing_answer", "field 'answerKey' is missing")
-    if str(key) not in labels:
-        raise _Bad("answer_not_in_labels", f"answerKey {key!r} is not one of the labels {labels}")
-    return Doc(
-        f"Question: {str(q).strip()}\nAnswer:", texts, labels.index(str(key)), id=str(rec.get("id", ""))
+    shots = [d for f in shot_files for d in _mmlu_rows(f, style, Problems("skip"), "dev/")]
+    return make_task(
+        "mmlu" if style == "letters" else "mmlu_cloze",
+        "multiple_choice",
+        docs,
+        problems,
+        path,
+        fewshot_docs=shots or None,
+        fewshot_sampler="first_n" if shots else "random",
     )
 
 
+# ----------------------------------------------------------------------------- ARC
+ARC_SHAPES = (
+    "ARC items look like {question, choices: {text: [...], label: [...]}, answerKey} (Hugging Face "
+    "ai2_arc), {question: {stem, choices: [{label, text}, ...]}, answerKey} (AI2's JSONL), or "
+    "{question, options: [{label, text}, ...] | [text, ...], answer: label | index}"
+)
+
+
+def _arc_choices(rec: dict) -> tuple[Any, Any, Any]:
+    """(question text, choice texts, labels) from any of the ARC shapes."""
+    q = need(rec, "question")
+    if isinstance(q, dict):  # AI2's original JSONL: the choices sit inside the question
+        q, ch = need(q, "stem", "question.stem"), q.get("choices")
+    else:
+        ch = rec.get("choices", rec.get("options"))
+    if ch is None:
+        raise BadItem("missing_choices", "field 'choices' (or 'options') is missing")
+    if isinstance(ch, dict):
+        return q, ch.get("text"), ch.get("label")
+    if isinstance(ch, list) and ch and all(isinstance(c, dict) for c in ch):
+        texts = [c.get("text", c.get("content")) for c in ch]
+        labels = [c.get("label", c.get("key")) for c in ch]
+        return q, texts, None if any(x is None for x in labels) else labels
+    return q, ch, None
+
+
+def _arc_doc(rec: dict, where: str) -> Doc:
+    q, texts, labels = _arc_choices(rec)
+    texts = check_choices(texts)
+    labels = [str(x).strip() for x in (labels or LETTERS[: len(texts)])]
+    if len(labels) != len(texts):
+        raise BadItem("label_count", f"{len(labels)} labels for {len(texts)} choices")
+    key = rec.get("answerKey", rec.get("answer", rec.get("label")))
+    if key is None or str(key).strip() == "":
+        raise BadItem("missing_answer", "field 'answerKey' (or 'answer') is missing")
+    if str(key).strip() in labels:
+        gold = labels.index(str(key).strip())
+    elif isinstance(key, int) and not isinstance(key, bool):
+        gold = check_index(key, len(texts))
+    else:
+        raise BadItem("answer_not_in_labels", f"answerKey {key!r} is not one of the labels {labels}")
+    return Doc(f"Question: {str(q).strip()}\nAnswer:", texts, gold, id=str(rec.get("id", "")))
+
+
 def read_arc(path: str | Path, *, on_error: str = "raise") -> Task:
-    p = _Problems(on_error)
+    p = Problems(on_error)
     path = Path(path)
-    return _task("arc", "multiple_choice", _read_items(path, p, _arc_doc), p, path)
+    return make_task("arc", "multiple_choice", read_items(path, p, _arc_doc, ARC_SHAPES), p, path)
 
 
 # ----------------------------------------------------------------------------- HellaSwag
@@ -276,57 +230,73 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
+HELLASWAG_SHAPES = (
+    "HellaSwag items look like {ctx (or ctx_a + ctx_b), activity_label (optional), endings: [4 "
+    "strings], label: index} (Rowan Zellers' JSONL and Hugging Face hellaswag)"
+)
+
+
 def _hellaswag_doc(rec: dict, where: str) -> Doc:
     if "ctx_a" in rec:
         ctx = str(rec["ctx_a"]) + " " + str(rec.get("ctx_b", "")).capitalize()
     else:
-        ctx = str(_need(rec, "ctx"))
+        ctx = str(need(rec, "ctx"))
     label = rec.get("activity_label", "")
     query = hellaswag_preprocess(f"{label}: {ctx}" if label else ctx)
-    endings = _check_choices(_need(rec, "endings"))
-    gold = _need(rec, "label", "label")
+    endings = check_choices(need(rec, "endings"))
+    gold = need(rec, "label", "label")
     if isinstance(gold, str) and gold.strip().lstrip("-").isdigit():
         gold = int(gold)
-    gold = _check_index(gold, len(endings))
+    gold = check_index(gold, len(endings))
     return Doc(
         query, [hellaswag_preprocess(e) for e in endings], gold, id=str(rec.get("idx", rec.get("ind", "")))
     )
 
 
 def read_hellaswag(path: str | Path, *, on_error: str = "raise") -> Task:
-    p = _Problems(on_error)
+    p = Problems(on_error)
     path = Path(path)
-    return _task("hellaswag", "multiple_choice", _read_items(path, p, _hellaswag_doc), p, path)
+    docs = read_items(path, p, _hellaswag_doc, HELLASWAG_SHAPES)
+    return make_task("hellaswag", "multiple_choice", docs, p, path)
 
 
 # ----------------------------------------------------------------------------- GSM8K
+GSM8K_SHAPES = (
+    "GSM8K items look like {question, answer: 'worked solution ... #### 72'} (OpenAI's JSONL and "
+    "Hugging Face gsm8k), or {question, answer: 72} with a bare final number"
+)
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
 def _gsm8k_doc(rec: dict, where: str) -> Doc:
-    q = str(_need(rec, "question")).strip()
-    sol = str(_need(rec, "answer"))
+    q = str(need(rec, "question")).strip()
+    sol = str(need(rec, "answer")).strip()
     if "####" not in sol:
-        raise _Bad("missing_answer", "answer has no '#### <number>' final answer")
+        if not _NUMBER.fullmatch(sol):
+            raise BadItem("missing_answer", "answer has no '#### <number>' final answer and is not a number")
+        return Doc(f"Question: {q}\nAnswer:", target=f"#### {sol}", answer=sol.replace(",", ""))
     final = sol.rsplit("####", 1)[1].strip().replace(",", "")
     if not final:
-        raise _Bad("missing_answer", "nothing after '####'")
-    return Doc(f"Question: {q}\nAnswer:", target=sol.strip(), answer=final)
+        raise BadItem("missing_answer", "nothing after '####'")
+    return Doc(f"Question: {q}\nAnswer:", target=sol, answer=final)
 
 
 def read_gsm8k(path: str | Path, *, on_error: str = "raise") -> Task:
     """GSM8K: 'Question: ...\\nAnswer:' prompts, shots show the worked solution ending in
     '#### N'; greedy until a blank line or the next 'Question:'; numeric exact match."""
     path = Path(path)
-    p = _Problems(on_error)
+    p = Problems(on_error)
     shots = None
     if path.is_dir():
         tests = sorted(path.glob("test*.jsonl"))
         if not tests:
             raise DataError(f"{path}: no test*.jsonl in this GSM8K folder")
-        docs = [d for f in tests for d in _read_items(f, p, _gsm8k_doc)]
+        docs = [d for f in tests for d in read_items(f, p, _gsm8k_doc, GSM8K_SHAPES)]
         if (path / "train.jsonl").exists():
-            shots = _read_items(path / "train.jsonl", _Problems("skip"), _gsm8k_doc)
+            shots = read_items(path / "train.jsonl", Problems("skip"), _gsm8k_doc, GSM8K_SHAPES)
     else:
-        docs = _read_items(path, p, _gsm8k_doc)
-    return _task(
+        docs = read_items(path, p, _gsm8k_doc, GSM8K_SHAPES)
+    return make_task(
         "gsm8k",
         "generate",
         docs,
@@ -338,228 +308,6 @@ def read_gsm8k(path: str | Path, *, on_error: str = "raise") -> Task:
         max_new_tokens=256,
         extract="number",
     )
-
-
-# ----------------------------------------------------------------------------- task specs
-class _Template(string.Formatter):
-    """str.format over an item's fields; no attribute access, clear error on a missing field."""
-
-    def get_field(self, field_name, args, kwargs):
-        if "." in field_name:
-            raise _Bad("bad_template", f"template field {field_name!r}: attribute access is not allowed")
-        return super().get_field(field_name, args, kwargs)
-
-    def get_value(self, key, args, kwargs):
-        if isinstance(key, int) or key not in kwargs:
-            raise _Bad("missing_field", f"the template needs field {key!r}, which the item lacks")
-        return kwargs[key]
-
-
-_FMT = _Template()
-
-
-def _fill(template: str, rec: dict) -> str:
-    try:
-        return _FMT.format(template, **rec)
-    except (IndexError, KeyError, ValueError, TypeError) as e:
-        raise _Bad("bad_template", f"template {template!r}: {e}") from None
-
-
-SPEC_KEYS = {
-    "name",
-    "type",
-    "data",
-    "examples",
-    "fewshot_data",
-    "prompt",
-    "choices",
-    "answer",
-    "labels",
-    "target",
-    "num_fewshot",
-    "seed",
-    "description",
-    "target_delimiter",
-    "fewshot_delimiter",
-    "until",
-    "max_new_tokens",
-    "extract",
-}
-
-
-def _default_prompt(rec: dict) -> str:
-    for k in ("query", "context", "prompt"):
-        if k in rec:
-            return str(rec[k])
-    if "question" in rec:
-        return f"Question: {rec['question']}\nAnswer:"
-    raise _Bad(
-        "missing_prompt", "the item has no query/context/prompt/question field and the spec no `prompt:`"
-    )
-
-
-def _spec_builder(spec: dict, kind: str) -> Callable[[dict, str], Doc]:
-    prompt_t = spec.get("prompt")
-    choices_spec = spec.get("choices", "choices")
-    answer_key = spec.get("answer")
-    labels = spec.get("labels")
-    target_t = spec.get("target")
-
-    def build(rec: dict, where: str) -> Doc:
-        query = _fill(prompt_t, rec) if prompt_t else _default_prompt(rec)
-        target = _fill(target_t, rec) if target_t else None
-        keys = [answer_key] if answer_key else ["answer", "gold", "label"]
-        key = next((k for k in keys if k in rec and rec[k] is not None and str(rec[k]).strip() != ""), None)
-        if kind == "generate":
-            if key is None:
-                raise _Bad("missing_answer", f"field {keys[0]!r} (the reference answer) is missing")
-            return Doc(query, target=target, answer=str(rec[key]), id=str(rec.get("id", "")))
-        if isinstance(choices_spec, list):
-            raw = [_fill(str(c), rec) for c in choices_spec]
-        else:
-            raw = rec.get(choices_spec)
-            if isinstance(raw, dict) and "text" in raw:
-                raw = raw["text"]
-            if raw is None:
-                raise _Bad("no_choices", f"field {choices_spec!r} (the choices) is missing")
-        choices = _check_choices(raw)
-        if key is None:
-            raise _Bad("missing_answer", f"field {keys[0]!r} (the answer) is missing")
-        gold = _resolve_answer(rec[key], choices, labels)
-        return Doc(query, choices, gold, target=target, id=str(rec.get("id", "")))
-
-    return build
-
-
-def _resolve_answer(ans: Any, choices: list[str], labels: list[str] | None) -> int:
-    if isinstance(ans, bool):
-        raise _Bad("bad_answer", f"answer {ans!r} is not an index, label or choice")
-    if isinstance(ans, int):
-        return _check_index(ans, len(choices))
-    s = str(ans).strip()
-    labs = [str(x) for x in (labels or LETTERS[: len(choices)])]
-    if s in labs:
-        j = labs.index(s)
-        if j >= len(choices):
-            raise _Bad(
-                "answer_out_of_range", f"answer label {s!r} is out of range for {len(choices)} choices"
-            )
-        return j
-    if s in choices:
-        return choices.index(s)
-    if s.lstrip("-").isdigit():
-        return _check_index(int(s), len(choices))
-    raise _Bad(
-        "answer_not_a_choice",
-        f"answer {s!r} is not an index, a label ({', '.join(labs)}) or one of the choices",
-    )
-
-
-def read_spec(path: str | Path, *, on_error: str = "raise") -> Task:
-    """A YAML/JSON task spec (see the module docstring)."""
-    path = Path(path)
-    spec = parse_yaml(_read_text(path), str(path), DataError)
-    if not isinstance(spec, dict):
-        raise DataError(f"{path}: a task spec must be a mapping (name:, data:, prompt:, ...)")
-    unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown:
-        raise DataError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(SPEC_KEYS))}")
-    kind = spec.get("type", "multiple_choice")
-    if kind not in ("multiple_choice", "generate"):
-        raise DataError(f"{path}: type must be multiple_choice or generate, got {kind!r}")
-    kw = _spec_settings(path, spec)
-    for key in ("prompt", "target"):
-        if key in spec and not isinstance(spec[key], str):
-            raise DataError(f"{path}: `{key}` must be a template string, got {type(spec[key]).__name__}")
-    p = _Problems(on_error)
-    build = _spec_builder(spec, kind)
-    docs = _spec_items(path, spec, "data", "examples", p, build, required=True)
-    shots = _spec_items(path, spec, "fewshot_data", None, _Problems("skip"), build, required=False)
-    return _task(str(spec.get("name") or path.stem), kind, docs, p, path, fewshot_docs=shots, **kw)
-
-
-def _spec_settings(path: Path, spec: dict) -> dict:
-    """The prompting / generation settings of a spec, type-checked here so that a wrong value
-    is an error naming the file and key now, not a TypeError in the middle of an evaluation."""
-    kw: dict = {}
-
-    def bad(key: str, rule: str):
-        raise DataError(f"{path}: `{key}` {rule}, got {spec[key]!r}")
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if "num_fewshot" in spec:
-        if not is_int(spec["num_fewshot"]) or spec["num_fewshot"] < 0:
-            bad("num_fewshot", "must be an integer >= 0")
-        kw["num_fewshot"] = spec["num_fewshot"]
-    if "seed" in spec:
-        if not is_int(spec["seed"]):
-            bad("seed", "must be an integer")
-        kw["seed"] = spec["seed"]
-    for key in ("description", "target_delimiter", "fewshot_delimiter"):
-        if key in spec:
-            if not isinstance(spec[key], str):
-                bad(key, "must be a string")
-            kw[key] = spec[key]
-    if "until" in spec:
-        until = [spec["until"]] if isinstance(spec["until"], str) else spec["until"]
-        if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
-            bad("until", "must be a non-empty string or a list of them")
-        kw["until"] = until
-    if "max_new_tokens" in spec:
-        if not is_int(spec["max_new_tokens"]) or spec["max_new_tokens"] < 1:
-            bad("max_new_tokens", "must be an integer >= 1")
-        kw["max_new_tokens"] = spec["max_new_tokens"]
-    if "extract" in spec:
-        ex = spec["extract"]
-        if not isinstance(ex, str) or not (ex in ("text", "number") or ex.startswith("regex:")):
-            bad("extract", "must be text, number or regex:PATTERN")
-        if ex.startswith("regex:"):
-            try:
-                re.compile(ex[len("regex:") :])
-            except re.error as e:
-                raise DataError(f"{path}: `extract` {ex!r}: invalid regular expression ({e})") from None
-        kw["extract"] = ex
-    return kw
-
-
-def _spec_items(
-    path: Path, spec: dict, key: str, inline: str | None, p: _Problems, build, required: bool
-) -> list[Doc] | None:
-    if inline and inline in spec:
-        items = spec[inline]
-        if not isinstance(items, list):
-            raise DataError(f"{path}: `{inline}` must be a list of items")
-        docs = []
-        for i, rec in enumerate(items):
-            where = f"{path}:{inline}[{i}]"
-            try:
-                d = build(rec if isinstance(rec, dict) else {}, where)
-                d.id = d.id or f"{inline}[{i}]"
-                docs.append(d)
-            except _Bad as b:
-                p(where, b.reason, b.detail)
-        if not docs:
-            raise DataError(f"{path}: no usable items in `{inline}`")
-        return docs
-    if key not in spec:
-        if required:
-            raise DataError(f"{path}: the spec needs `data: FILE` (JSONL/JSON/CSV) or inline `examples:`")
-        return None
-    return _read_items((path.parent / str(spec[key])).resolve(), p, build)
-
-
-def read_items_file(path: str | Path, *, on_error: str = "raise") -> Task:
-    """A bare JSONL/JSON/CSV of items: multiple choice when the first has `choices`."""
-    path = Path(path)
-    first = next(iter_records(path, _Problems("skip")), None)
-    if first is None:
-        raise DataError(f"{path}: no items")
-    kind = "multiple_choice" if "choices" in first[1] else "generate"
-    p = _Problems(on_error)
-    docs = _read_items(path, p, _spec_builder({}, kind))
-    return _task(path.stem, kind, docs, p, path)
 
 
 # ----------------------------------------------------------------------------- built-in task
@@ -643,7 +391,7 @@ def load_task(
         path = Path(spec)
         suffix = path.suffix.lower()
         if suffix in (".yaml", ".yml") or (
-            suffix == ".json" and path.is_file() and _read_text(path).lstrip().startswith("{")
+            suffix == ".json" and path.is_file() and read_text(path).lstrip().startswith("{")
         ):
             task = read_spec(path, on_error=on_error)
         elif suffix in (".jsonl", ".json", ".csv", ".tsv"):

@@ -1,7 +1,8 @@
 """Benchmark tasks: items, few-shot prompts, and multiple-choice scoring by log-likelihood.
 
 A `Task` is a list of `Doc`s plus how to prompt them. Readers (`readers.py`) turn MMLU CSVs,
-ARC/HellaSwag/GSM8K JSONL and user task specs into Tasks; this module only evaluates them.
+ARC/HellaSwag/GSM8K JSONL and user task specs into Tasks; this module scores multiple-choice
+tasks, `generative.py` generative ones, and `evaluate.py` runs a task of either kind.
 
 Multiple choice, as lm-evaluation-harness does it: for each item the prompt is
 
@@ -17,7 +18,8 @@ continuation ``target_delimiter + choice``. Three accuracies come out of the sam
 
 Few-shot examples are drawn per item from a seeded RNG keyed by (seed, item id), never the item
 itself, from the same group when items have one (MMLU subjects) -- so the prompt of an item does
-not depend on which other items are evaluated or in what order.
+not depend on which other items are evaluated or in what order. With `fewshot_sampler="first_n"`
+(MMLU with its dev split, as the harness does) they are the first k of the group's few-shot pool.
 
 Items that cannot be scored are counted, never silently dropped: a choice longer than the whole
 context is a skip ("continuation_too_long"); a prompt longer than the context is cut from the
@@ -35,7 +37,7 @@ from typing import Literal
 import numpy as np
 
 from .loglik import Scorer
-from .stats import wilson
+from .stats import proportion_summary
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Task:
     kind: Literal["multiple_choice", "generate"]
     docs: list[Doc]
     fewshot_docs: list[Doc] | None = None  # None: draw shots from `docs` (never the item itself)
+    fewshot_sampler: Literal["random", "first_n"] = "random"  # first_n: the pool's first k, in order
     num_fewshot: int = 0
     seed: int = 1234
     description: str = ""
@@ -94,6 +97,8 @@ class Task:
             for d in pool
             if d is not doc and (not doc.id or d.id != doc.id) and (doc.group is None or d.group == doc.group)
         ]
+        if self.fewshot_sampler == "first_n":
+            return cand[:k]
         rng = random.Random(f"{self.seed}:{self.name}:{doc.id or i}")
         return rng.sample(cand, min(k, len(cand)))
 
@@ -101,13 +106,6 @@ class Task:
     def chance(self) -> float:
         n = [len(d.choices) for d in self.docs if d.choices]
         return float(np.mean([1.0 / c for c in n])) if n else float("nan")
-
-
-def _acc_block(hits: list[float]) -> dict:
-    n = len(hits)
-    k = float(sum(hits))
-    lo, hi = wilson(k, n)
-    return {"value": k / n if n else float("nan"), "ci95": [lo, hi]}
 
 
 def evaluate_multiple_choice(
@@ -163,9 +161,9 @@ def evaluate_multiple_choice(
         "kind": "multiple_choice",
         "n": len(kept),
         "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
-        "acc": _acc_block(acc),
-        "acc_norm": _acc_block(acc_norm),
-        "acc_bytes": _acc_block(acc_bytes),
+        "acc": proportion_summary(sum(acc), len(acc)),
+        "acc_norm": proportion_summary(sum(acc_norm), len(acc_norm)),
+        "acc_bytes": proportion_summary(sum(acc_bytes), len(acc_bytes)),
         "chance": float(np.mean([1.0 / len(task.docs[i].choices) for i in kept])) if kept else float("nan"),
         "skipped": dict(skipped),
         "truncated": truncated,
@@ -176,41 +174,4 @@ def evaluate_multiple_choice(
     }
     if keep_predictions:
         out["predictions"] = preds
-    return out
-
-
-def evaluate_task(
-    model,
-    tok,
-    task: Task,
-    *,
-    scorer: Scorer | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    keep_predictions: bool = False,
-    **gen_kw,
-) -> dict:
-    """Run a task of either kind; generation options (n_samples, temperature, k...) go to
-    `generative.evaluate_generative`."""
-    if task.kind == "multiple_choice":
-        scorer = scorer or Scorer(model, tok)
-        return evaluate_multiple_choice(
-            scorer, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions
-        )
-    from .generative import evaluate_generative
-
-    return evaluate_generative(
-        model, tok, task, limit=limit, num_fewshot=num_fewshot, keep_predictions=keep_predictions, **gen_kw
-    )
-
-
-def headline(res: dict) -> dict[str, float]:
-    """Flat numbers for manifests and summaries: acc, acc_norm, ... / exact_match, pass@k."""
-    out = {}
-    for k, v in res.items():
-        if isinstance(v, dict) and "value" in v:
-            out[k] = v["value"]
-    if "chance" in res:
-        out["chance"] = res["chance"]
-    out["n"] = res.get("n", 0)
     return out

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..artifacts import verify_path
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
@@ -43,6 +44,7 @@ from .hf_moe import (
     moe_hf_config,
     to_mixtral_keys,
 )
+from .resources import check_model_folder
 from .transformer import Transformer
 
 SUPPORTED = {"llama", "mistral", "qwen2", "mixtral", LMFORGE_MOE}
@@ -191,6 +193,7 @@ def read_hf_config(folder: str | Path) -> dict:
             f"{cfg_file}: not found; expected a model folder with config.json and "
             f"model.safetensors (or sharded model-*.safetensors + index)"
         )
+    verify_path(folder)  # a model folder a stage wrote: unchanged since (size + hash)
     try:
         return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -391,7 +394,11 @@ def check_state(
             )
 
 
-def empty_model(cfg: ModelConfig) -> Transformer:
+def empty_model(cfg: ModelConfig, folder: Path | None = None) -> Transformer:
+    """The model's structure on the meta device, after checking that what `cfg` sizes (and,
+    given the `folder`, its weight files) is plausible and fits (`model.resources`)."""
+    weight_bytes = sum(f.stat().st_size for f in weight_files(folder)) if folder is not None else None
+    check_model_folder(cfg, weight_bytes, str(Path(folder or ".") / "config.json"))
     with torch.device("meta"):
         return Transformer(cfg)
 
@@ -415,8 +422,8 @@ def load_pretrained(
     folder = Path(folder)
     cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
     dtype = parse_dtype(dtype)
+    model = empty_model(cfg, folder)
     state = _read_weights(folder, cfg)
-    model = empty_model(cfg)
     own = model.state_dict()
     check_state(folder, {k: v.shape for k, v in state.items()}, own, cfg)
     if dtype is not None:

@@ -3,7 +3,8 @@
 The conversation is kept (and re-sent whole each turn, rendered with the model's chat
 template); when it no longer fits the context, the oldest turns are dropped and the user is told.
 Commands: `/reset` (forget the conversation), `/system TEXT` (set the system prompt and reset),
-`/history`, `/help`, `/exit` (or `/quit`, Ctrl-D). Reads stdin line by line, so it can be driven
+`/history`, `/help`, `/exit` (or `/quit`, Ctrl-D, or Ctrl-C at the prompt; Ctrl-C during an
+answer stops that answer only). Reads stdin line by line, so it can be driven
 by a pipe or a test as well as by a person. With a RAG index (`--rag-index`), each question is
 answered with the top-k retrieved chunks in the prompt and the sources are printed after it.
 """
@@ -16,6 +17,7 @@ from typing import TextIO
 
 from ..errors import LMForgeError
 from .engine import Engine, GenParams
+from .rag.query import augment_messages, fit_sources
 
 HELP = (
     "commands: /reset  forget the conversation | /system TEXT  set the system prompt | "
@@ -62,10 +64,16 @@ class ChatSession:
         user = {"role": "user", "content": text}
         hits = []
         if self.retriever is not None:
-            from .rag.query import augment_messages
-
             hits = self.retriever.search(text, self.rag_k)
             ids, dropped = self._fit(lambda: augment_messages(self.messages([user]), hits))
+            # the history is gone and the sources still do not fit: the server's rule, fewest first
+            need = min(self.params.max_tokens or 64, self.engine.context // 4)
+            ids, hits = fit_sources(
+                lambda h: self.engine.encode_chat(augment_messages(self.messages([user]), h)),
+                hits,
+                self.engine.context,
+                need,
+            )
         else:
             ids, dropped = self._fit(lambda: self.messages([user]))
         if dropped:
@@ -104,6 +112,19 @@ class ChatSession:
         return answer
 
 
+def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
+    """The next line typed (without its newline), or None at end of input."""
+    if interactive:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    stdout.write("you> ")
+    stdout.flush()
+    line = stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
 def run_chat(
     engine: Engine,
     params: GenParams,
@@ -119,20 +140,14 @@ def run_chat(
     interactive = stdin.isatty() and stdout.isatty()
     stdout.write(f"lmforge chat with {engine.name} (context {engine.context} tokens). {HELP}\n")
     while True:
-        if interactive:
-            try:
-                line = input("you> ")
-            except EOFError:
-                stdout.write("\n")
-                return 0
-        else:
-            stdout.write("you> ")
-            stdout.flush()
-            line = stdin.readline()
-            if not line:
-                stdout.write("\n")
-                return 0
-            line = line.rstrip("\n")
+        try:
+            line = _read_line(stdin, stdout, interactive)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave quietly, there is nothing to resume
+            stdout.write("\n")
+            return 0
+        if line is None:
+            stdout.write("\n")
+            return 0
         cmd = line.strip()
         if not cmd:
             continue

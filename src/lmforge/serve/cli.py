@@ -180,20 +180,33 @@ def cmd_rag_query(a) -> int:
     return 0
 
 
+def _stored_source(st, source: str) -> str | None:
+    from .rag.index import canonical_source
+
+    """The stored source `source` names: as typed, or as its canonical path (how `rag index` keys
+    files), or None."""
+    if st.document_sha(source) is not None:
+        return source
+    canonical = canonical_source(source)
+    return canonical if st.document_sha(canonical) is not None else None
+
+
 def cmd_rag_delete(a) -> int:
     from .rag.store import VectorStore
 
     st = VectorStore(a.index)
     try:
-        res = {s: st.delete_document(s) for s in a.sources}
-        missing = [s for s, n in res.items() if n == 0 and st.document_sha(s) is None]
+        found = {s: _stored_source(st, s) for s in a.sources}
+        missing = [s for s, stored in found.items() if stored is None]
+        if missing:  # nothing is deleted (or printed) when any source is unknown
+            raise LMForgeError(
+                f"{a.index}: no document with source {missing[0]!r}; nothing was deleted. "
+                f"See the sources with `lmforge rag info {a.index} --sources`"
+            )
+        res = {s: st.delete_document(stored) for s, stored in found.items()}
         print(json.dumps({"deleted_chunks": res, "index": st.stats()}, indent=2))
     finally:
         st.close()
-    if missing and len(missing) == len(res):
-        raise LMForgeError(
-            f"{a.index}: no document with source {missing[0]!r}; see `lmforge rag info {a.index}`"
-        )
     return 0
 
 

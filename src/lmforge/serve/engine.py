@@ -15,11 +15,18 @@ Design choices:
   model/transformer.py runs unchanged (lmforge models, imported HF Llama/Mistral/Qwen2 models
   and models with LoRA layers patched in alike).
 - **Prefill per request** (one forward over the prompt into its slot), then the first token is
-  sampled and streamed at once: time-to-first-token is one prompt forward.
-- **Sampling per row, vectorised**: temperature (0 = greedy), top-k, top-p, repetition
-  penalty (HF/CTRL style over prompt + generated tokens), OpenAI presence/frequency penalties
-  (over generated tokens only), per-request seeds (a `torch.Generator` per request, so a seeded
-  request gives the same tokens whatever else is in the batch, up to float rounding).
+  sampled and streamed at once: time-to-first-token is one prompt forward. Identical prompts
+  admitted together (the n samples of a GRPO group, `n` on the server) share one prefill: the
+  others copy its K/V rows (`share_prefill`).
+- **Decode step** (`decode=`): `eager` runs the exact-length step (the CPU default: no padding);
+  `graph` (the CUDA default) replays a fixed-shape, bucketed step as a CUDA graph and `static`
+  runs that same step eagerly (static_decode.py; how CPU tests check the graph's math).
+- **Sampling per row, on the device** (sampling.py): logit_bias, repetition penalty (HF/CTRL
+  style over prompt + generated tokens), OpenAI presence/frequency penalties (over generated
+  tokens only), temperature (0 = greedy), top-k, top-p, per-request seeds (a `torch.Generator`
+  per request, so a seeded request gives the same tokens whatever else is in the batch, up to
+  float rounding); one read-back per step; optional log-probabilities with top alternatives.
+  A row whose distribution is not finite ends its own request with an error, not the batch.
 - **Stops**: stop token ids (the tokenizer's eos and chat end-of-turn by default), stop strings
   (matched on the decoded text; text that might be the start of a stop string is held back, so
   a streamed answer never shows half a stop string), `max_tokens`, and the context limit.
@@ -32,6 +39,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import deque
@@ -42,7 +50,12 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
-from .request import Chunk, Completion, GenParams, Request  # noqa: F401  (re-exported)
+from .fastpath import FastDecoder, self_check, use_gqa_attention
+from .kvcache import SlotCache
+from .prefill import prefill
+from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
+from .sampling import pick_tokens
+from .static_decode import static_decoder
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -55,46 +68,6 @@ class EngineClosed(LMForgeError):
     """The engine was shut down."""
 
 
-# ----------------------------------------------------------------------------- the cache
-class SlotCache:
-    """K/V buffers with one row per slot. Duck-types `model.transformer.KVCache` (`update`,
-    `length`): before each forward the engine says which rows and positions are written."""
-
-    def __init__(self, cfg, slots: int, context: int, device, dtype):
-        shape = (slots, cfg.kv_heads, context, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.context = context
-        self.length = 0  # the Transformer bumps this; positions are always passed explicitly
-        self._mode = None
-
-    def prefill(self, slot: int, n: int) -> SlotCache:
-        self._mode = ("prefill", slot, n)
-        return self
-
-    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
-        self._mode = ("decode", rows, pos, k_len)
-        return self
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        mode = self._mode
-        if mode[0] == "prefill":
-            _, slot, n = mode
-            self.k[layer][slot, :, :n] = k[0]
-            self.v[layer][slot, :, :n] = v[0]
-            return k, v
-        _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
-        kc, vc = self.k[layer][rows], self.v[layer][rows]
-        b = torch.arange(k.shape[0], device=k.device)
-        kc[b, :, pos] = k[:, :, 0]
-        vc[b, :, pos] = v[:, :, 0]
-        return kc[:, :, :k_len], vc[:, :, :k_len]
-
-    def move(self, src: int, dst: int, n: int) -> None:
-        for t in (*self.k, *self.v):
-            t[dst, :, :n] = t[src, :, :n]
-
-
 @dataclass
 class _Slot:
     req: Request
@@ -102,12 +75,6 @@ class _Slot:
     last: int  # the token to feed next
 
 
-# Below this temperature sampling is greedy: the distribution is the argmax up to float precision,
-# and logits / 1e-80 overflow to inf, whose softmax is NaN (found by fuzzing the server).
-MIN_TEMPERATURE = 1e-5
-
-
-# ----------------------------------------------------------------------------- the engine
 class Engine:
     """Batched generation around a `Transformer` and an `LMTokenizer`.
 
@@ -128,6 +95,8 @@ class Engine:
         context: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         fast_path: bool = False,
+        decode: str = "auto",
+        share_prefill: bool = True,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -149,8 +118,6 @@ class Engine:
         self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
         self.fast = None
         if fast_path:  # fused weights and a lean forward (fastpath.py); it changes `model` in place
-            from .fastpath import FastDecoder, self_check, use_gqa_attention
-
             fast = FastDecoder.build(model)
             if fast is not None and self_check(
                 model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
@@ -158,6 +125,9 @@ class Engine:
                 self.fast = fast
             else:
                 use_gqa_attention(model)
+        self.static = static_decoder(decode, self.fast, self.cache, max_batch)
+        self.share_prefill = share_prefill
+        self._piece = functools.cache(lambda t: self.tok.decode([t], skip_special=True))  # JSON mode
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
@@ -165,15 +135,12 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.counters = {
-            "submitted": 0,
-            "completed": 0,
-            "cancelled": 0,
-            "rejected": 0,
-            "errors": 0,
-            "generated_tokens": 0,
-            "prompt_tokens": 0,
-        }
+        # prefill_shared: prompts whose K/V were copied from an identical prompt's
+        self.counters = dict.fromkeys(
+            ("submitted", "completed", "cancelled", "rejected", "errors", "generated_tokens")
+            + ("prompt_tokens", "prefill_shared"),
+            0,
+        )
 
     # -- construction
     @classmethod
@@ -249,6 +216,11 @@ class Engine:
         bad = [i for i in prompt_ids if not 0 <= int(i) < self.vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab}")
+        bad = [i for i in (params.logit_bias or {}) if not 0 <= i < self.vocab]
+        if bad:
+            raise ValueError(
+                f"logit_bias: token id {bad[0]} is out of range for a vocabulary of {self.vocab}"
+            )
         return params.max_tokens or room
 
     def submit(
@@ -285,10 +257,19 @@ class Engine:
         return self.submit(ids, params).result()
 
     def generate(
-        self, prompts: Sequence[str | Sequence[int]], params: GenParams | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: GenParams | Sequence[GenParams] | None = None,
     ) -> list[Completion]:
-        """Run many prompts through the batch at once (blocking)."""
-        reqs = [self.submit(self.encode(p) if isinstance(p, str) else list(p), params) for p in prompts]
+        """Run many prompts through the batch at once (blocking); `params` is one for all or one
+        per prompt. The requests are queued together, so identical prompts that fit in the
+        free slots (the n samples of an RL group) share one prefill."""
+        each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        with self._cv:  # re-entrant: the worker admits none of them before all are queued
+            reqs = [self.submit(x, p) for x, p in zip(ids, each)]
         return [r.result() for r in reqs]
 
     def stats(self) -> dict:
@@ -317,9 +298,9 @@ class Engine:
                         req = self.waiting.popleft()
                         self.slots[i] = _Slot(req, 0, -1)
                         admit.append((i, req))
+            if admit:
+                self._prefill_all(admit)
             try:
-                for i, req in admit:
-                    self._prefill(i, req)
                 if any(s is not None for s in self.slots):
                     self._decode_step()
             except Exception as e:  # a bug or out-of-memory: fail what is in flight, keep serving
@@ -338,25 +319,50 @@ class Engine:
         for req in pending:
             req._push(Chunk("", [], FINISH_CANCELLED, error="engine shut down"))
 
-    def _prefill(self, i: int, req: Request) -> None:
-        if req.cancelled.is_set():
-            self._finish(i, FINISH_CANCELLED)
+    def _prefill_all(self, admit: list[tuple[int, Request]]) -> None:
+        """Prompt forwards for the requests just given slots, batched (prefill.py), then each
+        one's first token. An identical prompt in the same round (the n samples of one GRPO
+        prompt, `n` > 1 on the server) copies the first one's K/V instead (`share_prefill`)."""
+        firsts, copies, src_of = [], [], {}
+        for i, req in admit:
+            key = tuple(req.prompt_ids)
+            if req.cancelled.is_set():
+                self._finish(i, FINISH_CANCELLED)
+            elif self.share_prefill and key in src_of:
+                copies.append((i, req, src_of[key]))
+            else:
+                src_of[key] = i
+                firsts.append((i, req))
+        try:
+            jobs = [(i, req.prompt_ids) for i, req in firsts]
+            logits = dict(
+                zip([i for i, _ in firsts], prefill(self.fast, self.model, self.cache, jobs, self.device))
+            )
+            for i, req, src in copies:
+                self.cache.move(src, i, len(req.prompt_ids))
+                self.counters["prefill_shared"] += 1
+        except Exception as e:  # the forward failed: these requests end, the running ones go on
+            self.counters["errors"] += 1
+            for i, _ in firsts + [(i, r) for i, r, _ in copies]:
+                self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
             return
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        n = ids.shape[1]
-        pos = torch.arange(n, device=self.device)
-        if self.fast is not None:
-            logits = self.fast.forward(ids, pos[None], self.cache, slot=i).float()
-        else:
-            logits = self.model(ids, position_ids=pos, cache=self.cache.prefill(i, n))[:, -1].float()
+        for i, req, src in [(i, req, i) for i, req in firsts] + copies:
+            try:
+                self._first_token(i, req, logits[src])
+            except Exception as e:  # its sampling failed: only this request ends
+                self.counters["errors"] += 1
+                if self.slots[i] is not None:
+                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+
+    def _first_token(self, i: int, req: Request, logits: torch.Tensor) -> None:
+        n = len(req.prompt_ids)
         if req.penalized:
             self.seen[i].zero_()
-            self.seen[i, ids[0]] = True
+            self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
             self.counts[i].zero_()
         self.slots[i] = _Slot(req, n, -1)
         self.counters["prompt_tokens"] += n
-        tok = self._sample(logits, [i])[0]
-        self._accept(i, tok)
+        self._pick(logits[None], [i])
 
     def _decode_step(self) -> None:
         active = [i for i, s in enumerate(self.slots) if s is not None]
@@ -374,9 +380,11 @@ class Engine:
         k_len = max(lengths) + 1
         inp = torch.tensor([[self.slots[i].last] for i in active], device=self.device)
         mask = None
-        if min(lengths) != max(lengths):
+        if self.static is None and min(lengths) != max(lengths):
             mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        if self.fast is not None:
+        if self.static is not None:
+            logits = self.static.step(inp[:, 0], pos, k_len)
+        elif self.fast is not None:
             logits = self.fast.forward(inp, pos[:, None], self.cache, k_len=k_len, mask=mask).float()
         else:
             logits = self.model(
@@ -384,8 +392,7 @@ class Engine:
             )[:, -1].float()
         for i in active:
             self.slots[i].length += 1
-        for i, tok in zip(active, self._sample(logits, active)):
-            self._accept(i, tok)
+        self._pick(logits, active)
 
     def _compact(self) -> None:
         """Move the highest running slots into free lower ones so the running rows are 0..B-1
@@ -402,46 +409,27 @@ class Engine:
             self.counts[dst] = self.counts[src]
             self.slots[dst], self.slots[src] = s, None
 
-    def _sample(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """One token per row of `logits` [B, V] (rows = the slots they belong to)."""
-        ps = [self.slots[i].req.params for i in rows]
-        x = logits[:, : self.vocab]
-        if not any(p.temperature >= MIN_TEMPERATURE or self.slots[i].req.penalized for i, p in zip(rows, ps)):
-            return x.argmax(dim=-1).tolist()  # all greedy, no penalties: the common fast case
-        idx = torch.tensor(rows, device=self.device)
-        if any(p.repetition_penalty != 1.0 for p in ps):
-            rp = torch.tensor([p.repetition_penalty for p in ps], device=x.device)[:, None]
-            x = torch.where(self.seen[idx], torch.where(x > 0, x / rp, x * rp), x)
-        if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            c = self.counts[idx]
-            fp = torch.tensor([p.frequency_penalty for p in ps], device=x.device)[:, None]
-            pp = torch.tensor([p.presence_penalty for p in ps], device=x.device)[:, None]
-            x = x - fp * c - pp * (c > 0).float()
-        out = x.argmax(dim=-1).tolist()
-        hot = [j for j, p in enumerate(ps) if p.temperature >= MIN_TEMPERATURE]
-        if not hot:
-            return out
-        xs = x[hot] / torch.tensor([ps[j].temperature for j in hot], device=x.device)[:, None]
-        V = xs.shape[-1]
-        ks = [ps[j].top_k if ps[j].top_k and ps[j].top_k < V else V for j in hot]
-        tp = [ps[j].top_p for j in hot]
-        order = None
-        if min(ks) < V or min(tp) < 1.0:
-            xs, order = torch.sort(xs, dim=-1, descending=True)
-            if min(ks) < V:
-                rank = torch.arange(V, device=x.device)[None, :]
-                xs = xs.masked_fill(rank >= torch.tensor(ks, device=x.device)[:, None], float("-inf"))
-            if min(tp) < 1.0:
-                probs = xs.softmax(-1)
-                drop = probs.cumsum(-1) - probs >= torch.tensor(tp, device=x.device)[:, None]
-                xs = xs.masked_fill(drop, float("-inf"))
-        probs = xs.softmax(-1)
-        for n, j in enumerate(hot):
-            pick = int(torch.multinomial(probs[n], 1, generator=self.slots[rows[j]].req.generator))
-            out[j] = int(order[n, pick]) if order is not None else pick
-        return out
+    def _pick(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Sample one token per row of `logits` [B, V] (rows = their slots) and accept it. A row
+        whose logits or distribution are not finite ends its own request with an error."""
+        reqs = [self.slots[i].req for i in rows]
+        pen = any(r.penalized for r in reqs)
+        idx = torch.tensor(rows, device=self.device) if pen else None
+        seen, counts = (self.seen[idx], self.counts[idx]) if pen else (None, None)
+        toks, errs, lps = pick_tokens(logits[:, : self.vocab], reqs, seen, counts, self._piece)
+        for n, i in enumerate(rows):
+            if errs[n]:
+                self.counters["errors"] += 1
+                self._finish(i, FINISH_ERROR, error=f"sampling failed: {errs[n]}")
+                continue
+            try:
+                self._accept(i, toks[n], lps[n])
+            except Exception as e:  # e.g. the tokenizer cannot decode: only this request ends
+                self.counters["errors"] += 1
+                if self.slots[i] is not None:
+                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
 
-    def _accept(self, i: int, tok: int) -> None:
+    def _accept(self, i: int, tok: int, lp: TokenLogprob | None = None) -> None:
         s = self.slots[i]
         req = s.req
         if req.first_token_at is None:
@@ -451,63 +439,38 @@ class Engine:
             return
         s.last = tok
         req.out_ids.append(tok)
+        lps = None
+        if lp is not None:
+            req.out_logprobs.append(lp)
+            lps = [lp]
         if req.penalized:
             self.seen[i, tok] = True
             self.counts[i, tok] += 1
         self.counters["generated_tokens"] += 1
-        text = self.tok.decode(req.out_ids, skip_special=True)
-        stop_at = _find_stop(text, req.params.stop, max(0, req.sent - _longest(req.params.stop)))
-        if stop_at is not None:
-            req.text = text[:stop_at]
-            self._finish(i, FINISH_STOP, ids=[tok])
-            return
-        req.text = text
-        limit = len(req.out_ids) >= req.max_new or s.length + 1 >= self.context
-        if limit:
-            self._finish(i, FINISH_LENGTH, ids=[tok])
-            return
-        safe = len(text) - _held_back(text, req.params.stop)
-        tail = len(text) - len(text.rstrip("\ufffd"))
-        if tail:  # maybe an incomplete UTF-8 sequence: wait for the next token
-            safe = min(safe, len(text) - tail)
-        if safe > req.sent:
-            req._push(Chunk(text[req.sent : safe], [tok]))
-            req.sent = safe
+        if req.update_text(self.tok.decode(req.out_ids, skip_special=True)) or (req.json and req.json.done):
+            self._finish(i, FINISH_STOP, ids=[tok], lps=lps)  # a stop string, or the JSON closed
+        elif len(req.out_ids) >= req.max_new or s.length + 1 >= self.context:
+            self._finish(i, FINISH_LENGTH, ids=[tok], lps=lps)
         else:
-            req._push(Chunk("", [tok]))
+            req._push(Chunk(req.ready_text(), [tok], logprobs=lps))
 
-    def _finish(self, i: int, reason: str, error: str | None = None, ids: list[int] | None = None) -> None:
+    def _finish(
+        self,
+        i: int,
+        reason: str,
+        error: str | None = None,
+        ids: list[int] | None = None,
+        lps: list[TokenLogprob] | None = None,
+    ) -> None:
         s = self.slots[i]
         self.slots[i] = None
         req = s.req
         if reason == FINISH_CANCELLED:
             self.counters["cancelled"] += 1
-        elif reason == FINISH_ERROR:
-            pass
-        else:
+        elif reason != FINISH_ERROR:
             self.counters["completed"] += 1
         rest = req.text[req.sent :] if reason in (FINISH_STOP, FINISH_LENGTH) else ""
         req.sent = len(req.text)
-        req._push(Chunk(rest, ids or [], reason, error=error))
+        req._push(Chunk(rest, ids or [], reason, error=error, logprobs=lps))
         with self._cv:
             self._cv.notify_all()
-
-
-def _longest(stops: Sequence[str]) -> int:
-    return max((len(s) for s in stops), default=0)
-
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

@@ -1,12 +1,30 @@
-"""Find and load a model for inference: a model folder, a run directory, or a base model plus a
-LoRA adapter (merged into the weights, or kept as separate layers)."""
+"""The one way to open a model for inference -- serving, chat, RAG embeddings and evaluation.
+
+A model is named by a model folder, a run directory (its most fine-tuned model), or a base
+model plus a LoRA adapter (merged into the weights, or kept as separate layers). Whatever runs
+it, the model and its tokenizer are checked to belong together before anything is generated or
+scored, because a checkpoint read with the wrong tokenizer gives confident garbage, not an error:
+every tokenizer id must exist in the model's embedding table (a *larger* model vocabulary is
+fine: vocabularies are often padded), and when both config.json and the tokenizer name a BOS/EOS
+token they must agree.
+
+`load_for_inference` returns what the serving engine needs (model, tokenizer, chat format,
+display name); `load_model_and_tokenizer` what evaluation needs (model, tokenizer, with an
+optional tokenizer from elsewhere); both go through `load_checked`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointError
+import torch
+
+from ..chat import ChatFormat
+from ..errors import CheckpointError, DataError
+from ..model.hf import load_pretrained, read_hf_config
+from ..peft import lora
 from ..runs import POLICY_STAGES
+from ..tokenizer import LMTokenizer
 
 
 def model_stages() -> list[str]:
@@ -38,6 +56,51 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
+def check_pair(model_cfg, tok: LMTokenizer, hf_config: dict | None = None, *, where: str = "model") -> None:
+    """Refuse a tokenizer that does not belong to the model (see the module docstring)."""
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {tok.vocab_size:,} tokens but the model's embedding table has "
+            f"{model_cfg.vocab_size:,} rows: they do not belong together. Use the tokenizer "
+            f"saved next to the model (its folder's tokenizer.json) or pass the right --tokenizer"
+        )
+    hf = hf_config or {}
+    for role, tok_id in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+        cfg_id = hf.get(f"{role}_token_id")
+        if isinstance(cfg_id, int) and tok_id is not None and cfg_id != tok_id:
+            raise CheckpointError(
+                f"{where}: config.json says {role}_token_id={cfg_id} but the tokenizer's {role} token has id "
+                f"{tok_id}: the tokenizer does not match this checkpoint; use the one saved with the model"
+            )
+
+
+def load_checked(
+    folder: Path, tokenizer: str | Path | None = None, *, device: str | torch.device = "cpu", dtype=None
+):
+    """(model in eval mode, tokenizer) from a model folder, checked to belong together; the
+    tokenizer defaults to the folder's own tokenizer.json."""
+    if tokenizer is None and not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{folder}: no tokenizer.json beside the weights; copy the tokenizer files "
+            f"(tokenizer.json, tokenizer_config.json) into the model folder, or pass --tokenizer PATH"
+        )
+    tok = LMTokenizer.load(Path(tokenizer) if tokenizer else folder)
+    model = load_pretrained(folder, device=device, dtype=dtype)
+    check_pair(model.cfg, tok, read_hf_config(folder), where=str(folder))
+    return model.eval(), tok
+
+
+def load_model_and_tokenizer(
+    model_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype=None,
+):
+    """(model in eval mode, LMTokenizer) for evaluation: a model folder or a run directory."""
+    return load_checked(resolve_model_dir(model_dir), tokenizer, device=device, dtype=dtype)
+
+
 def load_for_inference(
     path: str | Path,
     *,
@@ -47,22 +110,8 @@ def load_for_inference(
     dtype: str | None = None,
 ):
     """(model, tokenizer, chat format or None, display name)."""
-    from ..model.hf import load_pretrained
-    from ..tokenizer import LMTokenizer
-
     folder = resolve_model_dir(path)
-    model = load_pretrained(folder, device=device, dtype=dtype)
-    if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(
-            f"{folder}: no tokenizer.json beside the weights; copy the tokenizer files "
-            f"(tokenizer.json, tokenizer_config.json) into the model folder"
-        )
-    tok = LMTokenizer.load(folder)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise CheckpointError(
-            f"{folder}: tokenizer has {tok.vocab_size} tokens but the model only "
-            f"{model.cfg.vocab_size} embeddings: tokenizer and weights do not belong together"
-        )
+    model, tok = load_checked(folder, device=device, dtype=dtype)
     fmt = chat_format_for(folder, tok)
     name = folder.parent.name if folder.name in ("model", "merged") else folder.name
     if adapter is not None:
@@ -71,10 +120,7 @@ def load_for_inference(
     return model.eval(), tok, fmt, name
 
 
-def chat_format_for(folder: Path, tok):
-    from ..chat import ChatFormat
-    from ..errors import DataError
-
+def chat_format_for(folder: Path, tok) -> ChatFormat | None:
     try:
         return ChatFormat.from_dir(folder)
     except DataError:
@@ -88,17 +134,7 @@ def apply_adapter(model, adapter: str | Path, merge: bool = False):
         raise CheckpointError(
             f"{adapter}: no such adapter folder (expected adapter_config.json + adapter_model.safetensors)"
         )
-    try:
-        from ..peft import lora
-    except ImportError:
-        raise CheckpointError(
-            "LoRA adapters need lmforge.peft.lora, which this installation lacks; "
-            "merge the adapter with `lmforge export --adapter` and serve the result"
-        ) from None
-    load = getattr(lora, "load_adapter", None)
-    if load is None:
-        raise CheckpointError("lmforge.peft.lora has no load_adapter(); cannot apply an adapter")
-    out = load(model, adapter)
+    out = lora.load_adapter(model, adapter)
     model = out if out is not None and hasattr(out, "cfg") else model
     if merge:
         model = lora.merge_lora(model)

@@ -1,10 +1,17 @@
 """OpenAI-compatible request bodies (pydantic) and the response shapes the server returns.
 
-Only what lmforge can honour is accepted: fields it cannot (tools, logprobs, response_format
-other than text...) are refused with a 400 naming the field rather than silently ignored;
-unknown fields are ignored, as OpenAI's own server does for forward compatibility. lmforge
-extensions: `top_k`, `repetition_penalty`, `ignore_eos` and `rag` (retrieval: `true` or
-`{"k": 4}`), passed by the OpenAI Python client through `extra_body`.
+Only what lmforge can honour is accepted: fields it cannot (tools, a `json_schema`
+response_format, echo with logprobs...) are refused with a 400 naming the field rather than silently
+ignored; unknown fields are ignored, as OpenAI's own server does for forward compatibility.
+Honoured beyond sampling: `logprobs` (chat: `true` + `top_logprobs` 0-20; completions: 0-20
+alternatives), `logit_bias` ({token id: -100..100}) and `response_format: {"type":
+"json_object"}` (JSON mode by constrained decoding, json_mode.py). lmforge extensions: `top_k`,
+`repetition_penalty`, `ignore_eos` and `rag` (retrieval: `true` or `{"k": 4}`), passed by the
+OpenAI Python client through `extra_body`.
+
+Log-probabilities are those of the model's distribution after `logit_bias` and penalties,
+before temperature, top-k and top-p (the distribution the token was drawn from at
+temperature 1 without truncation: what RL and evaluation clients need).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine import GenParams
+from .request import MAX_BIAS, TokenLogprob
 
 MAX_N = 8
 
@@ -37,11 +45,13 @@ class _Req(BaseModel):
     user: str | None = None
     # lmforge extensions
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=1e-4, le=10)  # smaller: float32 logits overflow
     ignore_eos: bool = False
     rag: Union[bool, dict, None] = None
-    # refused: asked for, but not provided by lmforge
     logprobs: Union[bool, int, None] = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+    # refused: asked for, but not provided by lmforge
     tools: list | None = None
     functions: list | None = None
     best_of: int | None = None
@@ -56,10 +66,28 @@ class _Req(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if not v:
+            return None
+        if len(v) > MAX_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_BIAS} entries")
+        for k, x in v.items():
+            if not k.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids (integers as strings), got {k!r}")
+            if not -100 <= x <= 100:
+                raise ValueError(f"logit_bias[{k}]={x} is out of range: values are in [-100, 100]")
+        return {int(k): float(x) for k, x in v.items()}
+
     @model_validator(mode="after")
     def _refuse(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by lmforge serve")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object"):
+            raise ValueError(
+                f"response_format type {kind!r} is not supported by lmforge serve "
+                "('text' or 'json_object'; JSON schemas are not enforced)"
+            )
         if self.tools or self.functions:
             raise ValueError("tools / function calling are not supported by lmforge serve")
         if self.best_of not in (None, 1):
@@ -82,7 +110,15 @@ class _Req(BaseModel):
             stop=tuple(self.stop or ()),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias,
+            logprobs=self.logprobs_n,
+            json_object=(self.response_format or {}).get("type") == "json_object",
         )
+
+    @property
+    def logprobs_n(self) -> int | None:
+        """None: no log-probabilities; n: the chosen token's and n alternatives per token."""
+        raise NotImplementedError
 
     @property
     def rag_k(self) -> int | None:
@@ -114,6 +150,17 @@ class Message(BaseModel):
 class ChatRequest(_Req):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def budget(self) -> int | None:
@@ -126,10 +173,19 @@ class CompletionRequest(_Req):
     echo: bool = False
     suffix: str | None = None
 
+    @property
+    def logprobs_n(self) -> int | None:
+        return None if self.logprobs is None or self.logprobs is False else int(self.logprobs)
+
     @model_validator(mode="after")
     def _prompts(self):
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported")
+        n = self.logprobs_n
+        if n is not None and not 0 <= n <= 20:
+            raise ValueError("logprobs takes an integer in [0, 20] (alternatives per token)")
+        if n is not None and self.echo:
+            raise ValueError("echo with logprobs (log-probabilities of the prompt) is not supported")
         p = self.prompt
         if isinstance(p, list) and not p:
             raise ValueError("prompt must not be an empty list")
@@ -169,4 +225,43 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+def _token(decode, tid: int) -> dict:
+    text = decode([tid])
+    return {"token": text, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list[TokenLogprob] | None, decode) -> dict | None:
+    """OpenAI's chat `choices[].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if entries is None:
+        return None
+    content = [
+        {
+            **_token(decode, e.token_id),
+            "logprob": e.logprob,
+            "top_logprobs": [{**_token(decode, i), "logprob": lp} for i, lp in e.top],
+        }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None, decode, offset: int) -> dict | None:
+    """OpenAI's legacy completions `choices[].logprobs` (tokens, token_logprobs, top_logprobs,
+    text_offset); `offset` = characters of text before the first token."""
+    if entries is None:
+        return None
+    tokens = [decode([e.token_id]) for e in entries]
+    starts = []
+    for t in tokens:
+        starts.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{decode([i]): lp for i, lp in e.top} for e in entries],
+        "text_offset": starts,
     }

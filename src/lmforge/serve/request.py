@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .json_mode import JsonPrefix
+
 
 # ----------------------------------------------------------------------------- parameters
 @dataclass
@@ -30,6 +32,12 @@ class GenParams:
     stop_token_ids: Sequence[int] = ()
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
+    # {token id: added to its logit}, OpenAI's range [-100, 100]; applied before penalties and sampling
+    logit_bias: dict[int, float] | None = None
+    # None: off; n >= 0: the chosen token's log-probability and the n most likely alternatives,
+    # under the model's distribution after logit_bias and penalties, before temperature/top-k/top-p
+    logprobs: int | None = None
+    json_object: bool = False  # JSON mode: the answer is one JSON object (constrained decoding)
 
     def validate(self) -> GenParams:
         """Raise ValueError naming the field and the allowed range."""
@@ -45,8 +53,12 @@ class GenParams:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             bad("top_k", self.top_k, "must be an integer >= 1 (0 or null = off)")
-        if not _finite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            bad("repetition_penalty", self.repetition_penalty, "must be in (0, 10] (1 = off)")
+        if not _finite(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= 10:
+            bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                f"must be in [{MIN_PENALTY:g}, 10] (1 = off; a smaller divisor overflows float32 logits)",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _finite(v) or not -2 <= v <= 2:
@@ -57,7 +69,35 @@ class GenParams:
             bad("stop", self.stop, "must be at most 8 non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", self.seed, "must be an integer")
+        if self.logit_bias is not None:
+            self._check_bias(bad)
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= 20
+        ):
+            bad("logprobs", self.logprobs, "must be an integer in [0, 20] (alternatives per token) or None")
         return self
+
+    def _check_bias(self, bad) -> None:
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_BIAS:
+            bad("logit_bias", self.logit_bias, f"must map at most {MAX_BIAS} token ids to numbers")
+        clean = {}
+        for k, v in self.logit_bias.items():
+            try:
+                tid = int(k)  # JSON object keys are strings
+            except (TypeError, ValueError):
+                tid = -1
+            if tid < 0 or isinstance(k, bool) or str(tid) != str(k).strip():
+                bad("logit_bias", k, "keys must be token ids (integers >= 0)")
+            if not _finite(v) or not -100 <= v <= 100:
+                bad(f"logit_bias[{k}]", v, "must be a number in [-100, 100]")
+            clean[tid] = float(v)
+        self.logit_bias = clean or None
+
+
+MIN_PENALTY = 1e-4  # repetition_penalty divides logits: 5e-324 is 0 in float32 (inf logits, NaN softmax)
+MAX_BIAS = 300  # logit_bias entries, as OpenAI
 
 
 def _finite(x) -> bool:
@@ -65,13 +105,24 @@ def _finite(x) -> bool:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability and the most likely alternatives at its step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
 class Chunk:
-    """One streamed piece of a request's output. `finish_reason` is set on the last one."""
+    """One streamed piece of a request's output. `finish_reason` is set on the last one.
+    `logprobs` (when the request asked for them) has one entry per id in `token_ids`."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -84,6 +135,7 @@ class Completion:
     ttft_s: float | None = None  # time to first token, from submit
     total_s: float = 0.0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 # ----------------------------------------------------------------------------- requests
@@ -127,9 +179,33 @@ class Request:
             or params.frequency_penalty != 0.0
         )
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.out_logprobs: list[TokenLogprob] = []
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, values) on the device
+        self.json = JsonPrefix() if params.json_object else None
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    # -- output text (called from the worker thread)
+    def update_text(self, text: str) -> bool:
+        """Record the decoded output so far; True when a stop string ends it (cut before it)."""
+        stops = self.params.stop
+        at = _find_stop(text, stops, max(0, self.sent - _longest(stops)))
+        self.text = text if at is None else text[:at]
+        return at is not None
+
+    def ready_text(self) -> str:
+        """The new text that can be streamed now: held back are a suffix that may begin a stop
+        string and a possibly incomplete UTF-8 sequence (replacement characters at the end)."""
+        text = self.text
+        safe = len(text) - _held_back(text, self.params.stop)
+        tail = len(text) - len(text.rstrip("\ufffd"))
+        if tail:
+            safe = min(safe, len(text) - tail)
+        if safe <= self.sent:
+            return ""
+        out, self.sent = text[self.sent : safe], safe
+        return out
 
     # -- delivery (called from the worker thread)
     def _push(self, chunk: Chunk) -> None:
@@ -195,4 +271,25 @@ class Request:
             ttft_s=ttft,
             total_s=(self.finished_at or time.perf_counter()) - self.submitted,
             error=last.error,
+            logprobs=list(self.out_logprobs) if self.params.logprobs is not None else None,
         )
+
+
+def _longest(stops: Sequence[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [j for j in (text.find(s, start) for s in stops) if j >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -13,6 +13,8 @@ Behaviour under bad input and load, by design:
 - A client that disconnects (mid-stream or while waiting for a whole answer) cancels its
   request, which frees its engine slot at the next decode step.
 - Binds 127.0.0.1 unless told otherwise; the API key is compared in constant time.
+
+The HTTP plumbing (the error type, the body-size middleware, running the app) is in `http.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,85 +33,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Chunk, Engine, EngineClosed, EngineFull
-from .protocol import ChatRequest, CompletionRequest, error_body, new_id, now, usage
+
+# ServerThread and make_server are re-exported: callers import them from here
+from .http import ApiError, BodyLimit, ServerThread, field_of, make_server  # noqa: F401
+from .protocol import (
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+from .rag.query import augment_messages, retrieve_and_fit
 
 WEB_DIR = Path(__file__).parent / "web"
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with a 413 before parsing."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > self.limit:
-            return await _send_json(
-                send,
-                413,
-                error_body(
-                    f"request body is {declared} bytes; the limit is {self.limit} (--max-body-bytes)",
-                    code="body_too_large",
-                ),
-            )
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise ApiError(413, f"request body over {self.limit} bytes", code="body_too_large")
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:
-            await _send_json(send, e.status, error_body(e.message, code=e.code))
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-def _field_of(loc) -> str:
-    parts = [str(x) for x in loc if x not in ("body",)]
-    # drop pydantic's union-branch labels ("str", "list[TextPart]") from the location
-    parts = [
-        p for p in parts if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "bool", "float"))
-    ]
-    return ".".join(parts)
 
 
 def create_app(
@@ -141,7 +79,7 @@ def create_app(
                 error_body(f"malformed JSON body: {ctx.get('error', first['msg'])}", code="invalid_json"),
                 status_code=400,
             )
-        field = _field_of(first.get("loc", ()))
+        field = field_of(first.get("loc", ()))
         msg = first["msg"].removeprefix("Value error, ")
         if first.get("type") == "missing":
             msg = "field required"
@@ -210,8 +148,13 @@ def create_app(
         except ValueError as e:
             for r in reqs:
                 r.cancel()
+            # OpenAI's code for a prompt that does not fit: the web page drops old turns on it
+            long = any(len(ids) + (params.max_tokens or 1) > engine.context for ids in prompts)
             raise ApiError(
-                400, str(e), param="messages" if "prompt" in str(e) else None, code="invalid_value"
+                400,
+                str(e),
+                param="messages" if "prompt" in str(e) else None,
+                code="context_length_exceeded" if long else "invalid_value",
             ) from None
         return reqs
 
@@ -303,11 +246,6 @@ def create_app(
                     param="rag",
                     code="rag_disabled",
                 )
-            from .rag.query import augment_messages
-
-            hits = await run_in_threadpool(retriever.search, _last_user(messages), body.rag_k)
-            messages = augment_messages(messages, hits)
-            citations = [h.citation() for h in hits]
         if engine.chat_format is None:
             raise ApiError(
                 400,
@@ -315,7 +253,12 @@ def create_app(
                 code="no_chat_template",
             )
         try:
-            ids = await run_in_threadpool(engine.encode_chat, messages)
+            if body.rag_k is not None:
+                ids, citations = await run_in_threadpool(_rag_prompt, engine, retriever, messages, body)
+            else:
+                ids = await run_in_threadpool(engine.encode_chat, messages)
+        except ApiError:
+            raise
         except Exception as e:  # DataError from a template that refuses this conversation
             raise ApiError(400, f"cannot render the conversation: {e}", param="messages") from None
         loop = asyncio.get_running_loop()
@@ -338,7 +281,7 @@ def create_app(
                     "index": i,
                     "message": {"role": "assistant", "content": r.text},
                     "finish_reason": r.finish_reason,
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(r.logprobs, engine.tok.decode),
                 }
                 for i, r in enumerate(results)
             ],
@@ -372,7 +315,7 @@ def create_app(
                 if c.finish_reason == "error":
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
-                if c.text:
+                if c.text or c.logprobs:
                     yield sse(
                         {
                             **base,
@@ -381,7 +324,7 @@ def create_app(
                                     "index": i,
                                     "delta": {"content": c.text},
                                     "finish_reason": None,
-                                    "logprobs": None,
+                                    "logprobs": chat_logprobs(c.logprobs, engine.tok.decode),
                                 }
                             ],
                         }
@@ -433,7 +376,12 @@ def create_app(
             "created": created,
             "model": engine.name,
             "choices": [
-                {"index": i, "text": echo[i] + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                {
+                    "index": i,
+                    "text": echo[i] + r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": completion_logprobs(r.logprobs, engine.tok.decode, len(echo[i])),
+                }
                 for i, r in enumerate(results)
             ],
             "usage": usage(sum(len(p) for p in prompts) * body.n, sum(r.completion_tokens for r in results)),
@@ -450,11 +398,15 @@ def create_app(
                             "choices": [{"index": i, "text": e, "finish_reason": None, "logprobs": None}],
                         }
                     )
+            offsets = [len(e) for e in echo]  # text_offset of the next token, per choice
             async for i, c in merged(reqs):
                 if c.finish_reason == "error":
                     yield sse(error_body(f"generation failed: {c.error}", "server_error"))
                     break
-                if c.text or c.finish_reason is not None:
+                if c.text or c.logprobs or c.finish_reason is not None:
+                    lps = completion_logprobs(c.logprobs, engine.tok.decode, offsets[i])
+                    if lps is not None:
+                        offsets[i] += sum(len(t) for t in lps["tokens"])
                     yield sse(
                         {
                             **base,
@@ -463,7 +415,7 @@ def create_app(
                                     "index": i,
                                     "text": c.text,
                                     "finish_reason": c.finish_reason,
-                                    "logprobs": None,
+                                    "logprobs": lps,
                                 }
                             ],
                         }
@@ -493,54 +445,23 @@ def create_app(
     return BodyLimit(app, max_body_bytes)
 
 
+def _rag_prompt(engine: Engine, retriever, messages: list[dict], body: ChatRequest) -> tuple[list[int], list]:
+    """Prompt ids with the retrieved sources in the system message, as many of the top-k as fit
+    the context next to the answer (`rag.query.retrieve_and_fit`, the CLI's rule), and their citations."""
+    need = body.budget or min(64, engine.context // 4)
+    ids, hits = retrieve_and_fit(
+        retriever,
+        _last_user(messages),
+        body.rag_k,
+        lambda h: engine.encode_chat(augment_messages(messages, h)),
+        engine.context,
+        need,
+    )
+    return ids, [h.citation() for h in hits]
+
+
 def _last_user(messages: list[dict]) -> str:
     for m in reversed(messages):
         if m["role"] == "user":
             return m["content"]
     raise ApiError(400, "rag needs a user message to use as the search query", param="messages")
-
-
-# ----------------------------------------------------------------------------- running
-def make_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        timeout_keep_alive=30,
-        lifespan="off",
-    )
-    return uvicorn.Server(config)
-
-
-class ServerThread:
-    """Run the app in a background thread (tests, benchmarks, notebooks). Port 0 = any free port.
-
-    >>> with ServerThread(create_app(engine)) as url:
-    ...     OpenAI(base_url=url + "/v1", api_key="x")
-    """
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        self.server = make_server(app, host, port)
-        self.thread = threading.Thread(target=self.server.run, name="lmforge-http", daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> str:
-        import time
-
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the HTTP server did not start")
-            time.sleep(0.02)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from rich import get_console, reconfigure
 from rich.markup import escape
 
+from ..artifacts import verify_stage
 from ..errors import LMForgeError
 from ..runs import POLICY_STAGES, StageRecord, policy_model_dir, read_manifest
 from ..train.engine import resolve_device
@@ -119,6 +120,7 @@ class StageContext:
                 f"stage {self.name!r} needs the output of {stage!r} in {d}, which is "
                 f"missing or incomplete; run `lmforge {stage}` (or `lmforge run`) first"
             )
+        verify_stage(d, m)
         return d
 
     def model_before(self, stage: str | None = None) -> Path:
@@ -135,4 +137,5 @@ class StageContext:
                 f"{self.name}: no trained model in {self.run_dir} to start from; run `lmforge sft` "
                 f"(or `lmforge run`) first, or pass --model PATH"
             )
+        verify_stage(found.parent, read_manifest(found.parent))
         return found

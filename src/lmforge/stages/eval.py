@@ -12,7 +12,7 @@
    file (see `lmforge.eval.readers`).
 
 Writes ``eval/results.json`` (top-level keys loss/ppl/bpb/unigram_bpb/tokens as before, plus
-``documents`` and ``tasks``) and ``eval/predictions/<task>.jsonl`` (per-item scores), which the
+``documents`` and ``tasks``) and ``eval/predictions/<key>.jsonl`` (per-item scores), which the
 report stage turns into tables.
 """
 
@@ -29,7 +29,7 @@ from ..chat import ChatFormat, assistant_loss, encode_records
 from ..data.builtin import split_by_key
 from ..data.shards import load_shard
 from ..eval.chain import score_chain
-from ..eval.loading import check_pair
+from ..eval.evaluate import evaluate_task, headline, predictions_jsonl, unique_keys
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
     document_metrics,
@@ -40,9 +40,9 @@ from ..eval.perplexity import (
 )
 from ..eval.readers import load_task
 from ..eval.report import hardware
-from ..eval.tasks import evaluate_task, headline
 from ..model.hf import load_pretrained, read_hf_config
 from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest
+from ..serve.loading import check_pair
 from ..tokenizer import LMTokenizer
 from .base import StageContext, define_stage
 from .sft import load_records
@@ -187,17 +187,21 @@ def eval_stage(ctx: StageContext) -> dict:
     # 3. tasks
     res["tasks"] = {}
     g = cfg.generation
+    tasks = []
     for spec in cfg.tasks:
         builtin = None
         if spec.strip() in ("builtin", "builtin_cloze"):
             builtin = shard_documents(val, tok, max_docs=10**9)
-        task = load_task(
-            spec,
-            on_error=cfg.on_error,
-            builtin_texts=builtin,
-            builtin_n=cfg.builtin_items,
-            seed=cfg.task_seed,
+        tasks.append(
+            load_task(
+                spec,
+                on_error=cfg.on_error,
+                builtin_texts=builtin,
+                builtin_n=cfg.builtin_items,
+                seed=cfg.task_seed,
+            )
         )
+    for key, task in zip(unique_keys(tasks), tasks):  # two tasks of one name do not overwrite
         max_new = min(g.max_new_tokens or task.max_new_tokens, seq_len // 2)
         out = evaluate_task(
             model,
@@ -217,13 +221,10 @@ def eval_stage(ctx: StageContext) -> dict:
         )
         preds = out.pop("predictions", None)
         if preds is not None:
-            atomic_write_text(
-                ctx.dir / "predictions" / f"{task.name}.jsonl",
-                "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
-            )
-        res["tasks"][task.name] = out
+            atomic_write_text(ctx.dir / "predictions" / f"{key}.jsonl", predictions_jsonl(preds))
+        res["tasks"][key] = out
         flat = headline(out)
-        metrics.update({f"{task.name}/{k}": v for k, v in flat.items()})
+        metrics.update({f"{key}/{k}": v for k, v in flat.items()})
         ctx.log(_task_line(out))
     atomic_write_json(ctx.dir / "results.json", res)
     return metrics

@@ -15,6 +15,7 @@ from ..data.shards import TokenLoader, load_shard
 from ..eval.perplexity import evaluate_shard, token_byte_lengths
 from ..model.config import ModelConfig
 from ..model.hf import load_pretrained, save_pretrained
+from ..model.resources import check_fits, training_memory
 from ..model.transformer import Transformer
 from ..tokenizer import LMTokenizer
 from ..train.distributed import barrier, check_batch, init_distributed, resolve_strategy, shutdown
@@ -31,6 +32,9 @@ class PretrainConfig(TrainConfig):
     eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each eval (0 = all)")
     init_from: str | None = Field(None, description="start from this model folder (continued pretraining)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU logging")
+    warn_epochs: float = Field(
+        20, gt=0, description="warn when max_steps repeats the training tokens more times than this"
+    )
 
     def shape_for(self, vocab_size: int) -> ModelConfig:
         """The shape trained from scratch: `model` with the tokenizer's vocabulary and seq_len."""
@@ -52,6 +56,33 @@ def build_model(cfg: PretrainConfig, vocab_size: int, device: torch.device, seed
     mcfg = cfg.shape_for(vocab_size)
     torch.manual_seed(seed)
     return Transformer(mcfg).to(device)
+
+
+def check_resources(
+    cfg: PretrainConfig, vocab_size: int, device: torch.device, batch: int, dtype: str
+) -> None:
+    """Refuse, before allocating, a shape whose training memory cannot fit the device."""
+    if cfg.init_from:  # the folder's config is checked when it is loaded
+        return
+    half = device.type == "cuda" and dtype in ("auto", "bfloat16", "float16")
+    est = training_memory(
+        cfg.shape_for(vocab_size),
+        batch_size=batch,
+        seq_len=cfg.seq_len,
+        optimizer=cfg.optimizer,
+        act_bytes=2 if half else 4,
+    )
+    check_fits(est, device, "pretrain")
+
+
+def warn_repeats(cfg: PretrainConfig, tokens: int, data_tokens: int, log) -> None:
+    epochs = tokens / max(int(data_tokens), 1)
+    if epochs > cfg.warn_epochs:
+        log(
+            f"warning: {cfg.max_steps} steps repeat the {int(data_tokens):,} training tokens {epochs:,.0f} "
+            f"times (pretrain.warn_epochs={cfg.warn_epochs:g}); the model will memorise them. Add data or "
+            f"lower pretrain.max_steps / batch_size / seq_len (or raise pretrain.warn_epochs)"
+        )
 
 
 def full_model(model: Transformer, strategy: str) -> Transformer:
@@ -84,6 +115,7 @@ def pretrain_stage(ctx: StageContext) -> dict:
     local_batch = check_batch(cfg.batch_size, info.world)
     if device.type == "cuda" and info.world > 1:
         device = torch.device("cuda", info.local_rank)
+    check_resources(cfg, tok.vocab_size, device, local_batch, ctx.dtype)
     model = build_model(cfg, tok.vocab_size, device, ctx.seed)
     mcfg = model.cfg
     train, val = load_shard(tok_dir, "train"), load_shard(tok_dir, "val")
@@ -104,6 +136,7 @@ def pretrain_stage(ctx: StageContext) -> dict:
         f"{cfg.max_steps} steps x {tokens_per_step:,} tokens = {cfg.max_steps * tokens_per_step / 1e6:.1f}M tokens "
         f"({cfg.max_steps * tokens_per_step / max(train.meta['n_tokens'], 1):.2f} epochs)"
     )
+    warn_repeats(cfg, cfg.max_steps * tokens_per_step, train.meta["n_tokens"], ctx.log)
 
     def evaluate(m):
         return evaluate_shard(

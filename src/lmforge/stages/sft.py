@@ -66,6 +66,9 @@ class SFTConfig(TrainConfig):
     seq_len: int | None = Field(None, ge=8, description="default: the model's context")
     packing: bool = True
     truncation: Literal["truncate", "drop"] = "truncate"
+    special_tokens_in_content: Literal["text", "control"] = Field(
+        "text", description="special-token strings inside message contents: plain text, or control tokens"
+    )
     on_bad_record: Literal["error", "skip"] = "error"
     method: Literal["full", "lora", "qlora", "prompt"] = "full"
     base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -167,6 +170,7 @@ def sft_stage(ctx: StageContext) -> dict:
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"sft.model: {model_dir} is not a model folder (no config.json)")
     fmt = ChatFormat.from_dir(model_dir)
+    fmt.literal_content = cfg.special_tokens_in_content == "text"
     context = read_hf_config(model_dir).get("max_position_embeddings", 2048)
     seq_len = cfg.seq_len or context
     if cfg.method == "prompt":

@@ -18,7 +18,8 @@ checkpoints with an allow-list unpickler: no arbitrary unpickling anywhere.
 
 A save that fails on a full disk, a file-size limit or a read-only file system removes its
 temporary folder and raises `StorageError` naming the file; the older checkpoints are pruned
-only after the new one is in place, so the last good one always survives. The crash harness
+only after the new one is in place, so the last good one always survives; a resumed run
+prunes too (`prune_checkpoints`), so a kill between placing and pruning leaves no extra. The crash harness
 kills the process at the points marked `fault_point("checkpoint:<step>:...")`.
 """
 
@@ -105,9 +106,7 @@ def save_checkpoint(
     fault_point(f"checkpoint:{step}:assembled", final)
     _put_in_place(tmp, final)
     fault_point(f"checkpoint:{step}:renamed", final)
-    if keep:
-        for old in list_checkpoints(root)[:-keep]:
-            _remove_checkpoint(old)
+    prune_checkpoints(root, keep)
     return final
 
 
@@ -126,6 +125,19 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (None/0: keep all); return those
+    deleted. Called after each save and when a run resumes: a process killed between placing a
+    checkpoint and pruning (or a re-run with a smaller `keep_checkpoints`) leaves extras that a
+    resumed run with no further save would otherwise never remove."""
+    if not keep:
+        return []
+    old = list_checkpoints(root)[:-keep]
+    for path in old:
+        _remove_checkpoint(path)
+    return old
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -267,9 +279,7 @@ def save_sharded_checkpoint(
                 os.fsync(fh.fileno())
         atomic_write_json(tmp / "checksums.json", sums)
         _put_in_place(tmp, final)
-        if keep:
-            for old in list_checkpoints(root)[:-keep]:
-                _remove_checkpoint(old)
+        prune_checkpoints(root, keep)
     dist.barrier()
     return final
 

@@ -44,6 +44,7 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
     save_sharded_checkpoint,
 )
@@ -268,7 +269,11 @@ class Trainer:
         return state
 
     def resume(self) -> int | None:
-        return self.step if self._load_last() is not None else None
+        if self._load_last() is None:
+            return None
+        if self.dist.is_main:  # a kill between placing a checkpoint and pruning left extras
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        return self.step
 
     def save(self) -> Path:
         if self.strategy == "fsdp":

@@ -8,9 +8,12 @@ cite them as [1]"); for plain LMs (`build_prompt`) they precede a `Question: ...
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from .embed import embedder_for_name, get_embedder
+from ...tokenizer import literal_text
+from ..engine import GenParams
+from .embed import RagError, embedder_for_name, get_embedder
 from .store import Hit, VectorStore
 
 INSTRUCTION = (
@@ -29,8 +32,6 @@ class Retriever:
                 get_embedder(embedder_spec) if embedder_spec else embedder_for_name(self.store.embedder_name)
             )
         if embedder.name != self.store.embedder_name:
-            from .embed import RagError
-
             raise RagError(
                 f"{folder}: the index was built with embedder {self.store.embedder_name!r} but the "
                 f"query embedder is {embedder.name!r}; their vectors are not comparable. Query "
@@ -76,26 +77,50 @@ def build_prompt(question: str, hits: list[Hit]) -> str:
     return f"{format_sources(hits)}\n\nQuestion: {question}\nAnswer:"
 
 
+def fit_sources(
+    render: Callable[[list[Hit]], list[int]], hits: list[Hit], context: int, need: int
+) -> tuple[list[int], list[Hit]]:
+    """The prompt ids `render(hits)` and the hits kept, dropping the lowest-ranked sources until
+    the prompt leaves `need` tokens of the context for the answer. With no source left the bare
+    prompt is returned as it is (the caller decides what a prompt too long on its own means).
+    The one trimming rule for the server, `lmforge rag query` and `lmforge chat --rag-index`."""
+    hits = list(hits)
+    while True:
+        ids = render(hits)
+        if len(ids) + need <= context or not hits:
+            return ids, hits
+        hits = hits[:-1]
+
+
+def retrieve_and_fit(
+    retriever: Retriever | None,
+    query: str,
+    k: int,
+    render: Callable[[list[Hit]], list[int]],
+    context: int,
+    need: int,
+) -> tuple[list[int], list[Hit]]:
+    """Search `k` chunks for `query` (none without a retriever) and trim them to fit (`fit_sources`)."""
+    hits = retriever.search(query, k) if retriever is not None else []
+    return fit_sources(render, hits, context, need)
+
+
 def answer(
     engine, retriever: Retriever | None, question: str, k: int = 4, params=None, chat: bool | None = None
 ) -> dict:
     """Retrieve (unless retriever is None), generate, and return {answer, citations, prompt_tokens}.
     Chat models get the sources in a system message; plain LMs a completion prompt. The prompt is
     trimmed (fewest sources first dropped) so that it fits the model's context."""
-    from ..engine import GenParams
-
     params = params or GenParams(max_tokens=64, temperature=0)
-    hits = retriever.search(question, k) if retriever is not None else []
     use_chat = engine.chat_format is not None if chat is None else chat
     need = params.max_tokens or 32
-    while True:
+
+    def render(hits: list[Hit]) -> list[int]:
         if use_chat:
-            ids = engine.encode_chat(augment_messages([{"role": "user", "content": question}], hits))
-        else:
-            ids = engine.encode(build_prompt(question, hits))
-        if len(ids) + need <= engine.context or not hits:
-            break
-        hits = hits[:-1]
+            return engine.encode_chat(augment_messages([{"role": "user", "content": question}], hits))
+        return engine.encode(literal_text(build_prompt(question, hits)))  # documents are text
+
+    ids, hits = retrieve_and_fit(retriever, question, k, render, engine.context, need)
     if len(ids) + need > engine.context:  # the question alone is too long: keep its end
         ids = ids[-(engine.context - need) :]
     res = engine.submit(ids, params).result()

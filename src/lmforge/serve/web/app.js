@@ -1,14 +1,19 @@
 // lmforge chat page: keeps the conversation in memory (and localStorage), sends it to
 // /v1/chat/completions with stream=true and renders the server-sent events as they arrive.
+// When the conversation no longer fits the model's context (the server answers 400 with code
+// context_length_exceeded), the oldest exchanges stop being sent, like `lmforge chat`: their
+// bubbles are greyed out and a notice says how many were dropped.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, messages: [], controller: null };
+// dropped: how many leading messages are no longer sent (they did not fit the context)
+const state = { model: null, messages: [], dropped: 0, controller: null };
 
 function loadState() {
   try {
     const saved = JSON.parse(localStorage.getItem("lmforge-chat") || "{}");
     if (Array.isArray(saved.messages)) state.messages = saved.messages;
+    if (Number.isInteger(saved.dropped)) state.dropped = Math.min(saved.dropped, state.messages.length);
     for (const k of ["system", "temperature", "top_p", "max_tokens", "repetition_penalty", "seed"]) {
       if (saved[k] !== undefined && $(k)) $(k).value = saved[k];
     }
@@ -16,7 +21,7 @@ function loadState() {
 }
 
 function saveState() {
-  const s = { messages: state.messages };
+  const s = { messages: state.messages, dropped: state.dropped };
   for (const k of ["system", "temperature", "top_p", "max_tokens", "repetition_penalty", "seed"]) s[k] = $(k).value;
   try { localStorage.setItem("lmforge-chat", JSON.stringify(s)); } catch (e) { /* storage full/disabled */ }
 }
@@ -53,6 +58,45 @@ function addBubble(role, text, done = true) {
 function render() {
   $("messages").innerHTML = "";
   for (const m of state.messages) addBubble(m.role, m.content);
+  markDropped();
+}
+
+function markDropped() {
+  const bubbles = $("messages").querySelectorAll(".msg");
+  bubbles.forEach((b, i) => {
+    if (i < state.dropped) {
+      b.dataset.dropped = "1";
+      b.title = "no longer sent: it did not fit the model's context";
+    }
+  });
+  const notice = $("notice");
+  const exchanges = Math.ceil(state.dropped / 2);
+  notice.textContent = exchanges
+    ? `Context full: the ${exchanges} oldest exchange(s) are no longer sent to the model.` : "";
+  notice.hidden = !exchanges;
+}
+
+async function post(body, signal) {
+  return fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), body: JSON.stringify(body), signal: signal,
+  });
+}
+
+// POST the conversation; while it does not fit the context, drop the oldest exchange and retry.
+async function postFitting(signal) {
+  while (true) {
+    const res = await post(requestBody(), signal);
+    if (res.ok) return res;
+    let msg = res.statusText, code = null;
+    try { const err = (await res.json()).error; msg = err.message; code = err.code; } catch (e) { /* not JSON */ }
+    // the last message is the new question: it is never dropped
+    if (code === "context_length_exceeded" && state.messages.length - state.dropped > 1) {
+      state.dropped = Math.min(state.dropped + 2, state.messages.length - 1);
+      markDropped();
+      continue;
+    }
+    throw new Error(`${res.status}: ${msg}`);
+  }
 }
 
 function setBusy(busy) {
@@ -82,7 +126,7 @@ function requestBody() {
   const msgs = [];
   const system = $("system").value.trim();
   if (system) msgs.push({ role: "system", content: system });
-  msgs.push(...state.messages);
+  msgs.push(...state.messages.slice(state.dropped));
   const body = {
     model: state.model, messages: msgs, stream: true,
     temperature: parseFloat($("temperature").value), top_p: parseFloat($("top_p").value),
@@ -107,14 +151,7 @@ async function send(text) {
   state.controller = new AbortController();
   setBusy(true);
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: state.controller.signal,
-    });
-    if (!res.ok) {
-      let msg = res.statusText;
-      try { msg = (await res.json()).error.message; } catch (e) { /* not JSON */ }
-      throw new Error(`${res.status}: ${msg}`);
-    }
+    const res = await postFitting(state.controller.signal);
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buf = "";
@@ -174,6 +211,7 @@ $("stop").addEventListener("click", () => state.controller && state.controller.a
 $("new-chat").addEventListener("click", () => {
   if (state.controller) state.controller.abort();
   state.messages = [];
+  state.dropped = 0;
   render();
   saveState();
 });

@@ -1,7 +1,9 @@
-"""Tiny models and tokenizers built in a second, for tests and benchmarks of the evaluation code.
+"""Tiny models, tokenizers and model folders made in a second: the one set of factories the
+tests and benchmarks share (nothing downloaded; tokenizers trained on fixed text, weights random
+and seeded, or trained for a few hundred steps on rows the caller gives).
 
-Nothing here is downloaded: the tokenizer is trained on a fixed paragraph, models are random or
-trained for a few hundred steps on text the caller gives.
+Kept out of the product package (`src/lmforge`) on purpose, and free of pytest imports so that
+benchmark scripts can use them on a machine without pytest. `tests/conftest.py` re-exports them.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from ..model.config import ModelConfig
-from ..model.transformer import Transformer
-from ..tokenizer import LMTokenizer, train_tokenizer
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf import save_pretrained
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import LMTokenizer, train_tokenizer
 
 WORDS = (
     "apple river stone cloud music garden silver window forest candle paper bridge ocean "
@@ -95,7 +99,7 @@ def train_on(
 
 
 @contextlib.contextmanager
-def one_thread():
+def single_thread():
     """Run torch on one CPU thread: tiny models gain nothing from more, and on a busy machine
     OpenMP threads spinning against each other make them many times slower."""
     n = torch.get_num_threads()
@@ -104,3 +108,51 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- model folders
+def save_base_model(d, texts, vocab_size, *, seed=0, **model):
+    """Train a BPE tokenizer on `texts` and save it with a fresh random Transformer (default
+    init, seeded; 32 wide, 2 layers, 4 heads, 2 KV heads, 64 positions unless `model` says
+    otherwise) as an HF-format model in `d`: the base the SFT / align / RL stage tests start
+    from. Returns the tokenizer and the model."""
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    tok.save(d)
+    torch.manual_seed(seed)
+    shape = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, **model}
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, **shape))
+    save_pretrained(model, d, tokenizer_dir=d, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return tok, model
+
+
+# a served model's text: short sentences a 384-token BPE learns whole words of
+CORPUS = [
+    "The function returns a list of the items in the mapping.",
+    "A socket is one endpoint of a two-way communication link between two programs.",
+    "This module provides regular expression matching operations similar to those in Perl.",
+    "Return the absolute value of a number. The argument may be an integer or a float.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Open the file and return a stream; raise OSError upon failure.",
+] * 8
+
+
+def make_tiny_model(
+    folder: str | Path,
+    *,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vocab_size: int = 384,
+    max_seq_len: int = 256,
+    seed: int = 0,
+) -> Path:
+    """A real lmforge / Hugging Face model folder (config.json, model.safetensors, a byte-level BPE
+    tokenizer with lmforge's chat template) of random seeded weights: gibberish text, real
+    shapes. What the serving tests, the web-page test and the serving benchmarks load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    save_base_model(folder, CORPUS, vocab_size, seed=seed, max_seq_len=max_seq_len, **shape)
+    return folder

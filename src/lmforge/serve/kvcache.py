@@ -1,0 +1,51 @@
+"""The engine's K/V cache: one preallocated row per slot, written from column 0.
+
+Why a slot row per request: a token's column is then its RoPE position, a request joins or
+leaves the running batch without touching the others' rows, and the buffers never move, which
+is what a CUDA graph (static_decode.py) needs: fixed addresses, overwritten in place. The class
+duck-types `model.transformer.KVCache` (`update`, `length`), so a model called through its own
+forward (LoRA-wrapped, imported HF families) writes into it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotCache:
+    """K/V buffers with one row per slot. Duck-types `model.transformer.KVCache` (`update`,
+    `length`): before each forward the engine says which rows and positions are written."""
+
+    def __init__(self, cfg, slots: int, context: int, device, dtype):
+        shape = (slots, cfg.kv_heads, context, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.context = context
+        self.length = 0  # the Transformer bumps this; positions are always passed explicitly
+        self._mode = None
+
+    def prefill(self, slot: int, n: int) -> SlotCache:
+        self._mode = ("prefill", slot, n)
+        return self
+
+    def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
+        self._mode = ("decode", rows, pos, k_len)
+        return self
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        mode = self._mode
+        if mode[0] == "prefill":
+            _, slot, n = mode
+            self.k[layer][slot, :, :n] = k[0]
+            self.v[layer][slot, :, :n] = v[0]
+            return k, v
+        _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
+        kc, vc = self.k[layer][rows], self.v[layer][rows]
+        b = torch.arange(k.shape[0], device=k.device)
+        kc[b, :, pos] = k[:, :, 0]
+        vc[b, :, pos] = v[:, :, 0]
+        return kc[:, :, :k_len], vc[:, :, :k_len]
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]

@@ -1,0 +1,64 @@
+"""Prompt forwards into the engine's slot cache, several prompts per forward.
+
+Why: requests admitted together (a batch from `Engine.generate`, a burst of server requests,
+the groups of an RL step) would otherwise be prefilled one forward each: on a GPU each forward
+is launch-bound, so 256 prompts cost 256 times the latency of one; on a CPU the per-forward
+overhead adds up the same way. Here prompts are right-padded into one batch per chunk of at
+most `max_tokens` padded tokens. Right padding is exact under causal attention: a real token
+never attends to the pad tokens after it, and the logits are read at each row's last real
+token. The pad tokens do write K/V into their slot's columns past the prompt; those columns
+are overwritten by the decode step that reaches them before any query may see them (keys past
+a row's position are masked, or beyond `k_len`).
+
+Models without the fused fast path (LoRA-wrapped, quantised) are prefilled one prompt at a
+time through their own forward, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+DEFAULT_MAX_TOKENS = 8192  # padded prompt tokens per forward: bounds the activation memory
+
+
+def _chunks(jobs: Sequence[tuple[int, list[int]]], max_tokens: int):
+    group: list[tuple[int, list[int]]] = []
+    longest = 0
+    for job in jobs:
+        n = max(longest, len(job[1]))
+        if group and n * (len(group) + 1) > max_tokens:
+            yield group
+            group, n = [], len(job[1])
+        group.append(job)
+        longest = n
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def prefill(
+    fast, model, cache, jobs: Sequence[tuple[int, list[int]]], device, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> list[torch.Tensor]:
+    """Write each job's prompt (slot, token ids) into `cache`; its last position's logits
+    [V] (float32) per job, in order."""
+    out: list[torch.Tensor] = []
+    if fast is None:
+        for slot, ids in jobs:
+            n = len(ids)
+            x = torch.tensor([ids], device=device)
+            logits = model(x, position_ids=torch.arange(n, device=device), cache=cache.prefill(slot, n))
+            out.append(logits[0, -1].float())
+        return out
+    for group in _chunks(jobs, max_tokens):
+        T = max(len(ids) for _, ids in group)
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        for r, (_, ids) in enumerate(group):
+            x[r, : len(ids)] = torch.tensor(ids)
+        slots = torch.tensor([s for s, _ in group], device=device)
+        last = torch.tensor([len(ids) - 1 for _, ids in group], device=device)
+        pos = torch.arange(T, device=device)[None].expand(len(group), T)
+        logits = fast.forward(x.to(device), pos, cache, slot=slots, last=last).float()
+        out.extend(logits.unbind(0))
+    return out
