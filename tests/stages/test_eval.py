@@ -175,6 +175,7 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
     )
     manifest = json.loads((run / "eval" / "manifest.json").read_text())
     assert manifest["metrics"]["chain/sft_bpb"] == chain[1]["bpb"]
+    assert manifest["metrics"]["chain/pretrain_assistant_loss"] == chain[0]["assistant_loss"]
     with single_thread():
         assert main(["report", *args]) == 0
     md = (run / "report" / "report.md").read_text()

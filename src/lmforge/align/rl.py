@@ -6,10 +6,12 @@ advantages; `align/rollout.py`) followed by `epochs` x `num_minibatches` optimiz
 each step `grad_accum` micro-batches of `batch_size` sequences. The engine's `max_steps`
 counts optimizer steps; a rollout holds `batch_size * grad_accum * num_minibatches` sequences
 (for GRPO: that / `group_size` prompts, `group_size` samples each). The losses and their
-normalisations are in `align/rl_math.py`, reward functions in `align/rewards.py`, prompt
-sources (built-in arithmetic, GSM8K, JSONL) in `align/tasks.py`.
+normalisations are in `align/rl_math.py`, the KL estimators, controller and guard in
+`align/kl.py`, reward functions in `align/rewards.py`, prompt sources (built-in arithmetic,
+GSM8K, JSONL) in `align/tasks.py`, the settings in `align/config.py`.
 
-Models: the policy starts from `model` (default: the run's latest model) with full weights,
+Models: the policy starts from `model_dir`, which the stage chooses (its `model`, or the run's
+model before the stage: this module never looks at the pipeline), with full weights,
 LoRA or QLoRA (`peft`). PPO puts a scalar value head (`v_head`, zero-initialised) on the
 policy's final hidden state: one shared trunk, as in TRL's `AutoModelForCausalLMWithValueHead`.
 The frozen reference (PPO always; GRPO when `grpo.beta > 0`) is `ref_model`, or the starting
@@ -17,10 +19,11 @@ policy: a second copy for full fine-tuning, the same weights with the adapters s
 LoRA/QLoRA (no extra memory). PPO's reward comes from a reward model (`reward_model`, default:
 this run's `reward/model`) or reward functions; GRPO's from reward functions.
 
-Evaluation: greedy completions of the held-out prompts, scored by the same reward functions
-(exact-match accuracy on verifiable tasks), before training and every `eval_every` steps (the
-curve lands in metrics.jsonl as `eval/...`), and for PPO the KL to the reference of sampled
-held-out completions. Outputs: `model/` (HF layout; LoRA merged), `adapter/` (LoRA/QLoRA),
+Evaluation (`align/heldout.py`): greedy completions of the held-out prompts, scored by the same
+reward functions (exact-match accuracy on verifiable tasks), before training and every
+`eval_every` steps (the curve lands in metrics.jsonl as `eval/...`), with the KL to the
+reference and the reward-hacking signals (`align/signals.py`) of sampled held-out completions;
+a warning when the reward rises while diversity or the held-out likelihood collapses. Outputs: `model/` (HF layout; LoRA merged), `adapter/` (LoRA/QLoRA),
 `value_head.safetensors` (PPO), `samples.jsonl`, `metrics.jsonl`, `before.json`.
 """
 

@@ -165,10 +165,7 @@ def eval_stage(ctx: StageContext) -> dict:
     )
     metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
     if cfg.chain_tokens:
-        res["chain"] = _chain(ctx, cfg, val, tb, seq_len)
-        metrics.update(
-            {f"chain/{r['stage']}_bpb": r["bpb"] for r in res["chain"] if r.get("bpb") is not None}
-        )
+        res["chain"] = _chain(ctx, cfg, val, tb, seq_len, metrics)
 
     scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
     # 2. whole documents, rolling windows: word perplexity and bpb that compare across tokenizers
@@ -272,7 +269,9 @@ def _sft_heldout_loss(ctx: StageContext, cfg: EvalConfig, seq_len: int):
     }
 
 
-def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int) -> list[dict]:
+def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int, metrics: dict) -> list[dict]:
+    """Score every model of the run (`score_chain`); adds `chain/<stage>_bpb` (and
+    `_assistant_loss`) to `metrics` and logs one line."""
     t0 = time.time()
     rows = score_chain(
         run_models(ctx.run_dir),
@@ -286,6 +285,10 @@ def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int) -> list[di
         extra=_sft_heldout_loss(ctx, cfg, seq_len),
     )
     if rows:
+        for r in rows:
+            metrics.update(
+                {f"chain/{r['stage']}_{k}": r[k] for k in ("bpb", "assistant_loss") if r.get(k) is not None}
+            )
         parts = [_chain_part(r) for r in rows]
         ctx.log(
             f"model chain, bits/byte on the same {cfg.chain_tokens:,} val tokens (change per stage): "
