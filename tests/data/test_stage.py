@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,21 @@ def test_max_docs_keeps_the_first_documents(corpus, tmp_path):
     assert set(train + val) <= ref_all
     funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
     assert funnel["steps"][-1]["name"] == "max_docs" and funnel["steps"][-1]["docs_out"] == 7
+
+
+def test_one_big_file_runs_as_several_tasks_with_the_same_output(tmp_path):
+    docs = [d.text for d in harvest_builtin_corpus()][100:160]
+    docs[0] = "Cafe\u0301 nai\u0308ve " + docs[0]  # decomposed accents: must come out NFC
+    big = tmp_path / "in" / "big.jsonl"
+    big.parent.mkdir()
+    big.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = dict(inputs=[str(big)], shard_docs=10, task_bytes=1 << 20)
+    logs: list[str] = []
+    one = run_data_stage(DataConfig(**cfg), tmp_path / "one", seed=0, log=quiet)
+    two = run_data_stage(DataConfig(workers=2, **cfg), tmp_path / "two", seed=0, log=logs.append)
+    assert one["tasks"] == 2 and two["tasks"] == 4  # ~2 tasks per worker, cut at line starts
+    assert any("1 large file(s) cut into" in line for line in logs)
+    assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
+    out = [t for split in outputs(tmp_path / "two") for t in split]
+    assert any(t.startswith("Caf\u00e9 na\u00efve") for t in out)
+    assert all(unicodedata.is_normalized("NFC", t) for t in out)

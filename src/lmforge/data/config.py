@@ -169,6 +169,29 @@ class PIIConfig(_Step):
     email_replacement: str = "email@example.com"
     phone_replacement: str = "555-0100"
     ip_replacement: str = "192.0.2.1"
+    phone_region: str = Field(
+        "US", description="ISO 3166 region for numbers written without a +country code (phonenumbers)"
+    )
+
+
+# Fields holding an eval item's question/context text in the common public shapes (MMLU, ARC,
+# HellaSwag, GSM8K, SQuAD, BoolQ, PIQA, WinoGrande, lm-eval-harness task dumps).
+EVAL_KEY_FIELDS = (
+    "question",
+    "query",
+    "prompt",
+    "problem",
+    "context",
+    "ctx",
+    "passage",
+    "goal",
+    "sentence",
+    "premise",
+    "hypothesis",
+    "instruction",
+    "input",
+    "text",
+)
 
 
 class DecontamConfig(_Step):
@@ -178,7 +201,9 @@ class DecontamConfig(_Step):
         default_factory=list, description="files/folders/globs: .jsonl .json .csv .txt .parquet"
     )
     eval_fields: list[str] = Field(
-        default_factory=list, description="fields to read; empty = every string field"
+        default_factory=lambda: list(EVAL_KEY_FIELDS),
+        description="fields whose n-grams are keys (the item's own text, not its answer choices); "
+        "['*'] or [] = every string field; a record with none of them is read whole",
     )
     ngram: int = Field(13, ge=3)
     min_item_words: int = Field(

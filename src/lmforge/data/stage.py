@@ -38,7 +38,7 @@ from lmforge.data.output import iter_records, list_shards, write_jsonl_zst
 from lmforge.data.readers import Document
 from lmforge.data.sources import SourceStats, Task, iter_task_documents, plan_tasks
 from lmforge.data.steps import HEURISTIC_STEPS, StepStats, build_doc_steps
-from lmforge.data.steps.base import text_bytes
+from lmforge.data.steps.base import nfc, text_bytes
 from lmforge.errors import DataError
 from lmforge.runs import atomic_path, atomic_write_json, fingerprint
 
@@ -57,9 +57,12 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
     work = out_dir / "work"
     tasks = [Task.from_dict(t) for t in plan["tasks"]]
     pending = [t for t in tasks if not _task_done(work, t)]
+    split = {t.items[0] for t in tasks if t.kind == "range"}
+    ranges = sum(t.kind == "range" for t in tasks)
     log(
-        f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s); "
-        f"{len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}"
+        f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s)"
+        + (f" ({len(split)} large file(s) cut into {ranges} byte-range tasks)" if split else "")
+        + f"; {len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}"
     )
     finished = [0]
 
@@ -188,6 +191,7 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
 
     def counted(docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
+            doc.text = nfc(doc.text)  # one form for every source, so n-grams and hashes compare
             read_text.add_out(doc)
             yield doc
 
@@ -375,13 +379,23 @@ def _prepare_decontam(cfg: DataConfig, work: Path, log) -> None:
     path = work / "decontam.npz"
     if not d.enabled or not d.eval_sets or path.is_file():
         return
-    from lmforge.data.steps.decontam import build_eval_ngrams
+    from lmforge.data.steps.decontam import build_eval_index
 
-    hashes, items, short = build_eval_ngrams(d.eval_sets, d.eval_fields or None, d.ngram, d.min_item_words)
-    log(f"data: decontamination against {items:,} eval items ({len(hashes):,} {d.ngram}-grams)")
+    ix = build_eval_index(d.eval_sets, d.eval_fields or None, d.ngram, d.min_item_words)
+    log(
+        f"data: decontamination against {ix.items:,} eval items ({len(ix.hashes):,} {d.ngram}-grams "
+        f"from fields {', '.join(d.eval_fields) or '*'})"
+    )
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, hashes=hashes, short=np.array(short, dtype=np.int64), items=np.int64(items))
+            np.savez(
+                f,
+                hashes=ix.hashes,
+                owners=ix.owners,
+                labels=np.array(ix.labels, dtype=str),
+                short=np.array(ix.short, dtype=np.int64),
+                items=np.int64(ix.items),
+            )
 
 
 def _load_decontam(work: Path):
@@ -389,7 +403,8 @@ def _load_decontam(work: Path):
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return z["hashes"], [int(x) for x in z["short"]]
+        labels = [str(x) for x in z["labels"]]
+        return z["hashes"], [int(x) for x in z["short"]], [labels[i] for i in z["owners"]]
 
 
 def unit_hash(seed: int, text: str) -> float:

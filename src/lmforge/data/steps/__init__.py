@@ -40,7 +40,7 @@ GLOBAL_STEP_ORDER = ("exact_dedup", "near_dedup", "quality_classifier", "mixing"
 
 
 def build_doc_steps(
-    cfg: DataConfig, decontam_ngrams: tuple[np.ndarray, list[int]] | None = None
+    cfg: DataConfig, decontam_ngrams: tuple[np.ndarray, list[int], list[str]] | None = None
 ) -> list[Step]:
     """The enabled per-document steps for `cfg`, in pipeline order."""
     from lmforge.data.steps import quality
@@ -98,11 +98,13 @@ def build_doc_steps(
                 p.phone_replacement,
                 p.ip_replacement,
                 ex,
+                p.phone_region,
             )
         )
     if cfg.decontam.enabled and decontam_ngrams is not None and len(decontam_ngrams[0]):
         d = cfg.decontam
-        steps.append(Decontaminate(decontam_ngrams[0], d.ngram, decontam_ngrams[1], d.mode, ex))
+        hashes, short, owners = decontam_ngrams
+        steps.append(Decontaminate(hashes, d.ngram, short, d.mode, ex, owners))
     if cfg.domain.enabled:
         dm = cfg.domain
         steps.append(DomainLabel(dm.rules, dm.web_domain, dm.default_domain, ex))

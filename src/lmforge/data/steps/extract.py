@@ -15,7 +15,7 @@ import signal
 import threading
 
 from lmforge.data.readers import Document
-from lmforge.data.steps.base import Step
+from lmforge.data.steps.base import Step, nfc
 
 
 class _Timeout(Exception):
@@ -87,7 +87,7 @@ class HtmlExtract(Step):
         if result is None:
             return "no_main_text"
         data = result.as_dict() if hasattr(result, "as_dict") else dict(result)
-        text = (data.get("text") or "").strip()
+        text = nfc((data.get("text") or "").strip())  # extract() does this; bare_extraction does not
         if not text:
             return "no_main_text"
         doc.text = text
