@@ -21,11 +21,14 @@ keeps the first document in input order, samples are bottom-k by seeded hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -165,14 +168,51 @@ def iter_output_texts(out_dir: Path, split: str) -> Iterator[str]:
 
 # ============================================================================ phase 1: a task
 def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
-    """Process one task end to end and write its files; the entry point of every executor."""
-    from lmforge.data.steps.dedup import MinHasher, exact_hash, normalize
+    """Process one task end to end and write its files; the entry point of every executor.
 
-    t0 = time.time()
-    cfg = DataConfig.model_validate(cfg_dict)
+    The task is claimed first (an exclusive lock on ``tasks/<task>.claim``, released by the OS
+    when its holder dies): a second process given the same task, e.g. a rerun beside survivors
+    of a killed run, fails with the holder's pid instead of writing the same files."""
     task = Task.from_dict(task_dict)
     tdir = Path(work_dir) / "tasks"
     tdir.mkdir(parents=True, exist_ok=True)
+    with claim_task(tdir / f"{task.name}.claim"):
+        if _task_done(Path(work_dir), task):
+            done = json.loads((tdir / f"{task.name}.stats.json").read_text())
+            return {k: done[k] for k in ("task", "docs_in", "docs_out", "seconds")}
+        return _run_claimed_task(task, DataConfig.model_validate(cfg_dict), Path(work_dir), seed)
+
+
+@contextlib.contextmanager
+def claim_task(path: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on `path` (pid and host written into it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; tasks are still exclusive within one pool
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise DataError(
+                f"{path}: task is being run by {holder}; wait for it to finish or stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_claimed_task(task: Task, cfg: DataConfig, work: Path, seed: int) -> dict:
+    from lmforge.data.steps.dedup import MinHasher, exact_hash, normalize
+
+    t0 = time.time()
+    tdir = work / "tasks"
+    work_dir = str(work)
     read = SourceStats()
     read_text = StepStats("read")
     steps = build_doc_steps(cfg, _load_decontam(Path(work_dir)))
