@@ -405,3 +405,35 @@ def test_one_big_file_runs_as_several_tasks_with_the_same_output(tmp_path):
     out = [t for split in outputs(tmp_path / "two") for t in split]
     assert any(t.startswith("Caf\u00e9 na\u00efve") for t in out)
     assert all(unicodedata.is_normalized("NFC", t) for t in out)
+
+
+def test_blas_pinned_in_tasks_and_global_steps_timed(corpus, tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from lmforge.data.steps.classifier import QualityScorer
+
+    seen: list[int] = []
+    real_score = QualityScorer.score
+
+    def spy(self, texts, max_chars=20_000):
+        seen.extend(lib["num_threads"] for lib in threadpool_info())
+        return real_score(self, texts, max_chars)
+
+    monkeypatch.setattr(QualityScorer, "score", spy)
+    real_task = stage_mod._run_claimed_task
+
+    def spy_task(*args):
+        seen.extend(lib["num_threads"] for lib in threadpool_info())
+        return real_task(*args)
+
+    monkeypatch.setattr(stage_mod, "_run_claimed_task", spy_task)
+    src, ref = corpus
+    run_data_stage(small_cfg(src), tmp_path / "out", seed=3, log=quiet, threads=2)
+    assert seen and set(seen) == {1}
+    funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
+    rows = {st["name"]: st for st in funnel["steps"]}
+    for name in ("exact_dedup", "near_dedup", "mixing") + (
+        ("quality_classifier",) if "quality_classifier" in rows else ()
+    ):
+        assert rows[name]["seconds"] > 0, name
+    assert outputs(tmp_path / "out") == outputs(ref)

@@ -22,8 +22,6 @@ keeps the first document in input order, samples are bottom-k by seeded hash.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import heapq
 import itertools
 import json
 import os
@@ -34,11 +32,14 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import xxhash
+from threadpoolctl import threadpool_limits
 
 from lmforge.data.config import DataConfig
+from lmforge.data.executors import run_tasks
+from lmforge.data.finalize import finalize
 from lmforge.data.output import iter_records, list_shards, write_jsonl_zst
 from lmforge.data.readers import Document
+from lmforge.data.sampling import BottomK, unit_hash
 from lmforge.data.sources import SourceStats, Task, iter_task_documents, plan_tasks
 from lmforge.data.steps import HEURISTIC_STEPS, StepStats, build_doc_steps
 from lmforge.data.steps.base import nfc, text_bytes
@@ -46,13 +47,27 @@ from lmforge.errors import DataError
 from lmforge.runs import atomic_path, atomic_write_json, fingerprint
 
 EXECUTION_ONLY = ("workers", "executor", "ray_address", "keep_work")
-SAMPLE_CHARS = 20_000
+__all__ = ["BottomK", "unit_hash", "run_data_stage", "prepare_stage", "run_planned_task", "iter_output_texts"]
 
 
 # ============================================================================ public API
-def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume, or skip if complete) the data stage into `out_dir`; returns flat metrics."""
-    out_dir = Path(out_dir)
+def run_data_stage(
+    cfg: DataConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+    log: Callable[[str], None] = print,
+    threads: int | None = None,
+) -> dict:
+    """Run (or resume, or skip if complete) the data stage into `out_dir`; returns flat metrics.
+
+    `threads` (``run.threads``) caps the BLAS/OpenMP threads of the driver (threadpoolctl); the
+    task workers and the quality classifier always use one, so no score depends on it."""
+    with threadpool_limits(threads) if threads else contextlib.nullcontext():
+        return _run_data_stage(cfg, Path(out_dir), seed, log)
+
+
+def _run_data_stage(cfg: DataConfig, out_dir: Path, seed: int, log: Callable[[str], None]) -> dict:
     t0 = time.time()
     plan, finished_metrics = prepare_stage(cfg, out_dir, seed=seed, log=log)
     if finished_metrics is not None:
@@ -76,8 +91,6 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
             f"{result['docs_out']:,} kept ({result['seconds']:.1f}s)"
         )
 
-    from lmforge.data.executors import run_tasks
-
     if pending and cfg.executor == "local" and cfg.workers > 1:
         _warm_up(cfg)  # forked workers inherit the imports and the language model
     cfg_dict = cfg.model_dump(mode="json")
@@ -89,8 +102,6 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
         ray_address=cfg.ray_address,
         on_done=on_done,
     )
-
-    from lmforge.data.finalize import finalize
 
     metrics, shards = finalize(cfg, out_dir, work, tasks, plan.get("skipped_files", []), seed, log, t0)
     atomic_write_json(
@@ -176,7 +187,9 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
     task = Task.from_dict(task_dict)
     tdir = Path(work_dir) / "tasks"
     tdir.mkdir(parents=True, exist_ok=True)
-    with claim_task(tdir / f"{task.name}.claim"):
+    # one BLAS/OpenMP thread per worker: parallelism is across tasks, and the language scores
+    # (numpy dot products) then do not depend on the machine's or the environment's thread count
+    with claim_task(tdir / f"{task.name}.claim"), threadpool_limits(1):
         if _task_done(Path(work_dir), task):
             done = json.loads((tdir / f"{task.name}.stats.json").read_text())
             return {k: done[k] for k in ("task", "docs_in", "docs_out", "seconds")}
@@ -289,18 +302,7 @@ def _run_claimed_task(task: Task, cfg: DataConfig, work: Path, seed: int) -> dic
         ),
     )
 
-    read_text.name = "read"
-    read_text.docs_in = read.records_read
-    read_text.bytes_in = task.bytes if task.kind == "files" else read_text.bytes_out
-    read_text.dropped = {r: {"docs": c, "bytes": 0} for r, c in read.dropped.items()}
-    read_text.examples = {
-        r: [
-            {"id": ex.split(": ", 1)[0], "source": None, "url": None, "text": ex.split(": ", 1)[-1]}
-            for ex in exs
-        ]
-        for r, exs in read.examples.items()
-    }
-    read_text.counters = {"files": read.files, "replaced_bytes": read.replaced_bytes, **read.info}
+    _fill_read_row(read_text, read, task)
     summary = {
         "task": task.name,
         "docs_in": read.records_read,
@@ -311,6 +313,22 @@ def _run_claimed_task(task: Task, cfg: DataConfig, work: Path, seed: int) -> dic
     }
     atomic_write_json(tdir / f"{task.name}.stats.json", summary)  # the completion marker: last
     return {k: summary[k] for k in ("task", "docs_in", "docs_out", "seconds")}
+
+
+def _fill_read_row(row: StepStats, read: SourceStats, task: Task) -> None:
+    """The funnel's read row: documents counted by the readers, bytes of the task's input."""
+    row.name = "read"
+    row.docs_in = read.records_read
+    row.bytes_in = task.bytes if task.kind in ("files", "range") else row.bytes_out
+    row.dropped = {r: {"docs": c, "bytes": 0} for r, c in read.dropped.items()}
+    row.examples = {
+        r: [
+            {"id": ex.split(": ", 1)[0], "source": None, "url": None, "text": ex.split(": ", 1)[-1]}
+            for ex in exs
+        ]
+        for r, exs in read.examples.items()
+    }
+    row.counters = {"files": read.files, "replaced_bytes": read.replaced_bytes, **read.info}
 
 
 def max_docs_read(max_docs: int) -> int:
@@ -347,30 +365,6 @@ def _jsonable(meta: dict) -> dict:
         except (TypeError, ValueError):
             out[k] = str(v)
     return out
-
-
-class BottomK:
-    """A uniform, order-independent sample: the k texts with the smallest seeded hash."""
-
-    def __init__(self, k: int, seed: int):
-        self.k, self.seed = k, seed
-        self.heap: list[tuple[int, str]] = []  # (-key, text): a max-heap on key
-
-    def add(self, text: str, key: int | None = None) -> None:
-        if key is None:
-            key = xxhash.xxh3_64_intdigest(
-                text.encode("utf-8", "surrogatepass"), seed=self.seed & 0xFFFFFFFFFFFFFFFF
-            )
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, (-key, text[:SAMPLE_CHARS]))
-        elif key < -self.heap[0][0]:
-            heapq.heapreplace(self.heap, (-key, text[:SAMPLE_CHARS]))
-
-    def items(self) -> list[tuple[int, str]]:
-        return sorted((-nk, t) for nk, t in self.heap)
-
-    def texts(self) -> list[str]:
-        return [t for _, t in self.items()]
 
 
 # ============================================================================ helpers
@@ -445,9 +439,3 @@ def _load_decontam(work: Path):
     with np.load(path, allow_pickle=False) as z:
         labels = [str(x) for x in z["labels"]]
         return z["hashes"], [int(x) for x in z["short"]], [labels[i] for i in z["owners"]]
-
-
-def unit_hash(seed: int, text: str) -> float:
-    """A number in [0, 1) from sha256(seed, text); same formula as builtin.split_train_val."""
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", errors="surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
