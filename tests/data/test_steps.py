@@ -24,6 +24,7 @@ from lmforge.data.steps.decontam import Decontaminate, build_eval_ngrams
 from lmforge.data.steps.dedup import MinHasher, exact_hash, jaccard_estimate, lsh_clusters
 from lmforge.data.steps.domain import DomainLabel, mix_plan
 from lmforge.data.steps.language import LanguageFilter
+from lmforge.data.steps import quality
 from lmforge.data.steps.quality import Sanity, c4, fineweb, gopher_quality, gopher_repetition
 
 PROSE = (
@@ -410,3 +411,34 @@ def test_extracted_text_is_nfc():
     page = f"<html><head><title>t</title></head><body><article><p>{para}</p></article></body></html>"
     out = run(HtmlExtract(), [doc(page, format="html")])
     assert "Caf\u00e9 au lait, na\u00efve" in out[0].text and "e\u0301" not in out[0].text
+
+
+def test_steps_built_from_their_own_config_in_registry_order():
+    from lmforge.data.steps import DOC_STEP_ORDER, DOC_STEPS, build_doc_steps
+
+    cfg = DataConfig()
+    for name in DOC_STEP_ORDER:
+        getattr(cfg, name).enabled = True
+    built = [s.name for s in build_doc_steps(cfg)]
+    assert built == [n for n in DOC_STEP_ORDER if n != "decontam"]  # no eval index: nothing to do
+    hashes = np.array([1, 2], dtype=np.uint64)
+    with_index = build_doc_steps(cfg, (hashes, [], ["a:1", "b:2"]))
+    assert [s.name for s in with_index] == list(DOC_STEP_ORDER)
+    assert len(DOC_STEPS) == len(DOC_STEP_ORDER)
+    cfg.pii.phone_region = "DE"
+    pii = next(s for s in build_doc_steps(cfg) if s.name == "pii")
+    out = run(pii, [doc("Ruf an: 030 12345678 bitte")])
+    assert "12345678" not in out[0].text
+
+
+def test_gopher_datatrove_word_splitting_mode():
+    code_heavy = " ".join(["the setup() of f(x) and g(y) is run(z) with h(w) to (a) check (b) that k(v);"] * 20)
+    prose = PROSE
+    ws = quality.gopher_quality(GopherQualityConfig(), 3)
+    dt = quality.gopher_quality(GopherQualityConfig(words="datatrove"), 3)
+    assert run(ws, [doc(code_heavy)]) and run(ws, [doc(prose)])
+    assert run(dt, [doc(prose)])  # ordinary prose passes either way
+    assert run(dt, [doc(code_heavy)]) == []  # punctuation tokens: short, non-alphabetic words
+    assert dt.stats.dropped == {"below_avg_threshold": {"docs": 1, "bytes": len(code_heavy)}}
+    words = quality._word_tokenizer("datatrove").word_tokenize("Hello, world. It's setup().")
+    assert words == ["Hello", ",", "world", ".", "It", "'s", "setup", "(", ")", "."]

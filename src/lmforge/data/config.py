@@ -77,6 +77,9 @@ class LanguageConfig(_Step):
     mode: Mode = "drop"
 
 
+WordSplit = Literal["whitespace", "datatrove"]
+
+
 class GopherQualityConfig(_Step):
     """Gopher quality rules (Rae et al. 2021, Table A1); datatrove's implementation."""
 
@@ -89,6 +92,11 @@ class GopherQualityConfig(_Step):
     max_ellipsis_lines_ratio: float | None = 0.3
     min_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
+    words: WordSplit = Field(
+        "whitespace",
+        description="whitespace: Gopher's words, fast; datatrove: punctuation split off as by "
+        "datatrove's default NLTK tokenizer (keeps far fewer documents, see docs/data.md)",
+    )
     mode: Mode = "drop"
 
 
@@ -103,6 +111,7 @@ class GopherRepetitionConfig(_Step):
     dup_n_grams: list[tuple[int, float]] = Field(
         default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
     )
+    words: WordSplit = Field("whitespace", description="as gopher_quality.words")
     mode: Mode = "drop"
 
 

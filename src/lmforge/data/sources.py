@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.data import readers
+from lmforge.data.builtin import harvest_builtin_corpus
 from lmforge.data.ranges import iter_jsonl_range, plan_ranges, range_kind
 from lmforge.data.readers import Document, ReadStats, decode_utf8, loads_json, record_text
 from lmforge.errors import DataError
@@ -233,8 +234,6 @@ def _with_ids(docs: Iterator[Document]) -> Iterator[Document]:
 
 
 def _iter_builtin_slice(part: int, parts: int, stats: ReadStats) -> Iterator[Document]:
-    from lmforge.data.builtin import harvest_builtin_corpus
-
     docs = harvest_builtin_corpus()
     lo, hi = part * len(docs) // parts, (part + 1) * len(docs) // parts
     stats.files += 1 if part == 0 else 0

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from lmforge.data.builtin import harvest_builtin_corpus
 from lmforge.data.config import DataConfig
 from lmforge.data.executors import run_tasks
 from lmforge.data.finalize import finalize
@@ -345,8 +346,6 @@ def _warm_up(cfg: DataConfig) -> None:
     import trafilatura  # noqa: F401
 
     if "builtin" in cfg.inputs:  # harvested once here, not once per worker
-        from lmforge.data.builtin import harvest_builtin_corpus
-
         harvest_builtin_corpus()
 
 

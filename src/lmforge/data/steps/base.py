@@ -191,6 +191,12 @@ class Step:
     def apply(self, doc: Document) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @classmethod
+    def from_config(cls, section: Any, max_examples: int, **context: Any) -> Step | None:
+        """The step configured by its own section of `DataConfig` (None: nothing to do);
+        `context` carries what the stage prepared (e.g. ``decontam``: the eval n-gram index)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
         stats = self.stats
         for doc in docs:

@@ -122,6 +122,18 @@ class UrlFilter(Step):
                 return True
         return False
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> UrlFilter:
+        u = section
+        return cls(
+            u.blocked_domains,
+            u.blocklist_files,
+            u.banned_url_words,
+            u.soft_word_threshold,
+            u.datatrove_domain_list,
+            max_examples,
+        )
+
     def apply(self, doc: Document) -> str | None:
         url = doc.meta.get("url")
         if not url or not isinstance(url, str):
@@ -173,6 +185,11 @@ class ContentFilter(Step):
         )
         self.regexes = [re.compile(r, re.IGNORECASE | re.MULTILINE) for r in regexes]
         self.max_matches = max_matches
+
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> ContentFilter:
+        c = section
+        return cls(c.words, c.regexes, c.word_files, c.max_matches, c.mode, max_examples)
 
     def apply(self, doc: Document) -> str | None:
         hits = 0
@@ -290,6 +307,21 @@ class PIIScrub(Step):
             self.replacers.append(("ip", lambda t: _find_ips(t, only_public_ips), ip_replacement))
         if phones:
             self.replacers.append(("phone", lambda t: _find_phones(t, phone_region), phone_replacement))
+
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> PIIScrub:
+        p = section
+        return cls(
+            p.emails,
+            p.phones,
+            p.ips,
+            p.only_public_ips,
+            p.email_replacement,
+            p.phone_replacement,
+            p.ip_replacement,
+            max_examples,
+            p.phone_region,
+        )
 
     def apply(self, doc: Document) -> str | None:
         text = doc.text

@@ -206,6 +206,15 @@ class Decontaminate(Step):
         self.n = n
         self.short_lengths = sorted(set(short_lengths))
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> Decontaminate | None:
+        """None unless the stage built an eval index (``context["decontam"]``) with keys in it."""
+        index = context.get("decontam")
+        if index is None or not len(index[0]):
+            return None
+        hashes, short, owners = index
+        return cls(hashes, section.ngram, short, section.mode, max_examples, owners)
+
     def apply(self, doc: Document) -> str | None:
         if not self.hashes:
             return None

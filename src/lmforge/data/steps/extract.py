@@ -68,6 +68,11 @@ class HtmlExtract(Step):
         self.timeout_s = timeout_s
         self.max_html_bytes = max_html_bytes
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> HtmlExtract:
+        e = section
+        return cls(e.favor, e.include_tables, e.include_comments, e.timeout_s, e.max_html_bytes, max_examples)
+
     def apply(self, doc: Document) -> str | None:
         if doc.meta.get("format") != "html":
             return None
