@@ -27,7 +27,10 @@ from lmforge.data.steps.extract import HtmlExtract
 def corpus(html: str | None) -> dict[str, list[str]]:
     out = {"builtin": [d.text for d in harvest_builtin_corpus()]}
     if html:
-        pages = [Document(p.read_text(errors="replace"), str(p), {"format": "html"}) for p in sorted(Path(html).glob("*.htm*"))]
+        pages = [
+            Document(p.read_text(errors="replace"), str(p), {"format": "html"})
+            for p in sorted(Path(html).glob("*.htm*"))
+        ]
         out["html"] = [d.text for d in HtmlExtract()(pages)]
     return out
 

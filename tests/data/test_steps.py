@@ -17,14 +17,13 @@ from lmforge.data.config import (
     GopherRepetitionConfig,
 )
 from lmforge.data.readers import Document
-from lmforge.data.steps import build_doc_steps, run_steps
+from lmforge.data.steps import build_doc_steps, quality, run_steps
 from lmforge.data.steps.base import Step, StepStats
 from lmforge.data.steps.content import ContentFilter, PIIScrub, UrlFilter
 from lmforge.data.steps.decontam import Decontaminate, build_eval_ngrams
 from lmforge.data.steps.dedup import MinHasher, exact_hash, jaccard_estimate, lsh_clusters
 from lmforge.data.steps.domain import DomainLabel, mix_plan
 from lmforge.data.steps.language import LanguageFilter
-from lmforge.data.steps import quality
 from lmforge.data.steps.quality import Sanity, c4, fineweb, gopher_quality, gopher_repetition
 
 PROSE = (
@@ -432,7 +431,9 @@ def test_steps_built_from_their_own_config_in_registry_order():
 
 
 def test_gopher_datatrove_word_splitting_mode():
-    code_heavy = " ".join(["the setup() of f(x) and g(y) is run(z) with h(w) to (a) check (b) that k(v);"] * 20)
+    code_heavy = " ".join(
+        ["the setup() of f(x) and g(y) is run(z) with h(w) to (a) check (b) that k(v);"] * 20
+    )
     prose = PROSE
     ws = quality.gopher_quality(GopherQualityConfig(), 3)
     dt = quality.gopher_quality(GopherQualityConfig(words="datatrove"), 3)
