@@ -230,6 +230,22 @@ def _phone_ok(match: str) -> bool:
     return len(seps) <= 2 and not re.fullmatch(r"(19|20)\d\d[-.]\d\d[-.]\d\d.*", match)  # not a date
 
 
+_PHONE_WORDS = re.compile(
+    r"(?i)(?:call|phone|tel|telephone|mobile|cell|fax|contact|sms|text|whatsapp|dial|ring|hotline)\b[^\n]{0,30}$"
+)
+
+
+def _phone_context_ok(text: str, start: int, end: int, raw: str) -> bool:
+    """Not a piece of a larger token (2.5555555555, aix-7107-..., 0x7fffffff), and a bare digit
+    run (no + or separators: ids, int literals, timestamps) only after a word such as "call"."""
+    before = text[start - 1] if start else " "
+    if before.isalnum() or before in "._-/\\'\"" or re.match(r"[\w]|\.\d|-\d", text[end : end + 2]):
+        return False
+    if raw.isdigit():
+        return bool(_PHONE_WORDS.search(text[max(0, start - 40) : start]))
+    return True
+
+
 def _find_phones(text: str, region: str) -> list[tuple[int, int]]:
     """Spans of phone numbers: libphonenumber's valid matches, then the separator pattern."""
     import phonenumbers
@@ -237,7 +253,8 @@ def _find_phones(text: str, region: str) -> list[tuple[int, int]]:
     spans = []
     if sum(c.isdigit() for c in text) >= 7:
         for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            spans.append((m.start, m.end))
+            if _phone_context_ok(text, m.start, m.end, m.raw_string):
+                spans.append((m.start, m.end))
     for m in PHONE_RE.finditer(text):
         if _phone_ok(m.group(0)) and not any(a < m.end() and m.start() < b for a, b in spans):
             spans.append(m.span())
