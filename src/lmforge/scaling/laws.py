@@ -336,6 +336,65 @@ def fit_parametric(
         return _fit_parametric(table, n_bootstrap, seed, n_starts, delta)
 
 
+def _bootstrap(
+    theta: np.ndarray,
+    table: RunTable,
+    bounds: list,
+    n_bootstrap: int,
+    seed: int,
+    delta: float,
+    warnings: list[str],
+) -> tuple[dict[str, tuple[float, float]], dict[str, float], int]:
+    """Percentile intervals and standard errors from resampled runs, each fit warm-started at
+    the point estimate; warnings when resamples end on a bound or too few are usable."""
+    n_runs = len(table)
+    logn, logd, logl = np.log(table.n), np.log(table.d), np.log(table.loss)
+    rng = np.random.default_rng(seed)
+    samples, skipped = [], 0
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, n_runs, n_runs)
+        if len(np.unique(table.n[idx])) < 3 or len(np.unique(table.d[idx])) < 3:
+            skipped += 1
+            continue
+        r = _minimize(theta, (logn[idx], logd[idx], logl[idx], delta), bounds, maxiter=500)
+        if np.all(np.isfinite(r.x)):
+            samples.append(r.x)
+    ci: dict[str, tuple[float, float]] = {}
+    se: dict[str, float] = {}
+    if samples:
+        s = np.array(samples)
+        nat_s = {
+            "E": np.exp(s[:, 2]),
+            "A": np.exp(s[:, 0]),
+            "B": np.exp(s[:, 1]),
+            "alpha": s[:, 3],
+            "beta": s[:, 4],
+        }
+        nat_s["a"] = nat_s["beta"] / (nat_s["alpha"] + nat_s["beta"])
+        nat_s["b"] = 1.0 - nat_s["a"]
+        for k, v in nat_s.items():
+            lo, hi = np.percentile(v, [2.5, 97.5])
+            ci[k] = (float(lo), float(hi))
+            se[k] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        # A resample that ends on a bound means the interval is cut by the box, not by the data.
+        for i, k in enumerate(("A", "B", "E", "alpha", "beta")):
+            lo, hi = bounds[i]
+            hit = int(np.sum((s[:, i] <= lo + 5e-3) | (s[:, i] >= hi - 5e-3)))
+            if hit > 0.025 * len(s):
+                warnings.append(
+                    f"bootstrap: {k} ended on its bound in {hit} of {len(s)} resamples, "
+                    f"so its 95% interval is open on that side: the runs do not pin "
+                    f"{k} down"
+                    + (" (the loss floor); predictions far beyond the runs are uncertain" if k == "E" else "")
+                )
+    if n_bootstrap and len(samples) < max(10, n_bootstrap // 2):
+        warnings.append(
+            f"bootstrap: only {len(samples)} of {n_bootstrap} resamples usable "
+            f"({skipped} had < 3 distinct N or D); intervals are unreliable"
+        )
+    return ci, se, len(samples)
+
+
 def _fit_parametric(
     table: RunTable, n_bootstrap: int, seed: int, n_starts: int, delta: float
 ) -> ParametricFit:
@@ -389,57 +448,14 @@ def _fit_parametric(
     if nat["E"] >= float(table.loss.min()):
         warnings.append("fitted E is not below the lowest observed loss")
 
-    # ---- bootstrap: resample runs, warm-start from the point estimate
-    rng = np.random.default_rng(seed)
-    samples, skipped = [], 0
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n_runs, n_runs)
-        if len(np.unique(table.n[idx])) < 3 or len(np.unique(table.d[idx])) < 3:
-            skipped += 1
-            continue
-        r = _minimize(theta, (logn[idx], logd[idx], logl[idx], delta), bounds, maxiter=500)
-        if np.all(np.isfinite(r.x)):
-            samples.append(r.x)
-    ci: dict[str, tuple[float, float]] = {}
-    se: dict[str, float] = {}
-    if samples:
-        s = np.array(samples)
-        nat_s = {
-            "E": np.exp(s[:, 2]),
-            "A": np.exp(s[:, 0]),
-            "B": np.exp(s[:, 1]),
-            "alpha": s[:, 3],
-            "beta": s[:, 4],
-        }
-        nat_s["a"] = nat_s["beta"] / (nat_s["alpha"] + nat_s["beta"])
-        nat_s["b"] = 1.0 - nat_s["a"]
-        for k, v in nat_s.items():
-            lo, hi = np.percentile(v, [2.5, 97.5])
-            ci[k] = (float(lo), float(hi))
-            se[k] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-        # A resample that ends on a bound means the interval is cut by the box, not by the data.
-        for i, k in enumerate(("A", "B", "E", "alpha", "beta")):
-            lo, hi = bounds[i]
-            hit = int(np.sum((s[:, i] <= lo + 5e-3) | (s[:, i] >= hi - 5e-3)))
-            if hit > 0.025 * len(s):
-                warnings.append(
-                    f"bootstrap: {k} ended on its bound in {hit} of {len(s)} resamples, "
-                    f"so its 95% interval is open on that side: the runs do not pin "
-                    f"{k} down"
-                    + (" (the loss floor); predictions far beyond the runs are uncertain" if k == "E" else "")
-                )
-    if n_bootstrap and len(samples) < max(10, n_bootstrap // 2):
-        warnings.append(
-            f"bootstrap: only {len(samples)} of {n_bootstrap} resamples usable "
-            f"({skipped} had < 3 distinct N or D); intervals are unreliable"
-        )
+    ci, se, n_ok = _bootstrap(theta, table, bounds, n_bootstrap, seed, delta, warnings)
     return ParametricFit(
         law=law,
         ci95=ci,
         se=se,
         n_runs=n_runs,
         n_bootstrap=n_bootstrap,
-        n_bootstrap_ok=len(samples),
+        n_bootstrap_ok=n_ok,
         objective=float(best.fun),
         rmse_log=float(np.sqrt(np.mean(resid**2))),
         huber_delta=delta,

@@ -153,8 +153,7 @@ def run_sweep(
     jobs: int = 1,
 ) -> SweepResult:
     """Plan, train (skipping completed points), collect into OUT/runs.csv and fit into OUT."""
-    from lmforge.pipeline import console, load_config, run_pipeline, run_stage, stage_fingerprint
-    from lmforge.train.engine import TrainingStopped
+    from lmforge.pipeline import console, load_config, run_stage, stage_fingerprint
 
     t0 = time.time()
     out = Path(out)
@@ -219,23 +218,7 @@ def run_sweep(
             len(points),
         )
         todo = []
-    for i, (p, pcfg) in enumerate(todo, done + 1):
-        console.rule(
-            f"[bold]sweep {i}/{len(points)}: {p.name}[/bold]  [dim]N={p.params:,}  "
-            f"D={p.tokens:,}  {p.steps} steps  lr {p.lr:g}[/dim]"
-        )
-        try:
-            run_pipeline(pcfg, only=["pretrain"])
-        except TrainingStopped as e:
-            if "signal" in str(e):
-                raise
-            raise LMForgeError(f"sweep point {p.name} ({out / p.name}) failed: {e}") from None
-        except LMForgeError as e:
-            raise LMForgeError(
-                f"sweep point {p.name} ({out / p.name}) failed: {e}. Fix the cause and run "
-                f"the same command again: completed points are skipped"
-            ) from None
-        p.status = "ran"
+    _train_in_turn(todo, done, len(points), out)
     for p in points:
         metrics = _annotate_manifest(out / p.name / "pretrain", p, batch_tokens)
         p.seconds, p.val_loss = metrics.get("train_seconds"), metrics.get("val_loss")
@@ -251,6 +234,30 @@ def run_sweep(
     _write_summary(res, config, overrides, spec, cfg)
     print_sweep_notes(notes)
     return res
+
+
+def _train_in_turn(todo: list, done: int, total: int, out: Path) -> None:
+    """Train the pending points one after another in this process (``--jobs 1``)."""
+    from lmforge.pipeline import console, run_pipeline
+    from lmforge.train.engine import TrainingStopped
+
+    for i, (p, pcfg) in enumerate(todo, done + 1):
+        console.rule(
+            f"[bold]sweep {i}/{total}: {p.name}[/bold]  [dim]N={p.params:,}  "
+            f"D={p.tokens:,}  {p.steps} steps  lr {p.lr:g}[/dim]"
+        )
+        try:
+            run_pipeline(pcfg, only=["pretrain"])
+        except TrainingStopped as e:
+            if "signal" in str(e):
+                raise
+            raise LMForgeError(f"sweep point {p.name} ({out / p.name}) failed: {e}") from None
+        except LMForgeError as e:
+            raise LMForgeError(
+                f"sweep point {p.name} ({out / p.name}) failed: {e}. Fix the cause and run "
+                f"the same command again: completed points are skipped"
+            ) from None
+        p.status = "ran"
 
 
 def _run_parallel(
