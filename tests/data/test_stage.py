@@ -339,6 +339,12 @@ def test_parquet_mixing_decontam_and_reference_classifier(corpus, tmp_path):
     rec = next(iter_records(out / "train"))
     assert 0 <= rec["meta"]["weight"] <= 1
     assert (out / "quality_classifier.npz").is_file()
+    # the dropped document names the eval item it matched, in the side file and the report
+    dropped = [json.loads(x) for x in (out / "dropped_examples.jsonl").read_text().splitlines()]
+    assert [d["matched"] for d in dropped if d["step"] == "decontam"] == ["eval.jsonl:1"]
+    assert "matched eval item `eval.jsonl:1`" in (out / "report.md").read_text()
+    rows = {st["name"]: st for st in funnel["steps"]}
+    assert rows["quality_classifier"]["seconds"] > 0 and rows["mixing"]["seconds"] > 0
 
 
 def test_iter_output_texts_errors(tmp_path):
