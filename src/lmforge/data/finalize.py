@@ -5,6 +5,10 @@ over the task documents, in input order: pass A reads the text of documents that
 dedup (classifier scores, the train/val hash) and of the documents shown in cluster and drop
 examples; pass B writes the shards. Decisions in between use only the in-memory index (one
 64-bit hash, `bands` band keys, a size and a domain per document: ~150 bytes each).
+
+`finalize` runs the phases in order -- merge the task stats, load the index, dedup, train the
+classifier, pass A, apply scores, mix, cap, write the shards -- each timed into its own funnel
+row; funnel.py writes funnel.json and the side files.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Two phases, as in datatrove:
    steps (steps/__init__.py) and writes, atomically, its surviving documents, an index
    (normalised-text hash, MinHash band keys and signature, size, domain), small text samples
    for the quality classifier, and last its ``stats.json``, the completion marker. A rerun
-   skips every task whose marker exists.
-2. **Finalise** (driver, `_finalize`): exact and near dedup over all indices, the quality
+   skips every task whose marker exists. A task is claimed (an exclusive lock) before it runs,
+   and runs on one BLAS/OpenMP thread, so its scores do not depend on the machine.
+2. **Finalise** (driver, `finalize.py`): exact and near dedup over all indices, the quality
    classifier (train, score, filter/weight), domain mixing, the seeded train/val split, the
    shards, funnel.json, report.md/html, dedup_clusters.jsonl and dropped_examples.jsonl.
    Its outputs have deterministic names and are rewritten whole, so a crash here is repaired
@@ -15,8 +16,9 @@ Two phases, as in datatrove:
 
 Everything under ``out_dir/work`` belongs to one fingerprint of (config, seed, input files):
 change any of them and the stage starts over rather than mixing old and new tasks. The output
-does not depend on the number of workers: tasks are contiguous slices of the input, dedup
-keeps the first document in input order, samples are bottom-k by seeded hash.
+does not depend on the number of workers: tasks are contiguous slices of the input (a large
+file is cut into byte ranges at record starts, with ids unchanged), dedup keeps the first
+document in input order, samples are bottom-k by seeded hash.
 """
 
 from __future__ import annotations
