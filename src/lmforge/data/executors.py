@@ -110,7 +110,7 @@ def _run_ray(fn, task_args, workers, ray_address, on_done) -> None:
     if not ray.is_initialized():
         ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(fn)
-    pending = {}
+    pending: dict = {}
     queue = list(enumerate(task_args))
     limit = max(1, workers)
     while queue or pending:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def fmt_duration(hours: float) -> str:
     return f"{hours / (24 * 365):,.2f} years"
 
 
-def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None) -> None:
+def print_table(title: str, rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> None:
     try:
         from rich.console import Console
         from rich.table import Table

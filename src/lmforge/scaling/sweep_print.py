@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lmforge.scaling.fmt import fmt_count, fmt_sci, print_notes
 from lmforge.scaling.sweep_plan import SweepPoint, SweepSpec
 
 
-def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+def print_table(title: str, rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
     """Like `scaling fit`'s tables, but at least 132 columns wide when writing to a log file,
     so that a 10-column plan does not wrap into an unreadable strip."""
     from rich.console import Console

@@ -250,11 +250,11 @@ def _find_phones(text: str, region: str) -> list[tuple[int, int]]:
     """Spans of phone numbers: libphonenumber's valid matches, then the separator pattern."""
     import phonenumbers
 
-    spans = []
+    spans: list[tuple[int, int]] = []
     if sum(c.isdigit() for c in text) >= 7:
-        for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            if _phone_context_ok(text, m.start, m.end, m.raw_string):
-                spans.append((m.start, m.end))
+        for pm in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+            if _phone_context_ok(text, pm.start, pm.end, pm.raw_string):
+                spans.append((pm.start, pm.end))
     for m in PHONE_RE.finditer(text):
         if _phone_ok(m.group(0)) and not any(a < m.end() and m.start() < b for a, b in spans):
             spans.append(m.span())

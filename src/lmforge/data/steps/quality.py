@@ -20,6 +20,7 @@ drops rather than crashes or silent losses.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from lmforge.data.readers import Document
 from lmforge.data.steps.base import Step
@@ -36,7 +37,7 @@ def _word_tokenizer(words: str = "whitespace"):
         def __init__(self, words: str):
             super().__init__("en")
             self.words = words
-            self._treebank = None
+            self._treebank: Any = None
 
         def word_tokenize(self, text: str) -> list[str]:
             if self.words == "whitespace":
@@ -45,9 +46,10 @@ def _word_tokenizer(words: str = "whitespace"):
                 from nltk.tokenize import NLTKWordTokenizer
 
                 self._treebank = NLTKWordTokenizer()
+            treebank = self._treebank
             out: list[str] = []
             for a, b in self.span_tokenize(text):  # punctuation split off, as datatrove's default
-                out += [t.strip() for t in self._treebank.tokenize(text[a:b]) if t.strip()]
+                out += [t.strip() for t in treebank.tokenize(text[a:b]) if t.strip()]
             return out
 
         def sent_tokenize(self, text: str) -> list[str]:
