@@ -30,7 +30,7 @@ from lmforge.data.readers import Document
 from lmforge.data.sampling import BottomK, unit_hash
 from lmforge.data.sources import SourceStats, Task, iter_task_documents, plan_tasks
 from lmforge.data.steps import DOC_STEP_ORDER, StepStats
-from lmforge.data.steps.base import snippet
+from lmforge.data.steps.base import nfc, snippet
 from lmforge.errors import DataError
 from lmforge.runs import atomic_write_json, atomic_write_text
 
@@ -470,5 +470,5 @@ def _read_texts(specs: list[str], cfg: DataConfig, seed: int) -> list[str]:
     extract = HtmlExtract()
     for t in tasks:
         for doc in extract(iter_task_documents(t, qc.text_field, SourceStats())):
-            sample.add(doc.text)
+            sample.add(nfc(doc.text))
     return sample.texts()
