@@ -18,19 +18,8 @@ import sys
 import threading
 
 from . import __version__
+from .config import split_config_args as _split_args
 from .errors import LMForgeError
-
-
-def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    config, overrides = None, []
-    for it in items:
-        if "=" in it:
-            overrides.append(it)
-        elif config is None:
-            config = it
-        else:
-            raise LMForgeError(f"unexpected argument {it!r}: give one CONFIG and KEY=VALUE overrides")
-    return config, overrides
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

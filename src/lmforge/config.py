@@ -74,6 +74,19 @@ class RunSettings(BaseModel):
         return Path(self.root) / self.name
 
 
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [KEY=VALUE ...]` of a command line -> (config or None, overrides)."""
+    config, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif config is None:
+            config = it
+        else:
+            raise ConfigError(f"unexpected argument {it!r}: give one CONFIG and KEY=VALUE overrides")
+    return config, overrides
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(

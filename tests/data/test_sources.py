@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -140,3 +141,93 @@ def test_builtin_slices_cover_the_corpus_once():
             for d in iter_task_documents(Task(part, "builtin", ["builtin"], part, 3), "text", SourceStats())
         ]
     assert len(seen) == n == len(set(seen))
+
+
+def _arc(records: list[tuple[str, bytes]]) -> bytes:
+    """An ARC v1 file (the Internet Archive's pre-WARC format), written by hand."""
+    body = b"1 0 lmforge\nURL IP-address Archive-date Content-type Archive-length\n"
+    out = b"filedesc://test.arc 0.0.0.0 20240101000000 text/plain %d\n" % len(body) + body + b"\n"
+    for url, html in records:
+        payload = b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n" + html
+        out += b"%s 1.2.3.4 20240101000000 text/html %d\n" % (url.encode(), len(payload)) + payload + b"\n"
+    return out
+
+
+PAGE = b"<html><body><article><p>%s</p></article></body></html>"
+
+
+def test_uncompressed_arc_is_read(tmp_path):
+    (tmp_path / "old.arc").write_bytes(_arc([("http://a.example/x", PAGE % b"Hello from an ARC file")]))
+    assert file_kind(tmp_path / "old.arc") == "warc"
+    docs, stats = read_all([tmp_path / "old.arc"])
+    assert [d.meta["url"] for d in docs] == ["http://a.example/x"] and b"Hello" in docs[0].text.encode()
+    assert stats.records_read == 1 and stats.records_kept == 1 and not stats.dropped
+
+
+def _balanced(stats: SourceStats) -> bool:
+    return stats.records_read == stats.records_kept + sum(stats.dropped.values())
+
+
+def _warc(n: int, gz: bool) -> bytes:
+    """A WARC of `n` HTML responses written by warcio (per-record gzip members when `gz`)."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=gz)
+    for i in range(n):
+        headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.0")
+        body = PAGE % (b"page %d " % i + b"text " * 50)
+        writer.write_record(
+            writer.create_warc_record(
+                f"http://w.example/{i}", "response", payload=io.BytesIO(body), http_headers=headers
+            )
+        )
+    return buf.getvalue()
+
+
+def test_corrupt_warc_funnel_balances(tmp_path):
+    gz, raw = _warc(4, gz=True), _warc(4, gz=False)
+    for name, blob in (
+        ("cut.warc.gz", gz[: len(gz) * 5 // 8]),
+        ("cut.warc", raw[: len(raw) * 5 // 8]),
+        ("junk.warc.gz", b"\x1f\x8b\x08garbage" * 10),
+        ("tail.warc", raw + b"garbage that is not a record\r\n" * 3),
+        ("tail.warc.gz", gz + b"\x1f\x8b\x08garbage"),
+    ):
+        (tmp_path / name).write_bytes(blob)
+        docs, stats = read_all([tmp_path / name])
+        assert stats.dropped and _balanced(stats), (name, stats)
+        assert stats.records_kept == len(docs) <= 4
+
+
+def test_large_jsonl_split_into_line_aligned_ranges(tmp_path):
+    lines = [json.dumps({"text": f"document {i} " + "word " * (i % 17)}) for i in range(3000)]
+    lines[5] = ""  # blank lines keep their line numbers
+    lines[7] = "{broken"
+    f = tmp_path / "big.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    whole, whole_stats = read_all([f])
+    tasks, _ = plan_tasks([str(f)], workers=4, task_bytes=1 << 20)
+    assert len(tasks) >= 4 and all(t.kind == "range" for t in tasks)
+    assert tasks[0].span[0] == 0 and tasks[-1].span[1] == f.stat().st_size
+    assert all(a.span[1] == b.span[0] for a, b in zip(tasks, tasks[1:]))
+    docs, stats = [], SourceStats()
+    for t in tasks:
+        docs += list(iter_task_documents(t, "text", stats))
+    assert [(d.text, d.meta["id"]) for d in docs] == [(d.text, d.meta["id"]) for d in whole]
+    assert stats.dropped == whole_stats.dropped == {"bad_json": 1} and stats.files == 1
+
+
+def test_large_warc_split_at_record_starts(tmp_path):
+    pages = [(f"http://s.example/{i}", PAGE % (b"page %d " % i + b"text " * 40)) for i in range(60)]
+    f = tmp_path / "big.arc"
+    f.write_bytes(_arc(pages))
+    whole, _ = read_all([f])
+    tasks, _ = plan_tasks([str(f)], workers=3, task_bytes=1 << 20)
+    assert len(tasks) >= 3 and all(t.kind == "range" for t in tasks)
+    docs, stats = [], SourceStats()
+    for t in tasks:
+        docs += list(iter_task_documents(t, "text", stats))
+    assert [d.meta["id"] for d in docs] == [d.meta["id"] for d in whole] and len(docs) == 60
+    assert [d.meta["url"] for d in docs] == [u for u, _ in pages] and _balanced(stats)

@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,12 @@ def test_parquet_mixing_decontam_and_reference_classifier(corpus, tmp_path):
     rec = next(iter_records(out / "train"))
     assert 0 <= rec["meta"]["weight"] <= 1
     assert (out / "quality_classifier.npz").is_file()
+    # the dropped document names the eval item it matched, in the side file and the report
+    dropped = [json.loads(x) for x in (out / "dropped_examples.jsonl").read_text().splitlines()]
+    assert [d["matched"] for d in dropped if d["step"] == "decontam"] == ["eval.jsonl:1"]
+    assert "matched eval item `eval.jsonl:1`" in (out / "report.md").read_text()
+    rows = {st["name"]: st for st in funnel["steps"]}
+    assert rows["quality_classifier"]["seconds"] > 0 and rows["mixing"]["seconds"] > 0
 
 
 def test_iter_output_texts_errors(tmp_path):
@@ -384,3 +391,53 @@ def test_max_docs_keeps_the_first_documents(corpus, tmp_path):
     assert set(train + val) <= ref_all
     funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
     assert funnel["steps"][-1]["name"] == "max_docs" and funnel["steps"][-1]["docs_out"] == 7
+
+
+def test_one_big_file_runs_as_several_tasks_with_the_same_output(tmp_path):
+    docs = [d.text for d in harvest_builtin_corpus()][100:160]
+    docs[0] = "Cafe\u0301 nai\u0308ve " + docs[0]  # decomposed accents: must come out NFC
+    big = tmp_path / "in" / "big.jsonl"
+    big.parent.mkdir()
+    big.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = dict(inputs=[str(big)], shard_docs=10, task_bytes=1 << 20)
+    logs: list[str] = []
+    one = run_data_stage(DataConfig(**cfg), tmp_path / "one", seed=0, log=quiet)
+    two = run_data_stage(DataConfig(workers=2, **cfg), tmp_path / "two", seed=0, log=logs.append)
+    assert one["tasks"] == 2 and two["tasks"] == 4  # ~2 tasks per worker, cut at line starts
+    assert any("1 large file(s) cut into" in line for line in logs)
+    assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
+    out = [t for split in outputs(tmp_path / "two") for t in split]
+    assert any(t.startswith("Caf\u00e9 na\u00efve") for t in out)
+    assert all(unicodedata.is_normalized("NFC", t) for t in out)
+
+
+def test_blas_pinned_in_tasks_and_global_steps_timed(corpus, tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from lmforge.data.steps.classifier import QualityScorer
+
+    seen: list[int] = []
+    real_score = QualityScorer.score
+
+    def spy(self, texts, max_chars=20_000):
+        seen.extend(lib["num_threads"] for lib in threadpool_info())
+        return real_score(self, texts, max_chars)
+
+    monkeypatch.setattr(QualityScorer, "score", spy)
+    real_task = stage_mod._run_claimed_task
+
+    def spy_task(*args):
+        seen.extend(lib["num_threads"] for lib in threadpool_info())
+        return real_task(*args)
+
+    monkeypatch.setattr(stage_mod, "_run_claimed_task", spy_task)
+    src, ref = corpus
+    run_data_stage(small_cfg(src), tmp_path / "out", seed=3, log=quiet, threads=2)
+    assert seen and set(seen) == {1}
+    funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
+    rows = {st["name"]: st for st in funnel["steps"]}
+    for name in ("exact_dedup", "near_dedup", "mixing") + (
+        ("quality_classifier",) if "quality_classifier" in rows else ()
+    ):
+        assert rows[name]["seconds"] > 0, name
+    assert outputs(tmp_path / "out") == outputs(ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -16,7 +17,7 @@ from lmforge.data.config import (
     GopherRepetitionConfig,
 )
 from lmforge.data.readers import Document
-from lmforge.data.steps import build_doc_steps, run_steps
+from lmforge.data.steps import build_doc_steps, quality, run_steps
 from lmforge.data.steps.base import Step, StepStats
 from lmforge.data.steps.content import ContentFilter, PIIScrub, UrlFilter
 from lmforge.data.steps.decontam import Decontaminate, build_eval_ngrams
@@ -356,3 +357,89 @@ def test_config_defaults():
     assert (cfg.dedup.ngram, cfg.dedup.bands, cfg.dedup.rows) == (5, 14, 8) and cfg.decontam.ngram == 13
     assert all(getattr(cfg, k).enabled for k in ("extract", "language", "gopher_quality", "dedup", "pii"))
     assert cfg.c4.mode == "flag" and cfg.fineweb.mode == "flag" and cfg.gopher_quality.mode == "drop"
+
+
+def test_pii_phones_ipv6_and_version_strings():
+    step = PIIScrub()
+    text = (
+        "Call 1-800-555-0199 or 4155552671, Berlin +49 30 12345678, Paris +33 1 42 68 53 00. "
+        "DNS 2001:4860:4860::8888 and loopback ::1; we run version 1.2.3.4 of the tool, v 2.0.1.7 too, "
+        "at 12:30:45 on std::vector."
+    )
+    t = run(step, [doc(text)])[0].text
+    for pii in ("1-800-555-0199", "4155552671", "12345678", "42 68 53 00", "2001:4860:4860::8888"):
+        assert pii not in t, pii
+    assert "version 1.2.3.4" in t and "v 2.0.1.7" in t and "::1" in t and "12:30:45" in t
+    c = step.stats.counters
+    assert c["phone_replaced"] == 4 and c["ip_replaced"] == 1
+
+
+def test_decontamination_keys_from_question_fields_and_names_the_item(tmp_path):
+    from lmforge.data.config import DecontamConfig
+    from lmforge.data.steps.decontam import build_eval_index
+
+    ev = tmp_path / "arc.jsonl"
+    q = "Which property of a wave changes when the source of the sound moves quickly toward a listener"
+    choice = "It depends on the motion of the source"
+    ev.write_text(
+        json.dumps({"question": "Name two primary colours of light"})
+        + "\n"
+        + json.dumps({"question": q, "choices": [choice, "Its amplitude"], "answer": "A"})
+        + "\n"
+    )
+    fields = DecontamConfig().eval_fields
+    ix = build_eval_index([str(ev)], fields, 13, 8)
+    step = Decontaminate(ix.hashes, 13, ix.short, owners=ix.owner_labels())
+    innocent = doc(PROSE + " Whether you hear it depends on the motion of the source, he said. " + PROSE)
+    leaked = doc("Homework: " + q + "? Think about it.")
+    out = run(step, [innocent, leaked])
+    assert [d.text for d in out] == [innocent.text]
+    assert leaked.meta["contaminated_by"] == "arc.jsonl:2"
+    assert step.stats.examples["eval_ngram_overlap"][0]["matched"] == "arc.jsonl:2"
+    assert step.stats.counters == {"matched:arc.jsonl:2": 1}
+    # every string field (the old behaviour, now opt-in) keys the answer choice too
+    ix_all = build_eval_index([str(ev)], ["*"], 13, 8)
+    step_all = Decontaminate(ix_all.hashes, 13, ix_all.short, owners=ix_all.owner_labels())
+    assert run(step_all, [doc(innocent.text)]) == []
+
+
+def test_extracted_text_is_nfc():
+    from lmforge.data.steps.extract import HtmlExtract
+
+    para = "Cafe\u0301 au lait, nai\u0308ve questions and a long enough paragraph of ordinary prose. " * 4
+    page = f"<html><head><title>t</title></head><body><article><p>{para}</p></article></body></html>"
+    out = run(HtmlExtract(), [doc(page, format="html")])
+    assert "Caf\u00e9 au lait, na\u00efve" in out[0].text and "e\u0301" not in out[0].text
+
+
+def test_steps_built_from_their_own_config_in_registry_order():
+    from lmforge.data.steps import DOC_STEP_ORDER, DOC_STEPS, build_doc_steps
+
+    cfg = DataConfig()
+    for name in DOC_STEP_ORDER:
+        getattr(cfg, name).enabled = True
+    built = [s.name for s in build_doc_steps(cfg)]
+    assert built == [n for n in DOC_STEP_ORDER if n != "decontam"]  # no eval index: nothing to do
+    hashes = np.array([1, 2], dtype=np.uint64)
+    with_index = build_doc_steps(cfg, (hashes, [], ["a:1", "b:2"]))
+    assert [s.name for s in with_index] == list(DOC_STEP_ORDER)
+    assert len(DOC_STEPS) == len(DOC_STEP_ORDER)
+    cfg.pii.phone_region = "DE"
+    pii = next(s for s in build_doc_steps(cfg) if s.name == "pii")
+    out = run(pii, [doc("Ruf an: 030 12345678 bitte")])
+    assert "12345678" not in out[0].text
+
+
+def test_gopher_datatrove_word_splitting_mode():
+    code_heavy = " ".join(
+        ["the setup() of f(x) and g(y) is run(z) with h(w) to (a) check (b) that k(v);"] * 20
+    )
+    prose = PROSE
+    ws = quality.gopher_quality(GopherQualityConfig(), 3)
+    dt = quality.gopher_quality(GopherQualityConfig(words="datatrove"), 3)
+    assert run(ws, [doc(code_heavy)]) and run(ws, [doc(prose)])
+    assert run(dt, [doc(prose)])  # ordinary prose passes either way
+    assert run(dt, [doc(code_heavy)]) == []  # punctuation tokens: short, non-alphabetic words
+    assert dt.stats.dropped == {"below_avg_threshold": {"docs": 1, "bytes": len(code_heavy)}}
+    words = quality._word_tokenizer("datatrove").word_tokenize("Hello, world. It's setup().")
+    assert words == ["Hello", ",", "world", ".", "It", "'s", "setup", "(", ")", "."]

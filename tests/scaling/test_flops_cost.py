@@ -265,3 +265,41 @@ def test_cli_cost(capsys):
     assert "1e+26" in out
     with pytest.raises(LMForgeError, match="go together"):
         run_cli(["cost", "--params", "7B"], capsys)
+
+
+def test_mixed_fleet_llama2_in_one_call(capsys):
+    """Llama 2 (Touvron et al. 2023, Table 2): 7B/13B/70B at 400 W and 34B at 350 W, 539 tCO2e."""
+    from lmforge.scaling.fleet import estimate_fleet, parse_fleet_part
+
+    specs = [
+        "name=7B,gpu=A100-SXM,hours=184320,watts=400",
+        "name=13B,gpu=A100-SXM,hours=368640,watts=400",
+        "name=34B,gpu=A100-SXM,hours=1038336,watts=350",
+        "name=70B,gpu=A100-SXM,hours=1720320,watts=400",
+    ]
+    fleet = estimate_fleet([parse_fleet_part(s) for s in specs])
+    reported = [31.22, 62.44, 153.90, 291.42]  # the paper rounds each part
+    assert [e.tco2e for _, e in fleet.parts] == pytest.approx(reported, abs=0.011)
+    assert fleet.totals["tco2e"] == pytest.approx(539.0, abs=0.01)
+    assert fleet.totals["gpu_hours"] == 3_311_616
+    argv = ["cost", "--gpu", "A100-SXM"] + [x for s in specs for x in ("--part", s)]
+    ap = argparse.ArgumentParser(prog="lmforge")
+    add_parser(ap.add_subparsers(dest="cmd", required=True))
+    args = ap.parse_args(["scaling", *argv])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "539.00" in out and "34B" in out and "350" in out
+    mixed = estimate_fleet(
+        [parse_fleet_part("gpu=H100-SXM,hours=10"), parse_fleet_part("gpu=A100-SXM,flops=1e20")]
+    )
+    assert [e.accelerator for _, e in mixed.parts] == ["H100-SXM", "A100-SXM-80GB"]
+    for bad, match in (
+        ("gpu=A100", "exactly one of hours"),
+        ("hours=1,colour=red", "KEY=VALUE"),
+        ("hours=x", "not a number"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_fleet_part(bad)
+    with pytest.raises(ConfigError, match="drop --flops"):
+        args = ap.parse_args(["scaling", "cost", "--flops", "1e20", "--part", "hours=1"])
+        args.func(args)

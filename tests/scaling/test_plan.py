@@ -26,8 +26,8 @@ def test_law_optimum_and_rule_of_thumb():
     assert o.train_flops == pytest.approx(1e22) and r.train_flops == pytest.approx(1e22)
     assert r.tokens_per_param == pytest.approx(20.0)
     assert o.loss <= r.loss  # the law's optimum is the best split of the same compute
-    assert o.loss == pytest.approx(L.CHINCHILLA.loss(o.n_params, o.tokens))
-    assert p.law is L.CHINCHILLA and p.inference_aware is None
+    assert o.loss == pytest.approx(P.DEFAULT_PLAN_LAW.loss(o.n_params, o.tokens))
+    assert p.law is P.DEFAULT_PLAN_LAW is L.BESIROGLU2024 and p.inference_aware is None
     assert not any("1e+2" in w for w in p.warnings)
 
 
@@ -73,7 +73,7 @@ def test_target_loss_plans_smallest_budget():
     target = 2.2
     p = P.make_plan(target_loss=target)
     assert p.optimal.loss == pytest.approx(target, abs=1e-6)
-    assert L.CHINCHILLA.optimal_loss(p.budget_flops * 0.9) > target
+    assert p.law.optimal_loss(p.budget_flops * 0.9) > target
 
 
 def test_inference_aware_is_smaller_trained_longer_same_loss():
@@ -183,3 +183,27 @@ def test_cli_plan(tmp_path, capsys):
         run_cli(["plan", "--flops", "1e20", "--gpu-hours", "5"], capsys)
     with pytest.raises(ConfigError, match="not a known law"):
         run_cli(["plan", "--flops", "1e20", "--law", str(tmp_path / "missing.json")], capsys)
+
+
+# Hoffmann et al. 2022, Table 3: (parameters, FLOPs, tokens)
+TABLE3 = [
+    (400e6, 1.92e19, 8.0e9),
+    (1e9, 1.21e20, 20.2e9),
+    (10e9, 1.23e22, 205.1e9),
+    (67e9, 5.76e23, 1.5e12),
+    (175e9, 3.85e24, 3.7e12),
+    (280e9, 9.90e24, 5.9e12),
+    (520e9, 3.43e25, 11.0e12),
+    (1e12, 1.27e26, 21.2e12),
+]
+
+
+@pytest.mark.parametrize("n,flops,tokens", TABLE3)
+def test_default_plan_reproduces_chinchilla_table3(n, flops, tokens):
+    o = P.make_plan(flops).optimal
+    assert o.n_params == pytest.approx(n, rel=0.15) and o.tokens == pytest.approx(tokens, rel=0.15)
+
+
+def test_rounded_chinchilla_law_is_still_available_and_far_from_table3():
+    o = P.make_plan(5.76e23, law="chinchilla").optimal
+    assert o.n_params < 0.6 * 67e9  # the issue this default fixes: 32B / 3.0T

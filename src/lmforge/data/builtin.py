@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from lmforge.data.readers import Document
+from lmforge.data.document import Document
 from lmforge.errors import ConfigError, DataError
 
 SKIP_DIRS = frozenset(

@@ -77,6 +77,9 @@ class LanguageConfig(_Step):
     mode: Mode = "drop"
 
 
+WordSplit = Literal["whitespace", "datatrove"]
+
+
 class GopherQualityConfig(_Step):
     """Gopher quality rules (Rae et al. 2021, Table A1); datatrove's implementation."""
 
@@ -89,6 +92,11 @@ class GopherQualityConfig(_Step):
     max_ellipsis_lines_ratio: float | None = 0.3
     min_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
+    words: WordSplit = Field(
+        "whitespace",
+        description="whitespace: Gopher's words, fast; datatrove: punctuation split off as by "
+        "datatrove's default NLTK tokenizer (keeps far fewer documents, see docs/data.md)",
+    )
     mode: Mode = "drop"
 
 
@@ -103,6 +111,7 @@ class GopherRepetitionConfig(_Step):
     dup_n_grams: list[tuple[int, float]] = Field(
         default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
     )
+    words: WordSplit = Field("whitespace", description="as gopher_quality.words")
     mode: Mode = "drop"
 
 
@@ -169,6 +178,29 @@ class PIIConfig(_Step):
     email_replacement: str = "email@example.com"
     phone_replacement: str = "555-0100"
     ip_replacement: str = "192.0.2.1"
+    phone_region: str = Field(
+        "US", description="ISO 3166 region for numbers written without a +country code (phonenumbers)"
+    )
+
+
+# Fields holding an eval item's question/context text in the common public shapes (MMLU, ARC,
+# HellaSwag, GSM8K, SQuAD, BoolQ, PIQA, WinoGrande, lm-eval-harness task dumps).
+EVAL_KEY_FIELDS = (
+    "question",
+    "query",
+    "prompt",
+    "problem",
+    "context",
+    "ctx",
+    "passage",
+    "goal",
+    "sentence",
+    "premise",
+    "hypothesis",
+    "instruction",
+    "input",
+    "text",
+)
 
 
 class DecontamConfig(_Step):
@@ -178,7 +210,9 @@ class DecontamConfig(_Step):
         default_factory=list, description="files/folders/globs: .jsonl .json .csv .txt .parquet"
     )
     eval_fields: list[str] = Field(
-        default_factory=list, description="fields to read; empty = every string field"
+        default_factory=lambda: list(EVAL_KEY_FIELDS),
+        description="fields whose n-grams are keys (the item's own text, not its answer choices); "
+        "['*'] or [] = every string field; a record with none of them is read whole",
     )
     ngram: int = Field(13, ge=3)
     min_item_words: int = Field(

@@ -5,26 +5,79 @@ over the task documents, in input order: pass A reads the text of documents that
 dedup (classifier scores, the train/val hash) and of the documents shown in cluster and drop
 examples; pass B writes the shards. Decisions in between use only the in-memory index (one
 64-bit hash, `bands` band keys, a size and a domain per document: ~150 bytes each).
+
+`finalize` runs the phases in order -- merge the task stats, load the index, dedup, train the
+classifier, pass A, apply scores, mix, cap, write the shards -- each timed into its own funnel
+row; funnel.py writes funnel.json and the side files.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
+from lmforge.data import report
 from lmforge.data.config import DataConfig
+from lmforge.data.funnel import flat_metrics, funnel_dict, histograms, write_clusters, write_dropped
 from lmforge.data.output import ShardWriter, read_jsonl_zst
 from lmforge.data.readers import Document
-from lmforge.data.sources import SourceStats, Task
+from lmforge.data.sampling import BottomK, unit_hash
+from lmforge.data.sources import SourceStats, Task, iter_task_documents, plan_tasks
 from lmforge.data.steps import DOC_STEP_ORDER, StepStats
-from lmforge.data.steps.base import snippet
+from lmforge.data.steps.base import nfc, snippet
 from lmforge.errors import DataError
-from lmforge.runs import atomic_path, atomic_write_json, atomic_write_text
+from lmforge.runs import atomic_write_json, atomic_write_text
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass
+class Index:
+    """What pass A and the decisions need of every surviving document, in input order."""
+
+    tdir: Path
+    tasks: list[Task]
+    offsets: np.ndarray
+    exact: np.ndarray
+    bands: np.ndarray
+    nbytes: np.ndarray
+    domains: np.ndarray
+    sigs: list[np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return (self.nbytes + 3) // 4
+
+    def sig_of(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return np.asarray(self.sigs[k][i - self.offsets[k]])
+
+    def docs(self) -> Iterator[dict]:
+        for t in self.tasks:
+            yield from read_jsonl_zst(self.tdir / f"{t.name}.docs.jsonl.zst")
+
+
+@dataclass
+class Decisions:
+    """The outcome of the global steps: who survives, with how many copies, in which split."""
+
+    alive: np.ndarray
+    clusters: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    scores: np.ndarray | None = None
+    u: np.ndarray | None = None
+    texts: dict[int, dict] = field(default_factory=dict)
+    copies: np.ndarray | None = None
+    down: np.ndarray | None = None
 
 
 def finalize(
@@ -37,135 +90,198 @@ def finalize(
     log,
     t0: float,
 ) -> tuple[dict, list[str]]:
-    from lmforge.data.stage import unit_hash
-
-    tdir = work / "tasks"
+    """Merge the task stats, run the global steps (each timed into its funnel row), write the
+    shards, the funnel and the reports; returns (flat metrics, shard paths)."""
     ex_n = cfg.examples_per_reason
-    summaries = [json.loads((tdir / f"{t.name}.stats.json").read_text()) for t in tasks]
-    read = StepStats("read", max_examples=ex_n)
-    doc_steps: dict[str, StepStats] = {}
-    for s in summaries:
-        read.merge(StepStats.from_dict(s["read"]))
-        for st in s["steps"]:
-            doc_steps.setdefault(st["name"], StepStats(st["name"], max_examples=ex_n)).merge(
-                StepStats.from_dict(st)
-            )
-
-    # ---------------------------------------------------------------- the index of all survivors
-    idx = [np.load(tdir / f"{t.name}.index.npz", allow_pickle=False) for t in tasks]
-    counts = np.array([len(z["exact"]) for z in idx], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    n = int(offsets[-1])
-    exact = np.concatenate([z["exact"] for z in idx]) if n else np.zeros(0, np.uint64)
-    bands = np.concatenate([z["bands"] for z in idx]) if n else np.zeros((0, cfg.dedup.bands), np.uint64)
-    nbytes = np.concatenate([z["bytes"] for z in idx]) if n else np.zeros(0, np.int64)
-    domains = np.concatenate([z["domain"].astype(object) for z in idx]) if n else np.zeros(0, object)
-    tokens = (nbytes + 3) // 4
-    sigs = [np.load(tdir / f"{t.name}.sig.npy", mmap_mode="r") for t in tasks]
-
-    def sig_of(i: int) -> np.ndarray:
-        k = int(np.searchsorted(offsets, i, side="right") - 1)
-        return np.asarray(sigs[k][i - offsets[k]])
-
-    alive = np.ones(n, dtype=bool)
-    clusters: list[tuple[str, np.ndarray]] = []
-    dd = cfg.dedup
-    exact_stats, near_stats = (
-        StepStats("exact_dedup", max_examples=ex_n),
-        StepStats("near_dedup", max_examples=ex_n),
-    )
-    if dd.enabled and dd.exact:
-        before = alive.copy()
-        for members in _groups(exact, np.arange(n)):
-            alive[members[1:]] = False
-            clusters.append(("exact", members))
-        _set_counts(exact_stats, before, alive, nbytes, "duplicate")
-    if dd.enabled and dd.near:
-        from lmforge.data.steps.dedup import lsh_clusters
-
-        before = alive.copy()
-        surv = np.flatnonzero(alive)
-        sub_sigs = (
-            np.stack([sig_of(int(i)) for i in surv])
-            if dd.verify_threshold is not None and len(surv)
-            else None
-        )
-        roots = lsh_clusters(bands[surv], sub_sigs, dd.verify_threshold)
-        for members in _groups(roots.astype(np.uint64), surv):
-            alive[members[1:]] = False
-            clusters.append(("near", members))
-        _set_counts(near_stats, before, alive, nbytes, "near_duplicate")
-    clusters.sort(key=lambda c: (-len(c[1]), int(c[1][0])))
-    shown = {int(i) for _, m in clusters[: dd.cluster_examples] for i in m}
-    log(
-        f"data: dedup over {n:,} docs: {sum(1 for c in clusters if c[0] == 'exact'):,} exact and "
-        f"{sum(1 for c in clusters if c[0] == 'near'):,} near-duplicate clusters"
-    )
-
-    # ---------------------------------------------------------------- quality classifier: train
+    read, doc_steps = merge_task_stats(work / "tasks", tasks, ex_n)
+    ix = load_index(work / "tasks", tasks, cfg.dedup.bands)
+    dec = Decisions(alive=np.ones(ix.n, dtype=bool))
+    exact_stats, near_stats = dedup(cfg, ix, dec, log)
     qc = cfg.quality_classifier
     clf_stats = StepStats("quality_classifier", max_examples=ex_n)
     clf_info: dict = {"enabled": qc.enabled, "mode": qc.mode, "threshold": qc.threshold}
     scorer = None
     if qc.enabled:
-        scorer = _train_classifier(cfg, tasks, tdir, out_dir, seed, clf_info, log)
+        t = time.perf_counter()
+        with threadpool_limits(1):  # scores must not depend on the BLAS thread count
+            scorer = _train_classifier(cfg, tasks, work / "tasks", out_dir, seed, clf_info, log)
+        clf_stats.seconds += time.perf_counter() - t
+    shown = {int(i) for _, m in dec.clusters[: cfg.dedup.cluster_examples] for i in m}
+    clf_stats.seconds += pass_a(ix, dec, scorer, shown, seed)
+    for kind, members in dec.clusters:  # dedup drop examples come from the clusters shown
+        st = exact_stats if kind == "exact" else near_stats
+        for m in members[1:]:
+            if int(m) in dec.texts:
+                st.example("duplicate" if kind == "exact" else "near_duplicate", _doc(dec.texts[int(m)]))
+    if scorer is not None:
+        apply_scores(cfg, ix, dec, clf_stats, clf_info)
+    mix_stats, domain_mix = mix(cfg, ix, dec, seed, log)
+    cap_stats = cap(cfg, ix, dec)
+    writers, shard_names, out_stats = write_shards(cfg, out_dir, ix, dec, mix_stats)
+    dd = cfg.dedup
+    steps = [read] + [doc_steps[name] for name in DOC_STEP_ORDER if name in doc_steps]
+    steps += [
+        st
+        for st, on in (
+            (exact_stats, dd.enabled and dd.exact),
+            (near_stats, dd.enabled and dd.near),
+            (clf_stats, scorer is not None),
+            (mix_stats, True),
+            (cap_stats, cap_stats),
+        )
+        if on
+    ]
+    seconds = time.time() - t0
+    funnel = funnel_dict(cfg, steps, writers, shard_names, dec, clf_info, domain_mix, skipped, tasks, seconds)
+    funnel["histograms"] = histograms(steps + [out_stats])
+    funnel["write_seconds"] = round(out_stats.seconds, 3)
+    atomic_write_json(out_dir / "funnel.json", funnel)
+    write_clusters(out_dir / "dedup_clusters.jsonl", dec.clusters, dec.texts, ix.sig_of, dd.cluster_examples)
+    write_dropped(out_dir / "dropped_examples.jsonl", steps)
+    atomic_write_text(out_dir / "report.md", report.render_markdown(funnel))
+    atomic_write_text(out_dir / "report.html", report.render_html(funnel))
+    docs_out = writers["train"].docs + writers["val"].docs
+    if docs_out == 0:
+        raise DataError(
+            f"data: no documents survived the pipeline ({read.docs_in:,} read); see "
+            f"{out_dir / 'report.md'} for what each step dropped, and relax or disable it"
+        )
+    metrics = flat_metrics(funnel, steps, read, docs_out)
+    log(
+        f"data: {read.docs_in:,} docs in -> {docs_out:,} out (train {writers['train'].docs:,}, "
+        f"val {writers['val'].docs:,}) in {seconds:.1f}s; report: {out_dir / 'report.md'}"
+    )
+    shards = [f"{s}/{name}" for s in ("train", "val") for name in shard_names[s]]
+    return metrics, shards
 
-    # ---------------------------------------------------------------- pass A: scores, split hash, examples
-    u = np.full(n, np.nan)
-    scores = np.full(n, np.nan)
-    texts: dict[int, dict] = {}
+
+# ============================================================================ phases
+def merge_task_stats(tdir: Path, tasks: list[Task], ex_n: int) -> tuple[StepStats, dict[str, StepStats]]:
+    """The read row and every per-document step's row, summed over the tasks."""
+    read = StepStats("read", max_examples=ex_n)
+    doc_steps: dict[str, StepStats] = {}
+    for t in tasks:
+        s = json.loads((tdir / f"{t.name}.stats.json").read_text())
+        read.merge(StepStats.from_dict(s["read"]))
+        for st in s["steps"]:
+            doc_steps.setdefault(st["name"], StepStats(st["name"], max_examples=ex_n)).merge(
+                StepStats.from_dict(st)
+            )
+    return read, doc_steps
+
+
+def load_index(tdir: Path, tasks: list[Task], n_bands: int) -> Index:
+    idx = [np.load(tdir / f"{t.name}.index.npz", allow_pickle=False) for t in tasks]
+    counts = np.array([len(z["exact"]) for z in idx], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    n = int(offsets[-1])
+    return Index(
+        tdir=tdir,
+        tasks=tasks,
+        offsets=offsets,
+        exact=np.concatenate([z["exact"] for z in idx]) if n else np.zeros(0, np.uint64),
+        bands=np.concatenate([z["bands"] for z in idx]) if n else np.zeros((0, n_bands), np.uint64),
+        nbytes=np.concatenate([z["bytes"] for z in idx]) if n else np.zeros(0, np.int64),
+        domains=np.concatenate([z["domain"].astype(object) for z in idx]) if n else np.zeros(0, object),
+        sigs=[np.load(tdir / f"{t.name}.sig.npy", mmap_mode="r") for t in tasks],
+    )
+
+
+def dedup(cfg: DataConfig, ix: Index, dec: Decisions, log) -> tuple[StepStats, StepStats]:
+    """Exact, then near (MinHash LSH) dedup over all tasks: the first document of a cluster stays."""
+    from lmforge.data.steps.dedup import lsh_clusters
+
+    ex_n, dd, alive = cfg.examples_per_reason, cfg.dedup, dec.alive
+    exact_stats = StepStats("exact_dedup", max_examples=ex_n)
+    near_stats = StepStats("near_dedup", max_examples=ex_n)
+    if dd.enabled and dd.exact:
+        t, before = time.perf_counter(), alive.copy()
+        for members in _groups(ix.exact, np.arange(ix.n)):
+            alive[members[1:]] = False
+            dec.clusters.append(("exact", members))
+        _set_counts(exact_stats, before, alive, ix.nbytes, "duplicate")
+        exact_stats.seconds += time.perf_counter() - t
+    if dd.enabled and dd.near:
+        t, before = time.perf_counter(), alive.copy()
+        surv = np.flatnonzero(alive)
+        verify = dd.verify_threshold is not None and len(surv)
+        sub_sigs = np.stack([ix.sig_of(int(i)) for i in surv]) if verify else None
+        roots = lsh_clusters(ix.bands[surv], sub_sigs, dd.verify_threshold)
+        for members in _groups(roots.astype(np.uint64), surv):
+            alive[members[1:]] = False
+            dec.clusters.append(("near", members))
+        _set_counts(near_stats, before, alive, ix.nbytes, "near_duplicate")
+        near_stats.seconds += time.perf_counter() - t
+    dec.clusters.sort(key=lambda c: (-len(c[1]), int(c[1][0])))
+    log(
+        f"data: dedup over {ix.n:,} docs: {sum(1 for c in dec.clusters if c[0] == 'exact'):,} exact and "
+        f"{sum(1 for c in dec.clusters if c[0] == 'near'):,} near-duplicate clusters"
+    )
+    return exact_stats, near_stats
+
+
+def pass_a(ix: Index, dec: Decisions, scorer, shown: set[int], seed: int) -> float:
+    """Read the survivors once: split hashes, classifier scores, texts of the examples shown.
+    Returns the seconds spent scoring (the classifier's share of this pass)."""
+    dec.u, dec.scores = np.full(ix.n, np.nan), np.full(ix.n, np.nan)
     batch_i: list[int] = []
     batch_t: list[str] = []
+    spent = 0.0
 
-    def flush_scores():
+    def flush_scores() -> None:
+        nonlocal spent
         if batch_i:
-            scores[np.array(batch_i)] = scorer.score(batch_t)
+            t = time.perf_counter()
+            with threadpool_limits(1):
+                dec.scores[np.array(batch_i)] = scorer.score(batch_t)
+            spent += time.perf_counter() - t
             batch_i.clear()
             batch_t.clear()
 
-    for i, rec in enumerate(_all_docs(tdir, tasks)):
+    for i, rec in enumerate(ix.docs()):
         if i in shown:
-            texts[i] = {
+            dec.texts[i] = {
                 "id": rec["id"],
                 "source": rec["source"],
                 "url": rec["meta"].get("url"),
                 "text": snippet(rec["text"]),
             }
-        if alive[i]:
-            u[i] = unit_hash(seed, rec["text"])
+        if dec.alive[i]:
+            dec.u[i] = unit_hash(seed, rec["text"])
             if scorer is not None:
                 batch_i.append(i)
                 batch_t.append(rec["text"])
                 if len(batch_i) >= 512:
                     flush_scores()
     flush_scores()
-    for kind, members in clusters:  # dedup drop examples come from the clusters shown
-        st = exact_stats if kind == "exact" else near_stats
-        for m in members[1:]:
-            if int(m) in texts:
-                st.example("duplicate" if kind == "exact" else "near_duplicate", _doc(texts[int(m)]))
+    return spent
 
-    if scorer is not None:
-        before = alive.copy()
-        scored = ~np.isnan(scores)
-        for v in scores[scored]:
-            clf_stats.observe("quality_score", float(v))
-        if qc.mode == "filter":
-            alive &= ~(scored & (scores < qc.threshold))
-        _set_counts(clf_stats, before, alive, nbytes, "below_threshold")
-        clf_info["mean_score"] = round(float(np.nanmean(scores)), 4) if scored.any() else None
 
-    # ---------------------------------------------------------------- mixing
+def apply_scores(cfg: DataConfig, ix: Index, dec: Decisions, clf_stats: StepStats, clf_info: dict) -> None:
+    qc, scores = cfg.quality_classifier, dec.scores
+    before = dec.alive.copy()
+    scored = ~np.isnan(scores)
+    for v in scores[scored]:
+        clf_stats.observe("quality_score", float(v))
+    if qc.mode == "filter":
+        dec.alive &= ~(scored & (scores < qc.threshold))
+    _set_counts(clf_stats, before, dec.alive, ix.nbytes, "below_threshold")
+    clf_info["mean_score"] = round(float(np.nanmean(scores)), 4) if scored.any() else None
+
+
+def mix(cfg: DataConfig, ix: Index, dec: Decisions, seed: int, log) -> tuple[StepStats, dict]:
+    """Domain mixing: copies per document (0 = downsampled) towards the configured shares."""
     from lmforge.data.steps.domain import mix_plan
 
-    dm = cfg.domain
-    mix_stats = StepStats("mixing", max_examples=ex_n)
-    live = np.flatnonzero(alive)
+    t = time.perf_counter()
+    dm, nbytes, tokens, n = cfg.domain, ix.nbytes, ix.tokens, ix.n
+    mix_stats = StepStats("mixing", max_examples=cfg.examples_per_reason)
+    live = np.flatnonzero(dec.alive)
     sizes = tokens[live] if dm.mix_by == "tokens" else np.ones(len(live), dtype=np.int64)
-    order_keys = (exact[live] ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * _GOLDEN
+    order_keys = (ix.exact[live] ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)) * _GOLDEN
     weights = dm.weights if dm.enabled else {}
     copies_live, mix_summary = mix_plan(
-        domains[live], sizes.astype(np.float64), order_keys, weights, dm.max_repeat
+        ix.domains[live], sizes.astype(np.float64), order_keys, weights, dm.max_repeat
     )
     copies = np.zeros(n, dtype=np.int64)
     copies[live] = copies_live
@@ -184,28 +300,41 @@ def finalize(
         "by": dm.mix_by,
         "weights": dict(weights),
         "missing": mix_summary.get("missing", []),
-        "before": _mix_table(domains[live], tokens[live], np.ones(len(live), np.int64)),
-        "after": _mix_table(domains, tokens, copies),
+        "before": _mix_table(ix.domains[live], tokens[live], np.ones(len(live), np.int64)),
+        "after": _mix_table(ix.domains, tokens, copies),
     }
+    dec.copies, dec.down = copies, down
+    mix_stats.seconds += time.perf_counter() - t
+    return mix_stats, domain_mix
 
-    # ---------------------------------------------------------------- max_docs: the first N, in input order
-    cap_stats = None
-    if cfg.max_docs:
-        cap_stats = StepStats("max_docs", max_examples=0)
-        before = copies.copy()
-        copies[np.cumsum(copies) > cfg.max_docs] = 0
-        for attr, arr in (("docs", np.ones(n, np.int64)), ("bytes", nbytes), ("tokens", tokens)):
-            setattr(cap_stats, f"{attr}_in", int((before * arr).sum()))
-            setattr(cap_stats, f"{attr}_out", int((copies * arr).sum()))
-        if cap_stats.docs_out < cap_stats.docs_in:
-            cap_stats.dropped["over_max_docs"] = {
-                "docs": cap_stats.docs_in - cap_stats.docs_out,
-                "bytes": cap_stats.bytes_in - cap_stats.bytes_out,
-            }
 
-    # ---------------------------------------------------------------- split + pass B: write shards
+def cap(cfg: DataConfig, ix: Index, dec: Decisions) -> StepStats | None:
+    """max_docs: the first N documents, in input order."""
+    if not cfg.max_docs:
+        return None
+    copies = dec.copies
+    cap_stats = StepStats("max_docs", max_examples=0)
+    before = copies.copy()
+    copies[np.cumsum(copies) > cfg.max_docs] = 0
+    for attr, arr in (("docs", np.ones(ix.n, np.int64)), ("bytes", ix.nbytes), ("tokens", ix.tokens)):
+        setattr(cap_stats, f"{attr}_in", int((before * arr).sum()))
+        setattr(cap_stats, f"{attr}_out", int((copies * arr).sum()))
+    if cap_stats.docs_out < cap_stats.docs_in:
+        cap_stats.dropped["over_max_docs"] = {
+            "docs": cap_stats.docs_in - cap_stats.docs_out,
+            "bytes": cap_stats.bytes_in - cap_stats.bytes_out,
+        }
+    return cap_stats
+
+
+def write_shards(
+    cfg: DataConfig, out_dir: Path, ix: Index, dec: Decisions, mix_stats: StepStats
+) -> tuple[dict[str, ShardWriter], dict[str, list[str]], StepStats]:
+    """The seeded train/val split, then pass B: every kept document (times its copies) to its shard."""
+    t = time.perf_counter()
+    copies, u, scores, qc = dec.copies, dec.u, dec.scores, cfg.quality_classifier
     final = np.flatnonzero(copies > 0)
-    is_val = np.zeros(n, dtype=bool)
+    is_val = np.zeros(ix.n, dtype=bool)
     is_val[final] = u[final] < cfg.val_fraction
     if len(final) >= 2:
         if not is_val[final].any():
@@ -213,9 +342,9 @@ def finalize(
         if is_val[final].all():
             is_val[final[np.argmax(u[final])]] = False
     writers = {s: ShardWriter(out_dir / s, cfg.output_format, cfg.shard_docs) for s in ("train", "val")}
-    out_stats = StepStats("output", max_examples=ex_n)
-    down_set = set(int(i) for i in down[:ex_n])
-    for i, rec in enumerate(_all_docs(tdir, tasks)):
+    out_stats = StepStats("output", max_examples=cfg.examples_per_reason)
+    down_set = set(int(i) for i in dec.down[: cfg.examples_per_reason])
+    for i, rec in enumerate(ix.docs()):
         if i in down_set:
             mix_stats.example("downsampled", _doc(rec))
         c = int(copies[i])
@@ -226,83 +355,17 @@ def finalize(
             if qc.mode == "weight":
                 rec["meta"]["weight"] = round(float(scores[i]), 4)
         out_stats.observe("log10_chars", float(np.log10(max(1, len(rec["text"])))))
+        out_stats.add_out(Document(rec["text"], "", {}))
         for _ in range(c):
             writers["val" if is_val[i] else "train"].write(rec)
     shard_names = {s: w.close() for s, w in writers.items()}
-
-    # ---------------------------------------------------------------- funnel, reports, side files
-    steps = [read] + [doc_steps[name] for name in DOC_STEP_ORDER if name in doc_steps]
-    steps += [
-        st
-        for st, on in (
-            (exact_stats, dd.enabled and dd.exact),
-            (near_stats, dd.enabled and dd.near),
-            (clf_stats, scorer is not None),
-            (mix_stats, True),
-            (cap_stats, cap_stats),
-        )
-        if on
-    ]
-    hist = {}
-    for st in steps + [out_stats]:
-        for name, h in st.hist.items():
-            hist[name] = [a + b for a, b in zip(hist.get(name, [0] * len(h)), h)]
-    seconds = time.time() - t0
-    bytes_in = read.bytes_in
-    funnel = {
-        "steps": [st.to_dict() for st in steps],
-        "train": {
-            "docs": writers["train"].docs,
-            "bytes": writers["train"].bytes,
-            "shards": shard_names["train"],
-        },
-        "val": {"docs": writers["val"].docs, "bytes": writers["val"].bytes, "shards": shard_names["val"]},
-        "dedup": {
-            "exact_clusters": sum(1 for c in clusters if c[0] == "exact"),
-            "near_clusters": sum(1 for c in clusters if c[0] == "near"),
-            "ngram": dd.ngram,
-            "bands": dd.bands,
-            "rows": dd.rows,
-        },
-        "classifier": clf_info,
-        "domain_mix": domain_mix,
-        "histograms": hist,
-        "skipped_files": skipped[:100],
-        "skipped_files_count": len(skipped),
-        "tasks": len(tasks),
-        "seconds": round(seconds, 3),
-        "input_mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 3),
-        "token_estimate": "UTF-8 bytes / 4",
-    }
-    atomic_write_json(out_dir / "funnel.json", funnel)
-    _write_clusters(out_dir / "dedup_clusters.jsonl", clusters, texts, sig_of, dd.cluster_examples)
-    _write_dropped(out_dir / "dropped_examples.jsonl", steps)
-    from lmforge.data.report import render_html, render_markdown
-
-    atomic_write_text(out_dir / "report.md", render_markdown(funnel))
-    atomic_write_text(out_dir / "report.html", render_html(funnel))
-
-    docs_out = writers["train"].docs + writers["val"].docs
-    if docs_out == 0:
-        raise DataError(
-            f"data: no documents survived the pipeline ({read.docs_in:,} read); see "
-            f"{out_dir / 'report.md'} for what each step dropped, and relax or disable it"
-        )
-    metrics = _flat_metrics(funnel, steps, read, docs_out)
-    log(
-        f"data: {read.docs_in:,} docs in -> {docs_out:,} out (train {writers['train'].docs:,}, "
-        f"val {writers['val'].docs:,}) in {seconds:.1f}s; report: {out_dir / 'report.md'}"
-    )
-    shards = [f"{s}/{name}" for s in ("train", "val") for name in shard_names[s]]
-    return metrics, shards
+    out_stats.docs_in = out_stats.docs_out
+    out_stats.bytes_in, out_stats.tokens_in = out_stats.bytes_out, out_stats.tokens_out
+    out_stats.seconds += time.perf_counter() - t
+    return writers, shard_names, out_stats
 
 
 # ============================================================================ helpers
-def _all_docs(tdir: Path, tasks: list[Task]):
-    for t in tasks:
-        yield from read_jsonl_zst(tdir / f"{t.name}.docs.jsonl.zst")
-
-
 def _doc(d: dict) -> Document:
     meta = dict(d.get("meta") or {})
     if d.get("url"):
@@ -399,8 +462,6 @@ def _train_classifier(cfg: DataConfig, tasks, tdir: Path, out_dir: Path, seed: i
 
 def _read_texts(specs: list[str], cfg: DataConfig, seed: int) -> list[str]:
     """A bottom-k sample of the texts of some inputs (HTML is extracted first)."""
-    from lmforge.data.sources import iter_task_documents, plan_tasks
-    from lmforge.data.stage import BottomK
     from lmforge.data.steps.extract import HtmlExtract
 
     qc = cfg.quality_classifier
@@ -409,80 +470,5 @@ def _read_texts(specs: list[str], cfg: DataConfig, seed: int) -> list[str]:
     extract = HtmlExtract()
     for t in tasks:
         for doc in extract(iter_task_documents(t, qc.text_field, SourceStats())):
-            sample.add(doc.text)
+            sample.add(nfc(doc.text))
     return sample.texts()
-
-
-def _write_clusters(path: Path, clusters, texts: dict, sig_of, n_full: int) -> None:
-    from lmforge.data.steps.dedup import jaccard_estimate
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for c, (kind, members) in enumerate(clusters):
-                rec: dict = {"cluster": c, "kind": kind, "size": int(len(members))}
-                if c < n_full:
-                    kept_sig = sig_of(int(members[0])) if kind == "near" else None
-                    rows = []
-                    for j, m in enumerate(members):
-                        row = dict(texts.get(int(m), {"id": None}))
-                        row["kept"] = j == 0
-                        if kept_sig is not None and j:
-                            row["jaccard_estimate"] = round(jaccard_estimate(kept_sig, sig_of(int(m))), 3)
-                        rows.append(row)
-                    rec["members"] = rows
-                else:
-                    rec["member_index"] = [int(m) for m in members]
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _write_dropped(path: Path, steps: list[StepStats]) -> None:
-    """Example snippets: {step, kind (dropped/flagged/modified), reason, id, source, url, text}."""
-    from lmforge.data.report import example_kind
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for st in steps:
-                for reason, exs in st.examples.items():
-                    kind = example_kind(reason)
-                    for ex in exs:
-                        rec = {
-                            "step": st.name,
-                            "kind": kind,
-                            "reason": reason.split(":", 1)[-1] if kind != "dropped" else reason,
-                            **ex,
-                        }
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _flat_metrics(funnel: dict, steps: list[StepStats], read: StepStats, docs_out: int) -> dict:
-    m: dict = {
-        "docs_in": read.docs_in,
-        "docs_out": docs_out,
-        "docs": docs_out,
-        "bytes": funnel["train"]["bytes"] + funnel["val"]["bytes"],  # short names
-        "replaced_bytes": read.counters.get("replaced_bytes", 0),
-        "bytes_in": read.bytes_in,
-        "bytes_out": funnel["train"]["bytes"] + funnel["val"]["bytes"],
-        "tokens_in_est": next((st.tokens_out for st in steps if st.name == "extract"), read.tokens_out),
-        "tokens_out_est": (funnel["train"]["bytes"] + funnel["val"]["bytes"] + 3) // 4,
-        "train_docs": funnel["train"]["docs"],
-        "val_docs": funnel["val"]["docs"],
-        "train_bytes": funnel["train"]["bytes"],
-        "val_bytes": funnel["val"]["bytes"],
-        "train_shards": len(funnel["train"]["shards"]),
-        "val_shards": len(funnel["val"]["shards"]),
-        "tasks": funnel["tasks"],
-        "seconds": funnel["seconds"],
-        "input_mb_per_s": funnel["input_mb_per_s"],
-        "dedup_exact_clusters": funnel["dedup"]["exact_clusters"],
-        "dedup_near_clusters": funnel["dedup"]["near_clusters"],
-        "quality_classifier_trained": bool(funnel["classifier"].get("trained", False)),
-    }
-    for st in steps:
-        m[f"dropped_{st.name}"] = st.docs_dropped
-        flagged = sum(v["docs"] for v in st.flagged.values())
-        if flagged:
-            m[f"flagged_{st.name}"] = flagged
-    if "heldout_accuracy" in funnel["classifier"]:
-        m["quality_classifier_heldout_accuracy"] = funnel["classifier"]["heldout_accuracy"]
-    return m

@@ -22,7 +22,7 @@ import sysconfig
 import warnings
 from pathlib import Path
 
-from lmforge.data.builtin import _stdlib_files, split_train_val
+from lmforge.data.builtin import _stdlib_files
 
 SYSTEM = "You are a concise assistant who knows the Python standard library."
 FUNC_Q = (
@@ -138,13 +138,3 @@ def builtin_instructions(stdlib_dir: str | None = None, max_examples: int | None
         step = len(records) / max_examples
         records = [records[int(k * step)] for k in range(max_examples)]
     return records
-
-
-def split_instructions(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Held-out split by hashing the first question (stable, independent of the other records)."""
-    keyed = [r["messages"][-2]["content"] + "\x00" + r["source"] for r in records]
-    train_keys, val_keys = split_train_val(keyed, val_fraction, seed)
-    val_set = set(val_keys)
-    train = [r for r, k in zip(records, keyed) if k not in val_set]
-    val = [r for r, k in zip(records, keyed) if k in val_set]
-    return train, val

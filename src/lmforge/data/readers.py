@@ -29,19 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.builtin import harvest_builtin_corpus
+from lmforge.data.document import Document
 from lmforge.errors import DataError
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 MAX_EXAMPLES = 5  # examples kept per drop reason
-
-
-@dataclass
-class Document:
-    """One unit of text plus where it came from (``source``) and free-form metadata."""
-
-    text: str
-    source: str
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -342,8 +335,6 @@ def _parquet_records(path: Path, text_field: str) -> Iterator[Record]:
 
 
 def _iter_builtin(stats: ReadStats) -> Iterator[Document]:
-    from lmforge.data.builtin import harvest_builtin_corpus
-
     for doc in harvest_builtin_corpus():
         stats.records_read += 1
         kept = _keep(doc, doc.source, stats)

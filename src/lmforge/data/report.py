@@ -153,7 +153,8 @@ def render_markdown(funnel: dict) -> str:
             L += [f"**{name} / {reason.split(':', 1)[-1]}**", ""]
             for ex in exs:
                 where = ex.get("url") or ex.get("id") or ex.get("source") or ""
-                L.append(f"- `{where}`: {ex['text']}")
+                matched = f" (matched eval item `{ex['matched']}`)" if ex.get("matched") else ""
+                L.append(f"- `{where}`{matched}: {ex['text']}")
             L.append("")
     return "\n".join(L) + "\n"
 
@@ -247,7 +248,9 @@ def render_html(funnel: dict) -> str:
             P.append(
                 f"<h3>{e(name)} / {e(reason.split(':', 1)[-1])}</h3><ul class='ex'>"
                 + "".join(
-                    f"<li><code>{e(str(x.get('url') or x.get('id') or ''))}</code> {e(x['text'])}</li>"
+                    f"<li><code>{e(str(x.get('url') or x.get('id') or ''))}</code>"
+                    + (f" matched eval item <code>{e(x['matched'])}</code>" if x.get("matched") else "")
+                    + f" {e(x['text'])}</li>"
                     for x in exs
                 )
                 + "</ul>"

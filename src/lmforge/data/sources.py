@@ -5,8 +5,9 @@ this module adds the web formats the data stage needs -- folders of ``.html`` pa
 Crawl ``.warc(.gz)`` (HTML responses) and ``.wet`` (already extracted text, the "conversion"
 records), and compressed ``.jsonl/.txt`` (``.gz``, ``.zst``) -- and splits the inputs into
 *tasks*: groups of consecutive files of about `task_bytes`, so a process pool or a cluster can
-work on them independently and a killed run redoes only unfinished tasks. The built-in corpus is
-cut into `parts` contiguous slices. Task order is input order, so concatenating task outputs
+work on them independently and a killed run redoes only unfinished tasks. A file larger than a
+task is cut into byte-range tasks at record boundaries where its format allows (`ranges.py`).
+The built-in corpus is cut into `parts` contiguous slices. Task order is input order, so concatenating task outputs
 gives the same documents in the same order whatever the number of workers.
 
 Bad input is counted in the task's `ReadStats` under a reason (binary file, truncated gzip or
@@ -26,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmforge.data import readers
+from lmforge.data.builtin import harvest_builtin_corpus
+from lmforge.data.ranges import iter_jsonl_range, plan_ranges, range_kind
 from lmforge.data.readers import Document, ReadStats, decode_utf8, loads_json, record_text
 from lmforge.errors import DataError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
-WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".wat", ".wat.gz", ".arc.gz")
+WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".wat", ".wat.gz", ".arc", ".arc.gz")
 COMPRESSED_SUFFIXES = (
     ".jsonl.gz",
     ".jsonl.zst",
@@ -63,12 +66,13 @@ class Task:
     """One unit of parallel work: some files, or one slice of a non-file source."""
 
     index: int
-    kind: str  # "files" | "builtin" | "hf"
-    items: list[str]  # file paths, or the spec
+    kind: str  # "files" | "range" | "builtin" | "hf"
+    items: list[str]  # file paths (one for "range"), or the spec
     part: int = 0
     parts: int = 1
     bytes: int = 0
     fingerprint: list = field(default_factory=list)  # (path, size, mtime) of its files
+    span: list[int] = field(default_factory=list)  # "range": [start, end, first record number]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +160,21 @@ def plan_tasks(
                 tasks.append(Task(len(tasks), kind, [target_item], part=part, parts=parts))
             continue
         size = os.path.getsize(target_item)
+        if size > target and range_kind(target_item) is not None:
+            flush()
+            fp = [(target_item, size, int(os.path.getmtime(target_item)))]
+            for start, end, first in plan_ranges(target_item, target):
+                tasks.append(
+                    Task(
+                        len(tasks),
+                        "range",
+                        [target_item],
+                        bytes=end - start,
+                        fingerprint=fp,
+                        span=[start, end, first],
+                    )
+                )
+            continue
         if group and group_bytes + size > target:
             flush()
         group.append(target_item)
@@ -185,6 +204,13 @@ def iter_task_documents(
     if task.kind == "hf":
         yield from _with_ids(readers.iter_documents(task.items[0], text_field, stats))
         return
+    if task.kind == "range":
+        path, (start, end, first) = Path(task.items[0]), task.span
+        if range_kind(path) == "jsonl":
+            yield from iter_jsonl_range(path, text_field, stats, start, end, first)
+        else:
+            yield from _iter_warc(path, stats, max_html_bytes, start, end, first)
+        return
     for path in task.items:
         kind = file_kind(path)
         try:
@@ -208,8 +234,6 @@ def _with_ids(docs: Iterator[Document]) -> Iterator[Document]:
 
 
 def _iter_builtin_slice(part: int, parts: int, stats: ReadStats) -> Iterator[Document]:
-    from lmforge.data.builtin import harvest_builtin_corpus
-
     docs = harvest_builtin_corpus()
     lo, hi = part * len(docs) // parts, (part + 1) * len(docs) // parts
     stats.files += 1 if part == 0 else 0
@@ -259,20 +283,38 @@ def _iter_html_file(path: Path, stats: ReadStats, max_bytes: int) -> Iterator[Do
     yield Document(_decode_html(data), str(path), {"id": str(path), "format": "html"})
 
 
-def _iter_warc(path: Path, stats: SourceStats, max_bytes: int) -> Iterator[Document]:
-    """HTML responses and WET conversion records; other record types are counted, not read."""
+def _iter_warc(
+    path: Path, stats: SourceStats, max_bytes: int, start: int = 0, end: int | None = None, first: int = 1
+) -> Iterator[Document]:
+    """HTML responses and WET conversion records; other record types are counted, not read.
+
+    With `start`/`end`, the records starting in that byte range (`first` numbers the first one).
+    Every record counted as read ends as kept or as exactly one drop; damage found between
+    records (a corrupt tail, garbage) is one more record read and dropped, so the funnel balances.
+    """
     from warcio.archiveiterator import ArchiveIterator
 
-    stats.files += 1
+    stats.files += 1 if start == 0 else 0
     try:
         fh = open(path, "rb")
     except OSError as e:
+        stats.records_read += 1
         stats.drop("unreadable_file", str(path), f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
         return
-    n = 0
+    n = first - 1
+    is_arc = path.name.lower().endswith((".arc", ".arc.gz"))
+    settled_before = stats.records_kept + sum(stats.dropped.values())
+    read_before = stats.records_read
     with fh:
+        stop = os.fstat(fh.fileno()).st_size if end is None else end
+        fh.seek(start)
         try:
-            for record in ArchiveIterator(fh, arc2warc=True):
+            it = ArchiveIterator(fh, arc2warc=True)
+            for record in it:
+                # it.offset: where this record starts (absolute once one record was read)
+                if end is not None and n >= first and it.offset >= end:
+                    stop = end
+                    break
                 n += 1
                 rtype = record.rec_type
                 url = record.rec_headers.get_header("WARC-Target-URI")
@@ -283,7 +325,8 @@ def _iter_warc(path: Path, stats: SourceStats, max_bytes: int) -> Iterator[Docum
                     continue
                 stats.records_read += 1
                 meta = {
-                    "id": record.rec_headers.get_header("WARC-Record-ID") or where,
+                    # ARC records get a random WARC-Record-ID when converted: use the position
+                    "id": (not is_arc and record.rec_headers.get_header("WARC-Record-ID")) or where,
                     "url": url,
                     "date": record.rec_headers.get_header("WARC-Date"),
                     "location": where,
@@ -324,7 +367,15 @@ def _iter_warc(path: Path, stats: SourceStats, max_bytes: int) -> Iterator[Docum
                     continue
                 stats.records_kept += 1
                 yield Document(text, str(path), meta)
+            if n >= first and it.offset < stop:  # warcio ends quietly on a cut gzip member
+                stats.records_read += 1
+                stats.drop(
+                    "truncated_record", f"{path}#{n + 1}", f"{stop - it.offset:,} bytes after the last record"
+                )
         except Exception as e:  # truncated gzip member, garbage, not a WARC at all
+            settled = stats.records_kept + sum(stats.dropped.values()) - settled_before
+            if stats.records_read - read_before <= settled:  # damage between records: one more read
+                stats.records_read += 1
             stats.drop("corrupt_warc", f"{path}#{n + 1}", f"{type(e).__name__}: {e}"[:MAX_MESSAGE])
 
 

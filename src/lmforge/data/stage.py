@@ -6,8 +6,9 @@ Two phases, as in datatrove:
    steps (steps/__init__.py) and writes, atomically, its surviving documents, an index
    (normalised-text hash, MinHash band keys and signature, size, domain), small text samples
    for the quality classifier, and last its ``stats.json``, the completion marker. A rerun
-   skips every task whose marker exists.
-2. **Finalise** (driver, `_finalize`): exact and near dedup over all indices, the quality
+   skips every task whose marker exists. A task is claimed (an exclusive lock) before it runs,
+   and runs on one BLAS/OpenMP thread, so its scores do not depend on the machine.
+2. **Finalise** (driver, `finalize.py`): exact and near dedup over all indices, the quality
    classifier (train, score, filter/weight), domain mixing, the seeded train/val split, the
    shards, funnel.json, report.md/html, dedup_clusters.jsonl and dropped_examples.jsonl.
    Its outputs have deterministic names and are rewritten whole, so a crash here is repaired
@@ -15,41 +16,61 @@ Two phases, as in datatrove:
 
 Everything under ``out_dir/work`` belongs to one fingerprint of (config, seed, input files):
 change any of them and the stage starts over rather than mixing old and new tasks. The output
-does not depend on the number of workers: tasks are contiguous slices of the input, dedup
-keeps the first document in input order, samples are bottom-k by seeded hash.
+does not depend on the number of workers: tasks are contiguous slices of the input (a large
+file is cut into byte ranges at record starts, with ids unchanged), dedup keeps the first
+document in input order, samples are bottom-k by seeded hash.
 """
 
 from __future__ import annotations
 
-import hashlib
-import heapq
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import xxhash
+from threadpoolctl import threadpool_limits
 
+from lmforge.data.builtin import harvest_builtin_corpus
 from lmforge.data.config import DataConfig
+from lmforge.data.executors import run_tasks
+from lmforge.data.finalize import finalize
 from lmforge.data.output import iter_records, list_shards, write_jsonl_zst
 from lmforge.data.readers import Document
+from lmforge.data.sampling import BottomK, unit_hash
 from lmforge.data.sources import SourceStats, Task, iter_task_documents, plan_tasks
 from lmforge.data.steps import HEURISTIC_STEPS, StepStats, build_doc_steps
-from lmforge.data.steps.base import text_bytes
+from lmforge.data.steps.base import nfc, text_bytes
 from lmforge.errors import DataError
 from lmforge.runs import atomic_path, atomic_write_json, fingerprint
 
 EXECUTION_ONLY = ("workers", "executor", "ray_address", "keep_work")
-SAMPLE_CHARS = 20_000
+__all__ = ["BottomK", "unit_hash", "run_data_stage", "prepare_stage", "run_planned_task", "iter_output_texts"]
 
 
 # ============================================================================ public API
-def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume, or skip if complete) the data stage into `out_dir`; returns flat metrics."""
-    out_dir = Path(out_dir)
+def run_data_stage(
+    cfg: DataConfig,
+    out_dir: Path,
+    *,
+    seed: int,
+    log: Callable[[str], None] = print,
+    threads: int | None = None,
+) -> dict:
+    """Run (or resume, or skip if complete) the data stage into `out_dir`; returns flat metrics.
+
+    `threads` (``run.threads``) caps the BLAS/OpenMP threads of the driver (threadpoolctl); the
+    task workers and the quality classifier always use one, so no score depends on it."""
+    with threadpool_limits(threads) if threads else contextlib.nullcontext():
+        return _run_data_stage(cfg, Path(out_dir), seed, log)
+
+
+def _run_data_stage(cfg: DataConfig, out_dir: Path, seed: int, log: Callable[[str], None]) -> dict:
     t0 = time.time()
     plan, finished_metrics = prepare_stage(cfg, out_dir, seed=seed, log=log)
     if finished_metrics is not None:
@@ -57,9 +78,12 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
     work = out_dir / "work"
     tasks = [Task.from_dict(t) for t in plan["tasks"]]
     pending = [t for t in tasks if not _task_done(work, t)]
+    split = {t.items[0] for t in tasks if t.kind == "range"}
+    ranges = sum(t.kind == "range" for t in tasks)
     log(
-        f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s); "
-        f"{len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}"
+        f"data: {len(tasks)} task(s) over {len(cfg.inputs)} input spec(s)"
+        + (f" ({len(split)} large file(s) cut into {ranges} byte-range tasks)" if split else "")
+        + f"; {len(tasks) - len(pending)} already done; executor={cfg.executor}, workers={cfg.workers}"
     )
     finished = [0]
 
@@ -69,8 +93,6 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
             f"data: [{finished[0]}/{len(pending)}] {result['task']}: {result['docs_in']:,} docs read, "
             f"{result['docs_out']:,} kept ({result['seconds']:.1f}s)"
         )
-
-    from lmforge.data.executors import run_tasks
 
     if pending and cfg.executor == "local" and cfg.workers > 1:
         _warm_up(cfg)  # forked workers inherit the imports and the language model
@@ -83,8 +105,6 @@ def run_data_stage(cfg: DataConfig, out_dir: Path, *, seed: int, log: Callable[[
         ray_address=cfg.ray_address,
         on_done=on_done,
     )
-
-    from lmforge.data.finalize import finalize
 
     metrics, shards = finalize(cfg, out_dir, work, tasks, plan.get("skipped_files", []), seed, log, t0)
     atomic_write_json(
@@ -162,14 +182,53 @@ def iter_output_texts(out_dir: Path, split: str) -> Iterator[str]:
 
 # ============================================================================ phase 1: a task
 def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
-    """Process one task end to end and write its files; the entry point of every executor."""
-    from lmforge.data.steps.dedup import MinHasher, exact_hash, normalize
+    """Process one task end to end and write its files; the entry point of every executor.
 
-    t0 = time.time()
-    cfg = DataConfig.model_validate(cfg_dict)
+    The task is claimed first (an exclusive lock on ``tasks/<task>.claim``, released by the OS
+    when its holder dies): a second process given the same task, e.g. a rerun beside survivors
+    of a killed run, fails with the holder's pid instead of writing the same files."""
     task = Task.from_dict(task_dict)
     tdir = Path(work_dir) / "tasks"
     tdir.mkdir(parents=True, exist_ok=True)
+    # one BLAS/OpenMP thread per worker: parallelism is across tasks, and the language scores
+    # (numpy dot products) then do not depend on the machine's or the environment's thread count
+    with claim_task(tdir / f"{task.name}.claim"), threadpool_limits(1):
+        if _task_done(Path(work_dir), task):
+            done = json.loads((tdir / f"{task.name}.stats.json").read_text())
+            return {k: done[k] for k in ("task", "docs_in", "docs_out", "seconds")}
+        return _run_claimed_task(task, DataConfig.model_validate(cfg_dict), Path(work_dir), seed)
+
+
+@contextlib.contextmanager
+def claim_task(path: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on `path` (pid and host written into it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; tasks are still exclusive within one pool
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise DataError(
+                f"{path}: task is being run by {holder}; wait for it to finish or stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_claimed_task(task: Task, cfg: DataConfig, work: Path, seed: int) -> dict:
+    from lmforge.data.steps.dedup import MinHasher, exact_hash, normalize
+
+    t0 = time.time()
+    tdir = work / "tasks"
+    work_dir = str(work)
     read = SourceStats()
     read_text = StepStats("read")
     steps = build_doc_steps(cfg, _load_decontam(Path(work_dir)))
@@ -188,6 +247,7 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
 
     def counted(docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
+            doc.text = nfc(doc.text)  # one form for every source, so n-grams and hashes compare
             read_text.add_out(doc)
             yield doc
 
@@ -245,18 +305,7 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
         ),
     )
 
-    read_text.name = "read"
-    read_text.docs_in = read.records_read
-    read_text.bytes_in = task.bytes if task.kind == "files" else read_text.bytes_out
-    read_text.dropped = {r: {"docs": c, "bytes": 0} for r, c in read.dropped.items()}
-    read_text.examples = {
-        r: [
-            {"id": ex.split(": ", 1)[0], "source": None, "url": None, "text": ex.split(": ", 1)[-1]}
-            for ex in exs
-        ]
-        for r, exs in read.examples.items()
-    }
-    read_text.counters = {"files": read.files, "replaced_bytes": read.replaced_bytes, **read.info}
+    _fill_read_row(read_text, read, task)
     summary = {
         "task": task.name,
         "docs_in": read.records_read,
@@ -267,6 +316,22 @@ def run_task(task_dict: dict, cfg_dict: dict, work_dir: str, seed: int) -> dict:
     }
     atomic_write_json(tdir / f"{task.name}.stats.json", summary)  # the completion marker: last
     return {k: summary[k] for k in ("task", "docs_in", "docs_out", "seconds")}
+
+
+def _fill_read_row(row: StepStats, read: SourceStats, task: Task) -> None:
+    """The funnel's read row: documents counted by the readers, bytes of the task's input."""
+    row.name = "read"
+    row.docs_in = read.records_read
+    row.bytes_in = task.bytes if task.kind in ("files", "range") else row.bytes_out
+    row.dropped = {r: {"docs": c, "bytes": 0} for r, c in read.dropped.items()}
+    row.examples = {
+        r: [
+            {"id": ex.split(": ", 1)[0], "source": None, "url": None, "text": ex.split(": ", 1)[-1]}
+            for ex in exs
+        ]
+        for r, exs in read.examples.items()
+    }
+    row.counters = {"files": read.files, "replaced_bytes": read.replaced_bytes, **read.info}
 
 
 def max_docs_read(max_docs: int) -> int:
@@ -283,8 +348,6 @@ def _warm_up(cfg: DataConfig) -> None:
     import trafilatura  # noqa: F401
 
     if "builtin" in cfg.inputs:  # harvested once here, not once per worker
-        from lmforge.data.builtin import harvest_builtin_corpus
-
         harvest_builtin_corpus()
 
 
@@ -303,30 +366,6 @@ def _jsonable(meta: dict) -> dict:
         except (TypeError, ValueError):
             out[k] = str(v)
     return out
-
-
-class BottomK:
-    """A uniform, order-independent sample: the k texts with the smallest seeded hash."""
-
-    def __init__(self, k: int, seed: int):
-        self.k, self.seed = k, seed
-        self.heap: list[tuple[int, str]] = []  # (-key, text): a max-heap on key
-
-    def add(self, text: str, key: int | None = None) -> None:
-        if key is None:
-            key = xxhash.xxh3_64_intdigest(
-                text.encode("utf-8", "surrogatepass"), seed=self.seed & 0xFFFFFFFFFFFFFFFF
-            )
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, (-key, text[:SAMPLE_CHARS]))
-        elif key < -self.heap[0][0]:
-            heapq.heapreplace(self.heap, (-key, text[:SAMPLE_CHARS]))
-
-    def items(self) -> list[tuple[int, str]]:
-        return sorted((-nk, t) for nk, t in self.heap)
-
-    def texts(self) -> list[str]:
-        return [t for _, t in self.items()]
 
 
 # ============================================================================ helpers
@@ -375,13 +414,23 @@ def _prepare_decontam(cfg: DataConfig, work: Path, log) -> None:
     path = work / "decontam.npz"
     if not d.enabled or not d.eval_sets or path.is_file():
         return
-    from lmforge.data.steps.decontam import build_eval_ngrams
+    from lmforge.data.steps.decontam import build_eval_index
 
-    hashes, items, short = build_eval_ngrams(d.eval_sets, d.eval_fields or None, d.ngram, d.min_item_words)
-    log(f"data: decontamination against {items:,} eval items ({len(hashes):,} {d.ngram}-grams)")
+    ix = build_eval_index(d.eval_sets, d.eval_fields or None, d.ngram, d.min_item_words)
+    log(
+        f"data: decontamination against {ix.items:,} eval items ({len(ix.hashes):,} {d.ngram}-grams "
+        f"from fields {', '.join(d.eval_fields) or '*'})"
+    )
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, hashes=hashes, short=np.array(short, dtype=np.int64), items=np.int64(items))
+            np.savez(
+                f,
+                hashes=ix.hashes,
+                owners=ix.owners,
+                labels=np.array(ix.labels, dtype=str),
+                short=np.array(ix.short, dtype=np.int64),
+                items=np.int64(ix.items),
+            )
 
 
 def _load_decontam(work: Path):
@@ -389,10 +438,5 @@ def _load_decontam(work: Path):
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return z["hashes"], [int(x) for x in z["short"]]
-
-
-def unit_hash(seed: int, text: str) -> float:
-    """A number in [0, 1) from sha256(seed, text); same formula as builtin.split_train_val."""
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", errors="surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+        labels = [str(x) for x in z["labels"]]
+        return z["hashes"], [int(x) for x in z["short"]], [labels[i] for i in z["owners"]]

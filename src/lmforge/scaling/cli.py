@@ -4,8 +4,8 @@ The main CLI calls `add_parser(subparsers)` and then `args.func(args)`; every ha
 an exit status and raises `LMForgeError` for anything the user can fix. `--json` prints the
 machine-readable result instead of tables.
 
-`scaling sweep` arrives with the training engine: when `lmforge/scaling/sweep.py` exists, its
-`add_parser(sub)` is called here. A sweep writes one run directory per (N, D) point whose
+`scaling fit` lives in fitting.py and `scaling sweep` in sweep.py; both are registered here. A
+sweep writes one run directory per (N, D) point whose
 `pretrain/manifest.json` has `metrics.params`, `metrics.tokens`, `metrics.val_loss` (and
 optionally `metrics.flops`, `metrics.budget` for its IsoFLOP group, `metrics.lr`,
 `metrics.batch_tokens`); `scaling fit <sweep dir>` reads them.
@@ -14,92 +14,28 @@ optionally `metrics.flops`, `metrics.budget` for its IsoFLOP group, `metrics.lr`
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.runs import atomic_write_json
 from lmforge.scaling import cost as cost_mod
+from lmforge.scaling.cost_cli import add_cost_parser, add_hw_arguments
+from lmforge.scaling.fitting import add_fit_parser
 from lmforge.scaling.flops import flops_per_token, flops_per_token_from_shape, parse_quantity, training_flops
+from lmforge.scaling.fmt import (
+    fmt_count,
+    fmt_duration,
+    fmt_money,
+    fmt_num,
+    fmt_sci,
+    print_json,
+    print_notes,
+    print_table,
+)
+from lmforge.scaling.sweep_cli import add_parser as add_sweep_parser
 
 _EPILOG_SOURCES = "Formulas and sources: docs/scaling.md."
-
-
-# ----------------------------------------------------------------------------- formatting
-def _count(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    for div, suf in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.3g}"
-
-
-def _sci(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _num(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 1 else f"{x:.2g}"
-
-
-def _money(x: float | None) -> str:
-    return "- (no price: pass --price)" if x is None else f"${x:,.0f}"
-
-
-def _duration(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.1f} min"
-    if hours < 48:
-        return f"{hours:,.1f} h"
-    if hours < 24 * 365:
-        return f"{hours / 24:,.1f} days"
-    return f"{hours / (24 * 365):,.2f} years"
-
-
-def _print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain fallback
-        print(f"== {title}")
-        if header:
-            print("  " + " | ".join(header))
-        for r in rows:
-            print("  " + " | ".join(r))
-        return
-    t = Table(title=title, show_header=header is not None, title_justify="left")
-    names = header or ("",) * max(len(r) for r in rows)
-    for i, h in enumerate(names):
-        t.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    Console(highlight=False, soft_wrap=False).print(t)
-
-
-def _print_notes(title: str, notes: list[str]) -> None:
-    if notes:
-        print(f"{title}:")
-        for n in dict.fromkeys(notes):  # dedupe, keep order
-            print(f"  - {n}")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=_json_default))
 
 
 def _quantity(text: str) -> float:
@@ -187,134 +123,37 @@ def cmd_flops(args: argparse.Namespace) -> int:
                 "wall_hours": est.wall_hours,
             }
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     rows = [
-        ("parameters (total)", _count(f.n_params)),
-        ("parameters (non-embedding)", _count(f.n_non_embedding)),
+        ("parameters (total)", fmt_count(f.n_params)),
+        ("parameters (non-embedding)", fmt_count(f.n_non_embedding)),
         ("sequence length", str(f.seq_len) if f.seq_len else "-"),
-        ("forward FLOPs / token", _sci(f.forward)),
-        ("backward FLOPs / token", _sci(f.backward)),
-        ("training FLOPs / token", _sci(f.training)),
+        ("forward FLOPs / token", fmt_sci(f.forward)),
+        ("backward FLOPs / token", fmt_sci(f.backward)),
+        ("training FLOPs / token", fmt_sci(f.training)),
         ("  attention share", f"{100 * f.attention_fraction:.1f}%"),
-        ("6N / token", _sci(f.approx_6n)),
+        ("6N / token", fmt_sci(f.approx_6n)),
         ("exact / 6N", f"{f.training / f.approx_6n:.3f}"),
     ]
     if args.tokens:
         rows += [
-            ("tokens", _count(args.tokens)),
+            ("tokens", fmt_count(args.tokens)),
             ("tokens / parameter", f"{out['tokens_per_param']:.1f}"),
-            ("training FLOPs (exact)", _sci(out["train_flops"])),
-            ("training FLOPs (6ND)", _sci(out["train_flops_6n"])),
+            ("training FLOPs (exact)", fmt_sci(out["train_flops"])),
+            ("training FLOPs (6ND)", fmt_sci(out["train_flops_6n"])),
         ]
         if "time" in out:
             t = out["time"]
             rows += [
                 (f"GPU-hours ({t['accelerator']}, MFU {t['mfu']:.0%})", f"{t['gpu_hours']:,.1f}"),
-                (f"wall time on {t['n_gpus']} GPU(s)", _duration(t["wall_hours"])),
+                (f"wall time on {t['n_gpus']} GPU(s)", fmt_duration(t["wall_hours"])),
             ]
-    _print_table(f"FLOPs: {source}", rows)
+    print_table(f"FLOPs: {source}", rows)
     return 0
 
 
 # ----------------------------------------------------------------------------- fit
-def cmd_fit(args: argparse.Namespace) -> int:
-    from lmforge.scaling import laws
-
-    if args.bootstrap < 0 or args.n_starts < 1 or not args.group_tol > 0:
-        raise ConfigError("--bootstrap must be >= 0, --n-starts >= 1 and --group-tol > 0")
-    table = laws.load_runs(args.inputs, drop_invalid=args.drop_invalid)
-    out_dir = Path(args.out)
-    param = laws.fit_parametric(table, n_bootstrap=args.bootstrap, seed=args.seed, n_starts=args.n_starts)
-    report: dict[str, Any] = {
-        "inputs": [str(p) for p in args.inputs],
-        "n_runs": len(table),
-        "runs": [
-            {
-                "name": r.name,
-                "params": r.n,
-                "tokens": r.d,
-                "loss": r.loss,
-                "compute": r.compute,
-                "source": r.source,
-            }
-            for r in table.runs
-        ],
-        "warnings": list(table.warnings),
-        "parametric": param.to_dict(),
-    }
-    report["warnings"] += param.warnings
-    iso = None
-    try:
-        iso = laws.fit_isoflop(table, rel_tol=args.group_tol)
-        report["isoflop"] = iso.to_dict()
-    except laws.FitError as e:
-        report["isoflop"] = {"skipped": str(e)}
-    kaplan = laws.fit_kaplan(table)
-    report["kaplan"] = kaplan.to_dict()
-    hp = laws.fit_hparam_laws(table, rel_tol=args.group_tol)
-    if hp:
-        report["hparams"] = {k: v.to_dict() for k, v in hp.items()}
-    plots: list[str] = []
-    if not args.no_plots:
-        from lmforge.scaling import plots as P
-
-        plots.append(str(P.plot_parametric(table, param.law, out_dir / "loss_vs_n_d.png")))
-        if iso is not None:
-            plots.append(str(P.plot_isoflops(table, iso, out_dir / "isoflops.png")))
-        plots.append(str(P.plot_kaplan(table, kaplan, out_dir / "kaplan.png")))
-    report["plots"] = plots
-    atomic_write_json(out_dir / "fit.json", report)
-    if args.json:
-        _print_json(report)
-        return 0
-    law, ci = param.law, param.ci95
-    rows = []
-    for k in ("E", "A", "B", "alpha", "beta", "a", "b"):
-        v = getattr(law, k)
-        lo, hi = ci.get(k, (float("nan"), float("nan")))
-        rows.append((k, f"{v:.4g}", f"[{lo:.4g}, {hi:.4g}]" if k in ci else "-"))
-    _print_table(
-        f"Approach 3: L = E + A/N^alpha + B/D^beta  ({len(table)} runs, "
-        f"{param.n_bootstrap_ok}/{param.n_bootstrap} bootstrap fits, "
-        f"RMS log residual {param.rmse_log:.3g}; N_opt ~ C^a, D_opt ~ C^b)",
-        rows,
-        ("parameter", "estimate", "95% CI"),
-    )
-    if iso is not None:
-        _print_table(
-            "Approach 2: IsoFLOP minima",
-            [
-                (
-                    _sci(g.compute),
-                    _count(g.n_opt),
-                    _count(g.d_opt),
-                    f"{g.loss_opt:.4g}" if g.loss_opt else "-",
-                    "yes" if g.used else g.note,
-                )
-                for g in iso.groups
-            ],
-            ("C", "N_opt", "D_opt", "loss", "used"),
-        )
-        print(
-            f"N_opt = {iso.n_opt.coef:.3g} C^{iso.n_opt.exponent:.3f}   "
-            f"D_opt = {iso.d_opt.coef:.3g} C^{iso.d_opt.exponent:.3f}"
-        )
-    else:
-        print(f"Approach 2 skipped: {report['isoflop']['skipped']}")
-    krows = [
-        (f"L({k})", f"({v.kaplan_scale:.3g} / {k})^{-v.exponent:.4f}", f"{v.r2:.3f}")
-        for k, v in kaplan.laws.items()
-    ]
-    krows += [(f"L({k})", f"skipped: {why}", "-") for k, why in kaplan.skipped.items()]
-    _print_table("Kaplan single-variable laws", krows, ("law", "fit", "R^2"))
-    for k, v in hp.items():
-        print(f"{k}_opt = {v.coef:.3g} C^{v.exponent:.4f} ({v.source})")
-    _print_notes("warnings", report["warnings"])
-    print(f"wrote {out_dir / 'fit.json'}" + (f" and {len(plots)} plot(s)" if plots else ""))
-    return 0
-
-
 # ----------------------------------------------------------------------------- plan
 def cmd_plan(args: argparse.Namespace) -> int:
     from lmforge.scaling import laws
@@ -343,164 +182,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
         carbon_intensity=args.carbon_intensity,
     )
     if args.json:
-        _print_json(p.to_dict())
+        print_json(p.to_dict())
         return 0
     allocs = [a for a in (p.optimal, p.rule_of_thumb, p.inference_aware) if a is not None]
     rows = [
-        ("N (parameters)", *[_count(a.n_params) for a in allocs]),
-        ("D (tokens)", *[_count(a.tokens) for a in allocs]),
+        ("N (parameters)", *[fmt_count(a.n_params) for a in allocs]),
+        ("D (tokens)", *[fmt_count(a.tokens) for a in allocs]),
         ("tokens / parameter", *[f"{a.tokens_per_param:.1f}" for a in allocs]),
-        ("training FLOPs", *[_sci(a.train_flops) for a in allocs]),
+        ("training FLOPs", *[fmt_sci(a.train_flops) for a in allocs]),
         ("predicted loss", *[f"{a.loss:.4f}" for a in allocs]),
-        ("GPU-hours", *[_num(a.cost.gpu_hours) for a in allocs]),
-        (f"wall time on {args.n_gpus} GPU(s)", *[_duration(a.cost.wall_hours) for a in allocs]),
-        ("cost", *[_money(a.cost.cost_usd) for a in allocs]),
-        ("energy (MWh)", *[_num(a.cost.kwh / 1000) for a in allocs]),
-        ("tCO2e", *[_num(a.cost.tco2e) for a in allocs]),
+        ("GPU-hours", *[fmt_num(a.cost.gpu_hours) for a in allocs]),
+        (f"wall time on {args.n_gpus} GPU(s)", *[fmt_duration(a.cost.wall_hours) for a in allocs]),
+        ("cost", *[fmt_money(a.cost.cost_usd) for a in allocs]),
+        ("energy (MWh)", *[fmt_num(a.cost.kwh / 1000) for a in allocs]),
+        ("tCO2e", *[fmt_num(a.cost.tco2e) for a in allocs]),
     ]
     if p.inference_tokens:
         rows += [
-            ("inference FLOPs", *[_sci(a.inference_flops) for a in allocs]),
-            ("lifetime FLOPs", *[_sci(a.lifetime_flops) for a in allocs]),
+            ("inference FLOPs", *[fmt_sci(a.inference_flops) for a in allocs]),
+            ("lifetime FLOPs", *[fmt_sci(a.lifetime_flops) for a in allocs]),
         ]
     c = p.optimal.cost
     mfu_txt = f"MFU {c.mfu:.0%}" if c.mfu else "given FLOP/s"
-    _print_table(
+    print_table(
         f"Plan for {p.budget_flops:.3g} FLOPs on {c.accelerator} ({mfu_txt}), law: {p.law.name}",
         rows,
         ("", *[a.label for a in allocs]),
     )
     hp = p.hparams
     seqs = f" ({hp.batch_sequences} sequences of {args.seq_len})" if hp.batch_sequences else ""
-    print(f"recommended batch: {_count(hp.batch_tokens)} tokens{seqs}, peak LR {hp.lr:.3g}  [{hp.source}]")
-    _print_notes("notes", p.warnings + c.notes)
-    return 0
-
-
-# ----------------------------------------------------------------------------- cost
-def cmd_cost(args: argparse.Namespace) -> int:
-    if args.list_gpus:
-        rows = cost_mod.catalogue_rows()
-        if args.json:
-            _print_json(rows)
-            return 0
-        _print_table(
-            "Accelerator catalogue (dense peak per GPU)",
-            [
-                (
-                    r["name"],
-                    f"{r['bf16_tflops']:g}" if r["bf16_tflops"] else "-",
-                    f"{r['fp16_tflops']:g}",
-                    f"{r['tdp_watts']:g}",
-                    f"{r['price_per_hour']:.2f}" if r["price_per_hour"] else "-",
-                )
-                for r in rows
-            ],
-            ("name", "bf16 TFLOP/s", "fp16 TFLOP/s", "TDP W", "$/GPU-h"),
-        )
-        _print_notes(
-            "sources",
-            [
-                f"{r['name']}: {r['source']}" + (f"; price: {r['price_source']}" if r["price_source"] else "")
-                for r in rows
-            ],
-        )
-        return 0
-    flops = args.flops
-    if args.params is not None or args.tokens is not None:
-        if args.params is None or args.tokens is None:
-            raise ConfigError("--params and --tokens go together (C = 6 N D)")
-        if flops is not None:
-            raise ConfigError("give --flops or --params/--tokens, not both")
-        flops = training_flops(args.params, args.tokens)
-    if (flops is None) == (args.gpu_hours is None):
-        raise ConfigError("give exactly one of --flops, --params/--tokens, --gpu-hours (or --list-gpus)")
-    eff = args.effective_tflops * 1e12 if args.effective_tflops else None
-    est = cost_mod.estimate_cost(
-        flops,
-        gpu_hours=args.gpu_hours,
-        accelerator=args.gpu,
-        n_gpus=args.n_gpus,
-        mfu=args.mfu,
-        effective_flops=eff,
-        dtype=args.dtype,
-        price_per_hour=args.price,
-        power_watts=args.power_watts,
-        pue=args.pue,
-        carbon_intensity=args.carbon_intensity,
-    )
-    from lmforge.scaling.plan import threshold_warnings
-
-    warnings = threshold_warnings(est.flops)
-    if args.json:
-        _print_json({**est.to_dict(), "warnings": warnings})
-        return 0
-    rate = f"{est.effective_flops_per_gpu / 1e12:.1f} TFLOP/s per GPU" + (
-        f" (MFU {est.mfu:.0%} of peak)" if est.mfu else " (given)"
-    )
-    implied = " (implied by GPU-hours x rate)" if args.gpu_hours is not None else ""
-    rows = [
-        (f"training FLOPs{implied}", _sci(est.flops)),
-        ("accelerator", est.accelerator),
-        ("effective rate", rate),
-        ("GPU-hours", f"{_num(est.gpu_hours)} ({est.gpu_years:,.3g} GPU-years)"),
-        (f"wall time on {est.n_gpus} GPU(s)", _duration(est.wall_hours)),
-        ("price / GPU-hour", "-" if est.price_per_hour is None else f"${est.price_per_hour:.2f}"),
-        ("cost", _money(est.cost_usd)),
-        ("power / GPU, PUE", f"{est.power_watts:g} W, {est.pue:g}"),
-        ("energy", f"{_num(est.kwh)} kWh"),
-        ("carbon intensity", f"{est.carbon_intensity:g} kgCO2e/kWh"),
-        ("emissions", f"{est.tco2e:,.2f} tCO2e" if est.tco2e >= 1 else f"{est.tco2e:.2g} tCO2e"),
-    ]
-    _print_table("Cost, energy and CO2", rows)
-    _print_notes("notes", warnings + est.notes)
+    print(f"recommended batch: {fmt_count(hp.batch_tokens)} tokens{seqs}, peak LR {hp.lr:.3g}  [{hp.source}]")
+    print_notes("notes", p.warnings + c.notes)
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
-def _add_hw(p: argparse.ArgumentParser, n_gpus_default: int = 1) -> None:
-    g = p.add_argument_group("hardware")
-    g.add_argument(
-        "--gpu",
-        default="H100-SXM",
-        metavar="NAME",
-        help="accelerator from the catalogue (see `scaling cost --list-gpus`); default: %(default)s",
-    )
-    g.add_argument(
-        "--n-gpus",
-        type=int,
-        default=n_gpus_default,
-        metavar="K",
-        help="GPUs working in parallel, for wall time (default: %(default)s)",
-    )
-    g.add_argument(
-        "--mfu",
-        type=float,
-        default=cost_mod.DEFAULT_MFU,
-        help="model FLOPs utilization, fraction of dense peak (default: %(default)s; "
-        "PaLM 46%%, Llama 3 38-43%%)",
-    )
-    g.add_argument(
-        "--price",
-        type=float,
-        metavar="USD",
-        help="price per GPU-hour (default: the catalogue's indicative list price)",
-    )
-    g.add_argument(
-        "--pue",
-        type=float,
-        default=cost_mod.DEFAULT_PUE,
-        help="data-centre power usage effectiveness (default: %(default)s, as Meta used)",
-    )
-    g.add_argument(
-        "--carbon-intensity",
-        type=float,
-        default=cost_mod.DEFAULT_CARBON_INTENSITY,
-        metavar="KG_PER_KWH",
-        help="grid carbon intensity, kgCO2e/kWh (default: %(default)s, US average as Meta used)",
-    )
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `scaling` with its sub-commands to the main CLI's subparsers."""
     p = subparsers.add_parser(
@@ -511,6 +227,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog=_EPILOG_SOURCES,
     )
     sub = p.add_subparsers(dest="scaling_command", metavar="COMMAND", required=True)
+    _add_flops_parser(sub)
+    add_fit_parser(sub, _EPILOG_SOURCES)
+    _add_plan_parser(sub)
+    add_cost_parser(sub, _EPILOG_SOURCES, _quantity)
+    add_sweep_parser(sub)
+    return p
+
+
+def _add_flops_parser(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "flops",
         help="training FLOPs per token (6N and exact with attention)",
@@ -545,51 +270,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--json", action="store_true", help="print JSON instead of a table")
     f.set_defaults(func=cmd_flops)
 
-    fi = sub.add_parser(
-        "fit",
-        help="fit scaling laws to a table of runs; writes fit.json + plots",
-        description="Fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla approach 3, "
-        "Huber delta 1e-3 in log space, L-BFGS from a grid, bootstrap "
-        "95% intervals), IsoFLOP minima (approach 2) and Kaplan "
-        "single-variable laws. Inputs: CSV/TSV/JSONL/JSON with columns "
-        "params, tokens, loss (optional flops, budget, lr, batch_tokens, "
-        "name) or lmforge run directories (<run>/pretrain/manifest.json; "
-        "a directory of runs works too).",
-        epilog=_EPILOG_SOURCES,
-    )
-    fi.add_argument("inputs", nargs="+", help="run tables and/or run directories")
-    fi.add_argument("--out", required=True, metavar="DIR", help="where fit.json and the PNGs go")
-    fi.add_argument(
-        "--bootstrap",
-        type=int,
-        default=200,
-        metavar="K",
-        help="bootstrap resamples for the intervals (default: %(default)s; 0 = none)",
-    )
-    fi.add_argument(
-        "--n-starts",
-        type=int,
-        default=16,
-        metavar="K",
-        help="L-BFGS starts: the best K points of Chinchilla's grid (default: %(default)s)",
-    )
-    fi.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-    fi.add_argument(
-        "--group-tol",
-        type=float,
-        default=0.25,
-        help="IsoFLOP grouping: runs within a factor 1+TOL of compute form one budget, "
-        "unless the table has a budget column (default: %(default)s)",
-    )
-    fi.add_argument(
-        "--drop-invalid",
-        action="store_true",
-        help="skip rows with missing, NaN or non-positive values (listed as warnings) instead of stopping",
-    )
-    fi.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
-    fi.add_argument("--json", action="store_true", help="print fit.json to stdout too")
-    fi.set_defaults(func=cmd_fit)
 
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser(
         "plan",
         help="compute-optimal N and D for a budget, with time and cost",
@@ -610,9 +292,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     pl.add_argument(
         "--law",
-        default="chinchilla",
-        help="chinchilla (Hoffmann 2022), besiroglu2024 (Epoch refit), or a fit.json "
-        "/ fit directory from `scaling fit` (default: %(default)s)",
+        default="besiroglu2024",
+        help="besiroglu2024 (Epoch's refit of Chinchilla's runs; reproduces the paper's Table 3 "
+        "within 15%% up to 1T parameters), chinchilla (Hoffmann 2022's rounded approach-3 law), "
+        "or a fit.json / fit directory from `scaling fit` (default: %(default)s)",
     )
     pl.add_argument(
         "--tokens-per-param",
@@ -629,41 +312,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "lowest training + inference FLOPs)",
     )
     pl.add_argument("--seq-len", type=int, metavar="T", help="to express the recommended batch in sequences")
-    _add_hw(pl, n_gpus_default=8)
+    add_hw_arguments(pl, n_gpus_default=8)
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pl.set_defaults(func=cmd_plan)
-
-    c = sub.add_parser(
-        "cost",
-        help="GPU-hours, wall time, cost, energy and CO2 of a run",
-        description="GPU-hours = FLOPs / (peak x MFU); energy = GPU-hours x power x PUE; "
-        "CO2 = energy x carbon intensity.",
-        epilog=_EPILOG_SOURCES,
-    )
-    c.add_argument("--list-gpus", action="store_true", help="print the accelerator catalogue")
-    c.add_argument("--flops", type=_quantity, help="training FLOPs")
-    c.add_argument("--params", type=_quantity, metavar="N", help="with --tokens: C = 6ND")
-    c.add_argument("--tokens", type=_quantity, metavar="D", help="with --params: C = 6ND")
-    c.add_argument("--gpu-hours", type=_quantity, help="known GPU-hours instead of FLOPs")
-    c.add_argument(
-        "--effective-tflops",
-        type=float,
-        metavar="TFLOPS",
-        help="achieved TFLOP/s per GPU (overrides peak x --mfu)",
-    )
-    c.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bf16", "fp16"),
-        help="which peak to use (auto: bf16, fp16 where there is no bf16)",
-    )
-    c.add_argument("--power-watts", type=float, metavar="W", help="average power per GPU (default: its TDP)")
-    _add_hw(c)
-    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c.set_defaults(func=cmd_cost)
-
-    # Extension point: scaling/sweep.py (written with the training engine) defines
-    # `add_parser(sub)` adding `sweep`; keep its module import light (torch lazily).
-    if importlib.util.find_spec("lmforge.scaling.sweep") is not None:
-        importlib.import_module("lmforge.scaling.sweep").add_parser(sub)
-    return p

@@ -37,9 +37,23 @@ from lmforge.scaling.cost import (
     get_accelerator,
     peak_flops,
 )
-from lmforge.scaling.laws import CHINCHILLA, PUBLISHED_LAWS, ParametricLaw, PowerLaw, load_fit_json, load_law
+from lmforge.scaling.laws import (
+    BESIROGLU2024,
+    CHINCHILLA,
+    PUBLISHED_LAWS,
+    ParametricLaw,
+    PowerLaw,
+    load_fit_json,
+    load_law,
+)
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3 (70B params, 1.4T tokens)
+# The default law of `scaling plan`: Epoch's refit of Chinchilla's own runs. Its compute-optimal
+# split reproduces Hoffmann et al.'s Table 3 within 15% in N and D for every row from 400M to
+# 1T parameters (Chinchilla's budget 5.76e23: 72B / 1.33T vs the paper's 67B / 1.5T; the 10T
+# row is 23% off); the rounded approach-3 law printed in the paper gives 32B / 3.0T there (half
+# the paper's N), because its B and beta were ill-fitted (Besiroglu et al. 2024).
+DEFAULT_PLAN_LAW = BESIROGLU2024
 
 # Compute thresholds with legal meaning (training FLOPs, cumulative).
 REPORTING_THRESHOLDS = [
@@ -271,7 +285,7 @@ def make_plan(
 ) -> Plan:
     """Plan a run for a budget (FLOPs, GPU-hours, money) or a target loss. See module doc."""
     law_spec = law
-    law = load_law(law) if law is not None else CHINCHILLA
+    law = load_law(law) if law is not None else DEFAULT_PLAN_LAW
     given = sum(x is not None for x in (budget_flops, gpu_hours, money, target_loss))
     if given != 1:
         raise ConfigError("give exactly one of: a FLOPs budget, GPU-hours, money, a target loss")

@@ -33,15 +33,22 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def _log(ax, which: str = "x") -> None:
-    """Log scale on `which` ("x", "y" or "xy") with minor ticks labelled at 2 and 5 only ("2e5"):
-    matplotlib's default labels every minor tick of an axis spanning about a decade, and they
-    overlap. A log loss axis (a fraction of a decade) gets plain numbers ("4", "5") instead."""
+    """Log scale on `which` ("x", "y" or "xy"). Minor ticks are labelled at 2 and 5 ("2e5") only
+    when the axis spans at most two decades (matplotlib labels every minor tick of a short axis
+    and they overlap; on a longer axis they crowd the 10^k labels); a log loss axis (a fraction
+    of a decade) gets plain numbers ("4", "5") instead."""
     from matplotlib.ticker import FuncFormatter
 
-    def minor(x, _pos):
-        e = int(np.floor(np.log10(x) + 1e-9))
-        m = round(x / 10.0**e)
-        return f"{m}e{e}" if m in (2, 5) else ""
+    def minor_for(axis):
+        def minor(x, _pos):
+            lo, hi = sorted(axis.get_view_interval())
+            if lo <= 0 or np.log10(hi / lo) > 2.0:
+                return ""
+            e = int(np.floor(np.log10(x) + 1e-9))
+            m = round(x / 10.0**e)
+            return f"{m}e{e}" if m in (2, 5) else ""
+
+        return minor
 
     for name in which:
         axis = ax.xaxis if name == "x" else ax.yaxis
@@ -51,7 +58,7 @@ def _log(ax, which: str = "x") -> None:
             axis.set_major_formatter(plain)
             axis.set_minor_formatter(plain)
         else:
-            axis.set_minor_formatter(FuncFormatter(minor))
+            axis.set_minor_formatter(FuncFormatter(minor_for(axis)))
 
 
 def _levels(values: np.ndarray, k: int = 4) -> np.ndarray:
@@ -99,21 +106,19 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
         ax.scatter(g.n, g.loss, color=colour, s=16, zorder=3)
         if g.parabola is not None:
             x = np.linspace(np.log(min(g.n)), np.log(max(g.n)), 100)
-            ax.plot(
-                np.exp(x),
-                np.polyval(g.parabola, x),
-                color=colour,
-                lw=1,
-                ls="-" if g.used else "--",
-                label=f"C={g.compute:.2g}",
-            )
+            ax.plot(np.exp(x), np.polyval(g.parabola, x), color=colour, lw=1, ls="-" if g.used else "--")
         if g.used:
             ax.scatter([g.n_opt], [g.loss_opt], marker="*", s=110, color=colour, edgecolor="k", zorder=4)
     _log(ax)
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel("final loss")
     ax.set_title("IsoFLOP profiles (dashed: minimum not bracketed)")
-    ax.legend(fontsize=7)
+    # budgets as a colour bar beside the axes, not a legend over the profiles
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = ScalarMappable(norm=Normalize(cs.min(), cs.min() + span / 0.85), cmap=cmap)
+    fig.colorbar(bar, ax=ax, label="log10 C (FLOPs) of the budget")
     used = [g for g in iso.groups if g.used]
     c = np.array([g.compute for g in used])
     grid = np.logspace(np.log10(c.min()) - 0.5, np.log10(c.max()) + 0.5, 50)
@@ -125,10 +130,11 @@ def plot_isoflops(table: RunTable, iso: IsoFlopFit, path: str | Path) -> Path:
     ax2.plot(
         grid, iso.d_opt(grid), color="C1", label=f"D_opt = {iso.d_opt.coef:.3g} C^{iso.d_opt.exponent:.3f}"
     )
-    _log(ax2, "x")
-    ax2.set_yscale("log")
+    _log(ax2, "xy")
+    ax2.yaxis.set_major_formatter(ax2.xaxis.get_major_formatter())  # 10^k, like the x axis
+    ax2.yaxis.set_minor_formatter(ax2.xaxis.get_minor_formatter())
     ax2.set_xlabel("C (FLOPs)")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 

@@ -13,4 +13,4 @@ __all__ = ["DataConfig", "iter_output_texts"]
 
 @define_stage("data", DataConfig, help="extract, filter, deduplicate and split the text corpus")
 def data_stage(ctx: StageContext) -> dict:
-    return run_data_stage(ctx.cfg, ctx.dir, seed=ctx.seed, log=ctx.log)
+    return run_data_stage(ctx.cfg, ctx.dir, seed=ctx.seed, log=ctx.log, threads=ctx.pipeline.run.threads)

@@ -19,6 +19,7 @@ task: bad input is reported, never fatal.
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,11 @@ def approx_tokens(text: str) -> int:
 
 def text_bytes(text: str) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def nfc(text: str) -> str:
+    """Unicode NFC (what trafilatura's `extract` applies; cheap when already normalised)."""
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
 def snippet(text: str, n: int = SNIPPET_CHARS) -> str:
@@ -102,14 +108,15 @@ class StepStats:
     def example(self, reason: str, doc: Document) -> None:
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:
-            ex.append(
-                {
-                    "id": doc_id(doc),
-                    "source": doc.source,
-                    "url": doc.meta.get("url"),
-                    "text": snippet(doc.text),
-                }
-            )
+            entry = {
+                "id": doc_id(doc),
+                "source": doc.source,
+                "url": doc.meta.get("url"),
+                "text": snippet(doc.text),
+            }
+            if doc.meta.get("contaminated_by"):
+                entry["matched"] = doc.meta["contaminated_by"]  # the eval item (file:line)
+            ex.append(entry)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -183,6 +190,12 @@ class Step:
 
     def apply(self, doc: Document) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, section: Any, max_examples: int, **context: Any) -> Step | None:
+        """The step configured by its own section of `DataConfig` (None: nothing to do);
+        `context` carries what the stage prepared (e.g. ``decontam``: the eval n-gram index)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
         stats = self.stats

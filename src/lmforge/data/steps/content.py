@@ -9,10 +9,14 @@ the same domain/subdomain semantics with no suffix list, and one compiled regex 
 Aho-Corasick automaton for ~130 sub-words. datatrove's 4-million-domain UT1 list is opt-in
 (`datatrove_domain_list`): loading it costs ~1 GB and a minute.
 
-PII: datatrove's e-mail and IP regexes (`PIIReplacer`, public IPs only by default) plus a phone
-pattern of our own (datatrove has none), replaced by documentation placeholders
-(``email@example.com``, ``555-0100``, ``192.0.2.1`` from RFC 5737's TEST-NET) so the text stays
-fluent. The step never drops a document; it counts replacements per kind.
+PII: datatrove's e-mail regex; IPv4 and IPv6 candidates validated by the standard `ipaddress`
+module (public addresses only by default; a dotted number after "version", "v", "release"... is a
+version string, not an address); phone numbers found by Google's libphonenumber port
+(`phonenumbers`, numbers valid for their region or written with a country code) plus a pattern
+for separator-formatted numbers it cannot place in a region (``030 1234 5678``, fictional 555
+numbers). All are replaced by documentation placeholders (``email@example.com``, ``555-0100``,
+``192.0.2.1`` from RFC 5737's TEST-NET) so the text stays fluent. The step never drops a
+document; it counts replacements per kind.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import functools
 import os
 import re
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -117,6 +122,18 @@ class UrlFilter(Step):
                 return True
         return False
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> UrlFilter:
+        u = section
+        return cls(
+            u.blocked_domains,
+            u.blocklist_files,
+            u.banned_url_words,
+            u.soft_word_threshold,
+            u.datatrove_domain_list,
+            max_examples,
+        )
+
     def apply(self, doc: Document) -> str | None:
         url = doc.meta.get("url")
         if not url or not isinstance(url, str):
@@ -169,6 +186,11 @@ class ContentFilter(Step):
         self.regexes = [re.compile(r, re.IGNORECASE | re.MULTILINE) for r in regexes]
         self.max_matches = max_matches
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> ContentFilter:
+        c = section
+        return cls(c.words, c.regexes, c.word_files, c.max_matches, c.mode, max_examples)
+
     def apply(self, doc: Document) -> str | None:
         hits = 0
         if self.word_re is not None:
@@ -184,12 +206,19 @@ class ContentFilter(Step):
         return None
 
 
-# Phone numbers: optional +country code, then 3 groups separated by space/dot/dash, e.g.
-# +1 (555) 123-4567, 030 1234 5678, 555.123.4567. Requires separators so that bare digit runs
-# (ids, timestamps) and dotted versions (3.11.2) are left alone; the last group has 4 digits
-# and there are 9-15 digits in total.
+# Phone numbers libphonenumber does not validate (no region, fictional 555 numbers): optional
+# +country code, then 3 groups separated by space/dot/dash, e.g. +1 (555) 123-4567, 030 1234 5678.
+# Separators are required so that bare digit runs (ids, timestamps) and dotted versions (3.11.2)
+# are left alone; the last group has 4 digits and there are 9-15 digits in total.
 PHONE_RE = re.compile(
     r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?|\d{2,4}[ .-])\d{2,4}[ .-]\d{4}(?![\w/-]|\.\d)"
+)
+IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
+IPV6_RE = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])"
+)
+_VERSION_CONTEXT = re.compile(
+    r"(?i)(?:\bv|\bver|version|release|rev|build|firmware|kernel|python|node|libc|api)[\s:=.-]{0,3}$"
 )
 
 
@@ -199,6 +228,68 @@ def _phone_ok(match: str) -> bool:
         return False
     seps = {c for c in match if c in " .-"}
     return len(seps) <= 2 and not re.fullmatch(r"(19|20)\d\d[-.]\d\d[-.]\d\d.*", match)  # not a date
+
+
+_PHONE_WORDS = re.compile(
+    r"(?i)(?:call|phone|tel|telephone|mobile|cell|fax|contact|sms|text|whatsapp|dial|ring|hotline)\b[^\n]{0,30}$"
+)
+
+
+def _phone_context_ok(text: str, start: int, end: int, raw: str) -> bool:
+    """Not a piece of a larger token (2.5555555555, aix-7107-..., 0x7fffffff), and a bare digit
+    run (no + or separators: ids, int literals, timestamps) only after a word such as "call"."""
+    before = text[start - 1] if start else " "
+    if before.isalnum() or before in "._-/\\'\"" or re.match(r"[\w]|\.\d|-\d", text[end : end + 2]):
+        return False
+    if raw.isdigit():
+        return bool(_PHONE_WORDS.search(text[max(0, start - 40) : start]))
+    return True
+
+
+def _find_phones(text: str, region: str) -> list[tuple[int, int]]:
+    """Spans of phone numbers: libphonenumber's valid matches, then the separator pattern."""
+    import phonenumbers
+
+    spans: list[tuple[int, int]] = []
+    if sum(c.isdigit() for c in text) >= 7:
+        for pm in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
+            if _phone_context_ok(text, pm.start, pm.end, pm.raw_string):
+                spans.append((pm.start, pm.end))
+    for m in PHONE_RE.finditer(text):
+        if _phone_ok(m.group(0)) and not any(a < m.end() and m.start() < b for a, b in spans):
+            spans.append(m.span())
+    return sorted(spans)
+
+
+def _find_ips(text: str, only_public: bool) -> list[tuple[int, int]]:
+    """Spans of IPv4/IPv6 addresses that `ipaddress` accepts (public ones if `only_public`)."""
+    import ipaddress
+
+    spans = []
+    for rx in (IPV4_RE, IPV6_RE):
+        for m in rx.finditer(text):
+            cand = m.group(0)
+            if rx is IPV6_RE and (cand.count(":") < 2 or not any(c.isdigit() for c in cand)):
+                continue
+            try:
+                ip = ipaddress.ip_address(cand)
+            except ValueError:
+                continue
+            if only_public and not ip.is_global:
+                continue
+            if ip.version == 4 and _VERSION_CONTEXT.search(text[max(0, m.start() - 12) : m.start()]):
+                continue
+            spans.append(m.span())
+    return sorted(spans)
+
+
+def _replace_spans(text: str, spans: list[tuple[int, int]], replacement: str) -> str:
+    out, at = [], 0
+    for a, b in spans:
+        out += [text[at:a], replacement]
+        at = b
+    out.append(text[at:])
+    return "".join(out)
 
 
 class PIIScrub(Step):
@@ -214,44 +305,55 @@ class PIIScrub(Step):
         phone_replacement: str = "555-0100",
         ip_replacement: str = "192.0.2.1",
         max_examples: int = 3,
+        phone_region: str = "US",
     ):
         super().__init__("drop", max_examples)
         from datatrove.pipeline.formatters.pii import PIIFormatter
 
-        dt = PIIFormatter(only_remove_public_ips=only_public_ips)
-        self.replacers: list[tuple[str, re.Pattern, object, str]] = []
+        email_re = PIIFormatter().emails_replacer.regex
+        self.replacers: list[tuple[str, Callable[[str], list[tuple[int, int]]], str]] = []
         if emails:
-            self.replacers.append(("email", dt.emails_replacer.regex, None, email_replacement))
+            self.replacers.append(
+                (
+                    "email",
+                    lambda t: [m.span() for m in email_re.finditer(t)] if "@" in t else [],
+                    email_replacement,
+                )
+            )
         if ips:
-            self.replacers.append(("ip", dt.ip_replacer.regex, dt.ip_replacer.validator, ip_replacement))
+            self.replacers.append(("ip", lambda t: _find_ips(t, only_public_ips), ip_replacement))
         if phones:
-            self.replacers.append(("phone", PHONE_RE, _phone_ok, phone_replacement))
+            self.replacers.append(("phone", lambda t: _find_phones(t, phone_region), phone_replacement))
+
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> PIIScrub:
+        p = section
+        return cls(
+            p.emails,
+            p.phones,
+            p.ips,
+            p.only_public_ips,
+            p.email_replacement,
+            p.phone_replacement,
+            p.ip_replacement,
+            max_examples,
+            p.phone_region,
+        )
 
     def apply(self, doc: Document) -> str | None:
         text = doc.text
         kinds = []
-        for kind, rx, validator, replacement in self.replacers:
-            if kind == "email" and "@" not in text:
-                continue
-            n = 0
-
-            def sub(m: re.Match, validator=validator, replacement=replacement) -> str:
-                nonlocal n
-                if validator is not None and not validator(m.group(0)):
-                    return m.group(0)
-                n += 1
-                return replacement
-
-            new = rx.sub(sub, text)
-            if n:
-                self.stats.count(f"{kind}_replaced", n)
-                text = new
+        for kind, find, replacement in self.replacers:
+            spans = find(text)
+            if spans:
+                self.stats.count(f"{kind}_replaced", len(spans))
+                text = _replace_spans(text, spans, replacement)
                 kinds.append(kind)
         if kinds:
             self.stats.count("docs_modified")
             doc.text = text
             for kind in kinds:  # examples show the scrubbed text around the placeholder, never the PII
-                placeholder = next(r for k, _, _, r in self.replacers if k == kind)
+                placeholder = next(r for k, _, r in self.replacers if k == kind)
                 at = max(0, text.find(placeholder) - 120)
                 window = ("…" if at else "") + text[at : at + 280]
                 self.stats.example(f"replaced:{kind}", Document(window, doc.source, doc.meta))

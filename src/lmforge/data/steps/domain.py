@@ -69,6 +69,10 @@ class DomainLabel(Step):
             return domain
         return self.web_domain if url else self.default_domain
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> DomainLabel:
+        return cls(section.rules, section.web_domain, section.default_domain, max_examples)
+
     def apply(self, doc: Document) -> str | None:
         domain = self.label(doc)
         doc.meta["domain"] = domain

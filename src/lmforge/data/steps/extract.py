@@ -15,7 +15,7 @@ import signal
 import threading
 
 from lmforge.data.readers import Document
-from lmforge.data.steps.base import Step
+from lmforge.data.steps.base import Step, nfc
 
 
 class _Timeout(Exception):
@@ -68,6 +68,11 @@ class HtmlExtract(Step):
         self.timeout_s = timeout_s
         self.max_html_bytes = max_html_bytes
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> HtmlExtract:
+        e = section
+        return cls(e.favor, e.include_tables, e.include_comments, e.timeout_s, e.max_html_bytes, max_examples)
+
     def apply(self, doc: Document) -> str | None:
         if doc.meta.get("format") != "html":
             return None
@@ -87,7 +92,7 @@ class HtmlExtract(Step):
         if result is None:
             return "no_main_text"
         data = result.as_dict() if hasattr(result, "as_dict") else dict(result)
-        text = (data.get("text") or "").strip()
+        text = nfc((data.get("text") or "").strip())  # extract() does this; bare_extraction does not
         if not text:
             return "no_main_text"
         doc.text = text

@@ -56,6 +56,11 @@ class LanguageFilter(Step):
         self.thresholds = dict(thresholds or {})
         self.max_chars = max_chars
 
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> LanguageFilter:
+        la = section
+        return cls(la.languages, la.min_score, la.thresholds, la.max_chars, la.mode, max_examples)
+
     def apply(self, doc: Document) -> str | None:
         lang, score = identify(doc.text, self.max_chars)
         doc.meta["lang"] = lang

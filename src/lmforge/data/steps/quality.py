@@ -4,9 +4,13 @@ The Gopher quality and repetition rules, C4's line rules and FineWeb's extra rul
 datatrove's own filter classes (same thresholds, same code as FineWeb), wrapped so that their
 drop reasons land in our `StepStats` and ``mode: flag`` works. One thing is swapped: datatrove
 splits words and sentences with NLTK's punkt model, which is a download; we give its filters a
-`WordTokenizer` that splits words on whitespace (the Gopher paper's notion of a word) and
-sentences on terminal punctuation. It differs from NLTK mainly in not splitting punctuation off
-words, which makes the "80% of words contain a letter" rule count ``setup()`` as one word.
+`WordTokenizer` that splits sentences on terminal punctuation and words either on whitespace
+(``words: whitespace``, the default: the Gopher paper's notion of a word, and fast) or, with
+``words: datatrove``, with NLTK's Treebank word tokenizer per sentence -- what datatrove's
+default tokenizer runs after punkt, so punctuation becomes tokens of its own. That choice moves
+the "80% of words contain a letter" rule a lot: ``setup()`` is one word with a letter for
+whitespace splitting, but ``setup`` ``(`` ``)`` (one in three) for datatrove. docs/data.md gives
+the size of the difference.
 
 `Sanity` is ours: no published rule names empty documents, binary garbage decoded as text,
 gigantic documents or single lines (minified JS, base64 blobs), and all of them must be counted
@@ -16,6 +20,7 @@ drops rather than crashes or silent losses.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from lmforge.data.readers import Document
 from lmforge.data.steps.base import Step
@@ -23,14 +28,29 @@ from lmforge.data.steps.base import Step
 _SENT_SPAN = re.compile(r"\S.*?(?:[.!?\u3002\uff01\uff1f]+(?=\s|$)|$)", re.S)
 
 
-def _word_tokenizer():
+def _word_tokenizer(words: str = "whitespace"):
     from datatrove.utils.word_tokenizers import WordTokenizer
 
-    class WhitespaceTokenizer(WordTokenizer):
-        """Offline stand-in for NLTK punkt: whitespace words, punctuation-terminated sentences."""
+    class SentenceSplitTokenizer(WordTokenizer):
+        """Offline stand-in for NLTK punkt: punctuation-terminated sentences; words by `words`."""
+
+        def __init__(self, words: str):
+            super().__init__("en")
+            self.words = words
+            self._treebank: Any = None
 
         def word_tokenize(self, text: str) -> list[str]:
-            return text.split()
+            if self.words == "whitespace":
+                return text.split()
+            if self._treebank is None:
+                from nltk.tokenize import NLTKWordTokenizer
+
+                self._treebank = NLTKWordTokenizer()
+            treebank = self._treebank
+            out: list[str] = []
+            for a, b in self.span_tokenize(text):  # punctuation split off, as datatrove's default
+                out += [t.strip() for t in treebank.tokenize(text[a:b]) if t.strip()]
+            return out
 
         def sent_tokenize(self, text: str) -> list[str]:
             return [text[a:b] for a, b in self.span_tokenize(text)]
@@ -39,9 +59,9 @@ def _word_tokenizer():
             return [(m.start(), m.end()) for m in _SENT_SPAN.finditer(text)]
 
         def __reduce__(self):  # picklable for process pools
-            return (_word_tokenizer, ())
+            return (_word_tokenizer, (self.words,))
 
-    return WhitespaceTokenizer("en")
+    return SentenceSplitTokenizer(words)
 
 
 class Sanity(Step):
@@ -61,6 +81,11 @@ class Sanity(Step):
         super().__init__("drop", max_examples)
         self.min_chars, self.max_chars = min_chars, max_chars
         self.max_line_chars, self.max_garbled_ratio = max_line_chars, max_garbled_ratio
+
+    @classmethod
+    def from_config(cls, section, max_examples: int, **context) -> Sanity:
+        s = section
+        return cls(s.min_chars, s.max_chars, s.max_line_chars, s.max_garbled_ratio, max_examples)
 
     def apply(self, doc: Document) -> str | None:
         text = doc.text
@@ -113,7 +138,7 @@ class DatatroveFilter(Step):
         return self.reason_prefix + (reason or "rejected")
 
 
-def gopher_quality(cfg, max_examples: int = 3) -> DatatroveFilter:
+def gopher_quality(cfg, max_examples: int = 3, **context) -> DatatroveFilter:
     from datatrove.pipeline.filters import GopherQualityFilter
 
     f = GopherQualityFilter(
@@ -126,14 +151,14 @@ def gopher_quality(cfg, max_examples: int = 3) -> DatatroveFilter:
         max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
         max_non_alpha_words_ratio=cfg.min_alpha_words_ratio,  # datatrove's name for the same rule
         min_stop_words=cfg.min_stop_words,
-        language=_word_tokenizer(),
+        language=_word_tokenizer(cfg.words),
     )
     return _Renamed(
         "gopher_quality", f, cfg.mode, max_examples, {"gopher_enough_stop_words": "too_few_stop_words"}
     )
 
 
-def gopher_repetition(cfg, max_examples: int = 3) -> DatatroveFilter:
+def gopher_repetition(cfg, max_examples: int = 3, **context) -> DatatroveFilter:
     from datatrove.pipeline.filters import GopherRepetitionFilter
 
     f = GopherRepetitionFilter(
@@ -143,12 +168,12 @@ def gopher_repetition(cfg, max_examples: int = 3) -> DatatroveFilter:
         dup_para_char_frac=cfg.dup_para_char_frac,
         top_n_grams=tuple(tuple(x) for x in cfg.top_n_grams),
         dup_n_grams=tuple(tuple(x) for x in cfg.dup_n_grams),
-        language=_word_tokenizer(),
+        language=_word_tokenizer(cfg.words),
     )
     return DatatroveFilter("gopher_repetition", f, cfg.mode, max_examples)
 
 
-def c4(cfg, max_examples: int = 3) -> DatatroveFilter:
+def c4(cfg, max_examples: int = 3, **context) -> DatatroveFilter:
     from datatrove.pipeline.filters import C4QualityFilter
 
     f = C4QualityFilter(
@@ -167,7 +192,7 @@ def c4(cfg, max_examples: int = 3) -> DatatroveFilter:
     return DatatroveFilter("c4", f, cfg.mode, max_examples)
 
 
-def fineweb(cfg, max_examples: int = 3) -> DatatroveFilter:
+def fineweb(cfg, max_examples: int = 3, **context) -> DatatroveFilter:
     from datatrove.pipeline.filters import FineWebQualityFilter
 
     f = FineWebQualityFilter(
