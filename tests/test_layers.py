@@ -3,13 +3,16 @@ moving an import into a function hides a cycle, it does not remove it).
 
 Layers, top to bottom; a module imports only from its own package or from lower layers:
 
-    cli            lmforge.cli, lmforge.hf_cli, the tool commands (`*.cli`), __main__
+    cli            lmforge.cli, lmforge.hf_cli, the tool commands (`*cli`), __main__, and
+                   `scaling.sweep`, which runs whole pipelines
     pipeline       the runner
     stages         one thin module per stage
-    domain         serve, scaling > align > eval > sft/chat > data > tokenizer > peft
+    domain         scaling > eval > align > serve > sft/chat > data > tokenizer > peft
+                   (evaluation scores every kind of model, alignment generates through the
+                   serving engine)
     train          the engine, objectives, optimizers, checkpoints
     model          the transformer, HF converters, generation
-    ground floor   artifacts > runs, config > errors, and the package's __init__ (its version)
+    ground floor   artifacts > runs, stats, config > errors, and the package's __init__ (its version)
 
 and no module imports itself back through any chain (no cycles at all).
 """
@@ -32,6 +35,7 @@ RANKS = {
     "errors": 0,
     "config": 0.5,
     "runs": 0.5,
+    "stats": 0.5,
     "artifacts": 0.7,
     "model": 1,
     "train": 2,
@@ -40,9 +44,9 @@ RANKS = {
     "data": 5,
     "chat": 6,
     "sft": 6,
-    "eval": 7,
-    "align": 8,
-    "serve": 9,
+    "serve": 6.5,
+    "align": 7,
+    "eval": 8,
     "scaling": 9,
     "stages": 10,
     "pipeline": 11,
@@ -51,6 +55,8 @@ RANKS = {
     "__main__": 12,
 }
 CLI_RANK = 12
+# modules below the CLI that run whole pipelines, so they sit on top with it
+RUNS_PIPELINES = {"lmforge.scaling.sweep"}
 
 
 def _modules() -> dict[str, Path]:
@@ -95,8 +101,9 @@ def _rank(mod: str) -> float:
     parts = mod.split(".")
     if len(parts) == 1:
         return RANKS["__init__"]
-    if parts[-1] in ("cli", "chat_cli", "__main__"):  # tool commands sit with the CLI
-        return CLI_RANK
+    if parts[-1].endswith("cli") or parts[-1] == "__main__" or mod in RUNS_PIPELINES:
+        return CLI_RANK  # tool commands sit with the CLI
+
     return RANKS[parts[1]]
 
 

@@ -15,8 +15,8 @@ from lmforge.eval.generative import (
     extract_answer,
     generate_texts,
 )
-from lmforge.eval.stats import pass_at_k, wilson
 from lmforge.eval.tasks import Doc, Task
+from lmforge.stats import pass_at_k, wilson
 from tests.factories import WORDS, tiny_model, tiny_tokenizer, train_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread

@@ -26,7 +26,6 @@ import torch.nn as nn
 
 from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
-from ..eval.stats import wilson
 from ..model.config import ModelConfig
 from ..model.hf import (
     _read_weights,
@@ -38,6 +37,7 @@ from ..model.hf import (
 )
 from ..model.transformer import Decoder, Transformer
 from ..runs import atomic_write_json
+from ..stats import wilson
 from .losses import bradley_terry_loss
 from .preference import Pair, collate_pairs
 

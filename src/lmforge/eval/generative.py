@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.generate import SamplingParams, stream_generate
-from .stats import mean_stderr, pass_at_k, wilson
+from ..stats import mean_stderr, pass_at_k, wilson
 from .tasks import Task
 
 _NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")

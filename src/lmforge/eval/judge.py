@@ -35,10 +35,10 @@ from typing import Protocol
 from ..align.reward_scoring import RewardScorer
 from ..errors import DataError
 from ..runs import atomic_write_json, atomic_write_text
+from ..stats import wilson
 from ..tokenizer import render_chat
 from .generative import generate_texts
 from .loglik import Scorer
-from .stats import wilson
 
 
 class Judge(Protocol):

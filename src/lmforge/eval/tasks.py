@@ -36,8 +36,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..stats import proportion_summary
 from .loglik import Scorer
-from .stats import proportion_summary
 
 
 @dataclass

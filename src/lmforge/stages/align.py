@@ -37,11 +37,11 @@ from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
 from ..errors import ConfigError
-from ..eval.stats import wilson
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
+from ..stats import wilson
 from ..train.engine import Trainer
 from .base import StageContext, define_stage
 
