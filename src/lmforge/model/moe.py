@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import MLP
+
 
 class Experts(nn.Module):
     def __init__(self, n: int, d: int, ff: int):
@@ -42,8 +44,6 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        from .transformer import MLP
-
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_top_k
         self.gate_type, self.capacity_factor = cfg.moe_gate, cfg.capacity_factor
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
