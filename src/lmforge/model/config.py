@@ -139,6 +139,13 @@ class ModelConfig(BaseModel):
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return body + emb + head
 
+    def activation_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Training activation memory per token, for sizing `seq_len` before anything is allocated:
+        ~34 d bytes per layer at 16-bit (Korthikanti et al. 2022, no recomputation; fused attention,
+        so no T^2 term), plus the logits, their fp32 copy and gradient (~10 bytes per vocab entry)."""
+        per_layer = 34 * self.d_model * bytes_per_value // 2
+        return self.n_layers * per_layer + 10 * self.vocab_size
+
     def non_embedding_params(self) -> int:
         return self.param_count(include_embeddings=False)
 
