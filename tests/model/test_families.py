@@ -146,3 +146,28 @@ def test_refused_features_are_named(tmp_path):
     q3 = _config("qwen3").to_dict()
     with pytest.raises(CheckpointError, match="attention_bias"):
         from_hf_config(dict(q3, attention_bias=True), "x/config.json")
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_serve_engine_decodes_past_the_window_like_transformers(tmp_path, fast_path):
+    """Two prompts of different lengths batched in the serve engine (slot cache, per-row
+    positions), 25 tokens past a window of 6: each equals `transformers` greedy."""
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.request import GenParams
+    from lmforge.tokenizer import train_tokenizer
+
+    hf = _hf_model("mistral", window=6)
+    hf.save_pretrained(tmp_path / "hf")
+    tok = train_tokenizer(["a tokenizer for decoding only"] * 10, vocab_size=300)
+    prompts = [_ids(1, 5, seed=3)[0].tolist(), _ids(1, 9, seed=5)[0].tolist()]
+    with torch.no_grad():
+        want = [
+            hf.generate(torch.tensor([p]), max_new_tokens=25, do_sample=False, pad_token_id=0)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+    eng = Engine(load_pretrained(tmp_path / "hf"), tok, max_batch=2, stop_token_ids=[], fast_path=fast_path)
+    with eng:
+        got = eng.generate(prompts, GenParams(max_tokens=25, temperature=0))
+    assert [c.token_ids for c in got] == want
