@@ -203,7 +203,7 @@ def _stats_log(ctx, split: str, st: EncodeStats) -> None:
     after="pretrain",
     help="supervised fine-tuning on chat data (full / LoRA / QLoRA / prompt tuning)",
     flags=(
-        ("--model", "model", "model folder to fine-tune (lmforge or HF Llama-family)"),
+        ("--model", "model", "model folder to fine-tune (lmforge, or an imported HF family: see docs)"),
         ("--data", "data", "JSONL chat data file, or 'builtin'"),
         ("--method", "method", "full | lora | qlora | prompt"),
     ),
