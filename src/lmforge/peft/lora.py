@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..model.families import family_for_config
 from ..model.moe import Experts
 from ..runs import atomic_path, atomic_write_json
 from .lora_experts import EXPERT_TARGETS, LoraExperts, expert_params
@@ -350,8 +351,19 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
         "library": "lmforge",
         **({"target_parameters": [f"mlp.experts.{p}" for p in params]} if params else {}),
     }
+    state = lora_state_dict(model)
+    family = family_for_config(model.cfg) if hasattr(model, "cfg") else None
+    if family is not None and family.lora_out is not None:  # fused layers (Phi-3, GPT-2)
+        if s.use_dora:
+            raise ConfigError(
+                f"DoRA adapters on {family.name}'s fused layers have no PEFT form; use plain LoRA"
+            )
+        state, updates = family.lora_out(
+            state, model.cfg, {"r": s.r, "alpha": s.alpha, "use_rslora": s.use_rslora}
+        )
+        cfg.update(updates)
     with atomic_path(out / "adapter_model.safetensors") as tmp:
-        save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write_json(out / "adapter_config.json", cfg)
     return out
 
@@ -401,7 +413,7 @@ def settings_from_peft(cfg: dict, source: str) -> LoraSettings:
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     """Apply the PEFT LoRA adapter in `folder` to `model` (in place)."""
     folder = Path(folder)
-    s = settings_from_peft(read_adapter_config(folder), str(folder / "adapter_config.json"))
+    acfg = read_adapter_config(folder)
     wfile = folder / "adapter_model.safetensors"
     try:
         state = load_file(str(wfile))
@@ -412,6 +424,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
             else ""
         )
         raise CheckpointError(f"{wfile}: cannot read ({e}){hint}") from None
+    state = {k.replace(".default.", "."): v for k, v in state.items()}
+    family = family_for_config(model.cfg) if hasattr(model, "cfg") else None
+    if family is not None and family.lora_in is not None:  # fused layers -> lmforge's split ones
+        state, acfg = family.lora_in(state, model.cfg, acfg, str(folder / "adapter_config.json"))
+    s = settings_from_peft(acfg, str(folder / "adapter_config.json"))
     if getattr(model, "lora_settings", None) is None:
         try:
             apply_lora(model, s)
@@ -428,7 +445,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     for name, m in expert_lora_modules(model):
         for k, v in m.peft_tensors().items():
             own[f"{PREFIX}{name}.{k}"] = v
-    state = {k.replace(".default.", "."): v for k, v in state.items()}
     state = {
         (k[: -len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k): v
         for k, v in state.items()

@@ -4,7 +4,8 @@ A `Family` holds four small functions: config.json -> `ModelConfig` (refusing, w
 named, what the decoder would compute differently), `ModelConfig` -> config.json, and the
 weight-name mapping in each direction (identity for the families whose names lmforge's modules
 already use; Phi-3 splits and re-fuses its fused projections, GPT-2 renames and transposes its
-Conv1D weights, Mixtral stacks and unstacks experts). Reading streams (name, tensor) pairs, so
+Conv1D weights, Mixtral stacks and unstacks experts), and for the families with fused layers the
+same for LoRA adapters (`lora_layout.py`), so an adapter loads in `peft` on the family's model. Reading streams (name, tensor) pairs, so
 a converter never needs the whole checkpoint in memory.
 
 `family_for_type` finds the reader of a config.json, `family_for_config` the writer of a model:
@@ -41,6 +42,10 @@ class Family:
     to_hf: Callable[[ModelConfig], dict]
     keys_in: Callable[[Items, ModelConfig, str], Iterator[tuple[str, torch.Tensor]]] = _same_in
     keys_out: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] = _same_out
+    # LoRA tensors in the family's layer names (fused layers): (state, adapter settings) ->
+    # (state, adapter_config.json updates), and back; None = lmforge's names are the family's
+    lora_out: Callable[[dict[str, torch.Tensor], ModelConfig, dict], tuple[dict, dict]] | None = None
+    lora_in: Callable[[dict[str, torch.Tensor], ModelConfig, dict, str], tuple[dict, dict]] | None = None
 
 
 def _registry() -> dict[str, Family]:

@@ -19,6 +19,7 @@ from ...errors import CheckpointError
 from ..config import ModelConfig
 from . import Family, Items
 from .common import TO_HF_ACTIVATION, activation
+from .lora_layout import PREFIX, check_patterns, fuse, patterns, split
 
 _LAYER = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
 _TOP = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight"}
@@ -135,4 +136,46 @@ def keys_out(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     return out
 
 
-FAMILIES = [Family("gpt2", ("gpt2",), from_hf, to_hf, keys_in, keys_out)]
+# LoRA module names: lmforge (under model.layers.{i}.) -> GPT-2 (under transformer.h.{i}.)
+_LORA = {"self_attn.c_attn": "attn.c_attn", **{v: k for k, v in _LINEAR.items()}}
+_QKV = [("q_proj", 0), ("k_proj", 0), ("v_proj", 0)]
+
+
+def _qkv(cfg: ModelConfig) -> list[tuple[str, int]]:
+    return [(n, cfg.d_model) for n, _ in _QKV]
+
+
+def lora_out(state: dict[str, torch.Tensor], cfg: ModelConfig, s: dict) -> tuple[dict, dict]:
+    state, done = fuse(state, _qkv(cfg), "c_attn", s["r"])
+    out = {}
+    for k, v in state.items():
+        m = re.match(rf"^{re.escape(PREFIX)}model\.layers\.(\d+)\.(.+)\.(lora_[AB]\.weight)$", k)
+        if m is None or m.group(2) not in _LORA:
+            raise CheckpointError(f"LoRA on {k} has no GPT-2 layer to be saved on")
+        out[f"{PREFIX}transformer.h.{m.group(1)}.{_LORA[m.group(2)]}.{m.group(3)}"] = v
+    targets = sorted({".".join(k.split(".")[-4:-2]) for k in out if ".lora_A." in k})
+    extra = patterns({"c_attn": 3} if done else {}, s["r"], s["alpha"], s["use_rslora"])
+    return out, {"target_modules": targets, "fan_in_fan_out": True, **extra}
+
+
+def lora_in(state: dict[str, torch.Tensor], cfg: ModelConfig, acfg: dict, source: str) -> tuple[dict, dict]:
+    check_patterns(acfg, {"c_attn": 3}, source)
+    back = {v: k for k, v in _LORA.items()}
+    renamed = {}
+    for k, v in state.items():
+        m = re.match(rf"^{re.escape(PREFIX)}transformer\.h\.(\d+)\.(.+)\.(lora_[AB]\.weight)$", k)
+        if m is None or m.group(2) not in back:
+            raise CheckpointError(f"{source}: adapter tensor {k} is not on a GPT-2 layer lmforge trains")
+        renamed[f"{PREFIX}model.layers.{m.group(1)}.{back[m.group(2)]}.{m.group(3)}"] = v
+    state = split(renamed, _qkv(cfg), "c_attn", source)
+    targets = sorted({k.split(".")[-3] for k in state if ".lora_A." in k})
+    return state, {
+        **acfg,
+        "target_modules": targets,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+FAMILIES = [Family("gpt2", ("gpt2",), from_hf, to_hf, keys_in, keys_out, lora_out, lora_in)]

@@ -17,6 +17,7 @@ from ...errors import CheckpointError
 from ..config import ModelConfig
 from . import Family, Items
 from .common import activation, base_fields, base_hf, window_fields, window_hf
+from .lora_layout import check_patterns, fuse, patterns, split
 
 _QKV = re.compile(r"^(model\.layers\.\d+\.self_attn)\.qkv_proj\.weight$")
 _GATE_UP = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate_up_proj\.weight$")
@@ -90,4 +91,33 @@ def keys_out(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     return out
 
 
-FAMILIES = [Family("phi3", ("phi3",), from_hf, to_hf, keys_in, keys_out)]
+def _parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    q, kv, ff = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ff_dim
+    return {
+        "qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+        "gate_up_proj": [("gate_proj", ff), ("up_proj", ff)],
+    }
+
+
+def lora_out(state: dict[str, torch.Tensor], cfg: ModelConfig, s: dict) -> tuple[dict, dict]:
+    fused = {}
+    for name, parts in _parts(cfg).items():
+        state, done = fuse(state, parts, name, s["r"])
+        if done:
+            fused[name] = len(parts)
+    targets = sorted({k.split(".")[-3] for k in state if ".lora_A." in k})
+    return state, {"target_modules": targets, **patterns(fused, s["r"], s["alpha"], s["use_rslora"])}
+
+
+def lora_in(state: dict[str, torch.Tensor], cfg: ModelConfig, acfg: dict, source: str) -> tuple[dict, dict]:
+    parts = _parts(cfg)
+    check_patterns(acfg, {k: len(v) for k, v in parts.items()}, source)
+    for name, p in parts.items():
+        state = split(state, p, name, source)
+    targets = acfg.get("target_modules") or []
+    if isinstance(targets, list):
+        targets = [n for t in targets for n in ([x for x, _ in parts[t]] if t in parts else [t])]
+    return state, {**acfg, "target_modules": targets, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+FAMILIES = [Family("phi3", ("phi3",), from_hf, to_hf, keys_in, keys_out, lora_out, lora_in)]
