@@ -7,7 +7,8 @@
 lmforge model folders already are HF folders, so `export` is about dtype, sharding and merging
 an adapter; `import` checks a foreign checkpoint tensor by tensor (missing shards, shape
 mismatches and unsupported architectures are named) and keeps its tokenizer and chat template.
-Supported families: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3, GPT-2 and Mixtral; each
+Supported families: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, GPT-2 and
+Mixtral; each
 is written back in its own format. Mixture-of-Experts models go out and come in as Mixtral; an MoE that Mixtral cannot express
 (sigmoid router, shared expert, capacity-limited routing, q/k/v bias) is refused by `export`
 with the feature named.
@@ -54,7 +55,7 @@ def add_parser(subparsers) -> None:
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
     p = subparsers.add_parser(
         "import",
-        help="import a Hugging Face checkpoint folder (Llama, Mistral, Qwen2/3, Gemma/Gemma 2, Phi-3, GPT-2, Mixtral)",
+        help="import a Hugging Face checkpoint folder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-2, Mixtral)",
         description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
         "index, tokenizer files) into an lmforge model folder, checking every "
         "tensor.",

@@ -44,6 +44,19 @@ def _config(kind: str, window: int | None = None):
             attn_logit_softcapping=2.0,  # small caps so that the tanh really bends the scores
             final_logit_softcapping=3.0,
         )
+    if kind == "gemma3_text":  # two RoPE bases, linear scaling on the global layer, q/k norms
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        }
+        return t.Gemma3TextConfig(
+            **LLAMA_SHAPE,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=window or 8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters=rope,
+        )
     if kind == "phi3":
         return t.Phi3Config(**dict(LLAMA_SHAPE, vocab_size=V), pad_token_id=0, sliding_window=window)
     if kind == "mistral":
@@ -78,7 +91,7 @@ def _tensor_names(folder) -> set[str]:
     return names
 
 
-FAMILIES = ["qwen3", "gemma", "gemma2", "phi3", "gpt2", "mistral"]
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mistral"]
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -105,7 +118,7 @@ def test_import_and_export_match_transformers(tmp_path, kind):
         torch.testing.assert_close(back(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma2", "phi3"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3_text", "phi3"])
 def test_sliding_window_generation_matches_transformers(tmp_path, kind):
     """Greedy decoding with the KV cache, 30 tokens past a window of 6, equals `transformers`."""
     hf = _hf_model(kind, window=6)

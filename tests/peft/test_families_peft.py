@@ -35,7 +35,7 @@ def _step(model, ids) -> float:
     return float(loss)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2"])
 def test_family_lora_qlora_prompt_and_merge(tmp_path, kind):
     hf = _hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
@@ -66,7 +66,7 @@ def test_family_lora_qlora_prompt_and_merge(tmp_path, kind):
     q = load_quantized(tmp_path / "hf", QLoraSettings(compute_dtype="float32"))
     apply_lora(q, LoraSettings(r=4))
     assert torch.isfinite(torch.tensor(_step(q, ids)))
-    if kind == "gpt2":  # learned positions: refused with the alternative named
+    if kind in ("gpt2", "gemma3_text"):  # learned positions / two RoPE bases: refused, alternative named
         with pytest.raises(ConfigError, match="sft.method=lora"):
             PromptTuned(load_pretrained(tmp_path / "hf"), 3)
     else:  # prompt tuning: virtual tokens take RoPE positions 0..N-1

@@ -56,6 +56,12 @@ class ModelConfig(BaseModel):
     sliding_window: int | None = Field(
         None, ge=1, description="query i sees key j iff 0 <= i - j < window, on the layers it applies to"
     )
+    rope_theta_local: float | None = Field(
+        None, gt=0, description="RoPE base of the sliding-window layers when it differs (Gemma 3)"
+    )
+    rope_linear_factor: float = Field(
+        1.0, ge=1, description="linear RoPE scaling (positions / factor) of the full-attention layers"
+    )
     layer_types: list[Literal["full", "sliding"]] | None = Field(
         None, description="per-layer attention; None = every layer sliding when sliding_window is set"
     )

@@ -325,9 +325,12 @@ def finish_model(model: Transformer, device) -> Transformer:
     cfg = model.cfg
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = model.model.rotary.__class__(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(
+    rotary = type(model.model.rotary)
+    model.model.rotary = rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_linear_factor).to(
         device
     )
+    if cfg.rope_theta_local is not None:
+        model.model.rotary_local = rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len).to(device)
     return model
 
 

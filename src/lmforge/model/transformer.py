@@ -54,9 +54,10 @@ __all__ = [
 class Rotary(nn.Module):
     """cos/sin tables for RoPE, computed once in fp32 and grown on demand."""
 
-    def __init__(self, head_dim: int, theta: float, max_seq_len: int):
+    def __init__(self, head_dim: int, theta: float, max_seq_len: int, factor: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.factor = factor  # linear scaling: position p rotates as p / factor
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)) / factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_seq_len)
 
@@ -241,7 +242,9 @@ class Decoder(nn.Module):
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_linear_factor)
+        if cfg.rope_theta_local is not None:  # sliding layers rotate with their own base (Gemma 3)
+            self.rotary_local = Rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len)
 
 
 class Transformer(nn.Module):
@@ -292,11 +295,13 @@ class Transformer(nn.Module):
                 )
             x = x + self.model.embed_positions(position_ids)
         cos, sin = self.model.rotary(position_ids, x.dtype, need)
+        local = self.model.rotary_local(position_ids, x.dtype, need) if self.cfg.rope_theta_local else None
         # a duck-typed cache (serve's slot cache) takes position ids equal to its slots
         windowed = self.cfg.sliding_window is not None
         q_index = position_ids if windowed and cache is not None and not isinstance(cache, KVCache) else None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn_mask, cache, q_index)
+            rope = local if local is not None and layer.self_attn.window else (cos, sin)
+            x = layer(x, *rope, attn_mask, cache, q_index)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -39,11 +39,11 @@ class PromptSettings(BaseModel):
 class PromptTuned(nn.Module):
     def __init__(self, model: Transformer, n_virtual: int, init_ids: list[int] | None = None, seed: int = 0):
         super().__init__()
-        if model.cfg.positions != "rope":
+        if model.cfg.positions != "rope" or model.cfg.rope_theta_local is not None:
             raise ConfigError(
-                "prompt tuning needs a RoPE model (virtual tokens take positions 0..N-1 in the "
-                f"rotary tables); this {model.cfg.hf_type or 'model'} has learned positions: use "
-                "sft.method=lora instead"
+                "prompt tuning needs a model with one RoPE table (virtual tokens take positions "
+                f"0..N-1 in it); this {model.cfg.hf_type or 'model'} has learned positions or a "
+                "second RoPE base: use sft.method=lora instead"
             )
         self.model, self.cfg, self.n_virtual = model, model.cfg, n_virtual
         for p in model.parameters():
