@@ -184,3 +184,16 @@ def test_serve_engine_decodes_past_the_window_like_transformers(tmp_path, fast_p
     with eng:
         got = eng.generate(prompts, GenParams(max_tokens=25, temperature=0))
     assert [c.token_ids for c in got] == want
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_param_count_formula_counts_every_family_feature(kind):
+    """`ModelConfig.param_count` (used by the scaling tools and reports) equals the built model's
+    parameters with q/k norms, sandwich norms, LayerNorm biases and learned positions included."""
+    from lmforge.model.hf import from_hf_config
+    from lmforge.model.transformer import Transformer
+
+    cfg = from_hf_config(_config(kind).to_dict())
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert cfg.param_count() == model.num_params() == sum(p.numel() for p in _hf_model(kind).parameters())
