@@ -61,6 +61,14 @@ def _config(kind: str, window: int | None = None):
         return t.Phi3Config(**dict(LLAMA_SHAPE, vocab_size=V), pad_token_id=0, sliding_window=window)
     if kind == "mistral":
         return t.MistralConfig(**LLAMA_SHAPE, sliding_window=window or 8)
+    if kind == "qwen2":  # sliding window on the layers from max_window_layers on
+        return t.Qwen2Config(
+            **LLAMA_SHAPE, use_sliding_window=True, sliding_window=window or 8, max_window_layers=1
+        )
+    if kind == "mixtral":
+        return t.MixtralConfig(
+            **LLAMA_SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=window or 8
+        )
     if kind == "gpt2":
         return t.GPT2Config(vocab_size=V, n_embd=64, n_layer=3, n_head=4, n_positions=64)
     raise KeyError(kind)
@@ -91,7 +99,7 @@ def _tensor_names(folder) -> set[str]:
     return names
 
 
-FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mistral"]
+FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "mistral", "qwen2", "mixtral"]
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -118,7 +126,7 @@ def test_import_and_export_match_transformers(tmp_path, kind):
         torch.testing.assert_close(back(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("kind", ["mistral", "gemma2", "gemma3_text", "phi3", "qwen2", "mixtral"])
 def test_sliding_window_generation_matches_transformers(tmp_path, kind):
     """Greedy decoding with the KV cache, 30 tokens past a window of 6, equals `transformers`."""
     hf = _hf_model(kind, window=6)
