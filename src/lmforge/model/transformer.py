@@ -299,8 +299,8 @@ class Transformer(nn.Module):
         # a duck-typed cache (serve's slot cache) takes position ids equal to its slots
         windowed = self.cfg.sliding_window is not None
         q_index = position_ids if windowed and cache is not None and not isinstance(cache, KVCache) else None
-        for layer in self.model.layers:
-            rope = local if local is not None and layer.self_attn.window else (cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            rope = local if local is not None and self.cfg.window_of(i) else (cos, sin)
             x = layer(x, *rope, attn_mask, cache, q_index)
         if cache is not None:
             cache.length += T

@@ -41,10 +41,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig
 from ..model.families import family_for_config
 from ..model.moe import Experts
 from ..runs import atomic_path, atomic_write_json
-from .lora_experts import EXPERT_TARGETS, LoraExperts, expert_params
+from .lora_experts import EXPERT_TARGETS, LoraExperts, expert_params, stacked_shape
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."
@@ -213,17 +214,13 @@ def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
     if experts:
         for name, m in [(n, m) for n, m in model.named_modules() if _is_experts(m)]:
             wrapped = LoraExperts(m, experts, s.r, s.scale)
-            adapted += sum(math.prod(_shape_of(m, p)) for p in experts)
+            adapted += sum(math.prod(stacked_shape(m, p)) for p in experts)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, wrapped)
             names.append(name)
     _warn_untouched(model, adapted, total)
     model.lora_settings = s  # type: ignore[attr-defined]
     return names
-
-
-def _shape_of(m: nn.Module, name: str) -> tuple[int, ...]:
-    return tuple(getattr(m, f"{name}_shape", None) or getattr(m, name).shape)
 
 
 def _weight_count(model: nn.Module) -> tuple[int, int]:
@@ -233,7 +230,7 @@ def _weight_count(model: nn.Module) -> tuple[int, int]:
         if _is_linear(m) and not name.endswith("lm_head"):
             body += m.in_features * m.out_features
         elif _is_experts(m):
-            n = sum(math.prod(_shape_of(m, p)) for p in ("gate_up_proj", "down_proj"))
+            n = sum(math.prod(stacked_shape(m, p)) for p in ("gate_up_proj", "down_proj"))
             body += n
             experts += n
     return body, experts
@@ -284,11 +281,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 lin.bias.copy_(bias.to(dt))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
-    for name, m in list(expert_lora_modules(model)):
-        gu, down = m.merged("gate_up_proj"), m.merged("down_proj")
+    for name, lx in list(expert_lora_modules(model)):
+        gu, down = lx.merged_tensor("gate_up_proj"), lx.merged_tensor("down_proj")
         dense = Experts(gu.shape[0], gu.shape[2], down.shape[2]).to(gu.device)
         with torch.no_grad():
-            dt = _experts_dtype(m.base_layer)
+            dt = _experts_dtype(lx.base_layer)
             dense.gate_up_proj.data = gu.to(dt)
             dense.down_proj.data = down.to(dt)
         parent_name, _, child = name.rpartition(".")
@@ -301,14 +298,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def _experts_dtype(base: nn.Module) -> torch.dtype:
-    return getattr(base, "compute_dtype", None) or base.gate_up_proj.dtype
+    dt: torch.dtype = getattr(base, "compute_dtype", None) or getattr(base, "gate_up_proj").dtype  # noqa: B009
+    return dt
 
 
 # ----------------------------------------------------------------------------- PEFT format
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
-    for name, m in expert_lora_modules(model):
-        for k, v in m.peft_tensors().items():
+    for name, lx in expert_lora_modules(model):
+        for k, v in lx.peft_tensors().items():
             out[f"{PREFIX}{name}.{k}"] = v.detach().cpu().contiguous()
     for name, m in lora_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
@@ -352,14 +350,17 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
         **({"target_parameters": [f"mlp.experts.{p}" for p in params]} if params else {}),
     }
     state = lora_state_dict(model)
-    family = family_for_config(model.cfg) if hasattr(model, "cfg") else None
-    if family is not None and family.lora_out is not None:  # fused layers (Phi-3, GPT-2)
+    mcfg = getattr(model, "cfg", None)
+    family = family_for_config(mcfg) if isinstance(mcfg, ModelConfig) else None
+    if (
+        isinstance(mcfg, ModelConfig) and family is not None and family.lora_out is not None
+    ):  # fused layers (Phi-3, GPT-2)
         if s.use_dora:
             raise ConfigError(
                 f"DoRA adapters on {family.name}'s fused layers have no PEFT form; use plain LoRA"
             )
         state, updates = family.lora_out(
-            state, model.cfg, {"r": s.r, "alpha": s.alpha, "use_rslora": s.use_rslora}
+            state, mcfg, {"r": s.r, "alpha": s.alpha, "use_rslora": s.use_rslora}
         )
         cfg.update(updates)
     with atomic_path(out / "adapter_model.safetensors") as tmp:
@@ -425,9 +426,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         )
         raise CheckpointError(f"{wfile}: cannot read ({e}){hint}") from None
     state = {k.replace(".default.", "."): v for k, v in state.items()}
-    family = family_for_config(model.cfg) if hasattr(model, "cfg") else None
-    if family is not None and family.lora_in is not None:  # fused layers -> lmforge's split ones
-        state, acfg = family.lora_in(state, model.cfg, acfg, str(folder / "adapter_config.json"))
+    mcfg = getattr(model, "cfg", None)
+    family = family_for_config(mcfg) if isinstance(mcfg, ModelConfig) else None
+    if (
+        isinstance(mcfg, ModelConfig) and family is not None and family.lora_in is not None
+    ):  # fused layers -> lmforge's split ones
+        state, acfg = family.lora_in(state, mcfg, acfg, str(folder / "adapter_config.json"))
     s = settings_from_peft(acfg, str(folder / "adapter_config.json"))
     if getattr(model, "lora_settings", None) is None:
         try:
@@ -442,8 +446,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         own[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
         if m.use_dora:
             own[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
-    for name, m in expert_lora_modules(model):
-        for k, v in m.peft_tensors().items():
+    for name, lx in expert_lora_modules(model):
+        for k, v in lx.peft_tensors().items():
             own[f"{PREFIX}{name}.{k}"] = v
     state = {
         (k[: -len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k): v
@@ -467,9 +471,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
             if not own[k].is_leaf:  # expert tensors: a view in PEFT's layout, loaded below
                 continue
             own[k].copy_(v.to(own[k].dtype))
-        for name, m in expert_lora_modules(model):
+        for name, lx in expert_lora_modules(model):
             pre = f"{PREFIX}{name}."
-            m.load_peft_tensors({k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)})
+            lx.load_peft_tensors({k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)})
     return s
 
 

@@ -46,10 +46,10 @@ def expert_params(targets: list[str]) -> list[str]:
     return [p for p in ORDER if p in wanted]
 
 
-def _shape(base: nn.Module, name: str) -> tuple[int, int, int]:
+def stacked_shape(base: nn.Module, name: str) -> tuple[int, int, int]:
     """(experts, out, in) of a stacked tensor of `base` (dense or 4-bit)."""
     shape = getattr(base, f"{name}_shape", None)
-    return tuple(shape) if shape is not None else tuple(getattr(base, name).shape)  # type: ignore[return-value]
+    return tuple(shape) if shape is not None else tuple(getattr(base, name).shape)
 
 
 class LoraExperts(nn.Module):
@@ -61,13 +61,13 @@ class LoraExperts(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for name in self.params:
-            n_exp, out, inp = _shape(base, name)
+            n_exp, out, inp = stacked_shape(base, name)
             a = torch.empty(n_exp, r, inp, device=dev)
             for e in range(n_exp):  # PEFT's init: Kaiming-uniform A per expert, B zero
                 nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(n_exp, out, r, device=dev))
-        self.n_experts = _shape(base, self.params[0])[0] if self.params else 0
+        self.n_experts = stacked_shape(base, self.params[0])[0] if self.params else 0
 
     def _delta(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name][e], self.lora_B[name][e]
@@ -86,7 +86,7 @@ class LoraExperts(nn.Module):
         return self.down(e, F.silu(gate) * up)
 
     @torch.no_grad()
-    def merged(self, name: str) -> torch.Tensor:
+    def merged_tensor(self, name: str) -> torch.Tensor:
         """The stacked tensor `name` with the update folded in (fp32)."""
         base = self.base_layer
         w = base.dequantized(name) if hasattr(base, "dequantized") else getattr(base, name)

@@ -10,9 +10,11 @@ family's format.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from ..errors import CheckpointError
 from ..model.hf import export_hf, load_pretrained
+from ..model.transformer import Transformer
 from .lora import load_adapter, merge_lora, read_adapter_config
 
 
@@ -37,7 +39,7 @@ def export_merged(
     return export_hf(
         base_dir,
         out,
-        model=merge_lora(model),
+        model=cast(Transformer, merge_lora(model)),
         dtype=dtype,
         max_shard_size=max_shard_size,
         merged_adapter=str(adapter),

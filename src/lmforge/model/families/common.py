@@ -9,6 +9,8 @@ sliding window: `sliding_window` plus, where the family has them, per-layer `lay
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...errors import CheckpointError
 from ..config import ModelConfig
 
@@ -53,7 +55,7 @@ def base_fields(hf: dict, source: str) -> dict:
     from hidden_size / heads)."""
     try:
         d, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        out = dict(
+        out: dict[str, Any] = dict(
             vocab_size=int(hf["vocab_size"]),
             d_model=d,
             n_layers=int(hf["num_hidden_layers"]),

@@ -31,7 +31,8 @@ def fuse(
     """Replace the LoRA tensors `<layer>.<part>.lora_{A,B}.weight` of every layer by one fused
     pair `<layer>.<fused>.lora_{A,B}.weight`; `parts` = (name, output rows). Returns the new state
     and whether anything was fused."""
-    out, groups = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[tuple[str, str], torch.Tensor]] = {}
     pat = re.compile(rf"^(.*)\.({'|'.join(re.escape(p) for p, _ in parts)})\.lora_([AB])\.weight$")
     for k, v in state.items():
         m = pat.match(k)
