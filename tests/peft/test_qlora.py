@@ -151,3 +151,27 @@ def test_qlora_shape_problem_named_before_loading(tmp_path):
     save_pretrained(Transformer(cfg), tmp_path / "odd")
     with pytest.raises(ConfigError, match="k_proj"):
         load_quantized(tmp_path / "odd", QLoraSettings())
+
+
+def test_qlora_expert_coverage_counts_each_weight_once(tmp_path):
+    """On a 4-bit Mixtral the per-expert NF4 matrices are neither LoRA targets of their own nor
+    counted twice: attention-only targets warn, attention + w1/w2/w3 do not."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=101, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32
+    )
+    save_pretrained(Transformer(cfg.model_copy(update=dict(n_experts=4, experts_top_k=2))), tmp_path / "moe")
+    for targets, warns in ((["q_proj", "v_proj"], True), (["q_proj", "v_proj", "w1", "w2", "w3"], False)):
+        q = load_quantized(tmp_path / "moe", QLoraSettings(compute_dtype="float32"))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            names = apply_lora(q, LoraSettings(r=2, target_modules=targets))
+        assert not any(".experts." in n for n in names)
+        assert any("LoRA targets cover" in str(x.message) for x in w) == warns
+    with pytest.warns(UserWarning, match="cover"):
+        apply_lora(
+            load_quantized(tmp_path / "moe", QLoraSettings(compute_dtype="float32")),
+            LoraSettings(target_modules=".*q_proj"),
+        )

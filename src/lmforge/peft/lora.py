@@ -165,6 +165,8 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     for name, m in model.named_modules():
         if not _is_linear(m) or ".lora_" in name or name.endswith(("lora_A", "lora_B")):
             continue
+        if ".experts." in name:  # 4-bit experts' per-expert matrices: adapted through w1/w2/w3
+            continue
         if isinstance(targets, str):
             ok = re.fullmatch(targets, name) is not None
         else:
@@ -227,7 +229,7 @@ def _weight_count(model: nn.Module) -> tuple[int, int]:
     """(matrix weights outside the embeddings / head, of which expert weights)."""
     body = experts = 0
     for name, m in model.named_modules():
-        if _is_linear(m) and not name.endswith("lm_head"):
+        if _is_linear(m) and not name.endswith("lm_head") and ".experts." not in name:
             body += m.in_features * m.out_features
         elif _is_experts(m):
             n = sum(math.prod(stacked_shape(m, p)) for p in ("gate_up_proj", "down_proj"))
