@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,7 +44,16 @@ from ..model.config import ModelConfig
 from ..model.families import family_for_config
 from ..model.moe import Experts
 from ..runs import atomic_path, atomic_write_json
-from .lora_experts import EXPERT_TARGETS, LoraExperts, expert_params, stacked_shape
+from .lora_experts import (
+    EXPERT_TARGETS,
+    LoraExperts,
+    expert_params,
+    is_experts,
+    is_linear,
+    stacked_shape,
+    warn_untouched,
+    weight_count,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."
@@ -156,14 +164,10 @@ class LoraLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- applying
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"
-
-
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     names = []
     for name, m in model.named_modules():
-        if not _is_linear(m) or ".lora_" in name or name.endswith(("lora_A", "lora_B")):
+        if not is_linear(m) or ".lora_" in name or name.endswith(("lora_A", "lora_B")):
             continue
         if ".experts." in name:  # 4-bit experts' per-expert matrices: adapted through w1/w2/w3
             continue
@@ -174,20 +178,16 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
         if ok:
             names.append(name)
     if not names:
-        avail = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        avail = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         raise ConfigError(
             f"lora.target_modules {targets!r} matched no linear layer; names available: {avail}"
         )
     return names
 
 
-def _is_experts(m: nn.Module) -> bool:
-    return isinstance(m, Experts) or type(m).__name__ == "NF4Experts"
-
-
 def _split_targets(model: nn.Module, targets: list[str] | str) -> tuple[list[str] | str | None, list[str]]:
     """(linear-layer targets or None, stacked expert tensors to adapt)."""
-    if isinstance(targets, str) or not any(_is_experts(m) for m in model.modules()):
+    if isinstance(targets, str) or not any(is_experts(m) for m in model.modules()):
         return targets, []
     linear = [t for t in targets if t not in EXPERT_TARGETS]
     return (linear or None), expert_params(list(targets))
@@ -198,7 +198,7 @@ def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
     wrapped module names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    total = _weight_count(model)
+    total = weight_count(model)
     linear, experts = _split_targets(model, s.target_modules)
     if experts and (s.dropout > 0 or s.use_dora):
         raise ConfigError(
@@ -214,45 +214,15 @@ def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
         adapted += base.in_features * base.out_features
         setattr(parent, child, LoraLinear(base, s))
     if experts:
-        for name, m in [(n, m) for n, m in model.named_modules() if _is_experts(m)]:
+        for name, m in [(n, m) for n, m in model.named_modules() if is_experts(m)]:
             wrapped = LoraExperts(m, experts, s.r, s.scale)
             adapted += sum(math.prod(stacked_shape(m, p)) for p in experts)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, wrapped)
             names.append(name)
-    _warn_untouched(model, adapted, total)
+    warn_untouched(model, adapted, total)
     model.lora_settings = s  # type: ignore[attr-defined]
     return names
-
-
-def _weight_count(model: nn.Module) -> tuple[int, int]:
-    """(matrix weights outside the embeddings / head, of which expert weights)."""
-    body = experts = 0
-    for name, m in model.named_modules():
-        if _is_linear(m) and not name.endswith("lm_head") and ".experts." not in name:
-            body += m.in_features * m.out_features
-        elif _is_experts(m):
-            n = sum(math.prod(stacked_shape(m, p)) for p in ("gate_up_proj", "down_proj"))
-            body += n
-            experts += n
-    return body, experts
-
-
-def _warn_untouched(model: nn.Module, adapted: int, total: tuple[int, int]) -> None:
-    body, experts = total
-    if not body or adapted >= body / 2:
-        return
-    hint = (
-        f"; {experts / body:.0%} of them are expert weights: add w1, w2, w3 to lora.target_modules "
-        f"to adapt the experts too"
-        if experts
-        else ""
-    )
-    warnings.warn(
-        f"LoRA targets cover {adapted / body:.0%} of the model's weight matrices (embeddings aside); "
-        f"the rest stays frozen and untouched{hint}",
-        stacklevel=3,
-    )
 
 
 def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoraLinear]]:

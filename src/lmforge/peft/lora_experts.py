@@ -17,17 +17,23 @@ per targeted tensor, so with both tensors adapted the first (`gate_up_proj`) sit
 `experts.base_layer.` and the second directly under `experts.`; `PeftModel.from_pretrained` on
 the `transformers` Mixtral reproduces lmforge's logits (tested). PEFT's wrapper supports
 neither dropout nor DoRA, so neither is offered here.
+
+Coverage: `weight_count` / `warn_untouched` measure which share of the model's weight matrices
+(embeddings and head aside; each expert's matrices once, dense or 4-bit) the chosen targets
+adapt, so that `apply_lora` can say when most of an MoE stays untouched.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..model.moe import Experts
 
 EXPERT_TARGETS = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
 EXPERT_TARGETS.update({"experts.gate_up_proj": "gate_up_proj", "experts.down_proj": "down_proj"})
@@ -117,3 +123,42 @@ class LoraExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, params={self.params}, r={self.r}, scaling={self.scaling:.4g}"
+
+
+# ----------------------------------------------------------------------------- coverage
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"
+
+
+def is_experts(m: nn.Module) -> bool:
+    return isinstance(m, Experts) or type(m).__name__ == "NF4Experts"
+
+
+def weight_count(model: nn.Module) -> tuple[int, int]:
+    """(matrix weights outside the embeddings / head, of which expert weights)."""
+    body = experts = 0
+    for name, m in model.named_modules():
+        if is_linear(m) and not name.endswith("lm_head") and ".experts." not in name:
+            body += m.in_features * m.out_features
+        elif is_experts(m):
+            n = sum(math.prod(stacked_shape(m, p)) for p in ("gate_up_proj", "down_proj"))
+            body += n
+            experts += n
+    return body, experts
+
+
+def warn_untouched(model: nn.Module, adapted: int, total: tuple[int, int]) -> None:
+    body, experts = total
+    if not body or adapted >= body / 2:
+        return
+    hint = (
+        f"; {experts / body:.0%} of them are expert weights: add w1, w2, w3 to lora.target_modules "
+        f"to adapt the experts too"
+        if experts
+        else ""
+    )
+    warnings.warn(
+        f"LoRA targets cover {adapted / body:.0%} of the model's weight matrices (embeddings aside); "
+        f"the rest stays frozen and untouched{hint}",
+        stacklevel=3,
+    )
