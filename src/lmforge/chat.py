@@ -355,6 +355,24 @@ class EncodeStats:
         }
 
 
+def _located(e: DataError, where: str, rec: object) -> DataError:
+    """A template error names the record (file:line) and the role sequence it was given."""
+    msg = str(e)
+    if msg.startswith(where) or "template" not in msg:
+        return e
+    msgs = rec.get("messages") if isinstance(rec, dict) else None
+    roles = (
+        " -> ".join(str(m.get("role")) for m in msgs if isinstance(m, dict))
+        if isinstance(msgs, list)
+        else "?"
+    )
+    return DataError(
+        f"{where}: {msg} (roles: {roles}); this model's chat template rejects the record. Some templates "
+        f"(e.g. Mistral's) have no system role or need user/assistant to alternate: merge such turns, "
+        f"or set sft.on_bad_record: skip to count and skip these records"
+    )
+
+
 def encode_records(
     records: Iterable[tuple[str, object]],
     fmt: ChatFormat,
@@ -372,7 +390,7 @@ def encode_records(
             ex = fmt.encode(record_to_messages(rec, where))
         except DataError as e:
             if on_error != "skip":
-                raise
+                raise _located(e, where, rec) from None
             msg = str(e)
             reason = (
                 "unknown_role"

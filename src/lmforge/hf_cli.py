@@ -7,7 +7,9 @@
 lmforge model folders already are HF folders, so `export` is about dtype, sharding and merging
 an adapter; `import` checks a foreign checkpoint tensor by tensor (missing shards, shape
 mismatches and unsupported architectures are named) and keeps its tokenizer and chat template.
-Mixture-of-Experts models go out and come in as Mixtral; an MoE that Mixtral cannot express
+Supported families: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3, GPT-2 and
+Mixtral; each
+is written back in its own format. Mixture-of-Experts models go out and come in as Mixtral; an MoE that Mixtral cannot express
 (sigmoid router, shared expert, capacity-limited routing, q/k/v bias) is refused by `export`
 with the feature named.
 """
@@ -16,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
-from .errors import CheckpointError
 
 
 def _print(rep: dict) -> None:
@@ -35,24 +34,20 @@ def cmd_import(a) -> int:
 
 def cmd_export(a) -> int:
     from .model.hf import export_hf
+    from .peft.merge import export_merged
 
-    _print(export_hf(a.model, a.out, adapter=a.adapter, dtype=a.dtype, max_shard_size=a.shard_size))
+    if a.adapter:
+        rep = export_merged(a.model, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.shard_size)
+    else:
+        rep = export_hf(a.model, a.out, dtype=a.dtype, max_shard_size=a.shard_size)
+    _print(rep)
     return 0
 
 
 def cmd_merge(a) -> int:
-    from .model.hf import export_hf
-    from .peft.lora import read_adapter_config
+    from .peft.merge import export_merged
 
-    kind = read_adapter_config(a.adapter).get("peft_type")
-    if kind != "LORA":
-        raise CheckpointError(
-            f"{a.adapter}: a {kind} adapter cannot be merged into weights (only LoRA can); "
-            f"load it alongside the base model instead"
-        )
-    if not Path(a.base, "config.json").exists():
-        raise CheckpointError(f"{a.base}: not a model folder (no config.json)")
-    _print(export_hf(a.base, a.out, adapter=a.adapter, dtype=a.dtype, max_shard_size=a.shard_size))
+    _print(export_merged(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.shard_size))
     return 0
 
 
@@ -60,7 +55,7 @@ def add_parser(subparsers) -> None:
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
     p = subparsers.add_parser(
         "import",
-        help="import a Hugging Face Llama/Mistral/Qwen2/Mixtral checkpoint folder",
+        help="import a Hugging Face checkpoint folder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-2, Mixtral)",
         description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
         "index, tokenizer files) into an lmforge model folder, checking every "
         "tensor.",
@@ -76,8 +71,9 @@ def add_parser(subparsers) -> None:
         "export",
         help="export an lmforge model folder for transformers / vLLM / llama.cpp",
         description="Write a model folder that AutoModelForCausalLM.from_pretrained loads, "
-        "optionally merging a LoRA adapter first. Dense models are written as Llama "
-        "(Qwen2 with q/k/v biases), MoE models as Mixtral.",
+        "optionally merging a LoRA adapter first. Dense models are written in the family "
+        "they were imported from (lmforge's own as Llama, Qwen2 with q/k/v biases, Mistral with a "
+        "sliding window), MoE models as Mixtral.",
         **common,
     )
     e.add_argument("model", help="lmforge model folder (e.g. runs/tiny/sft/model)")

@@ -22,6 +22,7 @@ from lmforge.peft.lora import (
     set_merged,
     trainable_summary,
 )
+from lmforge.peft.merge import export_merged
 
 CFG = dict(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64)
 
@@ -121,7 +122,7 @@ def test_merge_unmerge_and_peft_equivalence(tmp_path, settings):
         torch.testing.assert_close(pm(ids).logits, lora_logits, atol=1e-5, rtol=1e-5)
 
     # export with the adapter merged: a plain HF model with the same logits
-    export_hf(tmp_path / "base", tmp_path / "merged", adapter=tmp_path / "adapter")
+    export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
     hm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hm(ids).logits, lora_logits, atol=1e-5, rtol=1e-5)

@@ -100,3 +100,78 @@ def test_qlora_model_trains_adapters_and_merges(base_dir, tmp_path):
     load_adapter(fp, tmp_path / "adapter")
     with torch.no_grad():
         assert (fp(ids) - adapted).abs().mean() / adapted.abs().mean() < 0.15
+
+
+def test_qlora_quantises_mixtral_experts_and_trains_expert_lora(tmp_path):
+    from lmforge.peft.qlora import NF4Experts
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64
+    )
+    cfg = cfg.model_copy(update=dict(n_experts=4, experts_top_k=2))
+    save_pretrained(Transformer(cfg), tmp_path / "moe")
+    s = QLoraSettings(compute_dtype="float32")
+    q = load_quantized(tmp_path / "moe", s)
+    assert all(isinstance(layer.mlp.experts, NF4Experts) for layer in q.model.layers)
+    dense_expert_bytes = 2 * 4 * 3 * 64 * 64 * 4  # layers * experts * (gate, up, down) * fp32
+    assert nf4_bytes(q) > 0.8 * dense_expert_bytes / 8  # the experts are in there, at ~4 bits
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref = dequantize_model(load_quantized(tmp_path / "moe", s))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids), ref(ids), atol=1e-5, rtol=1e-5)
+    apply_lora(q, LoraSettings(r=2, target_modules=["q_proj", "w1", "w2", "w3"]))
+    q.train()
+    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-2)
+    targets = torch.roll(ids, -1, 1)
+    losses = []
+    for _ in range(3):
+        loss = q.loss(ids, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    q.eval()
+    with torch.no_grad():
+        want = q(ids)
+        merged = dequantize_model(merge_lora(q))
+        torch.testing.assert_close(merged(ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_shape_problem_named_before_loading(tmp_path):
+    from lmforge.errors import ConfigError
+    from lmforge.peft.qlora import check_quantizable
+
+    cfg = ModelConfig(
+        vocab_size=101, d_model=40, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32
+    )
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight .*sft\.method=lora"):
+        check_quantizable(cfg)
+    save_pretrained(Transformer(cfg), tmp_path / "odd")
+    with pytest.raises(ConfigError, match="k_proj"):
+        load_quantized(tmp_path / "odd", QLoraSettings())
+
+
+def test_qlora_expert_coverage_counts_each_weight_once(tmp_path):
+    """On a 4-bit Mixtral the per-expert NF4 matrices are neither LoRA targets of their own nor
+    counted twice: attention-only targets warn, attention + w1/w2/w3 do not."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=101, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32
+    )
+    save_pretrained(Transformer(cfg.model_copy(update=dict(n_experts=4, experts_top_k=2))), tmp_path / "moe")
+    for targets, warns in ((["q_proj", "v_proj"], True), (["q_proj", "v_proj", "w1", "w2", "w3"], False)):
+        q = load_quantized(tmp_path / "moe", QLoraSettings(compute_dtype="float32"))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            names = apply_lora(q, LoraSettings(r=2, target_modules=targets))
+        assert not any(".experts." in n for n in names)
+        assert any("LoRA targets cover" in str(x.message) for x in w) == warns
+    with pytest.warns(UserWarning, match="cover"):
+        apply_lora(
+            load_quantized(tmp_path / "moe", QLoraSettings(compute_dtype="float32")),
+            LoraSettings(target_modules=".*q_proj"),
+        )

@@ -1,24 +1,24 @@
 """Model folders in the Hugging Face layout: what lmforge writes and reads.
 
-Every dense model lmforge saves is a folder that `transformers.AutoModelForCausalLM
-.from_pretrained` opens as-is: `config.json` (LlamaConfig, or Qwen2Config when q/k/v have
-biases), weights in `model.safetensors` (or shards plus `model.safetensors.index.json`) with HF
-parameter names (lmforge's module names are the same, so no key mapping is needed), and the
-tokenizer files beside them. Mixture-of-Experts models are written as Mixtral where the
-architecture matches exactly, else in lmforge's own `lmforge_moe` layout (see `hf_moe.py`).
-Reading goes the other way and also accepts checkpoints made by other tools in the Llama
-family (Llama 2/3, Mistral, Qwen2) and Mixtral, single file or sharded.
+Every model lmforge saves is a folder that `transformers.AutoModelForCausalLM.from_pretrained`
+opens as-is: `config.json` in the model's family (Llama, Qwen2 when q/k/v have biases, Mistral
+with a sliding window, or the family it was imported from: Qwen3, Gemma, Gemma 2, Phi-3,
+GPT-2), weights in `model.safetensors` (or shards plus `model.safetensors.index.json`) under
+that family's names, and the tokenizer files (with the chat template) beside them.
+Mixture-of-Experts models are written as Mixtral where the architecture matches exactly, else
+in lmforge's own `lmforge_moe` layout (see `hf_moe.py`). Reading goes the other way, single file
+or sharded. The per-family mapping (config keys, weight names) is in `families/`.
 
 What is refused, with the reason named (never a silent approximation): other architectures,
-activations other than SiLU, RoPE scaling (Llama 3.1 "llama3", YaRN, ...), biases on a Llama,
-head_dim != hidden/heads. Mistral's sliding window is exact within the window, so an imported
-Mistral's context is capped at `sliding_window` (noted in the import report).
+activations a family does not use, RoPE scaling (Llama 3.1 "llama3", YaRN, LongRoPE), biases
+where the family has none. Sliding windows (Mistral, Gemma 2, Phi-3) are computed exactly.
 
 `import_hf` / `export_hf` are the `lmforge import` / `lmforge export` commands: import copies a
 foreign checkpoint into an lmforge model folder (checking every tensor's name and shape, keeping
-the tokenizer and its chat template); export writes an lmforge model (optionally with a LoRA
-adapter merged in) in a chosen dtype and shard size, and refuses an MoE model that
-`transformers` could not load, naming the feature that stands in the way.
+the tokenizer and its chat template); export writes an lmforge model in a chosen dtype and shard
+size, and refuses an MoE model that `transformers` could not load, naming the feature that
+stands in the way. Merging an adapter first is `peft.merge.export_merged` (the adapter layer
+sits above the model layer).
 """
 
 from __future__ import annotations
@@ -36,18 +36,12 @@ from ..artifacts import verify_path
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
-from .hf_moe import (
-    LMFORGE_MOE,
-    from_mixtral_keys,
-    mixtral_blockers,
-    moe_from_hf_config,
-    moe_hf_config,
-    to_mixtral_keys,
-)
+from .families import family_for_config, family_for_type, supported_types
+from .hf_moe import LMFORGE_MOE, mixtral_blockers
 from .resources import check_model_folder
 from .transformer import Transformer
 
-SUPPORTED = {"llama", "mistral", "qwen2", "mixtral", LMFORGE_MOE}
+SUPPORTED = set(supported_types())
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -97,93 +91,26 @@ def parse_size(s: str | int | None) -> int | None:
 def to_hf_config(
     cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None, dtype: str = "float32"
 ) -> dict:
-    if cfg.n_experts:
-        return {
-            **moe_hf_config(cfg),
-            "torch_dtype": dtype,
-            "dtype": dtype,
-            "bos_token_id": bos_id,
-            "eos_token_id": eos_id,
-        }
-    model_type = "qwen2" if cfg.qkv_bias else "llama"
-    out = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
-        "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ff_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "initializer_range": cfg.init_std,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-    }
-    if model_type == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None)
-    return out
+    """config.json of `cfg` in its family's format (see `families/`)."""
+    out = family_for_config(cfg).to_hf(cfg)
+    return {**out, "torch_dtype": dtype, "dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id}
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    mt = hf.get("model_type")
-    if mt not in SUPPORTED:
-        raise CheckpointError(
-            f"{source}: model_type {mt!r} is not supported (supported: {sorted(SUPPORTED)})"
-        )
-    if mt == LMFORGE_MOE:
-        return moe_from_hf_config(hf, source, {})
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} not supported (need silu)")
-    for key in ("rope_scaling", "rope_parameters"):
-        rs = hf.get(key) or {}
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind not in (None, "default"):
-            raise CheckpointError(
-                f"{source}: {key} type {kind!r} is not supported (plain RoPE only); "
-                f"Llama 3.1+/YaRN checkpoints need RoPE scaling in lmforge's model"
-            )
-    if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise CheckpointError(f"{source}: llama with attention_bias/mlp_bias is not supported")
-    d, h = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // h):
-        raise CheckpointError(f"{source}: head_dim {hf['head_dim']} != hidden_size/heads is not supported")
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    max_len = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if window and (mt in ("mistral", "mixtral") or hf.get("use_sliding_window")) and window < max_len:
-        warnings.warn(
-            f"{source}: sliding_window={window} < max_position_embeddings={max_len}; lmforge "
-            f"attends fully, which is identical within {window} tokens, so the context is "
-            f"capped at {window}",
-            stacklevel=2,
-        )
-        max_len = window
-    common = dict(
-        vocab_size=hf["vocab_size"],
-        d_model=d,
-        n_layers=hf["num_hidden_layers"],
-        n_heads=h,
-        n_kv_heads=hf.get("num_key_value_heads") or h,
-        max_seq_len=max_len,
-        rope_theta=rope_theta,
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-    if mt == "mixtral":
-        return moe_from_hf_config(hf, source, common)
-    return ModelConfig(**common, d_ff=hf["intermediate_size"], qkv_bias=(mt == "qwen2"))
+    return family_for_type(hf.get("model_type"), source).from_hf(hf, source)
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied (shared-storage) duplicates removed, contiguous, on CPU."""
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
 
 
 def read_hf_config(folder: str | Path) -> dict:
@@ -263,8 +190,6 @@ def save_pretrained(
     max_shard_size: str | int | None = None,
 ) -> Path:
     """Write `model` (and optionally copy tokenizer files) as a HF-loadable folder."""
-    from ..train.checkpoint import model_state_for_saving
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(model)
@@ -273,8 +198,7 @@ def save_pretrained(
         state = {k: (v.to(tdt) if v.is_floating_point() else v) for k, v in state.items()}
     dt = str(next(iter(state.values())).dtype).removeprefix("torch.")
     hf_cfg = to_hf_config(model.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt)
-    if hf_cfg["model_type"] == "mixtral":
-        state = to_mixtral_keys(state)
+    state = family_for_config(model.cfg).keys_out(state, model.cfg)
     write_weights(state, out, parse_size(max_shard_size))
     atomic_write_json(out / "config.json", hf_cfg)
     if tokenizer_dir is not None:
@@ -316,15 +240,15 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def _read_weights(folder: Path, cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a folder under lmforge's names (Mixtral's per-expert tensors stacked)."""
+    """All tensors of a folder under lmforge's names (converted by the model's family)."""
     state = {}
     for f in weight_files(folder):
         try:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read weights ({e})") from None
-    if cfg is not None and cfg.n_experts:
-        state = dict(from_mixtral_keys(state.items(), cfg.n_experts, str(folder)))
+    if cfg is not None:
+        state = dict(family_for_config(cfg).keys_in(state.items(), cfg, str(folder)))
     return state
 
 
@@ -348,11 +272,11 @@ def iter_weights(folder: Path):
     plain file reads rather than a memory map, so pages of tensors already consumed do not stay
     resident in this process. A Mixtral's per-expert tensors are stacked one layer at a time."""
     folder = Path(folder)
-    hf = read_hf_config(folder) if (folder / "config.json").exists() else {}
     raw = _iter_raw_weights(folder)
-    if hf.get("model_type") == "mixtral":
-        return from_mixtral_keys(raw, int(hf.get("num_local_experts", 0)), str(folder))
-    return raw
+    if not (folder / "config.json").exists():
+        return raw
+    cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
+    return family_for_config(cfg).keys_in(raw, cfg, str(folder))
 
 
 def _iter_raw_weights(folder: Path):
@@ -408,16 +332,19 @@ def finish_model(model: Transformer, device) -> Transformer:
     cfg = model.cfg
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = model.model.rotary.__class__(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(
+    rotary = type(model.model.rotary)
+    model.model.rotary = rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_linear_factor).to(
         device
     )
+    if cfg.rope_theta_local is not None:
+        model.model.rotary_local = rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len).to(device)
     return model
 
 
 def load_pretrained(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> Transformer:
-    """An lmforge or HF (llama/mistral/qwen2/mixtral) model folder -> Transformer in eval mode.
+    """An lmforge or HF model folder (any supported family) -> Transformer in eval mode.
     `dtype` None keeps float32 (training precision); pass bfloat16 to halve memory."""
     folder = Path(folder)
     cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
@@ -437,7 +364,7 @@ def load_pretrained(
 def import_hf(
     src: str | Path, out: str | Path, *, dtype: str | None = None, max_shard_size: str | int | None = None
 ) -> dict:
-    """Copy a Hugging Face checkpoint folder (llama/mistral/qwen2/mixtral) into an lmforge model folder.
+    """Copy a Hugging Face checkpoint folder (any supported family) into an lmforge model folder.
 
     Every tensor is checked against config.json (name and shape) and the model is built, so a
     folder that imports is one lmforge can train. Returns a small report."""
@@ -480,13 +407,16 @@ def export_hf(
     model_dir: str | Path,
     out: str | Path,
     *,
-    adapter: str | Path | None = None,
+    model: Transformer | None = None,
     dtype: str | None = None,
     max_shard_size: str | int | None = "5GB",
+    merged_adapter: str | None = None,
 ) -> dict:
-    """Write an lmforge model folder (optionally merging a LoRA adapter) for `transformers`."""
+    """Write an lmforge model folder for `transformers`. `model` (e.g. the folder's model with
+    an adapter merged in) replaces the weights read from `model_dir`; its config, tokenizer and
+    token ids still come from `model_dir`."""
     model_dir, out = Path(model_dir), Path(out)
-    model = load_pretrained(model_dir)
+    model = model if model is not None else load_pretrained(model_dir)
     blockers = mixtral_blockers(model.cfg) if model.cfg.n_experts else []
     if blockers:
         raise CheckpointError(
@@ -495,11 +425,6 @@ def export_hf(
             f"routing with renormalised weights, dropless, no shared expert and no q/k/v bias maps to "
             f"Mixtral. lmforge itself loads the folder as it is (model_type {LMFORGE_MOE})."
         )
-    if adapter is not None:
-        from ..peft.lora import load_adapter, merge_lora
-
-        load_adapter(model, adapter)
-        model = merge_lora(model)
     hf = read_hf_config(model_dir)
     save_pretrained(
         model,
@@ -514,6 +439,6 @@ def export_hf(
     return {
         "out": str(out),
         "params": model.num_params(),
-        "merged_adapter": str(adapter) if adapter else None,
+        "merged_adapter": merged_adapter,
         "files": files,
     }

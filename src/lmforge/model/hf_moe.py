@@ -58,6 +58,8 @@ def mixtral_blockers(cfg: ModelConfig) -> list[str]:
         )
     if cfg.qkv_bias:
         out.append("qkv_bias=true (Mixtral's attention has no biases)")
+    if cfg.layer_types is not None and "full" in cfg.layer_types and cfg.sliding_window:
+        out.append("layer_types mixes full and sliding layers (Mixtral slides every layer or none)")
     return out
 
 
@@ -92,7 +94,7 @@ def moe_hf_config(cfg: ModelConfig) -> dict:
             "model_type": "mixtral",
             **_common(cfg),
             "router_jitter_noise": 0.0,
-            "sliding_window": None,
+            "sliding_window": cfg.sliding_window,
             "attention_dropout": 0.0,
             # lmforge-only training knobs, so an export -> import round trip keeps them
             "lmforge": {"z_loss_coef": cfg.z_loss_coef, "d_ff": cfg.d_ff},

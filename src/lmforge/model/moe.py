@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import MLP
+
 
 class Experts(nn.Module):
     def __init__(self, n: int, d: int, ff: int):
@@ -34,16 +36,22 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * ff, d))
         self.down_proj = nn.Parameter(torch.empty(n, d, ff))
 
+    # `gate_up` / `down` are the two matmuls of one expert; adapter and quantised versions of
+    # this module (peft/) provide the same three methods, so the MoE layer runs them unchanged.
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.gate_up_proj[e])
+
+    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.down_proj[e])
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        gate, up = self.gate_up(e, x).chunk(2, dim=-1)
+        return self.down(e, F.silu(gate) * up)
 
 
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        from .transformer import MLP
-
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_top_k
         self.gate_type, self.capacity_factor = cfg.moe_gate, cfg.capacity_factor
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)

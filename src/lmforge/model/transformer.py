@@ -12,6 +12,14 @@ Architecture choices (and why):
   matrix is a large share of the parameters).
 - Module and parameter names mirror `transformers`' LlamaForCausalLM (`model.layers.0.self_attn
   .q_proj.weight`, `lm_head.weight`, ...): a state dict is a valid HF state dict and vice versa.
+- The other families are the same decoder with flags (`ModelConfig`): q/k norms (Qwen3), Gemma's
+  (1 + w) norms, GeGLU, sqrt(d) embedding scale, sandwich norms, soft-capped attention scores
+  and logits and alternating sliding-window / global layers (Gemma 2), learned positions,
+  LayerNorm, biases and a plain GELU MLP (GPT-2). The pieces are in `layers.py`; the family
+  converters in `families/` map the checkpoints.
+- Sliding-window attention is a per-layer `window` on `Attention`, applied as a band mask on the
+  cache slots (training, prefill and decoding alike), so a window layer matches `transformers`
+  beyond the window length too.
 
 The forward pass takes optional `position_ids` (for packed sequences and KV-cache decoding), an
 optional boolean `attn_mask` (True = may attend; for document masking when packing) and an
@@ -27,25 +35,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .layers import MLP, LMHead, RMSNorm, ScaledEmbedding, make_norm
 from .moe import MoE
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "SlidingAttention",
+    "Decoder",
+    "KVCache",
+    "RMSNorm",
+    "Transformer",
+    "apply_rotary",
+]
 
 
 class Rotary(nn.Module):
     """cos/sin tables for RoPE, computed once in fp32 and grown on demand."""
 
-    def __init__(self, head_dim: int, theta: float, max_seq_len: int):
+    def __init__(self, head_dim: int, theta: float, max_seq_len: int, factor: float = 1.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.factor = factor  # linear scaling: position p rotates as p / factor
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)) / factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._build(max_seq_len)
 
@@ -103,56 +115,119 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def window_band(q_index: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+    """Boolean [..., Tq, Tk]: query at cache slot i may see key slot j iff 0 <= i - j < window
+    (Hugging Face's sliding-window semantics, causal included)."""
+    d = q_index[..., :, None] - torch.arange(n_keys, device=q_index.device)
+    return (d >= 0) & (d < window)
+
+
 class Attention(nn.Module):
+    """Multi-head / grouped-query attention with RoPE (or none, for learned positions), optional
+    q/k norms (Qwen3), score soft-capping (Gemma 2) and a per-layer sliding `window`.
+
+    The window is applied as a band on the cache slots the keys occupy: without a cache the
+    queries are the last T of the keys; an `lmforge` KVCache appends, so the same holds; a
+    duck-typed cache (the serve engine's slot cache) passes `q_index`, the slot of each query."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        qkv_bias = cfg.qkv_bias or cfg.bias
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, self.hd)
+            self.k_norm = make_norm(cfg, self.hd)
+        self.qk_norm = cfg.qk_norm
+        self.rope = cfg.positions == "rope"
+        self.window = cfg.window_of(layer_idx)
+        self.softcap = cfg.attn_softcap
+        self.scale = cfg.query_scale**-0.5 if cfg.query_scale else None
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, q_index=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        S = k.shape[2]
+        if self.window is not None and S > self.window:
+            if q_index is None:
+                q_index = torch.arange(S - T, S, device=x.device)
+            band = window_band(q_index, S, self.window)
+            band = band[:, None] if band.dim() == 3 else band
+            attn_mask = band if attn_mask is None else attn_mask & band
+        y = self._attend(q, k, v, attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _attend(self, q, k, v, attn_mask):
         gqa = self.n_kv != self.n_heads  # SDPA shares each K/V head among n_heads/n_kv queries
+        T, S = q.shape[2], k.shape[2]
+        if self.softcap:
+            return self._softcapped(q, k, v, attn_mask)
+        if attn_mask is None and 1 < T < S:  # a chunk appended to a filled cache
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if attn_mask is None:
             # Plain causal attention over a fresh sequence (training, or a prefill into an
             # empty cache). One query against the cache needs no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=gqa)
+
+    def _softcapped(self, q, k, v, attn_mask):
+        """Explicit attention: scores -> c * tanh(s / c) -> mask -> fp32 softmax (Gemma 2)."""
+        T, S = q.shape[2], k.shape[2]
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        scale = self.scale if self.scale is not None else self.hd**-0.5
+        s = (q @ k.transpose(-1, -2)) * scale
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if attn_mask is None and T > 1:
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        return s.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
-        super().__init__()
-        hidden = hidden or cfg.ff_dim
-        self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+class SlidingAttention(Attention):
+    """`Attention` of a layer with a sliding window. The computation is the base class's; the
+    distinct type keeps code that replaces full-attention layers by exact class (the serve
+    engine's fused decoder and its grouped-query switch) away from windowed layers."""
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; with `sandwich_norm` (Gemma 2) the attention and MLP outputs are
+    normed too, under Gemma 2's names (`post_attention_layernorm` then norms the attention
+    output, and `pre_feedforward_layernorm` is the MLP's input norm)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.sandwich = cfg.sandwich_norm
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = (SlidingAttention if cfg.window_of(layer_idx) else Attention)(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = make_norm(cfg)
+            self.post_feedforward_layernorm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, q_index=None):
+        extra = {"q_index": q_index} if q_index is not None else {}
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, **extra)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -161,10 +236,15 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        emb = ScaledEmbedding if cfg.embed_scale else nn.Embedding
+        self.embed_tokens = emb(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
+        self.norm = make_norm(cfg)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_linear_factor)
+        if cfg.rope_theta_local is not None:  # sliding layers rotate with their own base (Gemma 3)
+            self.rotary_local = Rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len)
 
 
 class Transformer(nn.Module):
@@ -172,7 +252,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.logit_softcap:
+            self.lm_head: nn.Linear = LMHead(cfg.d_model, cfg.vocab_size, cfg.logit_softcap)
+        else:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
@@ -186,8 +269,8 @@ class Transformer(nn.Module):
             if p.dim() < 2:
                 if name.endswith("bias"):
                     p.zero_()
-                else:
-                    p.fill_(1.0)  # norm weights
+                else:  # norm weights: 1, or 0 for Gemma's (1 + w) form
+                    p.fill_(0.0 if self.cfg.norm == "rms_offset" else 1.0)
                 continue
             s = (
                 std / math.sqrt(2 * self.cfg.n_layers)
@@ -204,9 +287,21 @@ class Transformer(nn.Module):
             need = start + T
             position_ids = torch.arange(start, need, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        if self.cfg.positions == "learned":
+            if (need or int(position_ids.max()) + 1) > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"position {int(position_ids.max())} beyond the learned position table "
+                    f"({self.cfg.max_seq_len} positions)"
+                )
+            x = x + self.model.embed_positions(position_ids)
         cos, sin = self.model.rotary(position_ids, x.dtype, need)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn_mask, cache)
+        local = self.model.rotary_local(position_ids, x.dtype, need) if self.cfg.rope_theta_local else None
+        # a duck-typed cache (serve's slot cache) takes position ids equal to its slots
+        windowed = self.cfg.sliding_window is not None
+        q_index = position_ids if windowed and cache is not None and not isinstance(cache, KVCache) else None
+        for i, layer in enumerate(self.model.layers):
+            rope = local if local is not None and self.cfg.window_of(i) else (cos, sin)
+            x = layer(x, *rope, attn_mask, cache, q_index)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -19,6 +19,10 @@ Why this shape:
   then merging dequantises.
 * Loading an adapter checks every tensor's name and shape against the model and names the
   first mismatch (an adapter trained for a different base model fails loudly).
+* Mixture-of-Experts: `w1`/`w3` (gate/up) and `w2` (down) target the stacked expert tensors,
+  one low-rank pair per expert (`lora_experts.py`, saved as PEFT `target_parameters`). When the
+  targets leave most of the model's weights untouched (a Mixtral with attention-only targets)
+  `apply_lora` warns and says which names would adapt the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +40,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig
+from ..model.families import family_for_config
+from ..model.moe import Experts
 from ..runs import atomic_path, atomic_write_json
+from .lora_experts import (
+    EXPERT_TARGETS,
+    LoraExperts,
+    expert_params,
+    is_experts,
+    is_linear,
+    stacked_shape,
+    warn_untouched,
+    weight_count,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."
@@ -147,14 +164,12 @@ class LoraLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- applying
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "NF4Linear"
-
-
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     names = []
     for name, m in model.named_modules():
-        if not _is_linear(m) or ".lora_" in name or name.endswith(("lora_A", "lora_B")):
+        if not is_linear(m) or ".lora_" in name or name.endswith(("lora_A", "lora_B")):
+            continue
+        if ".experts." in name:  # 4-bit experts' per-expert matrices: adapted through w1/w2/w3
             continue
         if isinstance(targets, str):
             ok = re.fullmatch(targets, name) is not None
@@ -163,28 +178,59 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
         if ok:
             names.append(name)
     if not names:
-        avail = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        avail = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         raise ConfigError(
             f"lora.target_modules {targets!r} matched no linear layer; names available: {avail}"
         )
     return names
 
 
+def _split_targets(model: nn.Module, targets: list[str] | str) -> tuple[list[str] | str | None, list[str]]:
+    """(linear-layer targets or None, stacked expert tensors to adapt)."""
+    if isinstance(targets, str) or not any(is_experts(m) for m in model.modules()):
+        return targets, []
+    linear = [t for t in targets if t not in EXPERT_TARGETS]
+    return (linear or None), expert_params(list(targets))
+
+
 def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
-    """Freeze `model` and wrap the target linears with LoRA; returns the wrapped module names."""
+    """Freeze `model` and wrap the target linears (and expert tensors) with LoRA; returns the
+    wrapped module names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    names = match_targets(model, s.target_modules)
+    total = weight_count(model)
+    linear, experts = _split_targets(model, s.target_modules)
+    if experts and (s.dropout > 0 or s.use_dora):
+        raise ConfigError(
+            "lora: dropout and DoRA are not available on expert weights (w1/w2/w3; PEFT's "
+            "parameter LoRA has neither); set lora.dropout: 0 and lora.use_dora: false"
+        )
+    names = match_targets(model, linear) if linear is not None else []
+    adapted = 0
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(getattr(parent, child), s))
+        base = getattr(parent, child)
+        adapted += base.in_features * base.out_features
+        setattr(parent, child, LoraLinear(base, s))
+    if experts:
+        for name, m in [(n, m) for n, m in model.named_modules() if is_experts(m)]:
+            wrapped = LoraExperts(m, experts, s.r, s.scale)
+            adapted += sum(math.prod(stacked_shape(m, p)) for p in experts)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, wrapped)
+            names.append(name)
+    warn_untouched(model, adapted, total)
     model.lora_settings = s  # type: ignore[attr-defined]
     return names
 
 
 def lora_modules(model: nn.Module) -> Iterable[tuple[str, LoraLinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
+
+
+def expert_lora_modules(model: nn.Module) -> Iterable[tuple[str, LoraExperts]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraExperts))
 
 
 def set_merged(model: nn.Module, merged: bool) -> None:
@@ -207,6 +253,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 lin.bias.copy_(bias.to(dt))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+    for name, lx in list(expert_lora_modules(model)):
+        gu, down = lx.merged_tensor("gate_up_proj"), lx.merged_tensor("down_proj")
+        dense = Experts(gu.shape[0], gu.shape[2], down.shape[2]).to(gu.device)
+        with torch.no_grad():
+            dt = _experts_dtype(lx.base_layer)
+            dense.gate_up_proj.data = gu.to(dt)
+            dense.down_proj.data = down.to(dt)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, dense)
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "lora_settings"):
@@ -214,9 +269,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _experts_dtype(base: nn.Module) -> torch.dtype:
+    dt: torch.dtype = getattr(base, "compute_dtype", None) or getattr(base, "gate_up_proj").dtype  # noqa: B009
+    return dt
+
+
 # ----------------------------------------------------------------------------- PEFT format
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
+    for name, lx in expert_lora_modules(model):
+        for k, v in lx.peft_tensors().items():
+            out[f"{PREFIX}{name}.{k}"] = v.detach().cpu().contiguous()
     for name, m in lora_modules(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
         out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
@@ -235,6 +298,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)})
+    params = next((m.params for _, m in expert_lora_modules(model)), [])
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -255,9 +319,24 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
         "rank_pattern": {},
         "alpha_pattern": {},
         "library": "lmforge",
+        **({"target_parameters": [f"mlp.experts.{p}" for p in params]} if params else {}),
     }
+    state = lora_state_dict(model)
+    mcfg = getattr(model, "cfg", None)
+    family = family_for_config(mcfg) if isinstance(mcfg, ModelConfig) else None
+    if (
+        isinstance(mcfg, ModelConfig) and family is not None and family.lora_out is not None
+    ):  # fused layers (Phi-3, GPT-2)
+        if s.use_dora:
+            raise ConfigError(
+                f"DoRA adapters on {family.name}'s fused layers have no PEFT form; use plain LoRA"
+            )
+        state, updates = family.lora_out(
+            state, mcfg, {"r": s.r, "alpha": s.alpha, "use_rslora": s.use_rslora}
+        )
+        cfg.update(updates)
     with atomic_path(out / "adapter_model.safetensors") as tmp:
-        save_file(lora_state_dict(model), str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write_json(out / "adapter_config.json", cfg)
     return out
 
@@ -285,11 +364,20 @@ def settings_from_peft(cfg: dict, source: str) -> LoraSettings:
             raise CheckpointError(f"{source}: {key} is not supported")
     if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out"):
         raise CheckpointError(f"{source}: bias/fan_in_fan_out adapters are not supported")
+    targets = cfg.get("target_modules") or []
+    stacked = [p.rsplit(".", 1)[-1] for p in cfg.get("target_parameters") or []]
+    bad = [p for p in stacked if p not in ("gate_up_proj", "down_proj")]
+    if bad:
+        raise CheckpointError(
+            f"{source}: target_parameters {bad} not supported (expert gate_up_proj/down_proj)"
+        )
+    if stacked:
+        targets = [*([targets] if isinstance(targets, str) else targets), *(f"experts.{p}" for p in stacked)]
     return LoraSettings(
         r=cfg["r"],
         alpha=cfg.get("lora_alpha", 8),
         dropout=cfg.get("lora_dropout", 0.0),
-        target_modules=cfg["target_modules"],
+        target_modules=targets,
         use_rslora=bool(cfg.get("use_rslora")),
         use_dora=bool(cfg.get("use_dora")),
     )
@@ -298,7 +386,7 @@ def settings_from_peft(cfg: dict, source: str) -> LoraSettings:
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     """Apply the PEFT LoRA adapter in `folder` to `model` (in place)."""
     folder = Path(folder)
-    s = settings_from_peft(read_adapter_config(folder), str(folder / "adapter_config.json"))
+    acfg = read_adapter_config(folder)
     wfile = folder / "adapter_model.safetensors"
     try:
         state = load_file(str(wfile))
@@ -309,6 +397,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
             else ""
         )
         raise CheckpointError(f"{wfile}: cannot read ({e}){hint}") from None
+    state = {k.replace(".default.", "."): v for k, v in state.items()}
+    mcfg = getattr(model, "cfg", None)
+    family = family_for_config(mcfg) if isinstance(mcfg, ModelConfig) else None
+    if (
+        isinstance(mcfg, ModelConfig) and family is not None and family.lora_in is not None
+    ):  # fused layers -> lmforge's split ones
+        state, acfg = family.lora_in(state, mcfg, acfg, str(folder / "adapter_config.json"))
+    s = settings_from_peft(acfg, str(folder / "adapter_config.json"))
     if getattr(model, "lora_settings", None) is None:
         try:
             apply_lora(model, s)
@@ -322,7 +418,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
         own[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
         if m.use_dora:
             own[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
-    state = {k.replace(".default.", "."): v for k, v in state.items()}
+    for name, lx in expert_lora_modules(model):
+        for k, v in lx.peft_tensors().items():
+            own[f"{PREFIX}{name}.{k}"] = v
     state = {
         (k[: -len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k): v
         for k, v in state.items()
@@ -342,7 +440,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
             )
     with torch.no_grad():
         for k, v in state.items():
+            if not own[k].is_leaf:  # expert tensors: a view in PEFT's layout, loaded below
+                continue
             own[k].copy_(v.to(own[k].dtype))
+        for name, lx in expert_lora_modules(model):
+            pre = f"{PREFIX}{name}."
+            lx.load_peft_tensors({k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)})
     return s
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model.transformer import Transformer
 from ..runs import atomic_path, atomic_write_json
 
@@ -39,6 +39,12 @@ class PromptSettings(BaseModel):
 class PromptTuned(nn.Module):
     def __init__(self, model: Transformer, n_virtual: int, init_ids: list[int] | None = None, seed: int = 0):
         super().__init__()
+        if model.cfg.positions != "rope" or model.cfg.rope_theta_local is not None:
+            raise ConfigError(
+                "prompt tuning needs a model with one RoPE table (virtual tokens take positions "
+                f"0..N-1 in it); this {model.cfg.hf_type or 'model'} has learned positions or a "
+                "second RoPE base: use sft.method=lora instead"
+            )
         self.model, self.cfg, self.n_virtual = model, model.cfg, n_virtual
         for p in model.parameters():
             p.requires_grad_(False)

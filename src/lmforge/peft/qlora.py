@@ -11,6 +11,12 @@ Two quantisers, both work on CPU and GPU:
   offset); we keep its packed tensors as plain buffers so checkpoints stay safetensors.
 * `bitsandbytes`: bnb's `quantize_4bit(quant_type="nf4", compress_statistics=True)`.
 
+Mixture-of-Experts: the stacked expert tensors (most of a Mixtral's weights) are quantised too,
+one NF4 matrix per expert (`NF4Experts`), so LoRA on `w1/w2/w3` or on attention alone sits on a
+4-bit base. A weight NF4 cannot hold (element count not a multiple of the 64-weight block) is
+named with its tensor and the fix by `check_quantizable`, from the config alone, before any data
+is read or weight loaded.
+
 `NF4Linear` never keeps a dequantised weight alive: its autograd function dequantises in the
 forward and again in the backward (the weight gets no gradient; only the input does), so
 activation memory does not grow by a bf16 copy of every layer. Everything else that stays
@@ -30,7 +36,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig
 from ..model.hf import empty_model, finish_model, from_hf_config, iter_weights, read_hf_config
+from ..model.moe import Experts
 from ..model.transformer import Transformer
 
 BLOCK = 64
@@ -188,6 +196,64 @@ class NF4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nf4+dq ({self.backend}), compute={self.compute_dtype}"
 
 
+class NF4Experts(nn.Module):
+    """A layer's stacked experts in NF4: one `NF4Linear` per expert for `gate_up_proj` [2ff, d]
+    and `down_proj` [d, ff]; the same `gate_up` / `down` / `expert` methods as `moe.Experts`."""
+
+    def __init__(self, compute_dtype: torch.dtype, backend: str):
+        super().__init__()
+        self.compute_dtype, self.backend = compute_dtype, backend
+        self.gate_up_proj = nn.ModuleList()
+        self.down_proj = nn.ModuleList()
+        self.gate_up_proj_shape: tuple[int, ...] | None = None
+        self.down_proj_shape: tuple[int, ...] | None = None
+
+    def set(self, name: str, w: torch.Tensor) -> None:
+        layers = nn.ModuleList(
+            NF4Linear(w[e], None, self.compute_dtype, self.backend) for e in range(w.shape[0])
+        )
+        setattr(self, name, layers)
+        setattr(self, f"{name}_shape", tuple(w.shape))
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_up_proj[e](x)
+
+    def down(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj[e](x)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(e, x).chunk(2, dim=-1)
+        return self.down(e, F.silu(gate) * up)
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        return torch.stack([m.dequantize() for m in getattr(self, name)])
+
+
+def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The matrices QLoRA stores in NF4 (one expert's matrix for stacked experts), by name."""
+    model = empty_model(cfg)
+    out = {}
+    for name, m in model.named_modules():
+        if _is_block_linear(name, m):
+            out[f"{name}.weight"] = tuple(m.weight.shape)
+        elif isinstance(m, Experts):
+            out[f"{name}.gate_up_proj"] = tuple(m.gate_up_proj.shape)
+            out[f"{name}.down_proj"] = tuple(m.down_proj.shape)
+    return out
+
+
+def check_quantizable(cfg: ModelConfig, source: str = "model") -> None:
+    """Refuse, naming the first tensor, a model whose block weights NF4 cannot store."""
+    for name, shape in quantized_shapes(cfg).items():
+        per_matrix = math.prod(shape[-2:])
+        if per_matrix % BLOCK:
+            raise ConfigError(
+                f"{source}: {name} {shape} has {per_matrix} weights per matrix, not a multiple of "
+                f"the NF4 block ({BLOCK}), so QLoRA cannot quantise it; use sft.method=lora "
+                f"(with sft.base_dtype=bfloat16 to save memory) for this model"
+            )
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
@@ -200,10 +266,17 @@ def quantize_model(model: Transformer, s: QLoraSettings) -> Transformer:
     """Quantise every linear of the transformer blocks to NF4 (in place); the rest (embeddings,
     norms, lm_head) is frozen in the compute dtype."""
     cd = _dtype(s.compute_dtype)
+    check_quantizable(model.cfg)
     for name, m in list(model.named_modules()):
         if _is_block_linear(name, m):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, NF4Linear(m.weight, m.bias, cd, s.backend))
+        elif isinstance(m, Experts):
+            q = NF4Experts(cd, s.backend)
+            q.set("gate_up_proj", m.gate_up_proj.detach())
+            q.set("down_proj", m.down_proj.detach())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
     for p in model.parameters():
         p.requires_grad_(False)
         if p.is_floating_point():
@@ -215,6 +288,7 @@ def load_quantized(folder: str | Path, s: QLoraSettings, device="cpu") -> Transf
     """Read a model folder straight into NF4 form, one tensor at a time."""
     folder = Path(folder)
     cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
+    check_quantizable(cfg, str(folder))
     cd = _dtype(s.compute_dtype)
     model = empty_model(cfg)
     own = model.state_dict()
@@ -240,6 +314,12 @@ def load_quantized(folder: str | Path, s: QLoraSettings, device="cpu") -> Transf
             mod.bias = nn.Parameter(t.to(device, cd), requires_grad=False)
         elif _is_block_linear(mod_name, mod) and attr == "bias":
             pending_bias[mod_name] = t
+        elif isinstance(mod, (Experts, NF4Experts)):
+            if isinstance(mod, Experts):
+                parent, _, child = mod_name.rpartition(".")
+                mod = NF4Experts(cd, s.backend)
+                setattr(model.get_submodule(parent), child, mod)
+            mod.set(attr, t.to(device))
         else:
             setattr(mod, attr, nn.Parameter(t.to(device, cd), requires_grad=False))
     missing = [k for k in own if k not in seen and not (k == "lm_head.weight" and cfg.tie_embeddings)]
@@ -269,6 +349,14 @@ def build_optimizer(params, s: QLoraSettings, lr: float, weight_decay: float, be
 def dequantize_model(model: Transformer, dtype: torch.dtype = torch.float32) -> Transformer:
     """Replace NF4 layers by dense ones (after `merge_lora`, or to export a quantised model)."""
     for name, m in list(model.named_modules()):
+        if isinstance(m, NF4Experts):
+            gu, down = m.dequantized("gate_up_proj"), m.dequantized("down_proj")
+            dense = Experts(gu.shape[0], gu.shape[2], down.shape[2]).to(device=gu.device, dtype=dtype)
+            dense.gate_up_proj.data = gu.to(dtype)
+            dense.down_proj.data = down.to(dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    for name, m in list(model.named_modules()):
         if isinstance(m, NF4Linear):
             lin = nn.Linear(
                 m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=m.qweight.device
@@ -292,6 +380,8 @@ def nf4_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "NF4Linear",
+    "NF4Experts",
+    "check_quantizable",
     "QLoraSettings",
     "quantize_model",
     "load_quantized",

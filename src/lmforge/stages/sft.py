@@ -18,6 +18,7 @@ Prompt tuning writes no `model/` (the base is unchanged; load the adapter with i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -39,11 +40,19 @@ from ..chat import (
 from ..data.builtin import split_by_key, split_train_val
 from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
+from ..model.config import ModelConfig
 from ..model.generate import SamplingParams, generate
-from ..model.hf import load_pretrained, read_hf_config, save_pretrained
+from ..model.hf import from_hf_config, load_pretrained, read_hf_config, save_pretrained
 from ..peft.lora import LoraSettings, apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
-from ..peft.qlora import QLoraSettings, build_optimizer, dequantize_model, load_quantized, nf4_bytes
+from ..peft.qlora import (
+    QLoraSettings,
+    build_optimizer,
+    check_quantizable,
+    dequantize_model,
+    load_quantized,
+    nf4_bytes,
+)
 from ..runs import atomic_write_json, atomic_write_text
 from ..train.engine import TrainConfig, Trainer
 from .base import StageContext, define_stage
@@ -63,7 +72,11 @@ class SFTConfig(TrainConfig):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     max_examples: int | None = Field(None, ge=1, description="cap on training conversations")
     max_val_examples: int = Field(128, ge=1, description="held-out conversations scored before/after")
-    seq_len: int | None = Field(None, ge=8, description="default: the model's context")
+    seq_len: int | None = Field(
+        None,
+        ge=8,
+        description="default: the model's context (capped by a memory estimate); checked against it",
+    )
     packing: bool = True
     truncation: Literal["truncate", "drop"] = "truncate"
     special_tokens_in_content: Literal["text", "control"] = Field(
@@ -103,6 +116,38 @@ def load_records(sources: list[str], max_examples: int | None = None) -> list[tu
         else:
             out += list(read_jsonl_records(src))
     return out
+
+
+def choose_seq_len(cfg: SFTConfig, mcfg: ModelConfig, model_dir: Path, device, log) -> int:
+    """`sft.seq_len`, checked against the model's context; unset, the context, halved while the
+    estimated activations of a batch exceed half the free memory (never below 256)."""
+    context = mcfg.max_seq_len
+    if cfg.seq_len is not None:
+        if cfg.seq_len > context:
+            raise ConfigError(
+                f"sft.seq_len={cfg.seq_len} exceeds the model's context ({context} positions in "
+                f"{model_dir / 'config.json'}); set sft.seq_len <= {context}, or leave it unset"
+            )
+        return cfg.seq_len
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return context
+    per_token = mcfg.activation_bytes_per_token(2 if dev.type == "cuda" else 4)
+    seq = context
+    while seq > 256 and cfg.batch_size * seq * per_token > free / 2:
+        seq //= 2
+    if seq < context:
+        log(
+            f"sft.seq_len: the model's context is {context}, capped to {seq} so that a batch of "
+            f"{cfg.batch_size} rows (~{cfg.batch_size * seq * per_token / 2**30:.1f} GiB of activations, "
+            f"estimated) fits in half the free memory ({free / 2**30:.1f} GiB); set sft.seq_len to choose"
+        )
+    return seq
 
 
 def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.device, seed: int):
@@ -159,7 +204,7 @@ def _stats_log(ctx, split: str, st: EncodeStats) -> None:
     needs=("pretrain",),
     help="supervised fine-tuning on chat data (full / LoRA / QLoRA / prompt tuning)",
     flags=(
-        ("--model", "model", "model folder to fine-tune (lmforge or HF Llama-family)"),
+        ("--model", "model", "model folder to fine-tune (lmforge, or an imported HF family: see docs)"),
         ("--data", "data", "JSONL chat data file, or 'builtin'"),
         ("--method", "method", "full | lora | qlora | prompt"),
     ),
@@ -171,8 +216,11 @@ def sft_stage(ctx: StageContext) -> dict:
         raise ConfigError(f"sft.model: {model_dir} is not a model folder (no config.json)")
     fmt = ChatFormat.from_dir(model_dir)
     fmt.literal_content = cfg.special_tokens_in_content == "text"
-    context = read_hf_config(model_dir).get("max_position_embeddings", 2048)
-    seq_len = cfg.seq_len or context
+    mcfg = from_hf_config(read_hf_config(model_dir), str(model_dir / "config.json"))
+    if cfg.method == "qlora":  # before any data is read: NF4 shape problems name the tensor
+        check_quantizable(mcfg, str(model_dir))
+    context = mcfg.max_seq_len
+    seq_len = choose_seq_len(cfg, mcfg, model_dir, ctx.device, ctx.log)
     if cfg.method == "prompt":
         seq_len = min(seq_len, context - cfg.prompt_tuning.num_virtual_tokens)
     device = ctx.device

@@ -37,22 +37,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..model.hf import model_state_for_saving, to_hf_config
 from ..runs import _fsync_dir, atomic_write_json, fault_point, file_sha256, storage_error
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
-
-
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied (shared-storage) duplicates removed, contiguous, on CPU."""
-    out, seen = {}, {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen[key] = name
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
 
 
 def save_checkpoint(
@@ -87,8 +75,6 @@ def save_checkpoint(
         current.write_text(json.dumps(trainer_state, indent=2))
         cfg = getattr(model, "cfg", None)
         if cfg is not None:  # makes the checkpoint folder loadable as a model folder on its own
-            from ..model.hf import to_hf_config
-
             current = tmp / "config.json"
             current.write_text(json.dumps(to_hf_config(cfg), indent=2))
         sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}

@@ -1,0 +1,89 @@
+"""Model families: how each Hugging Face `model_type` maps to lmforge's one decoder.
+
+A `Family` holds four small functions: config.json -> `ModelConfig` (refusing, with the key
+named, what the decoder would compute differently), `ModelConfig` -> config.json, and the
+weight-name mapping in each direction (identity for the families whose names lmforge's modules
+already use; Phi-3 splits and re-fuses its fused projections, GPT-2 renames and transposes its
+Conv1D weights, Mixtral stacks and unstacks experts), and for the families with fused layers the
+same for LoRA adapters (`lora_layout.py`), so an adapter loads in `peft` on the family's model. Reading streams (name, tensor) pairs, so
+a converter never needs the whole checkpoint in memory.
+
+`family_for_type` finds the reader of a config.json, `family_for_config` the writer of a model:
+the family the model was imported from (`ModelConfig.hf_type`), else Llama / Qwen2 / Mistral /
+Mixtral chosen from the flags, as lmforge's own models have always been written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import CheckpointError
+from ..config import ModelConfig
+
+Items = Iterable[tuple[str, torch.Tensor]]
+
+
+def _same_in(items: Items, cfg: ModelConfig, source: str) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(items)
+
+
+def _same_out(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return state
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    from_hf: Callable[[dict, str], ModelConfig]
+    to_hf: Callable[[ModelConfig], dict]
+    keys_in: Callable[[Items, ModelConfig, str], Iterator[tuple[str, torch.Tensor]]] = _same_in
+    keys_out: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] = _same_out
+    # LoRA tensors in the family's layer names (fused layers): (state, adapter settings) ->
+    # (state, adapter_config.json updates), and back; None = lmforge's names are the family's
+    lora_out: Callable[[dict[str, torch.Tensor], ModelConfig, dict], tuple[dict, dict]] | None = None
+    lora_in: Callable[[dict[str, torch.Tensor], ModelConfig, dict, str], tuple[dict, dict]] | None = None
+
+
+def _registry() -> dict[str, Family]:
+    from . import gemma, gpt2, llama, mixtral, phi3, qwen3
+
+    out = {}
+    for mod in (llama, qwen3, gemma, phi3, gpt2, mixtral):
+        for fam in mod.FAMILIES:
+            for mt in fam.model_types:
+                out[mt] = fam
+    return out
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def families() -> dict[str, Family]:
+    if not FAMILIES:
+        FAMILIES.update(_registry())
+    return FAMILIES
+
+
+def supported_types() -> list[str]:
+    return sorted(families())
+
+
+def family_for_type(model_type: str | None, source: str = "config.json") -> Family:
+    fam = families().get(model_type or "")
+    if fam is None:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {supported_types()})"
+        )
+    return fam
+
+
+def family_for_config(cfg: ModelConfig) -> Family:
+    if cfg.hf_type:
+        return family_for_type(cfg.hf_type, "model config (hf_type)")
+    if cfg.n_experts:
+        return families()["mixtral"]
+    return families()["llama"]
