@@ -15,42 +15,15 @@ Mixtral chosen from the flags, as lmforge's own models have always been written.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-
-import torch
-
 from ...errors import CheckpointError
 from ..config import ModelConfig
+from . import gemma, gpt2, llama, mixtral, phi3, qwen3
+from .base import Family, Items
 
-Items = Iterable[tuple[str, torch.Tensor]]
-
-
-def _same_in(items: Items, cfg: ModelConfig, source: str) -> Iterator[tuple[str, torch.Tensor]]:
-    return iter(items)
-
-
-def _same_out(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return state
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    from_hf: Callable[[dict, str], ModelConfig]
-    to_hf: Callable[[ModelConfig], dict]
-    keys_in: Callable[[Items, ModelConfig, str], Iterator[tuple[str, torch.Tensor]]] = _same_in
-    keys_out: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] = _same_out
-    # LoRA tensors in the family's layer names (fused layers): (state, adapter settings) ->
-    # (state, adapter_config.json updates), and back; None = lmforge's names are the family's
-    lora_out: Callable[[dict[str, torch.Tensor], ModelConfig, dict], tuple[dict, dict]] | None = None
-    lora_in: Callable[[dict[str, torch.Tensor], ModelConfig, dict, str], tuple[dict, dict]] | None = None
+__all__ = ["Family", "Items", "family_for_config", "family_for_type", "families", "supported_types"]
 
 
 def _registry() -> dict[str, Family]:
-    from . import gemma, gpt2, llama, mixtral, phi3, qwen3
-
     out = {}
     for mod in (llama, qwen3, gemma, phi3, gpt2, mixtral):
         for fam in mod.FAMILIES:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ...errors import CheckpointError
 from ..config import ModelConfig
-from . import Family
+from .base import Family
 from .common import TO_HF_ACTIVATION, activation, base_fields, base_hf, window_fields, window_hf
 
 

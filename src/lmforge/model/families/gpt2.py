@@ -17,7 +17,7 @@ import torch
 
 from ...errors import CheckpointError
 from ..config import ModelConfig
-from . import Family, Items
+from .base import Family, Items
 from .common import TO_HF_ACTIVATION, activation
 from .lora_layout import PREFIX, check_patterns, fuse, patterns, split
 

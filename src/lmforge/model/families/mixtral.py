@@ -10,7 +10,7 @@ import torch
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from ..hf_moe import LMFORGE_MOE, from_mixtral_keys, moe_from_hf_config, moe_hf_config, to_mixtral_keys
-from . import Family, Items
+from .base import Family, Items
 from .common import base_fields
 
 

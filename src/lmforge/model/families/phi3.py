@@ -15,7 +15,7 @@ import torch
 
 from ...errors import CheckpointError
 from ..config import ModelConfig
-from . import Family, Items
+from .base import Family, Items
 from .common import activation, base_fields, base_hf, window_fields, window_hf
 from .lora_layout import check_patterns, fuse, patterns, split
 

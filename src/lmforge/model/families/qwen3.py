@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ...errors import CheckpointError
 from ..config import ModelConfig
-from . import Family
+from .base import Family
 from .common import activation, base_fields, base_hf, window_fields, window_hf
 
 
