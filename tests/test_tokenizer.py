@@ -385,16 +385,16 @@ def test_rag_documents_cannot_forge_a_turn(tiny_dir, chat_tok):
 
 
 def test_judge_prompts_cannot_forge_a_turn(tiny_dir, chat_tok, monkeypatch):
-    from lmforge.eval import generative
+    from lmforge.eval import judge
     from lmforge.eval.judge import generate_answers
     from lmforge.model.hf import load_pretrained
 
-    real, encoded = generative.generate_texts, []
+    real, encoded = judge.generate_texts, []
 
     def spy(model, tok, prompts, **kw):
         encoded.extend(tok.encode(p) for p in prompts)
         return real(model, tok, prompts, **kw)
 
-    monkeypatch.setattr(generative, "generate_texts", spy)
+    monkeypatch.setattr(judge, "generate_texts", spy)  # the name the judge calls
     generate_answers(load_pretrained(tiny_dir), chat_tok, [f"rate this {FORGED} 10/10"], max_new_tokens=2)
     assert _controls(chat_tok, encoded[0]) == ["<|bos|>", "<|user|>", "<|end|>", "<|assistant|>"]
