@@ -21,8 +21,13 @@ The rules, and why:
   counted; an example with no assistant token left is dropped and counted.
 * **Packing** concatenates short examples into rows of `seq_len` tokens (best-fit decreasing).
   Each example keeps its own positions (reset to 0) and a segment id; attention is causal *and*
-  within the segment, and targets never cross an example boundary, so a packed example's logits
-  equal its unpacked logits (tested).
+  within the segment (a `DocumentMask` from the segment ids: FlexAttention on GPU, never a
+  dense [B, 1, T, T] tensor in the batch), and targets never cross an example boundary, so a
+  packed example's logits equal its unpacked logits (tested).
+* **Unpacked rows are batched by a token budget** (`TokenBudgetBatches`): rows of similar
+  length are grouped (sort-by-length within shuffled pools) until a batch holds about
+  `batch_size x seq_len` padded tokens, so a step carries as many tokens as a packed one
+  instead of `batch_size` short rows.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import torch.nn.functional as F
 
 from .data.readers import loads_json
 from .errors import DataError
+from .model.attention import DocumentMask
+from .model.output import linear_cross_entropy
 from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, render_chat
 
 IGNORE = -100
@@ -402,7 +409,10 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
 
 
 def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
-    """Right-padded tensors. Packed rows get a document mask [B,1,T,T] (causal within segment);
+    """Right-padded tensors plus what the objective needs without reading the device back:
+    `target_index` (flat positions that carry a target), `targets` (those targets) and
+    `n_targets` (a host int). Packed rows get `position_ids` and `doc_ids` (the example of each
+    token, -1 for padding), from which the model builds its document mask (`DocumentMask`);
     unpacked rows need none (right padding is invisible to causal attention)."""
     T = max(len(r.ids) for r in rows)
     B = len(rows)
@@ -416,12 +426,26 @@ def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
         labels[b, :n] = torch.tensor(r.labels)
         pos[b, :n] = torch.tensor(r.pos)
         seg[b, :n] = torch.tensor(r.seg)
-    out = {"input_ids": ids, "labels": labels}
+    flat = labels.flatten()
+    index = torch.nonzero(flat != IGNORE).squeeze(1)
+    out = {
+        "input_ids": ids,
+        "labels": labels,
+        "target_index": index,
+        "targets": flat[index],
+        "n_targets": int(index.numel()),
+        "n_tokens": sum(len(r.ids) for r in rows),
+    }
     if packed:
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
         out["position_ids"] = pos
-        out["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        out["doc_ids"] = seg
     return out
+
+
+def document_mask(batch: dict) -> DocumentMask | None:
+    """The attention mask description of a collated batch (None: plain causal rows)."""
+    doc = batch.get("doc_ids")
+    return DocumentMask(doc) if doc is not None else None
 
 
 class ShuffledBatches:
@@ -457,40 +481,122 @@ class ShuffledBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+class TokenBudgetBatches:
+    """Endless batches of variable-length items whose padded size stays within `token_budget`
+    tokens (rows x longest row), grouped by length so little of it is padding.
+
+    Per epoch (seeded by (seed, epoch)): shuffle the items, cut the order into pools of
+    `pool` items, sort each pool by length, cut it greedily into batches under the budget, then
+    shuffle the batches. Every item appears exactly once per epoch; the state {epoch, position}
+    (position = batches of this epoch already served) restores the exact stream."""
+
+    def __init__(
+        self,
+        items: Sequence,
+        lengths: Sequence[int],
+        token_budget: int,
+        collate_fn,
+        *,
+        seed: int,
+        empty: str,
+        pool: int = 4096,
+    ):
+        if not items:
+            raise DataError(empty)
+        if token_budget < max(lengths):
+            raise DataError(
+                f"token budget {token_budget} is smaller than the longest row ({max(lengths)} tokens); "
+                f"raise batch_size or lower seq_len"
+            )
+        self.items, self.lengths = items, list(lengths)
+        self.token_budget, self.collate_fn, self.seed, self.pool = token_budget, collate_fn, seed, pool
+        self.epoch, self.position = 0, 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.items))
+        batches: list[list[int]] = []
+        for s in range(0, len(perm), self.pool):
+            group = sorted(perm[s : s + self.pool].tolist(), key=lambda i: self.lengths[i])
+            cur: list[int] = []
+            for i in group:  # sorted ascending: the new item is the longest of the batch
+                if cur and (len(cur) + 1) * self.lengths[i] > self.token_budget:
+                    batches.append(cur)
+                    cur = []
+                cur.append(i)
+            if cur:
+                batches.append(cur)
+        return [batches[j] for j in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        batches = self.epoch_batches(self.epoch)
+        while True:
+            if self.position >= len(batches):
+                self.epoch, self.position = self.epoch + 1, 0
+                batches = self.epoch_batches(self.epoch)
+            b = batches[self.position]
+            self.position += 1
+            yield self.collate_fn([self.items[i] for i in b])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+_NO_ROWS = "no training examples left after filtering; check the data and seq_len"
+
+
 class RowLoader(ShuffledBatches):
-    """Shuffled batches of SFT rows (packed or one example per row)."""
+    """Shuffled batches of SFT rows (packed or one example per row), `batch_size` rows each."""
 
     def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
         super().__init__(
-            rows,
-            batch_size,
-            lambda b: collate(b, pad_id, packed=packed),
-            seed=seed,
-            empty="no training examples left after filtering; check the data and seq_len",
+            rows, batch_size, lambda b: collate(b, pad_id, packed=packed), seed=seed, empty=_NO_ROWS
         )
+
+
+def row_loader(
+    rows: Sequence[Row], batch_size: int, seq_len: int, pad_id: int, *, packed: bool, seed: int
+) -> RowLoader | TokenBudgetBatches:
+    """The SFT training loader: packed rows `batch_size` at a time; unpacked rows by a budget of
+    `batch_size x seq_len` tokens, so both carry about the same number of tokens per step."""
+    if packed:
+        return RowLoader(rows, batch_size, pad_id, packed=True, seed=seed)
+    return TokenBudgetBatches(
+        rows,
+        [len(r.ids) for r in rows],
+        batch_size * seq_len,
+        lambda b: collate(b, pad_id, packed=False),
+        seed=seed,
+        empty=_NO_ROWS,
+    )
 
 
 # ----------------------------------------------------------------------------- loss
 def _forward(model, batch):
-    return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+    return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=document_mask(batch))
 
 
 class SFTObjective:
     """Cross-entropy summed over assistant targets; count = number of assistant targets.
 
-    The output projection runs only at positions that have a target: in chat data most tokens
-    are system/user/template tokens, and with a large vocabulary the [tokens, vocab] logits are
-    the biggest activation of the step (TRL and HF compute them everywhere)."""
+    The output projection runs only at positions that have a target, gathered by the indices the
+    collator computed on the host (no boolean indexing, so no device sync), and in chunks
+    (`linear_cross_entropy`): in chat data most tokens are system/user/template tokens, and with
+    a large vocabulary the [tokens, vocab] logits are the biggest activation of the step."""
+
+    unit_name = "assistant_tokens"
 
     def __call__(self, model, batch):
         labels = batch["labels"]
-        if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        if hasattr(model, "hidden_states") and hasattr(model, "lm_head") and "target_index" in batch:
             h = model.hidden_states(
-                batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask")
+                batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=document_mask(batch)
             )
-            sel = labels != IGNORE
-            logits = model.lm_head(h[sel])
-            loss = F.cross_entropy(logits.float(), labels[sel], reduction="sum")
+            h = h.flatten(0, 1).index_select(0, batch["target_index"])
+            loss = linear_cross_entropy(h, model.lm_head, batch["targets"])
         else:
             logits = _forward(model, batch)
             loss = F.cross_entropy(
@@ -499,7 +605,15 @@ class SFTObjective:
         return loss, self.count(batch), {}
 
     def count(self, batch) -> int:
+        if "n_targets" in batch:
+            return batch["n_targets"]
         return int((batch["labels"] != IGNORE).sum())
+
+    def tokens(self, batch) -> int:
+        """Processed (non-padding) tokens of the batch."""
+        if "n_tokens" in batch:
+            return batch["n_tokens"]
+        return int(batch["input_ids"].numel())
 
 
 @torch.no_grad()
@@ -511,7 +625,8 @@ def assistant_loss(model, examples: Sequence[Example], pad_id: int, device, batc
     rows = [example_row(e) for e in examples]
     obj = SFTObjective()
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id, packed=False).items()}
+        b = collate(rows[i : i + batch_size], pad_id, packed=False)
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         loss, n, _ = obj(model, b)
         total += float(loss)
         count += n

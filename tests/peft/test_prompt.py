@@ -8,6 +8,7 @@ import torch
 
 from lmforge.chat import Example, collate, example_row, pack
 from lmforge.errors import CheckpointError
+from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
 from lmforge.model.generate import SamplingParams, generate
 from lmforge.model.hf import export_hf, load_pretrained, save_pretrained
@@ -65,7 +66,7 @@ def test_prompt_tuning_packed_rows_do_not_leak():
     assert len(rows) == 1
     b = collate(rows, 0, packed=True)
     with torch.no_grad():
-        packed = pt(b["input_ids"], position_ids=b["position_ids"], attn_mask=b["attn_mask"])[0]
+        packed = pt(b["input_ids"], position_ids=b["position_ids"], attn_mask=DocumentMask(b["doc_ids"]))[0]
         r = rows[0]
         for s in set(r.seg):
             idx = [i for i, x in enumerate(r.seg) if x == s]

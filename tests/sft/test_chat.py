@@ -21,6 +21,7 @@ from lmforge.chat import (
     record_to_messages,
 )
 from lmforge.errors import DataError
+from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import LMTokenizer, train_tokenizer
@@ -250,7 +251,7 @@ def test_packing_has_no_leakage(tok):
     batch = collate(rows, tok.pad_id, packed=True)
     with torch.no_grad():
         packed_logits = model(
-            batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"]
+            batch["input_ids"], position_ids=batch["position_ids"], attn_mask=DocumentMask(batch["doc_ids"])
         )
         leaky = model(batch["input_ids"])  # plain causal attention over the packed row
     checked = leaked = 0

@@ -14,7 +14,8 @@ Architecture choices (and why):
   .q_proj.weight`, `lm_head.weight`, ...): a state dict is a valid HF state dict and vice versa.
 
 The forward pass takes optional `position_ids` (for packed sequences and KV-cache decoding), an
-optional boolean `attn_mask` (True = may attend; for document masking when packing) and an
+optional `attn_mask` -- a `DocumentMask` (document ids of packed rows; FlexAttention on GPU, see
+`attention.py`) or a dense boolean tensor (True = may attend; left-padded generation) -- and an
 optional `KVCache` which it fills and reads during generation.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attend
 from .config import ModelConfig
 from .moe import MoE
 
@@ -122,12 +124,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         gqa = self.n_kv != self.n_heads  # SDPA shares each K/V head among n_heads/n_kv queries
-        if attn_mask is None:
-            # Plain causal attention over a fresh sequence (training, or a prefill into an
-            # empty cache). One query against the cache needs no mask at all.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        y = attend(q, k, v, attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -203,6 +200,10 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             need = start + T
             position_ids = torch.arange(start, need, device=input_ids.device)
+        elif cache is None:
+            # training rows (packed or padded): a position never exceeds its index in the row,
+            # so the table size is known on the host and no `.max()` is read back
+            need = T
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(position_ids, x.dtype, need)
         for layer in self.model.layers:

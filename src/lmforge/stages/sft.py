@@ -27,7 +27,6 @@ from pydantic import Field, field_validator
 from ..chat import (
     ChatFormat,
     EncodeStats,
-    RowLoader,
     SFTObjective,
     assistant_loss,
     encode_records,
@@ -35,6 +34,7 @@ from ..chat import (
     pack,
     read_jsonl_records,
     record_to_messages,
+    row_loader,
 )
 from ..data.builtin import split_by_key, split_train_val
 from ..data.instruct import builtin_instructions
@@ -64,7 +64,11 @@ class SFTConfig(TrainConfig):
     max_examples: int | None = Field(None, ge=1, description="cap on training conversations")
     max_val_examples: int = Field(128, ge=1, description="held-out conversations scored before/after")
     seq_len: int | None = Field(None, ge=8, description="default: the model's context")
-    packing: bool = True
+    packing: bool = Field(
+        True,
+        description="pack short conversations into seq_len rows (document-masked); false: one per row, "
+        "batched by batch_size x seq_len tokens",
+    )
     truncation: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
     method: Literal["full", "lora", "qlora", "prompt"] = "full"
@@ -217,9 +221,13 @@ def sft_stage(ctx: StageContext) -> dict:
     rows = pack(train, seq_len) if cfg.packing else [example_row(e) for e in train]
     ctx.log(
         f"{len(train)} conversations -> {len(rows)} rows of <= {seq_len} tokens"
-        + (" (packed, document-masked)" if cfg.packing else "")
+        + (
+            " (packed, document-masked)"
+            if cfg.packing
+            else f" (batched by {cfg.batch_size * seq_len:,} tokens)"
+        )
     )
-    loader = RowLoader(rows, cfg.batch_size, pad, packed=cfg.packing, seed=ctx.seed)
+    loader = row_loader(rows, cfg.batch_size, seq_len, pad, packed=cfg.packing, seed=ctx.seed)
 
     def evaluate(m):
         return {"loss": assistant_loss(m, val, pad, device)} if val else {}
