@@ -291,7 +291,7 @@ def sft_stage(ctx: StageContext) -> dict:
         "val_loss_before": before["val_loss"],
         "val_loss_after": after_loss,
         "steps": result.step,
-        "tokens": result.tokens,
+        **result.speed_metrics(),
         "train_loss": result.final.get("loss"),
         "train_seconds": round(result.seconds, 2),
         **summary,
@@ -513,7 +513,7 @@ def cpt_stage(ctx: StageContext) -> dict:
         "orig_loss_after": after["orig_loss"],
         "replay_fraction": cfg.replay_fraction,
         "steps": result.step,
-        "tokens": result.tokens,
+        **result.speed_metrics(),
         "domain_train_tokens": dom_train.n_tokens,
     }
     if cfg.anneal_steps:
