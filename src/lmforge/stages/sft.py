@@ -41,7 +41,14 @@ from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
 from ..model.generate import SamplingParams, generate
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
-from ..peft.lora import LoraSettings, apply_lora, merge_lora, save_adapter, trainable_summary
+from ..peft.lora import (
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    resolve_base_dtype,
+    save_adapter,
+    trainable_summary,
+)
 from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
 from ..peft.qlora import QLoraSettings, build_optimizer, dequantize_model, load_quantized, nf4_bytes
 from ..pipeline import StageContext, register_stage
@@ -72,9 +79,10 @@ class SFTConfig(TrainConfig):
     truncation: Literal["truncate", "drop"] = "truncate"
     on_bad_record: Literal["error", "skip"] = "error"
     method: Literal["full", "lora", "qlora", "prompt"] = "full"
-    base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="dtype of the frozen base for lora / prompt (bfloat16 halves its memory on GPU)",
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the frozen base for lora / prompt; auto = bfloat16 on CUDA (half the "
+        "memory), float32 elsewhere",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
@@ -116,8 +124,9 @@ def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.
             model,
             f"QLoRA: NF4 base ({nf4_bytes(model) / 2**20:.1f} MiB), compute {cfg.qlora.compute_dtype}",
         )
-    frozen = cfg.method in ("lora", "prompt") and cfg.base_dtype != "float32"
-    model = load_pretrained(model_dir, device=device, dtype=cfg.base_dtype if frozen else None).train()
+    base_dtype = resolve_base_dtype(cfg.base_dtype, device)
+    frozen = cfg.method in ("lora", "prompt") and base_dtype != "float32"
+    model = load_pretrained(model_dir, device=device, dtype=base_dtype if frozen else None).train()
     if cfg.method == "full":
         return model, "full fine-tuning"
     if cfg.method == "lora":
