@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .data.readers import loads_json
 from .errors import DataError
-from .model.attention import DocumentMask
+from .model.attention import DocumentMask, padded_length
 from .model.output import linear_cross_entropy
 from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, render_chat
 
@@ -415,6 +415,8 @@ def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
     token, -1 for padding), from which the model builds its document mask (`DocumentMask`);
     unpacked rows need none (right padding is invisible to causal attention)."""
     T = max(len(r.ids) for r in rows)
+    if packed:
+        T = padded_length(T)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)

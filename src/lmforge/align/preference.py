@@ -47,6 +47,7 @@ import torch
 
 from ..chat import IGNORE, ChatFormat, ShuffledBatches, read_jsonl_records
 from ..errors import DataError
+from ..model.attention import padded_length
 from ..tokenizer import CHAT_ROLES
 
 REASONS = ("malformed", "identical", "empty_completion", "prompt_too_long", "too_long")
@@ -496,7 +497,7 @@ def collate_packed_pairs(pairs: Sequence[Pair], pad_id: int) -> dict:
     rejected b for s = B + b, the order the unpacked layout uses."""
     B = len(pairs)
     rows = [(p.prompt + p.chosen, p.prompt + p.rejected, len(p.prompt)) for p in pairs]
-    T = max(len(c) + len(r) for c, r, _ in rows)
+    T = padded_length(max(len(c) + len(r) for c, r, _ in rows))
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - old torch
     HAVE_FLEX = False
 
 BACKENDS = ("auto", "flex", "dense")
+BLOCK = 128  # FlexAttention's block size: document-masked rows are padded to a multiple of it
 _backend = os.environ.get("LMFORGE_ATTENTION", "auto")
 _compiled_flex: Any = None
 
@@ -57,13 +58,20 @@ def set_attention_backend(name: str) -> str:
     return old
 
 
+def padded_length(n: int) -> int:
+    """The row length a collator pads document-masked rows to: a multiple of `BLOCK`, so the
+    compiled kernel sees few distinct shapes and no block is partial."""
+    return -(-n // BLOCK) * BLOCK
+
+
 def _flex_fn(device: torch.device):
-    """FlexAttention, compiled on CUDA (eager FlexAttention materialises the scores)."""
+    """FlexAttention, compiled on CUDA (eager FlexAttention materialises the scores). Default
+    `dynamic`: the first shape is compiled static, a second one recompiles shape-generic."""
     global _compiled_flex
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
