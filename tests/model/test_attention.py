@@ -168,3 +168,20 @@ def test_chunked_cross_entropy_equals_plain(n):
     with torch.no_grad():
         lp = token_logprobs(h, head, t, chunk=8)
     torch.testing.assert_close(lp, torch.log_softmax(head(h), -1).gather(1, t[:, None]).squeeze(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled kernels need CUDA")
+def test_flex_on_cuda_matches_dense_logits_and_grads(backend):
+    model = tiny(max_seq_len=256).cuda()
+    ids, pos, doc = packed_batch([[60, 90, 50], [128, 72]], 256)
+    ids, pos, doc = ids.cuda(), pos.cuda(), doc.cuda()
+    out = {}
+    for name in ("dense", "flex"):
+        backend(name)
+        model.zero_grad()
+        logits = model(ids, position_ids=pos, attn_mask=DocumentMask(doc))
+        logits.float().square().mean().backward()
+        out[name] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(out["flex"][0], out["dense"][0], atol=2e-3, rtol=2e-3)
+    for a, b in zip(out["flex"][1], out["dense"][1]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
