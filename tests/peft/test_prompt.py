@@ -73,3 +73,18 @@ def test_prompt_tuning_packed_rows_do_not_leak():
             alone = pt(torch.tensor([[r.ids[i] for i in idx]]))[0]
             torch.testing.assert_close(packed[idx], alone, atol=1e-5, rtol=1e-5)
     assert example_row(exs[0]).labels[-1] == -100
+
+
+def test_prompt_tuning_with_activation_checkpointing_gives_the_same_grads():
+    from lmforge.train.distributed import apply_activation_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        pt = PromptTuned(Transformer(CFG), 4)
+        if ckpt:
+            apply_activation_checkpointing(pt)
+        x = torch.randint(3, CFG.vocab_size, (2, 10))
+        pt.loss(x, torch.roll(x, -1, 1)).backward()
+        grads.append(pt.prompt_embeddings.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
