@@ -471,8 +471,9 @@ def _target_keys(labels: torch.Tensor, seq_of: torch.Tensor, n_seqs: int) -> dic
 def collate_rows(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict:
     """Right-padded `input_ids`, `labels` (next-token targets on completion tokens only) and
     `lengths` (real tokens per row; a reward model reads its score at lengths - 1), plus the
-    gather indices of `_target_keys` (each row is one sequence)."""
-    T = max(len(ids) for ids, _ in rows)
+    gather indices of `_target_keys` (each row is one sequence). Rows are padded to a multiple of
+    128 tokens, so compiled kernels and the allocator see few distinct shapes."""
+    T = padded_length(max(len(ids) for ids, _ in rows))
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     for b, (row, plen) in enumerate(rows):
