@@ -409,14 +409,17 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
 
 
 def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
-    """Right-padded tensors (to a multiple of 128 tokens) plus what the objective needs without
-    reading the device back: `target_index` (flat positions that carry a target), `targets`
-    (those targets) and `n_targets` (a host int). Packed rows get `position_ids` and `doc_ids`
-    (the example of each token, -1 for padding), from which the model builds its document mask
-    (`DocumentMask`); unpacked rows need none (right padding is invisible to causal attention)."""
-    # a multiple of 128: compiled kernels and the allocator see few distinct shapes (the pad
-    # is IGNORE-labelled, its own document when packed, invisible to causal attention otherwise)
-    T = padded_length(max(len(r.ids) for r in rows))
+    """Right-padded tensors plus what the objective needs without reading the device back:
+    `target_index` (flat positions that carry a target), `targets` (those targets) and
+    `n_targets` (a host int). Packed rows get `position_ids` and `doc_ids` (the example of each
+    token, -1 for padding), from which the model builds its document mask (`DocumentMask`), and
+    are padded to a multiple of 128 tokens (few distinct shapes for the compiled kernel; the pad
+    is its own document). Unpacked rows need no mask (right padding is invisible to causal
+    attention) and no rounding: with many short rows per token-budget batch it cost ~20% more
+    peak memory on an H200 and no speed (benchmarks/RESULTS.md)."""
+    T = max(len(r.ids) for r in rows)
+    if packed:
+        T = padded_length(T)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
