@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..chat import IGNORE, ChatFormat, ShuffledBatches, read_jsonl_records
+from ..chat import IGNORE, ChatFormat, read_jsonl_records
+from ..data.batches import ShuffledBatches
 from ..errors import DataError
 from ..model.attention import padded_length
 from ..tokenizer import CHAT_ROLES
