@@ -28,8 +28,13 @@ The rules, and why:
   counted; an example with no assistant token left is dropped and counted.
 * **Packing** concatenates short examples into rows of `seq_len` tokens (best-fit decreasing).
   Each example keeps its own positions (reset to 0) and a segment id; attention is causal *and*
-  within the segment, and targets never cross an example boundary, so a packed example's logits
-  equal its unpacked logits (tested).
+  within the segment (a `DocumentMask` from the segment ids: FlexAttention on GPU, never a
+  dense [B, 1, T, T] tensor in the batch), and targets never cross an example boundary, so a
+  packed example's logits equal its unpacked logits (tested).
+* **Unpacked rows are batched by a token budget** (`TokenBudgetBatches`): rows of similar
+  length are grouped (sort-by-length within shuffled pools) until a batch holds about
+  `batch_size x seq_len` padded tokens, so a step carries as many tokens as a packed one
+  instead of `batch_size` short rows.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.batches import ShuffledBatches, TokenBudgetBatches
 from .data.readers import loads_json
 from .errors import DataError
+from .model.attention import DocumentMask, padded_length
+from .model.output import linear_cross_entropy
 from .tokenizer import CHAT_ROLES, CHAT_TEMPLATE, LMTokenizer, RenderedText, render_chat
 
 IGNORE = -100
@@ -473,9 +480,17 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
 
 
 def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
-    """Right-padded tensors. Packed rows get a document mask [B,1,T,T] (causal within segment);
-    unpacked rows need none (right padding is invisible to causal attention)."""
+    """Right-padded tensors plus what the objective needs without reading the device back:
+    `target_index` (flat positions that carry a target), `targets` (those targets) and
+    `n_targets` (a host int). Packed rows get `position_ids` and `doc_ids` (the example of each
+    token, -1 for padding), from which the model builds its document mask (`DocumentMask`), and
+    are padded to a multiple of 128 tokens (few distinct shapes for the compiled kernel; the pad
+    is its own document). Unpacked rows need no mask (right padding is invisible to causal
+    attention) and no rounding: with many short rows per token-budget batch it cost ~20% more
+    peak memory on an H200 and no speed (benchmarks/RESULTS.md)."""
     T = max(len(r.ids) for r in rows)
+    if packed:
+        T = padded_length(T)
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -487,81 +502,80 @@ def collate(rows: Sequence[Row], pad_id: int, *, packed: bool) -> dict:
         labels[b, :n] = torch.tensor(r.labels)
         pos[b, :n] = torch.tensor(r.pos)
         seg[b, :n] = torch.tensor(r.seg)
-    out = {"input_ids": ids, "labels": labels}
+    flat = labels.flatten()
+    index = torch.nonzero(flat != IGNORE).squeeze(1)
+    out = {
+        "input_ids": ids,
+        "labels": labels,
+        "target_index": index,
+        "targets": flat[index],
+        "n_targets": int(index.numel()),
+        "n_tokens": sum(len(r.ids) for r in rows),
+    }
     if packed:
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
         out["position_ids"] = pos
-        out["attn_mask"] = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+        out["doc_ids"] = seg
     return out
 
 
-class ShuffledBatches:
-    """Endless shuffled batches of in-memory items, collated by `collate_fn`; one permutation per
-    epoch seeded by (seed, epoch), so the state {epoch, position} restores the exact stream.
-    The engine's resumable loader for every list-of-examples stage (SFT rows, preference pairs)."""
+def document_mask(batch: dict) -> DocumentMask | None:
+    """The attention mask description of a collated batch (None: plain causal rows)."""
+    doc = batch.get("doc_ids")
+    return DocumentMask(doc) if doc is not None else None
 
-    def __init__(self, items: Sequence, batch_size: int, collate_fn, *, seed: int, empty: str):
-        if not items:
-            raise DataError(empty)
-        self.items, self.batch_size, self.collate_fn, self.seed = items, batch_size, collate_fn, seed
-        self.epoch, self.position = 0, 0
 
-    def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.items))
-
-    def __iter__(self):
-        perm = self._perm()
-        while True:
-            batch = []
-            while len(batch) < self.batch_size:
-                if self.position >= len(perm):
-                    self.epoch, self.position = self.epoch + 1, 0
-                    perm = self._perm()
-                batch.append(self.items[perm[self.position]])
-                self.position += 1
-            yield self.collate_fn(batch)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+_NO_ROWS = "no training examples left after filtering; check the data and seq_len"
 
 
 class RowLoader(ShuffledBatches):
-    """Shuffled batches of SFT rows (packed or one example per row)."""
+    """Shuffled batches of SFT rows (packed or one example per row), `batch_size` rows each."""
 
     def __init__(self, rows: Sequence[Row], batch_size: int, pad_id: int, *, packed: bool, seed: int):
         super().__init__(
-            rows,
-            batch_size,
-            lambda b: collate(b, pad_id, packed=packed),
-            seed=seed,
-            empty="no training examples left after filtering; check the data and seq_len",
+            rows, batch_size, lambda b: collate(b, pad_id, packed=packed), seed=seed, empty=_NO_ROWS
         )
+
+
+def row_loader(
+    rows: Sequence[Row], batch_size: int, seq_len: int, pad_id: int, *, packed: bool, seed: int
+) -> RowLoader | TokenBudgetBatches:
+    """The SFT training loader: packed rows `batch_size` at a time; unpacked rows by a budget of
+    `batch_size x seq_len` tokens, so both carry about the same number of tokens per step."""
+    if packed:
+        return RowLoader(rows, batch_size, pad_id, packed=True, seed=seed)
+    return TokenBudgetBatches(
+        rows,
+        [len(r.ids) for r in rows],
+        batch_size * seq_len,
+        lambda b: collate(b, pad_id, packed=False),
+        seed=seed,
+        empty=_NO_ROWS,
+    )
 
 
 # ----------------------------------------------------------------------------- loss
 def _forward(model, batch):
-    return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask"))
+    return model(batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=document_mask(batch))
 
 
 class SFTObjective:
     """Cross-entropy summed over assistant targets; count = number of assistant targets.
 
-    The output projection runs only at positions that have a target: in chat data most tokens
-    are system/user/template tokens, and with a large vocabulary the [tokens, vocab] logits are
-    the biggest activation of the step (TRL and HF compute them everywhere)."""
+    The output projection runs only at positions that have a target, gathered by the indices the
+    collator computed on the host (no boolean indexing, so no device sync), and in chunks
+    (`linear_cross_entropy`): in chat data most tokens are system/user/template tokens, and with
+    a large vocabulary the [tokens, vocab] logits are the biggest activation of the step."""
+
+    unit_name = "assistant_tokens"
 
     def __call__(self, model, batch):
         labels = batch["labels"]
-        if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        if hasattr(model, "hidden_states") and hasattr(model, "lm_head") and "target_index" in batch:
             h = model.hidden_states(
-                batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=batch.get("attn_mask")
+                batch["input_ids"], position_ids=batch.get("position_ids"), attn_mask=document_mask(batch)
             )
-            sel = labels != IGNORE
-            logits = model.lm_head(h[sel])
-            loss = F.cross_entropy(logits.float(), labels[sel], reduction="sum")
+            h = h.flatten(0, 1).index_select(0, batch["target_index"])
+            loss = linear_cross_entropy(h, model.lm_head, batch["targets"])
         else:
             logits = _forward(model, batch)
             loss = F.cross_entropy(
@@ -570,7 +584,15 @@ class SFTObjective:
         return loss, self.count(batch), {}
 
     def count(self, batch) -> int:
+        if "n_targets" in batch:
+            return batch["n_targets"]
         return int((batch["labels"] != IGNORE).sum())
+
+    def tokens(self, batch) -> int:
+        """Processed (non-padding) tokens of the batch."""
+        if "n_tokens" in batch:
+            return batch["n_tokens"]
+        return int(batch["input_ids"].numel())
 
 
 @torch.no_grad()
@@ -582,7 +604,8 @@ def assistant_loss(model, examples: Sequence[Example], pad_id: int, device, batc
     rows = [example_row(e) for e in examples]
     obj = SFTObjective()
     for i in range(0, len(rows), batch_size):
-        b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id, packed=False).items()}
+        b = collate(rows[i : i + batch_size], pad_id, packed=False)
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         loss, n, _ = obj(model, b)
         total += float(loss)
         count += n

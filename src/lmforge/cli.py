@@ -40,17 +40,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+SPEED_KEYS = ["tokens_per_s", "peak_memory_gib"]  # every training stage (Trainer.speed_metrics)
 SUMMARY_KEYS = {
     "data": ["docs", "bytes", "train_docs", "val_docs"],
     "tokenizer": ["vocab_size", "train_tokens", "val_tokens", "val_bytes_per_token"],
-    "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb"],
-    "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params"],
+    "pretrain": ["params", "steps", "tokens", "train_loss", "val_loss", "val_bpb", *SPEED_KEYS],
+    "sft": ["method", "train_examples", "val_loss_before", "val_loss_after", "trainable_params", *SPEED_KEYS],
     "reward": [
         "val_accuracy_before",
         "val_accuracy_after",
         "val_length_baseline",
         "train_pairs",
         "val_pairs",
+        *SPEED_KEYS,
     ],
     "align": [
         "method",
@@ -58,6 +60,7 @@ SUMMARY_KEYS = {
         "val_accuracy_after",
         "val_reward_accuracy_after",
         "val_log_ratio_chosen_after",
+        *SPEED_KEYS,
     ],
     "rl": [
         "method",

@@ -103,7 +103,7 @@ def test_cached_reference_equals_live_reference(tmp_path, setup):
     b = PreferenceObjective("dpo", 0.1, ref_model=ref)(policy, live)
     assert a[1] == b[1] == 8
     assert a[0].item() == pytest.approx(b[0].item(), abs=1e-5)
-    assert a[2]["rewards/margins"] == pytest.approx(b[2]["rewards/margins"], abs=1e-5)
+    assert float(a[2]["rewards/margins"]) == pytest.approx(float(b[2]["rewards/margins"]), abs=1e-5)
     # and through the stage: the same step losses with precompute_ref on and off
     o1 = _run(tmp_path / "c", setup, "align.max_steps=3", "align.precompute_ref=true")
     o2 = _run(tmp_path / "l", setup, "align.max_steps=3", "align.precompute_ref=false")
@@ -112,6 +112,48 @@ def test_cached_reference_equals_live_reference(tmp_path, setup):
     l2 = [r["loss"] for r in read_jsonl(o2.dir / "metrics.jsonl") if "loss" in r]
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
     assert o1.metrics["val_loss_after"] == pytest.approx(o2.metrics["val_loss_after"], abs=1e-4)
+
+
+def test_packed_pairs_give_the_same_logps_losses_and_grads(setup):
+    """Chosen and rejected as two documents of one row (one packed forward) = 2B padded rows =
+    each completion scored alone (fp32), for log-probs, counts, the DPO loss and its gradients."""
+    from lmforge.align.losses import batch_logps, completion_logps
+
+    model_dir, data = setup
+    fmt = ChatFormat.from_dir(model_dir)
+    pairs, _ = encode_pairs(load_preference_records([str(data)]), fmt, 64)
+    batch = pairs[:5]
+    policy = load_pretrained(model_dir)
+    packed = collate_pairs(batch, fmt.tok.pad_id, packed=True)
+    rows = collate_pairs(batch, fmt.tok.pad_id)
+    assert packed["input_ids"].shape[0] == 5 and rows["input_ids"].shape[0] == 10
+    assert packed["n_tokens"] == rows["n_tokens"] and torch.equal(packed["seq_counts"], rows["seq_counts"])
+    lp_packed, n_packed = batch_logps(policy, packed)
+    lp_rows, _ = batch_logps(policy, rows)
+    torch.testing.assert_close(lp_packed, lp_rows, atol=1e-4, rtol=1e-5)
+    for i, p in enumerate(batch):  # each completion alone, through the generic helper
+        for j, comp in enumerate((p.chosen, p.rejected)):
+            ids = torch.tensor([p.prompt + comp])
+            labels = torch.full_like(ids, -100)
+            labels[0, len(p.prompt) - 1 : -1] = ids[0, len(p.prompt) :]
+            alone, n = completion_logps(policy, ids, labels)
+            torch.testing.assert_close(lp_packed[i + 5 * j], alone[0], atol=1e-4, rtol=1e-5)
+            assert int(n_packed[i + 5 * j]) == int(n[0]) == len(comp)
+    ref = {p.key(): (0.0, 0.0) for p in batch}
+    obj = PreferenceObjective("dpo", 0.1)
+    grads = []
+    for b in (
+        collate_pairs(batch, fmt.tok.pad_id, ref, packed=True),
+        collate_pairs(batch, fmt.tok.pad_id, ref),
+    ):
+        policy.zero_grad()
+        loss, n, _ = obj(policy, b)
+        loss.backward()
+        assert n == 5
+        grads.append((float(loss.detach()), [q.grad.clone() for q in policy.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
+    for g1, g2 in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
 
 def test_qlora_align_runs_and_saves_dequantised_model(tmp_path, setup):

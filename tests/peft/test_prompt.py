@@ -8,6 +8,7 @@ import torch
 
 from lmforge.chat import Example, collate, example_row, pack
 from lmforge.errors import CheckpointError
+from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
 from lmforge.model.generate import SamplingParams, generate
 from lmforge.model.hf import export_hf, load_pretrained, save_pretrained
@@ -65,10 +66,25 @@ def test_prompt_tuning_packed_rows_do_not_leak():
     assert len(rows) == 1
     b = collate(rows, 0, packed=True)
     with torch.no_grad():
-        packed = pt(b["input_ids"], position_ids=b["position_ids"], attn_mask=b["attn_mask"])[0]
+        packed = pt(b["input_ids"], position_ids=b["position_ids"], attn_mask=DocumentMask(b["doc_ids"]))[0]
         r = rows[0]
         for s in set(r.seg):
             idx = [i for i, x in enumerate(r.seg) if x == s]
             alone = pt(torch.tensor([[r.ids[i] for i in idx]]))[0]
             torch.testing.assert_close(packed[idx], alone, atol=1e-5, rtol=1e-5)
     assert example_row(exs[0]).labels[-1] == -100
+
+
+def test_prompt_tuning_with_activation_checkpointing_gives_the_same_grads():
+    from lmforge.train.distributed import apply_activation_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        pt = PromptTuned(Transformer(CFG), 4)
+        if ckpt:
+            apply_activation_checkpointing(pt)
+        x = torch.randint(3, CFG.vocab_size, (2, 10))
+        pt.loss(x, torch.roll(x, -1, 1)).backward()
+        grads.append(pt.prompt_embeddings.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -14,13 +14,16 @@ from lmforge.chat import (
     ChatFormat,
     RowLoader,
     SFTObjective,
+    TokenBudgetBatches,
     collate,
     encode_records,
     example_row,
     pack,
     record_to_messages,
+    row_loader,
 )
 from lmforge.errors import DataError
+from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import LMTokenizer, train_tokenizer
@@ -250,7 +253,7 @@ def test_packing_has_no_leakage(tok):
     batch = collate(rows, tok.pad_id, packed=True)
     with torch.no_grad():
         packed_logits = model(
-            batch["input_ids"], position_ids=batch["position_ids"], attn_mask=batch["attn_mask"]
+            batch["input_ids"], position_ids=batch["position_ids"], attn_mask=DocumentMask(batch["doc_ids"])
         )
         leaky = model(batch["input_ids"])  # plain causal attention over the packed row
     checked = leaked = 0
@@ -291,3 +294,38 @@ def test_row_loader_resumes_exactly(tok):
     it2 = iter(b)
     assert all(torch.equal(x, next(it2)["input_ids"]) for x in rest)
     assert len(first) == 4
+
+
+def test_unpacked_rows_are_batched_by_token_budget(tok):
+    """packing=false: batches of similar-length rows under batch_size x seq_len padded tokens;
+    every row once per epoch, the same summed loss and target counts as fixed-size batches, and
+    an exact resume."""
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4, max_seq_len=128)
+    ).eval()
+    fmt = ChatFormat(tok)
+    recs = [{"prompt": "word " * (1 + i % 9), "completion": "answer " * (1 + i % 5)} for i in range(23)]
+    exs, _ = encode_records([(str(i), r) for i, r in enumerate(recs)], fmt, 64)
+    rows = [example_row(e) for e in exs]
+    loader = row_loader(rows, 2, 32, tok.pad_id, packed=False, seed=3)
+    assert isinstance(loader, TokenBudgetBatches)
+    batches = loader.epoch_batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    assert all(len(b) * max(len(rows[i].ids) for i in b) <= 64 for b in batches)
+    assert len(batches) < len(rows)  # short rows share a batch
+    obj = SFTObjective()
+    it = iter(loader)
+    with torch.no_grad():
+        new = [obj(model, next(it)) for _ in batches]
+        old = [obj(model, collate(rows[i : i + 2], tok.pad_id, packed=False)) for i in range(0, len(rows), 2)]
+    assert sum(n for _, n, _ in new) == sum(n for _, n, _ in old) == sum(e.n_targets for e in exs)
+    torch.testing.assert_close(sum(l for l, _, _ in new), sum(l for l, _, _ in old), atol=1e-3, rtol=1e-5)
+    state = loader.state_dict()
+    want = [next(it)["input_ids"] for _ in range(len(batches) + 2)]  # crosses into epoch 2
+    again = row_loader(rows, 2, 32, tok.pad_id, packed=False, seed=3)
+    again.load_state_dict(state)
+    it2 = iter(again)
+    assert all(torch.equal(w, next(it2)["input_ids"]) for w in want)
+    with pytest.raises(DataError, match="token budget"):
+        row_loader(rows, 1, 4, tok.pad_id, packed=False, seed=3)

@@ -72,7 +72,13 @@ def test_full_sft_lowers_heldout_assistant_loss(tmp_path, base_dir):
     assert model.cfg.vocab_size == 512 and (o.dir / "model" / "tokenizer_config.json").exists()
     samples = [json.loads(x) for x in (o.dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all({"question", "reference", "before", "after"} <= set(s) for s in samples)
-    assert json.loads((o.dir / "manifest.json").read_text())["status"] == "complete"
+    manifest = json.loads((o.dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    # processed tokens/s, the loss units under their own name, peak memory: summary and manifest
+    for key in ("tokens_per_s", "assistant_tokens", "assistant_tokens_per_s", "peak_memory_bytes"):
+        assert m[key] > 0 and manifest["metrics"][key] == m[key], key
+    assert m["tokens"] > m["assistant_tokens"]  # prompts and templates are processed too
+    assert m["peak_memory_kind"] == "cpu_peak_rss"
 
 
 def test_lora_sft_writes_peft_adapter_and_merged_model(tmp_path, base_dir):

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model.attention import DocumentMask
+from ..model.output import token_logprobs
+
 IGNORE = -100
 LOG2 = math.log(2.0)
 
@@ -120,18 +123,23 @@ def preference_loss(method: str, beta: float, label_smoothing: float = 0.0) -> C
     raise ValueError(f"unknown preference method {method!r}")
 
 
-def reward_metrics(out: PrefLoss) -> dict[str, float]:
-    """TRL's logged names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies."""
+def reward_metric_tensors(out: PrefLoss) -> dict[str, torch.Tensor]:
+    """TRL's logged names as 0-d device tensors (the engine reads them back once per step)."""
     c, r = out.chosen_rewards.float(), out.rejected_rewards.float()
     m = {
-        "rewards/chosen": float(c.mean()),
-        "rewards/rejected": float(r.mean()),
-        "rewards/margins": float((c - r).mean()),
-        "rewards/accuracies": float((c > r).float().mean()),
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/margins": (c - r).mean(),
+        "rewards/accuracies": (c > r).float().mean(),
     }
     for k, v in (out.extra or {}).items():
-        m[k] = float(v.float().mean())
+        m[k] = v.float().mean()
     return m
+
+
+def reward_metrics(out: PrefLoss) -> dict[str, float]:
+    """TRL's logged names: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies."""
+    return {k: float(v) for k, v in reward_metric_tensors(out).items()}
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -160,13 +168,41 @@ def completion_logps(
     return total, count
 
 
+def batch_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, labelled tokens) per sequence of a collated pair batch (`collate_pairs`,
+    packed or not), with no host sync: the labelled positions, their targets and sequences come
+    from the collator (`target_index`, `targets`, `target_seq`, `seq_counts`); packed rows are
+    document-masked (`doc_ids`); the output projection runs in chunks over labelled rows only."""
+    doc = batch.get("doc_ids")
+    mask = DocumentMask(doc) if doc is not None else None
+    ids, pos, index = batch["input_ids"], batch.get("position_ids"), batch["target_index"]
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        h = model.hidden_states(ids, position_ids=pos, attn_mask=mask).flatten(0, 1).index_select(0, index)
+        tok_logp = token_logprobs(h, model.lm_head, batch["targets"])
+    else:  # a wrapped model (DDP, compile): full logits, then gather
+        logits = model(ids, position_ids=pos, attn_mask=mask).flatten(0, 1).index_select(0, index)
+        tok_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch["targets"][:, None]).squeeze(-1)
+    counts = batch["seq_counts"]
+    total = torch.zeros(counts.shape[0], device=tok_logp.device, dtype=tok_logp.dtype)
+    return total.index_add(0, batch["target_seq"], tok_logp), counts
+
+
+def _logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if "target_index" in batch:
+        return batch_logps(model, batch)
+    return completion_logps(model, batch["input_ids"], batch["labels"])
+
+
 # ----------------------------------------------------------------------------- objective
 class PreferenceObjective:
     """Engine objective for DPO / IPO / hinge / ORPO; count = pairs.
 
-    A batch holds B pairs as 2B rows (chosen rows first, then rejected), so chosen and rejected
-    go through the policy in one forward pass. The reference log-probs come precomputed in the
+    A batch holds B pairs as 2B rows (chosen rows first, then rejected) or, packed, as B rows
+    each holding chosen and rejected as two documents; either way chosen and rejected go through
+    the policy in one forward pass. The reference log-probs come precomputed in the
     batch (`ref_logps`, from the on-disk cache) or from a live frozen `ref_model`."""
+
+    unit_name = "pairs"
 
     def __init__(
         self, method: str, beta: float, label_smoothing: float = 0.0, ref_model: torch.nn.Module | None = None
@@ -183,15 +219,15 @@ class PreferenceObjective:
         if self.ref_model is None:
             raise RuntimeError("preference objective: no reference log-probs in the batch and no ref_model")
         with torch.no_grad():
-            return completion_logps(self.ref_model, batch["input_ids"], batch["labels"])[0]
+            return _logps(self.ref_model, batch)[0]
 
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int, dict]:
         out, _ = self.pair_losses(model, batch)
-        return out.losses.sum(), self.count(batch), reward_metrics(out)
+        return out.losses.sum(), self.count(batch), reward_metric_tensors(out)
 
     def pair_losses(self, model, batch: dict) -> tuple[PrefLoss, torch.Tensor]:
         """Per-pair losses and the policy's summed log-probs [2B]."""
-        logps, counts = completion_logps(model, batch["input_ids"], batch["labels"])
+        logps, counts = _logps(model, batch)
         B = logps.shape[0] // 2
         ref = self.reference(batch)
         if ref is None:
@@ -203,7 +239,13 @@ class PreferenceObjective:
         return out, logps
 
     def count(self, batch: dict) -> int:
+        if "n_pairs" in batch:
+            return batch["n_pairs"]
         return int(batch["input_ids"].shape[0] // 2)
+
+    def tokens(self, batch: dict) -> int:
+        """Processed (non-padding) tokens of the batch."""
+        return batch["n_tokens"] if "n_tokens" in batch else int(batch["input_ids"].numel())
 
 
 def preference_eval_metrics(

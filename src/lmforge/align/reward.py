@@ -153,7 +153,10 @@ def pair_batch(pairs: Sequence[Pair], pad_id: int) -> dict:
 
 
 class RewardObjective:
-    """Bradley-Terry over pairs; count = pairs. Chosen and rejected share one forward pass."""
+    """Bradley-Terry over pairs; count = pairs. Chosen and rejected share one forward pass.
+    Metrics stay 0-d device tensors (the engine reads them back once per step)."""
+
+    unit_name = "pairs"
 
     def __init__(self, use_margin: bool = True):
         self.use_margin = use_margin
@@ -168,15 +171,19 @@ class RewardObjective:
             losses.sum(),
             B,
             {
-                "accuracy": float((d > 0).float().mean()),
-                "margin": float(d.mean()),
-                "rewards/chosen": float(rc.detach().mean()),
-                "rewards/rejected": float(rr.detach().mean()),
+                "accuracy": (d > 0).float().mean(),
+                "margin": d.mean(),
+                "rewards/chosen": rc.detach().mean(),
+                "rewards/rejected": rr.detach().mean(),
             },
         )
 
     def count(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0] // 2)
+
+    def tokens(self, batch: dict) -> int:
+        """Processed (non-padding) tokens of the batch."""
+        return batch["n_tokens"] if "n_tokens" in batch else int(batch["input_ids"].numel())
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ Architecture choices (and why):
   beyond the window length too.
 
 The forward pass takes optional `position_ids` (for packed sequences and KV-cache decoding), an
-optional boolean `attn_mask` (True = may attend; for document masking when packing) and an
+optional `attn_mask` -- a `DocumentMask` (document ids of packed rows; FlexAttention on GPU, see
+`attention.py`) or a dense boolean tensor (True = may attend; left-padded generation) -- and an
 optional `KVCache` which it fills and reads during generation.
 """
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import DocumentMask, attend
 from .config import ModelConfig
 from .layers import MLP, LMHead, RMSNorm, ScaledEmbedding, make_norm
 from .moe import MoE
@@ -161,6 +163,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         S = k.shape[2]
+        if isinstance(attn_mask, DocumentMask):  # packed rows: the window is part of the mask
+            y = self._attend_documents(q, k, v, attn_mask)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         if self.window is not None and S > self.window:
             if q_index is None:
                 q_index = torch.arange(S - T, S, device=x.device)
@@ -169,6 +174,15 @@ class Attention(nn.Module):
             attn_mask = band if attn_mask is None else attn_mask & band
         y = self._attend(q, k, v, attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _attend_documents(self, q, k, v, mask: DocumentMask):
+        """Packed rows through the one attention entry point (FlexAttention on CUDA); soft-capped
+        scores (Gemma 2) take the explicit path over the mask's dense form."""
+        if self.softcap:
+            return self._softcapped(q, k, v, mask.dense(self.window))
+        return attend(
+            q, k, v, mask, window=self.window, enable_gqa=self.n_kv != self.n_heads, scale=self.scale
+        )
 
     def _attend(self, q, k, v, attn_mask):
         gqa = self.n_kv != self.n_heads  # SDPA shares each K/V head among n_heads/n_kv queries
@@ -286,6 +300,10 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             need = start + T
             position_ids = torch.arange(start, need, device=input_ids.device)
+        elif cache is None:
+            # training rows (packed or padded): a position never exceeds its index in the row,
+            # so the table size is known on the host and no `.max()` is read back
+            need = T
         x = self.model.embed_tokens(input_ids)
         if self.cfg.positions == "learned":
             if (need or int(position_ids.max()) + 1) > self.cfg.max_seq_len:

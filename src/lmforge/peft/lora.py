@@ -77,6 +77,22 @@ class LoraSettings(BaseModel):
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_base_dtype(name: str, device: torch.device) -> str:
+    """The dtype of a frozen base (LoRA, prompt tuning): `auto` is bfloat16 on a CUDA device that
+    has it -- the base gets no gradient and no optimizer state, so fp32 only doubles its memory
+    and halves matmul speed there -- and float32 elsewhere (CPU bf16 matmuls are emulated)."""
+    if name not in BASE_DTYPES:
+        raise ConfigError(f"base_dtype={name!r}: use one of {', '.join(BASE_DTYPES)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def _base_weight(base: nn.Module) -> torch.Tensor:
     return base.dequantize() if hasattr(base, "dequantize") else base.weight
 

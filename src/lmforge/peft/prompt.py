@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..model.attention import DocumentMask
 from ..model.transformer import Transformer
 from ..runs import atomic_path, atomic_write_json
 
@@ -79,13 +80,18 @@ class PromptTuned(nn.Module):
         pos = torch.cat(
             [torch.arange(N, device=dev)[None].expand(B, N), position_ids.expand(B, T) + N], dim=1
         )
-        if attn_mask is None:
-            attn_mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None].expand(B, 1, T, T)
-        full = torch.zeros(B, 1, N + T, N + T, dtype=torch.bool, device=dev)
-        full[:, :, :N, :N] = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
-        full[:, :, N:, :N] = True
-        full[:, :, N:, N:] = attn_mask
-        cos, sin = m.model.rotary(pos, x.dtype)
+        if isinstance(attn_mask, DocumentMask):  # packed rows: the virtual tokens are every document's
+            full = attn_mask.with_prefix(N)
+        else:
+            if attn_mask is None:
+                attn_mask = (
+                    torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None].expand(B, 1, T, T)
+                )
+            full = torch.zeros(B, 1, N + T, N + T, dtype=torch.bool, device=dev)
+            full[:, :, :N, :N] = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+            full[:, :, N:, :N] = True
+            full[:, :, N:, N:] = attn_mask
+        cos, sin = m.model.rotary(pos, x.dtype, N + T)  # positions < N + T: no `.max()` read back
         for layer in m.model.layers:
             x = layer(x, cos, sin, full, None)
         return m.model.norm(x[:, N:])

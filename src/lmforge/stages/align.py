@@ -242,6 +242,7 @@ def reward_stage(ctx: StageContext) -> dict:
         "steps": result.step,
         "train_loss": result.final.get("loss"),
         "train_seconds": round(result.seconds, 2),
+        **result.speed_metrics(),
         "trainable_params": summary["trainable_params"],
         **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
         **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},
@@ -337,8 +338,8 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
             f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats"
         )
 
-    loader = PairLoader(
-        train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None
+    loader = PairLoader(  # chosen and rejected as two documents of one row: one packed forward
+        train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None, packed=True
     )
     objective = PreferenceObjective(cfg.method, cfg.beta, cfg.label_smoothing, ref_model=ref_model)
     result = Trainer(
@@ -392,6 +393,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         "steps": result.step,
         "train_loss": result.final.get("loss"),
         "train_seconds": round(result.seconds, 2),
+        **result.speed_metrics(),
         "trainable_params": summary["trainable_params"],
         **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
         **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},

@@ -184,7 +184,7 @@ def pretrain_stage(ctx: StageContext) -> dict:
         "params": n_params,
         "non_embedding_params": mcfg.non_embedding_params(),
         "steps": result.step,
-        "tokens": result.tokens,
+        **result.speed_metrics(),
         "train_loss": result.final.get("loss"),
         "val_loss": result.final.get("eval_loss"),
         "val_bpb": result.final.get("eval_bpb"),

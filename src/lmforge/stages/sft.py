@@ -28,7 +28,6 @@ from pydantic import Field, field_validator
 from ..chat import (
     ChatFormat,
     EncodeStats,
-    RowLoader,
     SFTObjective,
     assistant_loss,
     encode_records,
@@ -36,6 +35,7 @@ from ..chat import (
     pack,
     read_jsonl_records,
     record_to_messages,
+    row_loader,
 )
 from ..data.builtin import split_by_key, split_train_val
 from ..data.instruct import builtin_instructions
@@ -43,7 +43,14 @@ from ..errors import ConfigError, DataError
 from ..model.config import ModelConfig
 from ..model.generate import SamplingParams, generate
 from ..model.hf import from_hf_config, load_pretrained, read_hf_config, save_pretrained
-from ..peft.lora import LoraSettings, apply_lora, merge_lora, save_adapter, trainable_summary
+from ..peft.lora import (
+    LoraSettings,
+    apply_lora,
+    merge_lora,
+    resolve_base_dtype,
+    save_adapter,
+    trainable_summary,
+)
 from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
 from ..peft.qlora import (
     QLoraSettings,
@@ -77,16 +84,21 @@ class SFTConfig(TrainConfig):
         ge=8,
         description="default: the model's context (capped by a memory estimate); checked against it",
     )
-    packing: bool = True
+    packing: bool = Field(
+        True,
+        description="pack short conversations into seq_len rows (document-masked); false: one per row, "
+        "batched by batch_size x seq_len tokens",
+    )
     truncation: Literal["truncate", "drop"] = "truncate"
     special_tokens_in_content: Literal["text", "control"] = Field(
         "text", description="special-token strings inside message contents: plain text, or control tokens"
     )
     on_bad_record: Literal["error", "skip"] = "error"
     method: Literal["full", "lora", "qlora", "prompt"] = "full"
-    base_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="dtype of the frozen base for lora / prompt (bfloat16 halves its memory on GPU)",
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the frozen base for lora / prompt; auto = bfloat16 on CUDA (half the "
+        "memory), float32 elsewhere",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
@@ -160,8 +172,9 @@ def build_model(cfg: SFTConfig, model_dir: Path, fmt: ChatFormat, device: torch.
             model,
             f"QLoRA: NF4 base ({nf4_bytes(model) / 2**20:.1f} MiB), compute {cfg.qlora.compute_dtype}",
         )
-    frozen = cfg.method in ("lora", "prompt") and cfg.base_dtype != "float32"
-    model = load_pretrained(model_dir, device=device, dtype=cfg.base_dtype if frozen else None).train()
+    base_dtype = resolve_base_dtype(cfg.base_dtype, device)
+    frozen = cfg.method in ("lora", "prompt") and base_dtype != "float32"
+    model = load_pretrained(model_dir, device=device, dtype=base_dtype if frozen else None).train()
     if cfg.method == "full":
         return model, "full fine-tuning"
     if cfg.method == "lora":
@@ -267,9 +280,13 @@ def sft_stage(ctx: StageContext) -> dict:
     rows = pack(train, seq_len) if cfg.packing else [example_row(e) for e in train]
     ctx.log(
         f"{len(train)} conversations -> {len(rows)} rows of <= {seq_len} tokens"
-        + (" (packed, document-masked)" if cfg.packing else "")
+        + (
+            " (packed, document-masked)"
+            if cfg.packing
+            else f" (batched by {cfg.batch_size * seq_len:,} tokens)"
+        )
     )
-    loader = RowLoader(rows, cfg.batch_size, pad, packed=cfg.packing, seed=ctx.seed)
+    loader = row_loader(rows, cfg.batch_size, seq_len, pad, packed=cfg.packing, seed=ctx.seed)
 
     def evaluate(m):
         return {"loss": assistant_loss(m, val, pad, device)} if val else {}
@@ -333,7 +350,7 @@ def sft_stage(ctx: StageContext) -> dict:
         "val_loss_before": before["val_loss"],
         "val_loss_after": after_loss,
         "steps": result.step,
-        "tokens": result.tokens,
+        **result.speed_metrics(),
         "train_loss": result.final.get("loss"),
         "train_seconds": round(result.seconds, 2),
         **summary,
@@ -553,7 +570,7 @@ def cpt_stage(ctx: StageContext) -> dict:
         "orig_loss_after": after["orig_loss"],
         "replay_fraction": cfg.replay_fraction,
         "steps": result.step,
-        "tokens": result.tokens,
+        **result.speed_metrics(),
         "domain_train_tokens": dom_train.n_tokens,
     }
     if cfg.anneal_steps:

@@ -120,10 +120,13 @@ def resolve_strategy(strategy: str, world: int) -> str:
 
 
 def apply_activation_checkpointing(model: Any) -> None:
-    """Recompute each transformer block's activations in the backward pass."""
+    """Recompute each transformer block's activations in the backward pass (any model holding a
+    trunk: a Transformer, a reward model, a prompt-tuned wrapper)."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.model.layers:
+    trunk = model.model
+    layers = trunk.layers if hasattr(trunk, "layers") else trunk.model.layers
+    for block in layers:
         fwd = block.forward
 
         def wrapped(*args, _fwd=fwd, **kw):

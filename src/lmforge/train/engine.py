@@ -16,7 +16,12 @@ everything else:
   `max_rollbacks` are spent, `max_bad_steps` in a row stop it with the last good checkpoint
   intact (see `_on_bad_step` for why spike detection is on by default);
 - periodic evaluation with optional early stopping on the eval loss;
-- metrics to `metrics.jsonl`, a progress line, throughput and FLOPs utilisation;
+- metrics to `metrics.jsonl`, a progress line, throughput and FLOPs utilisation: processed
+  tokens/s (`tokens_per_s`, every non-padding token the model ran over) for every stage, the
+  objective's loss units (`assistant_tokens`, `pairs`) under their own name, and peak memory
+  (CUDA `max_memory_allocated`, CPU peak RSS);
+- no host synchronisation inside a micro-batch: losses and metrics stay on the device and are
+  read back once per step (objectives get counts and gather indices from their collators);
 - atomic checkpoints (weights, optimizer, RNG, data position) and *exact* resume: a run killed
   at any point and restarted produces the same weights as one that was never interrupted;
 - SIGINT / SIGTERM: finish the current step, checkpoint, stop.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import signal
 import statistics
 import time
@@ -123,8 +129,11 @@ class TrainConfig(BaseModel):
 
 
 class Objective(Protocol):
-    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
-        """(loss summed over `count` units, count, extra metrics as floats)."""
+    """Optionally also: `unit_name` (what `count` counts when not all tokens: "assistant_tokens",
+    "pairs") and `tokens(batch)` (processed non-padding tokens; default: `count`)."""
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """(loss summed over `count` units, count, extra metrics as floats or 0-d tensors)."""
 
     def count(self, batch: Any) -> int:
         """Units the loss of `batch` is summed over (needed before backward for normalisation)."""
@@ -149,17 +158,45 @@ class StepOutcome:
     extra: dict[str, float]
     units: int
     bad: str | None = None
+    tokens: int = 0  # processed tokens over all ranks
 
 
 @dataclass
 class TrainResult:
     step: int
-    tokens: int
+    tokens: int  # processed (non-padding) tokens
     seconds: float
     final: dict[str, float] = field(default_factory=dict)
     best_eval_loss: float | None = None
     stopped_early: bool = False
     resumed_from: int | None = None
+    units: int = 0  # what the loss is normalised by (= tokens for pretraining)
+    unit_name: str = "tokens"
+    train_seconds: float = 0.0  # inside optimizer steps (no eval, no checkpointing)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+    def speed_metrics(self) -> dict[str, Any]:
+        """What every training stage reports: processed tokens/s, loss units (and per second)
+        under their own name, and peak memory, for its summary and manifest."""
+        secs = max(self.train_seconds, 1e-9)
+        out: dict[str, Any] = {"tokens": self.tokens, "tokens_per_s": round(self.tokens / secs, 1)}
+        if self.unit_name != "tokens":
+            out[self.unit_name] = self.units
+            out[f"{self.unit_name}_per_s"] = round(self.units / secs, 2)
+        out["peak_memory_bytes"] = self.peak_memory_bytes
+        out["peak_memory_gib"] = round(self.peak_memory_bytes / 2**30, 3)
+        out["peak_memory_kind"] = self.peak_memory_kind
+        return out
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): CUDA `max_memory_allocated` since the last reset, else the process's peak
+    resident set size (Linux reports KiB, macOS bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if os.uname().sysname == "Darwin" else rss * 1024), "cpu_peak_rss"
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
@@ -221,7 +258,10 @@ class Trainer:
         self.wrapped = wrapped
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
-        self.tokens = 0
+        self.tokens = 0  # processed tokens
+        self.units = 0  # loss units (= tokens for pretraining)
+        self.unit_name = getattr(objective, "unit_name", "tokens")
+        self.train_seconds = 0.0
         self.best_eval: float | None = None
         self.evals_without_improvement = 0
         self.rollbacks = 0
@@ -236,6 +276,8 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "units": self.units,
+            "train_seconds": self.train_seconds,
             "data": self.data.state_dict(),
             "best_eval": self.best_eval,
             "evals_without_improvement": self.evals_without_improvement,
@@ -255,6 +297,8 @@ class Trainer:
         else:
             state = load_checkpoint(ckpts[-1], self.model, self.optimizer)
         self.step, self.tokens = state["step"], state["tokens"]
+        self.units = state.get("units", self.tokens)
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.best_eval = state.get("best_eval")
         self.evals_without_improvement = state.get("evals_without_improvement", 0)
         self.rollbacks = state.get("rollbacks", 0)
@@ -332,35 +376,43 @@ class Trainer:
             return None
         return max(self.cfg.spike_factor * med, med + self.cfg.spike_min_excess)
 
+    def _batch_tokens(self, batch: Any) -> int:
+        fn = getattr(self.objective, "tokens", None)
+        return fn(batch) if fn is not None else self.objective.count(batch)
+
     def _train_step(self, batches: list) -> StepOutcome:
         local = sum(self.objective.count(b) for b in batches)
-        (total,) = all_reduce_sum([float(local)], self.device)  # units over all ranks
-        total = int(total)
+        local_tokens = sum(self._batch_tokens(b) for b in batches)
+        # units and processed tokens over all ranks
+        total, tokens = all_reduce_sum([float(local), float(local_tokens)], self.device)
+        total, tokens = int(total), int(tokens)
         if total == 0:
             return StepOutcome(None, {"empty_batch": 1.0}, 0)
         self.model.train()
         # DDP/FSDP average gradients over ranks; scaling by world makes the result the
         # gradient of (sum of unit losses over all ranks) / (units over all ranks).
         scale = self.dist.world / total
-        loss_sum, extra = 0.0, {}
+        loss_acc: Any = 0.0
+        acc: dict[str, Any] = {}
         for i, b in enumerate(batches):
             b = to_device(b, self.device)
             with grad_sync(self.wrapped, self.strategy, sync=i == len(batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     loss, _, metrics = self.objective(self.forward_model, b)
                 (loss * scale).backward()
-            loss_sum += float(loss.detach())
+            loss_acc = loss_acc + loss.detach().float()  # stays on the device until the step ends
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + v / len(batches)
-        (loss_sum,) = all_reduce_sum([loss_sum], self.device)
+                acc[k] = acc.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v) / len(batches)
+        extra = {k: float(v) for k, v in acc.items()}  # the step's one read-back
+        (loss_sum,) = all_reduce_sum([float(loss_acc)], self.device)
         mean = loss_sum / total  # identical on every rank, so every rank takes the same decision
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutcome(mean, extra, total, "non-finite")
+            return StepOutcome(mean, extra, total, "non-finite", tokens)
         limit = self._spike_limit()
         if limit is not None and mean > limit:
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutcome(mean, extra, total, "spike")
+            return StepOutcome(mean, extra, total, "spike", tokens)
         if self.cfg.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor holding the global norm
@@ -368,12 +420,12 @@ class Trainer:
             extra["grad_norm"] = float(gn)
             if not math.isfinite(extra["grad_norm"]):
                 self.optimizer.zero_grad(set_to_none=True)
-                return StepOutcome(mean, extra, total, "non-finite")
+                return StepOutcome(mean, extra, total, "non-finite", tokens)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.spike_factor:
             self.recent_losses = (self.recent_losses + [mean])[-self.cfg.spike_window :]
-        return StepOutcome(mean, extra, total)
+        return StepOutcome(mean, extra, total, None, tokens)
 
     def _run_eval(self) -> dict[str, float]:
         if self.evaluate is None:
@@ -468,7 +520,9 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not in the main thread
                 pass
-        t0, t_log, tok_log = time.time(), time.time(), self.tokens
+        t0, t_log, tok_log, unit_log = time.time(), time.time(), self.tokens, self.units
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
         it = iter(self.data)
         self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
@@ -477,7 +531,9 @@ class Trainer:
             while self.step < cfg.max_steps:
                 lr = self._set_lr()
                 batches = [next(it) for _ in range(cfg.grad_accum)]
+                t_step = time.time()
                 out = self._train_step(batches)
+                self.train_seconds += time.time() - t_step
                 loss, extra, units = out.loss, out.extra, out.units
                 if loss is None:
                     self.log(f"step {self.step}: no trainable units in the batch; skipped")
@@ -488,13 +544,16 @@ class Trainer:
                 self._bad = []
                 self.last_loss = loss
                 self.step += 1
-                self.tokens += units
+                self.tokens += out.tokens
+                self.units += units
                 if progress is not None:
                     progress.update(0, completed=self.step, loss=loss)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.time()
                     tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
+                    ups = (self.units - unit_log) / max(now - t_log, 1e-9)
+                    mem, _ = peak_memory(self.device)
                     rec = {
                         "step": self.step,
                         "loss": round(loss, 5),
@@ -502,17 +561,24 @@ class Trainer:
                         "tokens": self.tokens,
                         "tokens_per_s": round(tps, 1),
                         "elapsed_s": round(now - t0, 2),
+                        "peak_memory_gib": round(mem / 2**30, 3),
                         **extra,
                     }
+                    units_note = ""
+                    if self.unit_name != "tokens":
+                        rec[self.unit_name] = self.units
+                        rec[f"{self.unit_name}_per_s"] = round(ups, 2)
+                        units_note = f"  {ups:,.1f} {self.unit_name}/s"
                     if self.flops_per_token:
                         rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
                         if self.peak_flops:
                             rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
                     self._record(rec)
                     self.log(
-                        f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                        f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                        f"{tps:,.0f} tokens/s{units_note}  peak mem {mem / 2**30:.2f} GiB"
                     )
-                    t_log, tok_log = now, self.tokens
+                    t_log, tok_log, unit_log = now, self.tokens, self.units
 
                 is_last = self.step == cfg.max_steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
@@ -564,6 +630,7 @@ class Trainer:
             # (the pipeline turns it into an interrupt) instead of swallowing the user's Ctrl-C
             os.kill(os.getpid(), self._stop_signal)
         final = {"loss": self.last_loss, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+        mem, mem_kind = peak_memory(self.device)
         return TrainResult(
             step=self.step,
             tokens=self.tokens,
@@ -572,6 +639,11 @@ class Trainer:
             best_eval_loss=self.best_eval,
             stopped_early=stopped_early,
             resumed_from=resumed,
+            units=self.units,
+            unit_name=self.unit_name,
+            train_seconds=self.train_seconds,
+            peak_memory_bytes=mem,
+            peak_memory_kind=mem_kind,
         )
 
 
@@ -629,7 +701,7 @@ def pretrain_objective():
             loss = torch.nn.functional.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
             )
-            n = int((y != -100).sum())
+            n = (y != -100).sum()  # a 0-d device tensor: no read-back (the engine uses `count`)
             core = unwrap(model)
             aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
             if aux is None:
@@ -637,7 +709,7 @@ def pretrain_objective():
             # the router losses are means; scale by n so the engine's division by n keeps them
             stats = core.moe_stats()
             metrics = {
-                "moe_aux": float(aux.detach()),
+                "moe_aux": aux.detach(),
                 "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k)
                 / max(core.cfg.n_layers, 1),
                 "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0),
