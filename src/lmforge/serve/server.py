@@ -14,7 +14,8 @@ Behaviour under bad input and load, by design:
   request, which frees its engine slot at the next decode step.
 - Binds 127.0.0.1 unless told otherwise; the API key is compared in constant time.
 
-The HTTP plumbing (the error type, the body-size middleware, running the app) is in `http.py`.
+The routes are in `routes.py`, the streamed (SSE) bodies in `streams.py`, and the HTTP plumbing
+(the error type, the body-size middleware, running the app) in `http.py`.
 """
 
 from __future__ import annotations
