@@ -181,10 +181,10 @@ def cmd_rag_query(a) -> int:
 
 
 def _stored_source(st, source: str) -> str | None:
-    from .rag.index import canonical_source
-
     """The stored source `source` names: as typed, or as its canonical path (how `rag index` keys
     files), or None."""
+    from .rag.index import canonical_source
+
     if st.document_sha(source) is not None:
         return source
     canonical = canonical_source(source)
@@ -203,7 +203,7 @@ def cmd_rag_delete(a) -> int:
                 f"{a.index}: no document with source {missing[0]!r}; nothing was deleted. "
                 f"See the sources with `lmforge rag info {a.index} --sources`"
             )
-        res = {s: st.delete_document(stored) for s, stored in found.items()}
+        res = {s: st.delete_document(stored) for s, stored in found.items() if stored is not None}
         print(json.dumps({"deleted_chunks": res, "index": st.stats()}, indent=2))
     finally:
         st.close()

@@ -374,21 +374,26 @@ class Engine:
         self.counters["prompt_tokens"] += n
         self._pick(logits[None], [i])
 
+    def _slot(self, i: int) -> _Slot:
+        s = self.slots[i]
+        assert s is not None, f"slot {i} is free"  # callers pass running slots only
+        return s
+
     def _decode_step(self) -> None:
         active = [i for i, s in enumerate(self.slots) if s is not None]
         for i in active:  # drop cancelled requests before spending compute on them
-            if self.slots[i].req.cancelled.is_set():
+            if self._slot(i).req.cancelled.is_set():
                 self._finish(i, FINISH_CANCELLED)
         self._compact()
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return
-        lengths = [self.slots[i].length for i in active]
+        lengths = [self._slot(i).length for i in active]
         B = len(active)
         rows = slice(0, B)
         pos = torch.tensor(lengths, device=self.device)
         k_len = max(lengths) + 1
-        inp = torch.tensor([[self.slots[i].last] for i in active], device=self.device)
+        inp = torch.tensor([[self._slot(i).last] for i in active], device=self.device)
         mask = None
         if self.static is None and min(lengths) != max(lengths):
             mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
@@ -401,7 +406,7 @@ class Engine:
                 inp, position_ids=pos[:, None], attn_mask=mask, cache=self.cache.decode(rows, pos, k_len)
             )[:, -1].float()
         for i in active:
-            self.slots[i].length += 1
+            self._slot(i).length += 1
         self._pick(logits, active)
 
     def _compact(self) -> None:
@@ -413,7 +418,7 @@ class Engine:
             if not free or not used or free[0] > used[-1]:
                 return
             dst, src = free[0], used[-1]
-            s = self.slots[src]
+            s = self._slot(src)
             self.cache.move(src, dst, s.length)
             self.seen[dst] = self.seen[src]
             self.counts[dst] = self.counts[src]
@@ -422,7 +427,7 @@ class Engine:
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token per row of `logits` [B, V] (rows = their slots) and accept it. A row
         whose logits or distribution are not finite ends its own request with an error."""
-        reqs = [self.slots[i].req for i in rows]
+        reqs = [self._slot(i).req for i in rows]
         pen = any(r.penalized for r in reqs)
         idx = torch.tensor(rows, device=self.device) if pen else None
         seen, counts = (self.seen[idx], self.counts[idx]) if pen else (None, None)
@@ -440,7 +445,7 @@ class Engine:
                     self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
 
     def _accept(self, i: int, tok: int, lp: TokenLogprob | None = None) -> None:
-        s = self.slots[i]
+        s = self._slot(i)
         req = s.req
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
@@ -473,7 +478,7 @@ class Engine:
         ids: list[int] | None = None,
         lps: list[TokenLogprob] | None = None,
     ) -> None:
-        s = self.slots[i]
+        s = self._slot(i)
         self.slots[i] = None
         req = s.req
         if reason == FINISH_CANCELLED:

@@ -20,6 +20,9 @@ the fallback path needs no patching.)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,9 +34,21 @@ def _has_gqa() -> bool:
     return "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-def _rotate(x, cos, sin):
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+_Layer = tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor | None,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    int,
+    torch.Tensor,
+]
 
 
 class FastDecoder:
@@ -42,10 +57,11 @@ class FastDecoder:
         self.model, self.cfg = model, cfg
         self.H, self.KV, self.D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.eps = cfg.norm_eps
-        self.layers = []
+        # per layer: input norm, fused qkv weight and bias, out proj, post norm, fused gate/up, split, down
+        self.layers: list[_Layer] = []
         with torch.no_grad():
-            for blk in model.model.layers:
-                a, m = blk.self_attn, blk.mlp
+            for blk in cast(Iterable[Block], model.model.layers):
+                a, m = blk.self_attn, cast(MLP, blk.mlp)  # build() admits plain MLPs only
                 wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
                 bqkv = (
                     torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).contiguous()
@@ -82,8 +98,12 @@ class FastDecoder:
         self.head = model.lm_head.weight
         self.rotary = model.model.rotary
 
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # registered buffers, replaced when the rotary module grows them: read them each time
+        return cast(torch.Tensor, self.rotary.cos), cast(torch.Tensor, self.rotary.sin)
+
     @classmethod
-    def build(cls, model) -> FastDecoder | None:
+    def build(cls, model: nn.Module) -> FastDecoder | None:
         """A FastDecoder for `model`, or None when the model is not plain lmforge modules."""
         if type(model) is not Transformer or not _has_gqa():
             return None
@@ -111,12 +131,15 @@ class FastDecoder:
             return None
         return cls(model)
 
-    def _cos_sin(self, pos: torch.Tensor, dtype, static: bool = False):
+    def _cos_sin(
+        self, pos: torch.Tensor, dtype: torch.dtype, static: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # static: the caller guarantees the tables are long enough (no `.max()` read back: a host
         # sync, and not allowed inside a CUDA graph)
-        if not static and int(pos.max()) + 1 > self.rotary.cos.shape[0]:
+        if not static and int(pos.max()) + 1 > self._tables()[0].shape[0]:
             self.rotary(pos, dtype)  # grows the tables
-        return self.rotary.cos[pos].to(dtype).unsqueeze(-2), self.rotary.sin[pos].to(dtype).unsqueeze(-2)
+        cos, sin = self._tables()
+        return cos[pos].to(dtype).unsqueeze(-2), sin[pos].to(dtype).unsqueeze(-2)
 
     @torch.no_grad()
     def forward(

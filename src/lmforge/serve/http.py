@@ -1,8 +1,8 @@
-"""HTTP plumbing of `lmforge serve`, apart from its routes (`server.py`): the OpenAI-shaped
-error (`ApiError`, answered as `{"error": {"message", "type", "param", "code"}}`), the ASGI
-middleware that refuses bodies over the size limit before they are parsed, the location of a
-validation error as a field name, and running an app (uvicorn in the foreground, or in a
-background thread for tests, benchmarks and notebooks).
+"""HTTP plumbing of `lmforge serve`, apart from the app (`server.py`) and its routes (`routes.py`,
+`streams.py`): the OpenAI-shaped error (`ApiError`, answered as `{"error": {"message", "type",
+"param", "code"}}`), the ASGI middleware that refuses bodies over the size limit before they are
+parsed, the location of a validation error as a field name, and running an app (uvicorn in the
+foreground, or in a background thread for tests, benchmarks and notebooks).
 """
 
 from __future__ import annotations

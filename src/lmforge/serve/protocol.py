@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -202,7 +202,7 @@ class CompletionRequest(_Req):
             return [p]
         if p and isinstance(p[0], int):
             return [p]
-        return list(p)
+        return cast("list[str | list[int]]", list(p))  # a list of strings or of token lists
 
 
 # ----------------------------------------------------------------------------- responses

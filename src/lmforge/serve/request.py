@@ -8,7 +8,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -233,8 +233,10 @@ class Request:
             self.done = True
             self.finished_at = time.perf_counter()
         if self.loop is None:
+            assert self._q is not None  # a request without a loop is consumed synchronously
             self._q.put(chunk)
             return
+        assert self._aq is not None
         try:
             self.loop.call_soon_threadsafe(self._aq.put_nowait, chunk)
         except RuntimeError:  # the event loop is gone: nobody is listening any more
@@ -250,10 +252,10 @@ class Request:
             if chunk.finish_reason is not None:
                 return
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._agen()
 
-    async def _agen(self):
+    async def _agen(self) -> AsyncIterator[Chunk]:
         if self._aq is None:
             raise RuntimeError("submit(..., loop=asyncio.get_running_loop()) to consume asynchronously")
         while True:
@@ -264,22 +266,29 @@ class Request:
 
     def result(self) -> Completion:
         """Block until finished (synchronous requests) and return the whole completion."""
-        texts, ids, last = [], [], None
+        texts: list[str] = []
+        ids: list[int] = []
+        last: Chunk | None = None
         for chunk in self:
             texts.append(chunk.text)
             ids.extend(chunk.token_ids)
             last = chunk
+        assert last is not None  # the iteration ends with the finishing chunk
         return self._completion("".join(texts), ids, last)
 
     async def aresult(self) -> Completion:
-        texts, ids, last = [], [], None
+        texts: list[str] = []
+        ids: list[int] = []
+        last: Chunk | None = None
         async for chunk in self:
             texts.append(chunk.text)
             ids.extend(chunk.token_ids)
             last = chunk
+        assert last is not None  # the iteration ends with the finishing chunk
         return self._completion("".join(texts), ids, last)
 
-    def _completion(self, text, ids, last: Chunk) -> Completion:
+    def _completion(self, text: str, ids: list[int], last: Chunk) -> Completion:
+        assert last.finish_reason is not None  # the last chunk of a request
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
         ids = list(self.out_ids) if self.done else ids
         return Completion(

@@ -122,7 +122,7 @@ def sample_rows(
     idx = torch.tensor(hot, device=x.device)
     xs = x[idx] / torch.tensor([ps[n].temperature for n in hot], device=x.device)[:, None]
     V = xs.shape[-1]
-    ks = [ps[n].top_k if ps[n].top_k and ps[n].top_k < V else V for n in hot]
+    ks = [k if k and k < V else V for k in (ps[n].top_k for n in hot)]
     xs, order = _truncate(xs, ks, [ps[n].top_p for n in hot])
     probs = xs.softmax(-1)
     pick = _race(probs, [generators[n] for n in hot])
@@ -176,7 +176,7 @@ def pick_tokens(
     want = [n for n, p in enumerate(ps) if p.logprobs is not None]
     if want:
         sel = torch.tensor(want, device=x.device)
-        chosen, top = token_logprobs(x[sel], tokens[sel], max(ps[n].logprobs for n in want))
+        chosen, top = token_logprobs(x[sel], tokens[sel], max(ps[n].logprobs or 0 for n in want))
         for j, n in enumerate(want):
             lps[n] = TokenLogprob(toks[n], chosen[j], top[j][: ps[n].logprobs])
     return toks, errs, lps

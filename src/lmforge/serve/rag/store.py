@@ -19,6 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,14 +42,14 @@ class Hit:
         return {"source": self.source, "chunk": self.chunk, "score": round(self.score, 4), "text": t}
 
 
-def _connect(path: Path, want_vec: bool):
+def _connect(path: Path, want_vec: bool) -> tuple[Any, bool]:
     """(connection, has_vec). apsw + sqlite-vec when installed, else stdlib sqlite3."""
     if want_vec:
         try:
             import apsw
             import sqlite_vec
 
-            conn = apsw.Connection(str(path))
+            conn: Any = apsw.Connection(str(path))  # apsw or sqlite3: the same calls are used
             conn.enable_load_extension(True)
             sqlite_vec.load(conn)
             conn.enable_load_extension(False)
