@@ -74,6 +74,7 @@ def cmd_tasks(a) -> int:
         )
         preds = res.pop("predictions", None)
         if preds is not None:
+            assert pred_dir is not None  # predictions are only kept when there is a folder for them
             atomic_write_text(Path(pred_dir) / f"{key}.jsonl", predictions_jsonl(preds))
         results[key] = res
         parts = [f"{key:<14} n={res['n']:<5}"]
@@ -220,7 +221,7 @@ def _answers(src: str, prompts: list[str], a) -> list[str]:
 
 def cmd_judge_compare(a) -> int:
     from ..serve.loading import load_model_and_tokenizer
-    from .judge import LMJudge, RewardModelJudge, compare
+    from .judge import Judge, LMJudge, RewardModelJudge, compare
 
     prompts = _read_prompts(a.prompts)
     ans_a, ans_b = _answers(a.a, prompts, a), _answers(a.b, prompts, a)
@@ -229,6 +230,7 @@ def cmd_judge_compare(a) -> int:
             "pass exactly one of --judge-model DIR (an LM asked which answer is better) or "
             "--reward-model DIR (a sequence-classification reward model)"
         )
+    judge: Judge
     if a.reward_model:
         judge = RewardModelJudge.from_pretrained(a.reward_model, device=a.device)
     else:
@@ -243,7 +245,7 @@ def cmd_judge_compare(a) -> int:
         tie_margin=a.tie_margin,
         names=(Path(a.a).name, Path(a.b).name),
     )
-    if a.reward_model:
+    if isinstance(judge, RewardModelJudge):  # exactly when --reward-model was given
         res["reward_scoring"] = judge.mode
     print(
         f"{res['model_a']} vs {res['model_b']}: win rate {res['win_rate']:.3f} "
@@ -326,8 +328,8 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, help="token budget per scoring batch")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add `tasks`, `perplexity`, `contamination`, `judge` and `harness` to the main CLI."""
+def _add_tasks(subparsers: argparse._SubParsersAction) -> None:
+    """`lmforge tasks`: benchmark tasks on a model folder."""
     t = subparsers.add_parser(
         "tasks",
         help="benchmark tasks on a model folder (MMLU, ARC, HellaSwag, GSM8K, specs)",
@@ -359,6 +361,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     t.set_defaults(func=cmd_tasks)
 
+
+def _add_perplexity(subparsers: argparse._SubParsersAction) -> None:
+    """`lmforge perplexity`: rolling-window perplexity and bits-per-byte."""
     pp = subparsers.add_parser(
         "perplexity",
         help="token/word perplexity and bits-per-byte of documents",
@@ -376,6 +381,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pp.add_argument("--out")
     pp.set_defaults(func=cmd_perplexity)
 
+
+def _add_contamination(subparsers: argparse._SubParsersAction) -> None:
+    """`lmforge contamination ngram|permutation`."""
     c = subparsers.add_parser(
         "contamination", help="was the eval set in the training data? (n-gram, permutation)", epilog=EPILOG
     )
@@ -416,24 +424,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pm.add_argument("--out")
     pm.set_defaults(func=cmd_permutation)
 
+
+def _pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", required=True, help="JSONL with 'prompt' (or messages), or TXT one per line")
+    p.add_argument(
+        "--a", required=True, help="model A: a model folder (answers generated) or answers JSONL/TXT"
+    )
+    p.add_argument("--b", required=True, help="model B: a model folder or answers JSONL/TXT")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="when generating answers")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_judge(subparsers: argparse._SubParsersAction) -> None:
+    """`lmforge judge compare|export|import`."""
     j = subparsers.add_parser(
         "judge",
         help="pairwise comparison of two models' answers (judge / reward model / humans)",
         epilog=EPILOG,
     )
     js = j.add_subparsers(dest="judge_command", metavar="COMMAND", required=True)
-
-    def _pair_args(p):
-        p.add_argument(
-            "--prompts", required=True, help="JSONL with 'prompt' (or messages), or TXT one per line"
-        )
-        p.add_argument(
-            "--a", required=True, help="model A: a model folder (answers generated) or answers JSONL/TXT"
-        )
-        p.add_argument("--b", required=True, help="model B: a model folder or answers JSONL/TXT")
-        p.add_argument("--max-new-tokens", type=int, default=64, help="when generating answers")
-        p.add_argument("--device", default="cpu")
-
     jc = js.add_parser(
         "compare", help="win rate of A over B by a judge model or a reward model", epilog=EPILOG
     )
@@ -461,6 +470,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ji.add_argument("--json", action="store_true")
     ji.set_defaults(func=cmd_judge_import)
 
+
+def _add_harness(subparsers: argparse._SubParsersAction) -> None:
+    """`lmforge harness`: lm-evaluation-harness with lmforge as the backend."""
     h = subparsers.add_parser(
         "harness",
         help="run lm-evaluation-harness tasks on an lmforge model",
@@ -477,3 +489,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--no-bos", action="store_true", help="do not prepend BOS to contexts")
     h.add_argument("--out")
     h.set_defaults(func=cmd_harness)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add `tasks`, `perplexity`, `contamination`, `judge` and `harness` to the main CLI."""
+    for add in (_add_tasks, _add_perplexity, _add_contamination, _add_judge, _add_harness):
+        add(subparsers)

@@ -27,7 +27,8 @@ import yaml
 
 from ..errors import DataError
 from ..runs import atomic_write_bytes, atomic_write_text, read_jsonl, read_manifest
-from .report import Section, _cell, _num, _plt, _png, render_html
+from .plots import _plt, _png
+from .render import Section, _cell, _num, render_html
 
 # (panel title, preferred metric keys in order, fallback test on a key) for the curve panels
 CURVES: list[tuple[str, list[str], Callable[[str], bool]]] = [

@@ -92,12 +92,12 @@ class LMForgeLM(TemplateLM):
 
     # ------------------------------------------------------------------ harness plumbing
     @property
-    def eot_token_id(self) -> int:
+    def eot_token_id(self) -> int | None:
         eos = self.tok.eos_id
         return eos if eos is not None else self.tok.bos_id
 
     @property
-    def prefix_token_id(self) -> int:
+    def prefix_token_id(self) -> int | None:
         return self.scorer.prefix_id
 
     @property

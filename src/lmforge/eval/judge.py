@@ -30,7 +30,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..align.reward_scoring import RewardScorer
 from ..errors import DataError
@@ -65,7 +65,16 @@ class RewardModelJudge:
     ):
         if (score is None) == (score_many is None):
             raise ValueError("RewardModelJudge needs exactly one of score or score_many")
-        self.score_many = score_many or (lambda ps, ans: [float(score(p, a)) for p, a in zip(ps, ans)])
+        if score_many is None:
+            assert score is not None
+            one = score
+
+            def each(ps: list[str], ans: list[str]) -> list[float]:
+                return [float(one(p, a)) for p, a in zip(ps, ans)]
+
+            score_many = each
+
+        self.score_many = score_many
         self.mode = mode
 
     @classmethod
@@ -148,9 +157,10 @@ def compare(
         )
     ab = judge.prefer_many(list(zip(prompts, answers_a, answers_b)))
     ba = judge.prefer_many(list(zip(prompts, answers_b, answers_a))) if swap else None
-    items, verdicts = [], []
+    items: list[dict[str, Any]] = []
+    verdicts: list[str] = []
     for i, p in enumerate(prompts):
-        pa = (ab[i] + (1.0 - ba[i])) / 2 if swap else ab[i]
+        pa = (ab[i] + (1.0 - ba[i])) / 2 if ba is not None else ab[i]
         v = "a" if pa > 0.5 + tie_margin else "b" if pa < 0.5 - tie_margin else "tie"
         verdicts.append(v)
         items.append(
@@ -161,12 +171,12 @@ def compare(
                 "p_a_better": round(pa, 4),
                 "verdict": v,
                 "a_first": round(ab[i], 4),
-                **({"b_first": round(ba[i], 4)} if swap else {}),
+                **({"b_first": round(ba[i], 4)} if ba is not None else {}),
             }
         )
     out = summarize(verdicts, names)
     out["mean_p_a_better"] = sum(x["p_a_better"] for x in items) / len(items) if items else float("nan")
-    if swap:
+    if ba is not None:
         # P(first wins) averaged over both orders: 0.5 for an unbiased judge
         out["first_position_bias"] = sum((ab[i] + ba[i]) / 2 - 0.5 for i in range(len(items))) / max(
             len(items), 1

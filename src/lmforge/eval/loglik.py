@@ -123,13 +123,17 @@ class Scorer:
 
     def context_ids(self, context: str) -> list[int]:
         ids = self.encode(context) if context else []
-        return [self.bos_id, *ids] if self.add_bos else ids
+        if not self.add_bos:
+            return ids
+        assert self.bos_id is not None  # add_bos is only set when the tokenizer has a BOS
+        return [self.bos_id, *ids]
 
     def encode_pair(self, context: str, continuation: str) -> Pair:
         """(context ids, continuation ids) with the harness's whitespace and prefix rules."""
         if not context:
             cont = self.encode(continuation)
             if self.add_bos:
+                assert self.bos_id is not None
                 return [self.bos_id], cont
             if self.prefix_id is not None and (not cont or cont[0] != self.prefix_id):
                 return [self.prefix_id], cont
@@ -215,7 +219,10 @@ class Scorer:
     def _score_batch(self, rows: list[tuple[list[int], int]], greedy: bool) -> list[tuple[float, bool]]:
         B, T = len(rows), max(len(r[0]) for r in rows) - 1
         x = torch.zeros(B, T, dtype=torch.long)
-        b_idx, t_idx, targets, owner = [], [], [], []
+        b_idx: list[int] = []
+        t_idx: list[int] = []
+        targets: list[int] = []
+        owner: list[int] = []
         for i, (full, n) in enumerate(rows):
             L = len(full) - 1
             x[i, :L] = torch.tensor(full[:-1])

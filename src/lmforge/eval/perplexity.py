@@ -134,7 +134,8 @@ def shard_documents(shard, tok, *, max_tokens: int | None = None, max_docs: int 
     """Decode the documents of a token shard back to text (BOS stripped), in order, up to
     `max_tokens` tokens / `max_docs` documents (at least one document)."""
     ends = np.append(shard.doc_starts[1:], shard.n_tokens)
-    out, used = [], 0
+    out: list[str] = []
+    used = 0
     bos = shard.meta.get("bos_id")
     for s, e in zip(shard.doc_starts, ends):
         ids = np.asarray(shard.tokens[s:e], dtype=np.int64)

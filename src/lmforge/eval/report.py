@@ -9,175 +9,23 @@ model's `config.json` (the model card).
 The report is built once as a list of blocks (paragraph, table, image, preformatted text) and
 rendered twice: Markdown (images as PNG files under `plots/`) and HTML (the same PNGs inlined as
 data URIs, inline CSS, no scripts, no network) -- one content, two views that cannot disagree.
+The blocks and both renderers live in `render`, the figures in `plots`; this module reads the run
+and decides what goes in.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..runs import read_jsonl, read_manifest
 from .chain import chain_table
-
-# ----------------------------------------------------------------------------- blocks
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[tuple] = field(default_factory=list)
-
-    def p(self, text: str) -> Section:
-        self.blocks.append(("p", text))
-        return self
-
-    def table(self, header: list[str], rows: list[list[Any]]) -> Section:
-        if rows:
-            self.blocks.append(("table", header, [[_cell(c) for c in r] for r in rows]))
-        return self
-
-    def image(self, name: str, png: bytes | None, alt: str) -> Section:
-        if png:
-            self.blocks.append(("img", name, png, alt))
-        return self
-
-    def pre(self, text: str) -> Section:
-        self.blocks.append(("pre", text))
-        return self
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
-            return f"{v:.3g}"
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, (dict, list)):
-        s = json.dumps(v, default=str)
-        return s if len(s) <= 80 else s[:77] + "..."
-    return str(v)
-
-
-def _count(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for div, suf in ((1e15, "P"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suf}"
-    return f"{x:.3g}"
-
-
-# ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _plt().close(fig)
-    return buf.getvalue()
-
-
-def plot_curves(records: list[dict], title: str) -> bytes | None:
-    """Train loss (and eval loss) against step; learning rate on a second panel when logged."""
-    train = [(r["step"], r["loss"]) for r in records if "step" in r and _num(r.get("loss"))]
-    evals = [(r["step"], r["eval/loss"]) for r in records if "step" in r and _num(r.get("eval/loss"))]
-    lr = [(r["step"], r["lr"]) for r in records if "step" in r and _num(r.get("lr"))]
-    if not train and not evals:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2 if lr else 1, figsize=(9 if lr else 5.5, 3.2))
-    ax = axes[0] if lr else axes
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.5)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5, ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if lr:
-        axes[1].plot(*zip(*lr), color="tab:green", lw=1.5)
-        axes[1].set_xlabel("step")
-        axes[1].set_ylabel("learning rate")
-        axes[1].set_title("schedule")
-        axes[1].grid(alpha=0.3)
-    return _png(fig)
-
-
-def plot_tasks(tasks: dict) -> bytes | None:
-    """Headline accuracy per task with its 95% interval and the chance level."""
-    rows = []
-    for name, r in tasks.items():
-        key = next((k for k in ("acc_norm", "acc", "exact_match", "pass@1") if k in r), None)
-        if key:
-            rows.append((f"{name}\n{key}", r[key]["value"], r[key]["ci95"], r.get("chance")))
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(rows) + 1.5), 3.2))
-    xs = range(len(rows))
-    vals = [r[1] for r in rows]
-    err = [[v - r[2][0] for v, r in zip(vals, rows)], [r[2][1] - v for v, r in zip(vals, rows)]]
-    ax.bar(xs, vals, yerr=err, capsize=4, color="tab:blue", alpha=0.8)
-    for x, r in zip(xs, rows):
-        if r[3] is not None and _num(r[3]):
-            ax.hlines(
-                r[3], x - 0.4, x + 0.4, colors="tab:red", linestyles="--", label="chance" if x == 0 else None
-            )
-    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title("tasks (95% interval)")
-    ax.grid(axis="y", alpha=0.3)
-    if any(r[3] is not None for r in rows):
-        ax.legend()
-    return _png(fig)
-
-
-def plot_funnel(steps: list[dict]) -> bytes | None:
-    pts = [
-        (s.get("name", "?"), s.get("docs_in"), s.get("docs_out"))
-        for s in steps
-        if isinstance(s, dict) and s.get("docs_out") is not None
-    ]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(pts) + 1.2))
-    names = [p[0] for p in pts][::-1]
-    ax.barh(names, [p[2] for p in pts][::-1], color="tab:blue", alpha=0.85, label="docs out")
-    ax.set_xlabel("documents")
-    ax.set_title("data funnel")
-    ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+from .plots import plot_curves, plot_funnel, plot_tasks
+from .render import Section, _cell, _count, _num
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -525,77 +373,3 @@ def _short(v: Any, n: int = 300) -> str:
     t = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
     t = " ".join(t.split())
     return t if len(t) <= n else t[: n - 3] + "..."
-
-
-# ----------------------------------------------------------------------------- rendering
-def _md_escape(t: str) -> str:
-    return t.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(sections: list[Section], plot_dir: str = "plots") -> str:
-    out = []
-    for i, sec in enumerate(sections):
-        out += [("# " if i == 0 else "## ") + sec.title, ""]
-        for b in sec.blocks:
-            if b[0] == "p":
-                out += [b[1], ""]
-            elif b[0] == "table":
-                out.append("| " + " | ".join(_md_escape(h) for h in b[1]) + " |")
-                out.append("|" + "---|" * len(b[1]))
-                out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in b[2]]
-                out.append("")
-            elif b[0] == "img":
-                out += [f"![{b[3]}]({plot_dir}/{b[1]})", ""]
-            elif b[0] == "pre":
-                out += ["```", b[1], "```", ""]
-    return "\n".join(out)
-
-
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;
-color:#1d1d1f;line-height:1.45}h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;
-margin-top:1.8em}table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ddd;padding:.25em .55em;
-text-align:left;vertical-align:top}th{background:#f4f4f6}tr:nth-child(even) td{background:#fafafa}img{max-width:100%;
-margin:.5em 0}code,pre{background:#f4f4f6;padding:.1em .3em;border-radius:3px}nav a{margin-right:1em}"""
-
-
-def _inline(t: str) -> str:
-    """Markdown-ish inline markup of our own paragraphs: **bold** and `code`."""
-    import re
-
-    t = html.escape(t)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
-
-
-def render_html(sections: list[Section]) -> str:
-    title = sections[0].title if sections else "report"
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{CSS}</style></head><body>",
-    ]
-    out.append(
-        "<nav>"
-        + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections[1:], 1))
-        + "</nav>"
-    )
-    for i, sec in enumerate(sections):
-        tag = "h1" if i == 0 else "h2"
-        out.append(f"<{tag} id='s{i}'>{html.escape(sec.title)}</{tag}>")
-        for b in sec.blocks:
-            if b[0] == "p":
-                out.append(f"<p>{_inline(b[1])}</p>")
-            elif b[0] == "table":
-                out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b[1]) + "</tr>")
-                out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b[2]]
-                out.append("</table>")
-            elif b[0] == "img":
-                data = base64.b64encode(b[2]).decode("ascii")
-                out.append(f"<img alt='{html.escape(b[3])}' src='data:image/png;base64,{data}'>")
-            elif b[0] == "pre":
-                out.append(f"<pre>{html.escape(b[1])}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
-def images(sections: list[Section]) -> dict[str, bytes]:
-    return {b[1]: b[2] for s in sections for b in s.blocks if b[0] == "img"}

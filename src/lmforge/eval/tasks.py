@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 
 from ..stats import proportion_summary
-from .loglik import Scorer
+from .loglik import Pair, Scorer
 
 
 @dataclass
@@ -108,6 +108,12 @@ class Task:
         return float(np.mean([1.0 / c for c in n])) if n else float("nan")
 
 
+def _choices(doc: Doc) -> list[str]:
+    """A multiple-choice item's continuations (the readers never build one without them)."""
+    assert doc.choices is not None, f"multiple-choice item {doc.id!r} has no choices"
+    return doc.choices
+
+
 def evaluate_multiple_choice(
     scorer: Scorer,
     task: Task,
@@ -120,12 +126,14 @@ def evaluate_multiple_choice(
     t0 = time.time()
     n_docs = len(task.docs) if limit is None else min(limit, len(task.docs))
     skipped: Counter = Counter(task.skipped)
-    pairs, spans, kept = [], [], []
+    pairs: list[Pair] = []
+    spans: list[tuple[int, int]] = []
+    kept: list[int] = []
     truncated = 0
     for i in range(n_docs):
         doc = task.docs[i]
         prompt = task.prompt(i, num_fewshot)
-        ps = [scorer.encode_pair(prompt, task.target_delimiter + c) for c in doc.choices]
+        ps = [scorer.encode_pair(prompt, task.target_delimiter + c) for c in _choices(doc)]
         if not all(scorer.fits(p) for p in ps):
             skipped["empty_choice" if any(not p[1] for p in ps) else "continuation_too_long"] += 1
             continue
@@ -139,8 +147,8 @@ def evaluate_multiple_choice(
     for i, (start, n) in zip(kept, spans):
         doc = task.docs[i]
         lls = np.array([s[0] for s in scores[start : start + n]])
-        chars = np.array([float(len(c)) for c in doc.choices])
-        nbytes = np.array([float(len(c.encode("utf-8"))) for c in doc.choices])
+        chars = np.array([float(len(c)) for c in _choices(doc)])
+        nbytes = np.array([float(len(c.encode("utf-8"))) for c in _choices(doc)])
         p, pn, pb = int(np.argmax(lls)), int(np.argmax(lls / chars)), int(np.argmax(lls / nbytes))
         acc.append(float(p == doc.gold))
         acc_norm.append(float(pn == doc.gold))
@@ -164,7 +172,7 @@ def evaluate_multiple_choice(
         "acc": proportion_summary(sum(acc), len(acc)),
         "acc_norm": proportion_summary(sum(acc_norm), len(acc_norm)),
         "acc_bytes": proportion_summary(sum(acc_bytes), len(acc_bytes)),
-        "chance": float(np.mean([1.0 / len(task.docs[i].choices) for i in kept])) if kept else float("nan"),
+        "chance": float(np.mean([1.0 / len(_choices(task.docs[i])) for i in kept])) if kept else float("nan"),
         "skipped": dict(skipped),
         "truncated": truncated,
         "requests": len(pairs),

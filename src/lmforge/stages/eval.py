@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -147,7 +147,7 @@ def eval_stage(ctx: StageContext) -> dict:
     # 1. perplexity over the token stream (as during pretraining) + unigram baseline
     t0 = time.time()
     tb = token_byte_lengths(tok)
-    res = evaluate_shard(
+    res: dict[str, Any] = evaluate_shard(
         model,
         val,
         tb,

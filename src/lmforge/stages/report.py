@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..eval.report import Section, build_sections, collect, images, render_html, render_markdown
+from ..eval.render import Section, images, render_html, render_markdown
+from ..eval.report import build_sections, collect
 from ..runs import atomic_write_bytes, atomic_write_text, read_manifest
 from .base import StageContext, define_stage
 
