@@ -88,7 +88,7 @@ def _first_time(text: str, seen: set[bytes]) -> bool:
 
 
 def _stdlib_files(root: Path) -> list[Path]:
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
         files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))

@@ -127,9 +127,9 @@ def finalize(
             (near_stats, dd.enabled and dd.near),
             (clf_stats, scorer is not None),
             (mix_stats, True),
-            (cap_stats, cap_stats),
+            (cap_stats, cap_stats is not None),
         )
-        if on
+        if on and st is not None
     ]
     seconds = time.time() - t0
     funnel = funnel_dict(cfg, steps, writers, shard_names, dec, clf_info, domain_mix, skipped, tasks, seconds)
@@ -223,7 +223,8 @@ def dedup(cfg: DataConfig, ix: Index, dec: Decisions, log) -> tuple[StepStats, S
 def pass_a(ix: Index, dec: Decisions, scorer, shown: set[int], seed: int) -> float:
     """Read the survivors once: split hashes, classifier scores, texts of the examples shown.
     Returns the seconds spent scoring (the classifier's share of this pass)."""
-    dec.u, dec.scores = np.full(ix.n, np.nan), np.full(ix.n, np.nan)
+    u, scores = np.full(ix.n, np.nan), np.full(ix.n, np.nan)
+    dec.u, dec.scores = u, scores
     batch_i: list[int] = []
     batch_t: list[str] = []
     spent = 0.0
@@ -233,7 +234,7 @@ def pass_a(ix: Index, dec: Decisions, scorer, shown: set[int], seed: int) -> flo
         if batch_i:
             t = time.perf_counter()
             with threadpool_limits(1):
-                dec.scores[np.array(batch_i)] = scorer.score(batch_t)
+                scores[np.array(batch_i)] = scorer.score(batch_t)
             spent += time.perf_counter() - t
             batch_i.clear()
             batch_t.clear()
@@ -247,7 +248,7 @@ def pass_a(ix: Index, dec: Decisions, scorer, shown: set[int], seed: int) -> flo
                 "text": snippet(rec["text"]),
             }
         if dec.alive[i]:
-            dec.u[i] = unit_hash(seed, rec["text"])
+            u[i] = unit_hash(seed, rec["text"])
             if scorer is not None:
                 batch_i.append(i)
                 batch_t.append(rec["text"])
@@ -259,6 +260,7 @@ def pass_a(ix: Index, dec: Decisions, scorer, shown: set[int], seed: int) -> flo
 
 def apply_scores(cfg: DataConfig, ix: Index, dec: Decisions, clf_stats: StepStats, clf_info: dict) -> None:
     qc, scores = cfg.quality_classifier, dec.scores
+    assert scores is not None, "pass_a fills the scores"
     before = dec.alive.copy()
     scored = ~np.isnan(scores)
     for v in scores[scored]:
@@ -313,6 +315,7 @@ def cap(cfg: DataConfig, ix: Index, dec: Decisions) -> StepStats | None:
     if not cfg.max_docs:
         return None
     copies = dec.copies
+    assert copies is not None, "mix sets the copies"
     cap_stats = StepStats("max_docs", max_examples=0)
     before = copies.copy()
     copies[np.cumsum(copies) > cfg.max_docs] = 0
@@ -333,6 +336,7 @@ def write_shards(
     """The seeded train/val split, then pass B: every kept document (times its copies) to its shard."""
     t = time.perf_counter()
     copies, u, scores, qc = dec.copies, dec.u, dec.scores, cfg.quality_classifier
+    assert copies is not None and u is not None and scores is not None and dec.down is not None
     final = np.flatnonzero(copies > 0)
     is_val = np.zeros(ix.n, dtype=bool)
     is_val[final] = u[final] < cfg.val_fraction

@@ -75,7 +75,8 @@ def format_read_stats(stats: ReadStats) -> str:
 _replaced = threading.local()
 
 
-def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+def _count_and_replace(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError), "registered for decoding only"
     _replaced.n = getattr(_replaced, "n", 0) + (err.end - err.start)
     return "\ufffd", err.end
 
@@ -165,7 +166,7 @@ def _supported(p: Path) -> bool:
 
 
 def _files_under(folder: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(p for p in (Path(dirpath) / f for f in filenames) if _supported(p))

@@ -125,7 +125,7 @@ def resolve_inputs(specs: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
@@ -205,11 +205,11 @@ def iter_task_documents(
         yield from _with_ids(readers.iter_documents(task.items[0], text_field, stats))
         return
     if task.kind == "range":
-        path, (start, end, first) = Path(task.items[0]), task.span
-        if range_kind(path) == "jsonl":
-            yield from iter_jsonl_range(path, text_field, stats, start, end, first)
+        rpath, (start, end, first) = Path(task.items[0]), task.span
+        if range_kind(rpath) == "jsonl":
+            yield from iter_jsonl_range(rpath, text_field, stats, start, end, first)
         else:
-            yield from _iter_warc(path, stats, max_html_bytes, start, end, first)
+            yield from _iter_warc(rpath, stats, max_html_bytes, start, end, first)
         return
     for path in task.items:
         kind = file_kind(path)
@@ -401,13 +401,13 @@ def _iter_compressed(path: Path, text_field: str, stats: ReadStats) -> Iterator[
             if is_txt:
                 data = f.read()
                 stats.records_read += 1
-                text, bad = decode_utf8(data)
+                whole, bad = decode_utf8(data)
                 stats.replaced_bytes += bad
-                if not text.strip():
+                if not whole.strip():
                     stats.drop("empty", str(path), "empty text")
                     return
                 stats.records_kept += 1
-                yield Document(text, str(path), {"id": str(path)})
+                yield Document(whole, str(path), {"id": str(path)})
                 return
             for raw in f:
                 lineno += 1

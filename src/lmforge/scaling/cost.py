@@ -374,6 +374,7 @@ def estimate_cost(
     else:
         eff, used_mfu = float(effective_flops), None
     if flops is None:
+        assert gpu_hours is not None  # exactly one of the two, checked above
         flops = gpu_hours * 3600.0 * eff
     else:
         gpu_hours = flops / eff / 3600.0

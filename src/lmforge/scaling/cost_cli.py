@@ -87,7 +87,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         f" (MFU {est.mfu:.0%} of peak)" if est.mfu else " (given)"
     )
     implied = " (implied by GPU-hours x rate)" if args.gpu_hours is not None else ""
-    rows = [
+    table = [
         (f"training FLOPs{implied}", fmt_sci(est.flops)),
         ("accelerator", est.accelerator),
         ("effective rate", rate),
@@ -100,7 +100,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
         ("carbon intensity", f"{est.carbon_intensity:g} kgCO2e/kWh"),
         ("emissions", f"{est.tco2e:,.2f} tCO2e" if est.tco2e >= 1 else f"{est.tco2e:.2g} tCO2e"),
     ]
-    print_table("Cost, energy and CO2", rows)
+    print_table("Cost, energy and CO2", table)
     print_notes("notes", warnings + est.notes)
     return 0
 

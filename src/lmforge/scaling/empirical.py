@@ -68,6 +68,7 @@ def group_by_compute(table: RunTable, rel_tol: float = 0.25) -> list[tuple[float
     if runs and all(r.budget for r in runs):
         out: dict[float, list[int]] = {}
         for i, r in enumerate(runs):
+            assert r.budget is not None
             out.setdefault(float(r.budget), []).append(i)
         return sorted(out.items())
     c = table.compute

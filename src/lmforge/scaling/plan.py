@@ -214,6 +214,7 @@ def budget_to_flops(
         if price is None:
             raise ConfigError(f"no catalogue price for {acc.name}; pass a price per GPU-hour (--price)")
         gpu_hours = _pos("money", money) / _pos("price_per_hour", price)
+    assert gpu_hours is not None  # exactly one budget was given, and not flops or money
     return _pos("gpu_hours", gpu_hours) * 3600.0 * peak_flops(acc, dtype) * mfu
 
 

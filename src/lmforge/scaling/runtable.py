@@ -125,7 +125,7 @@ def _number(v: Any, label: str, required: bool) -> float | None:
 def _row_to_run(row: dict, where: str) -> Run:
     if "_error" in row:  # a run directory whose manifest cannot give a row
         raise _RowError(row["_error"])
-    vals = {}
+    vals: dict[str, Any] = {}
     for f in ("n", "d", "loss", "flops", "budget", "lr", "batch_tokens"):
         vals[f] = _number(_pick(row, f), _REQUIRED.get(f, f), f in _REQUIRED)
     name = _pick(row, "name")

@@ -172,9 +172,10 @@ def run_sweep(
         base.mkdir(parents=True, exist_ok=True)
         console.rule(f"[bold]sweep[/bold]  [dim]shared data and tokenizer in {base}[/dim]")
         for stage in ("data", "tokenizer"):
-            o = run_stage(cfg, stage)
+            outcome = run_stage(cfg, stage)
             console.print(
-                f"{stage}: " + ("complete, reused" if o.status == "cached" else f"ran in {o.seconds:.1f}s")
+                f"{stage}: "
+                + ("complete, reused" if outcome.status == "cached" else f"ran in {outcome.seconds:.1f}s")
             )
     tok = read_json(base / "tokenizer" / "manifest.json")
     if tok.get("status") == "complete":  # the real vocabulary and corpus size
@@ -274,7 +275,9 @@ def _run_parallel(
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     set_threads = any(o.split("=", 1)[0].strip() == "run.threads" for o in overrides)
-    queue, running, failed, n = list(points), [], [], total - len(points)
+    running: list[tuple[SweepPoint, subprocess.Popen, io.TextIOWrapper, float]] = []
+    failed: list[str] = []
+    queue, n = list(points), total - len(points)
     env = dict(os.environ)
     if not set_threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

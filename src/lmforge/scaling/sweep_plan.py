@@ -29,8 +29,8 @@ class SweepSpec:
     exactly one of `tokens` (grid) or `isoflops` (compute budgets, FLOPs = 6ND)."""
 
     sizes: list[Any] = field(default_factory=list)
-    tokens: list[float] = field(default_factory=list)
-    isoflops: list[float] = field(default_factory=list)
+    tokens: list[Any] = field(default_factory=list)  # quantities ("1e9", "2B", 3e8), parsed later
+    isoflops: list[Any] = field(default_factory=list)
     head_dim: int | None = None  # default: the config's d_model / n_heads
     lr_width_exp: float = 0.5  # LR ~ width^-0.5; 1 = muP-style 1/width; 0 = one LR
     warmup_fraction: float = 0.1
@@ -258,7 +258,7 @@ def _plan_notes(points: list[SweepPoint]) -> list[str]:
         )
     rep = [p for p in points if p.epochs and p.epochs > 1.0]
     if rep:
-        worst = max(rep, key=lambda p: p.epochs)
+        worst = max(rep, key=lambda p: p.epochs or 0.0)  # every p.epochs > 1 here
         notes.append(
             f"{len(rep)} point(s) repeat the training data (up to {worst.epochs:.1f} epochs, "
             f"{worst.name}); up to ~4 epochs costs little (Muennighoff et al. 2023, "

@@ -165,8 +165,8 @@ class StepStats:
                 e = mine.setdefault(reason, {"docs": 0, "bytes": 0})
                 e["docs"] += v["docs"]
                 e["bytes"] += v["bytes"]
-        for k, v in other.counters.items():
-            self.counters[k] = self.counters.get(k, 0) + v
+        for k, n in other.counters.items():
+            self.counters[k] = self.counters.get(k, 0) + n
         for reason, exs in other.examples.items():
             mine_ex = self.examples.setdefault(reason, [])
             mine_ex.extend(exs[: max(0, self.max_examples - len(mine_ex))])

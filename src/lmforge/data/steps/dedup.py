@@ -53,7 +53,10 @@ class MinHasher:
         self.ngram, self.bands, self.rows = ngram, bands, rows
         self.num_perm = bands * rows
         rng = np.random.RandomState(seed)
-        draw = lambda n: rng.randint(0, 1 << 62, size=n, dtype=np.uint64) * np.uint64(4) + np.uint64(1)  # noqa: E731
+
+        def draw(n: int) -> np.ndarray:
+            return rng.randint(0, 1 << 62, size=n, dtype=np.uint64) * np.uint64(4) + np.uint64(1)
+
         self.a, self.b = draw(self.num_perm), draw(self.num_perm)
         self.mix = draw(max(ngram, 1))  # odd multipliers combining word hashes into n-gram hashes
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from typing import Any
 
 from lmforge.data.readers import Document
 from lmforge.data.steps.base import Step, nfc
@@ -58,7 +59,7 @@ class HtmlExtract(Step):
         max_examples: int = 3,
     ):
         super().__init__("drop", max_examples)
-        self.kwargs = dict(
+        self.kwargs: dict[str, Any] = dict(
             include_tables=include_tables,
             include_comments=include_comments,
             favor_precision=favor == "precision",
