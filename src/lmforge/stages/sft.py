@@ -239,15 +239,7 @@ def sft_stage(ctx: StageContext) -> dict:
     device = ctx.device
 
     train_recs, val_recs = _split_records(cfg, ctx.seed)
-    on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
-    train, tst = encode_records(train_recs, fmt, seq_len, truncation=cfg.truncation, on_error=on_error)
-    val, vst = encode_records(
-        val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation, on_error=on_error
-    )
-    _stats_log(ctx, "train", tst)
-    _stats_log(ctx, "held-out", vst)
-    if not train:
-        raise ConfigError("sft: no training examples left after filtering; check sft.data / sft.seq_len")
+    train, tst, val, vst = _encode(ctx, cfg, fmt, seq_len, train_recs, val_recs)
 
     sample_recs = _valid(val_recs[: cfg.max_val_examples])[: cfg.num_samples]
     model, note = build_model(cfg, model_dir, fmt, device, ctx.seed)
@@ -324,6 +316,20 @@ def sft_stage(ctx: StageContext) -> dict:
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     return metrics
+
+
+def _encode(ctx: StageContext, cfg: SFTConfig, fmt: ChatFormat, seq_len: int, train_recs, val_recs):
+    """Training and held-out examples (assistant-only labels) with their encode statistics."""
+    on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
+    train, tst = encode_records(train_recs, fmt, seq_len, truncation=cfg.truncation, on_error=on_error)
+    val, vst = encode_records(
+        val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation, on_error=on_error
+    )
+    _stats_log(ctx, "train", tst)
+    _stats_log(ctx, "held-out", vst)
+    if not train:
+        raise ConfigError("sft: no training examples left after filtering; check sft.data / sft.seq_len")
+    return train, tst, val, vst
 
 
 def _before(ctx: StageContext, cfg: SFTConfig, model, fmt: ChatFormat, val, pad: int, sample_recs) -> dict:
