@@ -13,7 +13,7 @@ from lmforge.data.instruct import builtin_instructions
 from lmforge.data.shards import load_shard, write_token_shards
 from lmforge.errors import ConfigError
 from lmforge.pipeline import load_config, run_stage
-from lmforge.stages.sft import CPTConfig, _mix
+from lmforge.stages.cpt import CPTConfig, _mix
 from lmforge.tokenizer import train_tokenizer
 from tests.conftest import save_base_model
 

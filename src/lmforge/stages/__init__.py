@@ -8,13 +8,14 @@ order here; a test checks it.
 
 from .align import align_stage, reward_stage
 from .base import Stage, StageContext, define_stage
+from .cpt import cpt_stage
 from .data import data_stage
 from .eval import eval_stage
 from .pretrain import pretrain_stage
 from .report import report_stage
 from .rl import rl_stage
 from .sample import sample_stage
-from .sft import cpt_stage, sft_stage
+from .sft import sft_stage
 from .tokenizer import tokenizer_stage
 
 STAGES: tuple[Stage, ...] = (

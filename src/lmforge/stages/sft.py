@@ -37,7 +37,7 @@ from ..chat import (
     record_to_messages,
     row_loader,
 )
-from ..data.builtin import split_by_key, split_train_val
+from ..data.builtin import split_by_key
 from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
 from ..model.config import ModelConfig
@@ -238,23 +238,8 @@ def sft_stage(ctx: StageContext) -> dict:
         seq_len = min(seq_len, context - cfg.prompt_tuning.num_virtual_tokens)
     device = ctx.device
 
-    records = load_records(cfg.data, cfg.max_examples)
-    if cfg.val_data:
-        train_recs, val_recs = records, load_records(cfg.val_data)
-    else:  # a hashed split: a record's side depends only on its own content and the seed
-        keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
-        train_recs, val_recs = split_by_key(records, keys, cfg.val_fraction, ctx.seed)
-    if cfg.max_examples:
-        train_recs = train_recs[: cfg.max_examples]
-    on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
-    train, tst = encode_records(train_recs, fmt, seq_len, truncation=cfg.truncation, on_error=on_error)
-    val, vst = encode_records(
-        val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation, on_error=on_error
-    )
-    _stats_log(ctx, "train", tst)
-    _stats_log(ctx, "held-out", vst)
-    if not train:
-        raise ConfigError("sft: no training examples left after filtering; check sft.data / sft.seq_len")
+    train_recs, val_recs = _split_records(cfg, ctx.seed)
+    train, tst, val, vst = _encode(ctx, cfg, fmt, seq_len, train_recs, val_recs)
 
     sample_recs = _valid(val_recs[: cfg.max_val_examples])[: cfg.num_samples]
     model, note = build_model(cfg, model_dir, fmt, device, ctx.seed)
@@ -265,15 +250,7 @@ def sft_stage(ctx: StageContext) -> dict:
     )
     pad = fmt.tok.pad_id if fmt.tok.pad_id is not None else (fmt.tok.eos_id or 0)
 
-    before_file = ctx.dir / "before.json"
-    if before_file.exists():
-        before = json.loads(before_file.read_text())
-    else:
-        before = {"val_loss": assistant_loss(model, val, pad, device) if val else None}
-        if cfg.num_samples and val:
-            convs = [_question_of(r) for _, r in sample_recs]
-            before["answers"] = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
-        atomic_write_json(before_file, before)
+    before = _before(ctx, cfg, model, fmt, val, pad, sample_recs)
     if before["val_loss"] is not None:
         ctx.log(f"held-out assistant loss before: {before['val_loss']:.4f}")
 
@@ -313,34 +290,11 @@ def sft_stage(ctx: StageContext) -> dict:
 
     samples = []
     if cfg.num_samples and val:
-        convs = [_question_of(r) for _, r in sample_recs]
-        outs = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
-        for c, ref, b, a in zip(
-            convs, [_reference(r) for _, r in sample_recs], before.get("answers", []), outs
-        ):
-            samples.append({"question": c[-1]["content"], "reference": ref, "before": b, "after": a})
-            ctx.log(f"Q: {c[-1]['content']}\n   before: {b}\n   after:  {a}\n   ref:    {ref}")
+        samples = _after_samples(ctx, cfg, model, fmt, sample_recs, before.get("answers", []))
     atomic_write_text(
         ctx.dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     )
-
-    hf = read_hf_config(model_dir)
-    ids = dict(bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"))
-    if cfg.method == "full":
-        save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
-    elif cfg.method in ("lora", "qlora"):
-        save_adapter(model, ctx.dir / "adapter", base_model=str(model_dir.resolve()))
-        merged = merge_lora(model)
-        if cfg.method == "qlora":
-            merged = dequantize_model(merged, torch.float32)
-        save_pretrained(merged, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
-    else:
-        model.save_adapter(
-            ctx.dir / "adapter",
-            base_model=str(model_dir.resolve()),
-            settings=cfg.prompt_tuning,
-            tokenizer=str(model_dir.resolve()),
-        )
+    _save_outputs(ctx, cfg, model, model_dir)
     if before["val_loss"] is not None and after_loss is not None:
         ctx.log(f"held-out assistant loss: {before['val_loss']:.4f} -> {after_loss:.4f}")
     metrics = {
@@ -362,6 +316,83 @@ def sft_stage(ctx: StageContext) -> dict:
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     return metrics
+
+
+def _encode(ctx: StageContext, cfg: SFTConfig, fmt: ChatFormat, seq_len: int, train_recs, val_recs):
+    """Training and held-out examples (assistant-only labels) with their encode statistics."""
+    on_error = "skip" if cfg.on_bad_record == "skip" else "raise"
+    train, tst = encode_records(train_recs, fmt, seq_len, truncation=cfg.truncation, on_error=on_error)
+    val, vst = encode_records(
+        val_recs[: cfg.max_val_examples], fmt, seq_len, truncation=cfg.truncation, on_error=on_error
+    )
+    _stats_log(ctx, "train", tst)
+    _stats_log(ctx, "held-out", vst)
+    if not train:
+        raise ConfigError("sft: no training examples left after filtering; check sft.data / sft.seq_len")
+    return train, tst, val, vst
+
+
+def _before(ctx: StageContext, cfg: SFTConfig, model, fmt: ChatFormat, val, pad: int, sample_recs) -> dict:
+    """Held-out loss and sample answers of the starting model, computed once and kept in
+    before.json so a resumed stage reports the same 'before'."""
+    before_file = ctx.dir / "before.json"
+    if before_file.exists():
+        return json.loads(before_file.read_text())
+    before = {"val_loss": assistant_loss(model, val, pad, ctx.device) if val else None}
+    if cfg.num_samples and val:
+        convs = [_question_of(r) for _, r in sample_recs]
+        before["answers"] = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
+    atomic_write_json(before_file, before)
+    return before
+
+
+def _split_records(cfg: SFTConfig, seed: int):
+    """Training and held-out records: `val_data` when given, else a hashed split (a record's
+    side depends only on its own content and the seed)."""
+    records = load_records(cfg.data, cfg.max_examples)
+    if cfg.val_data:
+        train_recs, val_recs = records, load_records(cfg.val_data)
+    else:
+        keys = [json.dumps(r, sort_keys=True, default=str) for _, r in records]
+        train_recs, val_recs = split_by_key(records, keys, cfg.val_fraction, seed)
+    if cfg.max_examples:
+        train_recs = train_recs[: cfg.max_examples]
+    return train_recs, val_recs
+
+
+def _after_samples(
+    ctx: StageContext, cfg: SFTConfig, model, fmt: ChatFormat, sample_recs, before: list
+) -> list:
+    """Greedy answers to the held-out sample questions after training, next to the reference and
+    the answers before (logged and returned for samples.jsonl)."""
+    convs = [_question_of(r) for _, r in sample_recs]
+    outs = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
+    samples = []
+    for c, ref, b, a in zip(convs, [_reference(r) for _, r in sample_recs], before, outs):
+        samples.append({"question": c[-1]["content"], "reference": ref, "before": b, "after": a})
+        ctx.log(f"Q: {c[-1]['content']}\n   before: {b}\n   after:  {a}\n   ref:    {ref}")
+    return samples
+
+
+def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> None:
+    """model/ (full weights; LoRA/QLoRA merged in, dequantised) and adapter/ (PEFT format)."""
+    hf = read_hf_config(model_dir)
+    ids = dict(bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"))
+    if cfg.method == "full":
+        save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
+    elif cfg.method in ("lora", "qlora"):
+        save_adapter(model, ctx.dir / "adapter", base_model=str(model_dir.resolve()))
+        merged = merge_lora(model)
+        if cfg.method == "qlora":
+            merged = dequantize_model(merged, torch.float32)
+        save_pretrained(merged, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
+    else:
+        model.save_adapter(
+            ctx.dir / "adapter",
+            base_model=str(model_dir.resolve()),
+            settings=cfg.prompt_tuning,
+            tokenizer=str(model_dir.resolve()),
+        )
 
 
 def _messages(rec) -> list[dict]:
@@ -388,239 +419,3 @@ def _question_of(rec) -> list[dict]:
 
 def _reference(rec) -> str:
     return next(m["content"] for m in _messages(rec) if m["role"] == "assistant")
-
-
-# =============================================================================================
-# `lmforge cpt`: continued pretraining on a new domain, with replay and an annealing phase.
-# (Lives here because it shares the model-loading path; it is its own stage.)
-# =============================================================================================
-class CPTConfig(TrainConfig):
-    model: str | None = Field(None, description="model folder; default: this run's pretrain/model")
-    domain: list[str] = Field(
-        default_factory=list,
-        description="new-domain text: files/folders/globs (.txt/.jsonl/...); empty = skip stage",
-    )
-    domain_val_fraction: float = Field(0.05, gt=0, lt=1)
-    replay: str | None = Field(
-        None,
-        description="folder with the original corpus' token shards (train/val.bin); "
-        "default: this run's tokenizer stage",
-    )
-    replay_fraction: float = Field(
-        0.25, ge=0, lt=1, description="share of every batch drawn from the original corpus"
-    )
-    seq_len: int = Field(256, ge=8)
-    eval_tokens: int = Field(32768, ge=0, description="tokens scored per domain at each eval (0 = all)")
-    anneal_steps: int = Field(0, ge=0, description="extra steps with the LR decaying linearly to zero")
-    anneal_data: list[str] | None = Field(
-        None, description="curated high-quality text for annealing; default: domain"
-    )
-    anneal_replay_fraction: float = Field(0.5, ge=0, lt=1)
-    max_steps: int = Field(200, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "constant"
-    eval_every: int = Field(50, ge=0)
-
-    @field_validator("domain", "anneal_data", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
-
-
-class MixLoader:
-    """Every batch = rows from each loader (new domain, replay), concatenated; resumable."""
-
-    def __init__(self, loaders: list):
-        self.loaders = loaders
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        xs, ys = zip(*(next(ld) for ld in self.loaders))
-        return torch.cat(xs), torch.cat(ys)
-
-    def state_dict(self) -> dict:
-        return {"loaders": [ld.state_dict() for ld in self.loaders]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for ld, s in zip(self.loaders, state["loaders"]):
-            ld.load_state_dict(s)
-
-
-def _tokenize_texts(spec: list[str], tok, out: Path, name: str, val_fraction: float | None, seed: int):
-    from ..data.readers import iter_documents
-    from ..data.shards import load_shard, write_token_shards
-
-    texts = [d.text for d in iter_documents(spec) if d.text.strip()]
-    if not texts:
-        raise DataError(f"cpt: {spec} holds no text")
-    if val_fraction is None:
-        write_token_shards(texts, tok, out, name)
-        return load_shard(out, name), None
-    train, val = split_train_val(texts, val_fraction, seed)
-    write_token_shards(train, tok, out, f"{name}_train")
-    write_token_shards(val or train[:1], tok, out, f"{name}_val")
-    return load_shard(out, f"{name}_train"), load_shard(out, f"{name}_val")
-
-
-def _mix(cfg: CPTConfig, main, replay, fraction: float, seed: int) -> MixLoader:
-    from ..data.shards import TokenLoader
-
-    n_replay = round(cfg.batch_size * fraction) if replay is not None else 0
-    if fraction > 0 and replay is not None and n_replay == 0:
-        n_replay = 1
-    n_main = cfg.batch_size - n_replay
-    if n_main < 1:
-        raise ConfigError(
-            f"cpt.batch_size={cfg.batch_size} leaves no rows for the new domain at replay fraction {fraction}"
-        )
-    loaders = [TokenLoader(main, cfg.seq_len, n_main, seed=seed)]
-    if n_replay:
-        loaders.append(TokenLoader(replay, cfg.seq_len, n_replay, seed=seed + 1))
-    return MixLoader(loaders)
-
-
-@define_stage(
-    "cpt",
-    CPTConfig,
-    needs=("tokenizer", "pretrain"),
-    help="continued pretraining on a new domain (replay, annealing); skipped without cpt.domain",
-    flags=(
-        ("--model", "model", "model folder to continue"),
-        ("--domain", "domain", "new-domain text file or folder"),
-    ),
-)
-def cpt_stage(ctx: StageContext) -> dict:
-    from ..data.shards import load_shard
-    from ..eval.perplexity import evaluate_shard, token_byte_lengths
-    from ..runs import file_sha256
-    from ..tokenizer import LMTokenizer
-    from ..train.engine import pretrain_objective
-
-    cfg: CPTConfig = ctx.cfg
-    if not cfg.domain:
-        ctx.log("no cpt.domain configured; nothing to do (set cpt.domain=PATH to continue pretraining)")
-        return {"skipped": True}
-    model_dir = Path(cfg.model) if cfg.model else ctx.input_dir("pretrain") / "model"
-    tok = LMTokenizer.load(model_dir)
-    device = ctx.device
-    data_dir = ctx.dir / "data"
-    dom_train, dom_val = _tokenize_texts(
-        cfg.domain, tok, data_dir, "domain", cfg.domain_val_fraction, ctx.seed
-    )
-
-    replay_dir = Path(cfg.replay) if cfg.replay else None
-    if replay_dir is None:
-        try:
-            replay_dir = ctx.input_dir("tokenizer")
-        except Exception:
-            replay_dir = None
-    orig_train = orig_val = None
-    if replay_dir is not None and (replay_dir / "train.json").exists():
-        a, b = replay_dir / "tokenizer.json", model_dir / "tokenizer.json"
-        if a.exists() and b.exists() and file_sha256(a) != file_sha256(b):
-            raise ConfigError(
-                f"cpt.replay: {replay_dir} was tokenized with a different tokenizer than "
-                f"{model_dir}; point cpt.replay at shards made with the model's tokenizer or set "
-                f"cpt.replay_fraction=0"
-            )
-        orig_train, orig_val = load_shard(replay_dir, "train"), load_shard(replay_dir, "val")
-    elif cfg.replay_fraction > 0:
-        raise ConfigError(
-            "cpt.replay_fraction > 0 needs the original corpus' token shards: run the tokenizer "
-            "stage or set cpt.replay=FOLDER (or cpt.replay_fraction=0)"
-        )
-
-    model = load_pretrained(model_dir, device=device).train()
-    token_bytes = token_byte_lengths(tok)
-
-    def evaluate(m):
-        kw = dict(
-            seq_len=cfg.seq_len, batch_size=cfg.batch_size, device=device, max_tokens=cfg.eval_tokens or None
-        )
-        out = {"loss": evaluate_shard(m, dom_val, token_bytes, **kw)["loss"]}
-        if orig_val is not None:
-            out["orig_loss"] = evaluate_shard(m, orig_val, token_bytes, **kw)["loss"]
-        return out
-
-    before = evaluate(model)
-    ctx.log(
-        f"before: new-domain loss {before['loss']:.4f}"
-        + (f", original-corpus loss {before['orig_loss']:.4f}" if "orig_loss" in before else "")
-    )
-    loader = _mix(cfg, dom_train, orig_train, cfg.replay_fraction, ctx.seed)
-    result = Trainer(
-        model,
-        pretrain_objective(),
-        loader,
-        cfg,
-        ctx.dir,
-        device=device,
-        dtype=ctx.dtype,
-        evaluate=evaluate,
-        log=ctx.log,
-    ).fit(resume=True)
-    after = {"loss": result.final.get("eval_loss"), "orig_loss": result.final.get("eval_orig_loss")}
-    metrics = {
-        "domain_loss_before": before["loss"],
-        "orig_loss_before": before.get("orig_loss"),
-        "domain_loss_after": after["loss"],
-        "orig_loss_after": after["orig_loss"],
-        "replay_fraction": cfg.replay_fraction,
-        "steps": result.step,
-        **result.speed_metrics(),
-        "domain_train_tokens": dom_train.n_tokens,
-    }
-    if cfg.anneal_steps:
-        src = dom_train
-        if cfg.anneal_data:
-            src, _ = _tokenize_texts(cfg.anneal_data, tok, data_dir, "anneal", None, ctx.seed)
-        acfg = cfg.model_copy(
-            update={
-                "max_steps": cfg.anneal_steps,
-                "schedule": "wsd",
-                "decay_fraction": 1.0,
-                "min_lr_ratio": 0.0,
-                "warmup_steps": 0,
-            }
-        )
-        aloader = _mix(acfg, src, orig_train, cfg.anneal_replay_fraction, ctx.seed + 7)
-        ares = Trainer(
-            model,
-            pretrain_objective(),
-            aloader,
-            acfg,
-            ctx.dir / "anneal",
-            device=device,
-            dtype=ctx.dtype,
-            evaluate=evaluate,
-            log=ctx.log,
-        ).fit(resume=True)
-        metrics.update(
-            domain_loss_after_anneal=ares.final.get("eval_loss"),
-            orig_loss_after_anneal=ares.final.get("eval_orig_loss"),
-            anneal_steps=ares.step,
-        )
-    hf = read_hf_config(model_dir)
-    save_pretrained(
-        model,
-        ctx.dir / "model",
-        tokenizer_dir=model_dir,
-        bos_id=hf.get("bos_token_id"),
-        eos_id=hf.get("eos_token_id"),
-    )
-    ctx.log(
-        "new-domain loss {:.4f} -> {:.4f}; original-corpus loss {} -> {}".format(
-            before["loss"],
-            metrics.get("domain_loss_after_anneal") or after["loss"],
-            _f(before.get("orig_loss")),
-            _f(metrics.get("orig_loss_after_anneal") or after["orig_loss"]),
-        )
-    )
-    return metrics
-
-
-def _f(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
