@@ -101,25 +101,25 @@ def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError |
     """
     if isinstance(exc, StorageError):
         return None
-    exc = _storage_oserror(exc)
-    if exc is None or exc.errno not in _NO_SPACE + _READ_ONLY:
+    err = _storage_oserror(exc)
+    if err is None or err.errno not in _NO_SPACE + _READ_ONLY:
         return None
     path = Path(path)
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is not None:
-        f = Path(os.fsdecode(exc.filename))
+    if err.errno in (errno.EACCES, errno.EPERM) and err.filename is not None:
+        f = Path(os.fsdecode(err.filename))
         if f != path and f.parent != path.parent and f != path.parent:
             return None
-    if exc.errno == errno.ENOSPC:
+    if err.errno == errno.ENOSPC:
         what = "disk full (no space left on device)"
-    elif exc.errno == errno.EDQUOT:
+    elif err.errno == errno.EDQUOT:
         what = "disk quota exceeded"
-    elif exc.errno == errno.EFBIG:
+    elif err.errno == errno.EFBIG:
         what = "file size limit exceeded (ulimit -f / RLIMIT_FSIZE, or the file system's maximum)"
-    elif exc.errno == errno.EROFS:
+    elif err.errno == errno.EROFS:
         what = "read-only file system"
     else:
         what = "permission denied"
-    if exc.errno in _NO_SPACE:
+    if err.errno in _NO_SPACE:
         fix = (
             "free some space (or set run.root to a bigger disk) and run the same command again; "
             "completed files and the last checkpoint are intact"

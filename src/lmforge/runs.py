@@ -92,7 +92,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     files from `atomic_path` and ``.step_<n>.tmp*`` checkpoint folders. Call it only when no
     writer is running in `directory` (the pipeline does, before resuming a stage).
     """
-    removed = []
+    removed: list[Path] = []
     root = Path(directory)
     if not root.is_dir():
         return removed
