@@ -136,10 +136,6 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
 # ----------------------------------------------------------------------------- align
 @define_stage(
     "align",
