@@ -35,6 +35,7 @@ RANKS = {
     "errors": 0,
     "config": 0.5,
     "runs": 0.5,
+    "runlock": 0.5,
     "stats": 0.5,
     "artifacts": 0.7,
     "model": 1,

@@ -10,15 +10,15 @@ import textwrap
 
 import pytest
 
-from lmforge import runs
+from lmforge import runlock
 from lmforge.cli import main
 from lmforge.errors import RunLockedError
-from lmforge.runs import LOCK_FILE, acquire_run_lock, release_run_lock, run_lock
+from lmforge.runlock import LOCK_FILE, acquire_run_lock, release_run_lock, run_lock
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from lmforge.runs import run_lock
+    from lmforge.runlock import run_lock
     with run_lock(sys.argv[1], "lmforge run (holder)"):
         print("locked", flush=True)
         time.sleep(60)
@@ -84,7 +84,7 @@ def _no_flock(monkeypatch):
     def refuse(fd, op):
         raise OSError(errno.ENOLCK, "no locks available")
 
-    monkeypatch.setattr(runs.fcntl, "flock", refuse)
+    monkeypatch.setattr(runlock.fcntl, "flock", refuse)
 
 
 def _write_holder(run_dir, **holder):
@@ -113,7 +113,7 @@ def test_without_flock_a_live_or_remote_holder_is_refused(tmp_path, monkeypatch)
 def test_reused_pid_is_not_mistaken_for_the_holder(tmp_path, monkeypatch):
     _no_flock(monkeypatch)
     # our parent is alive, but it started at a different moment than the recorded holder
-    ticks = runs._start_ticks(os.getppid())
+    ticks = runlock._start_ticks(os.getppid())
     _write_holder(tmp_path, pid=os.getppid(), host=socket.gethostname(), start_ticks=(ticks or 0) + 12345)
     fd = acquire_run_lock(tmp_path, "lmforge run")
     release_run_lock(fd)

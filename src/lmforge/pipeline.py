@@ -31,6 +31,7 @@ from rich.markup import escape
 from .artifacts import record_artifacts, verify_stage
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ArtifactError, ConfigError, LMForgeError
+from .runlock import run_lock
 from .runs import (
     MANIFEST,
     POLICY_STAGES,
@@ -39,7 +40,6 @@ from .runs import (
     fingerprint,
     read_manifest,
     remove_stale_temps,
-    run_lock,
     storage_error,
     translate_storage_errors,
 )

@@ -17,16 +17,12 @@ directory, fsynced, then `os.replace`d over the target, so a crash leaves either
 or the new one and never half of one. A temporary file orphaned by a SIGKILL is swept when its
 stage is resumed (`remove_stale_temps`).
 
-A command that writes to a run directory holds its lock (`run_lock`): ``<run>/.lmforge.lock``,
-locked with flock(2) and holding the holder's pid, host, command and start time. A second
-writer is refused at once with the holder named; a lock whose holder died (SIGKILL, power
-loss) is released by the kernel and simply taken over. On a file system without flock the
-holder record alone decides: a dead pid on this host is stale and taken over, a holder on
-another host cannot be checked and is reported with the command that removes it.
+A command that writes to a run directory holds its lock (`runlock.run_lock`).
 
 Storage faults (disk full, quota, file-size limit, read-only file system) surface as
-`StorageError` naming the file being written, raised by this write layer, so no stage has to
-handle OSError itself; the previous version of the file is untouched.
+`StorageError` naming the file being written, raised by this write layer (through
+`errors.translate_storage_errors`), so no stage has to handle OSError itself; the previous
+version of the file is untouched.
 
 `fault_point(name)` marks the moments a crash is most harmful (a temporary file complete but
 not yet renamed, a checkpoint folder assembled but not yet in place). It does nothing unless
@@ -38,109 +34,23 @@ use it to hit those windows deterministically instead of hoping a random kill la
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import RunLockedError, StorageError
+from .errors import StorageError, storage_error, translate_storage_errors
 
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-# ----------------------------------------------------------------------------- storage faults
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-_ERRNO_TEXT = {
-    "no space left on device": errno.ENOSPC,
-    "disk quota exceeded": errno.EDQUOT,
-    "file too large": errno.EFBIG,
-    "read-only file system": errno.EROFS,
-}
-
-
-def _storage_oserror(exc: BaseException | None) -> OSError | None:
-    """The storage OSError behind `exc`: itself, one in its cause/context chain (torch.save
-    to a file object wraps it in a RuntimeError), or one named in the message of a library
-    that does its own I/O (safetensors: "... (os error 28)", arrow: "No space left on device")."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        text = str(exc)
-        m = re.search(r"\(os error (\d+)\)", text)
-        if m:
-            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
-        low = text.lower()
-        for phrase, code in _ERRNO_TEXT.items():
-            if phrase in low:
-                return OSError(code, os.strerror(code))
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
-    """The user-facing error for a failure while writing `path`, or None when `exc` is not a
-    storage fault (it is then re-raised unchanged: a bug or a different problem).
-
-    Permission errors count only when they concern `path` (or its temporary file / folder),
-    so a write helper does not relabel an unrelated EACCES raised inside its body.
-    """
-    if isinstance(exc, StorageError):
-        return None
-    exc = _storage_oserror(exc)
-    if exc is None or exc.errno not in _NO_SPACE + _READ_ONLY:
-        return None
-    path = Path(path)
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename is not None:
-        f = Path(os.fsdecode(exc.filename))
-        if f != path and f.parent != path.parent and f != path.parent:
-            return None
-    if exc.errno == errno.ENOSPC:
-        what = "disk full (no space left on device)"
-    elif exc.errno == errno.EDQUOT:
-        what = "disk quota exceeded"
-    elif exc.errno == errno.EFBIG:
-        what = "file size limit exceeded (ulimit -f / RLIMIT_FSIZE, or the file system's maximum)"
-    elif exc.errno == errno.EROFS:
-        what = "read-only file system"
-    else:
-        what = "permission denied"
-    if exc.errno in _NO_SPACE:
-        fix = (
-            "free some space (or set run.root to a bigger disk) and run the same command again; "
-            "completed files and the last checkpoint are intact"
-        )
-    else:
-        fix = "make the run directory writable (or set run.root to a writable folder) and run again"
-    return StorageError(f"{what} while writing {path}: {fix}")
-
-
-@contextlib.contextmanager
-def translate_storage_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Re-raise storage OSErrors inside the block as `StorageError` naming `path`."""
-    try:
-        yield
-    except Exception as e:
-        err = storage_error(e, path)
-        if err is None:
-            raise
-        raise err from e
 
 
 FAULT_ENV = "LMFORGE_FAULT"
@@ -182,7 +92,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     files from `atomic_path` and ``.step_<n>.tmp*`` checkpoint folders. Call it only when no
     writer is running in `directory` (the pipeline does, before resuming a stage).
     """
-    removed = []
+    removed: list[Path] = []
     root = Path(directory)
     if not root.is_dir():
         return removed
@@ -399,127 +309,3 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     except FileNotFoundError:
         pass
     return out
-
-
-# ----------------------------------------------------------------------------- run-directory lock
-LOCK_FILE = ".lmforge.lock"
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-_held: dict[str, list] = {}  # resolved run dir -> [fd, depth]: re-entrant within one process
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    """Whether the holder recorded on this host still runs (same pid and same start time)."""
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    ticks = holder.get("start_ticks")
-    return ticks is None or _start_ticks(pid) in (None, ticks)
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        raw = os.pread(fd, 4096, 0)
-        holder = json.loads(raw) if raw.strip() else {}
-        return holder if isinstance(holder, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def describe_holder(holder: dict) -> str:
-    return (
-        f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-        f"(`{holder.get('command', '?')}`, since {holder.get('started', '?')})"
-    )
-
-
-def acquire_run_lock(run_dir: str | os.PathLike, command: str) -> int:
-    """Take the run directory's lock for `command`; return the open lock file descriptor.
-
-    Raises `RunLockedError` naming the holder when another live process has it."""
-    run_dir = Path(run_dir)
-    path = run_dir / LOCK_FILE
-    with translate_storage_errors(path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-    host = socket.gethostname()
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            flocked = True
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            raise RunLockedError(
-                f"{run_dir} is in use by {describe_holder(holder)}: two commands writing one run "
-                f"directory corrupt it; wait for that one to finish (or stop it), or set another "
-                f"run.name / run.root"
-            ) from None
-        except OSError as e:
-            if e.errno not in _NO_FLOCK:
-                raise
-            flocked = False  # no flock on this file system: the holder record decides
-        holder = _read_holder(fd)
-        if holder and holder.get("pid") != os.getpid():
-            same_host = holder.get("host") == host
-            if (same_host and _alive(holder)) or (not flocked and not same_host):
-                fix = "" if same_host else f"; if no lmforge command runs there any more, delete {path}"
-                raise RunLockedError(f"{run_dir} is in use by {describe_holder(holder)}{fix}")
-        me = {
-            "pid": os.getpid(),
-            "host": host,
-            "command": command,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "start_ticks": _start_ticks(os.getpid()),
-        }
-        with translate_storage_errors(path):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def release_run_lock(fd: int) -> None:
-    """Clear the holder record and drop the lock. The file itself stays: deleting it would let
-    a process that opened the old file and one that creates a new one both hold 'the' lock."""
-    try:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold `run_dir`'s lock for the block; nested use in one process (a pipeline running its
-    stages) shares the outer lock."""
-    key = os.path.realpath(run_dir)
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
-        return
-    fd = acquire_run_lock(run_dir, command)
-    _held[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _held[key]
-        release_run_lock(fd)

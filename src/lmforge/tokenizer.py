@@ -44,6 +44,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -96,7 +97,7 @@ class RenderedText(str):
         obj.spans = tuple((int(a), int(b)) for a, b in spans if b > a)
         return obj
 
-    def __getitem__(self, key):  # type: ignore[override]
+    def __getitem__(self, key):
         out = str.__getitem__(self, key)
         if not isinstance(key, slice) or key.step not in (None, 1):
             return out
@@ -199,7 +200,7 @@ class LMTokenizer:
         hits = list(self._special_re().finditer(plain)) if spans else []
         if not any(_overlaps(m.span(), spans) for m in hits):  # the common case: one plain encode
             enc = self.tokenizer.encode(plain, add_special_tokens=False)
-            return list(enc.ids), [tuple(o) for o in enc.offsets]
+            return list(enc.ids), [(o[0], o[1]) for o in enc.offsets]
         ids: list[int] = []
         offsets: list[Span] = []
         cursor = 0
@@ -207,7 +208,9 @@ class LMTokenizer:
             if _overlaps(m.span(), spans):
                 continue  # inside a message / document: stays text
             self._encode_literal(plain, cursor, m.start(), ids, offsets)
-            ids.append(self.tokenizer.token_to_id(m.group()))
+            special = self.tokenizer.token_to_id(m.group())
+            assert special is not None  # `_special_re` matches only the vocabulary's added tokens
+            ids.append(special)
             offsets.append(m.span())
             cursor = m.end()
         self._encode_literal(plain, cursor, len(plain), ids, offsets)
@@ -314,10 +317,10 @@ class LMTokenizer:
             ours = all(tok.token_to_id(t) == i for i, t in enumerate(SPECIAL_TOKENS))
             return cls(tok, *((BOS, EOS, PAD) if ours else (None, None, None)))
         roles = [_token_content(config.get(k)) for k in ("bos_token", "eos_token", "pad_token")]
-        roles = [t if t is not None and tok.token_to_id(t) is not None else None for t in roles]
+        bos, eos, pad = [t if t is not None and tok.token_to_id(t) is not None else None for t in roles]
         max_len = config.get("model_max_length")
         max_len = max_len if isinstance(max_len, int) and max_len < UNLIMITED_LENGTH else None
-        return cls(tok, *roles, model_max_length=max_len)
+        return cls(tok, bos, eos, pad, model_max_length=max_len)
 
 
 def _overlaps(span: Span, spans: Sequence[Span]) -> bool:
@@ -348,7 +351,11 @@ def _load_gpt2_files(encoder: Path, merges: Path) -> LMTokenizer:
     try:
         vocab = json.loads(encoder.read_text(encoding="utf-8"))
         lines = merges.read_text(encoding="utf-8").splitlines()
-        merge_pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        merge_pairs = [
+            cast(tuple[str, str], tuple(line.split(" ")))
+            for line in lines
+            if line and not line.startswith("#version")
+        ]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs))
     except Exception as e:
         raise DataError(f"{encoder.parent}: cannot read GPT-2 encoder.json/vocab.bpe ({e})") from e

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-import lmforge.stages.align  # noqa: F401  (registers the stages)
+import lmforge.stages.reward  # noqa: F401  (registers the stages)
 from lmforge.align.preference import encode_pairs
 from lmforge.align.reward import (
     RewardModel,

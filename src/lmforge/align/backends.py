@@ -10,12 +10,13 @@ a CUDA machine. Kept apart from the rollout loop so a new engine is one class he
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
 from ..errors import ConfigError
 from ..model.generate import SamplingParams, stream_generate
+from ..model.transformer import Transformer
 
 _MIX = 1_000_003
 
@@ -64,7 +65,7 @@ class LmforgeBackend:
                 )
                 got: list[list[int]] = [[] for _ in chunk]
                 done = [False] * len(chunk)
-                for step in stream_generate(self.model, chunk, p, use_cache=True):
+                for step in stream_generate(cast(Transformer, self.model), chunk, p, use_cache=True):
                     for j, t in enumerate(step.tolist()):
                         if not done[j]:
                             got[j].append(t)

@@ -22,6 +22,7 @@ import torch
 from ..model.generate import SamplingParams
 from .backends import GenerationBackend
 from .buffer import adapters_off, build_sequences, micro_batch
+from .config import RolloutSettings
 from .kl import k3_kl
 from .rewards import RewardSet
 from .rl_math import policy_forward
@@ -30,7 +31,7 @@ from .signals import distinct_n
 
 @dataclass
 class HeldOutEval:
-    s: object  # the method's RolloutSettings
+    s: RolloutSettings  # the method's settings
     val: list  # EncodedPrompt
     rewards: RewardSet
     backend: GenerationBackend
@@ -126,7 +127,9 @@ class HeldOutEval:
                     with adapters_off(self.policy):
                         lp, _, _ = policy_forward(self.policy, mb, temperature, entropy=False)
                 else:
-                    lp, _, _ = policy_forward(model or self.ref, mb, temperature, entropy=False)
+                    scorer = model or self.ref
+                    assert scorer is not None  # run() measures the KL only when there is a reference
+                    lp, _, _ = policy_forward(scorer, mb, temperature, entropy=False)
             out[rows, : lp.shape[1]] = (lp.float() * mb["mask"]).cpu()
         self.policy.train(was)
         return out, buf["mask"]

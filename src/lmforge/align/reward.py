@@ -18,7 +18,7 @@ training) or raw strings; `score_ids` takes token ids directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -45,7 +45,8 @@ from .preference import Pair, collate_pairs
 class RewardModel(nn.Module):
     """Transformer trunk + linear score head (no bias) reading the last real token."""
 
-    hidden_states = Transformer.hidden_states  # the trunk's forward (uses self.model only)
+    # the trunk's forward, borrowed from Transformer (it uses self.model only)
+    hidden_states: Callable[..., torch.Tensor] = Transformer.hidden_states
 
     def __init__(self, cfg: ModelConfig, trunk: Decoder | None = None):
         super().__init__()

@@ -119,8 +119,10 @@ def import_callable(spec: str, key: str = "rewards") -> RewardFn:
             module = sys.modules.get(name)
             if module is None:
                 loader_spec = importlib.util.spec_from_file_location(name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise ConfigError(f"{key}: {spec!r}: {path} is not a Python file")
                 module = importlib.util.module_from_spec(loader_spec)
-                loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+                loader_spec.loader.exec_module(module)
                 sys.modules[name] = module
         else:
             module = importlib.import_module(mod_name)
@@ -243,7 +245,7 @@ def _call_isolated(fn: RewardFn, kwargs: dict, n: int) -> tuple[list[float], str
     try:
         return _clean(fn(**kw), n)
     except Exception as e:  # noqa: BLE001  (user code: any exception is a failed sample)
-        first = f"raised {type(e).__name__}: {e}"
+        first: str | None = f"raised {type(e).__name__}: {e}"
     if n == 1:
         return [math.nan], first
     out = []

@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -42,6 +43,7 @@ from safetensors.torch import save_file
 from ..chat import ChatFormat
 from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
+from ..model.transformer import Transformer
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import build_optimizer, dequantize_model, load_quantized, nf4_bytes
 from ..runs import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
@@ -119,7 +121,7 @@ def run_rl(ctx, cfg, *, model_dir: Path, reward_fns: dict[str, Callable] | None 
         ref=ref,
         ref_is_base=ref_is_base,
         kl_ctl=kl_ctl,
-        kl_guard=KLGuard(s.kl_guard, s.target_kl) if method == "ppo" else None,
+        kl_guard=_kl_guard(s) if method == "ppo" else None,
         max_bad_rollouts=cfg.max_bad_steps,
         log=ctx.log,
         log_every=max(1, cfg.log_every // steps_per_rollout),
@@ -255,7 +257,7 @@ def _frozen(path: Path, device) -> torch.nn.Module:
 
 def _reference(cfg, st: _Setup, model_dir: Path, device) -> tuple[torch.nn.Module | None, bool, str]:
     """(frozen reference or None, reference = the policy with adapters off, a note for the log)."""
-    if not (st.method == "ppo" or st.s.beta > 0):
+    if not (st.method == "ppo" or cast(GRPOSettings, st.s).beta > 0):
         return None, False, "no reference model (grpo.beta = 0)"
     if cfg.ref_model:
         return _frozen(Path(cfg.ref_model), device), False, f"reference {cfg.ref_model}"
@@ -264,16 +266,22 @@ def _reference(cfg, st: _Setup, model_dir: Path, device) -> tuple[torch.nn.Modul
     return _frozen(model_dir, device), False, "reference = a frozen copy of the starting policy"
 
 
+def _kl_guard(s: PPOSettings | GRPOSettings) -> KLGuard:
+    """PPO's guard against a KL blow-up (only PPO's settings carry it)."""
+    ppo = cast(PPOSettings, s)
+    return KLGuard(ppo.kl_guard, ppo.target_kl)
+
+
 def _log_plan(ctx, cfg, st: _Setup, steps_per_rollout: int) -> None:
     method, s = st.method, st.s
     n_rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
-    g = s.group_size if method == "grpo" else 1
+    g = cast(GRPOSettings, s).group_size if method == "grpo" else 1
     ctx.log(
         f"{n_rollouts} rollouts of {st.n_seq // g} prompts x {g} sample(s), {steps_per_rollout} "
         f"optimizer step(s) each ({cfg.max_steps} steps)"
     )
     if method == "ppo":
-        s_ppo = st.s
+        s_ppo = cast(PPOSettings, st.s)
         ctx.log(
             f"KL: penalty {s_ppo.kl_estimator} x kl_coef {s_ppo.kl_coef}"
             + (
@@ -443,7 +451,7 @@ def save_policy(policy, cfg, out: Path, model_dir: Path, hf: dict) -> None:
         save_pretrained(policy, out / "model", tokenizer_dir=model_dir, **ids)
     else:
         save_adapter(policy, out / "adapter", base_model=str(model_dir.resolve()))
-        merged = merge_lora(policy)
+        merged = cast(Transformer, merge_lora(policy))  # a plain Transformer again
         if cfg.peft == "qlora":
             merged = dequantize_model(merged, torch.float32)
         save_pretrained(merged, out / "model", tokenizer_dir=model_dir, **ids)

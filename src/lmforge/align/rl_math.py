@@ -26,7 +26,7 @@ The engine divides a summed loss by a count, so each normalisation is written as
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +198,7 @@ def policy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(log-probs [b, L] of the completion tokens, entropy [b, L] or None, values [b, L] or
     None). The vocabulary projection runs only at completion positions."""
-    core = unwrap(model)
+    core: Any = unwrap(model)  # the Transformer (or reward / value model) under any wrapper
     h = core.hidden_states(batch["input_ids"])
     idx = batch["idx"]
     hs = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))

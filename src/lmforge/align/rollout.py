@@ -202,6 +202,7 @@ class RolloutLoader:
             Lb = lp.shape[1]
             logp[rows, :Lb] = lp.float().cpu()
             if vals is not None:
+                assert v is not None  # values were asked for whenever `vals` exists
                 vals[rows, :Lb] = v.float().cpu()
         model.train(was)
         return logp, vals

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 DIVERSITY_FLOOR = 0.5
 NLL_RISE = math.log(2.0)
@@ -46,15 +47,18 @@ def hacking_warning(
 ) -> str | None:
     """A warning when `now[reward]` exceeds `start[reward]` while `now[distinct]` fell below
     DIVERSITY_FLOOR x its start or `now[nll]` rose by more than NLL_RISE; else None."""
-    r0, r1 = start.get(reward), now.get(reward)
+    r0: Any = start.get(reward)
+    r1: Any = now.get(reward)
     if not _finite(r0, r1) or r1 <= r0:
         return None
     reasons = []
-    d0, d1 = start.get(distinct), now.get(distinct)
+    d0: Any = start.get(distinct)
+    d1: Any = now.get(distinct)
     if _finite(d0, d1) and d0 > 0 and d1 < DIVERSITY_FLOOR * d0:
         reasons.append(f"diversity {distinct} fell {d0:.3f} -> {d1:.3f}")
     if nll is not None:
-        n0, n1 = start.get(nll), now.get(nll)
+        n0: Any = start.get(nll)
+        n1: Any = now.get(nll)
         if _finite(n0, n1) and n1 - n0 > NLL_RISE:
             reasons.append(
                 f"held-out NLL of the starting model's answers rose {n0:.3f} -> {n1:.3f} nats/token"

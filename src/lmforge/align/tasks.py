@@ -100,7 +100,8 @@ def arithmetic_problems(
 ) -> list[dict]:
     """`n` distinct problems `{"question", "answer", "solution"}`, the same on every call."""
     rng = random.Random(seed)
-    seen, out = set(), []
+    seen: set = set()
+    out: list[dict] = []
     tries = 0
     while len(out) < n and tries < 50 * n:
         tries += 1

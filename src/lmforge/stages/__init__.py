@@ -6,13 +6,14 @@ which order it runs. The policy stages among them (`runs.POLICY_STAGES`) keep th
 order here; a test checks it.
 """
 
-from .align import align_stage, reward_stage
+from .align import align_stage
 from .base import Stage, StageContext, define_stage
 from .cpt import cpt_stage
 from .data import data_stage
 from .eval import eval_stage
 from .pretrain import pretrain_stage
 from .report import report_stage
+from .reward import reward_stage
 from .rl import rl_stage
 from .sample import sample_stage
 from .sft import sft_stage

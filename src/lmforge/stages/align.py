@@ -1,9 +1,4 @@
-"""`lmforge reward` and `lmforge align`: preference alignment after SFT.
-
-`reward` trains a reward model (the SFT model's trunk + a scalar head, Bradley-Terry loss) on
-preference pairs and reports held-out pairwise accuracy with a 95% interval; output
-`reward/model/` (a Hugging Face `LlamaForSequenceClassification` folder) for PPO, best-of-n and
-evaluation.
+"""`lmforge align`: preference alignment after SFT.
 
 `align --method dpo|ipo|hinge|orpo` optimises the policy directly on the pairs; `--method
 ppo|grpo` hands over to the on-policy RL loop (`lmforge.align.rl.run_rl`). Both start from the
@@ -13,9 +8,10 @@ weights, LoRA or QLoRA (`align.peft`). The reference of DPO/IPO/hinge is the sta
 `align.ref_model`); with `precompute_ref` (default) it scores every pair once before training,
 the numbers go to `ref_logps.safetensors` and no second model stays in memory.
 
-Both stages log and record the held-out figures before and after training: preference accuracy
-(chosen more likely than rejected), mean margin, and for `align` the implicit-reward accuracy and
-the KL to the reference; dropped pairs are counted by reason (see `align/preference.py`).
+The held-out figures are logged and recorded before and after training: preference accuracy
+(chosen more likely than rejected), mean margin, the implicit-reward accuracy and the KL to the
+reference; dropped pairs are counted by reason (see `align/preference.py`). Pair preparation and
+model loading here are shared with the `reward` stage (`stages/reward.py`).
 Outputs in `align/`: `model/` (HF folder; LoRA/QLoRA merged), `adapter/` (PEFT, for LoRA/QLoRA),
 `before.json`, `metrics.jsonl`.
 """
@@ -25,25 +21,29 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
+from torch import nn
 
-from ..align.config import RL_METHODS, AlignConfig, RewardConfig
+from ..align.config import RL_METHODS, AlignConfig
 from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
 from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
-from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length_baseline, save_reward_model
 from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
 from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
+from ..model.transformer import Transformer
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
 from ..stats import wilson
 from ..train.engine import Trainer
 from .base import StageContext, define_stage
+
+M = TypeVar("M", bound=nn.Module)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -76,12 +76,12 @@ def prepare_pairs(ctx: StageContext, cfg, fmt: ChatFormat, seq_len: int):
     return train, val, tst, vst
 
 
-def _pad_id(fmt: ChatFormat) -> int:
+def pad_id_of(fmt: ChatFormat) -> int:
     tok = fmt.tok
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
-def _context(model_dir: Path, seq_len: int | None) -> int:
+def context_len(model_dir: Path, seq_len: int | None) -> int:
     return seq_len or read_hf_config(model_dir).get("max_position_embeddings", 2048)
 
 
@@ -108,17 +108,25 @@ def load_lm(cfg, model_dir: Path, device: torch.device, *, trainable: bool, seed
     )
 
 
-def _save_policy(cfg, model, out: Path, model_dir: Path) -> None:
+def _save_policy(cfg, model: Transformer, out: Path, model_dir: Path) -> None:
     hf = read_hf_config(model_dir)
     ids = dict(bos_id=hf.get("bos_token_id"), eos_id=hf.get("eos_token_id"))
     if cfg.peft == "full":
         save_pretrained(model, out / "model", tokenizer_dir=model_dir, **ids)
         return
     save_adapter(model, out / "adapter", base_model=str(model_dir.resolve()))
+    save_pretrained(merge_adapters(model, cfg.peft), out / "model", tokenizer_dir=model_dir, **ids)
+
+
+def merge_adapters(model: M, peft: str) -> M:
+    """`model` with its LoRA layers merged (and, for QLoRA, its NF4 base dequantised to fp32).
+    Both steps rewrite the module in place and return it, so its type is kept."""
+    if peft == "full":
+        return model
     merged = merge_lora(model)
-    if cfg.peft == "qlora":
-        merged = dequantize_model(merged, torch.float32)
-    save_pretrained(merged, out / "model", tokenizer_dir=model_dir, **ids)
+    if peft == "qlora":
+        merged = dequantize_model(cast(Transformer, merged), torch.float32)
+    return cast(M, merged)
 
 
 def _free() -> None:
@@ -126,130 +134,6 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def _log_reward_accuracy(ctx: StageContext, before: dict, after: dict, lb: dict, n: int) -> None:
-    """Held-out accuracy before -> after, always next to the length-only baseline."""
-    ctx.log(
-        f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-        f"(95% CI {after['accuracy_ci_low']:.3f}-{after['accuracy_ci_high']:.3f}, {n} pairs) against "
-        f"the length-only baseline {lb['best']:.3f} ('prefer the {lb['rule']} answer', 95% CI "
-        f"{lb['ci_low']:.3f}-{lb['ci_high']:.3f}); mean score margin {after['margin']:.3f}"
-    )
-    if after["accuracy_ci_low"] <= lb["best"]:
-        ctx.log(
-            "note: the reward model's accuracy is not above the length-only baseline beyond its interval: "
-            "what it learned may be answer length, not preference"
-        )
-
-
-# ----------------------------------------------------------------------------- reward
-@define_stage(
-    "reward",
-    RewardConfig,
-    needs=("sft",),
-    help="reward model (Bradley-Terry) on preference pairs",
-    flags=(
-        ("--model", "model", "model whose trunk starts the reward model (default: the SFT model)"),
-        ("--data", "data", "preference JSONL file (prompt/chosen/rejected, messages, HH-RLHF), or 'builtin'"),
-    ),
-)
-def reward_stage(ctx: StageContext) -> dict:
-    cfg: RewardConfig = ctx.cfg
-    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
-    if not (model_dir / "config.json").exists():
-        raise ConfigError(f"reward.model: {model_dir} is not a model folder (no config.json)")
-    fmt = ChatFormat.from_dir(model_dir)
-    seq_len = _context(model_dir, cfg.seq_len)
-    device = ctx.device
-    train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
-    pad = _pad_id(fmt)
-
-    lm, note = load_lm(cfg, model_dir, device, trainable=True, seed=ctx.seed)
-    rm = RewardModel.from_causal_lm(lm, seed=ctx.seed)
-    rm.score.weight.requires_grad_(True)  # the head always trains (PEFT's modules_to_save)
-    del lm
-    summary = trainable_summary(rm)
-    ctx.log(
-        f"reward model on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
-        f"{summary['total_params']:,} parameters"
-    )
-
-    def evaluate(m):
-        return evaluate_reward(m, val, pad, device, cfg.eval_batch_size, cfg.use_margin)
-
-    before_file = ctx.dir / "before.json"
-    if before_file.exists():
-        before = json.loads(before_file.read_text())
-    else:
-        before = evaluate(rm) if val else {}
-        atomic_write_json(before_file, before)
-    if before:
-        ctx.log(f"held-out accuracy before: {before['accuracy']:.3f} (untrained head; chance is 0.5)")
-    loader = PairLoader(train, cfg.batch_size, pad, seed=ctx.seed)
-    result = Trainer(
-        rm,
-        RewardObjective(cfg.use_margin),
-        loader,
-        cfg,
-        ctx.dir,
-        device=device,
-        dtype=ctx.dtype,
-        evaluate=evaluate if val else None,
-        log=ctx.log,
-    ).fit(resume=True)
-    after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
-    if val and "accuracy" not in after:  # resumed at the last step: the engine did not evaluate
-        after = evaluate(rm)
-
-    if cfg.peft != "full":
-        rm = merge_lora(rm)
-        if cfg.peft == "qlora":
-            rm = dequantize_model(rm, torch.float32)
-    hf = read_hf_config(model_dir)
-    save_reward_model(
-        rm,
-        ctx.dir / "model",
-        tokenizer_dir=model_dir,
-        bos_id=hf.get("bos_token_id"),
-        eos_id=hf.get("eos_token_id"),
-        pad_id=pad,
-    )
-    lb = length_baseline(val)
-    if after:
-        _log_reward_accuracy(ctx, before, after, lb, len(val))
-    metrics = {
-        "val_accuracy_before": before.get("accuracy"),
-        "val_accuracy_after": after.get("accuracy"),
-        "val_accuracy_ci_low": after.get("accuracy_ci_low"),
-        "val_accuracy_ci_high": after.get("accuracy_ci_high"),
-        "val_length_baseline": lb.get("best"),
-        "val_length_baseline_rule": lb.get("rule"),
-        "val_length_baseline_ci_low": lb.get("ci_low"),
-        "val_length_baseline_ci_high": lb.get("ci_high"),
-        "val_prefer_shorter_accuracy": lb.get("shorter"),
-        "val_pairs": len(val),
-        "val_margin_before": before.get("margin"),
-        "val_margin_after": after.get("margin"),
-        "val_loss_before": before.get("loss"),
-        "val_loss_after": after.get("loss"),
-        "train_pairs": len(train),
-        "peft": cfg.peft,
-        "steps": result.step,
-        "train_loss": result.final.get("loss"),
-        "train_seconds": round(result.seconds, 2),
-        **result.speed_metrics(),
-        "trainable_params": summary["trainable_params"],
-        **{f"train_{k}": v for k, v in tst.as_dict().items() if k.startswith(("dropped", "truncated"))},
-        **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},
-    }
-    if result.resumed_from is not None:
-        metrics["resumed_from_step"] = result.resumed_from
-    return metrics
 
 
 # ----------------------------------------------------------------------------- align
@@ -272,17 +156,12 @@ def align_stage(ctx: StageContext) -> dict:
 
 
 def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
-    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
-    if not (model_dir / "config.json").exists():
-        raise ConfigError(f"align.model: {model_dir} is not a model folder (no config.json)")
-    ref_dir = Path(cfg.ref_model) if cfg.ref_model else model_dir
-    if not (ref_dir / "config.json").exists():
-        raise ConfigError(f"align.ref_model: {ref_dir} is not a model folder (no config.json)")
+    model_dir, ref_dir = _model_dirs(ctx, cfg)
     fmt = ChatFormat.from_dir(model_dir)
-    seq_len = _context(model_dir, cfg.seq_len)
+    seq_len = context_len(model_dir, cfg.seq_len)
     device = ctx.device
     train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
-    pad = _pad_id(fmt)
+    pad = pad_id_of(fmt)
 
     policy, note = load_lm(cfg, model_dir, device, trainable=True, seed=ctx.seed)
     summary = trainable_summary(policy)
@@ -290,32 +169,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         f"{cfg.method} (beta {cfg.beta}) on {model_dir}: {note}; trainable {summary['trainable_params']:,} of "
         f"{summary['total_params']:,} parameters"
     )
-
-    # The reference: log-probs of held-out pairs always (KL, implicit rewards), of training pairs
-    # too when cached. When it is the starting policy, the policy itself scores them before any
-    # update (LoRA starts with B = 0), so no second model is loaded at all.
-    uses_ref = cfg.method in REFERENCE_METHODS
-    live = uses_ref and not cfg.precompute_ref
-    same = ref_dir.resolve() == model_dir.resolve()
-    ref_model = None if same and not live else load_lm(cfg, ref_dir, device, trainable=False)[0]
-    scorer = policy if same else ref_model
-    to_score = (train + val) if uses_ref and not live else val
-    table = precompute_reference(
-        scorer,
-        to_score,
-        ctx.dir / CACHE_FILE,
-        pad,
-        device,
-        batch_size=cfg.eval_batch_size,
-        note=str(ref_dir),
-        log=ctx.log,
-    )
-    scorer = None
-    if not live and ref_model is not None:
-        ref_model = None  # the reference is no longer needed: its numbers are in the cache
-        _free()
-    elif live and ref_model is None:
-        ref_model = load_lm(cfg, ref_dir, device, trainable=False)[0]
+    table, ref_model, ref_kind, ref_cached = _reference(ctx, cfg, policy, model_dir, ref_dir, train, val, pad)
     ref_c = torch.tensor([table[p.key()][0] for p in val])
     ref_r = torch.tensor([table[p.key()][1] for p in val])
 
@@ -327,19 +181,9 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
             pc, pr, nc, nr, ref_c, ref_r, cfg.method, cfg.beta, cfg.label_smoothing
         )
 
-    before_file = ctx.dir / "before.json"
-    if before_file.exists():
-        before = json.loads(before_file.read_text())
-    else:
-        before = evaluate(policy)
-        atomic_write_json(before_file, before)
-    if before:
-        ctx.log(
-            f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats"
-        )
-
-    loader = PairLoader(  # chosen and rejected as two documents of one row: one packed forward
-        train, cfg.batch_size, pad, seed=ctx.seed, ref=table if uses_ref and not live else None, packed=True
+    before = _before(ctx, evaluate, policy)
+    loader = PairLoader(
+        train, cfg.batch_size, pad, seed=ctx.seed, ref=table if ref_cached else None, packed=True
     )
     objective = PreferenceObjective(cfg.method, cfg.beta, cfg.label_smoothing, ref_model=ref_model)
     result = Trainer(
@@ -361,14 +205,6 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         _free()
     _save_policy(cfg, policy, ctx.dir, model_dir)
 
-    if after:
-        lo, hi = wilson(after["accuracy"] * len(val), len(val))
-        ctx.log(
-            f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-            f"(95% CI {lo:.3f}-{hi:.3f}, {len(val)} pairs); margin {before['margin']:.3f} -> "
-            f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
-            f"reward margin {after['reward_margin']:.3f}; mean log-ratio to the reference on the chosen answers {after['log_ratio_chosen']:.4f} nats/token"
-        )
     # the first five numbers are what `lmforge run`'s summary table shows for this stage
     metrics = {
         "method": cfg.method,
@@ -389,7 +225,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         "train_pairs": len(train),
         "beta": cfg.beta,
         "peft": cfg.peft,
-        "reference": "none" if not uses_ref else "live" if live else "cached",
+        "reference": ref_kind,
         "steps": result.step,
         "train_loss": result.final.get("loss"),
         "train_seconds": round(result.seconds, 2),
@@ -399,7 +235,88 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         **{f"val_{k}": v for k, v in vst.as_dict().items() if k.startswith("dropped")},
     }
     if after:
-        metrics["val_accuracy_ci_low"], metrics["val_accuracy_ci_high"] = lo, hi
+        metrics["val_accuracy_ci_low"], metrics["val_accuracy_ci_high"] = _log_after(
+            ctx, before, after, len(val)
+        )
     if result.resumed_from is not None:
         metrics["resumed_from_step"] = result.resumed_from
     return metrics
+
+
+def _model_dirs(ctx: StageContext, cfg: AlignConfig) -> tuple[Path, Path]:
+    """The policy's starting model and the reference model, both checked to be model folders."""
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"align.model: {model_dir} is not a model folder (no config.json)")
+    ref_dir = Path(cfg.ref_model) if cfg.ref_model else model_dir
+    if not (ref_dir / "config.json").exists():
+        raise ConfigError(f"align.ref_model: {ref_dir} is not a model folder (no config.json)")
+    return model_dir, ref_dir
+
+
+class _Reference(NamedTuple):
+    table: dict  # pair key -> (chosen, rejected) reference log-probs
+    model: Any  # the live reference model, or None when its numbers are cached
+    kind: str  # "none" | "live" | "cached", as recorded in the metrics
+    cached: bool  # training pairs read their reference log-probs from `table`
+
+
+def _reference(
+    ctx, cfg: AlignConfig, policy, model_dir: Path, ref_dir: Path, train, val, pad: int
+) -> _Reference:
+    """Score the reference: log-probs of held-out pairs always (KL, implicit rewards), of training
+    pairs too when cached. When it is the starting policy, the policy itself scores them before any
+    update (LoRA starts with B = 0), so no second model is loaded at all."""
+    device = ctx.device
+    uses_ref = cfg.method in REFERENCE_METHODS
+    live = uses_ref and not cfg.precompute_ref
+    same = ref_dir.resolve() == model_dir.resolve()
+    ref_model = None if same and not live else load_lm(cfg, ref_dir, device, trainable=False)[0]
+    scorer = policy if same else ref_model
+    assert scorer is not None  # a reference other than the policy was loaded just above
+    to_score = (train + val) if uses_ref and not live else val
+    table = precompute_reference(
+        scorer,
+        to_score,
+        ctx.dir / CACHE_FILE,
+        pad,
+        device,
+        batch_size=cfg.eval_batch_size,
+        note=str(ref_dir),
+        log=ctx.log,
+    )
+    scorer = None
+    if not live and ref_model is not None:
+        ref_model = None  # the reference is no longer needed: its numbers are in the cache
+        _free()
+    elif live and ref_model is None:
+        ref_model = load_lm(cfg, ref_dir, device, trainable=False)[0]
+    kind = "none" if not uses_ref else "live" if live else "cached"
+    return _Reference(table, ref_model, kind, cached=uses_ref and not live)
+
+
+def _before(ctx: StageContext, evaluate, policy) -> dict:
+    """Held-out figures of the starting policy: measured once, then read back on resume."""
+    before_file = ctx.dir / "before.json"
+    if before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        before = evaluate(policy)
+        atomic_write_json(before_file, before)
+    if before:
+        ctx.log(
+            f"held-out before: preference accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f} nats"
+        )
+    return before
+
+
+def _log_after(ctx: StageContext, before: dict, after: dict, n: int) -> tuple[float, float]:
+    """Log held-out accuracy before -> after; return its 95% interval."""
+    lo, hi = wilson(after["accuracy"] * n, n)
+    ctx.log(
+        f"held-out preference accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+        f"(95% CI {lo:.3f}-{hi:.3f}, {n} pairs); margin {before['margin']:.3f} -> "
+        f"{after['margin']:.3f} nats; implicit-reward accuracy {after['reward_accuracy']:.3f}, "
+        f"reward margin {after['reward_margin']:.3f}; mean log-ratio to the reference on the chosen answers {after['log_ratio_chosen']:.4f} nats/token"
+    )
+    return lo, hi
