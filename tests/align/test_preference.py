@@ -20,9 +20,10 @@ from lmforge.align.preference import (
     load_preference_records,
     record_to_preference,
 )
-from lmforge.chat import IGNORE, ChatFormat, read_jsonl_records
+from lmforge.chat import ChatFormat, read_jsonl_records
 from lmforge.errors import DataError
 from lmforge.tokenizer import train_tokenizer
+from lmforge.train.objectives.sft import IGNORE
 
 TEXTS = [
     "The sky is blue and the grass is green.",

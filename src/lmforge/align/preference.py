@@ -45,11 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..chat import IGNORE, ChatFormat, read_jsonl_records
+from ..chat import ChatFormat, read_jsonl_records
 from ..data.batches import ShuffledBatches
 from ..errors import DataError
 from ..model.attention import padded_length
 from ..tokenizer import CHAT_ROLES
+from ..train.objectives.sft import IGNORE
 
 REASONS = ("malformed", "identical", "empty_completion", "prompt_too_long", "too_long")
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..runs import atomic_path
-from .losses import completion_logps
+from ..train.objectives.preference import completion_logps
 from .preference import Pair, collate_pairs
 
 CACHE_FILE = "ref_logps.safetensors"

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from ..align.config import RL_METHODS, AlignConfig, RewardConfig
-from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
 from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
-from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length_baseline, save_reward_model
+from ..align.reward import RewardModel, evaluate_reward, length_baseline, save_reward_model
 from ..align.rl import run_rl
 from ..chat import ChatFormat
 from ..data.builtin import split_by_key
@@ -43,6 +42,8 @@ from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
 from ..stats import wilson
 from ..train.engine import Trainer
+from ..train.objectives.preference import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
+from ..train.objectives.reward import RewardObjective
 from .base import StageContext, define_stage
 
 

@@ -63,6 +63,8 @@ from .distributed import (
     resolve_strategy,
     wrap,
 )
+from .modules import to_device
+from .objectives import Objective
 from .optim import build_optimizer, lr_multiplier
 from .tracking import MetricsWriter
 
@@ -126,17 +128,6 @@ class TrainConfig(BaseModel):
         False, description="fsdp: keep parameters and optimizer state in CPU memory"
     )
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
-
-
-class Objective(Protocol):
-    """Optionally also: `unit_name` (what `count` counts when not all tokens: "assistant_tokens",
-    "pairs") and `tokens(batch)` (processed non-padding tokens; default: `count`)."""
-
-    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        """(loss summed over `count` units, count, extra metrics as floats or 0-d tensors)."""
-
-    def count(self, batch: Any) -> int:
-        """Units the loss of `batch` is summed over (needed before backward for normalisation)."""
 
 
 class StatefulIterator(Protocol):
@@ -689,51 +680,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise LMForgeError("run.device is 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
     return torch.device(name)
-
-
-def pretrain_objective():
-    """Next-token cross-entropy over (x, y) batches; count = number of target tokens."""
-
-    class _NextToken:
-        def __call__(self, model, batch):
-            x, y = batch
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            n = (y != -100).sum()  # a 0-d device tensor: no read-back (the engine uses `count`)
-            core = unwrap(model)
-            aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
-            if aux is None:
-                return loss, n, {}
-            # the router losses are means; scale by n so the engine's division by n keeps them
-            stats = core.moe_stats()
-            metrics = {
-                "moe_aux": aux.detach(),
-                "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k)
-                / max(core.cfg.n_layers, 1),
-                "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0),
-            }
-            return loss + aux * n, n, metrics
-
-        def count(self, batch):
-            return int((batch[1] != -100).sum())
-
-    return _NextToken()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside torch.compile / DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move tensors inside tuples / lists / dicts to `device` (non-blocking where possible)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch

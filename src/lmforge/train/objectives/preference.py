@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import DocumentMask
-from ..model.output import token_logprobs
+from ...model.attention import DocumentMask
+from ...model.output import token_logprobs
 
 IGNORE = -100
 LOG2 = math.log(2.0)
