@@ -53,7 +53,9 @@ from lmforge.peft.lora import LoraSettings, apply_lora, resolve_base_dtype
 from lmforge.peft.prompt import PromptTuned
 from lmforge.peft.qlora import QLoraSettings, load_quantized
 from lmforge.sft.rows import RowLoader, example_row, pack, row_loader
-from lmforge.train.engine import TrainConfig, Trainer, peak_memory
+from lmforge.train.config import TrainConfig
+from lmforge.train.device import peak_memory
+from lmforge.train.engine import Trainer
 from lmforge.train.objectives.preference import PreferenceObjective
 from lmforge.train.objectives.pretrain import pretrain_objective
 from lmforge.train.objectives.reward import RewardObjective

@@ -45,7 +45,8 @@ from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import build_optimizer, dequantize_model, load_quantized, nf4_bytes
 from ..runs import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
-from ..train.engine import Trainer, autocast_dtype
+from ..train.device import autocast_dtype
+from ..train.engine import Trainer
 from ..train.objectives.rl import GRPOObjective, PPOObjective
 from .backends import make_backend
 from .config import GRPOSettings, PPOSettings

@@ -51,7 +51,8 @@ from ..peft.qlora import (
 )
 from ..runs import atomic_write_json, atomic_write_text
 from ..sft.rows import assistant_loss, example_row, pack, row_loader
-from ..train.engine import TrainConfig, Trainer
+from ..train.config import TrainConfig
+from ..train.engine import Trainer
 from ..train.objectives.sft import SFTObjective
 from .base import StageContext, define_stage
 
