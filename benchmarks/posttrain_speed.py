@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.align.preference import Pair, PairLoader
+from lmforge.align.pair_batches import PairLoader
+from lmforge.align.preference import Pair
 from lmforge.align.reward import RewardModel
 from lmforge.chat import Example
 from lmforge.model.config import ModelConfig

@@ -9,11 +9,10 @@ import json
 import pytest
 import torch
 
+from lmforge.align.pair_batches import PairLoader, collate_pairs
 from lmforge.align.preference import (
     PairError,
-    PairLoader,
     builtin_preferences,
-    collate_pairs,
     encode_pairs,
     encode_preference,
     hh_to_messages,

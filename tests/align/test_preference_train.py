@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from lmforge.align.preference import collate_pairs, encode_pairs, load_preference_records
+from lmforge.align.pair_batches import collate_pairs
+from lmforge.align.preference import encode_pairs, load_preference_records
 from lmforge.align.reference import CACHE_FILE, load_cache, precompute_reference
 from lmforge.chat import ChatFormat
 from lmforge.model.hf import load_pretrained

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..runs import atomic_path
 from ..train.objectives.preference import completion_logps
-from .preference import Pair, collate_pairs
+from .pair_batches import collate_pairs
+from .preference import Pair
 
 CACHE_FILE = "ref_logps.safetensors"
 RefTable = dict[bytes, tuple[float, float]]

@@ -39,7 +39,8 @@ from ..model.transformer import Decoder, Transformer
 from ..runs import atomic_write_json
 from ..stats import wilson
 from ..train.objectives.preference import bradley_terry_loss
-from .preference import Pair, collate_pairs
+from .pair_batches import collate_pairs
+from .preference import Pair
 
 
 class RewardModel(nn.Module):

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ..align.config import RL_METHODS, AlignConfig, RewardConfig
-from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
+from ..align.pair_batches import PairLoader
+from ..align.preference import PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
 from ..align.reward import RewardModel, evaluate_reward, length_baseline, save_reward_model
 from ..align.rl import run_rl
