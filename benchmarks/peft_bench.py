@@ -72,7 +72,7 @@ def worker(a) -> dict:
             model = PromptTuned(model, 20, init_ids=list(range(10, 30)))
         model.train()
 
-        from lmforge.chat import IGNORE, SFTObjective
+        from lmforge.train.objectives.sft import IGNORE, SFTObjective
 
         objective = SFTObjective()
 

@@ -43,17 +43,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.align.losses import PreferenceObjective
-from lmforge.align.preference import Pair, PairLoader
-from lmforge.align.reward import RewardModel, RewardObjective
-from lmforge.chat import Example, RowLoader, SFTObjective, example_row, pack, row_loader
+from lmforge.align.pair_batches import PairLoader
+from lmforge.align.preference import Pair
+from lmforge.align.reward import RewardModel
+from lmforge.chat import Example
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf import load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
 from lmforge.peft.lora import LoraSettings, apply_lora, resolve_base_dtype
 from lmforge.peft.prompt import PromptTuned
 from lmforge.peft.qlora import QLoraSettings, load_quantized
-from lmforge.train.engine import TrainConfig, Trainer, peak_memory, pretrain_objective
+from lmforge.sft.rows import RowLoader, example_row, pack, row_loader
+from lmforge.train.config import TrainConfig
+from lmforge.train.device import peak_memory
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.preference import PreferenceObjective
+from lmforge.train.objectives.pretrain import pretrain_objective
+from lmforge.train.objectives.reward import RewardObjective
+from lmforge.train.objectives.sft import SFTObjective
 
 SHAPES = {  # as benchmarks/gpu_train.py, plus a CPU-sized one
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, vocab_size=4096),

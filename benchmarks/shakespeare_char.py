@@ -54,7 +54,9 @@ import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
-from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+from lmforge.train.config import TrainConfig
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
 
 DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
 TARGET = 1.88

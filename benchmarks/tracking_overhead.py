@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lmforge.config import RunSettings, missing_trackers
-from lmforge.train.engine import TrainConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.tracking import MetricsWriter, track_stage
 
 

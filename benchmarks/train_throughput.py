@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf import to_hf_config
 from lmforge.model.transformer import Transformer, apply_rotary
-from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+from lmforge.train.config import TrainConfig
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
 
 
 # ----------------------------------------------------------------------------- objectives

@@ -44,7 +44,7 @@ RANKS = {
     "tokenizer": 4,
     "data": 5,
     "chat": 6,
-    "sft": 6,
+    "sft": 6.2,
     "serve": 6.5,
     "align": 7,
     "eval": 8,

@@ -8,17 +8,10 @@ import math
 
 import torch
 
-from lmforge.align.kl import (
-    AdaptiveKLController,
-    FixedKLController,
-    KLGuard,
-    k3_kl,
-    kl_per_token,
-    log_ratio,
-    sequence_kl,
-)
-from lmforge.align.rl_math import kl_penalty_rewards
+from lmforge.align.kl import AdaptiveKLController, FixedKLController, KLGuard
 from lmforge.align.signals import distinct_n, hacking_warning
+from lmforge.train.objectives.kl import k3_kl, kl_per_token, log_ratio, sequence_kl
+from lmforge.train.objectives.rl import kl_penalty_rewards
 
 
 def _exact_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

@@ -9,20 +9,20 @@ import json
 import pytest
 import torch
 
+from lmforge.align.pair_batches import PairLoader, collate_pairs
 from lmforge.align.preference import (
     PairError,
-    PairLoader,
     builtin_preferences,
-    collate_pairs,
     encode_pairs,
     encode_preference,
     hh_to_messages,
     load_preference_records,
     record_to_preference,
 )
-from lmforge.chat import IGNORE, ChatFormat, read_jsonl_records
+from lmforge.chat import ChatFormat, read_jsonl_records
 from lmforge.errors import DataError
 from lmforge.tokenizer import train_tokenizer
+from lmforge.train.objectives.sft import IGNORE
 
 TEXTS = [
     "The sky is blue and the grass is green.",

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-import lmforge.stages.align  # noqa: F401  (registers the stages)
-from lmforge.align.losses import PreferenceObjective
-from lmforge.align.preference import collate_pairs, encode_pairs, load_preference_records
+from lmforge.align.pair_batches import collate_pairs
+from lmforge.align.preference import encode_pairs, load_preference_records
 from lmforge.align.reference import CACHE_FILE, load_cache, precompute_reference
 from lmforge.chat import ChatFormat
 from lmforge.model.hf import load_pretrained
 from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
+from lmforge.train.objectives.preference import PreferenceObjective
 from tests.conftest import save_pairs_and_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
@@ -117,7 +117,7 @@ def test_cached_reference_equals_live_reference(tmp_path, setup):
 def test_packed_pairs_give_the_same_logps_losses_and_grads(setup):
     """Chosen and rejected as two documents of one row (one packed forward) = 2B padded rows =
     each completion scored alone (fp32), for log-probs, counts, the DPO loss and its gradients."""
-    from lmforge.align.losses import batch_logps, completion_logps
+    from lmforge.train.objectives.preference import batch_logps, completion_logps
 
     model_dir, data = setup
     fmt = ChatFormat.from_dir(model_dir)

@@ -9,11 +9,9 @@ import json
 import pytest
 import torch
 
-import lmforge.stages.reward  # noqa: F401  (registers the stages)
 from lmforge.align.preference import encode_pairs
 from lmforge.align.reward import (
     RewardModel,
-    RewardObjective,
     RewardScorer,
     load_reward_model,
     pair_batch,
@@ -23,6 +21,7 @@ from lmforge.align.reward import (
 from lmforge.chat import ChatFormat
 from lmforge.errors import CheckpointError
 from lmforge.pipeline import load_config, run_stage
+from lmforge.train.objectives.reward import RewardObjective
 from tests.conftest import save_pairs_and_base, synthetic_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.chat import Example, collate, example_row, pack
+from lmforge.chat import Example
 from lmforge.errors import CheckpointError
 from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
@@ -14,6 +14,7 @@ from lmforge.model.generate import SamplingParams, generate
 from lmforge.model.hf import export_hf, load_pretrained, save_pretrained
 from lmforge.model.transformer import Transformer
 from lmforge.peft.prompt import PromptSettings, PromptTuned
+from lmforge.sft.rows import collate, example_row, pack
 
 CFG = ModelConfig(vocab_size=101, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64)
 

@@ -9,24 +9,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.chat import (
-    IGNORE,
-    ChatFormat,
-    RowLoader,
-    SFTObjective,
-    TokenBudgetBatches,
-    collate,
-    encode_records,
-    example_row,
-    pack,
-    record_to_messages,
-    row_loader,
-)
+from lmforge.chat import ChatFormat, encode_records, record_to_messages
+from lmforge.data.batches import TokenBudgetBatches
 from lmforge.errors import DataError
 from lmforge.model.attention import DocumentMask
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
+from lmforge.sft.rows import RowLoader, collate, example_row, pack, row_loader
 from lmforge.tokenizer import LMTokenizer, train_tokenizer
+from lmforge.train.objectives.sft import IGNORE, SFTObjective
 
 TEXTS = [
     "What does the json module do? It encodes and decodes JSON documents.",

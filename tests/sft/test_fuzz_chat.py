@@ -12,9 +12,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from lmforge.chat import IGNORE, ChatFormat, Example, encode_records, example_row, pack, record_to_messages
+from lmforge.chat import ChatFormat, Example, encode_records, record_to_messages
 from lmforge.errors import DataError
+from lmforge.sft.rows import example_row, pack
 from lmforge.tokenizer import CHAT_ROLES, END, train_tokenizer
+from lmforge.train.objectives.sft import IGNORE
 from tests.factories import CORPUS
 from tests.fuzz_support import documented, fuzz
 

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import lmforge.stages.sft  # noqa: F401  (registers the stages)
 from lmforge.data.instruct import builtin_instructions
 from lmforge.data.shards import load_shard, write_token_shards
 from lmforge.errors import ConfigError

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-import lmforge.stages.sft  # noqa: F401  (registers the stage)
 from lmforge.data.instruct import builtin_instructions, summary_sentence
 from lmforge.errors import DataError
 from lmforge.model.hf import load_pretrained

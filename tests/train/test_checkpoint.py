@@ -4,7 +4,9 @@ import torch
 
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
-from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+from lmforge.train.config import TrainConfig
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
 from tests.conftest import TokenRows
 
 

@@ -15,7 +15,10 @@ from lmforge.cli import main
 from lmforge.errors import CheckpointError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
-from lmforge.train.engine import TrainConfig, Trainer, TrainingStopped, pretrain_objective
+from lmforge.train.config import TrainConfig
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
+from lmforge.train.outcomes import TrainingStopped
 from tests.conftest import TokenRows, tiny_args
 
 

@@ -24,7 +24,10 @@ from lmforge.errors import StorageError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.runs import atomic_write_bytes, read_manifest, remove_stale_temps, storage_error
 from lmforge.train.checkpoint import list_checkpoints, load_checkpoint
-from lmforge.train.engine import TrainConfig, Trainer, TrainingStopped, pretrain_objective
+from lmforge.train.config import TrainConfig
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
+from lmforge.train.outcomes import TrainingStopped
 from tests.conftest import TokenRows as Rows
 from tests.conftest import tiny_args
 
@@ -228,7 +231,9 @@ _FSIZE_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{src!r}, {tests!r}]
     from tests.train.test_faults import Rows, _model
     from lmforge.errors import StorageError
-    from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.engine import Trainer
+    from lmforge.train.objectives.pretrain import pretrain_objective
     out = sys.argv[1]
     cfg = dict(batch_size=2, warmup_steps=0, checkpoint_every=4, eval_every=0, log_every=1)
     Trainer(_model(), pretrain_objective(), Rows(), TrainConfig(max_steps=4, **cfg), out,

@@ -23,8 +23,10 @@ from lmforge.config import RunSettings
 from lmforge.errors import ConfigError
 from lmforge.pipeline import load_config, run_stage
 from lmforge.runs import read_jsonl
+from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import DistInfo
-from lmforge.train.engine import TrainConfig, Trainer, pretrain_objective
+from lmforge.train.engine import Trainer
+from lmforge.train.objectives.pretrain import pretrain_objective
 from lmforge.train.tracking import MetricsWriter, flatten, scalars, track_stage
 from tests.align.test_rl import _cfg as rl_cfg
 from tests.align.test_rl import base_dir  # noqa: F401  (fixture: a tiny chat base model)

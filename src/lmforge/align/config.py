@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..peft.lora import LoraSettings
 from ..peft.qlora import QLoraSettings
-from ..train.engine import TrainConfig
+from ..train.config import TrainConfig
 from .rewards import DEFAULT_FORMAT_PATTERN
 
 # Loss-spike skipping is off for alignment: a pairwise loss several times its running median is

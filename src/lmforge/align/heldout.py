@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.generate import SamplingParams
+from ..train.objectives.kl import k3_kl
+from ..train.objectives.rl import policy_forward
 from .backends import GenerationBackend
 from .buffer import adapters_off, build_sequences, micro_batch
 from .config import RolloutSettings
-from .kl import k3_kl
 from .rewards import RewardSet
-from .rl_math import policy_forward
 from .signals import distinct_n
 
 

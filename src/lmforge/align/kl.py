@@ -1,5 +1,6 @@
-"""KL to the reference in on-policy RL: the per-token estimators, the coefficient controllers and
-the hard guard, in one place so PPO, GRPO and the held-out evaluation name the same quantities.
+"""KL to the reference in on-policy RL: the per-token estimators (`train/objectives/kl.py`, where
+the PPO/GRPO objectives use them), the coefficient controllers and the hard guard here, so PPO,
+GRPO and the held-out evaluation name the same quantities.
 
 Why three pieces:
 * **Estimators** (Schulman, "Approximating KL divergence", 2020). With d = log pi - log ref at a
@@ -22,39 +23,8 @@ Why three pieces:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-import torch
-
-KLEstimator = Literal["k1", "k3"]
 MAX_STEP = 0.2  # Ziegler et al.: the proportional error is clipped to +-20%
-
-
-def log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """log pi - log ref per token (the k1 estimator of KL; negative on many tokens)."""
-    return logp - ref_logp
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: exp(d) - d - 1 with d = ref - logp."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1.0
-
-
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
-    if estimator == "k1":
-        return log_ratio(logp, ref_logp)
-    if estimator == "k3":
-        return k3_kl(logp, ref_logp)
-    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
-
-
-def sequence_kl(
-    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence of completion-aligned [N, L] log-probs: (KL estimate = sum of k3 over its
-    tokens, never negative; log-ratio = sum of log pi - log ref, the k1 estimate)."""
-    return (k3_kl(logp, ref_logp) * mask).sum(1), (log_ratio(logp, ref_logp) * mask).sum(1)
 
 
 class FixedKLController:

@@ -21,8 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..runs import atomic_path
-from .losses import completion_logps
-from .preference import Pair, collate_pairs
+from ..train.objectives.preference import completion_logps
+from .pair_batches import collate_pairs
+from .preference import Pair
 
 CACHE_FILE = "ref_logps.safetensors"
 RefTable = dict[bytes, tuple[float, float]]

@@ -38,8 +38,9 @@ from ..model.hf import (
 from ..model.transformer import Decoder, Transformer
 from ..runs import atomic_write_json
 from ..stats import wilson
-from .losses import bradley_terry_loss
-from .preference import Pair, collate_pairs
+from ..train.objectives.preference import bradley_terry_loss
+from .pair_batches import collate_pairs
+from .preference import Pair
 
 
 class RewardModel(nn.Module):
@@ -151,40 +152,6 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
 def pair_batch(pairs: Sequence[Pair], pad_id: int) -> dict:
     """2B right-padded rows (chosen first), their lengths, and the margins."""
     return collate_pairs(pairs, pad_id)
-
-
-class RewardObjective:
-    """Bradley-Terry over pairs; count = pairs. Chosen and rejected share one forward pass.
-    Metrics stay 0-d device tensors (the engine reads them back once per step)."""
-
-    unit_name = "pairs"
-
-    def __init__(self, use_margin: bool = True):
-        self.use_margin = use_margin
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int, dict[str, float]]:
-        r = model(batch["input_ids"], batch["lengths"])
-        B = r.shape[0] // 2
-        rc, rr = r[:B], r[B:]
-        losses = bradley_terry_loss(rc, rr, batch["margin"].to(r.device) if self.use_margin else None)
-        d = (rc - rr).detach()
-        return (
-            losses.sum(),
-            B,
-            {
-                "accuracy": (d > 0).float().mean(),
-                "margin": d.mean(),
-                "rewards/chosen": rc.detach().mean(),
-                "rewards/rejected": rr.detach().mean(),
-            },
-        )
-
-    def count(self, batch: dict) -> int:
-        return int(batch["input_ids"].shape[0] // 2)
-
-    def tokens(self, batch: dict) -> int:
-        """Processed (non-padding) tokens of the batch."""
-        return batch["n_tokens"] if "n_tokens" in batch else int(batch["input_ids"].numel())
 
 
 @torch.no_grad()
@@ -314,7 +281,6 @@ class RewardScorer:
 
 __all__ = [
     "RewardModel",
-    "RewardObjective",
     "RewardScorer",
     "evaluate_reward",
     "load_reward_model",

@@ -6,7 +6,7 @@ advantages; `align/rollout.py`) followed by `epochs` x `num_minibatches` optimiz
 each step `grad_accum` micro-batches of `batch_size` sequences. The engine's `max_steps`
 counts optimizer steps; a rollout holds `batch_size * grad_accum * num_minibatches` sequences
 (for GRPO: that / `group_size` prompts, `group_size` samples each). The losses and their
-normalisations are in `align/rl_math.py`, the KL estimators, controller and guard in
+normalisations are in `train/objectives/rl.py`, the KL estimators, controller and guard in
 `align/kl.py`, reward functions in `align/rewards.py`, prompt sources (built-in arithmetic,
 GSM8K, JSONL) in `align/tasks.py`, the settings in `align/config.py`.
 
@@ -47,13 +47,14 @@ from ..model.transformer import Transformer
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import build_optimizer, dequantize_model, load_quantized, nf4_bytes
 from ..runs import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
-from ..train.engine import Trainer, autocast_dtype
+from ..train.device import autocast_dtype
+from ..train.engine import Trainer
+from ..train.objectives.rl import GRPOObjective, PPOObjective
 from .backends import make_backend
 from .config import GRPOSettings, PPOSettings
 from .heldout import HeldOutEval
 from .kl import FixedKLController, KLGuard, make_kl_controller
 from .rewards import RewardModelScorer, RewardSet, build_rewards
-from .rl_math import GRPOObjective, PPOObjective
 from .rollout import EncodedPrompt, RolloutLoader
 from .signals import hacking_warning
 from .tasks import load_prompt_sets

@@ -32,11 +32,19 @@ import torch
 
 from ..errors import DataError
 from ..model.generate import SamplingParams
+from ..train.objectives.kl import sequence_kl
+from ..train.objectives.rl import (
+    gae,
+    group_advantages,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    policy_forward,
+)
 from .backends import GenerationBackend, mix_seed
 from .buffer import adapters_off, build_sequences, from_state, micro_batch, to_state
-from .kl import KLGuard, sequence_kl
+from .kl import KLGuard
 from .rewards import RewardSet
-from .rl_math import gae, group_advantages, kl_penalty_rewards, masked_mean, masked_whiten, policy_forward
 from .signals import distinct_n, hacking_warning
 from .tasks import PromptItem
 

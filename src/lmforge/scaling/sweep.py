@@ -240,7 +240,7 @@ def run_sweep(
 def _train_in_turn(todo: list, done: int, total: int, out: Path) -> None:
     """Train the pending points one after another in this process (``--jobs 1``)."""
     from lmforge.pipeline import console, run_pipeline
-    from lmforge.train.engine import TrainingStopped
+    from lmforge.train.outcomes import TrainingStopped
 
     for i, (p, pcfg) in enumerate(todo, done + 1):
         console.rule(

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..align.config import RL_METHODS, AlignConfig
-from ..align.losses import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
-from ..align.preference import PairLoader, PairStats, encode_pairs, load_preference_records
+from ..align.pair_batches import PairLoader
+from ..align.preference import PairStats, encode_pairs, load_preference_records
 from ..align.reference import CACHE_FILE, pair_logps, precompute_reference
 from ..align.rl import run_rl
 from ..chat import ChatFormat
@@ -41,6 +41,7 @@ from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
 from ..stats import wilson
 from ..train.engine import Trainer
+from ..train.objectives.preference import REFERENCE_METHODS, PreferenceObjective, preference_eval_metrics
 from .base import StageContext, define_stage
 
 M = TypeVar("M", bound=nn.Module)

@@ -31,7 +31,7 @@ from rich.markup import escape
 from ..artifacts import verify_stage
 from ..errors import LMForgeError
 from ..runs import POLICY_STAGES, StageRecord, policy_model_dir, read_manifest
-from ..train.engine import resolve_device
+from ..train.device import resolve_device
 
 # rich's process-wide console, shared with the training progress bar: no syntax colouring of
 # numbers and paths in log lines (assigning `console.highlight` would only add an unused attribute)

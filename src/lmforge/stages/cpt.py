@@ -24,7 +24,9 @@ from ..eval.perplexity import evaluate_shard, token_byte_lengths
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..runs import file_sha256
 from ..tokenizer import LMTokenizer
-from ..train.engine import TrainConfig, Trainer, pretrain_objective
+from ..train.config import TrainConfig
+from ..train.engine import Trainer
+from ..train.objectives.pretrain import pretrain_objective
 from .base import StageContext, define_stage
 
 

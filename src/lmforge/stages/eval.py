@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..chat import ChatFormat, assistant_loss, encode_records
+from ..chat import ChatFormat, encode_records
 from ..data.builtin import split_by_key
 from ..data.shards import load_shard
 from ..eval.chain import score_chain
@@ -43,6 +43,7 @@ from ..eval.report import hardware
 from ..model.hf import load_pretrained, read_hf_config
 from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest
 from ..serve.loading import check_pair
+from ..sft.rows import assistant_loss
 from ..tokenizer import LMTokenizer
 from .base import StageContext, define_stage
 from .sft import load_records

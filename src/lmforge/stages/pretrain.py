@@ -18,8 +18,10 @@ from ..model.hf import load_pretrained, save_pretrained
 from ..model.resources import check_fits, training_memory
 from ..model.transformer import Transformer
 from ..tokenizer import LMTokenizer
+from ..train.config import TrainConfig
 from ..train.distributed import barrier, check_batch, init_distributed, resolve_strategy, shutdown
-from ..train.engine import TrainConfig, Trainer, pretrain_objective
+from ..train.engine import Trainer
+from ..train.objectives.pretrain import pretrain_objective
 from .base import StageContext, define_stage
 
 

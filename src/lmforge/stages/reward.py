@@ -17,14 +17,15 @@ import json
 from pathlib import Path
 
 from ..align.config import RewardConfig
-from ..align.preference import PairLoader
-from ..align.reward import RewardModel, RewardObjective, evaluate_reward, length_baseline, save_reward_model
+from ..align.pair_batches import PairLoader
+from ..align.reward import RewardModel, evaluate_reward, length_baseline, save_reward_model
 from ..chat import ChatFormat
 from ..errors import ConfigError
 from ..model.hf import read_hf_config
 from ..peft.lora import trainable_summary
 from ..runs import atomic_write_json
 from ..train.engine import Trainer
+from ..train.objectives.reward import RewardObjective
 from .align import context_len, load_lm, merge_adapters, pad_id_of, prepare_pairs
 from .base import StageContext, define_stage
 

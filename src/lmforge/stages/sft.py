@@ -25,18 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from ..chat import (
-    ChatFormat,
-    EncodeStats,
-    SFTObjective,
-    assistant_loss,
-    encode_records,
-    example_row,
-    pack,
-    read_jsonl_records,
-    record_to_messages,
-    row_loader,
-)
+from ..chat import ChatFormat, EncodeStats, encode_records, read_jsonl_records, record_to_messages
 from ..data.builtin import split_by_key
 from ..data.instruct import builtin_instructions
 from ..errors import ConfigError, DataError
@@ -61,7 +50,10 @@ from ..peft.qlora import (
     nf4_bytes,
 )
 from ..runs import atomic_write_json, atomic_write_text
-from ..train.engine import TrainConfig, Trainer
+from ..sft.rows import assistant_loss, example_row, pack, row_loader
+from ..train.config import TrainConfig
+from ..train.engine import Trainer
+from ..train.objectives.sft import SFTObjective
 from .base import StageContext, define_stage
 
 

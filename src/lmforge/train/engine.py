@@ -32,20 +32,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import signal
-import statistics
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import LMForgeError
 from ..runs import atomic_write_text, read_jsonl
+from .bad_steps import BadStepGuard
 from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -54,6 +50,8 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from .config import StatefulIterator, TrainConfig
+from .device import autocast_dtype, peak_memory
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -63,154 +61,14 @@ from .distributed import (
     resolve_strategy,
     wrap,
 )
+from .modules import to_device
+from .objectives import Objective
 from .optim import build_optimizer, lr_multiplier
+from .outcomes import StepOutcome, TrainingStopped, TrainResult
 from .tracking import MetricsWriter
 
 
-class TrainConfig(BaseModel):
-    """Optimisation settings shared by every training stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_steps: int = Field(1000, ge=1, description="optimizer steps")
-    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(50, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    optimizer: Literal["adamw", "muon"] = Field(
-        "adamw",
-        description="muon: Muon for the hidden-layer matrices, AdamW for embeddings, head, norms, router",
-    )
-    muon_lr: float | None = Field(
-        None, gt=0, description="muon: peak learning rate of the Muon matrices (default: lr)"
-    )
-    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
-    eval_every: int = Field(100, ge=0, description="0 = only at the end")
-    early_stopping_patience: int = Field(0, ge=0, description="evals without improvement; 0 = off")
-    checkpoint_every: int = Field(100, ge=0, description="0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
-    max_bad_steps: int = Field(
-        5, ge=1, description="consecutive bad steps (non-finite or spiking loss) before stopping"
-    )
-    spike_factor: float = Field(
-        4.0, ge=0, description="a loss over this x the running median is a bad step; 0 = off"
-    )
-    spike_window: int = Field(
-        32, ge=2, description="good steps in the running median (detection starts once full)"
-    )
-    spike_min_excess: float = Field(
-        1.0,
-        ge=0,
-        description="a spike must also exceed the median by this much (nats), "
-        "so losses near 0 (DPO, reward models) never trip it",
-    )
-    rollback_after: int = Field(
-        3,
-        ge=0,
-        description="consecutive bad steps before rolling back to the last "
-        "checkpoint, past the offending batches; 0 = never",
-    )
-    max_rollbacks: int = Field(3, ge=0, description="rollbacks per run before bad steps stop it")
-    compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
-    parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
-        "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1"
-    )
-    fsdp_cpu_offload: bool = Field(
-        False, description="fsdp: keep parameters and optimizer state in CPU memory"
-    )
-    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
-
-
-class Objective(Protocol):
-    """Optionally also: `unit_name` (what `count` counts when not all tokens: "assistant_tokens",
-    "pairs") and `tokens(batch)` (processed non-padding tokens; default: `count`)."""
-
-    def __call__(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        """(loss summed over `count` units, count, extra metrics as floats or 0-d tensors)."""
-
-    def count(self, batch: Any) -> int:
-        """Units the loss of `batch` is summed over (needed before backward for normalisation)."""
-
-
-class StatefulIterator(Protocol):
-    def __iter__(self) -> Iterator[Any]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class TrainingStopped(LMForgeError):
-    """Raised when a run stops on a signal or repeated bad steps (after checkpointing)."""
-
-
-@dataclass
-class StepOutcome:
-    """What `_train_step` did: `loss` is the mean over the step's units (None: nothing to
-    train on); `bad` says why no update was applied ("non-finite", "spike") or is None."""
-
-    loss: float | None
-    extra: dict[str, float]
-    units: int
-    bad: str | None = None
-    tokens: int = 0  # processed tokens over all ranks
-
-
-@dataclass
-class TrainResult:
-    step: int
-    tokens: int  # processed (non-padding) tokens
-    seconds: float
-    final: dict[str, float] = field(default_factory=dict)
-    best_eval_loss: float | None = None
-    stopped_early: bool = False
-    resumed_from: int | None = None
-    units: int = 0  # what the loss is normalised by (= tokens for pretraining)
-    unit_name: str = "tokens"
-    train_seconds: float = 0.0  # inside optimizer steps (no eval, no checkpointing)
-    peak_memory_bytes: int = 0
-    peak_memory_kind: str = ""
-
-    def speed_metrics(self) -> dict[str, Any]:
-        """What every training stage reports: processed tokens/s, loss units (and per second)
-        under their own name, and peak memory, for its summary and manifest."""
-        secs = max(self.train_seconds, 1e-9)
-        out: dict[str, Any] = {"tokens": self.tokens, "tokens_per_s": round(self.tokens / secs, 1)}
-        if self.unit_name != "tokens":
-            out[self.unit_name] = self.units
-            out[f"{self.unit_name}_per_s"] = round(self.units / secs, 2)
-        out["peak_memory_bytes"] = self.peak_memory_bytes
-        out["peak_memory_gib"] = round(self.peak_memory_bytes / 2**30, 3)
-        out["peak_memory_kind"] = self.peak_memory_kind
-        return out
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, kind): CUDA `max_memory_allocated` since the last reset, else the process's peak
-    resident set size (Linux reports KiB, macOS bytes)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if os.uname().sysname == "Darwin" else rss * 1024), "cpu_peak_rss"
-
-
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """The autocast dtype for `dtype` = auto | float32 | bfloat16 | float16 on `device`."""
-    if dtype == "float32":
-        return None
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None  # on CPU fp32 is faster than emulated bf16 matmuls for small models
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-class Trainer:
+class Trainer(BadStepGuard):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -364,18 +222,6 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
-    def _spike_limit(self) -> float | None:
-        """The loss above which a step counts as a spike, once the window of good losses is full:
-        `spike_factor` x the median *and* `spike_min_excess` above it. A ratio alone is
-        meaningless for losses that approach or cross 0 (preference and RL objectives), so a
-        median <= 0 turns detection off and the absolute margin guards small positive ones."""
-        if not self.cfg.spike_factor or len(self.recent_losses) < self.cfg.spike_window:
-            return None
-        med = statistics.median(self.recent_losses)
-        if med <= 0:
-            return None
-        return max(self.cfg.spike_factor * med, med + self.cfg.spike_min_excess)
-
     def _batch_tokens(self, batch: Any) -> int:
         fn = getattr(self.objective, "tokens", None)
         return fn(batch) if fn is not None else self.objective.count(batch)
@@ -439,75 +285,60 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
-    def _on_bad_step(self, out: StepOutcome) -> None:
-        """Skip, then roll back, then stop: the escalation for steps that applied no update.
-
-        Why spike detection is on by default (`spike_factor` 4 over the median of the last 32
-        good steps, only once that window is full, and at least `spike_min_excess` = 1 nat
-        above it): in healthy language-model training the loss never jumps to 4x its recent
-        median -- even early on, the median lags a *falling* loss -- while such a step is how
-        most divergences start, and letting it update the weights can wreck them in one step.
-        Skipping costs one batch. The absolute margin keeps objectives whose losses sit near 0
-        (DPO, reward models) from tripping it on ordinary noise; RL, whose loss changes sign,
-        turns it off (`spike_factor: 0`).
-
-        Why roll back *and keep the data position*: a streak of bad steps usually means the
-        weights or optimizer moments are already damaged (restoring fixes that) or a stretch of
-        the data is poisonous (replaying it would fail again forever). Restoring the checkpoint
-        but not the loader position skips every batch drawn since that checkpoint (PaLM's
-        recipe); the checkpoint is then rewritten with the new position so a crash after the
-        rollback cannot replay them either.
-        """
-        cfg = self.cfg
-        self._bad.append(out.bad)
-        n = len(self._bad)
-        what = (
-            "non-finite loss or gradient"
-            if out.bad == "non-finite"
-            else f"loss {out.loss:.4g} is over {cfg.spike_factor:g}x the median of the last "
-            f"{len(self.recent_losses)} steps ({statistics.median(self.recent_losses):.4g}); a spike"
-        )
-        self.log(f"step {self.step}: {what}; step skipped ({n}/{cfg.max_bad_steps} in a row)")
-        self._record(
-            {
-                "step": self.step,
-                "skipped": out.bad,
-                **({"loss": round(out.loss, 5)} if math.isfinite(out.loss) else {}),
-            }
-        )
-        if n >= cfg.max_bad_steps:
-            kinds = (
-                "non-finite losses"
-                if set(self._bad) == {"non-finite"}
-                else "bad steps (non-finite or spiking loss)"
-            )
-            raise TrainingStopped(
-                f"{n} consecutive {kinds} at step {self.step}"
-                + (f" after {self.rollbacks} rollback(s)" if self.rollbacks else "")
-                + f"; stopped. Last good checkpoint: {_last(self.ckpt_dir)}. Lower the learning "
-                f"rate (or raise warmup / grad_clip) or check the data."
-            )
-        if cfg.rollback_after and n >= cfg.rollback_after and self.rollbacks < cfg.max_rollbacks:
-            self._rollback()
-
-    def _rollback(self) -> None:
-        if not list_checkpoints(self.ckpt_dir):
-            self.log(f"step {self.step}: no checkpoint to roll back to yet; still skipping bad steps")
-            return
-        bad_at, bad_steps = self.step, len(self._bad)
-        data_state = self.data.state_dict()  # past the offending batches
-        rollbacks = self.rollbacks + 1
-        self._load_last(restore_data=False)
-        self.rollbacks = rollbacks
-        self.data.load_state_dict(data_state)
-        self._bad = []
-        self._record({"step": self.step, "rollback": rollbacks, "from_step": bad_at, "bad_steps": bad_steps})
+    def _log_step(self, loss: float, lr: float, extra: dict, t0: float) -> None:
+        """One metrics line and progress line: throughput over the interval since the last one."""
+        t_log, tok_log, unit_log = self._window
+        now = time.time()
+        tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
+        ups = (self.units - unit_log) / max(now - t_log, 1e-9)
+        mem, _ = peak_memory(self.device)
+        rec = {
+            "step": self.step,
+            "loss": round(loss, 5),
+            "lr": lr,
+            "tokens": self.tokens,
+            "tokens_per_s": round(tps, 1),
+            "elapsed_s": round(now - t0, 2),
+            "peak_memory_gib": round(mem / 2**30, 3),
+            **extra,
+        }
+        units_note = ""
+        if self.unit_name != "tokens":
+            rec[self.unit_name] = self.units
+            rec[f"{self.unit_name}_per_s"] = round(ups, 2)
+            units_note = f"  {ups:,.1f} {self.unit_name}/s"
+        if self.flops_per_token:
+            rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
+            if self.peak_flops:
+                rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
+        self._record(rec)
         self.log(
-            f"rolled back to the checkpoint at step {self.step} after {bad_steps} bad steps at step "
-            f"{bad_at} (rollback {rollbacks}/{self.cfg.max_rollbacks}); the batches drawn since "
-            f"that checkpoint are skipped"
+            f"step {self.step:>6}/{self.cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{tps:,.0f} tokens/s{units_note}  peak mem {mem / 2**30:.2f} GiB"
         )
-        self.save()  # the same step, with the new data position: a crash now cannot replay them
+        self._window = (now, self.tokens, self.units)
+
+    def _evaluate_step(self) -> bool:
+        """Evaluate, record, track the best eval loss; True when early stopping says stop."""
+        cfg = self.cfg
+        last_eval = self._run_eval()
+        if not last_eval:
+            return False
+        self.last_eval = last_eval
+        self._record({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+        self.log(f"step {self.step:>6}  eval " + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        ev = last_eval.get("loss")
+        if ev is not None:
+            if self.best_eval is None or ev < self.best_eval - 1e-4:
+                self.best_eval, self.evals_without_improvement = ev, 0
+            else:
+                self.evals_without_improvement += 1
+        if cfg.early_stopping_patience and self.evals_without_improvement >= cfg.early_stopping_patience:
+            self.log(
+                f"early stopping: eval loss has not improved for {cfg.early_stopping_patience} evaluations"
+            )
+            return True
+        return False
 
     def fit(self, resume: bool = True) -> TrainResult:
         cfg = self.cfg
@@ -520,7 +351,8 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not in the main thread
                 pass
-        t0, t_log, tok_log, unit_log = time.time(), time.time(), self.tokens, self.units
+        t0 = time.time()
+        self._window = (t0, self.tokens, self.units)  # start of the current logging interval
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
@@ -550,61 +382,11 @@ class Trainer:
                     progress.update(0, completed=self.step, loss=loss)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    now = time.time()
-                    tps = (self.tokens - tok_log) / max(now - t_log, 1e-9)
-                    ups = (self.units - unit_log) / max(now - t_log, 1e-9)
-                    mem, _ = peak_memory(self.device)
-                    rec = {
-                        "step": self.step,
-                        "loss": round(loss, 5),
-                        "lr": lr,
-                        "tokens": self.tokens,
-                        "tokens_per_s": round(tps, 1),
-                        "elapsed_s": round(now - t0, 2),
-                        "peak_memory_gib": round(mem / 2**30, 3),
-                        **extra,
-                    }
-                    units_note = ""
-                    if self.unit_name != "tokens":
-                        rec[self.unit_name] = self.units
-                        rec[f"{self.unit_name}_per_s"] = round(ups, 2)
-                        units_note = f"  {ups:,.1f} {self.unit_name}/s"
-                    if self.flops_per_token:
-                        rec["tflops"] = round(tps * self.flops_per_token / 1e12, 4)
-                        if self.peak_flops:
-                            rec["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
-                    self._record(rec)
-                    self.log(
-                        f"step {self.step:>6}/{cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                        f"{tps:,.0f} tokens/s{units_note}  peak mem {mem / 2**30:.2f} GiB"
-                    )
-                    t_log, tok_log, unit_log = now, self.tokens, self.units
+                    self._log_step(loss, lr, extra, t0)
 
                 is_last = self.step == cfg.max_steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
-                    last_eval = self._run_eval()
-                    if last_eval:
-                        self.last_eval = last_eval
-                        self._record({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
-                        self.log(
-                            f"step {self.step:>6}  eval "
-                            + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                        )
-                        ev = last_eval.get("loss")
-                        if ev is not None:
-                            if self.best_eval is None or ev < self.best_eval - 1e-4:
-                                self.best_eval, self.evals_without_improvement = ev, 0
-                            else:
-                                self.evals_without_improvement += 1
-                        if (
-                            cfg.early_stopping_patience
-                            and self.evals_without_improvement >= cfg.early_stopping_patience
-                        ):
-                            self.log(
-                                f"early stopping: eval loss has not improved for "
-                                f"{cfg.early_stopping_patience} evaluations"
-                            )
-                            stopped_early = True
+                    stopped_early = self._evaluate_step()
                 if (
                     (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
                     or is_last
@@ -670,70 +452,5 @@ def _progress_bar(total: int, done: int):
     return p
 
 
-def _last(ckpt_dir: Path) -> str:
-    c = list_checkpoints(ckpt_dir)
-    return str(c[-1]) if c else "none"
-
-
 def _json_line(rec: dict) -> str:
     return json.dumps(rec) + "\n"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LMForgeError("run.device is 'cuda' but no CUDA device is visible; use run.device=auto or cpu")
-    return torch.device(name)
-
-
-def pretrain_objective():
-    """Next-token cross-entropy over (x, y) batches; count = number of target tokens."""
-
-    class _NextToken:
-        def __call__(self, model, batch):
-            x, y = batch
-            logits = model(x)
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            n = (y != -100).sum()  # a 0-d device tensor: no read-back (the engine uses `count`)
-            core = unwrap(model)
-            aux = core.moe_aux_loss() if hasattr(core, "moe_aux_loss") else None
-            if aux is None:
-                return loss, n, {}
-            # the router losses are means; scale by n so the engine's division by n keeps them
-            stats = core.moe_stats()
-            metrics = {
-                "moe_aux": aux.detach(),
-                "moe_dropped_frac": sum(v for k, v in stats.items() if "dropped" in k)
-                / max(core.cfg.n_layers, 1),
-                "moe_load_max": max((v for k, v in stats.items() if "load_max" in k), default=0.0),
-            }
-            return loss + aux * n, n, metrics
-
-        def count(self, batch):
-            return int((batch[1] != -100).sum())
-
-    return _NextToken()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside torch.compile / DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move tensors inside tuples / lists / dicts to `device` (non-blocking where possible)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch

@@ -8,9 +8,18 @@ import math
 import pytest
 import torch
 
-from lmforge.align.kl import AdaptiveKLController, FixedKLController, k3_kl
+from lmforge.align.kl import AdaptiveKLController, FixedKLController
 from lmforge.align.rewards import FormatReward, build_rewards, exact_match, extract_number, parse_spec
-from lmforge.align.rl_math import (
+from lmforge.align.tasks import (
+    arithmetic_problems,
+    arithmetic_split,
+    load_prompt_sets,
+    read_prompt_file,
+    record_to_prompt,
+)
+from lmforge.errors import ConfigError, DataError
+from lmforge.train.objectives.kl import k3_kl
+from lmforge.train.objectives.rl import (
     gae,
     group_advantages,
     grpo_token_loss,
@@ -20,14 +29,6 @@ from lmforge.align.rl_math import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from lmforge.align.tasks import (
-    arithmetic_problems,
-    arithmetic_split,
-    load_prompt_sets,
-    read_prompt_file,
-    record_to_prompt,
-)
-from lmforge.errors import ConfigError, DataError
 
 
 def close(a, b, tol=1e-5):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..train.engine import unwrap
+from ..modules import unwrap
 from .kl import KLEstimator, k3_kl, kl_per_token
 
 STD_EPS = 1e-4  # TRL's epsilon in (r - mean) / (std + eps)

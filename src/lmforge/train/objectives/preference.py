@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import DocumentMask
-from ..model.output import token_logprobs
+from ...model.attention import DocumentMask
+from ...model.output import token_logprobs
 
 IGNORE = -100
 LOG2 = math.log(2.0)
@@ -169,7 +169,7 @@ def completion_logps(
 
 
 def batch_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob, labelled tokens) per sequence of a collated pair batch (`collate_pairs`,
+    """(summed log-prob, labelled tokens) per sequence of a collated pair batch (`align.pair_batches.collate_pairs`,
     packed or not), with no host sync: the labelled positions, their targets and sequences come
     from the collator (`target_index`, `targets`, `target_seq`, `seq_counts`); packed rows are
     document-masked (`doc_ids`); the output projection runs in chunks over labelled rows only."""

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.losses import (
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+from lmforge.train.objectives.preference import (
     LOG2,
     PreferenceObjective,
     bradley_terry_loss,
@@ -21,8 +23,6 @@ from lmforge.align.losses import (
     preference_eval_metrics,
     reward_metrics,
 )
-from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer
 
 
 def t(*xs):
