@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from ..config import RunSettings, missing_trackers, tracker_install_hint
 from ..errors import ConfigError
-from ..runs import append_jsonl, translate_storage_errors
+from ..runs import append_jsonl, read_jsonl, translate_storage_errors
 
 STATE_FILE = "tracking.json"
 
@@ -308,7 +308,19 @@ class StageTracking:
                     self.sent["wandb"] = b.logged_steps(self.state["wandb_id"])
                 except Exception as e:  # an unreadable log: keep the steps we handed over
                     self.log(f"tracker wandb: could not read back its run log ({e}); steps may be missing")
+                else:
+                    self._catch_up()
         self._save_state()
+
+    def _catch_up(self) -> None:
+        """Send again the lines of the stage's `metrics.jsonl` that a killed process handed to a
+        tracker but that never reached it (W&B writes its log from a buffer): the steps up to
+        the checkpoint the stage resumes from are not replayed by training. `write` skips every
+        step a tracker already holds, so the others receive nothing twice."""
+        path = self.dir / "metrics.jsonl"
+        if path.is_file():
+            for rec in read_jsonl(path):
+                self.write(self.stage, rec)
 
     def prefix_for(self, metrics_path: Path) -> str | None:
         """`<stage>` or `<stage>/<subfolder>` for a metrics file inside this stage's folder."""
