@@ -88,6 +88,32 @@ def _warc_starts(path: str, target: int) -> list[tuple[int, int]]:
     return starts
 
 
+def jsonl_document(raw: bytes, path: Path, lineno: int, text_field: str, stats: ReadStats) -> Document | None:
+    """One line of a JSONL file as a document (id `path:line`), or None, counted in `stats`:
+    blank lines are skipped, bad JSON and empty text dropped with their reason."""
+    line, bad = decode_utf8(raw)
+    stats.replaced_bytes += bad
+    if not line.strip():
+        return None
+    where = f"{path}:{lineno}"
+    stats.records_read += 1
+    rec, err = loads_json(line)
+    if err is not None:
+        stats.drop("bad_json", where, err)
+        return None
+    text = record_text(rec, text_field, where, stats)
+    if text is None:
+        return None
+    if not text.strip():
+        stats.drop("empty", where, "empty or whitespace-only text")
+        return None
+    meta = {k: v for k, v in rec.items() if k != text_field}
+    meta["location"] = where
+    meta.setdefault("id", where)
+    stats.records_kept += 1
+    return Document(text, str(path), meta)
+
+
 def iter_jsonl_range(
     path: Path, text_field: str, stats: ReadStats, start: int, end: int, first_line: int
 ) -> Iterator[Document]:
@@ -103,24 +129,6 @@ def iter_jsonl_range(
                 break
             pos += len(raw)
             lineno += 1
-            line, bad = decode_utf8(raw)
-            stats.replaced_bytes += bad
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            stats.records_read += 1
-            rec, err = loads_json(line)
-            if err is not None:
-                stats.drop("bad_json", where, err)
-                continue
-            text = record_text(rec, text_field, where, stats)
-            if text is None:
-                continue
-            if not text.strip():
-                stats.drop("empty", where, "empty or whitespace-only text")
-                continue
-            meta = {k: v for k, v in rec.items() if k != text_field}
-            meta["location"] = where
-            meta.setdefault("id", where)
-            stats.records_kept += 1
-            yield Document(text, str(path), meta)
+            doc = jsonl_document(raw, path, lineno, text_field, stats)
+            if doc is not None:
+                yield doc

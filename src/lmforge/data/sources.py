@@ -28,8 +28,8 @@ from pathlib import Path
 
 from lmforge.data import readers
 from lmforge.data.builtin import harvest_builtin_corpus
-from lmforge.data.ranges import iter_jsonl_range, plan_ranges, range_kind
-from lmforge.data.readers import Document, ReadStats, decode_utf8, loads_json, record_text
+from lmforge.data.ranges import iter_jsonl_range, jsonl_document, plan_ranges, range_kind
+from lmforge.data.readers import Document, ReadStats, decode_utf8
 from lmforge.errors import DataError
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml", ".html.gz", ".htm.gz")
@@ -411,26 +411,8 @@ def _iter_compressed(path: Path, text_field: str, stats: ReadStats) -> Iterator[
                 return
             for raw in f:
                 lineno += 1
-                line, bad = decode_utf8(raw)
-                stats.replaced_bytes += bad
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                stats.records_read += 1
-                rec, err = loads_json(line)
-                if err is not None:
-                    stats.drop("bad_json", where, err)
-                    continue
-                text = record_text(rec, text_field, where, stats)
-                if text is None:
-                    continue
-                if not text.strip():
-                    stats.drop("empty", where, "empty or whitespace-only text")
-                    continue
-                meta = {k: v for k, v in rec.items() if k != text_field}
-                meta["location"] = where
-                meta.setdefault("id", where)
-                stats.records_kept += 1
-                yield Document(text, str(path), meta)
+                doc = jsonl_document(raw, path, lineno, text_field, stats)
+                if doc is not None:
+                    yield doc
     except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
         stats.drop("truncated_compressed", f"{path}:{lineno + 1}", f"{type(e).__name__}: {e}"[:MAX_MESSAGE])

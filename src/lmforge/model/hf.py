@@ -131,7 +131,9 @@ def read_hf_config(folder: str | Path) -> dict:
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
     if not max_bytes:
         return [state]
-    shards, cur, size = [], {}, 0
+    shards: list[dict[str, torch.Tensor]] = []
+    cur: dict[str, torch.Tensor] = {}
+    size = 0
     for k, v in state.items():
         n = v.numel() * v.element_size()
         if cur and size + n > max_bytes:

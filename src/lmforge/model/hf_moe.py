@@ -37,6 +37,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .families.common import base_hf
 
 LMFORGE_MOE = "lmforge_moe"
 _LEGACY = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
@@ -64,21 +65,11 @@ def mixtral_blockers(cfg: ModelConfig) -> list[str]:
 
 
 def _common(cfg: ModelConfig) -> dict:
+    """The dense families' config.json keys with Mixtral's expert width and routing settings."""
     return {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
+        **base_hf(cfg),
         "intermediate_size": cfg.expert_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
-        "initializer_range": cfg.init_std,
         "num_local_experts": cfg.n_experts,
         "num_experts_per_tok": cfg.experts_top_k,
         "router_aux_loss_coef": cfg.aux_loss_coef,

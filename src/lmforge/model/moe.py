@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ModelConfig
 from .layers import MLP
 
 
@@ -50,7 +51,7 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_top_k
         self.gate_type, self.capacity_factor = cfg.moe_gate, cfg.capacity_factor

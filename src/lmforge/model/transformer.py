@@ -30,6 +30,7 @@ optional `KVCache` which it fills and reads during generation.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,10 @@ __all__ = [
 
 class Rotary(nn.Module):
     """cos/sin tables for RoPE, computed once in fp32 and grown on demand."""
+
+    inv_freq: torch.Tensor  # buffers (register_buffer), typed for the checker
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, theta: float, max_seq_len: int, factor: float = 1.0):
         super().__init__()
@@ -340,8 +345,9 @@ class Transformer(nn.Module):
         if not self.cfg.n_experts:
             return None
         layers = [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]
-        aux = sum(m.aux_loss for m in layers) / len(layers)
-        z = sum(m.z_loss for m in layers) / len(layers)
+        # sums of tensors (layers is not empty when n_experts is set), not the int start value
+        aux = cast(torch.Tensor, sum(m.aux_loss for m in layers)) / len(layers)
+        z = cast(torch.Tensor, sum(m.z_loss for m in layers)) / len(layers)
         return self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z
 
     def moe_stats(self) -> dict[str, float]:

@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -94,14 +95,16 @@ def resolve_base_dtype(name: str, device: torch.device) -> str:
 
 
 def _base_weight(base: nn.Module) -> torch.Tensor:
-    return base.dequantize() if hasattr(base, "dequantize") else base.weight
+    dequantize = getattr(base, "dequantize", None)  # a 4-bit NF4Linear
+    return cast(torch.Tensor, dequantize() if dequantize is not None else base.weight)
 
 
 class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, s: LoraSettings):
         super().__init__()
-        self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_layer: Any = base  # nn.Linear or a 4-bit NF4Linear
+        self.in_features = cast(int, base.in_features)
+        self.out_features = cast(int, base.out_features)
         self.r, self.scaling, self.use_dora = s.r, s.scale, s.use_dora
         dev = next(iter([*base.parameters(), *base.buffers()])).device
         self.lora_A = nn.Linear(self.in_features, s.r, bias=False, device=dev, dtype=torch.float32)
@@ -171,6 +174,7 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         cur = w.float()
         if self.use_dora:
+            assert self._dora_norm is not None  # set by merge()
             cur = cur * (self._dora_norm / self.lora_magnitude_vector)[:, None]
         w.copy_((cur - self.delta_weight()).to(w.dtype))
         self.merged = False
@@ -237,7 +241,7 @@ def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
             setattr(model.get_submodule(parent_name), child, wrapped)
             names.append(name)
     warn_untouched(model, adapted, total)
-    model.lora_settings = s  # type: ignore[attr-defined]
+    model.lora_settings = s  # type: ignore[assignment]  # torch types Module.__setattr__ as Tensor | Module
     return names
 
 
@@ -306,7 +310,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
     """`adapter_config.json` + `adapter_model.safetensors`, loadable by `peft.PeftModel`."""
-    s: LoraSettings = getattr(model, "lora_settings", None)
+    s: LoraSettings | None = getattr(model, "lora_settings", None)
     if s is None:
         raise ConfigError("this model has no LoRA adapter to save (apply_lora first)")
     if any(m.merged for _, m in lora_modules(model)):
@@ -315,7 +319,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
     out.mkdir(parents=True, exist_ok=True)
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)})
     params = next((m.params for _, m in expert_lora_modules(model)), [])
-    cfg = {
+    cfg: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,

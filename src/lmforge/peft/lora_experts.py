@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -61,7 +62,7 @@ def stacked_shape(base: nn.Module, name: str) -> tuple[int, int, int]:
 class LoraExperts(nn.Module):
     def __init__(self, base: nn.Module, params: list[str], r: int, scaling: float):
         super().__init__()
-        self.base_layer = base
+        self.base_layer: Any = base  # Experts or a 4-bit NF4Experts (both have gate_up / down)
         self.params, self.r, self.scaling = list(params), r, scaling
         dev = next(iter([*base.parameters(), *base.buffers()])).device
         self.lora_A = nn.ParameterDict()

@@ -131,7 +131,7 @@ class PromptTuned(nn.Module):
                 "num_attention_heads": self.cfg.n_heads,
                 "num_layers": self.cfg.n_layers,
                 "prompt_tuning_init": "TEXT" if text else "RANDOM",
-                "prompt_tuning_init_text": settings.init_text if text else None,
+                "prompt_tuning_init_text": settings.init_text if settings is not None and text else None,
                 "tokenizer_name_or_path": tokenizer if text else None,
                 "inference_mode": True,
             },

@@ -115,6 +115,14 @@ class _DequantMatmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in 4-bit NF4 with double quantisation."""
 
+    # buffers (register_buffer), typed for the checker
+    qweight: torch.Tensor
+    qscale: torch.Tensor
+    qscale_factor: torch.Tensor
+    qscale_mean: torch.Tensor
+    code: torch.Tensor
+    code2: torch.Tensor
+
     def __init__(
         self,
         weight: torch.Tensor,

@@ -83,18 +83,18 @@ class FastDecoder:
                 m.up_proj.weight = nn.Parameter(wgu[nf:], requires_grad=False)
                 self.layers.append(
                     (
-                        blk.input_layernorm.weight,
+                        cast(RMSNorm, blk.input_layernorm).weight,  # build() admits RMSNorm only
                         wqkv,
                         bqkv,
                         a.o_proj.weight,
-                        blk.post_attention_layernorm.weight,
+                        cast(RMSNorm, blk.post_attention_layernorm).weight,
                         wgu,
                         nf,
                         m.down_proj.weight,
                     )
                 )
         self.embed = model.model.embed_tokens.weight
-        self.norm = model.model.norm.weight
+        self.norm = cast(RMSNorm, model.model.norm).weight
         self.head = model.lm_head.weight
         self.rotary = model.model.rotary
 

@@ -60,9 +60,9 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[Row]:
             bins[best].append(i)
             free[best] -= n
     rows = []
-    for b in bins:
+    for members in bins:
         r = Row([], [], [], [])
-        for s, i in enumerate(sorted(b)):
+        for s, i in enumerate(sorted(members)):
             er = example_row(examples[i], s)
             r.ids += er.ids
             r.labels += er.labels

@@ -195,9 +195,9 @@ def cpt_stage(ctx: StageContext) -> dict:
         eos_id=hf.get("eos_token_id"),
     )
     ctx.log(
-        "new-domain loss {:.4f} -> {:.4f}; original-corpus loss {} -> {}".format(
+        "new-domain loss {:.4f} -> {}; original-corpus loss {} -> {}".format(
             before["loss"],
-            metrics.get("domain_loss_after_anneal") or after["loss"],
+            _f(metrics.get("domain_loss_after_anneal") or after["loss"]),
             _f(before.get("orig_loss")),
             _f(metrics.get("orig_loss_after_anneal") or after["orig_loss"]),
         )

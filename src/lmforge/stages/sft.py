@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field, field_validator
@@ -32,6 +32,7 @@ from ..errors import ConfigError, DataError
 from ..model.config import ModelConfig
 from ..model.generate import SamplingParams, generate
 from ..model.hf import from_hf_config, load_pretrained, read_hf_config, save_pretrained
+from ..model.transformer import Transformer
 from ..peft.lora import (
     LoraSettings,
     apply_lora,
@@ -330,7 +331,7 @@ def _before(ctx: StageContext, cfg: SFTConfig, model, fmt: ChatFormat, val, pad:
     before_file = ctx.dir / "before.json"
     if before_file.exists():
         return json.loads(before_file.read_text())
-    before = {"val_loss": assistant_loss(model, val, pad, ctx.device) if val else None}
+    before: dict[str, Any] = {"val_loss": assistant_loss(model, val, pad, ctx.device) if val else None}
     if cfg.num_samples and val:
         convs = [_question_of(r) for _, r in sample_recs]
         before["answers"] = answer(model, fmt, convs, cfg.sample_max_new_tokens, cfg.method != "prompt")
@@ -374,7 +375,7 @@ def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> 
         save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
     elif cfg.method in ("lora", "qlora"):
         save_adapter(model, ctx.dir / "adapter", base_model=str(model_dir.resolve()))
-        merged = merge_lora(model)
+        merged = cast(Transformer, merge_lora(model))  # the base model with the adapters folded in
         if cfg.method == "qlora":
             merged = dequantize_model(merged, torch.float32)
         save_pretrained(merged, ctx.dir / "model", tokenizer_dir=model_dir, **ids)

@@ -72,6 +72,7 @@ class BadStepGuard:
         rollback cannot replay them either.
         """
         cfg = self.cfg
+        assert out.bad is not None and out.loss is not None  # only steps that applied no update come here
         self._bad.append(out.bad)
         n = len(self._bad)
         what = (

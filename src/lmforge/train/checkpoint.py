@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -66,7 +67,7 @@ def save_checkpoint(
         if optimizer is not None:
             current = tmp / "optimizer.pt"
             _torch_save(optimizer.state_dict(), current)
-        rng = {"cpu": torch.get_rng_state()}
+        rng: dict[str, torch.Tensor | list[torch.Tensor]] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         current = tmp / "rng.pt"
@@ -161,7 +162,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = [
         p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "checksums.json").is_file()
     ]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=_step_number)
+
+
+def _step_number(p: Path) -> int:
+    m = STEP_RE.match(p.name)
+    assert m is not None  # called on step_NNNNNNNN folders only
+    return int(m.group(1))
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -354,7 +361,9 @@ def load_sharded_checkpoint(
     path = Path(path)
     verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    state: dict[str, Any] = (
+        {"model": model_sd, "optim": optim_sd} if optimizer is not None else {"model": model_sd}
+    )
     dcp.load(state, storage_reader=_safe_dcp_reader(path / "dcp"))
     set_state_dict(
         model,

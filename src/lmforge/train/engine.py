@@ -112,9 +112,11 @@ class Trainer(BadStepGuard):
         )
         if self.strategy == "fsdp":
             self.amp = None  # FSDP2's mixed-precision policy casts; autocast would be redundant
-        self.optimizer = build_optimizer(model, cfg)
+        # torch.optim.Optimizer, or Muon + AdamW behind one interface (CombinedOptimizer)
+        self.optimizer: Any = build_optimizer(model, cfg)
         self.wrapped = wrapped
-        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+        # what objectives call: the wrapped module, compiled when asked (a callable, not a Module)
+        self.forward_model: Any = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
         self.tokens = 0  # processed tokens
         self.units = 0  # loss units (= tokens for pretraining)
@@ -282,6 +284,8 @@ class Trainer(BadStepGuard):
         self.model.train()
         return res
 
+    _window: tuple[float, int, int]  # (time, tokens, units) at the start of the logging interval
+
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
@@ -357,7 +361,7 @@ class Trainer(BadStepGuard):
             torch.cuda.reset_peak_memory_stats(self.device)
         progress = _progress_bar(cfg.max_steps, self.step) if self.dist.is_main else None
         it = iter(self.data)
-        self._bad: list[str] = []  # reasons of the current run of consecutive bad steps
+        self._bad = []  # reasons of the current run of consecutive bad steps
         stopped_early = False
         try:
             while self.step < cfg.max_steps:

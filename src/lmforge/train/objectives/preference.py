@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ def reward_metrics(out: PrefLoss) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- log-probs
 def completion_logps(
-    model: torch.nn.Module,
+    model: Any,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
@@ -168,7 +169,7 @@ def completion_logps(
     return total, count
 
 
-def batch_logps(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob, labelled tokens) per sequence of a collated pair batch (`align.pair_batches.collate_pairs`,
     packed or not), with no host sync: the labelled positions, their targets and sequences come
     from the collator (`target_index`, `targets`, `target_seq`, `seq_counts`); packed rows are
