@@ -156,3 +156,35 @@ def test_pretrain_stage_with_muon_resumes_exactly(clone_run):
     b = load_file(str(pre / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_stage_optimizer_choice_is_built_by_the_engine(monkeypatch, tmp_path):
+    """QLoRA's 8-bit / paged choices go to the engine (reward and align used to ignore them);
+    without bitsandbytes it is AdamW, and the log says so."""
+    import sys
+
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.engine import Trainer
+    from lmforge.train.objectives.pretrain import pretrain_objective
+    from tests.conftest import TokenRows
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails as if absent
+    notes: list[str] = []
+    opt = build_optimizer(_model(), _cfg(optimizer="adamw"), "paged_adamw8bit", notes.append)
+    assert (
+        type(opt) is torch.optim.AdamW
+        and "paged_adamw8bit unavailable" in notes[0]
+        and notes[0].endswith("using AdamW")
+    )
+    logged: list[str] = []
+    cfg = TrainConfig(
+        max_steps=1, batch_size=2, warmup_steps=0, eval_every=0, checkpoint_every=0, log_every=1
+    )
+    t = Trainer(
+        _model(vocab_size=64), pretrain_objective(), TokenRows(), cfg, tmp_path,
+        device=torch.device("cpu"), log=logged.append, optimizer="adamw8bit",
+    )  # fmt: skip
+    assert type(t.optimizer) is torch.optim.AdamW
+    assert any("adamw8bit unavailable" in line for line in logged)
+    with pytest.raises(Exception, match="not known"):
+        build_optimizer(_model(), _cfg(), "lion")

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
-from ..peft.qlora import build_optimizer, dequantize_model, load_quantized, nf4_bytes
+from ..peft.qlora import dequantize_model, load_quantized, nf4_bytes
 from ..runs import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
 from ..train.device import autocast_dtype
 from ..train.engine import Trainer
@@ -148,14 +148,10 @@ def run_rl(ctx, cfg, *, model_dir: Path, reward_fns: dict[str, Callable] | None 
     trainer = Trainer(
         policy, objective, loader, cfg, ctx.dir, device=ctx.device, dtype=ctx.dtype,
         evaluate=evaluate if val else None, log=ctx.log,
+        optimizer=cfg.qlora.optimizer if cfg.peft == "qlora" else None,
     )  # fmt: skip
     # the rollout records go to the engine's metrics file, stamped with the step they feed
     loader.on_record = lambda rec: trainer._record({"step": trainer.step + 1, **rec})
-    if cfg.peft == "qlora" and cfg.qlora.optimizer != "adamw":
-        trainer.optimizer, opt_note = build_optimizer(
-            policy.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
-        )
-        ctx.log(f"optimizer: {opt_note}")
     result = trainer.fit(resume=True)
     after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
     if val and (not after or (s.num_samples and not evaluator.last_answers)):

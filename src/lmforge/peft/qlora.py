@@ -339,21 +339,6 @@ def load_quantized(folder: str | Path, s: QLoraSettings, device="cpu") -> Transf
     return model.eval()
 
 
-def build_optimizer(params, s: QLoraSettings, lr: float, weight_decay: float, betas):
-    """AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW when asked for (falls back with a note)."""
-    params = [p for p in params if p.requires_grad]
-    if s.optimizer != "adamw":
-        try:
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if s.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
-            return cls(params, lr=lr, weight_decay=weight_decay, betas=betas), s.optimizer
-        except (ImportError, RuntimeError, AttributeError) as e:
-            note = f"{s.optimizer} unavailable ({type(e).__name__}); using AdamW"
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas), note
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas), "adamw"
-
-
 def dequantize_model(model: Transformer, dtype: torch.dtype = torch.float32) -> Transformer:
     """Replace NF4 layers by dense ones (after `merge_lora`, or to export a quantised model)."""
     for name, m in list(model.named_modules()):
@@ -394,5 +379,4 @@ __all__ = [
     "quantize_model",
     "load_quantized",
     "dequantize_model",
-    "build_optimizer",
 ]

@@ -197,6 +197,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
         dtype=ctx.dtype,
         evaluate=evaluate if val else None,
         log=ctx.log,
+        optimizer=cfg.qlora.optimizer if cfg.peft == "qlora" else None,
     ).fit(resume=True)
     after = {k[len("eval_") :]: v for k, v in result.final.items() if k.startswith("eval_")}
     if val and "accuracy" not in after:

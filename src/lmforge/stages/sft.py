@@ -44,7 +44,6 @@ from ..peft.lora import (
 from ..peft.prompt import PromptSettings, PromptTuned, init_ids_for
 from ..peft.qlora import (
     QLoraSettings,
-    build_optimizer,
     check_quantizable,
     dequantize_model,
     load_quantized,
@@ -271,13 +270,9 @@ def sft_stage(ctx: StageContext) -> dict:
         dtype=ctx.dtype,
         evaluate=evaluate,
         log=ctx.log,
+        optimizer=cfg.qlora.optimizer if cfg.method == "qlora" else None,
     )
-    opt_note = None
-    if cfg.method == "qlora" and cfg.qlora.optimizer != "adamw":
-        trainer.optimizer, opt_note = build_optimizer(
-            model.parameters(), cfg.qlora, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
-        )
-        ctx.log(f"optimizer: {opt_note}")
+    opt_note = type(trainer.optimizer).__name__ if cfg.method == "qlora" else None
     result = trainer.fit(resume=True)
     after_loss = result.final.get("eval_loss")
 

@@ -84,10 +84,13 @@ class Trainer(BadStepGuard):
         peak_flops: float | None = None,
         log: Callable[[str], None] = print,
         dist_info: DistInfo | None = None,
+        optimizer: str | None = None,
     ):
         """`model` is the plain module; with `cfg.parallel` under torchrun it is wrapped here
         (DDP, or sharded in place by FSDP2) before the optimizer is built. `data` must already
-        yield this rank's share of each global batch (see `TokenLoader(rank=, world=)`)."""
+        yield this rank's share of each global batch (see `TokenLoader(rank=, world=)`).
+        `optimizer` overrides `cfg.optimizer` (a stage's QLoRA choice: adamw8bit, paged_adamw8bit);
+        the engine builds and owns it either way."""
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.dist = dist_info or DistInfo()
         self.strategy = resolve_strategy(cfg.parallel, self.dist.world)
@@ -113,7 +116,7 @@ class Trainer(BadStepGuard):
         if self.strategy == "fsdp":
             self.amp = None  # FSDP2's mixed-precision policy casts; autocast would be redundant
         # torch.optim.Optimizer, or Muon + AdamW behind one interface (CombinedOptimizer)
-        self.optimizer: Any = build_optimizer(model, cfg)
+        self.optimizer: Any = build_optimizer(model, cfg, optimizer, self.log)
         self.wrapped = wrapped
         # what objectives call: the wrapped module, compiled when asked (a callable, not a Module)
         self.forward_model: Any = torch.compile(wrapped) if cfg.compile else wrapped

@@ -33,6 +33,7 @@ the trainer and checkpoints use (`param_groups`, `step`, `zero_grad`, `state_dic
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -207,14 +208,35 @@ def build_muon(
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer | CombinedOptimizer:
-    """The optimizer `cfg` asks for (`cfg.optimizer`: adamw | muon; adamw when the field is absent).
-    Reads `lr`, `weight_decay`, `beta1`, `beta2` and, for Muon, `muon_lr` and `muon_momentum`.
-    Every param group carries `lr_scale`: the schedule should set `g["lr"] = lr * g["lr_scale"]`."""
-    kind = getattr(cfg, "optimizer", "adamw")
+EIGHT_BIT = ("adamw8bit", "paged_adamw8bit")  # bitsandbytes' AdamW with 8-bit (and paged) state
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg, kind: str | None = None, log: Callable[[str], None] | None = None
+) -> torch.optim.Optimizer | CombinedOptimizer:
+    """The optimizer `kind` names, default `cfg.optimizer` (adamw when the field is absent): adamw,
+    muon, or bitsandbytes' adamw8bit / paged_adamw8bit (QLoRA's memory savers; AdamW, with a
+    logged note, where bitsandbytes is missing). Reads `lr`, `weight_decay`, `beta1`, `beta2` and,
+    for Muon, `muon_lr` and `muon_momentum`. Every param group carries `lr_scale`: the schedule
+    should set `g["lr"] = lr * g["lr_scale"]`."""
+    kind = kind or getattr(cfg, "optimizer", "adamw")
     first = next(model.parameters(), None)
     device_type = first.device.type if first is not None else "cpu"
     betas = (cfg.beta1, cfg.beta2)
+    if kind in EIGHT_BIT:
+        try:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw8bit" else bnb.optim.AdamW8bit
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
+            for g in opt.param_groups:
+                g["lr_scale"] = 1.0
+            return opt
+        except (ImportError, RuntimeError, AttributeError) as e:
+            if log is not None:
+                log(f"optimizer: {kind} unavailable ({type(e).__name__}); using AdamW")
+            kind = "adamw"
     if kind == "adamw":
         opt = build_adamw(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, device_type=device_type
@@ -232,4 +254,4 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer | Comb
             momentum=getattr(cfg, "muon_momentum", 0.95),
             device_type=device_type,
         )
-    raise ConfigError(f"optimizer {kind!r} is not known (adamw, muon)")
+    raise ConfigError(f"optimizer {kind!r} is not known (adamw, muon, {', '.join(EIGHT_BIT)})")
