@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The fuzz tests, long: every `tests/test_fuzz_*.py` target with its example budget multiplied.
+"""The fuzz tests, long: every `tests/**/test_fuzz_*.py` target with its example budget multiplied.
 
     python benchmarks/fuzz_long.py --scale 50            # ~50x the normal suite's examples
     python benchmarks/fuzz_long.py --scale 20 -k readers # one file
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", default=None, help="pytest -k expression (select targets)")
     ap.add_argument("--out", default=None, help="write the per-target counts as JSON here")
     args = ap.parse_args(argv)
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_fuzz_*.py"))
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_fuzz_*.py"))
     cmd = [
         sys.executable,
         "-m",
