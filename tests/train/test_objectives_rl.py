@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from lmforge.align.kl import AdaptiveKLController, FixedKLController
-from lmforge.align.rewards import FormatReward, build_rewards, exact_match, extract_number, parse_spec
+from lmforge.align.reward_functions import (
+    FormatReward,
+    build_rewards,
+    exact_match,
+    extract_number,
+    parse_spec,
+)
 from lmforge.align.tasks import (
     arithmetic_problems,
     arithmetic_split,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..peft.lora import LoraSettings
 from ..peft.qlora import QLoraSettings
 from ..train.config import TrainConfig
-from .rewards import DEFAULT_FORMAT_PATTERN
+from .reward_functions import DEFAULT_FORMAT_PATTERN
 
 # Loss-spike skipping is off for alignment: a pairwise loss several times its running median is
 # a batch of hard pairs (IPO's squared loss varies by 5x between batches of 8), not a numerical

@@ -25,7 +25,7 @@ from ..train.objectives.rl import policy_forward
 from .backends import GenerationBackend
 from .buffer import adapters_off, build_sequences, micro_batch
 from .config import RolloutSettings
-from .rewards import RewardSet
+from .reward_functions import RewardSet
 from .signals import distinct_n
 
 

@@ -7,7 +7,7 @@ each step `grad_accum` micro-batches of `batch_size` sequences. The engine's `ma
 counts optimizer steps; a rollout holds `batch_size * grad_accum * num_minibatches` sequences
 (for GRPO: that / `group_size` prompts, `group_size` samples each). The losses and their
 normalisations are in `train/objectives/rl.py`, the KL estimators, controller and guard in
-`align/kl.py`, reward functions in `align/rewards.py`, prompt sources (built-in arithmetic,
+`align/kl.py`, reward functions in `align/reward_functions.py`, prompt sources (built-in arithmetic,
 GSM8K, JSONL) in `align/tasks.py`, the settings in `align/config.py`.
 
 Models: the policy starts from `model_dir`, which the stage chooses (its `model`, or the run's
@@ -54,7 +54,7 @@ from .backends import make_backend
 from .config import GRPOSettings, PPOSettings
 from .heldout import HeldOutEval
 from .kl import FixedKLController, KLGuard, make_kl_controller
-from .rewards import RewardModelScorer, RewardSet, build_rewards
+from .reward_functions import RewardModelScorer, RewardSet, build_rewards
 from .rollout import EncodedPrompt, RolloutLoader
 from .signals import hacking_warning
 from .tasks import load_prompt_sets

@@ -44,7 +44,7 @@ from ..train.objectives.rl import (
 from .backends import GenerationBackend, mix_seed
 from .buffer import adapters_off, build_sequences, from_state, micro_batch, to_state
 from .kl import KLGuard
-from .rewards import RewardSet
+from .reward_functions import RewardSet
 from .signals import distinct_n, hacking_warning
 from .tasks import PromptItem
 
