@@ -617,3 +617,14 @@ def test_batch_requests_decode_once_and_match_streamed_ones(engine):
     )
     chunks = list(req)
     assert all(c.text == "" for c in chunks[:-1]) and chunks[-1].text == req.text != ""
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocation(model_dir):
+    """max_batch full contexts of keys and values: a size no machine holds is a config error
+    naming the setting, raised at once instead of an allocation failure deep in torch."""
+    from lmforge.errors import ConfigError
+    from lmforge.model.hf import load_pretrained
+    from lmforge.tokenizer import LMTokenizer
+
+    with pytest.raises(ConfigError, match=r"serve engine: needs about .*KV cache.*--max-batch"):
+        Engine(load_pretrained(model_dir), LMTokenizer.load(model_dir), max_batch=10**12)

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
+from ..model.resources import MemoryEstimate, check_fits, kv_cache_bytes
 from .fastpath import FastDecoder, self_check
 from .kvcache import SlotCache
 from .prefill import prefill
@@ -115,6 +116,11 @@ class Engine:
                 | set(getattr(chat_format, "stop_ids", []) or [])
             )
         self.default_stop_ids = set(stop_token_ids)
+        # the slot cache holds max_batch full contexts: refuse one that cannot fit before allocating it
+        kv = kv_cache_bytes(model.cfg, max_batch * self.context, p.element_size())
+        check_fits(
+            MemoryEstimate().add("KV cache", kv, "--max-batch x the context"), self.device, "serve engine"
+        )
         self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
         self.fast = None
         if fast_path:  # fused weights and a lean forward (fastpath.py); it changes `model` in place
