@@ -9,6 +9,8 @@ sliding window: `sliding_window` plus, where the family has them, per-layer `lay
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from ...errors import CheckpointError
@@ -23,6 +25,20 @@ HF_ACTIVATIONS = {
     "gelu": "gelu",
 }
 TO_HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+@contextlib.contextmanager
+def config_errors(hf: dict, source: str) -> Iterator[None]:
+    """Reading a family's config.json: a missing key or a value ModelConfig refuses becomes a
+    CheckpointError naming the file (and the key)."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(
+            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
+        ) from None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def activation(name: str | None, source: str, key: str) -> str:

@@ -16,7 +16,15 @@ from __future__ import annotations
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .base import Family
-from .common import TO_HF_ACTIVATION, activation, base_fields, base_hf, window_fields, window_hf
+from .common import (
+    TO_HF_ACTIVATION,
+    activation,
+    base_fields,
+    base_hf,
+    config_errors,
+    window_fields,
+    window_hf,
+)
 
 
 def _act(hf: dict, source: str) -> str:
@@ -65,7 +73,7 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             attn_softcap=hf.get("attn_logit_softcapping"),
             logit_softcap=hf.get("final_logit_softcapping"),
         )
-    try:
+    with config_errors(hf, source):
         return ModelConfig(
             **dict(base_fields(hf, source), tie_embeddings=bool(hf.get("tie_word_embeddings", True)), **rope),
             d_ff=int(hf["intermediate_size"]),
@@ -76,12 +84,6 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             qk_norm=mt == "gemma3_text",
             **extra,
         )
-    except KeyError as e:
-        raise CheckpointError(
-            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _number(x: float) -> int | float:

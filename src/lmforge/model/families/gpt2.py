@@ -18,7 +18,7 @@ import torch
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .base import Family, Items
-from .common import TO_HF_ACTIVATION, activation
+from .common import TO_HF_ACTIVATION, activation, config_errors
 from .lora_layout import PREFIX, check_patterns, fuse, patterns, split
 
 _LAYER = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(.+)$")
@@ -34,7 +34,7 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             raise CheckpointError(f"{source}: gpt2 with {key}={bad} is not supported")
     if hf.get("add_cross_attention"):
         raise CheckpointError(f"{source}: gpt2 with cross-attention is not a causal LM lmforge can train")
-    try:
+    with config_errors(hf, source):
         d = int(hf["n_embd"])
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -53,12 +53,6 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             positions="learned",
             hf_type="gpt2",
         )
-    except KeyError as e:
-        raise CheckpointError(
-            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def to_hf(cfg: ModelConfig) -> dict:

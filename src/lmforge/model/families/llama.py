@@ -9,7 +9,7 @@ from __future__ import annotations
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .base import Family
-from .common import base_fields, base_hf, window_fields, window_hf
+from .common import base_fields, base_hf, config_errors, window_fields, window_hf
 
 
 def from_hf(hf: dict, source: str) -> ModelConfig:
@@ -19,19 +19,13 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise CheckpointError(f"{source}: llama with attention_bias/mlp_bias is not supported")
     enabled = mt == "mistral" or (mt == "qwen2" and bool(hf.get("use_sliding_window")))
-    try:
+    with config_errors(hf, source):
         return ModelConfig(
             **base_fields(hf, source),
             **window_fields(hf, source, enabled=enabled),
             d_ff=int(hf["intermediate_size"]),
             qkv_bias=mt == "qwen2",
         )
-    except KeyError as e:
-        raise CheckpointError(
-            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def to_hf(cfg: ModelConfig) -> dict:

@@ -16,7 +16,7 @@ import torch
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .base import Family, Items
-from .common import activation, base_fields, base_hf, window_fields, window_hf
+from .common import activation, base_fields, base_hf, config_errors, window_fields, window_hf
 from .lora_layout import check_patterns, fuse, patterns, split
 
 _QKV = re.compile(r"^(model\.layers\.\d+\.self_attn)\.qkv_proj\.weight$")
@@ -24,7 +24,7 @@ _GATE_UP = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate_up_proj\.weight$")
 
 
 def from_hf(hf: dict, source: str) -> ModelConfig:
-    try:
+    with config_errors(hf, source):
         return ModelConfig(
             **base_fields(hf, source),
             **window_fields(hf, source),
@@ -32,12 +32,6 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             activation=activation(hf.get("hidden_act", "silu"), source, "hidden_act"),
             hf_type="phi3",
         )
-    except KeyError as e:
-        raise CheckpointError(
-            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def to_hf(cfg: ModelConfig) -> dict:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from ...errors import CheckpointError
 from ..config import ModelConfig
 from .base import Family
-from .common import activation, base_fields, base_hf, window_fields, window_hf
+from .common import activation, base_fields, base_hf, config_errors, window_fields, window_hf
 
 
 def from_hf(hf: dict, source: str) -> ModelConfig:
     if hf.get("attention_bias"):
         raise CheckpointError(f"{source}: qwen3 with attention_bias=true is not supported")
-    try:
+    with config_errors(hf, source):
         return ModelConfig(
             **base_fields(hf, source),
             **window_fields(hf, source, enabled=bool(hf.get("use_sliding_window"))),
@@ -25,12 +25,6 @@ def from_hf(hf: dict, source: str) -> ModelConfig:
             qk_norm=True,
             hf_type="qwen3",
         )
-    except KeyError as e:
-        raise CheckpointError(
-            f"{source}: missing key {e.args[0]!r} ({hf.get('model_type')} config)"
-        ) from None
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
 
 
 def to_hf(cfg: ModelConfig) -> dict:
