@@ -157,7 +157,14 @@ def time_run(run: str, args, shape: str, model_dir: Path, device: torch.device, 
     exs, pairs = make_data(cfg.vocab_size, args.examples, args.seed)
     model, objective = build(run, model_dir, cfg, device, args.seed)
     data = loader(run, exs, pairs, args.batch, args.seq, args.seed)
-    tcfg = TrainConfig(max_steps=10**6, batch_size=args.batch, lr=1e-4, warmup_steps=0, compile=args.compile)
+    tcfg = TrainConfig(
+        max_steps=10**6,
+        batch_size=args.batch,
+        lr=1e-4,
+        warmup_steps=0,
+        compile=args.compile,
+        activation_checkpointing=args.checkpointing,
+    )
     trainer = Trainer(
         model, objective, data, tcfg, out_dir / run, device=device, dtype="auto", log=lambda m: None
     )
@@ -210,6 +217,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer steps (the GPU command)")
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--compile", action="store_true", help="TrainConfig.compile for every run")
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="TrainConfig.activation_checkpointing for every run (memory: recompute blocks in backward)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -290,6 +302,7 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "steps": args.steps,
         "compile": args.compile,
+        "activation_checkpointing": args.checkpointing,
         "rows": rows,
     }
     if args.out:

@@ -109,3 +109,25 @@ def test_saved_folder_loads_in_transformers_with_same_logits(tmp_path):
             assert torch.allclose(m(x), ref, atol=1e-5)
             back = load_pretrained(tmp_path / f"m{bias}")
             assert torch.allclose(back(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # 1 byte: every step runs the chunked head
+def test_forward_with_targets_is_the_summed_cross_entropy(monkeypatch, budget):
+    """`model(x, targets=y)` equals cross-entropy over the full logits (ignored positions
+    included), and so do its gradients, whether the head runs whole or in chunks."""
+    import lmforge.model.output as output
+
+    if budget is not None:
+        monkeypatch.setattr(output, "LOGITS_BUDGET", budget)
+        monkeypatch.setattr(output, "DEFAULT_CHUNK", 5)  # 2 x 16 rows -> 7 chunks, the last short
+    m = tiny(tie_embeddings=False).train()
+    x = torch.randint(0, 97, (2, 16))
+    y = torch.randint(0, 97, (2, 16))
+    y[0, :3] = -100
+    ref = torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, list(m.parameters()))
+    got = m(x, targets=y)
+    grads = torch.autograd.grad(got, list(m.parameters()))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -21,6 +21,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 4096
+# fp32 logits up to this size are computed whole (one head matmul, no recomputation); above it the
+# head runs in DEFAULT_CHUNK-row pieces. 1 GiB: a tiny CPU model never chunks, a 16k-token step
+# with a 32k+ vocabulary does.
+LOGITS_BUDGET = 1 << 30
+
+
+def loss_chunk(n_rows: int, vocab: int, budget: int | None = None) -> int:
+    """Rows per output-projection chunk for `n_rows` hidden states: all of them while their fp32
+    logits fit `budget` bytes (default LOGITS_BUDGET), else DEFAULT_CHUNK."""
+    budget = LOGITS_BUDGET if budget is None else budget
+    return n_rows if n_rows * vocab * 4 <= budget else DEFAULT_CHUNK
 
 
 def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, t: torch.Tensor):
@@ -56,6 +67,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Cross-entropy of head(h) against targets, *summed* over rows (no ignore index: select the
-    rows that carry a target first)."""
+    """Cross-entropy of head(h) against targets, *summed* over rows; a row whose target is -100
+    (`F.cross_entropy`'s ignore index) adds 0, but still costs its share of the projection, so
+    select the rows that carry a target first where most do not."""
     return -token_logprobs(h, head, targets, chunk).sum()

@@ -40,6 +40,7 @@ from .attention import DocumentMask, attend
 from .config import ModelConfig
 from .layers import MLP, LMHead, RMSNorm, ScaledEmbedding, make_norm
 from .moe import MoE
+from .output import linear_cross_entropy, loss_chunk
 
 __all__ = [
     "MLP",
@@ -329,9 +330,21 @@ class Transformer(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
-        """Logits [B, T, vocab] (computed in the activation dtype)."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, attn_mask, cache))
+    def forward(
+        self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None, targets=None
+    ):
+        """Logits [B, T, vocab] (computed in the activation dtype); with `targets` [B, T] the
+        summed next-token cross-entropy instead (fp32, positions with target -100 carry none),
+        through `linear_cross_entropy`: when the fp32 logits would be large the output projection
+        runs in checkpointed chunks, so they never exist whole. Inside `forward` so DDP, FSDP and
+        `torch.compile` see the whole step."""
+        h = self.hidden_states(input_ids, position_ids, attn_mask, cache)
+        if targets is None:
+            return self.lm_head(h)
+        n = h.shape[0] * h.shape[1]
+        return linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head, targets.reshape(-1), loss_chunk(n, self.cfg.vocab_size)
+        )
 
     def loss(self, input_ids, targets, ignore_index: int = -100, **kw) -> torch.Tensor:
         """Mean next-token cross-entropy over targets != ignore_index (fp32 softmax)."""

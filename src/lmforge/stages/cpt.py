@@ -38,6 +38,9 @@ class CPTConfig(TrainConfig):
         description="new-domain text: files/folders/globs (.txt/.jsonl/...); empty = skip stage",
     )
     domain_val_fraction: float = Field(0.05, gt=0, lt=1)
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model; auto = on CUDA (fixed-shape rows: one compilation)"
+    )
     replay: str | None = Field(
         None,
         description="folder with the original corpus' token shards (train/val.bin); "

@@ -8,6 +8,8 @@ final weights land in `pretrain/model/` as a Hugging Face-loadable folder with t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -31,6 +33,9 @@ class PretrainConfig(TrainConfig):
         description="shape; vocab_size and max_seq_len are set from the tokenizer and seq_len",
     )
     seq_len: int = Field(256, ge=8)
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model; auto = on CUDA (fixed-shape rows: one compilation)"
+    )
     eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each eval (0 = all)")
     init_from: str | None = Field(None, description="start from this model folder (continued pretraining)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU logging")

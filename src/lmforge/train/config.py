@@ -61,7 +61,9 @@ class TrainConfig(BaseModel):
         "checkpoint, past the offending batches; 0 = never",
     )
     max_rollbacks: int = Field(3, ge=0, description="rollbacks per run before bad steps stop it")
-    compile: bool = Field(False, description="torch.compile the model (worth it on GPU)")
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile the model (worth it on GPU); auto = on CUDA only"
+    )
     parallel: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="data parallelism under torchrun; auto = ddp when WORLD_SIZE > 1"
     )

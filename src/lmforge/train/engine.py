@@ -119,7 +119,8 @@ class Trainer(BadStepGuard):
         self.optimizer: Any = build_optimizer(model, cfg, optimizer, self.log)
         self.wrapped = wrapped
         # what objectives call: the wrapped module, compiled when asked (a callable, not a Module)
-        self.forward_model: Any = torch.compile(wrapped) if cfg.compile else wrapped
+        compiled = cfg.compile == "auto" and device.type == "cuda" or cfg.compile is True
+        self.forward_model: Any = torch.compile(wrapped) if compiled else wrapped
         self.step = 0
         self.tokens = 0  # processed tokens
         self.units = 0  # loss units (= tokens for pretraining)
