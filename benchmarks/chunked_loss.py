@@ -63,7 +63,7 @@ def one(variant: str, a) -> dict:
         if dev.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )
-    return {"variant": variant, "step_s": min(times), "loss": float(loss) * 1.0, "peak_gib": peak}
+    return {"variant": variant, "step_s": min(times), "loss": float(loss.detach()), "peak_gib": peak}
 
 
 def main(argv=None) -> list[dict]:
