@@ -212,8 +212,9 @@ def policy_forward(
     return logp, ent, val
 
 
-def _f(x: torch.Tensor) -> float:
-    return float(x.detach())
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """A metric as a detached device scalar: the engine reads a step's metrics back once."""
+    return x.detach()
 
 
 class PPOObjective:
