@@ -2,30 +2,16 @@
 variants give the same loss (the 'chunked' one really chunks: its budget is forced down)."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "chunked_loss.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("chunked_loss", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["chunked_loss"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop("chunked_loss", None)
-    return mod
+from tests.benchmarks import load_benchmark
 
 
 def test_variants_agree(monkeypatch):
     import lmforge.model.output as output
 
-    bench = _load()
+    bench = load_benchmark("chunked_loss")
     monkeypatch.setattr(output, "LOGITS_BUDGET", output.LOGITS_BUDGET)  # `one` changes it; restored after
     a = argparse.Namespace(device="cpu", d_model=32, layers=1, vocab=128, batch=2, seq=16, warmup=0, steps=1)
     whole = bench.one("whole", a)

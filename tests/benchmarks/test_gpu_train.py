@@ -1,26 +1,18 @@
 """The GPU training benchmark runs end to end on CPU with its tiny shape (so the script a GPU
 session will run is known to work): both contenders, sane numbers, the JSON it writes."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmarks import load_benchmark
+
 pytest.importorskip("transformers")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_train.py"
 
 
 def test_gpu_benchmark_tiny_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("gpu_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_train"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop("gpu_train", None)
+    mod = load_benchmark("gpu_train")
     threads = torch.get_num_threads()
     try:
         res = mod.main(

@@ -1,26 +1,15 @@
 """The post-training speed benchmark runs its CPU path (one run per call, as its child processes
 do) on a tiny model: processed tokens per step near the budget, loss units under their own name."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "posttrain_speed.py"
+from tests.benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("posttrain_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["posttrain_speed"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.modules.pop("posttrain_speed", None)
-    return mod
+    return load_benchmark("posttrain_speed")
 
 
 @pytest.mark.parametrize("run, unit", [("sft_unpacked", "assistant_tokens"), ("dpo", "pairs")])
