@@ -347,11 +347,11 @@ class Transformer(nn.Module):
         )
 
     def loss(self, input_ids, targets, ignore_index: int = -100, **kw) -> torch.Tensor:
-        """Mean next-token cross-entropy over targets != ignore_index (fp32 softmax)."""
-        logits = self(input_ids, **kw)
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
-        )
+        """Mean next-token cross-entropy over targets != ignore_index (fp32 softmax): the summed
+        loss of `forward(targets=)` (chunked when large) over the count of scored positions."""
+        if ignore_index != -100:
+            targets = targets.masked_fill(targets == ignore_index, -100)
+        return self(input_ids, targets=targets, **kw) / (targets != -100).sum()
 
     def moe_aux_loss(self) -> torch.Tensor | None:
         """Weighted load-balancing + z-loss of the last forward (None for dense models)."""
