@@ -36,6 +36,7 @@ from ..data.builtin import split_by_key
 from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
+from ..peft.base_ref import base_model_ref
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
@@ -115,7 +116,7 @@ def _save_policy(cfg, model: Transformer, out: Path, model_dir: Path) -> None:
     if cfg.peft == "full":
         save_pretrained(model, out / "model", tokenizer_dir=model_dir, **ids)
         return
-    save_adapter(model, out / "adapter", base_model=str(model_dir.resolve()))
+    save_adapter(model, out / "adapter", base_model=base_model_ref(model_dir, out / "adapter", out.parent))
     save_pretrained(merge_adapters(model, cfg.peft), out / "model", tokenizer_dir=model_dir, **ids)
 
 

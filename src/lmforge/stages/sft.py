@@ -33,6 +33,7 @@ from ..model.config import ModelConfig
 from ..model.generate import SamplingParams, generate
 from ..model.hf import from_hf_config, load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
+from ..peft.base_ref import base_model_ref
 from ..peft.lora import (
     LoraSettings,
     apply_lora,
@@ -369,7 +370,9 @@ def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> 
     if cfg.method == "full":
         save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
     elif cfg.method in ("lora", "qlora"):
-        save_adapter(model, ctx.dir / "adapter", base_model=str(model_dir.resolve()))
+        save_adapter(
+            model, ctx.dir / "adapter", base_model=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir)
+        )
         merged = cast(Transformer, merge_lora(model))  # the base model with the adapters folded in
         if cfg.method == "qlora":
             merged = dequantize_model(merged, torch.float32)
@@ -377,9 +380,9 @@ def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> 
     else:
         model.save_adapter(
             ctx.dir / "adapter",
-            base_model=str(model_dir.resolve()),
+            base_model=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir),
             settings=cfg.prompt_tuning,
-            tokenizer=str(model_dir.resolve()),
+            tokenizer=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir),
         )
 
 
