@@ -207,6 +207,14 @@ def is_complete(stage_dir: str | os.PathLike, fp: str | None = None) -> bool:
 POLICY_STAGES = ("pretrain", "cpt", "sft", "align", "rl")
 
 
+def run_relative(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """`path` as an artifact records it: relative to the run directory when it lies inside it
+    (a run directory holds no absolute path, so identical runs in two places write identical
+    files and a run directory can be moved), else absolute. Read it back with `run_dir / path`."""
+    p, root = Path(path).absolute(), Path(run_dir).absolute()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+
 def policy_model_dir(run_dir: str | os.PathLike, among: tuple[str, ...] = POLICY_STAGES) -> Path | None:
     """The model folder of the last completed stage of `among` (policy stages, in pipeline
     order) that holds one, or None."""
