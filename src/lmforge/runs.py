@@ -258,6 +258,7 @@ class StageRecord:
         self.metrics: dict[str, Any] = {}
         self.artifacts: dict[str, dict] = {}  # relative path -> {size, mtime_ns, sha256}
         self.artifacts_recorded_ns: int | None = None
+        self.time_estimate: dict | None = None  # a training stage's estimate, before it starts
         self.started = time.time()
         self._write("running")
 
@@ -277,6 +278,11 @@ class StageRecord:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "seconds": round(now - self.started, 3),
         }
+        if self.time_estimate is not None:  # with the measured time, once there is one
+            manifest["time_estimate"] = {
+                **self.time_estimate,
+                **({"measured_seconds": manifest["seconds"]} if status == "complete" else {}),
+            }
         if error:
             manifest["error"] = error
         atomic_write_json(self.dir / MANIFEST, manifest)

@@ -229,6 +229,9 @@ def sft_stage(ctx: StageContext) -> dict:
     seq_len = choose_seq_len(cfg, mcfg, model_dir, ctx.device, ctx.log)
     if cfg.method == "prompt":
         seq_len = min(seq_len, context - cfg.prompt_tuning.num_virtual_tokens)
+    tokens = cfg.batch_size * cfg.grad_accum * seq_len
+    keys = "sft.max_steps, sft.batch_size x grad_accum x seq_len, the model's size"
+    ctx.estimate_time(mcfg, steps=cfg.max_steps, tokens_per_step=tokens, seq_len=seq_len, keys=keys)
     device = ctx.device
 
     train_recs, val_recs = _split_records(cfg, ctx.seed)
