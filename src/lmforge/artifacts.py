@@ -23,8 +23,9 @@ Not recorded: ``manifest.json`` itself, hidden files (temporaries, the lock, the
 produced; the pipeline puts it into the fingerprint of every stage that reads that stage, so a
 stage re-run upstream that wrote other bytes (a damaged file re-made, a non-deterministic GPU
 run) re-runs what was made from the old ones, and one that wrote the same bytes does not. Run
-records (`RUN_RECORDS`: training logs with throughput, reports, the data stage's timings) are
-left out of it: they differ on every run and no later stage is made from them.
+records (`RUN_RECORDS`: training logs with throughput, reports, the data stage's timings,
+eval's results with their timings and machine) are left out of it: they differ on every run and
+no stage is made from them (the report shows them), so identical runs keep equal fingerprints.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ RACY_NS = 2_000_000_000  # mtime granularity allowance (ext4/xfs: a few ms; FAT:
 CACHE_FILE = ".verified.json"
 SKIP_DIRS = ("checkpoints",)
 # files that record how a run went (per-step timings, throughput, reports), not what it made
-RUN_RECORDS = frozenset({"metrics.jsonl", "done.json", "funnel.json", "report.md", "report.html"})
+RUN_RECORDS = frozenset(
+    {"metrics.jsonl", "done.json", "funnel.json", "report.md", "report.html", "results.json"}
+)
 
 
 def _recorded(rel: str) -> bool:
