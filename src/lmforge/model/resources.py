@@ -290,7 +290,6 @@ class TimeEstimate:
             "flops_per_step": self.flops_per_step,
             "flops_per_s": round(self.flops_per_s),
             "devices": self.devices,
-            "text": self.describe(),
         }
 
 
