@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.artifacts import record_artifacts
 from lmforge.cli import main
+from lmforge.pipeline import why_rerun
 from lmforge.runs import atomic_write_json, read_manifest
 from tests.conftest import tiny_args
 
@@ -69,3 +70,14 @@ def test_downstream_reruns_when_and_only_when_upstream_bytes_change(clone_run, c
     for p in run.rglob("*"):
         if p.is_file() and p.parent != run and p.suffix in (".json", ".jsonl", ".md", ".html", ".txt"):
             assert str(root) not in p.read_text(encoding="utf-8", errors="replace"), p
+
+
+def test_rerun_reason_names_changed_keys_or_inputs():
+    prev = {"config": {"lr": 1e-3, "max_steps": 10}, "inputs": {"pretrain": "a:1", "reward": "b:2"}}
+    assert why_rerun(prev, {"lr": 2e-3, "max_steps": 10}, prev["inputs"]) == "its config changed (lr)"
+    same = prev["config"]
+    assert why_rerun(prev, same, {"pretrain": "a:9", "reward": "b:2"}) == "its input pretrain changed"
+    assert (
+        why_rerun(prev, same, {"pretrain": "a:9", "reward": "c:2"}) == "its inputs pretrain, reward changed"
+    )
+    assert why_rerun(prev, same, prev["inputs"]) == "its fingerprint changed (run.seed)"
