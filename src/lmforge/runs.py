@@ -8,8 +8,8 @@ A run directory is the ledger of one experiment::
         manifest.json          stage, resolved config, input fingerprints, metrics, timings, status
 
 A stage is *complete* when its manifest says ``status: "complete"`` and its fingerprint (a hash
-of the stage's resolved config plus the fingerprints of the stages it reads from) equals the
-one the pipeline computes now. Complete stages are skipped; anything else is (re)run, and the
+of the stage's resolved config plus, for each stage it reads from, that stage's fingerprint and
+the digest of the files it wrote) equals the one the pipeline computes now. Complete stages are skipped; anything else is (re)run, and the
 stage itself decides how to resume (pretraining restores its last checkpoint).
 
 Every file that another step reads is written atomically: to a temporary file in the same
