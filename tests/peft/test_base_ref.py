@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.errors import CheckpointError
-from lmforge.hf_cli import cmd_merge
 from lmforge.model.hf import load_pretrained
 from lmforge.peft.base_ref import adapter_base, adapter_base_dir, base_model_ref
 from lmforge.pipeline import load_config, run_stage
@@ -91,9 +91,7 @@ def test_identical_runs_in_two_roots_write_identical_adapters_that_load_from_any
         torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-5)
     assert name == "pretrain+adapter"
 
-    class Args:  # `lmforge merge ADAPTER OUT`: the base is the one the adapter names
-        base, adapter, out, dtype, shard_size = str(a / "adapter"), str(tmp_path / "m"), None, None, "5GB"
-
-    assert cmd_merge(Args) == 0
+    # `lmforge merge ADAPTER OUT`: the base is the one the adapter names
+    assert main(["merge", str(a / "adapter"), str(tmp_path / "m")]) == 0
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(tmp_path / "m")(ids), want, atol=1e-5, rtol=1e-5)
