@@ -18,6 +18,14 @@ takes the fast path. That cache is best effort: on a read-only run directory rea
 
 Not recorded: ``manifest.json`` itself, hidden files (temporaries, the lock, the cache) and
 ``checkpoints/``, which carry their own checksums and are pruned while a stage runs.
+
+`content_digest` condenses a finished stage's recorded hashes into one identity of what it
+produced; the pipeline puts it into the fingerprint of every stage that reads that stage, so a
+stage re-run upstream that wrote other bytes (a damaged file re-made, a non-deterministic GPU
+run) re-runs what was made from the old ones, and one that wrote the same bytes does not. Run
+records (`RUN_RECORDS`: training logs with throughput, reports, the data stage's timings,
+eval's results with their timings and machine) are left out of it: they differ on every run and
+no stage is made from them (the report shows them), so identical runs keep equal fingerprints.
 """
 
 from __future__ import annotations
@@ -29,11 +37,15 @@ import time
 from pathlib import Path
 
 from .errors import ArtifactError, StorageError
-from .runs import MANIFEST, atomic_write_json, file_sha256, read_manifest
+from .runs import MANIFEST, atomic_write_json, file_sha256, fingerprint, read_manifest
 
 RACY_NS = 2_000_000_000  # mtime granularity allowance (ext4/xfs: a few ms; FAT: 2 s)
 CACHE_FILE = ".verified.json"
 SKIP_DIRS = ("checkpoints",)
+# files that record how a run went (per-step timings, throughput, reports), not what it made
+RUN_RECORDS = frozenset(
+    {"metrics.jsonl", "done.json", "funnel.json", "report.md", "report.html", "results.json"}
+)
 
 
 def _recorded(rel: str) -> bool:
@@ -55,6 +67,18 @@ def record_artifacts(stage_dir: str | os.PathLike) -> dict[str, dict]:
             st = p.stat()
             out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)}
     return out
+
+
+def content_digest(manifest: dict) -> str:
+    """One hash of the recorded files of a stage (its run records aside; see module docstring):
+    equal for two runs that produced the same bytes."""
+    files = manifest.get("artifacts") or {}
+    items = sorted(
+        (rel, e["sha256"])
+        for rel, e in files.items()
+        if isinstance(e, dict) and "sha256" in e and Path(rel).name not in RUN_RECORDS
+    )
+    return fingerprint(items)
 
 
 def _load_cache(stage_dir: Path) -> dict:

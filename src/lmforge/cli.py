@@ -167,7 +167,9 @@ def cmd_config(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .pipeline import console, load_config, stage_status
+    from rich.markup import escape
+
+    from .pipeline import ORDER, console, load_config, stage_status, stale_reason
 
     config, overrides = _split_args(a.args)
     cfg = load_config(config, overrides)
@@ -175,9 +177,16 @@ def cmd_status(a) -> int:
     if not st:
         console.print(f"{cfg.run.dir}: nothing run yet")
         return 0
-    for name, m in st.items():
+    stale: list[str] = []
+    rank = {n: i for i, n in enumerate(ORDER)}
+    for name, m in sorted(st.items(), key=lambda kv: rank.get(kv[0], len(rank))):
+        why = stale_reason(cfg, name, m, stale) if m.get("status") == "complete" else None
+        if why or m.get("status") != "complete":
+            stale.append(name)
         console.print(
             f"{name:<10} {m.get('status', '?'):<9} {m.get('seconds', 0):8.1f}s  {m.get('fingerprint', '')}"
+            + (f"  [yellow]stale: {escape(why)}; `lmforge run` re-runs it[/yellow]" if why else ""),
+            highlight=False,
         )
     return 0
 

@@ -46,6 +46,12 @@ class RunSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    max_hours: float | None = Field(
+        None,
+        gt=0,
+        description="refuse a training stage whose estimated time (FLOPs / measured matmul rate, "
+        "logged as 'estimated time') exceeds this many hours; unset: no limit",
+    )
     trackers: list[Tracker] = Field(
         default_factory=list,
         description="where metrics go besides metrics.jsonl: tensorboard, wandb (offline unless "

@@ -3,6 +3,7 @@
     lmforge import ~/models/Qwen2.5-0.5B-Instruct models/qwen05      # HF folder -> lmforge folder
     lmforge export runs/tiny/sft/model out/tiny-chat --dtype bfloat16
     lmforge merge models/qwen05 runs/q/sft/adapter out/qwen05-merged  # base + LoRA -> one model
+    lmforge merge runs/q/sft/adapter out/q-merged                     # the base the adapter names
 
 lmforge model folders already are HF folders, so `export` is about dtype, sharding and merging
 an adapter; `import` checks a foreign checkpoint tensor by tensor (missing shards, shape
@@ -47,7 +48,8 @@ def cmd_export(a) -> int:
 def cmd_merge(a) -> int:
     from .peft.merge import export_merged
 
-    _print(export_merged(a.base, a.adapter, a.out, dtype=a.dtype, max_shard_size=a.shard_size))
+    base, adapter, out = (a.base, a.adapter, a.out) if a.out else (None, a.base, a.adapter)
+    _print(export_merged(base, adapter, out, dtype=a.dtype, max_shard_size=a.shard_size))
     return 0
 
 
@@ -90,9 +92,12 @@ def add_parser(subparsers) -> None:
         "(DoRA included). For a QLoRA adapter pass the full-precision base.",
         **common,
     )
-    m.add_argument("base", help="base model folder the adapter was trained on")
+    m.add_argument(
+        "base",
+        help="base model folder the adapter was trained on (leave out for the base the adapter names)",
+    )
     m.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    m.add_argument("out", help="output model folder")
+    m.add_argument("out", nargs="?", help="output model folder")
     m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     m.add_argument("--shard-size", default="5GB")
     m.set_defaults(func=cmd_merge)

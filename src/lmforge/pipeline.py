@@ -1,8 +1,10 @@
 """The runner behind `lmforge run` and every stage subcommand.
 
 The pipeline is the literal tuple `lmforge.stages.STAGES`. The runner computes each stage's
-fingerprint (its resolved config, the run seed and the fingerprints of the stages it reads;
-for a stage that uses the latest policy, those of every policy stage), skips stages whose
+fingerprint (its resolved config, the run seed and, for each stage it reads -- for a stage that
+uses the latest policy, every policy stage -- that stage's fingerprint and the digest of the
+bytes it wrote, `artifacts.content_digest`, so a stage re-run upstream that produced other
+bytes re-runs the stages made from the old ones), skips stages whose
 manifest is complete with the same fingerprint, re-runs changed ones from scratch, and lets an
 interrupted stage resume (its manifest says "running" with the same fingerprint; the stage
 decides how, e.g. pretraining restores its last checkpoint). Every stage writes
@@ -28,7 +30,7 @@ import torch
 import yaml
 from rich.markup import escape
 
-from .artifacts import record_artifacts, verify_stage
+from .artifacts import content_digest, record_artifacts, verify_stage
 from .config import apply_overrides, load_yaml, pipeline_model, validate
 from .errors import ArtifactError, ConfigError, LMForgeError
 from .runlock import run_lock
@@ -94,15 +96,20 @@ def pipeline_stages(cfg: PipelineConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- running
-def stage_fingerprint(cfg: PipelineConfig, name: str) -> tuple[str, dict[str, str]]:
+def stage_inputs(name: str) -> list[str]:
+    """The stages whose output `name` reads."""
     stage = REGISTRY[name]
-    inputs = {}
     deps = list(stage.needs)
     if stage.uses_model:  # whichever policy stage ran last feeds this one
         deps += [n for n in ORDER if n in POLICY_STAGES and n not in deps and n != name]
-    for dep in deps:
+    return deps
+
+
+def stage_fingerprint(cfg: PipelineConfig, name: str) -> tuple[str, dict[str, str]]:
+    inputs = {}
+    for dep in stage_inputs(name):
         m = read_manifest(cfg.run.dir / dep)
-        inputs[dep] = (m or {}).get("fingerprint", "missing")
+        inputs[dep] = f"{m.get('fingerprint', 'missing')}:{content_digest(m)}" if m else "missing"
     fp = fingerprint(
         {
             "stage": name,
@@ -112,6 +119,18 @@ def stage_fingerprint(cfg: PipelineConfig, name: str) -> tuple[str, dict[str, st
         }
     )
     return fp, inputs
+
+
+def why_rerun(prev: dict, config: dict, inputs: dict[str, str]) -> str:
+    """Why a stage whose last manifest is `prev` no longer matches its config and inputs."""
+    old_config, old_inputs = prev.get("config") or {}, prev.get("inputs") or {}
+    if old_config != config:
+        keys = sorted(k for k in {*old_config, *config} if old_config.get(k) != config.get(k))
+        return f"its config changed ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+    changed = [d for d, v in inputs.items() if old_inputs.get(d) != v]
+    if changed:
+        return f"its input{'s' if len(changed) > 1 else ''} {', '.join(changed)} changed"
+    return "its fingerprint changed (run.seed)"
 
 
 @dataclass
@@ -213,9 +232,8 @@ def _run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutc
     with translate_storage_errors(stage_dir):
         if stage_dir.exists() and (force or not prev or prev.get("fingerprint") != fp):
             if prev and prev.get("fingerprint") != fp:
-                console.print(
-                    f"[yellow]{name}[/yellow]: config or inputs changed since the last run; starting the stage over"
-                )
+                why = why_rerun(prev, stage_cfg.model_dump(mode="json"), inputs)
+                console.print(f"re-running [yellow]{name}[/yellow]: {escape(why)}; starting the stage over")
             shutil.rmtree(stage_dir)
         elif prev and prev.get("status") != "complete":
             for junk in remove_stale_temps(stage_dir):  # left by a killed writer of the same stage
@@ -284,6 +302,21 @@ def _run_pipeline(cfg: PipelineConfig, only: list[str] | None, force: bool) -> l
         for name in names:
             outcomes.append(run_stage(cfg, name, force=force))
     return outcomes
+
+
+def stale_reason(cfg: PipelineConfig, name: str, manifest: dict, stale: Sequence[str] = ()) -> str | None:
+    """Why `lmforge run` would re-run a stage recorded by `manifest`, or None if it would not
+    (status aside: a stage that is not complete always runs). `stale`: stages already found
+    stale, whose re-run re-runs this one when it reads them."""
+    if name not in REGISTRY:
+        return None
+    upstream = [d for d in stage_inputs(name) if d in stale]
+    if upstream:
+        return f"its input{'s' if len(upstream) > 1 else ''} {', '.join(upstream)} will be re-run"
+    fp, inputs = stage_fingerprint(cfg, name)
+    if manifest.get("fingerprint") == fp:
+        return None
+    return why_rerun(manifest, getattr(cfg, name).model_dump(mode="json"), inputs)
 
 
 def stage_status(run_dir: Path) -> dict[str, dict]:

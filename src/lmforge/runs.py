@@ -8,8 +8,8 @@ A run directory is the ledger of one experiment::
         manifest.json          stage, resolved config, input fingerprints, metrics, timings, status
 
 A stage is *complete* when its manifest says ``status: "complete"`` and its fingerprint (a hash
-of the stage's resolved config plus the fingerprints of the stages it reads from) equals the
-one the pipeline computes now. Complete stages are skipped; anything else is (re)run, and the
+of the stage's resolved config plus, for each stage it reads from, that stage's fingerprint and
+the digest of the files it wrote) equals the one the pipeline computes now. Complete stages are skipped; anything else is (re)run, and the
 stage itself decides how to resume (pretraining restores its last checkpoint).
 
 Every file that another step reads is written atomically: to a temporary file in the same
@@ -207,6 +207,14 @@ def is_complete(stage_dir: str | os.PathLike, fp: str | None = None) -> bool:
 POLICY_STAGES = ("pretrain", "cpt", "sft", "align", "rl")
 
 
+def run_relative(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """`path` as an artifact records it: relative to the run directory when it lies inside it
+    (a run directory holds no absolute path, so identical runs in two places write identical
+    files and a run directory can be moved), else absolute. Read it back with `run_dir / path`."""
+    p, root = Path(path).absolute(), Path(run_dir).absolute()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+
 def policy_model_dir(run_dir: str | os.PathLike, among: tuple[str, ...] = POLICY_STAGES) -> Path | None:
     """The model folder of the last completed stage of `among` (policy stages, in pipeline
     order) that holds one, or None."""
@@ -250,6 +258,7 @@ class StageRecord:
         self.metrics: dict[str, Any] = {}
         self.artifacts: dict[str, dict] = {}  # relative path -> {size, mtime_ns, sha256}
         self.artifacts_recorded_ns: int | None = None
+        self.time_estimate: dict | None = None  # a training stage's estimate, before it starts
         self.started = time.time()
         self._write("running")
 
@@ -269,6 +278,11 @@ class StageRecord:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "seconds": round(now - self.started, 3),
         }
+        if self.time_estimate is not None:  # with the measured time, once there is one
+            manifest["time_estimate"] = {
+                **self.time_estimate,
+                **({"measured_seconds": manifest["seconds"]} if status == "complete" else {}),
+            }
         if error:
             manifest["error"] = error
         atomic_write_json(self.dir / MANIFEST, manifest)

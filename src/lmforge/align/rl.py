@@ -44,6 +44,7 @@ from ..chat import ChatFormat
 from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
+from ..peft.base_ref import base_model_ref
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized, nf4_bytes
 from ..runs import atomic_path, atomic_write_json, atomic_write_text, read_jsonl
@@ -447,7 +448,9 @@ def save_policy(policy, cfg, out: Path, model_dir: Path, hf: dict) -> None:
     if cfg.peft == "full":
         save_pretrained(policy, out / "model", tokenizer_dir=model_dir, **ids)
     else:
-        save_adapter(policy, out / "adapter", base_model=str(model_dir.resolve()))
+        save_adapter(
+            policy, out / "adapter", base_model=base_model_ref(model_dir, out / "adapter", out.parent)
+        )
         merged = cast(Transformer, merge_lora(policy))  # a plain Transformer again
         if cfg.peft == "qlora":
             merged = dequantize_model(merged, torch.float32)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..runs import read_jsonl, read_manifest
+from ..runs import read_jsonl, read_manifest, run_relative
 from .chain import chain_table
 from .plots import plot_curves, plot_funnel, plot_tasks
 from .render import Section, _cell, _count, _num
@@ -86,8 +86,9 @@ def collect(run_dir: Path, order: list[str], skip: tuple[str, ...] = ("report",)
 
 def _model_dir(info: dict) -> Path | None:
     ev = info.get("eval") or {}
-    if ev.get("model") and (Path(ev["model"]) / "config.json").exists():
-        return Path(ev["model"])
+    model = Path(info["run_dir"]) / ev["model"] if ev.get("model") else None  # relative to the run
+    if model is not None and (model / "config.json").exists():
+        return model
     for st in reversed(info["stages"]):
         d = st["dir"] / "model"
         if st["manifest"].get("status") == "complete" and (d / "config.json").exists():
@@ -119,7 +120,7 @@ def build_sections(
     s = Section(title or f"Report card: run '{run_dir.name}'")
     total = sum(st["manifest"].get("seconds", 0) or 0 for st in stages)
     s.p(
-        f"Run directory `{run_dir}`; {len(stages)} stage(s), {total:,.0f} s of stage time in all. "
+        f"Run directory `{run_dir.name}`; {len(stages)} stage(s), {total:,.0f} s of stage time in all. "
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}."
     )
     s.table(
@@ -184,7 +185,7 @@ def _model_card(info: dict) -> Section:
             mcfg = from_hf_config(json.loads((mdir / "config.json").read_text()), str(mdir / "config.json"))
         except (CheckpointError, json.JSONDecodeError, KeyError):
             mcfg = None
-        rows.append(["model folder", str(mdir)])
+        rows.append(["model folder", run_relative(mdir, info["run_dir"])])
     if mcfg is not None:
         rows += [
             [

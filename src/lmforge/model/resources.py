@@ -19,11 +19,23 @@ the GPU's memory for CUDA) with a `ConfigError` naming the part, the config keys
 and the figure; an estimate above what is free right now is only a warning (other processes
 come and go). The figures are estimates -- allocator overhead, fragmentation and framework
 buffers are not counted -- so they catch the impossible, not the merely tight.
+
+Time is estimated the same way, before the model is built: the FLOPs of one optimizer step
+(`ModelConfig.flops_per_token`, i.e. 6N plus attention, the accounting `lmforge.scaling.flops`
+explains, x the tokens of a step) divided by the device's matmul throughput, measured once per
+process by a ~50 ms probe (`matmul_flops_per_s`). Training reaches only part of a bare matmul's
+rate (attention, norms, the optimizer, data loading, Python; tiny models mostly pay overhead), so
+the estimate is usually below the real time (a frozen LoRA base, which skips weight gradients,
+errs the other way): good to an order of magnitude, enough to refuse a run of years
+(`check_time`, when `run.max_hours` is set) and to tell minutes from hours. The manifest keeps
+it next to the measured time of the stage (which includes loading, evaluation and saving).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -189,3 +201,119 @@ def check_model_folder(cfg: ModelConfig, weight_bytes: int | None, source: str) 
             f"weights or one of its sizes is wrong"
         )
     check_fits(inference_memory(cfg, dtype_bytes=2, keys=keys), "cpu", source)
+
+
+# ----------------------------------------------------------------------------- time
+PROBE_SECONDS = 0.05
+_probes: dict[tuple, float] = {}
+
+
+def training_flops_per_step(cfg: ModelConfig, tokens_per_step: float, seq_len: int | None = None) -> float:
+    """FLOPs of one optimizer step over `tokens_per_step` tokens in rows of `seq_len`: forward +
+    backward = 3 x (2 x matmul parameters + 4 x n_layers x seq_len x d_attn) per token."""
+    return cfg.flops_per_token(seq_len, training=True) * float(tokens_per_step)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_flops_per_s(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> float:
+    """The matmul throughput of `device` in FLOP/s, measured by square matmuls for about
+    `PROBE_SECONDS`; once per process for each (device, dtype, CPU thread count)."""
+    device = torch.device(device or "cpu")
+    key = (str(device), dtype, torch.get_num_threads())
+    if key not in _probes:
+        n = 256 if device.type == "cpu" else 2048
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up: kernels chosen, memory touched
+        _sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            if reps % 4 == 0:
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+                if elapsed >= PROBE_SECONDS:
+                    break
+        _probes[key] = 2.0 * n**3 * reps / elapsed
+    return _probes[key]
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.2g} s"
+    for unit, size in (("min", 60), ("h", 3600), ("days", 86400)):
+        if seconds < 90 * size or unit == "days" and seconds < 3 * 365 * 86400:
+            return f"{seconds / size:,.1f} {unit}" if unit != "min" else f"{seconds / size:,.0f} min"
+    return f"{seconds / (365 * 86400):,.3g} years"
+
+
+def human_flops(n: float) -> str:
+    for unit in ("FLOP", "kFLOP", "MFLOP", "GFLOP", "TFLOP", "PFLOP", "EFLOP"):
+        if abs(n) < 1000 or unit == "EFLOP":
+            return f"{n:,.1f} {unit}" if n < 1e21 else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EFLOP"  # pragma: no cover
+
+
+@dataclass
+class TimeEstimate:
+    steps: int
+    flops_per_step: float
+    flops_per_s: float  # the device's measured matmul rate
+    devices: int = 1  # data-parallel processes sharing each step
+
+    @property
+    def seconds(self) -> float:
+        per_step = self.flops_per_step / max(self.devices, 1) / max(self.flops_per_s, 1.0)
+        return self.steps * per_step if math.isfinite(per_step) else math.inf
+
+    def describe(self) -> str:
+        """One line: '~12 min for 1,000 steps (~0.7 s/step, 4.1 TFLOP per step at ~6 GFLOP/s measured)'."""
+        per = f" on each of {self.devices} devices" if self.devices > 1 else ""
+        return (
+            f"~{human_duration(self.seconds)} for {self.steps:,} steps "
+            f"(~{human_duration(self.seconds / max(self.steps, 1))}/step, {human_flops(self.flops_per_step)} per "
+            f"step at ~{human_flops(self.flops_per_s)}/s measured{per})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": round(self.seconds, 3) if math.isfinite(self.seconds) else None,
+            "steps": self.steps,
+            "flops_per_step": self.flops_per_step,
+            "flops_per_s": round(self.flops_per_s),
+            "devices": self.devices,
+        }
+
+
+def estimate_training_time(
+    cfg: ModelConfig,
+    *,
+    steps: int,
+    tokens_per_step: float,
+    seq_len: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    devices: int = 1,
+) -> TimeEstimate:
+    """The time of `steps` optimizer steps of `tokens_per_step` tokens each (all processes
+    together; `devices` share them) on `device`, from FLOPs and the measured matmul rate."""
+    flops = training_flops_per_step(cfg, tokens_per_step, seq_len)
+    return TimeEstimate(int(steps), flops, matmul_flops_per_s(device, dtype), devices)
+
+
+def check_time(est: TimeEstimate, max_hours: float | None, where: str, keys: str) -> None:
+    """Refuse an estimate above `max_hours` (run.max_hours; None: no limit), naming the keys."""
+    if max_hours is None or est.seconds <= max_hours * 3600:
+        return
+    raise ConfigError(
+        f"{where}: estimated time {est.describe()} exceeds run.max_hours={max_hours:g}; lower {keys}, "
+        f"or raise run.max_hours"
+    )

@@ -15,11 +15,12 @@ from typing import cast
 from ..errors import CheckpointError
 from ..model.hf import export_hf, load_pretrained
 from ..model.transformer import Transformer
+from .base_ref import adapter_base_dir
 from .lora import load_adapter, merge_lora, read_adapter_config
 
 
 def export_merged(
-    base_dir: str | Path,
+    base_dir: str | Path | None,
     adapter: str | Path,
     out: str | Path,
     *,
@@ -32,6 +33,8 @@ def export_merged(
             f"{adapter}: a {kind} adapter cannot be merged into weights (only LoRA can); "
             f"load it alongside the base model instead"
         )
+    if base_dir is None:  # the base the adapter names (relative to the adapter folder)
+        base_dir = adapter_base_dir(adapter)
     if not Path(base_dir, "config.json").exists():
         raise CheckpointError(f"{base_dir}: not a model folder (no config.json)")
     model = load_pretrained(base_dir)

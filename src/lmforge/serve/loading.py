@@ -23,6 +23,7 @@ from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
 from ..model.hf import load_pretrained, read_hf_config
 from ..peft import lora
+from ..peft.base_ref import adapter_base_dir
 from ..runs import POLICY_STAGES
 from ..tokenizer import LMTokenizer
 
@@ -97,8 +98,18 @@ def load_model_and_tokenizer(
     device: str | torch.device = "cpu",
     dtype=None,
 ):
-    """(model in eval mode, LMTokenizer) for evaluation: a model folder or a run directory."""
+    """(model in eval mode, LMTokenizer) for evaluation: a model folder, a run directory or a
+    LoRA adapter folder (loaded onto the base model its adapter_config.json names)."""
+    if is_adapter_dir(model_dir):
+        model, tok = load_checked(adapter_base_dir(model_dir), tokenizer, device=device, dtype=dtype)
+        return apply_adapter(model, model_dir).eval(), tok
     return load_checked(resolve_model_dir(model_dir), tokenizer, device=device, dtype=dtype)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A PEFT adapter folder (adapter_config.json, no config.json of a full model)."""
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
 
 
 def load_for_inference(
@@ -109,7 +120,10 @@ def load_for_inference(
     device: str = "cpu",
     dtype: str | None = None,
 ):
-    """(model, tokenizer, chat format or None, display name)."""
+    """(model, tokenizer, chat format or None, display name). `path` may be an adapter folder:
+    its base model is the one its adapter_config.json names (see `peft.base_ref`)."""
+    if adapter is None and is_adapter_dir(path):
+        path, adapter = adapter_base_dir(path), path
     folder = resolve_model_dir(path)
     model, tok = load_checked(folder, device=device, dtype=dtype)
     fmt = chat_format_for(folder, tok)

@@ -36,6 +36,7 @@ from ..data.builtin import split_by_key
 from ..errors import ConfigError
 from ..model.hf import load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
+from ..peft.base_ref import base_model_ref
 from ..peft.lora import apply_lora, merge_lora, save_adapter, trainable_summary
 from ..peft.qlora import dequantize_model, load_quantized
 from ..runs import atomic_write_json
@@ -86,6 +87,34 @@ def context_len(model_dir: Path, seq_len: int | None) -> int:
     return seq_len or read_hf_config(model_dir).get("max_position_embeddings", 2048)
 
 
+def estimate_pair_time(ctx: StageContext, cfg, model_dir: Path, seq_len: int) -> None:
+    """Before training on pairs (reward model, DPO family): two sequences of up to seq_len each."""
+    ctx.estimate_time(
+        model_dir,
+        steps=cfg.max_steps,
+        tokens_per_step=2 * cfg.batch_size * cfg.grad_accum * seq_len,
+        seq_len=seq_len,
+        keys=f"{ctx.name}.max_steps, {ctx.name}.batch_size x grad_accum x seq_len, the model's size",
+    )
+
+
+def estimate_rl_time(ctx: StageContext, cfg: AlignConfig, model_dir: Path) -> None:
+    """Before PPO/GRPO: each optimizer step trains on batch_size sequences of prompt + completion
+    (6N FLOPs a token) and, spread over the `epochs` passes of a rollout, generated them (2N)."""
+    name = "ppo" if cfg.method == "ppo" else "grpo"
+    s = cfg.ppo if name == "ppo" else cfg.grpo
+    seq = min(
+        context_len(model_dir, cfg.seq_len), (cfg.max_prompt_len or s.max_new_tokens) + s.max_new_tokens
+    )
+    ctx.estimate_time(
+        model_dir,
+        steps=cfg.max_steps,
+        tokens_per_step=cfg.batch_size * cfg.grad_accum * seq * (1 + 1 / (3 * s.epochs)),
+        seq_len=seq,
+        keys=f"{ctx.name}.max_steps, {ctx.name}.batch_size, {ctx.name}.{name}.max_new_tokens, the model's size",
+    )
+
+
 def load_lm(cfg, model_dir: Path, device: torch.device, *, trainable: bool, seed: int = 0):
     """The causal LM for `cfg.peft`: full weights; frozen fp32 base + LoRA; NF4 base + LoRA.
     With trainable=False: the same base, frozen, without adapters (a reference model)."""
@@ -115,7 +144,7 @@ def _save_policy(cfg, model: Transformer, out: Path, model_dir: Path) -> None:
     if cfg.peft == "full":
         save_pretrained(model, out / "model", tokenizer_dir=model_dir, **ids)
         return
-    save_adapter(model, out / "adapter", base_model=str(model_dir.resolve()))
+    save_adapter(model, out / "adapter", base_model=base_model_ref(model_dir, out / "adapter", out.parent))
     save_pretrained(merge_adapters(model, cfg.peft), out / "model", tokenizer_dir=model_dir, **ids)
 
 
@@ -152,7 +181,9 @@ def _free() -> None:
 def align_stage(ctx: StageContext) -> dict:
     cfg: AlignConfig = ctx.cfg
     if cfg.method in RL_METHODS:
-        return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())
+        model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
+        estimate_rl_time(ctx, cfg, model_dir)
+        return run_rl(ctx, cfg, model_dir=model_dir)
     return run_preference(ctx, cfg)
 
 
@@ -160,6 +191,7 @@ def run_preference(ctx: StageContext, cfg: AlignConfig) -> dict:
     model_dir, ref_dir = _model_dirs(ctx, cfg)
     fmt = ChatFormat.from_dir(model_dir)
     seq_len = context_len(model_dir, cfg.seq_len)
+    estimate_pair_time(ctx, cfg, model_dir, seq_len)
     device = ctx.device
     train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
     pad = pad_id_of(fmt)

@@ -30,6 +30,9 @@ from rich.markup import escape
 
 from ..artifacts import verify_stage
 from ..errors import LMForgeError
+from ..model.config import ModelConfig
+from ..model.hf import from_hf_config, read_hf_config
+from ..model.resources import TimeEstimate, check_time, estimate_training_time
 from ..runs import POLICY_STAGES, StageRecord, policy_model_dir, read_manifest
 from ..train.device import resolve_device
 
@@ -110,6 +113,37 @@ class StageContext:
                 f.write(f"{time.strftime('%H:%M:%S')} {self.name}: {msg}\n")
         except OSError:  # a full or read-only disk: the console has the line; the next
             pass  # artifact write reports the fault with its path
+
+    def estimate_time(
+        self,
+        mcfg: ModelConfig | Path,
+        *,
+        steps: int,
+        tokens_per_step: float,
+        seq_len: int,
+        keys: str,
+        devices: int = 1,
+    ) -> TimeEstimate:
+        """Before training: log the estimated time of `steps` optimizer steps of the model
+        `mcfg` (a config, or a model folder whose config.json is read), keep it for the manifest
+        (with the measured time next to it once the stage completes) and refuse it above
+        `run.max_hours`, naming `keys` (the config keys that size it)."""
+        if isinstance(mcfg, Path):
+            mcfg = from_hf_config(read_hf_config(mcfg), str(mcfg / "config.json"))
+        half = self.device.type == "cuda" and self.dtype in ("auto", "bfloat16", "float16")
+        est = estimate_training_time(
+            mcfg,
+            steps=steps,
+            tokens_per_step=tokens_per_step,
+            seq_len=seq_len,
+            device=self.device,
+            dtype=torch.bfloat16 if half else torch.float32,
+            devices=devices,
+        )
+        self.log(f"estimated time: {est.describe()}")
+        check_time(est, self.pipeline.run.max_hours, self.name, keys)
+        self.record.time_estimate = est.to_dict()
+        return est
 
     def input_dir(self, stage: str) -> Path:
         """Output folder of a stage this one reads; it must have completed."""

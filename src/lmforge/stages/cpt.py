@@ -144,6 +144,13 @@ def cpt_stage(ctx: StageContext) -> dict:
 
     orig_train, orig_val = _replay_shards(ctx, cfg, model_dir)
 
+    ctx.estimate_time(
+        model_dir,
+        steps=cfg.max_steps + cfg.anneal_steps,
+        tokens_per_step=cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        seq_len=cfg.seq_len,
+        keys="cpt.max_steps + anneal_steps, cpt.batch_size x grad_accum x seq_len, the model's size",
+    )
     model = load_pretrained(model_dir, device=device).train()
     token_bytes = token_byte_lengths(tok)
 

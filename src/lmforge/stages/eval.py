@@ -41,7 +41,7 @@ from ..eval.perplexity import (
 from ..eval.readers import load_task
 from ..eval.report import hardware
 from ..model.hf import load_pretrained, read_hf_config
-from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest
+from ..runs import POLICY_STAGES, atomic_write_json, atomic_write_text, read_manifest, run_relative
 from ..serve.loading import check_pair
 from ..sft.rows import assistant_loss
 from ..tokenizer import LMTokenizer
@@ -158,7 +158,7 @@ def eval_stage(ctx: StageContext) -> dict:
         max_tokens=cfg.max_tokens,
     )
     res["unigram_bpb"] = unigram_bpb(train.tokens, val, tb, seq_len=seq_len, max_tokens=cfg.max_tokens)
-    res["model"] = str(model_dir)
+    res["model"] = run_relative(model_dir, ctx.run_dir)  # no absolute path in an artifact
     res["hardware"] = hardware()
     ctx.log(
         f"val loss {res['loss']:.4f}  ppl {res['ppl']:.2f}  bpb {res['bpb']:.4f}  "
@@ -287,6 +287,7 @@ def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int, metrics: d
     )
     if rows:
         for r in rows:
+            r["model"] = run_relative(r["model"], ctx.run_dir)
             metrics.update(
                 {f"chain/{r['stage']}_{k}": r[k] for k in ("bpb", "assistant_loss") if r.get(k) is not None}
             )

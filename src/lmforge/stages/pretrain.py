@@ -82,6 +82,17 @@ def check_resources(
     check_fits(est, device, "pretrain")
 
 
+def estimate_time(ctx: StageContext, cfg: PretrainConfig, mcfg, world: int) -> None:
+    ctx.estimate_time(
+        mcfg,
+        steps=cfg.max_steps,
+        tokens_per_step=cfg.batch_size * cfg.grad_accum * cfg.seq_len,
+        seq_len=cfg.seq_len,
+        keys=f"{ctx.name}.max_steps, {ctx.name}.batch_size x grad_accum x seq_len, {ctx.name}.model (d_model, n_layers)",
+        devices=world,
+    )
+
+
 def warn_repeats(cfg: PretrainConfig, tokens: int, data_tokens: int, log) -> None:
     epochs = tokens / max(int(data_tokens), 1)
     if epochs > cfg.warn_epochs:
@@ -123,7 +134,11 @@ def pretrain_stage(ctx: StageContext) -> dict:
     if device.type == "cuda" and info.world > 1:
         device = torch.device("cuda", info.local_rank)
     check_resources(cfg, tok.vocab_size, device, local_batch, ctx.dtype)
+    if not cfg.init_from:  # from the config alone, before anything is allocated
+        estimate_time(ctx, cfg, cfg.shape_for(tok.vocab_size), info.world)
     model = build_model(cfg, tok.vocab_size, device, ctx.seed)
+    if cfg.init_from:
+        estimate_time(ctx, cfg, model.cfg, info.world)
     mcfg = model.cfg
     train, val = load_shard(tok_dir, "train"), load_shard(tok_dir, "val")
     loader = TokenLoader(train, cfg.seq_len, local_batch, seed=ctx.seed, rank=info.rank, world=info.world)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..eval.render import Section, images, render_html, render_markdown
 from ..eval.report import build_sections, collect
-from ..runs import atomic_write_bytes, atomic_write_text, read_manifest
+from ..runs import atomic_write_bytes, atomic_write_text, read_manifest, run_relative
 from .base import StageContext, define_stage
 
 ALIGN_STAGES = ("reward", "align", "rl")
@@ -53,7 +53,7 @@ def write_report(run_dir, out_dir, cfg: ReportConfig | None = None, order: tuple
         "stages": len(info["stages"]),
         "sections": len(sections),
         "plots": len(pngs),
-        "report": str(out_dir / "report.html"),
+        "report": run_relative(out_dir / "report.html", run_dir),
     }
 
 

@@ -26,7 +26,7 @@ from ..peft.lora import trainable_summary
 from ..runs import atomic_write_json
 from ..train.engine import Trainer
 from ..train.objectives.reward import RewardObjective
-from .align import context_len, load_lm, merge_adapters, pad_id_of, prepare_pairs
+from .align import context_len, estimate_pair_time, load_lm, merge_adapters, pad_id_of, prepare_pairs
 from .base import StageContext, define_stage
 
 
@@ -62,6 +62,7 @@ def reward_stage(ctx: StageContext) -> dict:
         raise ConfigError(f"reward.model: {model_dir} is not a model folder (no config.json)")
     fmt = ChatFormat.from_dir(model_dir)
     seq_len = context_len(model_dir, cfg.seq_len)
+    estimate_pair_time(ctx, cfg, model_dir, seq_len)
     device = ctx.device
     train, val, tst, vst = prepare_pairs(ctx, cfg, fmt, seq_len)
     pad = pad_id_of(fmt)

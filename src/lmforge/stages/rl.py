@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..align.config import AlignConfig
 from ..align.rl import run_rl
+from .align import estimate_rl_time
 from .base import StageContext, define_stage
 
 
@@ -52,4 +53,6 @@ class RLConfig(AlignConfig):
 )
 def rl_stage(ctx: StageContext) -> dict:
     cfg: RLConfig = ctx.cfg
-    return run_rl(ctx, cfg, model_dir=Path(cfg.model) if cfg.model else ctx.model_before())
+    model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
+    estimate_rl_time(ctx, cfg, model_dir)
+    return run_rl(ctx, cfg, model_dir=model_dir)

@@ -33,6 +33,7 @@ from ..model.config import ModelConfig
 from ..model.generate import SamplingParams, generate
 from ..model.hf import from_hf_config, load_pretrained, read_hf_config, save_pretrained
 from ..model.transformer import Transformer
+from ..peft.base_ref import base_model_ref
 from ..peft.lora import (
     LoraSettings,
     apply_lora,
@@ -228,6 +229,9 @@ def sft_stage(ctx: StageContext) -> dict:
     seq_len = choose_seq_len(cfg, mcfg, model_dir, ctx.device, ctx.log)
     if cfg.method == "prompt":
         seq_len = min(seq_len, context - cfg.prompt_tuning.num_virtual_tokens)
+    tokens = cfg.batch_size * cfg.grad_accum * seq_len
+    keys = "sft.max_steps, sft.batch_size x grad_accum x seq_len, the model's size"
+    ctx.estimate_time(mcfg, steps=cfg.max_steps, tokens_per_step=tokens, seq_len=seq_len, keys=keys)
     device = ctx.device
 
     train_recs, val_recs = _split_records(cfg, ctx.seed)
@@ -369,7 +373,9 @@ def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> 
     if cfg.method == "full":
         save_pretrained(model, ctx.dir / "model", tokenizer_dir=model_dir, **ids)
     elif cfg.method in ("lora", "qlora"):
-        save_adapter(model, ctx.dir / "adapter", base_model=str(model_dir.resolve()))
+        save_adapter(
+            model, ctx.dir / "adapter", base_model=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir)
+        )
         merged = cast(Transformer, merge_lora(model))  # the base model with the adapters folded in
         if cfg.method == "qlora":
             merged = dequantize_model(merged, torch.float32)
@@ -377,9 +383,9 @@ def _save_outputs(ctx: StageContext, cfg: SFTConfig, model, model_dir: Path) -> 
     else:
         model.save_adapter(
             ctx.dir / "adapter",
-            base_model=str(model_dir.resolve()),
+            base_model=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir),
             settings=cfg.prompt_tuning,
-            tokenizer=str(model_dir.resolve()),
+            tokenizer=base_model_ref(model_dir, ctx.dir / "adapter", ctx.run_dir),
         )
 
 
