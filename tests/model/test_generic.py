@@ -1,0 +1,182 @@
+"""The generic path: causal LMs lmforge has no native family for (OLMo 2, GPT-NeoX), tiny random
+checkpoints made by `transformers` itself, run through `load_pretrained` with the same logits,
+packed-document masks, K/V-cache generation (lmforge's generator and the serve engine) equal to
+`transformers`' greedy `generate`, LoRA adapters that `peft` loads, saved folders that
+`AutoModelForCausalLM` loads, and a clear refusal of what neither side knows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model.attention import DocumentMask
+from lmforge.model.generate import SamplingParams, generate
+from lmforge.model.generic import GenericCausalLM, GenericPathWarning
+from lmforge.model.hf import export_hf, load_pretrained, save_pretrained
+from lmforge.peft.lora import LoraSettings, apply_lora, load_adapter, lora_modules, save_adapter
+from lmforge.peft.merge import export_merged
+from lmforge.peft.prompt import PromptTuned
+from lmforge.peft.qlora import QLoraSettings, load_quantized
+from tests.factories import CORPUS, train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore::lmforge.model.generic.GenericPathWarning"),
+]
+KINDS = ["olmo2", "gpt_neox"]
+V = 97
+
+
+def hf_config(kind: str, vocab: int = V, **ids):
+    shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    shape.update(num_attention_heads=4, max_position_embeddings=64, **ids)
+    if kind == "olmo2":  # grouped-query attention, q/k norms, norms after attention and MLP
+        return transformers.Olmo2Config(**shape, num_key_value_heads=2)
+    if kind == "gpt_neox":  # fused qkv, partial rotary, parallel residual, LayerNorm with biases
+        return transformers.GPTNeoXConfig(**shape, rotary_pct=0.5)
+    raise KeyError(kind)
+
+
+def hf_model(kind: str, vocab: int = V, **ids):
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(hf_config(kind, vocab, **ids)).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: randomise them so they matter
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def model_folder(d, kind: str):
+    """A tiny random `kind` model saved by transformers, with an lmforge tokenizer beside it."""
+    tok = train_tokenizer(CORPUS, vocab_size=300)
+    m = hf_model(
+        kind, tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+    )
+    m.save_pretrained(d)
+    tok.save(d)
+    return m, tok
+
+
+def ids_(b=2, t=11, seed=1):
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generic_model_logits_names_and_round_trip(tmp_path, kind):
+    hf = hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(GenericPathWarning, match=f"model_type '{kind}' has no native lmforge family"):
+        ours = load_pretrained(tmp_path / "hf")
+    assert isinstance(ours, GenericCausalLM)
+    assert set(ours.state_dict()) == set(hf.state_dict())  # the HF names, nothing added
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+    assert ours.cfg.vocab_size == V and ours.cfg.n_layers == 2 and ours.cfg.d_model == 32
+    ids = ids_()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=1e-5)
+        h = ours.hidden_states(ids)
+        torch.testing.assert_close(ours.lm_head(h), ref, atol=1e-5, rtol=1e-5)
+        loss = ours(ids[:, :-1], targets=ids[:, 1:])
+        want = torch.nn.functional.cross_entropy(
+            ref[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+        )
+        torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-5)
+    save_pretrained(ours, tmp_path / "out", bos_id=None, eos_id=None)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == kind and saved["eos_token_id"] == hf.config.eos_token_id
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(back) is type(hf)
+    export_hf(tmp_path / "hf", tmp_path / "exported", model=ours)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again.eval()(ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_do_not_see_each_other(tmp_path):
+    hf = hf_model("gpt_neox")
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    a, b = ids_(1, 7, seed=2), ids_(1, 5, seed=3)
+    row = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 7 + [1] * 5])
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        packed = ours(row, position_ids=pos, attn_mask=DocumentMask(doc))
+        torch.testing.assert_close(packed[:, :7], hf(a).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 7:], hf(b).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generation_and_serve_engine_match_transformers_generate(tmp_path, kind):
+    from lmforge.serve.engine import Engine
+    from lmforge.serve.request import GenParams
+
+    hf, tok = model_folder(tmp_path, kind)
+    ours = load_pretrained(tmp_path)
+    prompts = [[5, 17, 40, 9], [33, 8, 21, 60, 61, 2, 90]]
+    want = []
+    with torch.no_grad():
+        for p in prompts:
+            x = torch.tensor([p])  # (an explicit mask: token 2 is the pad id, and a real token here)
+            out = hf.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, min_new_tokens=12
+            )
+            want.append(out[0, len(p) :].tolist())
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0)
+    assert generate(ours, prompts, sp, use_cache=True) == want  # left-padded batch, KV cache
+    assert generate(ours, prompts, sp, use_cache=False) == want
+    with Engine(ours, tok, max_batch=2) as engine:
+        got = engine.generate(prompts, GenParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in got] == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_adapter_loads_in_peft_and_merges(tmp_path, kind):
+    peft = pytest.importorskip("peft")
+    hf = hf_model(kind)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
+    names = apply_lora(model, LoraSettings(r=4, alpha=8))
+    linears = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(names) == linears - {n for n, m in hf.named_modules() if m is hf.get_output_embeddings()}
+    ids = ids_()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    opt.step()
+    model.eval()
+    assert all(float(m.lora_B.weight.detach().abs().sum()) > 0 for _, m in lora_modules(model))
+    with torch.no_grad():
+        ours = model(ids)
+    save_adapter(model, tmp_path / "adapter")
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    again = load_pretrained(tmp_path / "hf")
+    load_adapter(again, tmp_path / "adapter")
+    export_merged(tmp_path / "hf", tmp_path / "adapter", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again(ids), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged.eval()(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_what_the_generic_path_refuses(tmp_path):
+    hf_model("olmo2").save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConfigError, match="sft.method=lora"):
+        load_quantized(tmp_path / "hf", QLoraSettings(compute_dtype="float32"))
+    with pytest.raises(ConfigError, match="sft.method=lora"):
+        PromptTuned(load_pretrained(tmp_path / "hf"), 3)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_model"}))
+    with pytest.raises(
+        CheckpointError, match=r"config.json: model_type 'no_such_model' is not supported.*llama"
+    ):
+        load_pretrained(tmp_path / "bad")
