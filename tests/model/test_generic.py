@@ -180,3 +180,28 @@ def test_what_the_generic_path_refuses(tmp_path):
         CheckpointError, match=r"config.json: model_type 'no_such_model' is not supported.*llama"
     ):
         load_pretrained(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_sft_stage_runs_a_generic_model(tmp_path, method):
+    from lmforge.pipeline import load_config, run_stage
+
+    hf, _ = model_folder(tmp_path / "base", "gpt_neox")
+    overrides = [f"run.root={tmp_path}", f"sft.model={tmp_path / 'base'}", "sft.max_examples=24"]
+    overrides += ["sft.max_steps=2", "sft.batch_size=4", "sft.max_val_examples=4", "sft.num_samples=1"]
+    overrides += ["sft.sample_max_new_tokens=4", "run.device=cpu", f"sft.method={method}", "sft.seq_len=64"]
+    run_stage(load_config(None, overrides), "sft", force=True)
+    out = tmp_path / "tiny" / "sft" / ("model" if method == "full" else "adapter")
+    ids = ids_(1, 9)
+    with torch.no_grad():
+        before = hf(ids).logits  # (PeftModel below puts the adapter into `hf` itself)
+        if method == "full":
+            tuned = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        else:
+            peft = pytest.importorskip("peft")
+            tuned = peft.PeftModel.from_pretrained(hf, out).eval()
+        ours = load_pretrained(out) if method == "full" else load_pretrained(tmp_path / "base")
+        if method == "lora":
+            load_adapter(ours, out)
+        assert not torch.allclose(tuned(ids).logits, before)  # the step changed the model
+        torch.testing.assert_close(ours(ids), tuned(ids).logits, atol=1e-5, rtol=1e-5)
