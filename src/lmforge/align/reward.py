@@ -45,6 +45,7 @@ from ..stats import wilson
 from ..train.objectives.preference import bradley_terry_loss
 from .pair_batches import collate_pairs
 from .preference import Pair
+from .reward_generic import GenericRewardModel, load_generic_reward_model, save_generic_reward_model
 
 
 class RewardModel(nn.Module):
@@ -62,7 +63,10 @@ class RewardModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, lm: Transformer, seed: int = 0) -> RewardModel:
         """Reuse a language model's trunk (its lm_head is dropped); the head starts small and
-        random (seeded) so the initial scores are near zero but the trunk gets gradients."""
+        random (seeded) so the initial scores are near zero but the trunk gets gradients. A
+        generic-path model gets its architecture's transformers classifier (`reward_generic.py`)."""
+        if getattr(lm, "generic", False):
+            return GenericRewardModel.from_causal_lm(lm, seed)  # type: ignore[arg-type,return-value]
         rm = cls(lm.cfg, lm.model)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(1, lm.cfg.d_model, generator=g) / lm.cfg.d_model**0.5
@@ -93,6 +97,8 @@ def save_reward_model(
     from ..train.checkpoint import model_state_for_saving
 
     out = Path(out_dir)
+    if isinstance(rm, GenericRewardModel):
+        return save_generic_reward_model(rm, out, tokenizer_dir, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(rm)
     dt = str(state["score.weight"].dtype).removeprefix("torch.")
@@ -152,6 +158,8 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
             f"{folder / 'config.json'}: a reward model has num_labels 1, this one {hf.get('num_labels')}"
         )
     cfg = from_hf_config(hf, str(folder / "config.json"))
+    if cfg.hf_config is not None:  # the generic path: the architecture's transformers classifier
+        return load_generic_reward_model(folder, hf, device)  # type: ignore[return-value]
     with torch.device("meta"):
         rm = RewardModel(cfg)
     state = _read_weights(folder, cfg)  # the family's names -> lmforge's (score.weight as is)

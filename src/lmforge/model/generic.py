@@ -25,9 +25,9 @@ How the model looks like a `Transformer` to the rest of lmforge:
 - A K/V cache (`transformer.KVCache`, serve's `SlotCache`) is reached through `CacheBridge`,
   a `transformers.Cache` whose `update` writes into the lmforge cache: the generator and the
   serve engine run the model unchanged.
-Not on this path: prompt tuning and QLoRA (they rebuild lmforge's own decoder), the serve
-engine's fused fast path, reward-model training (the trunk is trained through lmforge's own
-decoder; a generic model's `<Arch>ForSequenceClassification` is only used for scoring).
+Reward models over such a trunk are the architecture's own `<Arch>ForSequenceClassification`
+(`align/reward_generic.py`). Not on this path: prompt tuning and QLoRA (they rebuild lmforge's
+own decoder) and the serve engine's fused fast path.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -128,8 +128,9 @@ class GenericCausalLM(nn.Module):
     """A `transformers` causal LM with `Transformer`'s interface (see the module docstring)."""
 
     generic = True
+    hf: Any  # the transformers model whose module tree this one shares
 
-    def __init__(self, hf_model: nn.Module, cfg: ModelConfig, source: str = "model"):
+    def __init__(self, hf_model: Any, cfg: ModelConfig, source: str = "model"):
         super().__init__()
         # the HF model's tree is this module's tree: same children, names and parameters
         self.__dict__["hf"] = hf_model
@@ -285,7 +286,7 @@ def load_generic(
         raise CheckpointError(
             f"{folder}: transformers cannot load this {hf.get('model_type')} model ({e})"
         ) from None
-    out = GenericCausalLM(model.to(device), cfg, str(folder)).eval()
+    out = GenericCausalLM(cast(Any, model).to(device), cfg, str(folder)).eval()
     _self_check(out, str(folder))
     capped = f"; context capped to the sliding window ({cap} tokens)" if cap is not None else ""
     warnings.warn(
