@@ -23,9 +23,8 @@ Why this shape:
   one low-rank pair per expert (`lora_experts.py`, saved as PEFT `target_parameters`). When the
   targets leave most of the model's weights untouched (a Mixtral with attention-only targets)
   `apply_lora` warns and says which names would adapt the rest.
-* A generic-path model (`model/generic.py`) has its architecture's own layer names; the default
-  targets there are every linear layer but the output head (PEFT's "all-linear"), and the
-  adapter's keys are the names `peft` uses on that `transformers` model.
+* A generic-path model (`model/generic.py`): default targets = every linear layer but the head
+  (PEFT's "all-linear"); adapter keys are the names `peft` uses on the `transformers` model.
 """
 
 from __future__ import annotations
@@ -209,10 +208,8 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 
 def generic_targets(model: nn.Module) -> list[str]:
-    """The default targets of a generic-path model (layer names differ per architecture): every
-    linear layer but the output head, as PEFT's "all-linear"."""
-    hf: Any = model.hf  # a GenericCausalLM: the transformers model it shares its layers with
-    head = hf.get_output_embeddings()
+    """Every linear layer but the output head (the default targets of a generic-path model)."""
+    head = cast(Any, model).hf.get_output_embeddings()
     return [n for n, m in model.named_modules() if is_linear(m) and m is not head]
 
 
