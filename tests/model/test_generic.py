@@ -205,3 +205,34 @@ def test_sft_stage_runs_a_generic_model(tmp_path, method):
             load_adapter(ours, out)
         assert not torch.allclose(tuned(ids).logits, before)  # the step changed the model
         torch.testing.assert_close(ours(ids), tuned(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_align_and_reward_stages_run_a_generic_model(tmp_path):
+    """DPO (the align stage) and the reward stage on a GPT-NeoX: the outputs are the
+    architecture's own transformers folders."""
+    from lmforge.pipeline import load_config, run_stage
+    from tests.conftest import synthetic_pairs
+
+    hf, _ = model_folder(tmp_path / "base", "gpt_neox")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs()))
+    common = [f"run.root={tmp_path}", "run.device=cpu"]
+    align = [
+        f"align.model={tmp_path / 'base'}",
+        f"align.data={data}",
+        "align.max_steps=2",
+        "align.batch_size=4",
+    ]
+    align += ["align.seq_len=64", "align.checkpoint_every=0", "align.lr=1e-2", "align.warmup_steps=0"]
+    run_stage(load_config(None, [*common, *align, "align.method=dpo"]), "align", force=True)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "align" / "model")
+    ids = ids_(1, 9)
+    with torch.no_grad():
+        assert not torch.allclose(tuned.float().eval()(ids).logits, hf(ids).logits)
+    reward = [f"reward.model={tmp_path / 'base'}", f"reward.data={data}", "reward.max_steps=2"]
+    reward += ["reward.batch_size=4", "reward.seq_len=64", "reward.checkpoint_every=0"]
+    run_stage(load_config(None, [*common, *reward]), "reward", force=True)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "tiny" / "reward" / "model"
+    )
+    assert type(rm).__name__ == "GPTNeoXForSequenceClassification"
