@@ -28,12 +28,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::lmforge.model.generic.GenericPathWarning"),
 ]
 KINDS = ["olmo2", "gpt_neox"]
+EVEN = "tests.align.test_rl:even_tokens"  # a reward function: the share of even token ids
 V = 97
 
 
 def hf_config(kind: str, vocab: int = V, **ids):
     shape = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    shape.update(num_attention_heads=4, max_position_embeddings=64, **ids)
+    shape.update({"num_attention_heads": 4, "max_position_embeddings": 64, **ids})
     if kind == "olmo2":  # grouped-query attention, q/k norms, norms after attention and MLP
         return transformers.Olmo2Config(**shape, num_key_value_heads=2)
     if kind == "gpt_neox":  # fused qkv, partial rotary, parallel residual, LayerNorm with biases
@@ -51,12 +52,11 @@ def hf_model(kind: str, vocab: int = V, **ids):
     return m
 
 
-def model_folder(d, kind: str):
+def model_folder(d, kind: str, context: int = 64):
     """A tiny random `kind` model saved by transformers, with an lmforge tokenizer beside it."""
     tok = train_tokenizer(CORPUS, vocab_size=300)
-    m = hf_model(
-        kind, tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
-    )
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    m = hf_model(kind, tok.vocab_size, max_position_embeddings=context, **ids)
     m.save_pretrained(d)
     tok.save(d)
     return m, tok
@@ -236,3 +236,21 @@ def test_align_and_reward_stages_run_a_generic_model(tmp_path):
         tmp_path / "tiny" / "reward" / "model"
     )
     assert type(rm).__name__ == "GPTNeoXForSequenceClassification"
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_rl_stage_runs_a_generic_model(tmp_path, method):
+    """PPO (value head on the generic trunk) and GRPO through the rl stage on an OLMo 2; the
+    policy it saves loads in transformers and differs from the start."""
+    from lmforge.pipeline import load_config, run_stage
+
+    hf, _ = model_folder(tmp_path / "base", "olmo2", context=256)
+    args = [f"run.root={tmp_path}", f"rl.model={tmp_path / 'base'}", "run.device=cpu", "rl.lr=1e-2"]
+    args += [f"rl.method={method}", "rl.data=[builtin]", "rl.batch_size=8", "rl.max_val_examples=4"]
+    args += ["rl.eval_every=0", "rl.max_steps=2", "rl.grpo.max_new_tokens=6", "rl.ppo.max_new_tokens=6"]
+    args += [f"rl.grpo.rewards=[{EVEN}]", f"rl.ppo.rewards=[{EVEN}]"]
+    run_stage(load_config(None, args), "rl", force=True)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny" / "rl" / "model")
+    ids = ids_(1, 9)
+    with torch.no_grad():
+        assert not torch.allclose(tuned.float().eval()(ids).logits, hf(ids).logits)
