@@ -254,3 +254,32 @@ def test_rl_stage_runs_a_generic_model(tmp_path, method):
     ids = ids_(1, 9)
     with torch.no_grad():
         assert not torch.allclose(tuned.float().eval()(ids).logits, hf(ids).logits)
+
+
+def test_eval_perplexity_of_a_generic_model_is_transformers_loss(tmp_path):
+    import math
+    from pathlib import Path
+
+    import numpy as np
+
+    from lmforge.data.shards import Shard
+    from lmforge.eval.perplexity import evaluate_shard
+
+    hf = hf_model("olmo2")
+    hf.save_pretrained(tmp_path / "hf")
+    stream = ids_(1, 65, seed=7)[0]
+    shard = Shard(stream.numpy().astype(np.uint16), np.array([0]), {"n_tokens": 65}, Path("val.bin"))
+    res = evaluate_shard(
+        load_pretrained(tmp_path / "hf"),
+        shard,
+        np.ones(V, dtype=np.int64),
+        seq_len=16,
+        batch_size=3,
+        device=torch.device("cpu"),
+    )
+    x, y = stream[:64].view(4, 16), stream[1:65].view(4, 16)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten())
+    assert res["tokens"] == 64
+    assert math.isclose(res["loss"], float(want), rel_tol=1e-5)
+    assert math.isclose(res["ppl"], math.exp(float(want)), rel_tol=1e-4)
