@@ -174,6 +174,10 @@ def test_what_the_generic_path_refuses(tmp_path):
     with pytest.raises(ConfigError, match="sft.method=lora"):
         PromptTuned(load_pretrained(tmp_path / "hf"), 3)
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    # OLMo (1) has no q/k norms: transformers would drop those weights and run; lmforge refuses
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "olmo"}))
+    with pytest.raises(CheckpointError, match=r"do not match a olmo model.*unexpected keys.*k_norm"):
+        load_pretrained(tmp_path / "hf")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_model"}))
     with pytest.raises(

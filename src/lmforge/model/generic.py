@@ -273,19 +273,27 @@ def load_generic(
     if cap is not None:
         cfg = cfg.model_copy(update={"max_seq_len": cap})
     kw: dict[str, Any] = dict(
-        local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=dtype or torch.float32
+        local_files_only=True,
+        trust_remote_code=False,
+        use_safetensors=True,
+        dtype=dtype or torch.float32,
+        output_loading_info=True,
     )
+    mt = hf.get("model_type")
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", **kw)
         except ValueError as e:
             if "sdpa" not in str(e).lower():
                 raise
-            model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{folder}: transformers cannot load this {hf.get('model_type')} model ({e})"
-        ) from None
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", **kw)
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{folder}: transformers cannot load this {mt} model ({e})") from None
+    # transformers initialises missing weights at random and drops unexpected ones: refuse both
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in bad.items() if v)
+        raise CheckpointError(f"{folder}: the weights do not match a {mt} model of config.json ({found})")
     out = GenericCausalLM(cast(Any, model).to(device), cfg, str(folder)).eval()
     _self_check(out, str(folder))
     capped = f"; context capped to the sliding window ({cap} tokens)" if cap is not None else ""
