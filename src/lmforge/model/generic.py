@@ -266,6 +266,7 @@ def load_generic(
     `transformers.AutoModelForCausalLM`, offline, safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
 
+    auto: Any = AutoModelForCausalLM  # with output_loading_info it returns (model, info)
     folder = Path(folder)
     source = str(folder / "config.json")
     cfg = generic_config(hf, source)
@@ -282,11 +283,11 @@ def load_generic(
     mt = hf.get("model_type")
     try:
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", **kw)
+            model, info = auto.from_pretrained(str(folder), attn_implementation="sdpa", **kw)
         except ValueError as e:
             if "sdpa" not in str(e).lower():
                 raise
-            model, info = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager", **kw)
+            model, info = auto.from_pretrained(str(folder), attn_implementation="eager", **kw)
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{folder}: transformers cannot load this {mt} model ({e})") from None
     # transformers initialises missing weights at random and drops unexpected ones: refuse both
