@@ -287,3 +287,27 @@ def test_eval_perplexity_of_a_generic_model_is_transformers_loss(tmp_path):
     assert res["tokens"] == 64
     assert math.isclose(res["loss"], float(want), rel_tol=1e-5)
     assert math.isclose(res["ppl"], math.exp(float(want)), rel_tol=1e-4)
+
+
+def test_a_sliding_window_shorter_than_the_context_caps_the_context(tmp_path):
+    """The 4D masks do not apply a sliding window, so lmforge's context stops at the window:
+    within it the logits equal transformers'."""
+    hf_cfg = transformers.Starcoder2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=8,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.warns(GenericPathWarning, match=r"context capped to the sliding window \(8 tokens\)"):
+        ours = load_pretrained(tmp_path / "hf")
+    assert ours.cfg.max_seq_len == 8
+    ids = ids_(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
