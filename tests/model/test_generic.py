@@ -209,6 +209,9 @@ def test_sft_stage_runs_a_generic_model(tmp_path, method):
             load_adapter(ours, out)
         assert not torch.allclose(tuned(ids).logits, before)  # the step changed the model
         torch.testing.assert_close(ours(ids), tuned(ids).logits, atol=1e-5, rtol=1e-5)
+        merged = tmp_path / "tiny" / "sft" / "model"  # LoRA: the merged model is saved too
+        merged_logits = transformers.AutoModelForCausalLM.from_pretrained(merged).float().eval()(ids).logits
+        torch.testing.assert_close(merged_logits, tuned(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_align_and_reward_stages_run_a_generic_model(tmp_path):

@@ -113,7 +113,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     if mt not in SUPPORTED and not is_generic(hf):
         raise CheckpointError(
             f"{source}: model_type {mt!r} is not supported: lmforge has no native family for it "
-            f"(native: {supported_types()}) and the installed transformers has no causal LM for it"
+            f"(native: {supported_types()}) and transformers has no causal LM for it (or is not installed)"
         )
     if mt not in SUPPORTED:
         return GENERIC.from_hf(hf, source)
