@@ -39,6 +39,8 @@ def hf_config(kind: str, vocab: int = V, **ids):
         return transformers.Olmo2Config(**shape, num_key_value_heads=2)
     if kind == "gpt_neox":  # fused qkv, partial rotary, parallel residual, LayerNorm with biases
         return transformers.GPTNeoXConfig(**shape, rotary_pct=0.5)
+    if kind == "cohere":  # logits scaled after the (tied) head, parallel attention and MLP
+        return transformers.CohereConfig(**shape, num_key_value_heads=2, logit_scale=0.5)
     raise KeyError(kind)
 
 
@@ -66,7 +68,7 @@ def ids_(b=2, t=11, seed=1):
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "cohere"])
 def test_generic_model_logits_names_and_round_trip(tmp_path, kind):
     hf = hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
