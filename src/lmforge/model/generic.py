@@ -265,6 +265,7 @@ def load_generic(
     """The model of `folder` (a config.json whose model_type has no native family) through
     `transformers.AutoModelForCausalLM`, offline, safetensors only, no remote code."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     auto: Any = AutoModelForCausalLM  # with output_loading_info it returns (model, info)
     folder = Path(folder)
@@ -281,6 +282,8 @@ def load_generic(
         output_loading_info=True,
     )
     mt = hf.get("model_type")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the load line below is the output; no per-tensor bar
     try:
         try:
             model, info = auto.from_pretrained(str(folder), attn_implementation="sdpa", **kw)
@@ -290,6 +293,9 @@ def load_generic(
             model, info = auto.from_pretrained(str(folder), attn_implementation="eager", **kw)
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{folder}: transformers cannot load this {mt} model ({e})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     # transformers initialises missing weights at random and drops unexpected ones: refuse both
     bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
