@@ -152,7 +152,7 @@ def test_length_baseline_counts_the_shorter_answer_and_ties_half():
     assert flipped["rule"] == "longer" and flipped["best"] == 0.625 and length_baseline([]) == {}
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gpt2", "phi3", "qwen3"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gpt2", "phi3", "qwen3", "mixtral"])
 def test_family_reward_model_is_the_family_class_in_transformers(tmp_path, kind):
     """A reward model over an imported family saves as that family's own sequence classifier
     (GPT-2's Conv1D names, Phi-3's fused projections) and transformers scores it like lmforge:
@@ -167,7 +167,8 @@ def test_family_reward_model_is_the_family_class_in_transformers(tmp_path, kind)
     hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "rm", dtype=torch.float32
     )
-    want = {"gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT2", "phi3": "Phi3", "qwen3": "Qwen3"}[kind]
+    names = {"gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT2", "phi3": "Phi3", "qwen3": "Qwen3"}
+    want = names.get(kind, "Mixtral")
     assert type(hf_rm).__name__ == f"{want}ForSequenceClassification"
     x = _ids(3, 9, seed=5).clamp(min=1)  # 0 is the pad id
     lengths = torch.tensor([9, 6, 4])
