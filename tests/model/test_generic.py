@@ -316,3 +316,26 @@ def test_a_sliding_window_shorter_than_the_context_caps_the_context(tmp_path):
     ids = ids_(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_stage_with_lora_on_a_generic_model(tmp_path):
+    """LoRA on the trunk of a generic-path reward model (the score head trains whole, untouched
+    by LoRA); the merged classifier loads in transformers."""
+    from lmforge.pipeline import load_config, run_stage
+    from tests.conftest import synthetic_pairs
+
+    model_folder(tmp_path / "base", "olmo2")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs()))
+    args = [
+        f"run.root={tmp_path}",
+        "run.device=cpu",
+        f"reward.model={tmp_path / 'base'}",
+        f"reward.data={data}",
+    ]
+    args += ["reward.max_steps=2", "reward.batch_size=4", "reward.seq_len=64", "reward.checkpoint_every=0"]
+    run_stage(load_config(None, [*args, "reward.peft=lora", "reward.lora.r=4"]), "reward", force=True)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "tiny" / "reward" / "model"
+    )
+    assert type(rm).__name__ == "Olmo2ForSequenceClassification"

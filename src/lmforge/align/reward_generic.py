@@ -48,31 +48,34 @@ class GenericRewardModel(GenericCausalLM):
 
     @classmethod
     def from_causal_lm(cls, lm: GenericCausalLM, seed: int = 0) -> GenericRewardModel:
-        """The classifier of `lm`'s architecture over `lm`'s trunk weights; the head starts small
-        and random (seeded), as `RewardModel.from_causal_lm`."""
+        """The classifier of `lm`'s architecture over `lm`'s trunk module itself (LoRA layers and
+        frozen weights included); the head starts small and random (seeded), in fp32, as
+        `RewardModel.from_causal_lm`."""
         from transformers import AutoModelForSequenceClassification
 
         name = sequence_classifier_class(lm.cfg.hf_type, lm.source)
-        config = type(lm.hf.config).from_dict({**lm.hf.config.to_dict(), "num_labels": 1})
+        keep = {k: v for k, v in lm.hf.config.to_dict().items() if k not in ("id2label", "label2id")}
+        config = type(lm.hf.config).from_dict({**keep, "num_labels": 1})
         config._attn_implementation = lm.hf.config._attn_implementation
+        with torch.device("meta"):  # the trunk is replaced below: never allocate a second one
+            hfm = AutoModelForSequenceClassification.from_config(config)
+        prefix = hfm.base_model_prefix
+        if type(hfm).__name__ != name or prefix != lm.hf.base_model_prefix:
+            raise CheckpointError(f"{lm.source}: {type(hfm).__name__} does not share {name}'s trunk")
+        setattr(hfm, prefix, getattr(lm.hf, prefix))
         p = next(lm.parameters())
-        hfm = AutoModelForSequenceClassification.from_config(config).to(device=p.device, dtype=p.dtype)
-        if type(hfm).__name__ != name:
-            raise CheckpointError(f"{lm.source}: expected {name}, transformers built {type(hfm).__name__}")
-        prefix = hfm.base_model_prefix + "."
-        trunk = {k: v for k, v in lm.state_dict().items() if k.startswith(prefix)}
-        missing, unexpected = hfm.load_state_dict(trunk, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("score.")]:
-            raise CheckpointError(
-                f"{lm.source}: the {name} trunk does not match the causal LM's "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
         g = torch.Generator().manual_seed(seed)
-        d = hfm.score.weight.shape[1]
+        d = lm.cfg.d_model
+        hfm.score = torch.nn.Linear(d, 1, bias=False, device=p.device, dtype=torch.float32)
         with torch.no_grad():
             hfm.score.weight.copy_(torch.randn(1, d, generator=g) / d**0.5)
-        hfm.score.weight.data = hfm.score.weight.data.float()  # fp32 even over a bf16 trunk
-        return cls(hfm.train(lm.training), lm.cfg, lm.source)
+        left = [n for n, t in [*hfm.named_parameters(), *hfm.named_buffers()] if t.is_meta]
+        if left:
+            raise CheckpointError(f"{lm.source}: {name} has weights beside its trunk and score: {left[:3]}")
+        rm = cls(hfm.train(lm.training), lm.cfg, lm.source)
+        if hasattr(lm, "lora_settings"):
+            rm.lora_settings = lm.lora_settings
+        return rm
 
     @property
     def score(self) -> torch.nn.Module:

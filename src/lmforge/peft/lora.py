@@ -208,9 +208,9 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 
 def generic_targets(model: nn.Module) -> list[str]:
-    """Every linear layer but the output head (the default targets of a generic-path model)."""
+    """Every linear layer in the trunk: not the LM head, nor a reward model's `score` (top level)."""
     head = cast(Any, model).hf.get_output_embeddings()
-    return [n for n, m in model.named_modules() if is_linear(m) and m is not head]
+    return [n for n, m in model.named_modules() if is_linear(m) and "." in n and m is not head]
 
 
 def _split_targets(model: nn.Module, targets: list[str] | str) -> tuple[list[str] | str | None, list[str]]:
