@@ -150,3 +150,63 @@ def test_length_baseline_counts_the_shorter_answer_and_ties_half():
     assert lb["ci_low"] < 0.625 < lb["ci_high"]
     flipped = length_baseline([Pair(p.prompt, p.rejected, p.chosen) for p in pairs])
     assert flipped["rule"] == "longer" and flipped["best"] == 0.625 and length_baseline([]) == {}
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gpt2", "phi3", "qwen3", "mixtral"])
+def test_family_reward_model_is_the_family_class_in_transformers(tmp_path, kind):
+    """A reward model over an imported family saves as that family's own sequence classifier
+    (GPT-2's Conv1D names, Phi-3's fused projections) and transformers scores it like lmforge:
+    at each row's last non-pad token."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import load_pretrained
+    from tests.model.test_families import _hf_model, _ids
+
+    _hf_model(kind).save_pretrained(tmp_path / "hf")
+    rm = RewardModel.from_causal_lm(load_pretrained(tmp_path / "hf"), seed=3)
+    save_reward_model(rm, tmp_path / "rm", pad_id=0)
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm", dtype=torch.float32
+    )
+    names = {"gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT2", "phi3": "Phi3", "qwen3": "Qwen3"}
+    want = names.get(kind, "Mixtral")
+    assert type(hf_rm).__name__ == f"{want}ForSequenceClassification"
+    x = _ids(3, 9, seed=5).clamp(min=1)  # 0 is the pad id
+    lengths = torch.tensor([9, 6, 4])
+    for b, n in enumerate(lengths.tolist()):
+        x[b, n:] = 0
+    back = load_reward_model(tmp_path / "rm")
+    with torch.no_grad():
+        ours = rm.eval()(x, lengths)
+        torch.testing.assert_close(hf_rm.eval()(x).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(x, lengths), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_generic_path_reward_model_is_the_transformers_classifier(tmp_path):
+    """A reward model over a model with no native family (OLMo 2): the transformers
+    Olmo2ForSequenceClassification, trained a step, saved, and scored alike by lmforge and
+    transformers."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import load_pretrained
+    from tests.model.test_generic import hf_model
+
+    hf_model("olmo2").save_pretrained(tmp_path / "hf")
+    rm = RewardModel.from_causal_lm(load_pretrained(tmp_path / "hf"), seed=3)
+    x = torch.randint(1, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([8, 5, 7, 3])
+    for b, n in enumerate(lengths.tolist()):
+        x[b, n:] = 0
+    rm.train()
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    r = rm(x, lengths)
+    torch.nn.functional.logsigmoid(r[:2] - r[2:]).neg().mean().backward()
+    opt.step()
+    rm.eval()
+    save_reward_model(rm, tmp_path / "rm", pad_id=0)
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm", dtype=torch.float32
+    )
+    assert type(hf_rm).__name__ == "Olmo2ForSequenceClassification"
+    with torch.no_grad():
+        ours = rm(x, lengths)
+        torch.testing.assert_close(hf_rm.eval()(x).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_reward_model(tmp_path / "rm")(x, lengths), ours, atol=1e-6, rtol=1e-6)

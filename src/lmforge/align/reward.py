@@ -1,10 +1,13 @@
 """Reward models: the transformer trunk with a scalar `score` head, trained on preference pairs.
 
-Layout = Hugging Face `LlamaForSequenceClassification` with `num_labels: 1`: trunk weights under
-`model.` (the same names as the causal LM), `score.weight` [1, d_model], no lm_head, and
-`pad_token_id` in config.json. The score is read at the *last non-pad token* of each row, as
-transformers does, so `AutoModelForSequenceClassification.from_pretrained(folder)` gives the same
-numbers (tested).
+Layout = the model family's own Hugging Face sequence-classification class with `num_labels: 1`
+(`LlamaForSequenceClassification`, `Qwen2...`, `Mistral...`, `Qwen3...`, `Gemma...`, `Gemma2...`,
+`Gemma3Text...`, `Phi3...`, `GPT2...`, `Mixtral...`): the trunk weights under the family's names
+(the causal LM's, converted by the family, e.g. GPT-2's `transformer.h.*` Conv1D layout),
+`score.weight` [1, d_model], no lm_head, and `pad_token_id` in config.json. The score is read at
+the *last non-pad token* of each row, as transformers does, so
+`AutoModelForSequenceClassification.from_pretrained(folder)` gives the same numbers (tested).
+lmforge's own MoE layout (`lmforge_moe`) has no transformers class: lmforge alone reads it.
 
 Training objective: Bradley-Terry, ``-logsigmoid(r_chosen - r_rejected - margin)`` with the
 optional per-pair margin from the data. Evaluation: held-out pairwise accuracy (chosen scored
@@ -27,6 +30,7 @@ import torch.nn as nn
 from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
 from ..model.config import ModelConfig
+from ..model.families import family_for_config
 from ..model.hf import (
     _read_weights,
     copy_tokenizer_files,
@@ -41,6 +45,7 @@ from ..stats import wilson
 from ..train.objectives.preference import bradley_terry_loss
 from .pair_batches import collate_pairs
 from .preference import Pair
+from .reward_generic import GenericRewardModel, load_generic_reward_model, save_generic_reward_model
 
 
 class RewardModel(nn.Module):
@@ -58,7 +63,10 @@ class RewardModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, lm: Transformer, seed: int = 0) -> RewardModel:
         """Reuse a language model's trunk (its lm_head is dropped); the head starts small and
-        random (seeded) so the initial scores are near zero but the trunk gets gradients."""
+        random (seeded) so the initial scores are near zero but the trunk gets gradients. A
+        generic-path model gets its architecture's transformers classifier (`reward_generic.py`)."""
+        if getattr(lm, "generic", False):
+            return GenericRewardModel.from_causal_lm(lm, seed)  # type: ignore[arg-type,return-value]
         rm = cls(lm.cfg, lm.model)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(1, lm.cfg.d_model, generator=g) / lm.cfg.d_model**0.5
@@ -85,16 +93,18 @@ def save_reward_model(
     eos_id: int | None = None,
     pad_id: int | None = None,
 ) -> Path:
-    """An HF `LlamaForSequenceClassification` folder (num_labels 1) with the tokenizer files."""
+    """The family's `*ForSequenceClassification` folder (num_labels 1) with the tokenizer files."""
     from ..train.checkpoint import model_state_for_saving
 
     out = Path(out_dir)
+    if isinstance(rm, GenericRewardModel):
+        return save_generic_reward_model(rm, out, tokenizer_dir, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     out.mkdir(parents=True, exist_ok=True)
     state = model_state_for_saving(rm)
     dt = str(state["score.weight"].dtype).removeprefix("torch.")
-    write_weights(state, out)
     cfg = to_hf_config(rm.cfg, bos_id=bos_id, eos_id=eos_id, dtype=dt)
-    arch = "Qwen2ForSequenceClassification" if rm.cfg.qkv_bias else "LlamaForSequenceClassification"
+    write_weights(family_for_config(rm.cfg).keys_out(state, rm.cfg), out)
+    arch = sequence_classifier(cfg.get("model_type"))
     cfg.update(
         architectures=[arch],
         num_labels=1,
@@ -106,6 +116,28 @@ def save_reward_model(
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     return out
+
+
+SEQUENCE_CLASSIFIERS = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+    "phi3": "Phi3ForSequenceClassification",
+    "gpt2": "GPT2ForSequenceClassification",
+    "mixtral": "MixtralForSequenceClassification",
+}
+
+
+def sequence_classifier(model_type: str | None) -> str:
+    """The transformers class of a reward model of `model_type` (lmforge's own MoE layout, which
+    transformers cannot load, gets a name of its own that only lmforge reads)."""
+    if model_type in SEQUENCE_CLASSIFIERS:
+        return SEQUENCE_CLASSIFIERS[model_type]
+    return f"{''.join(w.capitalize() for w in str(model_type).split('_'))}ForSequenceClassification"
 
 
 def is_reward_model(folder: str | Path) -> bool:
@@ -126,9 +158,11 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
             f"{folder / 'config.json'}: a reward model has num_labels 1, this one {hf.get('num_labels')}"
         )
     cfg = from_hf_config(hf, str(folder / "config.json"))
+    if cfg.hf_config is not None:  # the generic path: the architecture's transformers classifier
+        return load_generic_reward_model(folder, hf, device)  # type: ignore[return-value]
     with torch.device("meta"):
         rm = RewardModel(cfg)
-    state = _read_weights(folder)
+    state = _read_weights(folder, cfg)  # the family's names -> lmforge's (score.weight as is)
     own = rm.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own and "rotary" not in k]
@@ -144,7 +178,10 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
             )
     rm = rm.to_empty(device=device)
     rm.load_state_dict({k: v for k, v in state.items() if k in own})
-    rm.model.rotary = type(rm.model.rotary)(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len).to(device)
+    rotary = type(rm.model.rotary)
+    rm.model.rotary = rotary(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_linear_factor).to(device)
+    if cfg.rope_theta_local is not None:
+        rm.model.rotary_local = rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len).to(device)
     return rm.eval()
 
 

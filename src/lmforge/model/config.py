@@ -74,6 +74,10 @@ class ModelConfig(BaseModel):
     moe_d_ff: int | None = Field(None, ge=1, description="expert hidden width; default = d_ff")
     aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight")
     z_loss_coef: float = Field(0.001, ge=0, description="router z-loss weight")
+    # A model run by `transformers` itself (no native family): its whole config.json
+    hf_config: dict | None = Field(
+        None, description="config.json of a generic-path model (model/generic.py); None = native"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

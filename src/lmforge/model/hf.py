@@ -36,7 +36,8 @@ from ..artifacts import verify_path
 from ..errors import CheckpointError
 from ..runs import atomic_path, atomic_write_json
 from .config import ModelConfig
-from .families import family_for_config, family_for_type, supported_types
+from .families import GENERIC, family_for_config, family_for_type, supported_types
+from .generic import load_generic, transformers_causal_lm
 from .hf_moe import LMFORGE_MOE, mixtral_blockers
 from .resources import check_model_folder
 from .transformer import Transformer
@@ -91,13 +92,32 @@ def parse_size(s: str | int | None) -> int | None:
 def to_hf_config(
     cfg: ModelConfig, *, bos_id: int | None = None, eos_id: int | None = None, dtype: str = "float32"
 ) -> dict:
-    """config.json of `cfg` in its family's format (see `families/`)."""
+    """config.json of `cfg` in its family's format (see `families/`); a generic-path model's
+    own config.json, keeping its token ids where none are given."""
     out = family_for_config(cfg).to_hf(cfg)
-    return {**out, "torch_dtype": dtype, "dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id}
+    ids = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    if cfg.hf_config is not None:
+        ids = {k: v if v is not None else out.get(k) for k, v in ids.items()}
+    return {**out, "torch_dtype": dtype, "dtype": dtype, **ids}
+
+
+def is_generic(hf: dict) -> bool:
+    """True when config.json's model_type has no native family but transformers has a causal LM
+    for it: the model runs on the generic path (`model/generic.py`)."""
+    mt = hf.get("model_type")
+    return mt not in SUPPORTED and transformers_causal_lm(mt)
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    return family_for_type(hf.get("model_type"), source).from_hf(hf, source)
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED and not is_generic(hf):
+        raise CheckpointError(
+            f"{source}: model_type {mt!r} is not supported: lmforge has no native family for it "
+            f"(native: {supported_types()}) and transformers has no causal LM for it (or is not installed)"
+        )
+    if mt not in SUPPORTED:
+        return GENERIC.from_hf(hf, source)
+    return family_for_type(mt, source).from_hf(hf, source)
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -346,11 +366,16 @@ def finish_model(model: Transformer, device) -> Transformer:
 def load_pretrained(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> Transformer:
-    """An lmforge or HF model folder (any supported family) -> Transformer in eval mode.
-    `dtype` None keeps float32 (training precision); pass bfloat16 to halve memory."""
+    """An lmforge or HF model folder (any supported family) -> Transformer in eval mode; a
+    model_type without a native family that transformers can load -> `GenericCausalLM` (same
+    interface; one `GenericPathWarning` line says so). `dtype` None keeps float32 (training
+    precision); pass bfloat16 to halve memory."""
     folder = Path(folder)
-    cfg = from_hf_config(read_hf_config(folder), str(folder / "config.json"))
+    hf = read_hf_config(folder)
+    cfg = from_hf_config(hf, str(folder / "config.json"))
     dtype = parse_dtype(dtype)
+    if cfg.hf_config is not None:  # the generic path: typed as the Transformer it stands in for
+        return load_generic(folder, hf, device, dtype)  # type: ignore[return-value]
     model = empty_model(cfg, folder)
     state = _read_weights(folder, cfg)
     own = model.state_dict()

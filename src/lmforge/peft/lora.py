@@ -23,6 +23,8 @@ Why this shape:
   one low-rank pair per expert (`lora_experts.py`, saved as PEFT `target_parameters`). When the
   targets leave most of the model's weights untouched (a Mixtral with attention-only targets)
   `apply_lora` warns and says which names would adapt the rest.
+* A generic-path model (`model/generic.py`): default targets = every linear layer but the head
+  (PEFT's "all-linear"); adapter keys are the names `peft` uses on the `transformers` model.
 """
 
 from __future__ import annotations
@@ -205,6 +207,12 @@ def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return names
 
 
+def generic_targets(model: nn.Module) -> list[str]:
+    """Every linear layer in the trunk: not the LM head, nor a reward model's `score` (top level)."""
+    head = cast(Any, model).hf.get_output_embeddings()
+    return [n for n, m in model.named_modules() if is_linear(m) and "." in n and m is not head]
+
+
 def _split_targets(model: nn.Module, targets: list[str] | str) -> tuple[list[str] | str | None, list[str]]:
     """(linear-layer targets or None, stacked expert tensors to adapt)."""
     if isinstance(targets, str) or not any(is_experts(m) for m in model.modules()):
@@ -225,6 +233,8 @@ def apply_lora(model: nn.Module, s: LoraSettings) -> list[str]:
             "lora: dropout and DoRA are not available on expert weights (w1/w2/w3; PEFT's "
             "parameter LoRA has neither); set lora.dropout: 0 and lora.use_dora: false"
         )
+    if getattr(model, "generic", False) and linear == ALL_LINEAR:
+        linear = generic_targets(model)
     names = match_targets(model, linear) if linear is not None else []
     adapted = 0
     for name in names:

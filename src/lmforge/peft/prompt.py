@@ -40,6 +40,11 @@ class PromptSettings(BaseModel):
 class PromptTuned(nn.Module):
     def __init__(self, model: Transformer, n_virtual: int, init_ids: list[int] | None = None, seed: int = 0):
         super().__init__()
+        if model.cfg.hf_config is not None:
+            raise ConfigError(
+                f"prompt tuning runs on lmforge's own decoder; this {model.cfg.hf_type} model runs on the "
+                "generic transformers path: use sft.method=lora instead"
+            )
         if model.cfg.positions != "rope" or model.cfg.rope_theta_local is not None:
             raise ConfigError(
                 "prompt tuning needs a model with one RoPE table (virtual tokens take positions "

@@ -251,7 +251,13 @@ def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_quantizable(cfg: ModelConfig, source: str = "model") -> None:
-    """Refuse, naming the first tensor, a model whose block weights NF4 cannot store."""
+    """Refuse, naming the first tensor, a model whose block weights NF4 cannot store, and a
+    generic-path model (run by transformers: lmforge's NF4 layers cannot be put in it)."""
+    if cfg.hf_config is not None:
+        raise ConfigError(
+            f"{source}: model_type {cfg.hf_type!r} runs on the generic transformers path, which has "
+            f"no QLoRA; use sft.method=lora (with sft.base_dtype=bfloat16 to save memory)"
+        )
     for name, shape in quantized_shapes(cfg).items():
         per_matrix = math.prod(shape[-2:])
         if per_matrix % BLOCK:

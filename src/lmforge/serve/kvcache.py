@@ -34,6 +34,11 @@ class SlotCache:
         self._mode = ("decode", rows, pos, k_len)
         return self
 
+    def key_length(self, n_new: int) -> int:
+        """Key columns the next forward attends over: the prompt (prefill) or `k_len` (decode).
+        A model that builds its own attention masks (the generic path) sizes them by it."""
+        return self._mode[2] if self._mode[0] == "prefill" else self._mode[3]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self._mode
         if mode[0] == "prefill":

@@ -3,7 +3,7 @@
 `reward` trains a reward model (the SFT model's trunk + a scalar head, Bradley-Terry loss) on
 preference pairs and reports held-out pairwise accuracy with a 95% interval, always next to the
 length-only baseline (what a model that just prefers the longer or shorter answer would score);
-output `reward/model/` (a Hugging Face `LlamaForSequenceClassification` folder) for PPO,
+output `reward/model/` (the family's Hugging Face `*ForSequenceClassification` folder) for PPO,
 best-of-n and evaluation. It shares pair preparation and model loading with `align`
 (`stages/align.py`), so both stages split the same pairs the same way.
 

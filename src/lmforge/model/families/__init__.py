@@ -19,8 +19,17 @@ from ...errors import CheckpointError
 from ..config import ModelConfig
 from . import gemma, gpt2, llama, mixtral, phi3, qwen3
 from .base import Family, Items
+from .generic import GENERIC
 
-__all__ = ["Family", "Items", "family_for_config", "family_for_type", "families", "supported_types"]
+__all__ = [
+    "GENERIC",
+    "Family",
+    "Items",
+    "family_for_config",
+    "family_for_type",
+    "families",
+    "supported_types",
+]
 
 
 def _registry() -> dict[str, Family]:
@@ -55,6 +64,8 @@ def family_for_type(model_type: str | None, source: str = "config.json") -> Fami
 
 
 def family_for_config(cfg: ModelConfig) -> Family:
+    if cfg.hf_config is not None:  # run by transformers: its own config.json and names
+        return GENERIC
     if cfg.hf_type:
         return family_for_type(cfg.hf_type, "model config (hf_type)")
     if cfg.n_experts:
