@@ -12,6 +12,12 @@ a row's position are masked, or beyond `k_len`).
 
 Models without the fused fast path (LoRA-wrapped, quantised) are prefilled one prompt at a
 time through their own forward, as before.
+
+Chunked prefill (`prefill_chunk`): the engine prefills a prompt longer than its `prefill_chunk`
+a chunk per worker step, with a decode step of the running requests between chunks, so a long
+prompt delays the others by one chunk's forward, not by the whole prompt's. A chunk's queries
+attend causally to the cached keys of the chunks before it (and, for a sliding-window layer, to
+the window's band of them), which is exactly what the one-shot forward computes (tested).
 """
 
 from __future__ import annotations
@@ -62,3 +68,15 @@ def prefill(
         logits = fast.forward(x.to(device), pos, cache, slot=slots, last=last).float()
         out.extend(logits.unbind(0))
     return out
+
+
+@torch.no_grad()
+def prefill_chunk(fast, model, cache, slot: int, ids: list[int], start: int, device) -> torch.Tensor:
+    """Write the prompt chunk `ids` at positions start.. of `slot` (positions before `start` are
+    already in the cache); the logits [V] (float32) of its last position."""
+    n = len(ids)
+    x = torch.tensor([ids], device=device)
+    pos = torch.arange(start, start + n, device=device)
+    if fast is not None:
+        return fast.forward(x, pos[None], cache, slot=slot, start=start)[0].float()
+    return model(x, position_ids=pos, cache=cache.prefill(slot, n, start))[0, -1].float()
