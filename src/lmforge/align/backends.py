@@ -19,18 +19,8 @@ from typing import Protocol
 import torch
 
 from ..errors import ConfigError
-from ..serve.batch import generate_batch
+from ..serve.batch import generate_batch, mix_seed  # noqa: F401  (mix_seed: the rollout's seeds too)
 from ..serve.request import GenParams
-
-_MIX = 1_000_003
-
-
-def mix_seed(*parts: int) -> int:
-    """One 62-bit seed from several integers (run seed, rollout, purpose), stable across runs."""
-    s = 0
-    for p in parts:
-        s = (s * _MIX + int(p)) % (2**62)
-    return s
 
 
 class GenerationBackend(Protocol):

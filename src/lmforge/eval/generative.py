@@ -30,9 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..align.backends import mix_seed
 from ..errors import ConfigError
-from ..serve.batch import generate_batch
+from ..serve.batch import generate_batch, mix_seed
 from ..serve.request import GenParams
 from ..stats import mean_stderr, pass_at_k, wilson
 from .tasks import Task

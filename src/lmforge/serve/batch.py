@@ -29,6 +29,16 @@ from .engine import Engine
 from .request import Completion, GenParams
 
 DEFAULT_MAX_BATCH = 64
+_MIX = 1_000_003
+
+
+def mix_seed(*parts: int) -> int:
+    """One 62-bit seed from several integers (run seed, rollout, index), stable across runs: the
+    per-sequence seeds of a batch call, so its samples do not depend on how it is batched."""
+    s = 0
+    for p in parts:
+        s = (s * _MIX + int(p)) % (2**62)
+    return s
 
 
 def generate_batch(

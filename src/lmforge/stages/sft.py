@@ -50,6 +50,8 @@ from ..peft.qlora import (
     nf4_bytes,
 )
 from ..runs import atomic_write_json, atomic_write_text
+from ..serve.batch import generate_batch
+from ..serve.request import GenParams
 from ..sft.rows import assistant_loss, example_row, pack, row_loader
 from ..train.config import TrainConfig
 from ..train.engine import Trainer
@@ -186,12 +188,12 @@ def answer(
     limit = room - max_new
     prompts = [fmt.prompt_ids(c)[-limit:] for c in conversations]
     model.eval()
-    outs = generate(
-        model,
-        prompts,
-        SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=fmt.stop_ids),
-        use_cache=use_cache,
-    )
+    if use_cache:  # the serving engine on the model being tuned (its weights left as they are)
+        greedy = GenParams(max_tokens=max_new, temperature=0.0, stop_token_ids=fmt.stop_ids)
+        outs = [c.token_ids for c in generate_batch(model, prompts, greedy, stop_token_ids=fmt.stop_ids)]
+    else:  # prompt tuning: virtual tokens have no K/V cache; the reference sampler re-runs the prefix
+        reference = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=fmt.stop_ids)
+        outs = generate(model, prompts, reference, use_cache=False)
     return [fmt.tok.decode(o, skip_special=True).strip() for o in outs]
 
 
