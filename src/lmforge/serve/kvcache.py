@@ -32,6 +32,12 @@ class SlotCache:
         self._mode = ("prefill", slot, start, start + n)
         return self
 
+    def prefill_rows(self, slots: torch.Tensor, n: int) -> SlotCache:
+        """The next forward writes positions 0..n-1 of each of `slots` (right-padded prompts, one
+        batch row per slot)."""
+        self._mode = ("rows", slots, n)
+        return self
+
     def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
         self._mode = ("decode", rows, pos, k_len)
         return self
@@ -45,6 +51,11 @@ class SlotCache:
             if start == 0:
                 return k, v
             return self.k[layer][slot : slot + 1, :, :end], self.v[layer][slot : slot + 1, :, :end]
+        if mode[0] == "rows":
+            _, slots, n = mode
+            self.k[layer][slots, :, :n] = k
+            self.v[layer][slots, :, :n] = v
+            return k, v
         _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
         kc, vc = self.k[layer][rows], self.v[layer][rows]
         b = torch.arange(k.shape[0], device=k.device)
