@@ -164,7 +164,7 @@ def test_backends_agree_greedy(format_model):
         make_backend("lmforge", format_model, **kw)
 
 
-def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path):
+def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text(
         "".join(
@@ -196,6 +196,7 @@ def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path):
         )
         == 0
     )
+    assert "generates through lmforge's serving engine" in capsys.readouterr().err  # the one log line
     rep = json.loads((tmp_path / "synth.jsonl.report.json").read_text())
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == rep["kept"] and rep["candidates"] == rep["kept"] + sum(rep["rejected"].values())
