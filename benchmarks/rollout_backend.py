@@ -11,6 +11,7 @@ of 12-40 tokens, no stop token (every sequence generates exactly max_new tokens,
 same work):
   grpo   4 prompts x group 4 = 16 sequences, 32 new tokens, temperature 1 (GRPO defaults)
   ppo    16 prompts x 1, 24 new tokens, temperature 1 (the default pipeline's PPO rollout)
+  grpo_64  16 prompts x group 4 = 64 sequences (one full `gen_batch_size`), 32 new tokens
 Time: CPU seconds of the process (all threads, the engine's worker included; median over rounds)
 and wall seconds (best round). Prints a markdown table; the ratio is old / new (> 1: faster now).
 """
@@ -32,7 +33,8 @@ from lmforge.model.transformer import Transformer
 from lmforge.serve.request import GenParams
 
 SHAPE = dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=256)
-CASES = {"grpo": (4, 4, 32), "ppo": (16, 1, 24)}  # prompts, samples per prompt, new tokens
+# prompts, samples per prompt, new tokens
+CASES = {"grpo": (4, 4, 32), "ppo": (16, 1, 24), "grpo_64": (16, 4, 32)}
 
 
 class StaticBatchBackend:
