@@ -1,8 +1,8 @@
 """How requests enter the engine's running batch: prompt prefill and the slot layout.
 
 A mixin of `engine.Engine` (kept apart so each file stays readable): the prompts admitted in one
-worker round are prefilled together (prefill.py: several prompts per forward where the fused
-path allows); identical prompts among them share one prefill (the others copy its K/V rows);
+worker round are prefilled together (prefill.py: several right-padded prompts per forward);
+identical prompts among them share one prefill (the others copy its K/V rows);
 a prompt longer than `prefill_chunk` is prefilled a chunk per worker step, with a decode step of
 the running requests between chunks (`_prefill_next_chunk`), so one long prompt delays the
 others by a chunk's forward, not a whole prompt's. `_compact` keeps the decoding slots at rows
