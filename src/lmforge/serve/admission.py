@@ -108,13 +108,7 @@ class Admission:
             for i, _ in firsts + [(i, r) for i, r, _ in copies]:
                 self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
             return
-        for i, req, src in [(i, req, i) for i, req in firsts] + copies:
-            try:
-                self._first_token(i, req, logits[src])
-            except Exception as e:  # its sampling failed: only this request ends
-                self.counters["errors"] += 1
-                if self.slots[i] is not None:
-                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+        self._first_tokens([(i, req, logits[src]) for i, req, src in [(i, r, i) for i, r in firsts] + copies])
 
     def _prefill_next_chunk(self) -> None:
         """One chunk of the oldest long prompt; when it is the last, its first token (and the
@@ -140,26 +134,40 @@ class Admission:
         for i, req in part.copies:
             self.cache.move(part.slot, i, end)
             self.counters["prefill_shared"] += 1
+        ready = []
         for i, req in [(part.slot, part.req), *part.copies]:
+            if req.cancelled.is_set():
+                self._finish(i, FINISH_CANCELLED)
+            else:
+                ready.append((i, req, logits))
+        self._first_tokens(ready)
+
+    def _first_tokens(self, ready: list[tuple[int, Request, torch.Tensor]]) -> None:
+        """The first token of each prefilled request (slot, request, last-position logits [V]),
+        sampled in one step; if that step raises, one request at a time, so a request whose
+        sampling fails ends alone."""
+        for i, req, _ in ready:
+            n = len(req.prompt_ids)
+            if req.penalized:
+                self.seen[i].zero_()
+                self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
+                self.counts[i].zero_()
+            self.slots[i] = _Slot(req, n, -1)
+            self.counters["prompt_tokens"] += n
+        if not ready:
+            return
+        try:
+            self._pick(torch.stack([x for *_, x in ready]), [i for i, *_ in ready])
+            return
+        except Exception:  # noqa: BLE001  (retried row by row below: nothing was accepted yet)
+            pass
+        for i, _, x in ready:
             try:
-                if req.cancelled.is_set():
-                    self._finish(i, FINISH_CANCELLED)
-                else:
-                    self._first_token(i, req, logits)
+                self._pick(x[None], [i])
             except Exception as e:  # its sampling failed: only this request ends
                 self.counters["errors"] += 1
                 if self.slots[i] is not None:
                     self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
-
-    def _first_token(self, i: int, req: Request, logits: torch.Tensor) -> None:
-        n = len(req.prompt_ids)
-        if req.penalized:
-            self.seen[i].zero_()
-            self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
-            self.counts[i].zero_()
-        self.slots[i] = _Slot(req, n, -1)
-        self.counters["prompt_tokens"] += n
-        self._pick(logits[None], [i])
 
     def _slot(self, i: int) -> _Slot:
         s = self.slots[i]
