@@ -162,4 +162,5 @@ def make_backend(
             raise ConfigError("backend=vllm needs the `vllm` package and a CUDA GPU; use backend=lmforge")
         log("generation backend: vLLM")
         return VLLMBackend(model_dir, model, seed)
+    log(f"generation backend: the lmforge serving engine on the policy, {batch_size} sequences at once")
     return LmforgeBackend(model, batch_size)
