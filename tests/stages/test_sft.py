@@ -134,7 +134,7 @@ def test_bad_jsonl_is_named_or_counted(tmp_path, base_dir):
 
 def test_sample_answers_come_from_the_engine_like_the_reference(base_dir):
     """The before/after answers run on the serving engine; greedy, they equal the reference
-    sampler re-running the whole sequence each step (no cache: the path prompt tuning keeps)."""
+    decoder re-running the whole sequence each step (no cache), plain and prompt-tuned."""
     from lmforge.chat import ChatFormat
     from lmforge.stages.sft import answer
 
@@ -143,5 +143,11 @@ def test_sample_answers_come_from_the_engine_like_the_reference(base_dir):
     convs = [
         [{"role": "user", "content": q}] for q in ("What does the function return?", "Hi", "Name a list")
     ]
-    got = answer(model, fmt, convs, 8, True)
-    assert got == answer(model, fmt, convs, 8, False) and any(got)
+    got = answer(model, fmt, convs, 8)
+    assert got == answer(model, fmt, convs, 8, reference=True) and any(got)
+    # prompt tuning: the virtual tokens' K/V in the engine's cache, the same answers again
+    from lmforge.peft.prompt import PromptTuned
+
+    pt = PromptTuned(model, 4, seed=1)
+    got = answer(pt, fmt, convs, 8)
+    assert got == answer(pt, fmt, convs, 8, reference=True) and any(got)

@@ -1,9 +1,9 @@
 """The reference decoder: one static batch, left-padded, with or without the model's KV cache.
 
 Not the product's generation path: the serving engine (`serve/engine.py`, `serve/batch.py`) is,
-for the server, chat, RL rollouts, evaluation, sampling and synthesis. This module stays as the
-simple decoder the engine is tested against token for token, and as the path of prompt-tuned
-models (`use_cache=False`: their virtual tokens have no K/V cache; the SFT stage's answers).
+for the server, chat, RL rollouts, evaluation, sampling, synthesis and the SFT stage's answers
+(prompt-tuned models included). This module stays as the simple, independent decoder the engine
+is tested against token for token (`use_cache=False` re-runs the whole sequence each step).
 
 One code path serves a single prompt and a batch of prompts of different lengths: prompts are
 left-padded, every row gets its own position ids (so padding never shifts RoPE positions) and
