@@ -87,11 +87,9 @@ def cmd_synth(a) -> int:
         raise ConfigError(f"{a.model}: not a model folder (no config.json)")
     seeds = load_seed_tasks(a.seeds)
     kind = resolve_backend(a.backend, a.model)
-    print(
-        f"synth: {a.model} generates through "
-        + ("lmforge's serving engine" if kind == "lmforge" else "transformers (lmforge cannot load it)"),
-        file=sys.stderr,
-    )
+    how = "lmforge's serving engine" if kind == "lmforge" else "transformers"
+    why = "" if a.backend != "auto" or kind == "lmforge" else " (not a model family lmforge loads)"
+    print(f"synth: {a.model} generates through {how}{why}", file=sys.stderr)
     gen = make_backend(
         kind,
         a.model,
