@@ -215,13 +215,13 @@ def build_parser(stages: bool = True) -> _Parser:
         _add_stage_commands(sub)
 
     from . import hf_cli
-    from .data import synth
+    from .data import synth_cli
     from .eval import cli as eval_cli
     from .eval import compare
     from .scaling import cli as scaling_cli
     from .serve import cli as serve_cli
 
-    for module in (hf_cli, synth, eval_cli, serve_cli, scaling_cli, compare):
+    for module in (hf_cli, synth_cli, eval_cli, serve_cli, scaling_cli, compare):
         module.add_parser(sub)
     p.commands = set(sub.choices)
     return p

@@ -16,10 +16,12 @@ from lmforge.data.synth import (
     make_backend,
     parse_tasks,
     reject_reason,
+    resolve_backend,
     rouge_l,
     self_instruct,
 )
-from lmforge.errors import DataError
+from lmforge.data.synth_cli import engine_sampler
+from lmforge.errors import ConfigError, DataError
 from lmforge.model.config import ModelConfig
 from lmforge.model.hf import save_pretrained
 from lmforge.model.transformer import Transformer
@@ -132,7 +134,9 @@ def format_model(tmp_path_factory):
 
 
 def test_self_instruct_accounts_for_every_candidate(format_model):
-    gen = make_backend("lmforge", format_model, temperature=1.0, top_p=1.0, max_new_tokens=96, seed=0)
+    gen = make_backend(
+        "lmforge", format_model, sample=engine_sampler, temperature=1.0, top_p=1.0, max_new_tokens=96, seed=0
+    )
     tasks, rep = self_instruct(
         SEEDS, gen, num_tasks=5, seed=1, batch_size=4, max_new_tokens=96, max_prompts=8
     )
@@ -147,16 +151,20 @@ def test_self_instruct_accounts_for_every_candidate(format_model):
 
 
 def test_backends_agree_greedy(format_model):
-    """transformers and lmforge decode the same tokens from the same folder (greedy)."""
+    """transformers and lmforge's engine decode the same tokens from the same folder (greedy);
+    the lmforge backend cannot run without the engine handed in."""
     pytest.importorskip("transformers")
     prompt = [build_prompt(SEEDS[:2])]
     kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0)
-    ours = make_backend("lmforge", format_model, **kw)(prompt, 24)[0]
+    ours = make_backend("lmforge", format_model, sample=engine_sampler, **kw)(prompt, 24)[0]
     theirs = make_backend("hf", format_model, **kw)(prompt, 24)[0]
     assert ours.strip() and ours.strip() == theirs.strip()
+    assert resolve_backend("auto", format_model) == "lmforge"
+    with pytest.raises(ConfigError, match="needs a sampler"):
+        make_backend("lmforge", format_model, **kw)
 
 
-def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path):
+def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path, capsys):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text(
         "".join(
@@ -188,6 +196,7 @@ def test_cli_writes_messages_jsonl_and_report(format_model, tmp_path):
         )
         == 0
     )
+    assert "generates through lmforge's serving engine" in capsys.readouterr().err  # the one log line
     rep = json.loads((tmp_path / "synth.jsonl.report.json").read_text())
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == rep["kept"] and rep["candidates"] == rep["kept"] + sum(rep["rejected"].values())

@@ -87,3 +87,18 @@ def test_long_prompts_are_cut_and_counted(qa_model):
     assert stats["truncated"] == 1 and len(outs) == 2
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate_texts(model, tok, ["x"], max_new_tokens=48)
+
+
+def test_greedy_texts_equal_the_static_batch_sampler(qa_model):
+    """generate_texts runs on the serving engine; its greedy texts equal the former path (one
+    left-padded static batch through `model.generate`, cut at the first stop string)."""
+    from lmforge.model.generate import SamplingParams, generate
+
+    model, tok, pairs = qa_model
+    prompts = [f"Q: {q}\nA:" for q, _ in pairs] + ["Q: x", "apple apple apple apple"]
+    got, _ = generate_texts(model, tok, prompts, max_new_tokens=10, until=["\n"], batch_size=3)
+    stops = {tok.eos_id, tok.end_id}
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    old = generate(model, ids, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=list(stops)))
+    assert got == [cut_at_stop(tok.decode(o), ["\n"]) for o in old]
+    assert any(g for g in got)  # not all empty

@@ -143,6 +143,24 @@ def test_sliding_window_generation_matches_transformers(tmp_path, kind):
     assert got == ref
     nocache = generate(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=30, temperature=0), False)
     assert nocache[0] == ref
+    # the serving engine (every generating surface's path): a batch of prompts of different
+    # lengths, prefilled in one forward and in chunks shorter than the window, equals transformers
+    from lmforge.serve.batch import generate_batch
+    from lmforge.serve.request import GenParams
+
+    prompts = [prompt, long]
+    with torch.no_grad():
+        outs = [
+            hf.generate(p, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+            for p in prompts
+        ]
+    refs = [o[0, p.shape[1] :] for o, p in zip(outs, prompts)]
+    for chunk in (None, 4):
+        comps = generate_batch(
+            ours, [p[0].tolist() for p in prompts], GenParams(max_tokens=12, temperature=0), stop_token_ids=[],
+            prefill_chunk=chunk,
+        )  # fmt: skip
+        assert [c.token_ids for c in comps] == [r.tolist() for r in refs]
 
 
 def test_window_band_is_hf_semantics():

@@ -54,9 +54,23 @@ def test_prompt_tuning_trains_prompt_only_and_matches_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pm(input_ids=ids).logits[:, 5:], ours, atol=1e-5, rtol=1e-5)
 
-    # generation through the uncached path works and is deterministic
-    out = generate(pt, [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0), use_cache=False)
-    assert len(out[0]) == 4
+
+def test_prompt_tuned_generation_through_the_engine():
+    """The serving engine (the virtual tokens' K/V in its cache, behind placeholder ids) gives the
+    reference decoder's tokens (the whole sequence re-run each step), and the virtual tokens
+    matter (a peaked random model, so greedy tokens follow the prefix)."""
+    from lmforge.serve.batch import generate_batch
+    from lmforge.serve.request import GenParams
+    from tests.factories import tiny_model
+
+    pt = PromptTuned(tiny_model(101, max_seq_len=64), 5, seed=2)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [4]]
+    ref = generate(pt, prompts, SamplingParams(max_new_tokens=6, temperature=0), use_cache=False)
+    greedy = GenParams(max_tokens=6, temperature=0)
+    got = generate_batch(pt, [pt.virtual_prefix(p) for p in prompts], greedy, stop_token_ids=[])
+    assert [c.token_ids for c in got] == ref and all(len(r) == 6 for r in ref)
+    plain = generate_batch(pt.model, prompts, greedy, stop_token_ids=[])
+    assert [c.token_ids for c in plain] != ref
 
 
 def test_prompt_tuning_packed_rows_do_not_leak():

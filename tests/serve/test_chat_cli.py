@@ -155,6 +155,8 @@ def test_bad_sampling_flag_is_a_one_line_error(model_dir, capsys):
     assert main(["chat", str(model_dir), "--top-p", "7"]) == 2
     err = capsys.readouterr().err
     assert "top_p" in err and "Traceback" not in err
+    assert main(["serve", str(model_dir), "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk" in capsys.readouterr().err
 
 
 class CtrlC(io.StringIO):

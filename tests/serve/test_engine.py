@@ -628,3 +628,82 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocation(model_dir):
 
     with pytest.raises(ConfigError, match=r"serve engine: needs about .*KV cache.*--max-batch"):
         Engine(load_pretrained(model_dir), LMTokenizer.load(model_dir), max_batch=10**12)
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+def _windowed_model():
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        vocab_size=384, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96,
+        init_std=0.2, sliding_window=8, layer_types=["sliding", "full"],
+    )  # fmt: skip
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["fast", "static", "plain", "windowed"])
+def test_chunked_prefill_equals_one_shot_prefill(model_dir, kind):
+    """A prompt longer than `prefill_chunk` is prefilled chunk by chunk: the same first-token
+    log-probabilities and greedy tokens as one forward over it, for the fused fast path, the
+    model's own forward, and a model with a sliding window shorter than the chunks."""
+    from lmforge.model.hf import load_pretrained
+    from lmforge.tokenizer import LMTokenizer
+
+    tok = LMTokenizer.load(model_dir)
+    model = _windowed_model() if kind == "windowed" else load_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 12, 41, 5, 30)]
+    p = GenParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    runs = {}
+    for chunk in (None, 7, 16):
+        fused = kind in ("fast", "static")
+        decode = "static" if kind == "static" else "eager"
+        # 4 slots: three short prompts decode (batch bucket 4) while the long one is prefilled
+        eng = Engine(model, tok, max_batch=4, fast_path=fused, decode=decode, prefill_chunk=chunk)
+        assert (eng.fast is not None) == fused
+        with eng:
+            runs[chunk] = eng.generate(prompts, p)
+    for chunk in (7, 16):
+        for a, b in zip(runs[None], runs[chunk]):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason == "length"
+            assert a.logprobs is not None and b.logprobs is not None
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_long_prompt_prefill_interleaves_with_decoding(model_dir):
+    """While a long prompt is prefilled chunk by chunk, the running requests keep decoding
+    between its chunks; identical long prompts share one chunked prefill."""
+    eng = Engine.from_pretrained(model_dir, max_batch=4, prefill_chunk=8)
+    events: list[str] = []
+    chunk_step, decode_step = eng._prefill_next_chunk, eng._decode_step
+
+    def chunk():
+        events.append("chunk")
+        chunk_step()
+
+    def decode():
+        events.append("decode")
+        decode_step()
+
+    eng._prefill_next_chunk, eng._decode_step = chunk, decode
+    long_ids = [5 + (i * 7) % 200 for i in range(60)]  # 8 chunks
+    p = GenParams(temperature=0, ignore_eos=True)  # until the context is full: running throughout
+    with eng:
+        short = eng.submit(eng.encode("The function returns"), p)
+        while not short.out_ids:  # the short request is decoding
+            time.sleep(0.001)
+        five = GenParams(max_tokens=5, temperature=0, ignore_eos=True)
+        outs = eng.generate([long_ids] * 3, five)
+        first = short.result()
+    chunks = [i for i, e in enumerate(events) if e == "chunk"]
+    assert len(chunks) == 8  # one chunked prefill for the three identical prompts
+    between = events[chunks[0] : chunks[-1]]
+    assert between.count("decode") >= len(chunks) - 1  # a decode step after every chunk
+    assert eng.stats()["prefill_shared"] == 2
+    ref = Engine.from_pretrained(model_dir, max_batch=4, prefill_chunk=None)
+    with ref:
+        assert [o.token_ids for o in outs] == [ref.complete(long_ids, five).token_ids] * 3
+        assert first.token_ids == ref.complete(eng.encode("The function returns"), p).token_ids

@@ -14,6 +14,7 @@ from lmforge.model.hf import load_pretrained
 from lmforge.peft.lora import load_adapter
 from lmforge.pipeline import load_config, run_stage
 from tests.conftest import save_base_model
+from tests.factories import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
@@ -129,3 +130,24 @@ def test_bad_jsonl_is_named_or_counted(tmp_path, base_dir):
     o = _run(tmp_path, base_dir, f"sft.data={f}", "sft.on_bad_record=skip", "sft.max_steps=2")
     assert o.metrics["train_skipped_unknown_role"] + o.metrics.get("val_skipped_unknown_role", 0) <= 1
     assert o.metrics["train_examples"] + o.metrics["val_examples"] == 40
+
+
+def test_sample_answers_come_from_the_engine_like_the_reference(base_dir):
+    """The before/after answers run on the serving engine; greedy, they equal the reference
+    decoder re-running the whole sequence each step (no cache), plain and prompt-tuned."""
+    from lmforge.chat import ChatFormat
+    from lmforge.stages.sft import answer
+
+    fmt = ChatFormat.from_dir(base_dir)
+    model = tiny_model(fmt.tok.vocab_size, max_seq_len=128, seed=3)  # peaked: answers are not empty
+    convs = [
+        [{"role": "user", "content": q}] for q in ("What does the function return?", "Hi", "Name a list")
+    ]
+    got = answer(model, fmt, convs, 8)
+    assert got == answer(model, fmt, convs, 8, reference=True) and any(got)
+    # prompt tuning: the virtual tokens' K/V in the engine's cache, the same answers again
+    from lmforge.peft.prompt import PromptTuned
+
+    pt = PromptTuned(model, 4, seed=1)
+    got = answer(pt, fmt, convs, 8)
+    assert got == answer(pt, fmt, convs, 8, reference=True) and any(got)

@@ -2,45 +2,40 @@
 per prompt, prompt-major; a completion keeps its stop token so the policy learns to stop) and
 `sync(model)` (the policy's weights changed).
 
-`LmforgeBackend` runs `lmforge.model.generate` on the policy itself (KV cache, batched,
-left-padded, seeded per chunk); `VLLMBackend` is used only when asked for and `vllm` imports on
-a CUDA machine. Kept apart from the rollout loop so a new engine is one class here.
+`LmforgeBackend` generates through the serving engine (`serve.batch.generate_batch`) on the
+policy module itself, so every rollout sees the current weights (LoRA and MoE policies alike),
+with the engine's continuous batching, shared prefill of a GRPO group's identical prompts and
+its sampler; each sequence has its own seed, `mix_seed(call seed, index)`, so a rollout is
+reproducible whatever the batching. `VLLMBackend` is used only when asked for and `vllm`
+imports on a CUDA machine. Kept apart from the rollout loop so a new engine is one class here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from dataclasses import replace
+from typing import Protocol
 
 import torch
 
 from ..errors import ConfigError
-from ..model.generate import SamplingParams, stream_generate
-from ..model.transformer import Transformer
-
-_MIX = 1_000_003
-
-
-def mix_seed(*parts: int) -> int:
-    """One 62-bit seed from several integers (run seed, rollout, purpose), stable across runs."""
-    s = 0
-    for p in parts:
-        s = (s * _MIX + int(p)) % (2**62)
-    return s
+from ..serve.batch import generate_batch, mix_seed  # noqa: F401  (mix_seed: the rollout's seeds too)
+from ..serve.request import GenParams
 
 
 class GenerationBackend(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: GenParams) -> list[list[int]]:
         """n completions per prompt, prompt-major (out[i * n + j]); each ends with its stop
-        token when one was sampled."""
+        token when one was sampled. `params.max_tokens` is the budget, `params.stop_token_ids`
+        the stops."""
 
     def sync(self, model: torch.nn.Module) -> None:
         """The policy's weights changed; refresh the backend's copy (if it keeps one)."""
 
 
 class LmforgeBackend:
-    """`lmforge.model.generate.stream_generate` on the policy itself: KV cache, left padding,
-    a seeded generator per chunk of `batch_size` sequences."""
+    """The serving engine on the policy itself (no copy of the weights: `sync` only swaps the
+    module), at most `batch_size` sequences in flight; the slot cache lives for one call."""
 
     name = "lmforge"
 
@@ -50,30 +45,14 @@ class LmforgeBackend:
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: GenParams) -> list[list[int]]:
         seqs = [list(p) for p in prompts for _ in range(n)]
-        stops = set(params.stop_token_ids)
-        out: list[list[int]] = []
-        was = self.model.training
-        self.model.eval()
-        try:
-            for c, i in enumerate(range(0, len(seqs), self.batch_size)):
-                chunk = seqs[i : i + self.batch_size]
-                p = SamplingParams(
-                    **{**params.__dict__, "seed": None if params.seed is None else mix_seed(params.seed, c)}
-                )
-                got: list[list[int]] = [[] for _ in chunk]
-                done = [False] * len(chunk)
-                for step in stream_generate(cast(Transformer, self.model), chunk, p, use_cache=True):
-                    for j, t in enumerate(step.tolist()):
-                        if not done[j]:
-                            got[j].append(t)
-                            done[j] = t in stops
-                out += got
-        finally:
-            self.model.train(was)
-        return out
+        seed = params.seed
+        each = [replace(params, seed=None if seed is None else mix_seed(seed, k)) for k in range(len(seqs))]
+        comps = generate_batch(
+            self.model, seqs, each, stop_token_ids=params.stop_token_ids, max_batch=self.batch_size
+        )
+        return [c.token_ids + ([] if c.stop_token_id is None else [c.stop_token_id]) for c in comps]
 
 
 class VLLMBackend:
@@ -121,15 +100,15 @@ class VLLMBackend:
             "use backend=lmforge"
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, params: GenParams) -> list[list[int]]:
         from vllm import SamplingParams as VSP
 
         vp = VSP(
             n=n,
             temperature=params.temperature,
-            top_p=params.top_p or 1.0,
+            top_p=params.top_p,
             top_k=params.top_k or -1,
-            max_tokens=params.max_new_tokens,
+            max_tokens=params.max_tokens,
             stop_token_ids=list(params.stop_token_ids),
             seed=params.seed,
             skip_special_tokens=False,
@@ -183,4 +162,5 @@ def make_backend(
             raise ConfigError("backend=vllm needs the `vllm` package and a CUDA GPU; use backend=lmforge")
         log("generation backend: vLLM")
         return VLLMBackend(model_dir, model, seed)
+    log(f"generation backend: the lmforge serving engine on the policy, {batch_size} sequences at once")
     return LmforgeBackend(model, batch_size)

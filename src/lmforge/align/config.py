@@ -47,7 +47,7 @@ class RolloutSettings(BaseModel):
         "lmforge",
         description="rollout generation: lmforge (KV cache), vllm, auto (vllm when importable + CUDA)",
     )
-    gen_batch_size: int = Field(64, ge=1, description="sequences per generation call")
+    gen_batch_size: int = Field(64, ge=1, description="sequences the generation engine runs at once")
     eval_max_new_tokens: int | None = Field(
         None, ge=1, description="held-out completion budget; default max_new_tokens"
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.generate import SamplingParams
+from ..serve.request import GenParams
 from ..train.objectives.kl import k3_kl
 from ..train.objectives.rl import policy_forward
 from .backends import GenerationBackend
@@ -81,7 +81,7 @@ class HeldOutEval:
             return {}
         self.backend.sync(self.policy)
         prompts = [v.ids for v in self.val]
-        greedy = SamplingParams(max_new_tokens=self.max_new, temperature=0.0, stop_token_ids=self.stop_ids)
+        greedy = GenParams(max_tokens=self.max_new, temperature=0.0, stop_token_ids=self.stop_ids)
         g_comps = self.backend.generate(prompts, 1, greedy)
         out, texts = self._score(g_comps, "")
         self.last_answers = texts[: self.s.num_samples]
@@ -89,11 +89,11 @@ class HeldOutEval:
             self.start_ids = g_comps  # the first evaluation is of the starting policy
         # one sample per prompt at the rollout temperature (seeded: the same draws every time):
         # what RL optimises directly, and the completions the KL is measured on
-        sampled = SamplingParams(
-            max_new_tokens=self.max_new,
+        sampled = GenParams(
+            max_tokens=self.max_new,
             temperature=self.s.temperature,
             top_k=self.s.top_k,
-            top_p=self.s.top_p,
+            top_p=self.s.top_p or 1.0,
             stop_token_ids=self.stop_ids,
             seed=self.seed + 99991,
         )

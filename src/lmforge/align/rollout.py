@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..model.generate import SamplingParams
+from ..serve.request import GenParams
 from ..train.objectives.kl import sequence_kl
 from ..train.objectives.rl import (
     gae,
@@ -242,11 +242,11 @@ class RolloutLoader:
     def _sample(self, batch: list[EncodedPrompt], r: int) -> list[list[int]]:
         s = self.s
         self.backend.sync(self.policy)
-        params = SamplingParams(
-            max_new_tokens=s.max_new_tokens,
+        params = GenParams(
+            max_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_k=s.top_k,
-            top_p=s.top_p,
+            top_p=s.top_p or 1.0,
             stop_token_ids=self.stop_ids,
             seed=mix_seed(self.seed, r, 3),
         )

@@ -1,10 +1,11 @@
 """Generative tasks: few-shot prompts, greedy or sampled completions, answer extraction,
 exact match, and pass@k from n samples per problem.
 
-Generation uses the KV-cache sampler (`model.generate.stream_generate`) on batches of prompts of
-similar length (left-padded by the sampler), and stops a row at the first stop *string* (e.g.
-"\n\n" or "Question:", which are not single tokens) or at EOS / ``<|end|>``; the completion is cut
-before the stop string. A prompt that does not leave room for ``max_new_tokens`` in the model's
+Generation runs through the serving engine (`serve.batch.generate_batch`: continuous batching,
+at most ``batch_size`` sequences in flight, each prompt's samples sharing one prefill, a seed
+per sequence derived from ``seed`` and its index) and stops a sequence at the first stop
+*string* (e.g. "\n\n" or "Question:", which are not single tokens) or at EOS / ``<|end|>``; the
+completion is cut before the stop string. A prompt that does not leave room for ``max_new_tokens`` in the model's
 context is cut from the left and counted as ``truncated``.
 
 Answer extraction (``Task.extract``):
@@ -30,12 +31,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..model.generate import SamplingParams, stream_generate
+from ..serve.batch import generate_batch, mix_seed
+from ..serve.request import GenParams
 from ..stats import mean_stderr, pass_at_k, wilson
 from .tasks import Task
 
 _NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _STRICT = re.compile(r"####\s*(-?\$?\d[\d,]*(?:\.\d+)?)")
+MAX_STOPS = 8  # stop strings the engine watches (GenParams); the rest are cut afterwards
 
 
 # ----------------------------------------------------------------------------- generation
@@ -70,36 +73,21 @@ def generate_texts(
         encoded.append(ids or bos or [tok.eos_id or 0])
     stops = [t for t in (tok.eos_id, tok.end_id) if t is not None]
     until = [u for u in until if u]
-    out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start : start + batch_size]
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
+    params = [
+        GenParams(
+            max_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
-            top_p=top_p,
+            top_p=top_p or 1.0,
+            stop=until[:MAX_STOPS],
             stop_token_ids=stops,
-            seed=seed * 1_000_003 + b,
+            seed=mix_seed(seed, i),
         )
-        new: list[list[int]] = [[] for _ in idx]
-        done = [False] * len(idx)
-        for step in stream_generate(model, [encoded[i] for i in idx], params):
-            for r, t in enumerate(step.tolist()):
-                if done[r]:
-                    continue
-                if t in stops:
-                    done[r] = True
-                    continue
-                new[r].append(t)
-                if until:
-                    tail = tok.decode(new[r][-16:])
-                    if any(u in tail for u in until) and any(u in tok.decode(new[r]) for u in until):
-                        done[r] = True
-            if all(done):
-                break
-        for r, i in enumerate(idx):
-            out[i] = cut_at_stop(tok.decode(new[r]), until)
+        for i in range(len(prompts))
+    ]
+    comps = generate_batch(model, encoded, params, tokenizer=tok, stop_token_ids=stops, max_batch=batch_size)
+    # the text is decoded again from the ids, special tokens kept, and cut at the first stop string
+    out = [cut_at_stop(tok.decode(c.token_ids), until) for c in comps]
     return out, {"truncated": truncated}
 
 

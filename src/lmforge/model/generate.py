@@ -1,4 +1,9 @@
-"""Autoregressive generation with a KV cache.
+"""The reference decoder: one static batch, left-padded, with or without the model's KV cache.
+
+Not the product's generation path: the serving engine (`serve/engine.py`, `serve/batch.py`) is,
+for the server, chat, RL rollouts, evaluation, sampling, synthesis and the SFT stage's answers
+(prompt-tuned models included). This module stays as the simple, independent decoder the engine
+is tested against token for token (`use_cache=False` re-runs the whole sequence each step).
 
 One code path serves a single prompt and a batch of prompts of different lengths: prompts are
 left-padded, every row gets its own position ids (so padding never shifts RoPE positions) and
@@ -9,7 +14,7 @@ tokens the cached path produces (tested), which is the check that the cache is r
 Sampling: temperature (0 = greedy), top-k, top-p (nucleus), repetition penalty (CTRL-style:
 logits of already-seen tokens divided by the penalty when positive, multiplied when negative),
 a seeded `torch.Generator`, stop tokens and a max-token budget. `stream_generate` yields one
-step of new tokens at a time for streaming front ends.
+step of new tokens at a time.
 """
 
 from __future__ import annotations

@@ -5,8 +5,13 @@ frozen (Lester et al. 2021). The cheapest adapter there is: N x d_model paramete
 attn_mask, cache), so the training engine, the SFT objective and generation use it unchanged.
 Semantics follow PEFT on a HF model: the virtual tokens take positions 0..N-1, real tokens
 start at N (with packing, each example's positions restart at N), every real token may attend
-to all virtual tokens, and the returned logits cover the real tokens only. Generation goes
-through the uncached path (`use_cache=False`), which re-runs the prefix each step.
+to all virtual tokens, and the returned logits cover the real tokens only.
+
+Generation (the serving engine's slot cache, or any duck-typed cache that is told positions):
+the caller puts N placeholder ids before each prompt (`virtual_prefix`); the placeholders'
+embeddings are replaced by the virtual tokens at positions 0..N-1, so the cache holds the
+virtual tokens' keys and values like any prompt's and decoding needs nothing special. The
+returned logits then cover every position, virtual ones included.
 
 Init: `text` copies the embeddings of a phrase's tokens (repeated to fill N), the better start
 for small N; `random` samples rows of the vocabulary embedding matrix. Saved as PEFT's
@@ -70,10 +75,34 @@ class PromptTuned(nn.Module):
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
         return self.model.lm_head(self.hidden_states(input_ids, position_ids, attn_mask, cache))
 
+    def virtual_prefix(self, ids: list[int], placeholder: int = 0) -> list[int]:
+        """A prompt for generation with a cache: N placeholder ids (positions of the virtual
+        tokens), then `ids`."""
+        return [placeholder] * self.n_virtual + list(ids)
+
+    def _cached(self, input_ids, position_ids, attn_mask, cache):
+        """Hidden states of every position when a cache holds the earlier ones; positions below
+        N (the placeholders of `virtual_prefix`) take the virtual tokens' embeddings."""
+        if position_ids is None:
+            raise ValueError("a prompt-tuned model decoding with a cache needs explicit position_ids")
+        m = self.model
+        x = m.model.embed_tokens(input_ids)
+        virtual = position_ids < self.n_virtual
+        if bool(virtual.any()):
+            rows = self.prompt_embeddings.to(x.dtype)[position_ids.clamp(max=self.n_virtual - 1)]
+            x = torch.where(virtual[..., None], rows.expand_as(x), x)
+        cos, sin = m.model.rotary(position_ids, x.dtype)
+        q_index = position_ids if self.cfg.sliding_window is not None else None
+        for layer in m.model.layers:
+            x = layer(x, cos, sin, attn_mask, cache, q_index)
+        cache.length += input_ids.shape[1]
+        return m.model.norm(x)
+
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache=None):
-        """Final-norm hidden states of the real tokens [B, T, d] (virtual positions dropped)."""
+        """Final-norm hidden states of the real tokens [B, T, d] (virtual positions dropped);
+        with a cache, of every position (see the module docstring)."""
         if cache is not None:
-            raise ValueError("prompt-tuned models generate with use_cache=False")
+            return self._cached(input_ids, position_ids, attn_mask, cache)
         B, T = input_ids.shape
         N, dev = self.n_virtual, input_ids.device
         m = self.model

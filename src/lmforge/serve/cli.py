@@ -110,7 +110,11 @@ def cmd_serve(a) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"lmforge serve: warning: listening on {a.host} without an API key", file=sys.stderr)
     retriever = _retriever(a)
-    engine = _engine(a, max_batch=a.max_batch, max_queue=a.max_queue, name=a.name)
+    if a.prefill_chunk < 0:
+        raise ConfigError("--prefill-chunk must be >= 0 (0 = prefill every prompt in one forward)")
+    engine = _engine(
+        a, max_batch=a.max_batch, max_queue=a.max_queue, name=a.name, prefill_chunk=a.prefill_chunk or None
+    )
     with engine:
         app = create_app(engine, api_key=api_key, retriever=retriever, max_body_bytes=a.max_body_bytes)
         server = make_server(app, a.host, a.port, log_level=a.log_level)
@@ -255,6 +259,12 @@ def add_parser(sub) -> None:
     s.add_argument("--name", help="model id to serve under (default: the model folder's name)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get a 503")
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompts longer than this are prefilled in chunks between decode steps (default 512; 0 = never)",
+    )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     s.add_argument("--rag-index", help='enable retrieval (`"rag": true` in a chat request) from this index')
     s.add_argument("--embedder", default=None, help=argparse.SUPPRESS)

@@ -17,7 +17,9 @@ Design choices:
 - **Prefill per request** (one forward over the prompt into its slot), then the first token is
   sampled and streamed at once: time-to-first-token is one prompt forward. Identical prompts
   admitted together (the n samples of a GRPO group, `n` on the server) share one prefill: the
-  others copy its K/V rows (`share_prefill`).
+  others copy its K/V rows (`share_prefill`). A prompt longer than `prefill_chunk` tokens is
+  prefilled a chunk per step, with a decode step of the running requests between chunks, so a
+  long prompt does not stall the others (prefill.py).
 - **Decode step** (`decode=`): `eager` runs the exact-length step (the CPU default: no padding);
   `graph` (the CUDA default) replays a fixed-shape, bucketed step as a CUDA graph and `static`
   runs that same step eagerly (static_decode.py; how CPU tests check the graph's math).
@@ -44,21 +46,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import LMForgeError
 from ..model.resources import MemoryEstimate, check_fits, kv_cache_bytes
+from .admission import (  # noqa: F401  (FINISH_* re-exported)
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Admission,
+    _Partial,
+    _Slot,
+)
 from .fastpath import FastDecoder, self_check
 from .kvcache import SlotCache
-from .prefill import prefill
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
 from .sampling import pick_tokens
 from .static_decode import static_decoder
-
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
 
 class EngineFull(LMForgeError):
@@ -69,14 +76,7 @@ class EngineClosed(LMForgeError):
     """The engine was shut down."""
 
 
-@dataclass
-class _Slot:
-    req: Request
-    length: int  # tokens in the cache for this slot
-    last: int  # the token to feed next
-
-
-class Engine:
+class Engine(Admission):
     """Batched generation around a `Transformer` and an `LMTokenizer`.
 
     >>> eng = Engine.from_pretrained("runs/tiny/pretrain/model")
@@ -98,9 +98,15 @@ class Engine:
         fast_path: bool = False,
         decode: str = "auto",
         share_prefill: bool = True,
+        prefill_chunk: int | None = 512,
     ):
+        """`tokenizer` may be None for callers that pass token ids and stop ids only (RL
+        rollouts): completions then carry no text. `prefill_chunk`: prompts longer than this
+        are prefilled in chunks between decode steps (None: always in one forward)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.model = model.eval()
         self.tok = tokenizer
         self.chat_format = chat_format
@@ -111,6 +117,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.vocab = model.cfg.vocab_size
         if stop_token_ids is None:
+            if tokenizer is None:
+                raise ValueError("an engine without a tokenizer needs stop_token_ids")
             stop_token_ids = sorted(
                 {i for i in (tokenizer.eos_id, tokenizer.end_id) if i is not None}
                 | set(getattr(chat_format, "stop_ids", []) or [])
@@ -131,8 +139,11 @@ class Engine:
                 self.fast = fast
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
-        self._text_of = functools.partial(tokenizer.decode, skip_special=True)
-        self._piece = functools.cache(lambda t: self.tok.decode([t], skip_special=True))  # JSON mode
+        self.prefill_chunk = prefill_chunk
+        self.partial: list[_Partial] = []  # long prompts being prefilled, oldest first
+        decode_text = tokenizer.decode if tokenizer is not None else lambda ids, skip_special: ""
+        self._text_of = functools.partial(decode_text, skip_special=True)
+        self._piece = functools.cache(lambda t: decode_text([t], skip_special=True))  # JSON mode
         self.slots: list[_Slot | None] = [None] * max_batch
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
         self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)
@@ -199,6 +210,8 @@ class Engine:
         return self.chat_format.prompt_ids(messages)
 
     def encode(self, text: str) -> list[int]:
+        if self.tok is None:
+            raise LMForgeError(f"engine {self.name!r} has no tokenizer: pass token ids")
         bos = self.tok.bos_id is not None
         return self.tok.encode(text, add_bos=bos)
 
@@ -240,6 +253,8 @@ class Engine:
         and the text comes whole in the last one (no decoding per token: batch clients)."""
         params = (params or GenParams()).validate()
         max_new = self.check_prompt(prompt_ids, params)
+        if self.tok is None and (params.stop or params.json_object):
+            raise ValueError("stop strings and JSON mode need an engine with a tokenizer")
         stops = set() if params.ignore_eos else set(self.default_stop_ids)
         stops |= {int(i) for i in params.stop_token_ids}
         req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop, device=self.device)
@@ -314,12 +329,15 @@ class Engine:
                         admit.append((i, req))
             if admit:
                 self._prefill_all(admit)
+            if self.partial:
+                self._prefill_next_chunk()
             try:
-                if any(s is not None for s in self.slots):
+                if any(s is not None and not s.prefilling for s in self.slots):
                     self._decode_step()
             except Exception as e:  # a bug or out-of-memory: fail what is in flight, keep serving
                 self.counters["errors"] += 1
                 msg = f"{type(e).__name__}: {e}"
+                self.partial.clear()
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         self._finish(i, FINISH_ERROR, error=msg)
@@ -333,65 +351,13 @@ class Engine:
         for req in pending:
             req._push(Chunk("", [], FINISH_CANCELLED, error="engine shut down"))
 
-    def _prefill_all(self, admit: list[tuple[int, Request]]) -> None:
-        """Prompt forwards for the requests just given slots, batched (prefill.py), then each
-        one's first token. An identical prompt in the same round (the n samples of one GRPO
-        prompt, `n` > 1 on the server) copies the first one's K/V instead (`share_prefill`)."""
-        firsts: list[tuple[int, Request]] = []
-        copies: list[tuple[int, Request, int]] = []
-        src_of: dict[tuple[int, ...], int] = {}
-        for i, req in admit:
-            key = tuple(req.prompt_ids)
-            if req.cancelled.is_set():
-                self._finish(i, FINISH_CANCELLED)
-            elif self.share_prefill and key in src_of:
-                copies.append((i, req, src_of[key]))
-            else:
-                src_of[key] = i
-                firsts.append((i, req))
-        try:
-            jobs = [(i, req.prompt_ids) for i, req in firsts]
-            logits = dict(
-                zip([i for i, _ in firsts], prefill(self.fast, self.model, self.cache, jobs, self.device))
-            )
-            for i, req, src in copies:
-                self.cache.move(src, i, len(req.prompt_ids))
-                self.counters["prefill_shared"] += 1
-        except Exception as e:  # the forward failed: these requests end, the running ones go on
-            self.counters["errors"] += 1
-            for i, _ in firsts + [(i, r) for i, r, _ in copies]:
-                self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
-            return
-        for i, req, src in [(i, req, i) for i, req in firsts] + copies:
-            try:
-                self._first_token(i, req, logits[src])
-            except Exception as e:  # its sampling failed: only this request ends
-                self.counters["errors"] += 1
-                if self.slots[i] is not None:
-                    self._finish(i, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
-
-    def _first_token(self, i: int, req: Request, logits: torch.Tensor) -> None:
-        n = len(req.prompt_ids)
-        if req.penalized:
-            self.seen[i].zero_()
-            self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
-            self.counts[i].zero_()
-        self.slots[i] = _Slot(req, n, -1)
-        self.counters["prompt_tokens"] += n
-        self._pick(logits[None], [i])
-
-    def _slot(self, i: int) -> _Slot:
-        s = self.slots[i]
-        assert s is not None, f"slot {i} is free"  # callers pass running slots only
-        return s
-
     def _decode_step(self) -> None:
-        active = [i for i, s in enumerate(self.slots) if s is not None]
+        active = [i for i, s in enumerate(self.slots) if s is not None and not s.prefilling]
         for i in active:  # drop cancelled requests before spending compute on them
             if self._slot(i).req.cancelled.is_set():
                 self._finish(i, FINISH_CANCELLED)
         self._compact()
-        active = [i for i, s in enumerate(self.slots) if s is not None]
+        active = [i for i, s in enumerate(self.slots) if s is not None and not s.prefilling]
         if not active:
             return
         lengths = [self._slot(i).length for i in active]
@@ -414,21 +380,6 @@ class Engine:
         for i in active:
             self._slot(i).length += 1
         self._pick(logits, active)
-
-    def _compact(self) -> None:
-        """Move the highest running slots into free lower ones so the running rows are 0..B-1
-        and every decode step works on views (no gathers)."""
-        while True:
-            free = [i for i, s in enumerate(self.slots) if s is None]
-            used = [i for i, s in enumerate(self.slots) if s is not None]
-            if not free or not used or free[0] > used[-1]:
-                return
-            dst, src = free[0], used[-1]
-            s = self._slot(src)
-            self.cache.move(src, dst, s.length)
-            self.seen[dst] = self.seen[src]
-            self.counts[dst] = self.counts[src]
-            self.slots[dst], self.slots[src] = s, None
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample one token per row of `logits` [B, V] (rows = their slots) and accept it. A row
@@ -456,6 +407,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         if tok in req.stop_ids:
+            req.stop_token = tok
             self._finish(i, FINISH_STOP)
             return
         s.last = tok

@@ -153,12 +153,14 @@ class FastDecoder:
         mask: torch.Tensor | None = None,
         static: bool = False,
         last: torch.Tensor | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """Logits [B, V] of the last position. Prefill: `slot` given, ids [1, T], pos [1, T].
         Decode: ids [B, 1] for slots 0..B-1, pos [B, 1]; keys 0..k_len-1; `mask` [B,1,1,k_len] or None.
         `static`: no value is read back to the host (shapes fixed by B and k_len alone), so the
         step can be captured as a CUDA graph (static_decode.py). Prefill of several slots (prefill.py):
-        `slot` a tensor [B] of slots, ids [B, T] right-padded, `last` [B] each row's last real position."""
+        `slot` a tensor [B] of slots, ids [B, T] right-padded, `last` [B] each row's last real position.
+        A prompt chunk (chunked prefill): `slot` an int, `start` > 0 positions already in its row."""
         B, T = ids.shape
         H, KV, D, eps = self.H, self.KV, self.D, self.eps
         x = F.embedding(ids, self.embed)
@@ -167,6 +169,9 @@ class FastDecoder:
         same = slot is None and mask is None and not static
         p0 = int(pos[0, 0]) if same else 0
         gqa = KV != H
+        chunk = None  # a chunk after `start` cached positions: causal over the row's first start+T keys
+        if start:
+            chunk = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)
         for li, (w_in, wqkv, bqkv, wo, w_post, wgu, nf, wdown) in enumerate(self.layers):
             h = F.rms_norm(x, (dim,), w_in, eps)
             qkv = F.linear(h, wqkv, bqkv).view(B, T, H + 2 * KV, D)
@@ -175,7 +180,13 @@ class FastDecoder:
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[:, :, H + KV :].transpose(1, 2)
             kc, vc = cache.k[li], cache.v[li]
-            if slot is not None:  # prefill one slot, or rows of slots
+            if chunk is not None:
+                kc[slot, :, start : start + T] = k[0]
+                vc[slot, :, start : start + T] = v[0]
+                row = cast(int, slot)
+                ka, va = kc[row : row + 1, :, : start + T], vc[row : row + 1, :, : start + T]
+                y = F.scaled_dot_product_attention(q, ka, va, attn_mask=chunk, enable_gqa=gqa)
+            elif slot is not None:  # prefill one slot, or rows of slots
                 kc[slot, :, :T] = k if torch.is_tensor(slot) else k[0]
                 vc[slot, :, :T] = v if torch.is_tensor(slot) else v[0]
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)

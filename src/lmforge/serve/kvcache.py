@@ -26,8 +26,16 @@ class SlotCache:
         self.length = 0  # the Transformer bumps this; positions are always passed explicitly
         self._mode: tuple[Any, ...] = ()  # what the next forward writes: set by prefill/decode
 
-    def prefill(self, slot: int, n: int) -> SlotCache:
-        self._mode = ("prefill", slot, n)
+    def prefill(self, slot: int, n: int, start: int = 0) -> SlotCache:
+        """The next forward writes positions start..start+n-1 of `slot` (a prompt, or a chunk of
+        one whose first `start` positions are already in the cache)."""
+        self._mode = ("prefill", slot, start, start + n)
+        return self
+
+    def prefill_rows(self, slots: torch.Tensor, n: int) -> SlotCache:
+        """The next forward writes positions 0..n-1 of each of `slots` (right-padded prompts, one
+        batch row per slot)."""
+        self._mode = ("rows", slots, n)
         return self
 
     def decode(self, rows: slice, pos: torch.Tensor, k_len: int) -> SlotCache:
@@ -42,9 +50,16 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self._mode
         if mode[0] == "prefill":
-            _, slot, n = mode
-            self.k[layer][slot, :, :n] = k[0]
-            self.v[layer][slot, :, :n] = v[0]
+            _, slot, start, end = mode
+            self.k[layer][slot, :, start:end] = k[0]
+            self.v[layer][slot, :, start:end] = v[0]
+            if start == 0:
+                return k, v
+            return self.k[layer][slot : slot + 1, :, :end], self.v[layer][slot : slot + 1, :, :end]
+        if mode[0] == "rows":
+            _, slots, n = mode
+            self.k[layer][slots, :, :n] = k
+            self.v[layer][slots, :, :n] = v
             return k, v
         _, rows, pos, k_len = mode  # rows: slice(0, B) (the engine keeps active slots packed)
         kc, vc = self.k[layer][rows], self.v[layer][rows]
@@ -56,3 +71,10 @@ class SlotCache:
     def move(self, src: int, dst: int, n: int) -> None:
         for t in (*self.k, *self.v):
             t[dst, :, :n] = t[src, :, :n]
+
+    def swap(self, a: int, b: int, n_a: int, n_b: int) -> None:
+        """Exchange the first n_a columns of row a with the first n_b of row b."""
+        for t in (*self.k, *self.v):
+            held = t[a, :, :n_a].clone()
+            t[a, :, :n_b] = t[b, :, :n_b]
+            t[b, :, :n_a] = held

@@ -138,6 +138,7 @@ class Completion:
     total_s: float = 0.0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    stop_token_id: int | None = None  # the stop token that ended it (not part of token_ids)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -178,6 +179,7 @@ class Request:
         self.stream_text = True  # False: text decoded once at the end (Engine.submit)
         self._window: tuple[int, int, str] = (0, 0, "")  # update_text's decoding state
         self.finish_reason: str | None = None
+        self.stop_token: int | None = None  # the stop token that ended it, when one did
         self.penalized = (
             params.repetition_penalty != 1.0
             or params.presence_penalty != 0.0
@@ -301,6 +303,7 @@ class Request:
             total_s=(self.finished_at or time.perf_counter()) - self.submitted,
             error=last.error,
             logprobs=list(self.out_logprobs) if self.params.logprobs is not None else None,
+            stop_token_id=self.stop_token,
         )
 
 

@@ -11,7 +11,9 @@ A graph needs fixed shapes and fixed addresses, so this module:
   longest key length up to a **key bucket** (powers of two from 64 up to the context); one graph
   per (batch bucket, key bucket) pair, captured the first time it is needed. Padding rows are
   free slots (the engine keeps running slots packed at rows 0..B-1): they read token 0 at
-  position 0 and write their K/V into column 0 of a free row, which no request reads;
+  the last position and write their K/V into the last column of a row that is free or still
+  being prefilled in chunks: no prompt reaches that column, and a decode step overwrites it
+  before any query reads it;
 - masks keys by position (key j is visible to a row iff j <= its position), so rows of
   different lengths share a step and keys past a row's length, stale or padding, never count;
 - reads nothing back to the host inside the step (`FastDecoder.forward(static=True)`).
@@ -111,7 +113,7 @@ class StaticDecode:
         self.pos[:b].copy_(pos)
         if bb > b:
             self.ids[b:bb].zero_()
-            self.pos[b:bb].zero_()
+            self.pos[b:bb].fill_(self.cache.context - 1)
         if not self.graphs:
             return self._step(bb, kb)[:b]
         graph, out = self._captured.get((bb, kb)) or self._capture((bb, kb))
