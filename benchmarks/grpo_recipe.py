@@ -124,7 +124,7 @@ def recipe_args(a, model: Path, seed: int) -> list[str]:
             "rl.checkpoint_every": "0",
         }
     )
-    return [f"run.seed={seed}", f"run.name=seed{seed}", *(f"{k}={v}" for k, v in rec.items())]
+    return [f"run.seed={seed}", f"run.name={a.name}seed{seed}", *(f"{k}={v}" for k, v in rec.items())]
 
 
 def summarise(before: np.ndarray, after: dict[int, np.ndarray], seconds: dict[int, float]) -> dict:
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pretrain-steps", type=int, default=60)
     ap.add_argument("--sft-steps", type=int, default=250)
     ap.add_argument("--steps", type=int, default=60, help="GRPO optimizer steps per seed")
+    ap.add_argument("--name", default="", help="prefix of the per-seed run names (<root>/<name>seed<N>)")
     ap.add_argument("--set", action="append", default=[], metavar="rl.KEY=VALUE", help="recipe override")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in a.seeds:
         args = ["rl", *common, *recipe_args(a, model, seed)]
         seconds[seed] = lmforge(args, log)
-        samples = root / f"seed{seed}" / "rl" / "samples.jsonl"
+        samples = root / f"{a.name}seed{seed}" / "rl" / "samples.jsonl"
         b = exact_matches(samples, "before")
         if before is not None and not np.array_equal(before, b):
             raise RuntimeError(f"{samples}: the greedy 'before' answers differ between seeds")
