@@ -193,3 +193,17 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
         and "Greedy answers of every model" in md
         and "reward-model score" not in md
     )
+
+
+def test_a_new_reward_model_re_runs_eval(tmp_path):
+    """The model chain scores answers with the run's reward model, so the reward stage's
+    fingerprint is one of the eval stage's inputs."""
+    from lmforge.pipeline import load_config, stage_fingerprint
+    from lmforge.runs import atomic_write_json
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}"])
+    fp0, inputs = stage_fingerprint(cfg, "eval")
+    assert inputs["reward"] == "missing"
+    atomic_write_json(cfg.run.dir / "reward" / "manifest.json", {"stage": "reward", "fingerprint": "abc"})
+    fp1, inputs = stage_fingerprint(cfg, "eval")
+    assert inputs["reward"] == "abc" and fp1 != fp0

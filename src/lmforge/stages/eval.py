@@ -125,7 +125,7 @@ class EvalConfig(BaseModel):
 @define_stage(
     "eval",
     EvalConfig,
-    needs=("tokenizer",),
+    needs=("tokenizer", "reward"),  # reward: the model chain's RM scores (optional; a new RM re-runs eval)
     uses_model=True,
     help="perplexity, bits-per-byte and benchmark tasks",
     flags=(
