@@ -1,7 +1,7 @@
 """Does GRPO raise held-out arithmetic accuracy on CPU, beyond seed noise? One recipe, several seeds.
 
     python benchmarks/grpo_recipe.py [--root /tmp/lmforge-grpo] [--seeds 1 2 3 4 5]
-                                     [--pretrain-steps 60] [--sft-steps 400] [--steps 40]
+                                     [--pretrain-steps 60] [--sft-steps 400] [--steps 120]
                                      [--set rl.KEY=VALUE ...] [--out F.json]
 
 1. The starting model, built through the CLI in `<root>/tiny` and cached there by the pipeline's
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument("--pretrain-steps", type=int, default=60)
     ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=40, help="GRPO optimizer steps per seed")
+    ap.add_argument("--steps", type=int, default=120, help="GRPO optimizer steps per seed")
     ap.add_argument("--name", default="", help="prefix of the per-seed run names (<root>/<name>seed<N>)")
     ap.add_argument("--set", action="append", default=[], metavar="rl.KEY=VALUE", help="recipe override")
     ap.add_argument("--out", type=Path)
