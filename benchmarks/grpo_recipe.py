@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -64,15 +65,31 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return float(v.mean()), float(v.mean()) - half, float(v.mean()) + half
 
 
-def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int = 10000, seed: int = 0):
+def paired_bootstrap(
+    before: np.ndarray, after: np.ndarray, n_boot: int = 10000, seed: int = 0, clusters=None
+) -> tuple[float, float, float]:
     """(mean gain, low, high): `before` (problems) and `after` (seeds x problems) are 0/1 exact
-    matches; each problem's gain is its mean over seeds minus before; problems are resampled."""
+    matches; each problem's gain is its mean over seeds minus before; problems are resampled, or
+    with `clusters` (one key per problem) whole clusters are (problems that share an arithmetic
+    fact are not independent draws)."""
     gain = np.asarray(after, dtype=np.float64).mean(axis=0) - np.asarray(before, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(gain), size=(n_boot, len(gain)))
-    means = gain[idx].mean(axis=1)
+    if clusters is None:
+        idx = rng.integers(0, len(gain), size=(n_boot, len(gain)))
+        means = gain[idx].mean(axis=1)
+    else:
+        keys = sorted(set(clusters))
+        of = np.asarray([keys.index(k) for k in clusters])
+        sums, sizes = np.bincount(of, weights=gain), np.bincount(of).astype(np.float64)
+        idx = rng.integers(0, len(keys), size=(n_boot, len(keys)))
+        means = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(gain.mean()), float(lo), float(hi)
+
+
+def fact(prompt: str, reference: str) -> str:
+    """The arithmetic fact of a built-in problem: its two operands and the answer ("8 4 4")."""
+    return " ".join([*re.findall(r"\d+", prompt), str(reference)])
 
 
 def lmforge(args: list[str], log: Path) -> float:
@@ -93,6 +110,11 @@ def exact_matches(samples: Path, key: str) -> np.ndarray:
     if len(rows) != HELD_OUT or any(r[key] is None for r in rows):
         raise RuntimeError(f"{samples}: expected {HELD_OUT} held-out answers ('{key}'), got {len(rows)}")
     return np.asarray(exact_match([r[key] for r in rows], [r["reference"] for r in rows]), dtype=np.float64)
+
+
+def facts(samples: Path) -> list[str]:
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return [fact(r["prompt"], r["reference"]) for r in rows]
 
 
 def build_start(a, common: list[str], log: Path) -> tuple[Path, float]:
@@ -130,8 +152,11 @@ def recipe_args(a, model: Path, seed: int) -> list[str]:
     return [f"run.seed={seed}", f"run.name={a.name}seed{seed}", *(f"{k}={v}" for k, v in rec.items())]
 
 
-def summarise(before: np.ndarray, after: dict[int, np.ndarray], seconds: dict[int, float]) -> dict:
-    """Per-seed accuracies and gains, the t-interval over seeds and the paired bootstrap."""
+def summarise(
+    before: np.ndarray, after: dict[int, np.ndarray], seconds: dict[int, float], clusters=None
+) -> dict:
+    """Per-seed accuracies and gains, the t-interval over seeds and the paired bootstrap (over
+    problems, and over `clusters` of problems when given)."""
     b = float(before.mean())
     per_seed = {
         s: {"before": b, "after": float(x.mean()), "gain": float(x.mean()) - b} for s, x in after.items()
@@ -144,6 +169,9 @@ def summarise(before: np.ndarray, after: dict[int, np.ndarray], seconds: dict[in
         out["t_interval"] = {"mean": m, "low": lo, "high": hi}
     m, lo, hi = paired_bootstrap(before, np.stack(list(after.values())))
     out["bootstrap"] = {"mean": m, "low": lo, "high": hi}
+    if clusters is not None:
+        m, lo, hi = paired_bootstrap(before, np.stack(list(after.values())), clusters=clusters)
+        out["fact_bootstrap"] = {"mean": m, "low": lo, "high": hi, "facts": len(set(clusters))}
     return out
 
 
@@ -158,7 +186,11 @@ def report(fig: dict, cmd: str, say) -> None:
     say("")
     if t:
         say(f"Mean gain {t['mean']:+.3f}, 95% t-interval over seeds [{t['low']:+.3f}, {t['high']:+.3f}]; ")
-    say(f"paired bootstrap over problems (gain averaged over seeds) [{bs['low']:+.3f}, {bs['high']:+.3f}].\n")
+    line = f"paired bootstrap over problems (gain averaged over seeds) [{bs['low']:+.3f}, {bs['high']:+.3f}]"
+    fb = fig.get("fact_bootstrap")
+    if fb:
+        line += f"; over the {fb['facts']} arithmetic facts (clusters) [{fb['low']:+.3f}, {fb['high']:+.3f}]"
+    say(line + ".\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -196,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         after[seed] = exact_matches(samples, "after")
         print(f"seed {seed}: {b.mean():.3f} -> {after[seed].mean():.3f} ({seconds[seed]:.0f} s)", flush=True)
     assert before is not None
-    fig = summarise(before, after, seconds)
+    fig = summarise(before, after, seconds, clusters=facts(samples))
     fig.update({"start_model_seconds": t_start, "recipe": recipe_args(a, model, 0)[2:], "steps": a.steps})
     out: list[str] = []
     cmd = "python benchmarks/grpo_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -64,3 +64,23 @@ def test_bad_override_is_refused(tmp_path, capsys):
         bench.main(["--root", str(tmp_path), "--set", "lr=1e-4"])
     assert "rl.KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_fact_clusters_widen_the_bootstrap():
+    """Problems that share an arithmetic fact move together: resampling whole facts gives a wider
+    interval than resampling problems when the gain sits in one fact's problems."""
+    bench = _load()
+    assert (
+        bench.fact("Tom has 8 pens and gives 4 to a friend. How many pens does Tom have left?", "4")
+        == "8 4 4"
+    )
+    before = np.ones(60)
+    before[:6] = 0.0  # six wrong problems, all of one fact
+    clusters = ["8 4 4"] * 6 + [f"f{i // 3}" for i in range(54)]  # the rest: 18 facts of 3 problems
+    after = np.ones((3, 60))
+    m, lo, hi = bench.paired_bootstrap(before, after)
+    mc, loc, hic = bench.paired_bootstrap(before, after, clusters=clusters)
+    assert m == mc == pytest.approx(0.1)
+    assert loc < lo and hic > hi
+    fig = bench.summarise(before, {1: after[0], 2: after[1]}, {}, clusters=clusters)
+    assert fig["fact_bootstrap"]["facts"] == 19
