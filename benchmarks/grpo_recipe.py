@@ -21,7 +21,9 @@
    t-interval (seeds are the unit: a recipe that helps one seed and hurts another has a wide
    interval), and a paired bootstrap over problems (each problem's gain averaged over the
    seeds, problems resampled): the interval of the same mean that counts the held-out set's
-   finite size rather than the seeds' spread.
+   finite size rather than the seeds' spread; and the same bootstrap over arithmetic facts
+   (the problems with the same operands and answer resampled together: GRPO fixes or breaks a
+   fact, not a wording, so problems of one fact are not independent).
 
 The greedy "before" is the same for every seed (same model, greedy decoding); the seeds change
 the rollouts' samples and the prompt order. Prints markdown for benchmarks/RESULTS.md; `--out`
