@@ -132,6 +132,8 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
         "eval.tasks=[]",
         "eval.doc_tokens=0",
         "eval.chain_tokens=600",
+        "pretrain.seq_len=128",  # room for the held-out chat prompts the chain asks every model
+        "eval.chain_answer_tokens=6",
         f"sft.data=[{chats}]",
         f"sft.val_data=[{chats}]",
     )
@@ -176,6 +178,10 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
     manifest = json.loads((run / "eval" / "manifest.json").read_text())
     assert manifest["metrics"]["chain/sft_bpb"] == chain[1]["bpb"]
     assert manifest["metrics"]["chain/pretrain_assistant_loss"] == chain[0]["assistant_loss"]
+    # every model answered the same held-out chat prompts (no reward model in this run: no score)
+    shown = json.loads((run / "eval" / "results.json").read_text())["chain_prompts"]
+    assert len(shown) == 3 and all(len(r["answers"]) == 3 and r["chat_prompts"] > 0 for r in chain)
+    assert all("rm_score" not in r for r in chain) and chain[0]["answers"] != chain[1]["answers"]
     with single_thread():
         assert main(["report", *args]) == 0
     md = (run / "report" / "report.md").read_text()
@@ -184,4 +190,20 @@ def test_eval_scores_every_model_of_the_run_on_the_same_tokens(clone_run):
         and "| sft |" in md
         and "chat assistant loss" in md
         and f"{chain[1]['delta_bpb']:+.4f}" in md
+        and "Greedy answers of every model" in md
+        and "reward-model score" not in md
     )
+
+
+def test_a_new_reward_model_re_runs_eval(tmp_path):
+    """The model chain scores answers with the run's reward model, so the reward stage's
+    fingerprint is one of the eval stage's inputs."""
+    from lmforge.pipeline import load_config, stage_fingerprint
+    from lmforge.runs import atomic_write_json
+
+    cfg = load_config("tiny", [f"run.root={tmp_path}"])
+    fp0, inputs = stage_fingerprint(cfg, "eval")
+    assert inputs["reward"] == "missing"
+    atomic_write_json(cfg.run.dir / "reward" / "manifest.json", {"stage": "reward", "fingerprint": "abc"})
+    fp1, inputs = stage_fingerprint(cfg, "eval")
+    assert inputs["reward"] == "abc" and fp1 != fp0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import read_jsonl, read_manifest, run_relative
-from .chain import chain_table
+from .chain import chain_answers, chain_table
 from .plots import plot_curves, plot_funnel, plot_tasks
 from .render import Section, _cell, _count, _num
 
@@ -321,9 +321,21 @@ def _eval_section(info: dict, plots: bool) -> Section | None:
         s.p(
             "Model chain: every model of the run on the same validation tokens. The delta is what each "
             "stage did to held-out bits/byte (post-training usually costs a little on raw text; a large "
-            "rise is forgetting, or reward hacking for align/rl):"
+            "rise is forgetting, or reward hacking for align/rl)."
+            + (
+                " The reward-model score is the run's reward model's mean score of each model's greedy "
+                "answers to the same held-out chat prompts (a rise that comes with much longer answers "
+                "is worth a look at the answers below):"
+                if any(r.get("rm_score") is not None for r in chain)
+                else ""
+            )
         )
         s.table(*chain_table(chain))
+        prompts = ev.get("chain_prompts") or []
+        if prompts and any(r.get("answers") for r in chain):
+            s.p("Greedy answers of every model to the first held-out chat prompts of the chain:")
+            header, rows = chain_answers(chain, prompts)
+            s.table(header, [[_short(c, 160) if c is not None else None for c in r] for r in rows])
     tasks = ev.get("tasks") or {}
     if tasks:
         rows = []

@@ -25,10 +25,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..align.reward_scoring import RewardScorer
+from ..align.tasks import load_prompt_sets
 from ..chat import ChatFormat, encode_records
 from ..data.builtin import split_by_key
 from ..data.shards import load_shard
-from ..eval.chain import score_chain
+from ..eval.chain import chat_answers, score_chain
 from ..eval.evaluate import evaluate_task, headline, predictions_jsonl, unique_keys
 from ..eval.loglik import Scorer
 from ..eval.perplexity import (
@@ -103,6 +105,13 @@ class EvalConfig(BaseModel):
     chain_chat_examples: int = Field(
         64, ge=0, description="model chain: SFT held-out conversations scored (assistant loss); 0 = off"
     )
+    chain_prompts: int = Field(
+        16,
+        ge=0,
+        description="model chain: held-out chat prompts (the rl stage's) every model answers greedily, "
+        "scored by the run's reward model when it has one; 0 = off",
+    )
+    chain_answer_tokens: int = Field(32, ge=1, description="model chain: longest answer, in tokens")
     chain_tokens: int = Field(
         10000,
         ge=0,
@@ -116,7 +125,7 @@ class EvalConfig(BaseModel):
 @define_stage(
     "eval",
     EvalConfig,
-    needs=("tokenizer",),
+    needs=("tokenizer", "reward"),  # reward: the model chain's RM scores (optional; a new RM re-runs eval)
     uses_model=True,
     help="perplexity, bits-per-byte and benchmark tasks",
     flags=(
@@ -166,7 +175,7 @@ def eval_stage(ctx: StageContext) -> dict:
     )
     metrics = {k: v for k, v in res.items() if k not in ("model", "hardware")}
     if cfg.chain_tokens:
-        res["chain"] = _chain(ctx, cfg, val, tb, seq_len, metrics)
+        res["chain"] = _chain(ctx, cfg, val, tb, seq_len, metrics, res)
 
     scorer = Scorer(model, tok, max_len=seq_len, batch_tokens=cfg.batch_tokens, add_bos=cfg.add_bos)
     # 2. whole documents, rolling windows: word perplexity and bpb that compare across tokenizers
@@ -270,12 +279,46 @@ def _sft_heldout_loss(ctx: StageContext, cfg: EvalConfig, seq_len: int):
     }
 
 
-def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int, metrics: dict) -> list[dict]:
+def _chat_prompts(ctx: StageContext, cfg: EvalConfig, models: list[tuple[str, Path]]):
+    """A function model -> `chat_answers` on the rl stage's held-out prompts (its data/val_data
+    split with the run's seed: the prompts RL was evaluated on) when the run has a completed rl
+    stage, else on the built-in questions' held-out split; scored by the run's reward model
+    when it has one (its folder verified like any stage input); and the shown prompts' texts.
+    (None, []) when off."""
+    if not cfg.chain_prompts or not models:
+        return None, []
+    rl_cfg = getattr(ctx.pipeline, "rl", None)
+    rl_done = (read_manifest(ctx.run_dir / "rl") or {}).get("status") == "complete"
+    if rl_cfg is not None and rl_done:
+        sets = load_prompt_sets(list(rl_cfg.data), rl_cfg.val_data, rl_cfg.val_fraction, ctx.seed)
+    else:
+        sets = load_prompt_sets(["questions"], None, 0.1, ctx.seed)
+    items = sets[1][: cfg.chain_prompts]
+    prompts = [[{"role": r, "content": c} for r, c in it.messages] for it in items]
+    fmt = ChatFormat.from_dir(models[-1][1])  # one tokenizer for the whole run: the same prompt ids
+    scorer = None
+    if (read_manifest(ctx.run_dir / "reward") or {}).get("status") == "complete":
+        scorer = RewardScorer.from_dir(ctx.input_dir("reward") / "model", device=str(ctx.device))
+    shown = [it.messages[-1][1] for it in items[:3]]
+    return (
+        lambda model: chat_answers(
+            model, fmt, prompts, max_tokens=cfg.chain_answer_tokens, scorer=scorer, keep=len(shown)
+        ),
+        shown,
+    )
+
+
+def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int, metrics: dict, res: dict) -> list[dict]:
     """Score every model of the run (`score_chain`); adds `chain/<stage>_bpb` (and
-    `_assistant_loss`) to `metrics` and logs one line."""
+    `_assistant_loss`, `_rm_score`) to `metrics`, the prompts of the kept answers to `res`
+    (`chain_prompts`), and logs one line."""
     t0 = time.time()
+    models = run_models(ctx.run_dir)
+    loss_fn = _sft_heldout_loss(ctx, cfg, seq_len)
+    answers_fn, res["chain_prompts"] = _chat_prompts(ctx, cfg, models)
+    fns = [f for f in (loss_fn, answers_fn) if f is not None]
     rows = score_chain(
-        run_models(ctx.run_dir),
+        models,
         val,
         tb,
         vocab_size=int(val.meta.get("vocab_size", 0)),
@@ -283,13 +326,22 @@ def _chain(ctx: StageContext, cfg: EvalConfig, val, tb, seq_len: int, metrics: d
         batch_size=cfg.batch_size,
         device=ctx.device,
         max_tokens=cfg.chain_tokens,
-        extra=_sft_heldout_loss(ctx, cfg, seq_len),
+        extra=(lambda m: {k: v for f in fns for k, v in f(m).items()}) if fns else None,
     )
     if rows:
         for r in rows:
             r["model"] = run_relative(r["model"], ctx.run_dir)
             metrics.update(
-                {f"chain/{r['stage']}_{k}": r[k] for k in ("bpb", "assistant_loss") if r.get(k) is not None}
+                {
+                    f"chain/{r['stage']}_{k}": r[k]
+                    for k in ("bpb", "assistant_loss", "rm_score")
+                    if r.get(k) is not None
+                }
+            )
+        if answers_fn is not None and not any(r.get("chat_prompts") for r in rows):
+            ctx.log(
+                f"model chain: no held-out chat prompt fits the models' context with "
+                f"{cfg.chain_answer_tokens} answer tokens; no answers or reward-model scores"
             )
         parts = [_chain_part(r) for r in rows]
         ctx.log(
@@ -308,6 +360,8 @@ def _chain_part(r: dict) -> str:
     )
     if r.get("assistant_loss") is not None:
         out += f" / chat loss {r['assistant_loss']:.4f}"
+    if r.get("rm_score") is not None:
+        out += f" / RM score {r['rm_score']:+.3f}"
     return out
 
 
