@@ -45,7 +45,8 @@ class SlotCache:
     def key_length(self, n_new: int) -> int:
         """Key columns the next forward attends over: the prompt (prefill) or `k_len` (decode).
         A model that builds its own attention masks (the generic path) sizes them by it."""
-        return self._mode[2] if self._mode[0] == "prefill" else self._mode[3]
+        mode = self._mode
+        return mode[2] if mode[0] == "rows" else mode[3]  # prefill: its end; decode: k_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self._mode
