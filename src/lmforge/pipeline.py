@@ -46,7 +46,7 @@ from .runs import (
     translate_storage_errors,
 )
 from .stages import STAGES, Stage, StageContext
-from .stages.base import console
+from .stages.base import console, warnings_to_log
 from .train.tracking import track_stage
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -249,7 +249,11 @@ def _run_stage(cfg: PipelineConfig, name: str, force: bool = False) -> StageOutc
     t0 = time.time()
     completed = False
     try:
-        with _sigterm_interrupts(), track_stage(cfg.run, name, stage_cfg, stage_dir, ctx.log) as tracking:
+        with (
+            _sigterm_interrupts(),
+            warnings_to_log(ctx.log),
+            track_stage(cfg.run, name, stage_cfg, stage_dir, ctx.log) as tracking,
+        ):
             metrics = stage.fn(ctx) or {}
             if tracking is not None:
                 tracking.summary = metrics

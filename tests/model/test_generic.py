@@ -197,6 +197,8 @@ def test_sft_stage_runs_a_generic_model(tmp_path, method):
     overrides += ["sft.max_steps=2", "sft.batch_size=4", "sft.max_val_examples=4", "sft.num_samples=1"]
     overrides += ["sft.sample_max_new_tokens=4", "run.device=cpu", f"sft.method={method}", "sft.seq_len=64"]
     run_stage(load_config(None, overrides), "sft", force=True)
+    log = (tmp_path / "tiny" / "log.txt").read_text()
+    assert "sft: warning:" in log and "'gpt_neox' has no native lmforge family" in log  # the one line
     out = tmp_path / "tiny" / "sft" / ("model" if method == "full" else "adapter")
     ids = ids_(1, 9)
     with torch.no_grad():

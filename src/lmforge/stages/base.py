@@ -18,7 +18,9 @@ the runner; the runner (`lmforge.pipeline`) builds the context.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,27 @@ def define_stage(
         return Stage(name, config_cls, fn, needs, help, flags, distributed, uses_model)
 
     return wrap
+
+
+@contextmanager
+def warnings_to_log(log: Callable[[str], None]) -> Iterator[None]:
+    """While a stage runs, lmforge's own warnings (such as the one line saying a model runs
+    through the generic `transformers` path) go through the stage's `log`: the console and the
+    run's log.txt, where a user looking back at a run finds them. Other libraries' warnings are
+    shown as usual."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] == "lmforge":
+            log(f"warning: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 @dataclass
