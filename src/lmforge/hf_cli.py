@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
     common = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
     p = subparsers.add_parser(
         "import",
-        help="import a Hugging Face checkpoint folder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, GPT-2, Mixtral)",
+        help="import a Hugging Face checkpoint folder (native: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, "
+        "GPT-2, Mixtral; any other causal LM that transformers loads runs through the generic path)",
         description="Copy a local HF checkpoint (config.json, *.safetensors or a sharded "
         "index, tokenizer files) into an lmforge model folder, checking every "
         "tensor.",
