@@ -341,3 +341,27 @@ def test_reward_stage_with_lora_on_a_generic_model(tmp_path):
         tmp_path / "tiny" / "reward" / "model"
     )
     assert type(rm).__name__ == "Olmo2ForSequenceClassification"
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "cohere"])
+def test_activation_checkpointing_finds_the_blocks_and_keeps_the_gradients(tmp_path, kind):
+    """GPT-NeoX keeps its blocks at `gpt_neox.layers`, not `model.layers`: the blocks are found
+    through transformers' `_no_split_modules`, and recomputing them gives the same gradients."""
+    from lmforge.train.distributed import apply_activation_checkpointing, decoder_blocks
+
+    hf_model(kind).save_pretrained(tmp_path / "hf")
+    with pytest.warns(GenericPathWarning):
+        plain, ckpt = load_pretrained(tmp_path / "hf"), load_pretrained(tmp_path / "hf")
+    blocks = decoder_blocks(ckpt)
+    assert len(blocks) == ckpt.cfg.n_layers == 2
+    assert all(type(b).__name__.endswith(("DecoderLayer", "Layer")) for b in blocks)
+    apply_activation_checkpointing(ckpt)
+    ids = ids_()
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m(ids[:, :-1], targets=ids[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)

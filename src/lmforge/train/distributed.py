@@ -119,14 +119,38 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return strategy
 
 
+def decoder_blocks(model: Any) -> list[nn.Module]:
+    """The repeated decoder blocks of `model`: what activation checkpointing recomputes and FSDP
+    shards one by one. lmforge's `Transformer.layers`, also through a trunk (a reward model, a
+    prompt-tuned or LoRA wrapper); a model on the generic path (any transformers architecture,
+    whose blocks sit at `model.layers`, `gpt_neox.layers`, `transformer.h`, ...) gives the modules
+    of the classes its transformers class names in `_no_split_modules` (its decoder layers)."""
+    owner = model
+    for _ in range(3):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return list(layers)
+        owner = getattr(owner, "model", None)
+        if owner is None:
+            break
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(
+            f"cannot find the decoder blocks of this {type(model).__name__} (no `layers` list and no "
+            f"transformers `_no_split_modules`), so activation checkpointing and FSDP cannot be applied"
+        )
+    return blocks
+
+
 def apply_activation_checkpointing(model: Any) -> None:
-    """Recompute each transformer block's activations in the backward pass (any model holding a
-    trunk: a Transformer, a reward model, a prompt-tuned wrapper)."""
+    """Recompute each decoder block's activations in the backward pass (any model holding a
+    trunk: a Transformer, a reward model, a prompt-tuned wrapper, a generic-path model)."""
     from torch.utils.checkpoint import checkpoint
 
-    trunk = model.model
-    layers = trunk.layers if hasattr(trunk, "layers") else trunk.model.layers
-    for block in layers:
+    for block in decoder_blocks(model):
         fwd = block.forward
 
         def wrapped(*args, _fwd=fwd, **kw):
@@ -161,7 +185,7 @@ def wrap(
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
         if cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy()
-        for block in model.model.layers:
+        for block in decoder_blocks(model):
             fully_shard(block, **kw)
         fully_shard(model, **kw)
         return model
