@@ -102,8 +102,10 @@ def test_shared_prefill_holds_the_prompt_blocks_once(chunk):
         peak = _peak_blocks(eng)
         with eng:
             outs[share] = [o.token_ids for o in eng.generate([prompt] * 4, ps)]
-            assert eng.stats()["prefill_shared"] == (3 if share else 0)
+            stats = eng.stats()
+        assert stats["prefill_shared"] == (3 if share else 0)
         peaks[share] = max(peak)
+        assert stats["kv_blocks_peak"] == peaks[share]
         assert eng.cache.blocks_used() == 0 and eng.cache.free and all(r == 0 for r in eng.cache.refs)
     assert peaks == {True: 7 + 3 * 2, False: 4 * 7}
     assert outs[True] == outs[False]
@@ -220,3 +222,28 @@ def test_concurrent_submits_never_leak_blocks():
         assert len(results) == 12 and set(results) <= {"length", "cancelled"}
         time.sleep(0.05)
         assert eng.cache.blocks_used() == 0
+
+
+def test_serve_flags_choose_the_cache(tmp_path):
+    """`lmforge serve --kv-cache paged --kv-blocks N` builds a paged engine of N blocks; a bad
+    combination is a config error naming the flag."""
+    import argparse
+
+    from lmforge.errors import ConfigError
+    from lmforge.serve.cli import add_parser, serve_engine
+    from tests.factories import make_tiny_model
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    folder = str(make_tiny_model(tmp_path / "m"))
+    a = parser.parse_args(["serve", folder, "--kv-cache", "paged", "--kv-blocks", "40", "--max-batch", "2"])
+    eng = serve_engine(a)
+    assert isinstance(eng.cache, PagedCache) and eng.cache.n_blocks == 40 and eng.fast is not None
+    with eng:
+        assert (
+            eng.complete([5, 6, 7], GenParams(max_tokens=3, temperature=0, ignore_eos=True)).completion_tokens
+            == 3
+        )
+    assert not isinstance(serve_engine(parser.parse_args(["serve", folder])).cache, PagedCache)
+    with pytest.raises(ConfigError, match="--kv-blocks needs --kv-cache paged"):
+        serve_engine(parser.parse_args(["serve", folder, "--kv-blocks", "40"]))

@@ -335,7 +335,8 @@ class Engine(Admission):
     def _kv_stats(self) -> dict:
         if not isinstance(self.cache, PagedCache):
             return {}
-        return {"kv_blocks": self.cache.usable_blocks, "kv_blocks_used": self.cache.blocks_used()}
+        c = self.cache
+        return {"kv_blocks": c.usable_blocks, "kv_blocks_used": c.blocks_used(), "kv_blocks_peak": c.peak}
 
     # -- the worker
     def _run(self) -> None:
