@@ -247,3 +247,42 @@ def test_serve_flags_choose_the_cache(tmp_path):
     assert not isinstance(serve_engine(parser.parse_args(["serve", folder])).cache, PagedCache)
     with pytest.raises(ConfigError, match="--kv-blocks needs --kv-cache paged"):
         serve_engine(parser.parse_args(["serve", folder, "--kv-blocks", "40"]))
+
+
+def test_generate_batch_on_the_paged_cache():
+    """RL rollouts' entry point: groups of identical prompts, seeded; the same completions."""
+    from lmforge.serve.batch import generate_batch
+
+    model = tiny_model(VOCAB, max_seq_len=64)
+    prompts = [p for p in _prompts((7, 19, 4), seed=5) for _ in range(4)]
+    ps = [GenParams(max_tokens=6, temperature=1.0, seed=s) for s in range(len(prompts))]
+    outs = {
+        kind: [c.token_ids for c in generate_batch(model, prompts, ps, stop_token_ids=[], kv_cache=kind)]
+        for kind in ("slot", "paged")
+    }
+    assert outs["slot"] == outs["paged"] and len({tuple(o) for o in outs["paged"]}) > 3
+
+
+@pytest.mark.filterwarnings("ignore::lmforge.model.generic.GenericPathWarning")
+def test_a_transformers_model_on_the_generic_path(tmp_path):
+    """A family lmforge has no native module for (OLMo 2, run through `transformers`' own
+    attention via the cache bridge): the same greedy tokens on both caches, chunked prefill on."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import load_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.Olmo2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    assert getattr(model, "generic", False)
+    a, *rest = _prompts((13, 4, 22, 9), seed=7)
+    p = GenParams(max_tokens=10, temperature=0)
+    outs = {}
+    for kind in ("slot", "paged"):
+        with _engine(model, kind, prefill_chunk=8, block_size=4) as eng:
+            outs[kind] = [o.token_ids for o in eng.generate([a, a, *rest], p)]
+            assert eng.stats()["prefill_shared"] == 1
+    assert outs["slot"] == outs["paged"]

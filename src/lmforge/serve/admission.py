@@ -2,12 +2,14 @@
 
 A mixin of `engine.Engine` (kept apart so each file stays readable): the prompts admitted in one
 worker round are prefilled together (prefill.py: several right-padded prompts per forward);
-identical prompts among them share one prefill (the others copy its K/V rows);
+identical prompts among them share one prefill (the others copy its K/V rows, or with the paged
+cache point at its blocks); a request the paged cache has no blocks for goes back to the front
+of the queue (`_requeue`) and is admitted when finishing requests have given blocks back;
 a prompt longer than `prefill_chunk` is prefilled a chunk per worker step, with a decode step of
 the running requests between chunks (`_prefill_next_chunk`), so one long prompt delays the
 others by a chunk's forward, not a whole prompt's. `_compact` keeps the decoding slots at rows
 0..B-1, then the prompts still being prefilled, then the free slots, so a decode step works on
-views of the cache.
+views of the cache (a paged cache swaps block table rows instead of K/V).
 """
 
 from __future__ import annotations

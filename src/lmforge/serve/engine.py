@@ -1,4 +1,4 @@
-"""The generation service: continuous batching over a slot KV cache, one worker thread.
+"""The generation service: continuous batching over a slot or paged KV cache, one worker thread.
 
 Why not just call `model.generate.generate` per request? A server sees requests arrive one by
 one, with different prompt lengths, sampling settings and budgets. This engine keeps up to
@@ -14,10 +14,19 @@ Design choices:
   The model's attention only calls `cache.update(layer, k, v)`, so the `Transformer` of
   model/transformer.py runs unchanged (lmforge models, imported HF Llama/Mistral/Qwen2 models
   and models with LoRA layers patched in alike).
+- **Or a paged cache** (`kv_cache="paged"`, paged.py): K/V in blocks of `block_size` positions
+  from a pool of `kv_blocks`, each request reserving at admission the blocks its prompt +
+  `max_tokens` need (a request whose blocks are not free waits in the queue); the samples of a
+  shared prefill point at the prompt's blocks instead of copying them. Same tokens as the slot
+  cache (tested); on a CPU it decodes ~0.8-0.9x as fast (it gathers the blocks it attends over:
+  benchmarks/RESULTS.md), so `slot` stays the default. Use it when the requests' lengths are
+  far below `max_batch` x the context (set `kv_blocks` to what they need and raise `max_batch`)
+  or for RL groups (n samples hold the prompt once). CUDA graphs (`decode="graph"`) are
+  slot-only: `graph` with `paged` is refused and `auto` runs the eager step.
 - **Prefill per request** (one forward over the prompt into its slot), then the first token is
   sampled and streamed at once: time-to-first-token is one prompt forward. Identical prompts
   admitted together (the n samples of a GRPO group, `n` on the server) share one prefill: the
-  others copy its K/V rows (`share_prefill`). A prompt longer than `prefill_chunk` tokens is
+  others copy its K/V rows, or share its blocks (`share_prefill`). A prompt longer than `prefill_chunk` tokens is
   prefilled a chunk per step, with a decode step of the running requests between chunks, so a
   long prompt does not stall the others (prefill.py).
 - **Decode step** (`decode=`): `eager` runs the exact-length step (the CPU default: no padding);
