@@ -13,8 +13,10 @@ max_batch x 512 positions). Workloads, every request greedy or seeded, stops off
   samples of a prompt share its prefill (slot: copied K/V rows; paged: shared prompt blocks).
 Reported per workload and cache: generated tokens/s (wall time of `Engine.generate`, prefill
 included; the best of `--rounds` rounds, slot and paged alternating), the K/V bytes allocated,
-and for the paged cache the bytes of the most blocks in use at once (`kv_blocks_peak`) and a
-second run with the pool cut to that peak ("paged, pool = peak"), which must give the same tokens.
+and for the paged cache the bytes of the most blocks in use at once (`kv_blocks_peak`, + the
+scratch block). Two more configurations at the paged cache's peak memory: "paged, pool = peak"
+(the pool cut to that peak) and "slot, same memory" (a slot cache of as many rows as those bytes
+hold, so fewer requests in flight). Every configuration must give the slot cache's tokens.
 """
 
 from __future__ import annotations
@@ -105,26 +107,37 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in a.workloads.split(","):
         prompts, params, max_batch = workload(name, a.new)
+        # a first paged run (also the warm-up) gives the peak blocks in use: the pool of "paged,
+        # pool = peak", and the rows of a slot cache that holds the same bytes ("slot, same memory")
+        *_, peak, peak_bytes, _ = run(model, "paged", prompts, params, max_batch, fast)
+        row_bytes = kv_row_bytes(model)
+        same_rows = max(1, min(max_batch, int(peak_bytes // row_bytes)))
+        label = f"batch {name}" if name != "grpo" else "grpo 16x8"
+        configs = {
+            "slot": ("slot", max_batch, None),
+            "paged": ("paged", max_batch, None),
+            f"paged, pool = peak ({peak} blocks)": ("paged", max_batch, peak + 1),
+        }
+        if same_rows < max_batch:
+            configs[f"slot, same memory ({same_rows} rows)"] = ("slot", same_rows, None)
         best: dict[str, float] = {}
         info: dict[str, tuple] = {}
         for _ in range(a.rounds):
-            for kind in ("slot", "paged"):
-                tps, held, peak, peak_bytes, toks = run(model, kind, prompts, params, max_batch, fast)
-                best[kind] = max(best.get(kind, 0.0), tps)
-                info[kind] = (held, peak, peak_bytes, toks)
-        assert info["paged"][3] == info["slot"][3], f"{name}: paged tokens differ from slot tokens"
-        peak = info["paged"][1]
-        cut_tps, cut_held, _, _, toks = run(
-            model, "paged", prompts, params, max_batch, fast, kv_blocks=peak + 1
-        )
-        assert toks == info["slot"][3], f"{name}: the pool cut to its peak changed the tokens"
-        label = f"batch {name}" if name != "grpo" else "grpo 16x8"
-        for kind in ("slot", "paged"):
-            held, _, peak_bytes, _ = info[kind]
-            ratio = best[kind] / best["slot"]
-            print(f"| {label} | {kind} | {best[kind]:,.0f} | {ratio:.2f} | {mib(held)} | {mib(peak_bytes)} |")
-        cut = f"| {label} | paged, pool = peak ({peak} blocks) | {cut_tps:,.0f} | {cut_tps / best['slot']:.2f} |"
-        print(f"{cut} {mib(cut_held)} | {mib(cut_held)} |")
+            for key, (kind, rows, blocks) in configs.items():
+                tps, held, _, used, toks = run(model, kind, prompts, params, rows, fast, kv_blocks=blocks)
+                best[key] = max(best.get(key, 0.0), tps)
+                info[key] = (held, used, toks)
+        for key in configs:
+            held, used, toks = info[key]
+            assert toks == info["slot"][2], f"{name}, {key}: tokens differ from the slot cache's"
+            ratio = best[key] / best["slot"]
+            print(f"| {label} | {key} | {best[key]:,.0f} | {ratio:.2f} | {mib(held)} | {mib(used)} |")
+
+
+def kv_row_bytes(model) -> int:
+    """K/V bytes of one slot-cache row (a whole context)."""
+    cfg = model.cfg
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * CONTEXT * next(model.parameters()).element_size()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ class PagedCache:
 
     paged = True
 
-    def __init__(self, cfg, slots: int, context: int, device, dtype, block_size: int = 16, n_blocks=None):
+    def __init__(
+        self, cfg, slots: int, context: int, device, dtype, block_size: int = 16, n_blocks: int | None = None
+    ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         n_blocks = n_blocks or default_blocks(slots, context, block_size)
@@ -66,12 +68,8 @@ class PagedCache:
         shape = (n_blocks, block_size, cfg.kv_heads, cfg.head_dim)
         self.k_blocks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v_blocks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.device, self.context, self.block_size, self.n_blocks = (
-            torch.device(device),
-            context,
-            block_size,
-            n_blocks,
-        )
+        self.device, self.context = torch.device(device), context
+        self.block_size, self.n_blocks = block_size, n_blocks
         self.max_blocks = blocks_for(context, block_size)
         self.table = torch.full((slots, self.max_blocks), SCRATCH, dtype=torch.long, device=device)
         self.rows: list[list[int]] = [[] for _ in range(slots)]  # host copy of each slot's reserved entries
