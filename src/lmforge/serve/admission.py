@@ -2,22 +2,27 @@
 
 A mixin of `engine.Engine` (kept apart so each file stays readable): the prompts admitted in one
 worker round are prefilled together (prefill.py: several right-padded prompts per forward);
-identical prompts among them share one prefill (the others copy its K/V rows);
+identical prompts among them share one prefill (the others copy its K/V rows, or with the paged
+cache point at its blocks); a request the paged cache has no blocks for goes back to the front
+of the queue (`_requeue`) and is admitted when finishing requests have given blocks back;
 a prompt longer than `prefill_chunk` is prefilled a chunk per worker step, with a decode step of
 the running requests between chunks (`_prefill_next_chunk`), so one long prompt delays the
 others by a chunk's forward, not a whole prompt's. `_compact` keeps the decoding slots at rows
 0..B-1, then the prompts still being prefilled, then the free slots, so a decode step works on
-views of the cache.
+views of the cache (a paged cache swaps block table rows instead of K/V).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from .fastpath import FastDecoder
 from .kvcache import SlotCache
+from .paged import PagedCache
 from .prefill import prefill, prefill_chunk
 from .request import Request, TokenLogprob
 
@@ -47,7 +52,9 @@ class Admission:
 
     slots: list[_Slot | None]
     partial: list[_Partial]
-    cache: SlotCache
+    cache: SlotCache | PagedCache
+    waiting: deque[Request]
+    _cv: threading.Condition
     fast: FastDecoder | None
     model: torch.nn.Module
     device: torch.device
@@ -79,22 +86,30 @@ class Admission:
         src_of: dict[tuple[int, ...], int] = {}
         long_of: dict[tuple[int, ...], _Partial] = {}
         chunk = self.prefill_chunk
+        back: list[Request] = []  # no K/V blocks for these (paged cache): back to the queue, in order
         for i, req in admit:
             key = tuple(req.prompt_ids)
+            long = chunk is not None and len(key) > chunk
+            shared = self.share_prefill and key in (long_of if long else src_of)
             if req.cancelled.is_set():
                 self._finish(i, FINISH_CANCELLED)
-            elif chunk is not None and len(key) > chunk:  # prefilled in chunks between decode steps
+            elif back or not self.cache.reserve(i, len(key) + req.max_new, len(key) if shared else 0):
+                self.slots[i] = None
+                back.append(req)
+            elif long:  # prefilled in chunks between decode steps
                 self.slots[i] = _Slot(req, 0, -1, prefilling=True)
-                if self.share_prefill and key in long_of:
+                if shared:
                     long_of[key].copies.append((i, req))
                 else:
                     long_of[key] = _Partial(i, req, [])
                     self.partial.append(long_of[key])
-            elif self.share_prefill and key in src_of:
+            elif shared:
                 copies.append((i, req, src_of[key]))
             else:
                 src_of[key] = i
                 firsts.append((i, req))
+        if back:
+            self._requeue(back)
         try:
             jobs = [(i, req.prompt_ids) for i, req in firsts]
             logits = dict(
@@ -142,6 +157,13 @@ class Admission:
                 ready.append((i, req, logits))
         self._first_tokens(ready)
 
+    def _requeue(self, reqs: list[Request]) -> None:
+        """Requests admitted to a slot whose K/V blocks were not free: first in the queue again,
+        admitted when finishing requests have given blocks back."""
+        with self._cv:
+            self.waiting.extendleft(reversed(reqs))
+            self.counters["kv_waits"] += len(reqs)
+
     def _first_tokens(self, ready: list[tuple[int, Request, torch.Tensor]]) -> None:
         """The first token of each prefilled request (slot, request, last-position logits [V]),
         sampled in one step; if that step raises, one request at a time, so a request whose
@@ -185,10 +207,7 @@ class Admission:
                 return
             hi = max(j for j in range(lo, len(ranks)) if ranks[j] == min(ranks[lo:]))
             a, b = self.slots[lo], self._slot(hi)
-            if a is None:
-                self.cache.move(hi, lo, b.length)
-            else:
-                self.cache.swap(lo, hi, a.length, b.length)
+            self.cache.swap(lo, hi, 0 if a is None else a.length, b.length)  # a free: a move
             self.seen[[lo, hi]] = self.seen[[hi, lo]]
             self.counts[[lo, hi]] = self.counts[[hi, lo]]
             self.slots[lo], self.slots[hi] = b, a

@@ -103,6 +103,23 @@ def cmd_chat(a) -> int:
         return run_chat(engine, params, system=a.system, retriever=retriever, rag_k=a.k)
 
 
+def serve_engine(a):
+    """The engine `lmforge serve` runs, from its flags (checked here, named in the errors)."""
+    if a.prefill_chunk < 0:
+        raise ConfigError("--prefill-chunk must be >= 0 (0 = prefill every prompt in one forward)")
+    if a.kv_blocks is not None and (a.kv_cache != "paged" or a.kv_blocks < 2):
+        raise ConfigError("--kv-blocks needs --kv-cache paged and at least 2 blocks (one is scratch)")
+    return _engine(
+        a,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        name=a.name,
+        prefill_chunk=a.prefill_chunk or None,
+        kv_cache=a.kv_cache,
+        kv_blocks=a.kv_blocks,
+    )
+
+
 def cmd_serve(a) -> int:
     from .server import create_app, make_server
 
@@ -110,11 +127,7 @@ def cmd_serve(a) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"lmforge serve: warning: listening on {a.host} without an API key", file=sys.stderr)
     retriever = _retriever(a)
-    if a.prefill_chunk < 0:
-        raise ConfigError("--prefill-chunk must be >= 0 (0 = prefill every prompt in one forward)")
-    engine = _engine(
-        a, max_batch=a.max_batch, max_queue=a.max_queue, name=a.name, prefill_chunk=a.prefill_chunk or None
-    )
+    engine = serve_engine(a)
     with engine:
         app = create_app(engine, api_key=api_key, retriever=retriever, max_body_bytes=a.max_body_bytes)
         server = make_server(app, a.host, a.port, log_level=a.log_level)
@@ -264,6 +277,19 @@ def add_parser(sub) -> None:
         type=int,
         default=512,
         help="prompts longer than this are prefilled in chunks between decode steps (default 512; 0 = never)",
+    )
+    s.add_argument(
+        "--kv-cache",
+        choices=("slot", "paged"),
+        default="slot",
+        help="K/V cache: slot (a full-context row per request, default) or paged (16-position blocks "
+        "reserved per request for its prompt + max_tokens; identical prompts share their blocks)",
+    )
+    s.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="paged cache: blocks in the pool (default: what --max-batch full contexts need)",
     )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get a 413")
     s.add_argument("--rag-index", help='enable retrieval (`"rag": true` in a chat request) from this index')

@@ -1,4 +1,4 @@
-"""The generation service: continuous batching over a slot KV cache, one worker thread.
+"""The generation service: continuous batching over a slot or paged KV cache, one worker thread.
 
 Why not just call `model.generate.generate` per request? A server sees requests arrive one by
 one, with different prompt lengths, sampling settings and budgets. This engine keeps up to
@@ -14,10 +14,19 @@ Design choices:
   The model's attention only calls `cache.update(layer, k, v)`, so the `Transformer` of
   model/transformer.py runs unchanged (lmforge models, imported HF Llama/Mistral/Qwen2 models
   and models with LoRA layers patched in alike).
+- **Or a paged cache** (`kv_cache="paged"`, paged.py): K/V in blocks of `block_size` positions
+  from a pool of `kv_blocks`, each request reserving at admission the blocks its prompt +
+  `max_tokens` need (a request whose blocks are not free waits in the queue); the samples of a
+  shared prefill point at the prompt's blocks instead of copying them. Same tokens as the slot
+  cache (tested); on a CPU it decodes ~0.8-0.9x as fast (it gathers the blocks it attends over:
+  benchmarks/RESULTS.md), so `slot` stays the default. Use it when the requests' lengths are
+  far below `max_batch` x the context (set `kv_blocks` to what they need and raise `max_batch`)
+  or for RL groups (n samples hold the prompt once). CUDA graphs (`decode="graph"`) are
+  slot-only: `graph` with `paged` is refused and `auto` runs the eager step.
 - **Prefill per request** (one forward over the prompt into its slot), then the first token is
   sampled and streamed at once: time-to-first-token is one prompt forward. Identical prompts
   admitted together (the n samples of a GRPO group, `n` on the server) share one prefill: the
-  others copy its K/V rows (`share_prefill`). A prompt longer than `prefill_chunk` tokens is
+  others copy its K/V rows, or share its blocks (`share_prefill`). A prompt longer than `prefill_chunk` tokens is
   prefilled a chunk per step, with a decode step of the running requests between chunks, so a
   long prompt does not stall the others (prefill.py).
 - **Decode step** (`decode=`): `eager` runs the exact-length step (the CPU default: no padding);
@@ -51,7 +60,6 @@ from pathlib import Path
 import torch
 
 from ..errors import LMForgeError
-from ..model.resources import MemoryEstimate, check_fits, kv_cache_bytes
 from .admission import (  # noqa: F401  (FINISH_* re-exported)
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -62,7 +70,8 @@ from .admission import (  # noqa: F401  (FINISH_* re-exported)
     _Slot,
 )
 from .fastpath import FastDecoder, self_check
-from .kvcache import SlotCache
+from .kvcache import KV_CACHES, SlotCache, make_cache
+from .paged import PagedCache
 from .request import Chunk, Completion, GenParams, Request, TokenLogprob  # noqa: F401  (re-exported)
 from .sampling import pick_tokens
 from .static_decode import static_decoder
@@ -99,14 +108,27 @@ class Engine(Admission):
         decode: str = "auto",
         share_prefill: bool = True,
         prefill_chunk: int | None = 512,
+        kv_cache: str = "slot",
+        block_size: int = 16,
+        kv_blocks: int | None = None,
     ):
         """`tokenizer` may be None for callers that pass token ids and stop ids only (RL
         rollouts): completions then carry no text. `prefill_chunk`: prompts longer than this
-        are prefilled in chunks between decode steps (None: always in one forward)."""
+        are prefilled in chunks between decode steps (None: always in one forward).
+        `kv_cache`: "slot" (a row of the whole context per slot) or "paged" (blocks of
+        `block_size` positions from a pool of `kv_blocks`, reserved per request: paged.py;
+        None = the slot cache's capacity, rounded up to whole blocks, plus one scratch block)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache={kv_cache!r} is invalid: one of {', '.join(KV_CACHES)}")
+        if kv_cache == "paged" and decode == "graph":
+            raise ValueError(
+                "decode='graph' (CUDA graphs) needs kv_cache='slot'; with the paged cache use "
+                "decode='eager' or 'static'"
+            )
         self.model = model.eval()
         self.tok = tokenizer
         self.chat_format = chat_format
@@ -124,12 +146,7 @@ class Engine(Admission):
                 | set(getattr(chat_format, "stop_ids", []) or [])
             )
         self.default_stop_ids = set(stop_token_ids)
-        # the slot cache holds max_batch full contexts: refuse one that cannot fit before allocating it
-        kv = kv_cache_bytes(model.cfg, max_batch * self.context, p.element_size())
-        check_fits(
-            MemoryEstimate().add("KV cache", kv, "--max-batch x the context"), self.device, "serve engine"
-        )
-        self.cache = SlotCache(model.cfg, max_batch, self.context, self.device, self.dtype)
+        self.cache = make_cache(kv_cache, model.cfg, max_batch, self.context, p, block_size, kv_blocks)
         self.fast = None
         if fast_path:  # fused weights and a lean forward (fastpath.py); it changes `model` in place
             fast = FastDecoder.build(model)
@@ -137,6 +154,8 @@ class Engine(Admission):
                 model, fast, lambda: SlotCache(model.cfg, 1, 16, self.device, self.dtype)
             ):
                 self.fast = fast
+        if kv_cache == "paged" and decode == "auto":
+            decode = "eager"  # CUDA graphs are slot-cache only (static_decode.py)
         self.static = static_decoder(decode, self.fast, self.cache, max_batch)
         self.share_prefill = share_prefill
         self.prefill_chunk = prefill_chunk
@@ -151,10 +170,11 @@ class Engine(Admission):
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        # prefill_shared: prompts whose K/V were copied from an identical prompt's
+        # prefill_shared: prompts whose K/V were copied from an identical prompt's;
+        # kv_waits: admissions put back in the queue because the paged cache had no free blocks
         self.counters = dict.fromkeys(
             ("submitted", "completed", "cancelled", "rejected", "errors", "generated_tokens")
-            + ("prompt_tokens", "prefill_shared"),
+            + ("prompt_tokens", "prefill_shared", "kv_waits"),
             0,
         )
 
@@ -239,7 +259,16 @@ class Engine(Admission):
             raise ValueError(
                 f"logit_bias: token id {bad[0]} is out of range for a vocabulary of {self.vocab}"
             )
-        return params.max_tokens or room
+        max_new = params.max_tokens or room
+        if isinstance(self.cache, PagedCache):
+            need, have = self.cache.blocks_needed(n + max_new), self.cache.usable_blocks
+            if need > have:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({max_new}) needs {need} K/V blocks of "
+                    f"{self.cache.block_size} positions but the pool has {have}; lower max_tokens "
+                    f"or raise kv_blocks"
+                )
+        return max_new
 
     def submit(
         self,
@@ -309,7 +338,14 @@ class Engine(Admission):
                 "max_batch": self.max_batch,
                 "max_queue": self.max_queue,
                 **self.counters,
+                **self._kv_stats(),
             }
+
+    def _kv_stats(self) -> dict:
+        if not isinstance(self.cache, PagedCache):
+            return {}
+        c = self.cache
+        return {"kv_blocks": c.usable_blocks, "kv_blocks_used": c.blocks_used(), "kv_blocks_peak": c.peak}
 
     # -- the worker
     def _run(self) -> None:
@@ -438,6 +474,7 @@ class Engine(Admission):
     ) -> None:
         s = self._slot(i)
         self.slots[i] = None
+        self.cache.release(i)
         req = s.req
         if reason == FINISH_CANCELLED:
             self.counters["cancelled"] += 1

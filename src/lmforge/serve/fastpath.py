@@ -7,7 +7,8 @@ operations:
 - q/k/v projections fused into one matmul, and gate/up into one (the modules' weights become
   views into the fused tensor, so memory is not doubled and the model stays usable as is);
 - RoPE applied to queries and keys in one go; no module hooks (`F.linear`, `F.rms_norm`);
-- K/V written into the slot cache with a slice copy when all rows are at the same position;
+- K/V written into the slot cache with a slice copy when all rows are at the same position
+  (a paged cache, paged.py, writes and gathers through its `update`, the attention unchanged);
 - grouped-query attention by SDPA (`enable_gqa=True`), not by copying K/V heads
   (`repeat_interleave` of the whole cache, per layer, per token);
 - the LM head only on the last position (prefill never computes logits for the prompt).
@@ -166,12 +167,20 @@ class FastDecoder:
         x = F.embedding(ids, self.embed)
         dim = x.shape[-1]
         cos, sin = self._cos_sin(pos, x.dtype, static)  # [B, T, 1, D]
-        same = slot is None and mask is None and not static
+        paged = getattr(cache, "paged", False)  # paged.py: the cache writes and gathers
+        same = slot is None and mask is None and not static and not paged
         p0 = int(pos[0, 0]) if same else 0
         gqa = KV != H
         chunk = None  # a chunk after `start` cached positions: causal over the row's first start+T keys
         if start:
             chunk = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)
+        if paged:
+            if slot is None:
+                cache.decode(slice(0, B), pos[:, 0], cast(int, k_len))
+            elif torch.is_tensor(slot):
+                cache.prefill_rows(slot, T)
+            else:
+                cache.prefill(cast(int, slot), T, start)
         for li, (w_in, wqkv, bqkv, wo, w_post, wgu, nf, wdown) in enumerate(self.layers):
             h = F.rms_norm(x, (dim,), w_in, eps)
             qkv = F.linear(h, wqkv, bqkv).view(B, T, H + 2 * KV, D)
@@ -179,18 +188,26 @@ class FastDecoder:
             q = qk[:, :, :H].transpose(1, 2)
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[:, :, H + KV :].transpose(1, 2)
-            kc, vc = cache.k[li], cache.v[li]
-            if chunk is not None:
+            if paged:
+                ka, va = cache.update(li, k, v)
+                y = F.scaled_dot_product_attention(
+                    q, ka, va, attn_mask=mask if chunk is None else chunk, enable_gqa=gqa,
+                    is_causal=slot is not None and chunk is None and T > 1,
+                )  # fmt: skip
+            elif chunk is not None:
+                kc, vc = cache.k[li], cache.v[li]
                 kc[slot, :, start : start + T] = k[0]
                 vc[slot, :, start : start + T] = v[0]
                 row = cast(int, slot)
                 ka, va = kc[row : row + 1, :, : start + T], vc[row : row + 1, :, : start + T]
                 y = F.scaled_dot_product_attention(q, ka, va, attn_mask=chunk, enable_gqa=gqa)
             elif slot is not None:  # prefill one slot, or rows of slots
+                kc, vc = cache.k[li], cache.v[li]
                 kc[slot, :, :T] = k if torch.is_tensor(slot) else k[0]
                 vc[slot, :, :T] = v if torch.is_tensor(slot) else v[0]
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
             else:
+                kc, vc = cache.k[li], cache.v[li]
                 if same:
                     kc[:B, :, p0 : p0 + 1] = k
                     vc[:B, :, p0 : p0 + 1] = v

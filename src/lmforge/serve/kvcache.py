@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+from ..model.resources import MemoryEstimate, check_fits, kv_cache_bytes
+from .paged import PagedCache, default_blocks
+
+KV_CACHES = ("slot", "paged")
+
 
 class SlotCache:
     """K/V buffers with one row per slot. Duck-types `model.transformer.KVCache` (`update`,
@@ -22,9 +27,16 @@ class SlotCache:
         shape = (slots, cfg.kv_heads, context, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.context = context
+        self.context, self.device = context, torch.device(device)
         self.length = 0  # the Transformer bumps this; positions are always passed explicitly
         self._mode: tuple[Any, ...] = ()  # what the next forward writes: set by prefill/decode
+
+    def reserve(self, slot: int, tokens: int, shared: int = 0) -> bool:
+        """Every slot owns a whole row: nothing to reserve (see paged.PagedCache)."""
+        return True
+
+    def release(self, slot: int) -> None:
+        """Nothing to give back: the row is the slot's."""
 
     def prefill(self, slot: int, n: int, start: int = 0) -> SlotCache:
         """The next forward writes positions start..start+n-1 of `slot` (a prompt, or a chunk of
@@ -79,3 +91,20 @@ class SlotCache:
             held = t[a, :, :n_a].clone()
             t[a, :, :n_b] = t[b, :, :n_b]
             t[b, :, :n_a] = held
+
+
+def make_cache(
+    kind: str, cfg, slots: int, context: int, param: torch.Tensor, block_size: int, kv_blocks: int | None
+) -> SlotCache | PagedCache:
+    """The engine's K/V cache (`kind` "slot" or "paged") on the device and in the dtype of
+    `param`, refused before allocation when it cannot fit the device."""
+    if kind == "paged":
+        kv_blocks = kv_blocks or default_blocks(slots, context, block_size)
+        tokens, what = kv_blocks * block_size, "--kv-blocks x the block size"
+    else:
+        tokens, what = slots * context, "--max-batch x the context"
+    kv = kv_cache_bytes(cfg, tokens, param.element_size())
+    check_fits(MemoryEstimate().add("KV cache", kv, what), param.device, "serve engine")
+    if kind == "paged":
+        return PagedCache(cfg, slots, context, param.device, param.dtype, block_size, kv_blocks)
+    return SlotCache(cfg, slots, context, param.device, param.dtype)

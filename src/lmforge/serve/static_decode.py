@@ -39,7 +39,7 @@ def static_decoder(decode: str, fast: FastDecoder | None, cache, max_batch: int)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode={decode!r} is invalid: one of {', '.join(DECODE_MODES)}")
     if decode == "auto":
-        decode = "graph" if cache.k[0].device.type == "cuda" and fast is not None else "eager"
+        decode = "graph" if cache.device.type == "cuda" and fast is not None else "eager"
     if decode == "eager":
         return None
     if fast is None:
@@ -64,7 +64,7 @@ class StaticDecode:
 
     def __init__(self, fast: FastDecoder, cache, max_batch: int, *, graphs: bool):
         self.fast, self.cache = fast, cache
-        dev = cache.k[0].device
+        dev = cache.device
         if graphs and dev.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.graphs = graphs
