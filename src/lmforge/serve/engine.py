@@ -18,7 +18,7 @@ Design choices:
   from a pool of `kv_blocks`, each request reserving at admission the blocks its prompt +
   `max_tokens` need (a request whose blocks are not free waits in the queue); the samples of a
   shared prefill point at the prompt's blocks instead of copying them. Same tokens as the slot
-  cache (tested); on a CPU it decodes ~0.8-0.9x as fast (it gathers the blocks it attends over:
+  cache (tested); on a CPU it decodes ~0.8-0.95x as fast (it gathers the blocks it attends over:
   benchmarks/RESULTS.md), so `slot` stays the default. Use it when the requests' lengths are
   far below `max_batch` x the context (set `kv_blocks` to what they need and raise `max_batch`)
   or for RL groups (n samples hold the prompt once). CUDA graphs (`decode="graph"`) are
