@@ -67,7 +67,7 @@ def test_prompt_tuned_generation_through_the_engine():
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [4]]
     ref = generate(pt, prompts, SamplingParams(max_new_tokens=6, temperature=0), use_cache=False)
     greedy = GenParams(max_tokens=6, temperature=0)
-    got = generate_batch(pt, [pt.virtual_prefix(p) for p in prompts], greedy, stop_token_ids=[])
+    got = generate_batch(pt, prompts, greedy, stop_token_ids=[])  # the engine adds the placeholders
     assert [c.token_ids for c in got] == ref and all(len(r) == 6 for r in ref)
     plain = generate_batch(pt.model, prompts, greedy, stop_token_ids=[])
     assert [c.token_ids for c in plain] != ref

@@ -172,7 +172,7 @@ class Admission:
             n = len(req.prompt_ids)
             if req.penalized:
                 self.seen[i].zero_()
-                self.seen[i, torch.tensor(req.prompt_ids, device=self.device)] = True
+                self.seen[i, torch.tensor(req.prompt_ids[req.hidden :], device=self.device)] = True
                 self.counts[i].zero_()
             self.slots[i] = _Slot(req, n, -1)
             self.counters["prompt_tokens"] += n

@@ -64,7 +64,7 @@ def generate_batch(
     if len(each) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(each)} GenParams")
     limit = int(cast(Any, model).cfg.max_seq_len)  # an lmforge Transformer (LoRA-patched, MoE)
-    longest = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts) + int(getattr(model, "n_virtual", 0))  # + prompt tuning's
     budgets = [p.max_tokens for p in each]
     context = limit if None in budgets else min(limit, longest + max(b or 0 for b in budgets))
     was = model.training

@@ -281,6 +281,9 @@ class Engine(Admission):
         """Queue a prompt. `stream_text=False`: the chunks before the last carry token ids only
         and the text comes whole in the last one (no decoding per token: batch clients)."""
         params = (params or GenParams()).validate()
+        hidden = int(getattr(self.model, "n_virtual", 0)) if len(prompt_ids) else 0
+        if hidden:  # a prompt-tuned model: placeholders at the virtual tokens' positions come first
+            prompt_ids = self.model.virtual_prefix(prompt_ids)  # type: ignore[operator]
         max_new = self.check_prompt(prompt_ids, params)
         if self.tok is None and (params.stop or params.json_object):
             raise ValueError("stop strings and JSON mode need an engine with a tokenizer")
@@ -288,6 +291,7 @@ class Engine(Admission):
         stops |= {int(i) for i in params.stop_token_ids}
         req = Request([int(i) for i in prompt_ids], params, stops, max_new, loop, device=self.device)
         req.stream_text = stream_text
+        req.hidden = hidden
         with self._cv:
             if self._stop:
                 raise EngineClosed("the engine is shut down")

@@ -22,8 +22,10 @@ import torch
 from ..chat import ChatFormat
 from ..errors import CheckpointError, DataError
 from ..model.hf import load_pretrained, read_hf_config
+from ..model.transformer import Transformer
 from ..peft import lora
 from ..peft.base_ref import adapter_base_dir
+from ..peft.prompt import PromptTuned
 from ..runs import POLICY_STAGES
 from ..tokenizer import LMTokenizer
 
@@ -142,12 +144,25 @@ def chat_format_for(folder: Path, tok) -> ChatFormat | None:
 
 
 def apply_adapter(model, adapter: str | Path, merge: bool = False):
-    """Load a PEFT-format LoRA adapter folder onto `model` (via lmforge.peft.lora)."""
+    """Load a PEFT-format adapter folder onto `model`: LoRA (lmforge.peft.lora; `merge` folds it
+    into the weights) or prompt tuning (the model wrapped in `PromptTuned`; the serving engine
+    puts the virtual tokens before every prompt)."""
     adapter = Path(adapter)
     if not adapter.exists():
         raise CheckpointError(
             f"{adapter}: no such adapter folder (expected adapter_config.json + adapter_model.safetensors)"
         )
+    if lora.read_adapter_config(adapter).get("peft_type") == "PROMPT_TUNING":
+        if merge:
+            raise CheckpointError(
+                f"{adapter}: a prompt-tuning adapter has no weights to merge (its virtual tokens are "
+                f"inputs); load it without merging"
+            )
+        if not isinstance(model, Transformer):
+            raise CheckpointError(
+                f"{adapter}: prompt tuning needs an lmforge-native model, not the generic path"
+            )
+        return PromptTuned.load_adapter(model, adapter)
     out = lora.load_adapter(model, adapter)
     model = out if out is not None and hasattr(out, "cfg") else model
     if merge:

@@ -160,7 +160,8 @@ class Request:
         with Request._ids_lock:
             Request._ids += 1
             self.id = Request._ids
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt_ids  # what the cache holds: the placeholders of `hidden` first
+        self.hidden = 0  # leading prompt ids that are not the user's (a prompt-tuned model's virtual tokens)
         self.params = params
         self.stop_ids = stop_ids
         self.max_new = max_new
@@ -289,6 +290,11 @@ class Request:
         assert last is not None  # the iteration ends with the finishing chunk
         return self._completion("".join(texts), ids, last)
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The user's prompt tokens (what usage reports), without hidden placeholders."""
+        return len(self.prompt_ids) - self.hidden
+
     def _completion(self, text: str, ids: list[int], last: Chunk) -> Completion:
         assert last.finish_reason is not None  # the last chunk of a request
         ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
@@ -297,7 +303,7 @@ class Request:
             text=text,
             token_ids=ids,
             finish_reason=last.finish_reason,
-            prompt_tokens=len(self.prompt_ids),
+            prompt_tokens=self.prompt_tokens,
             completion_tokens=len(ids),
             ttft_s=ttft,
             total_s=(self.finished_at or time.perf_counter()) - self.submitted,

@@ -99,7 +99,7 @@ async def chat_stream(
                 )
         if body.include_usage:
             n_out = sum(len(r.out_ids) for r in reqs)
-            yield sse({**base, "choices": [], "usage": usage(len(reqs[0].prompt_ids), n_out)})
+            yield sse({**base, "choices": [], "usage": usage(reqs[0].prompt_tokens, n_out)})
         yield b"data: [DONE]\n\n"
     finally:  # client gone (the response task is cancelled) or done: free the slots
         for r in reqs:
@@ -151,7 +151,7 @@ async def completion_stream(
                 {
                     **base,
                     "choices": [],
-                    "usage": usage(sum(len(r.prompt_ids) for r in reqs), sum(len(r.out_ids) for r in reqs)),
+                    "usage": usage(sum(r.prompt_tokens for r in reqs), sum(len(r.out_ids) for r in reqs)),
                 }
             )
         yield b"data: [DONE]\n\n"

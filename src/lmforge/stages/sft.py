@@ -192,8 +192,6 @@ def answer(
     prompts = [fmt.prompt_ids(c)[-limit:] for c in conversations]
     model.eval()
     if not reference:  # the serving engine on the model being tuned (its weights left as they are)
-        if isinstance(model, PromptTuned):  # the virtual tokens' positions come first
-            prompts = [model.virtual_prefix(p) for p in prompts]
         greedy = GenParams(max_tokens=max_new, temperature=0.0, stop_token_ids=fmt.stop_ids)
         outs = [c.token_ids for c in generate_batch(model, prompts, greedy, stop_token_ids=fmt.stop_ids)]
     else:  # the reference decoder, re-running the whole sequence each step
