@@ -61,3 +61,22 @@ def test_sampled_completions_are_reproducible_by_seed(tmp_path, base_dir):
     c = _sample(tmp_path / "c", base_dir, "sample.num_samples=3", "sample.seed=6", "sample.temperature=1.5")
     assert a == b != c
     assert len({r["completion"] for r in a[:3]}) > 1  # a prompt's samples are distinct draws
+
+
+def test_an_adapter_folder_samples_on_its_base_model(tmp_path, base_dir):
+    """`sample.model` may be a prompt-tuning adapter: its base model with the virtual tokens
+    before each prompt, greedy tokens equal to the reference decoder's on the wrapped model."""
+    from lmforge.peft.prompt import PromptTuned
+
+    base = tmp_path / "peaked"  # a large init: greedy tokens follow the prefix
+    save_base_model(base, [PARAGRAPH] * 10, 320, d_model=48, max_seq_len=64, init_std=0.2)
+    pt = PromptTuned(load_pretrained(base).eval(), 3, seed=4)
+    pt.save_adapter(tmp_path / "adapter", base_model=str(base))
+    rows = _sample(tmp_path, tmp_path / "adapter", "sample.temperature=0")
+    tok = LMTokenizer.load(base)
+    stops = [t for t in (tok.eos_id, tok.end_id) if t is not None]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=stops)
+    for row, p in zip(rows, PROMPTS, strict=True):
+        ids = tok.encode(p, add_bos=True)
+        assert row["completion"] == tok.decode(generate(pt, [ids], greedy, use_cache=False)[0])
+        assert row["completion"] != tok.decode(generate(pt.model, [ids], greedy)[0])

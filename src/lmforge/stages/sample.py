@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..model.hf import load_pretrained
 from ..runs import atomic_write_text
 from ..serve.batch import generate_batch, mix_seed
+from ..serve.loading import is_adapter_dir, load_model_and_tokenizer
 from ..serve.request import GenParams
 from ..tokenizer import LMTokenizer
 from .base import StageContext, define_stage
@@ -22,7 +23,8 @@ class SampleConfig(BaseModel):
 
     model: str | None = Field(
         None,
-        description="model folder or training checkpoint folder; default: the run's latest trained model",
+        description="model folder, adapter folder (LoRA or prompt tuning) or training checkpoint folder; "
+        "default: the run's latest trained model",
     )
     prompts: list[str] = Field(
         default_factory=lambda: ["The function returns", "A list is", "This module provides"]
@@ -42,23 +44,27 @@ class SampleConfig(BaseModel):
     uses_model=True,
     help="print sample completions",
     flags=(
-        ("--model", "model", "model folder to sample from"),
+        ("--model", "model", "model or adapter folder to sample from"),
         ("--prompt", "prompts", "a prompt (repeatable)"),
     ),
 )
 def sample_stage(ctx: StageContext) -> dict:
     cfg: SampleConfig = ctx.cfg
     model_dir = Path(cfg.model) if cfg.model else ctx.model_before()
-    model = load_pretrained(model_dir, device=ctx.device)
-    tok = LMTokenizer.load(
-        model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer")
-    )
+    if is_adapter_dir(model_dir):  # LoRA or prompt tuning, on the base model its config names
+        model, tok = load_model_and_tokenizer(model_dir, device=ctx.device)
+    else:
+        model = load_pretrained(model_dir, device=ctx.device)
+        tok = LMTokenizer.load(
+            model_dir if (model_dir / "tokenizer.json").exists() else ctx.input_dir("tokenizer")
+        )
     stops = [t for t in (tok.eos_id, tok.end_id) if t is not None]
-    max_new = min(cfg.max_new_tokens, model.cfg.max_seq_len - 1)
+    room = model.cfg.max_seq_len - int(getattr(model, "n_virtual", 0))  # prompt tuning's tokens first
+    max_new = min(cfg.max_new_tokens, room - 1)
     seed = cfg.seed if cfg.seed is not None else ctx.seed
     prompts, params = [], []
     for i, prompt in enumerate(cfg.prompts):
-        ids = tok.encode(prompt, add_bos=True)[-(model.cfg.max_seq_len - max_new) :]
+        ids = tok.encode(prompt, add_bos=True)[-(room - max_new) :]
         for j in range(cfg.num_samples):
             prompts.append(ids)
             params.append(
