@@ -7,7 +7,9 @@ Requests are ARC-Easy and HellaSwag items from ../shared/data formatted as the h
 them (one request per choice). Both backends get the identical `Instance` list through the
 harness's `loglikelihood` API; the runs are interleaved (lmforge, harness, lmforge, ...) so a
 busy machine slows both alike, and the median of the repeats is reported with the ratio. The
-script also checks that the two agree on every log-likelihood.
+script also checks that the two agree on every log-likelihood. A third backend, lmforge with
+`share_context` off (one row per choice, the context re-run each time), shows what scoring a
+multiple-choice item's choices in one shared-context row gains.
 
 Without --model a random model of the default pipeline's shape (d_model 192, 4 layers, 6 heads,
 2 KV heads, context 256) is built with the GPT-2 tokenizer from ../shared/data.
@@ -86,16 +88,23 @@ def main() -> None:
     model_dir = Path(a.model) if a.model else default_model(Path(tempfile.mkdtemp(prefix="lmf-bench-")))
     reqs = build_requests(a.items)
     ours = H.LMForgeLM(pretrained=str(model_dir), add_bos_token=False)
+    flat = H.LMForgeLM(pretrained=str(model_dir), add_bos_token=False)
+    flat.scorer.share = False  # one row per request: the context re-run for every choice
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf_tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     ref = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=a.hf_batch_size, max_length=ours.max_length)
     ref1 = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=1, max_length=ours.max_length)
 
-    times = {"lmforge": [], f"harness-hf (batch {a.hf_batch_size})": []}
+    times = {"lmforge": [], "lmforge, contexts not shared": [], f"harness-hf (batch {a.hf_batch_size})": []}
     cpu = {k: [] for k in times}
     out = {}
     for _ in range(a.repeats):
-        for name, lm in (("lmforge", ours), (f"harness-hf (batch {a.hf_batch_size})", ref)):
+        runs = (
+            ("lmforge", ours),
+            ("lmforge, contexts not shared", flat),
+            (f"harness-hf (batch {a.hf_batch_size})", ref),
+        )
+        for name, lm in runs:
             t0, c0 = time.perf_counter(), time.process_time()
             out[name] = lm.loglikelihood(reqs, disable_tqdm=True)
             times[name].append(time.perf_counter() - t0)
@@ -133,6 +142,12 @@ def main() -> None:
         f"{base / t_b1:.2f}x | {c_b1:.2f} | {len(reqs) / c_b1:,.1f} | {cbase / c_b1:.2f}x |"
     )
     print(f"\nmax |log-likelihood difference| {diff:.2e}; is-greedy agrees on {agree}/{len(reqs)}")
+    pairs = list(zip(out["lmforge"], out["lmforge, contexts not shared"]))
+    print(
+        f"shared vs not shared: max |difference| {max(abs(x[0] - y[0]) for x, y in pairs):.2e}, is-greedy "
+        f"agrees on {sum(x[1] == y[1] for x, y in pairs)}/{len(reqs)}; tokens fed "
+        f"{ours.scorer.stats.tokens:,} vs {flat.scorer.stats.tokens:,}"
+    )
 
 
 if __name__ == "__main__":

@@ -141,3 +141,42 @@ def test_mismatched_tokenizer_is_refused(hf_pair, tmp_path):
         sc.score([([1, 2], [model.cfg.vocab_size + 3])])
     with pytest.raises(DataError, match="longer than the model context"):
         sc.score([([1], list(range(10, 10 + model.cfg.max_seq_len + 1)))])
+
+
+def _choices(vocab, seed=0):
+    """Multiple-choice-like requests: 6 contexts x 4 continuations of 1-5 tokens (one context
+    long enough to be cut), plus unshared ones."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for k in range(6):
+        ctx = torch.randint(1, vocab, (60 if k == 0 else 5 + 3 * k,), generator=g).tolist()
+        for n in (1, 3, 1, 5):
+            pairs.append((ctx, torch.randint(1, vocab, (n,), generator=g).tolist()))
+    pairs += [(torch.randint(1, vocab, (7,), generator=g).tolist(), [5, 6])]
+    return pairs
+
+
+def _with_greedy(model, pairs):
+    ctx = pairs[4][0]  # a short shared context: its greedy next token as one more choice
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx]))[0, -1].argmax())
+    return [*pairs, (ctx, [nxt])]
+
+
+@pytest.mark.parametrize("max_len", [48, 14])  # 14: a context's choices need several rows
+def test_shared_context_rows_score_like_one_row_per_request(max_len):
+    """Choices that share a context share one row (the context once, each continuation a segment
+    seeing the context and itself): same log-likelihoods and greedy flags as scoring each
+    request alone (the model's own forward, no batching), fewer tokens fed."""
+    model = tiny_model(97, max_seq_len=64)
+    pairs = _with_greedy(model, _choices(97))
+    alone = [Scorer(model, max_len=max_len, share_context=False, max_batch=1).score([p])[0] for p in pairs]
+    shared = Scorer(model, max_len=max_len, batch_tokens=64, max_batch=4)
+    got = shared.score(pairs)
+    unshared = Scorer(model, max_len=max_len, batch_tokens=64, max_batch=4, share_context=False)
+    base = unshared.score(pairs)
+    for (a, ga), (b, gb), (c, gc) in zip(alone, got, base, strict=True):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-4) and gb == ga
+        assert c == pytest.approx(a, rel=1e-5, abs=1e-4) and gc == ga
+    assert shared.stats.tokens < unshared.stats.tokens  # the contexts ran once per row
+    assert got[-1][1]  # the model's own greedy token after a shared context

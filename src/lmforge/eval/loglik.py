@@ -17,8 +17,15 @@ Semantics follow lm-evaluation-harness so numbers are comparable (and tested equ
 
 Why it is fast (requests/s against the harness's Hugging Face backend in benchmarks/):
 
-- identical token sequences are scored once (multiple-choice contexts repeat per choice only
-  as prefixes, but duplicate requests are common across few-shot prompts and tasks);
+- identical token sequences are scored once (duplicate requests are common across few-shot
+  prompts and tasks);
+- requests that share a context (the choices of a multiple-choice item) share one row: the
+  context once, then each continuation's tokens as a segment that attends to the context and to
+  itself only (a tree mask; positions continue from the context), so the context is not re-run
+  per choice. A single-token continuation needs no segment at all (it is predicted from the
+  context's last position), so a 4-choice letter-answer item costs one context forward instead
+  of four. Only for models that take position ids and a mask (`hidden_states`) and have no
+  sliding window; `share_context=False` turns it off;
 - requests are sorted by length and packed into batches under a token budget, so padding is
   small and a batch of short requests is wide;
 - batches are right-padded and run with the plain causal mask: with right padding, real tokens
@@ -39,6 +46,18 @@ import torch.nn.functional as F
 from ..errors import DataError
 
 Pair = tuple[list[int], list[int]]
+
+
+@dataclass
+class _Unit:
+    """One input row: a context and the (request index, continuation ids) scored after it."""
+
+    ctx: list[int]
+    conts: list[tuple[int, list[int]]]
+
+    @property
+    def length(self) -> int:
+        return len(self.ctx) + sum(len(c) - 1 for _, c in self.conts)
 
 
 @dataclass
@@ -99,6 +118,7 @@ class Scorer:
         max_batch: int = 128,
         add_bos: bool = True,
         device: torch.device | str | None = None,
+        share_context: bool = True,
     ):
         self.model = model
         self.tok = tokenizer
@@ -114,6 +134,9 @@ class Scorer:
         self.bos_id = bos
         self.prefix_id = bos if bos is not None else eos
         self.stats = ScoreStats()
+        self.share = bool(
+            share_context and hasattr(model, "hidden_states") and getattr(cfg, "sliding_window", None) is None
+        )
 
     # ------------------------------------------------------------------ text -> tokens
     def encode(self, text: str) -> list[int]:
@@ -193,63 +216,107 @@ class Scorer:
                     f"belong to this checkpoint (use the tokenizer saved with the model)"
                 )
         results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
-        order = sorted(range(len(rows)), key=lambda j: -len(rows[j][0]))
-        for batch in self._batches(order, rows):
+        units = self._units(rows)
+        order = sorted(range(len(units)), key=lambda u: -units[u].length)
+        for batch in self._batches(order, units):
             stats.batches += 1
-            stats.tokens += sum(len(rows[j][0]) - 1 for j in batch)
-            for j, res in zip(batch, self._score_batch([rows[j] for j in batch], greedy)):
+            stats.tokens += sum(units[u].length for u in batch)
+            for j, res in self._score_batch([units[u] for u in batch], greedy):
                 results[j] = res
         self.stats = stats
         return [results[j] if j >= 0 else (0.0, True) for j in which]
 
-    def _batches(self, order: list[int], rows) -> Iterator[list[int]]:
+    def _units(self, rows: list[tuple[list[int], int]]) -> list[_Unit]:
+        """Rows of the model's input: a context and the continuations scored after it (one per
+        unique request, or every request sharing that context when `share` is on, as many per
+        unit as fit in `max_len` input tokens)."""
+        if not self.share:
+            return [_Unit(full[:-n], [(j, full[-n:])]) for j, (full, n) in enumerate(rows)]
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for j, (full, n) in enumerate(rows):
+            by_ctx.setdefault(tuple(full[:-n]), []).append(j)
+        units: list[_Unit] = []
+        for ctx, members in by_ctx.items():
+            unit = _Unit(list(ctx), [])
+            for j in members:
+                cont = rows[j][0][-rows[j][1] :]
+                if unit.conts and unit.length + len(cont) - 1 > self.max_len:
+                    units.append(unit)
+                    unit = _Unit(list(ctx), [])
+                unit.conts.append((j, cont))
+            units.append(unit)
+        return units
+
+    def _batches(self, order: list[int], units: list[_Unit]) -> Iterator[list[int]]:
         batch: list[int] = []
         width = 0
-        for j in order:
-            n = len(rows[j][0]) - 1
+        for u in order:
+            n = units[u].length
             w = max(width, n)
             if batch and (w * (len(batch) + 1) > self.batch_tokens or len(batch) >= self.max_batch):
                 yield batch
                 batch, w = [], n
-            batch.append(j)
+            batch.append(u)
             width = w
         if batch:
             yield batch
 
-    def _score_batch(self, rows: list[tuple[list[int], int]], greedy: bool) -> list[tuple[float, bool]]:
-        B, T = len(rows), max(len(r[0]) for r in rows) - 1
+    def _score_batch(self, units: list[_Unit], greedy: bool) -> list[tuple[int, tuple[float, bool]]]:
+        B, T = len(units), max(u.length for u in units)
         x = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.arange(T).repeat(B, 1)
+        tree = any(sum(len(c) > 1 for _, c in u.conts) > 1 for u in units)
+        allowed = torch.ones(T, T, dtype=torch.bool).tril().repeat(B, 1, 1) if tree else None
         b_idx: list[int] = []
         t_idx: list[int] = []
         targets: list[int] = []
         owner: list[int] = []
-        for i, (full, n) in enumerate(rows):
-            L = len(full) - 1
-            x[i, :L] = torch.tensor(full[:-1])
-            b_idx += [i] * n
-            t_idx += range(L - n, L)
-            targets += full[-n:]
-            owner += [i] * n
+        ids: list[int] = []
+        for i, unit in enumerate(units):
+            L = len(unit.ctx)
+            x[i, :L] = torch.tensor(unit.ctx)
+            start = L
+            for j, cont in unit.conts:
+                seg = len(cont) - 1  # the continuation's tokens but its last are inputs
+                x[i, start : start + seg] = torch.tensor(cont[:-1], dtype=torch.long)
+                pos[i, start : start + seg] = torch.arange(L, L + seg)
+                if allowed is not None:  # a segment sees the context and itself, not the others
+                    allowed[i, start : start + seg, L:start] = False
+                b_idx += [i] * len(cont)
+                t_idx += [L - 1, *range(start, start + seg)]
+                targets += cont
+                owner += [len(ids)] * len(cont)
+                ids.append(j)
+                start += seg
         x = x.to(self.device)
         b = torch.tensor(b_idx, device=self.device)
         t = torch.tensor(t_idx, device=self.device)
-        logits = self._logits_at(x, b, t)
+        if allowed is not None:
+            logits = self._logits_at(x, b, t, pos.to(self.device), allowed[:, None].to(self.device))
+        else:
+            logits = self._logits_at(x, b, t)
         logp = F.log_softmax(logits.float(), dim=-1)
         tgt = torch.tensor(targets, device=self.device)
         tok_lp = logp.gather(1, tgt[:, None]).squeeze(1)
         own = torch.tensor(owner, device=self.device)
-        sums = torch.zeros(B, dtype=torch.float64, device=self.device).index_add_(0, own, tok_lp.double())
+        N = len(ids)
+        sums = torch.zeros(N, dtype=torch.float64, device=self.device).index_add_(0, own, tok_lp.double())
         if greedy:
             miss = (logp.argmax(-1) != tgt).to(torch.int64)
-            misses = torch.zeros(B, dtype=torch.int64, device=self.device).index_add_(0, own, miss)
+            misses = torch.zeros(N, dtype=torch.int64, device=self.device).index_add_(0, own, miss)
             ok = (misses == 0).tolist()
         else:
-            ok = [False] * B
-        return [(float(s), bool(g)) for s, g in zip(sums.tolist(), ok)]
+            ok = [False] * N
+        return [(j, (float(sm), bool(g))) for j, sm, g in zip(ids, sums.tolist(), ok)]
 
-    def _logits_at(self, x: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Logits at positions (b, t) of the batch, [N, vocab]."""
+    def _logits_at(
+        self, x: torch.Tensor, b: torch.Tensor, t: torch.Tensor, pos=None, mask=None
+    ) -> torch.Tensor:
+        """Logits at positions (b, t) of the batch, [N, vocab]; `pos` and `mask` (positions
+        [B, T], allowed [B, 1, T, T]) for rows of shared-context segments."""
         m = self.model
+        if mask is not None:
+            return m.lm_head(m.hidden_states(x, position_ids=pos, attn_mask=mask)[b, t])
         if hasattr(m, "hidden_states") and hasattr(m, "lm_head"):
             h = m.hidden_states(x)
             return m.lm_head(h[b, t])
