@@ -88,7 +88,6 @@ def warnings_to_log(log: Callable[[str], None]) -> Iterator[None]:
     through the generic `transformers` path) go through the stage's `log`: the console and the
     run's log.txt, where a user looking back at a run finds them. Other libraries' warnings are
     shown as usual."""
-    shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.split(".")[0] == "lmforge":
@@ -96,11 +95,12 @@ def warnings_to_log(log: Callable[[str], None]) -> Iterator[None]:
         else:
             shown(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
-    try:
+    with warnings.catch_warnings():  # restores the filters and showwarning on the way out
+        shown = warnings.showwarning
+        # each stage's own lines, even when an earlier stage (or test) already warned from there
+        warnings.filterwarnings("always", module="lmforge")
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = shown
 
 
 @dataclass
