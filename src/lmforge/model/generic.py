@@ -46,6 +46,7 @@ from .attention import DocumentMask
 from .config import ModelConfig
 from .families.generic import from_hf as generic_config
 from .output import linear_cross_entropy, loss_chunk
+from .transformer import count_params
 
 SPEED_NOTE = (
     "generic path: correct, slower: no fused kernels, dense attention masks instead of "
@@ -211,13 +212,7 @@ class GenericCausalLM(nn.Module):
         return None
 
     def num_params(self, trainable_only: bool = False) -> int:
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            n += p.numel()
-        return n
+        return count_params(self, trainable_only)
 
 
 # ----------------------------------------------------------------------------- loading

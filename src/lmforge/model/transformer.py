@@ -267,6 +267,17 @@ class Decoder(nn.Module):
             self.rotary_local = Rotary(cfg.head_dim, cfg.rope_theta_local, cfg.max_seq_len)
 
 
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    """Parameters of `module`, each shared (tied) tensor counted once."""
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    return n
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -372,10 +383,4 @@ class Transformer(nn.Module):
         return out
 
     def num_params(self, trainable_only: bool = False) -> int:
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            n += p.numel()
-        return n
+        return count_params(self, trainable_only)
